@@ -68,7 +68,9 @@ def unpackb(data: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Any:
             strict_map_key=True,
             use_list=True,
         )
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+    except (
+        ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError
+    ) as exc:
         raise MalformedMessageError(f"not valid msgpack: {exc}") from exc
 
 
@@ -115,7 +117,9 @@ def seal(
         raise ValueError("seq and timestamp must be non-negative")
     header = packb([kind, federation_id, identity.public_key, seq, timestamp_ms, digest(body)])
     signature = identity.sign(signing_message(kind, header))
-    env = Envelope(kind, federation_id, identity.public_key, seq, timestamp_ms, body, signature, header)
+    env = Envelope(
+        kind, federation_id, identity.public_key, seq, timestamp_ms, body, signature, header
+    )
     if len(env.to_bytes()) > MAX_ENVELOPE_BYTES:
         raise ValueError(f"envelope exceeds {MAX_ENVELOPE_BYTES} bytes; send tensors as payloads")
     return env

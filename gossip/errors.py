@@ -130,3 +130,9 @@ class BadPayloadError(RemoteError):
     """A tensor payload has the wrong digest, shape, dtype or non-finite values."""
 
     code = "bad-payload"
+
+
+class PeerUnreachableError(RemoteError):
+    """A peer could not be reached (link down, peer gone, stream reset)."""
+
+    code = "unreachable"

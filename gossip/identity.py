@@ -111,14 +111,16 @@ def load_identity(path: Path) -> Identity:
     check_key_permissions(path)
     seed = path.read_bytes()
     if len(seed) != SEED_BYTES:
-        raise KeyFileError(f"key file {path} is corrupt: expected {SEED_BYTES} bytes, got {len(seed)}")
+        raise KeyFileError(
+            f"key file {path} is corrupt: expected {SEED_BYTES} bytes, got {len(seed)}"
+        )
     return Identity.from_seed(seed)
 
 
-def create_identity(path: Path) -> Identity:
-    """Create a new identity at ``path`` (mode 0600); never overwrites an existing file."""
+def create_identity(path: Path, identity: Identity | None = None) -> Identity:
+    """Store a new (or the given) identity at ``path`` with mode 0600; never overwrites."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    identity = Identity.generate()
+    identity = identity or Identity.generate()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError as exc:

@@ -1,0 +1,215 @@
+"""The ``p2pfed`` command line: thin, it parses, calls the layers below and reports.
+
+``main(argv) -> int`` is the entry point (testable without a subprocess); exit codes live in
+:mod:`p2pfed.exitcodes`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from gossip.errors import ConfigError, KeyFileError, LocalError, P2PFedError
+from p2pfed import exitcodes
+
+app = typer.Typer(
+    name="p2pfed",
+    help="Serverless federated learning among institutions, over libp2p.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+ledger_app = typer.Typer(help="Inspect and verify a node's ledger.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+
+out = Console()
+err = Console(stderr=True)
+
+
+class CommandFailedError(Exception):
+    """Raised by commands to exit with a code after printing their own message."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@app.callback()
+def _root(
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="debug, info, warning or error")
+    ] = "warning",
+) -> None:
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise LocalError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+# ------------------------------------------------------------------------------- simulate
+@app.command()
+def simulate(
+    topology: Annotated[Path, typer.Argument(help="Topology file (topologies/*.toml).")],
+    workload: Annotated[str, typer.Option(help="What the nodes do: consensus.")] = "consensus",
+    rounds: Annotated[int, typer.Option(min=1, max=100_000, help="Rounds per component.")] = 200,
+    seed: Annotated[int, typer.Option(min=0, help="Same seed, same numbers.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    home: Annotated[
+        Path | None, typer.Option(help="Keep each node's identity and ledger in HOME/<node>/.")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Plot consensus distance to a PNG.")] = None,
+    dim: Annotated[int, typer.Option(min=1, max=1 << 24, help="Parameters per component.")] = 32,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Run every node of TOPOLOGY in this process over the in-memory transport."""
+    from p2pfed.sim.simulator import WORKLOADS, SimConfig, plot_report, simulate
+    from p2pfed.sim.topology import load_topology
+
+    if workload not in WORKLOADS:
+        raise typer.BadParameter(
+            f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}",
+            param_hint="--workload",
+        )
+    topo = load_topology(topology)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=err, disable=quiet, transient=True,
+    )
+    with progress:
+        task = progress.add_task(f"{topo.name}: rounds", total=rounds)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        report = simulate(SimConfig(topo, workload=workload, rounds=rounds, seed=seed,
+                                    home=home, dim=dim, progress=update))
+    if json_path is not None:
+        _write_json(json_path, report)
+    if plot is not None:
+        plot_report(report, plot)
+    _print_sim_summary(report)
+
+
+def _fmt(value: float | None, spec: str = ".3g") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _print_sim_summary(report: dict[str, Any]) -> None:
+    table = Table(
+        title=(f"{report['topology']}: {report['nodes']} nodes, {report['rounds']} rounds, "
+               f"seed {report['seed']}, {report['wall_s']:.1f} s"),
+    )
+    for col in ("component", "holders", "SLEM", "rounds to 1e-6", "bound", "final distance",
+                "mean drift"):
+        table.add_column(col, justify="left" if col == "component" else "right")
+    for name, c in report["components"].items():
+        dist = c["consensus_distance"]
+        table.add_row(
+            name, str(c["holders"]), _fmt(c["slem"], ".4f"),
+            str(c["rounds_to_1e-6"] or "not reached"), str(c["bound_rounds_to_1e-6"] or "—"),
+            _fmt(dist[-1] if dist else None, ".2e"), _fmt(c["mean_drift"], ".1e"),
+        )
+    out.print(table)
+    net = report["network"]
+    out.print(
+        f"network: {net['messages']} signed announcements, {net['fetches']} payload fetches "
+        f"({net['fetch_bytes'] / 1e6:.1f} MB), {net['dropped']} dropped"
+    )
+
+
+# ------------------------------------------------------------------------------- ledger
+def _home_option() -> Any:
+    return typer.Option(help="Node home (default: $P2PFED_HOME or ~/.local/share/p2pfed).")
+
+
+@ledger_app.command("verify")
+def ledger_verify(
+    home: Annotated[Path | None, _home_option()] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check the ledger's hash chain, signatures and head; name the first bad entry."""
+    from gossip.identity import load_identity
+    from p2pfed.home import resolve_home
+    from p2pfed.ledger import verify_ledger
+
+    root = resolve_home(home)
+    path = root / "ledger.sqlite3"
+    if not path.exists():
+        raise ConfigError(f"no ledger at {path}")
+    key = root / "identity.key"
+    try:
+        public_key = load_identity(key).public_key
+    except KeyFileError:
+        if key.exists():
+            raise
+        public_key = None
+    report = verify_ledger(path, public_key)
+    if as_json:
+        out.print_json(data={"ok": report.ok, "entries": report.entries,
+                             "first_bad_index": report.first_bad_index, "reason": report.reason})
+    elif report.ok:
+        out.print(f"[green]ok[/green]: {report.entries} entries, chain and signatures intact")
+    else:
+        err.print(f"[red]ledger broken at entry {report.first_bad_index}[/red]: {report.reason}")
+    if not report.ok:
+        raise CommandFailedError(exitcodes.LEDGER_BROKEN)
+
+
+# ------------------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    quick: Annotated[
+        bool, typer.Option(help="Small sizes (a smoke run, not a measurement).")
+    ] = False,
+) -> None:
+    """Measure memory bandwidth, mixing, payload encode/decode, digests and signatures."""
+    from p2pfed.bench import run_bench
+
+    sizes = {"memcpy_mb": 16, "mix_params": 1_000_000, "repeats": 2} if quick else {}
+    results = run_bench(**sizes)
+    if json_path is not None:
+        _write_json(json_path, results)
+    table = Table(title="p2pfed bench")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in results.items():
+        table.add_row(key, f"{value:,.2f}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+# ------------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code instead of exiting (for tests and embedding)."""
+    try:
+        result = app(args=argv, prog_name="p2pfed", standalone_mode=False)
+    except CommandFailedError as exc:
+        return exc.code
+    except P2PFedError as exc:
+        err.print(f"[red]error[/red]: {exc}")
+        return exitcodes.for_error(exc)
+    except click.exceptions.ClickException as exc:  # usage errors
+        exc.show(file=sys.stderr)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:  # --help and friends
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return exitcodes.INTERRUPTED
+    return result if isinstance(result, int) else exitcodes.OK

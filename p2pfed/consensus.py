@@ -1,0 +1,244 @@
+"""Gossip averaging math: mixing weights, spectral diagnostics, in-place mixing.
+
+Everything here is a pure function (no I/O, no clock).  Per component, the nodes that hold it
+form a subgraph of the overlay; mixing weights are Metropolis–Hastings on that subgraph::
+
+    W[i][j] = 1 / (1 + max(d_i, d_j))   for each edge {i, j}   (degrees in the holder subgraph)
+    W[i][i] = 1 - sum_j W[i][j]
+
+which is symmetric and doubly stochastic, so repeated mixing converges to the plain average at
+a rate set by the second largest eigenvalue modulus (SLEM) of ``W``: after ``t`` rounds the
+consensus error shrinks at least like ``SLEM**t``.  A neighbour whose update misses the round
+deadline gives its weight back to self (:func:`effective_weights`), which keeps each row a convex
+combination.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
+from typing import TypeVar
+
+import networkx as nx
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from gossip.errors import ConfigError, LocalError
+
+logger = logging.getLogger(__name__)
+
+N = TypeVar("N", bound=Hashable)
+
+SPECTRAL_TOLERANCE = 1e-12
+MIX_CHUNK_ELEMENTS = 1 << 21
+
+
+def _node_key(node: Hashable) -> str:
+    return str(node)
+
+
+def metropolis_hastings_weights(graph: nx.Graph, holders: Iterable[N]) -> dict[N, dict[N, float]]:
+    """Metropolis–Hastings weights on the subgraph of ``graph`` induced by ``holders``.
+
+    A holder absent from ``graph`` (or without holder neighbours) keeps weight 1 on itself.
+    Rows and entries are ordered by ``str(node)`` so results are deterministic.
+    """
+    if graph.is_directed():
+        raise ConfigError("mixing weights need an undirected overlay graph")
+    members = sorted(set(holders), key=_node_key)
+    member_set = set(members)
+    neighbours: dict[N, list[N]] = {}
+    for node in members:
+        adjacent = graph.adj[node] if node in graph else {}
+        neighbours[node] = sorted(
+            (m for m in adjacent if m in member_set and m != node), key=_node_key
+        )
+    degree = {node: len(adj) for node, adj in neighbours.items()}
+    weights: dict[N, dict[N, float]] = {}
+    for node in members:
+        row: dict[N, float] = {}
+        for other in neighbours[node]:
+            row[other] = 1.0 / (1 + max(degree[node], degree[other]))
+        self_weight = 1.0 - math.fsum(row.values())
+        weights[node] = {node: self_weight, **row}
+    return weights
+
+
+def weight_matrix(
+    weights: Mapping[N, Mapping[N, float]], order: Sequence[N]
+) -> npt.NDArray[np.float64]:
+    """Dense matrix of ``weights``, rows and columns in ``order`` (which lists every node)."""
+    index = {node: i for i, node in enumerate(order)}
+    if len(index) != len(order) or set(index) != set(weights):
+        raise ConfigError("order must list every node of the weights exactly once")
+    matrix = np.zeros((len(order), len(order)), dtype=np.float64)
+    for node, row in weights.items():
+        for other, value in row.items():
+            if other not in index:
+                raise ConfigError(f"weight row {node!r} names unknown node {other!r}")
+            matrix[index[node], index[other]] = value
+    return matrix
+
+
+def slem(matrix: npt.ArrayLike) -> float:
+    """Second largest eigenvalue modulus of a stochastic matrix.
+
+    1.0 when the graph is disconnected (eigenvalue 1 is repeated), 0.0 for a single node.
+    Values within 1e-12 of 0 or 1 snap to them so the rounds bound is stable.
+    """
+    w = np.asarray(matrix, dtype=np.float64)
+    if w.ndim != 2 or w.shape[0] != w.shape[1]:
+        raise ConfigError(f"expected a square matrix, got shape {w.shape}")
+    if w.shape[0] <= 1:
+        return 0.0
+    if np.allclose(w, w.T, rtol=0.0, atol=1e-12):
+        moduli = np.abs(np.linalg.eigvalsh(w))
+    else:
+        moduli = np.abs(np.linalg.eigvals(w))
+    moduli = np.sort(moduli)[::-1]
+    value = float(moduli[1])
+    if abs(value - 1.0) < SPECTRAL_TOLERANCE:
+        return 1.0
+    if value < SPECTRAL_TOLERANCE:
+        return 0.0
+    return value
+
+
+def spectral_gap(matrix: npt.ArrayLike) -> float:
+    """``1 - slem(matrix)``."""
+    return 1.0 - slem(matrix)
+
+
+def rounds_to_epsilon_bound(slem_value: float, eps: float = 1e-6) -> int | None:
+    """Rounds ``t`` after which ``slem**t <= eps``: ``ceil(ln eps / ln slem)``.
+
+    ``None`` when ``slem >= 1`` (no convergence guarantee), 1 when ``slem == 0``.
+    """
+    if not 0.0 < eps < 1.0:
+        raise ConfigError(f"eps must be in (0, 1), got {eps}")
+    if slem_value < 0.0 or math.isnan(slem_value):
+        raise ConfigError(f"slem must be non-negative, got {slem_value}")
+    if slem_value >= 1.0:
+        return None
+    if slem_value == 0.0:
+        return 1
+    return max(1, math.ceil(math.log(eps) / math.log(slem_value)))
+
+
+def effective_weights(
+    self_id: N, row: Mapping[N, float], present: Collection[N]
+) -> tuple[float, list[tuple[N, float]]]:
+    """This round's weights: a neighbour whose update is not ``present`` gives its weight to self.
+
+    Returns ``(self_weight, [(neighbour, weight), ...])`` with neighbours sorted by ``str`` so
+    the order of the float sums is deterministic.
+    """
+    self_weight = row.get(self_id, 0.0)
+    used: list[tuple[N, float]] = []
+    missing = 0.0
+    for node in sorted(row, key=_node_key):
+        if node == self_id:
+            continue
+        if node in present:
+            used.append((node, row[node]))
+        else:
+            missing += row[node]
+    return self_weight + missing, used
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, a1 = _byte_range(a)
+    b0, b1 = _byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def mix_into(out: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """``out = sum_k w_k * x_k`` in place, on flat contiguous buffers.
+
+    ``out`` may be the first term's tensor (mix into self) but must not overlap any other term.
+    Works in cache-sized chunks so ``out`` is written to memory once, whatever the number of
+    terms.
+    """
+    if not terms:
+        raise LocalError("mix_into needs at least one term")
+    if not out.is_contiguous():
+        raise LocalError("mix_into output must be contiguous")
+    for k, (_, x) in enumerate(terms):
+        if x.numel() != out.numel() or x.dtype != out.dtype or x.device != out.device:
+            raise LocalError(
+                f"term {k}: {x.numel()} x {x.dtype} on {x.device} does not match output "
+                f"{out.numel()} x {out.dtype} on {out.device}"
+            )
+        if not x.is_contiguous():
+            raise LocalError(f"term {k} is not contiguous")
+        if k == 0 and x.data_ptr() == out.data_ptr():
+            continue
+        if out.numel() and _overlaps(out, x):
+            raise LocalError(f"mix_into output overlaps term {k}")
+    flat_out = out.view(-1)
+    flats = [(float(w), x.detach().view(-1)) for w, x in terms]
+    n = flat_out.numel()
+    with torch.no_grad():
+        for start in range(0, max(n, 1), MIX_CHUNK_ELEMENTS):
+            stop = min(start + MIX_CHUNK_ELEMENTS, n)
+            chunk = flat_out[start:stop]
+            w0, x0 = flats[0]
+            torch.mul(x0[start:stop], w0, out=chunk)
+            for w, x in flats[1:]:
+                chunk.add_(x[start:stop], alpha=w)
+    return out
+
+
+def _as_float64_rows(states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    if not states:
+        raise LocalError("need at least one state")
+    numel = states[0].numel()
+    if any(s.numel() != numel for s in states):
+        raise LocalError("all states must have the same number of elements")
+    return [s.detach().reshape(-1) for s in states]
+
+
+def mean_vector(
+    states: Sequence[torch.Tensor], *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Elementwise mean of ``states``, accumulated in float64 (returned as ``dtype``, default
+    the first state's dtype)."""
+    rows = _as_float64_rows(states)
+    total = torch.zeros(rows[0].numel(), dtype=torch.float64)
+    for row in rows:
+        total.add_(row)
+    total.div_(len(rows))
+    return total.to(dtype or states[0].dtype)
+
+
+def consensus_distance(states: Sequence[torch.Tensor]) -> float:
+    """Frobenius norm ``||X - 1 mean^T||_F`` of the stacked states, computed in float64."""
+    rows = _as_float64_rows(states)
+    mean = mean_vector(rows, dtype=torch.float64)
+    squares = 0.0
+    for row in rows:
+        diff = row.to(torch.float64) - mean
+        squares += float(torch.dot(diff, diff))
+    return math.sqrt(squares)
+
+
+def mixing_report(
+    graph: nx.Graph, holders: Iterable[N], eps: float = 1e-6
+) -> dict[str, float | int | None]:
+    """Spectral summary of MH mixing among ``holders``: size, SLEM, gap, rounds bound."""
+    weights = metropolis_hastings_weights(graph, holders)
+    order = list(weights)
+    value = slem(weight_matrix(weights, order))
+    return {
+        "nodes": len(order),
+        "slem": value,
+        "spectral_gap": 1.0 - value,
+        "rounds_to_eps": rounds_to_epsilon_bound(value, eps),
+    }

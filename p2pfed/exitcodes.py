@@ -1,0 +1,37 @@
+"""Exit codes of the ``p2pfed`` command, in one place."""
+
+from __future__ import annotations
+
+from gossip.errors import (
+    ConfigError,
+    KeyFileError,
+    LedgerIntegrityError,
+    P2PFedError,
+    RemoteError,
+    StorageError,
+)
+
+OK = 0
+FAILURE = 1  # any other P2PFedError
+USAGE = 2  # wrong command-line arguments (click's convention)
+CONFIG = 3  # invalid configuration or topology file
+KEY_FILE = 4  # missing, corrupt or unsafe identity key
+LEDGER_BROKEN = 5  # ledger verification found a bad entry
+STORAGE = 6  # ledger or blob store unreadable
+REMOTE = 7  # a peer refused or misbehaved and the command could not finish
+INTERRUPTED = 130
+
+
+def for_error(exc: P2PFedError) -> int:
+    """The exit code for an error that ended a command."""
+    table: tuple[tuple[type[P2PFedError], int], ...] = (
+        (ConfigError, CONFIG),
+        (KeyFileError, KEY_FILE),
+        (LedgerIntegrityError, LEDGER_BROKEN),
+        (StorageError, STORAGE),
+        (RemoteError, REMOTE),
+    )
+    for cls, code in table:
+        if isinstance(exc, cls):
+            return code
+    return FAILURE

@@ -1,0 +1,546 @@
+"""The sans-IO federated node: one round state machine per component.
+
+Nothing here sleeps, reads a clock, opens a socket or starts a thread.  Drivers (the daemon's
+runtime and the simulator, see :mod:`p2pfed.runtime.driver`) feed events in — time, received
+bytes, fetched payloads, finished local training — and carry out the actions that come back.
+
+Round lifecycle of one component (everything that moves it lives in :data:`TRANSITIONS`)::
+
+    IDLE --start--> TRAINING --trained--> COLLECTING --all in / deadline--> (mix) --> next round
+                    (skipped when this node does not train the component)
+
+On entering COLLECTING the node encodes its current state, stores it by digest, records a
+durable ``local-update`` ledger entry and only then announces ``(component, round, digest)`` to
+the component's holders among its neighbours.  Each neighbour's announcement triggers a fetch of
+the payload by digest; the payload is checked against the announced digest, decoded and kept.
+When every neighbour's update is in, or the deadline passes, the node mixes with
+Metropolis–Hastings weights on the holders' subgraph; a missing neighbour's weight goes back to
+self.  Announcements for later rounds are buffered (a bounded window); older ones are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import networkx as nx
+import torch
+
+from gossip.envelope import ReplayGuard, Sequencer, digest, open_envelope, packb, seal, unpackb
+from gossip.errors import (
+    BadPayloadError,
+    MalformedMessageError,
+    NotAMemberError,
+    RemoteError,
+)
+from gossip.identity import Identity
+from p2pfed.blobs import BlobStore
+from p2pfed.codec import decode_payload, encode_payload
+from p2pfed.components import FlatComponent
+from p2pfed.consensus import effective_weights, metropolis_hastings_weights, mix_into
+from p2pfed.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+ANNOUNCE = "announce"
+ROUND_WINDOW = 2  # announcements up to this many rounds ahead are buffered
+
+
+# --------------------------------------------------------------------------------------------
+# Wire record
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A small signed control record: "my update of ``component`` for ``round`` is ``digest``"."""
+
+    component: str
+    round: int
+    digest: bytes
+    size: int
+    degree: int
+    lineage: tuple[str, ...]
+    noise: float = 0.0
+
+    def to_body(self) -> bytes:
+        return packb(
+            [self.component, self.round, self.digest, self.size, self.degree,
+             list(self.lineage), self.noise]
+        )
+
+    @classmethod
+    def from_body(cls, body: bytes) -> Announcement:
+        obj = unpackb(body)
+        if not isinstance(obj, list) or len(obj) != 7:
+            raise MalformedMessageError("announcement must be a 7-element array")
+        component, rnd, dig, size, degree, lineage, noise = obj
+        ok = (
+            isinstance(component, str)
+            and isinstance(rnd, int) and rnd >= 0
+            and isinstance(dig, bytes) and len(dig) == 32
+            and isinstance(size, int) and size > 0
+            and isinstance(degree, int) and degree >= 0
+            and isinstance(lineage, list) and all(isinstance(x, str) for x in lineage)
+            and isinstance(noise, int | float) and noise >= 0.0
+        )
+        if not ok:
+            raise MalformedMessageError("announcement fields have wrong types or ranges")
+        return cls(component, rnd, dig, size, degree, tuple(lineage), float(noise))
+
+
+# --------------------------------------------------------------------------------------------
+# Actions (what the driver must do)
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Deliver ``data`` (a sealed envelope) to each of ``recipients``."""
+
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Fetch the payload with ``digest`` from ``peer`` and report back (at most ``max_bytes``)."""
+
+    peer: str
+    component: str
+    round: int
+    digest: bytes
+    max_bytes: int
+
+
+@dataclass(frozen=True)
+class Train:
+    """Run local training of ``component`` for ``round``, then call ``local_update_done``."""
+
+    component: str
+    round: int
+
+
+@dataclass(frozen=True)
+class RoundCompleted:
+    component: str
+    round: int
+    mixed_with: tuple[str, ...]
+    missing: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PeerRejected:
+    """A peer's message was refused (for scoring and logs); the node carries on."""
+
+    peer: str
+    error: RemoteError
+
+
+Action = Announce | Fetch | Train | RoundCompleted | PeerRejected
+
+
+# --------------------------------------------------------------------------------------------
+# Round state machine
+
+
+class Phase(Enum):
+    IDLE = "idle"
+    TRAINING = "training"
+    COLLECTING = "collecting"
+    PAUSED = "paused"
+
+
+class Event(Enum):
+    START = "start"
+    TRAINED = "trained"
+    COMPLETE = "complete"  # every neighbour's update is in, or the deadline passed
+    LIMIT = "limit"  # the round limit set by the driver was reached
+    RESUME = "resume"
+
+
+#: Everything that moves a component's round lives here: (phase, event) -> next phase.
+TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
+    (Phase.IDLE, Event.START): Phase.TRAINING,
+    (Phase.TRAINING, Event.TRAINED): Phase.COLLECTING,
+    (Phase.COLLECTING, Event.COMPLETE): Phase.IDLE,
+    (Phase.IDLE, Event.LIMIT): Phase.PAUSED,
+    (Phase.PAUSED, Event.RESUME): Phase.IDLE,
+}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    round_timeout_ms: int = 30_000
+    max_payload_bytes: int = 1 << 30
+    max_skew_ms: int = 5 * 60 * 1000
+    #: components this node trains locally (others are only mixed)
+    trains: frozenset[str] = frozenset()
+    #: keep every mixed-in payload in the blob store (needed for unlearning)
+    keep_payloads: bool = True
+
+
+@dataclass
+class _Received:
+    announcement: Announcement
+    flat: torch.Tensor | None = None  # set once fetched and verified
+
+
+@dataclass
+class _ComponentRound:
+    comp: FlatComponent
+    phase: Phase = Phase.IDLE
+    round: int = 0
+    deadline_ms: int | None = None
+    weights: dict[str, float] = field(default_factory=dict)  # MH row (self included)
+    neighbours: tuple[str, ...] = ()
+    # (round, peer) -> announcement and payload
+    inbox: dict[tuple[int, str], _Received] = field(default_factory=dict)
+    lineage: set[str] = field(default_factory=set)
+    own_digest: bytes = b""
+    scratch: torch.Tensor | None = None
+
+
+def _transition(state: _ComponentRound, event: Event) -> None:
+    try:
+        state.phase = TRANSITIONS[(state.phase, event)]
+    except KeyError:
+        raise AssertionError(f"no transition from {state.phase} on {event}") from None
+
+
+class Node:
+    """A federation member's protocol and learning logic, free of I/O."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        federation_id: bytes,
+        components: Mapping[str, FlatComponent],
+        ledger: Ledger,
+        blobs: BlobStore,
+        config: NodeConfig | None = None,
+        sequencer: Sequencer | None = None,
+    ) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.federation_id = federation_id
+        self.config = config or NodeConfig()
+        self.ledger = ledger
+        self.blobs = blobs
+        self._seq = sequencer or Sequencer()
+        self._replay = ReplayGuard()
+        self._states = {name: _ComponentRound(comp) for name, comp in components.items()}
+        for st in self._states.values():
+            st.lineage.add(self.peer_id)
+        self._graph: nx.Graph = nx.Graph()
+        self._holders: dict[str, frozenset[str]] = {}
+        self._round_limit: int | None = None
+        self._started = False
+        self.rejected: dict[str, int] = {}
+        #: called after each mix with (component, round, state); used by the simulator
+        self.on_mixed: Callable[[str, int, torch.Tensor], None] | None = None
+
+    # ---------------------------------------------------------------- inspection
+    @property
+    def components(self) -> dict[str, FlatComponent]:
+        return {name: st.comp for name, st in self._states.items()}
+
+    def round_of(self, component: str) -> int:
+        """Number of rounds of ``component`` completed."""
+        return self._states[component].round
+
+    def phase_of(self, component: str) -> Phase:
+        return self._states[component].phase
+
+    def lineage_of(self, component: str) -> frozenset[str]:
+        return frozenset(self._states[component].lineage)
+
+    def neighbours_of(self, component: str) -> tuple[str, ...]:
+        return self._states[component].neighbours
+
+    def weights_of(self, component: str) -> dict[str, float]:
+        return dict(self._states[component].weights)
+
+    def next_deadline(self) -> int | None:
+        deadlines = [
+            st.deadline_ms
+            for st in self._states.values()
+            if st.phase is Phase.COLLECTING and st.deadline_ms is not None
+        ]
+        return min(deadlines) if deadlines else None
+
+    def idle(self) -> bool:
+        """True when every component waits at the round limit."""
+        return all(st.phase is Phase.PAUSED for st in self._states.values())
+
+    # ---------------------------------------------------------------- configuration events
+    def set_topology(self, graph: nx.Graph, holders: Mapping[str, Iterable[str]]) -> None:
+        """Give the node the overlay and, per component, the peers that hold it.
+
+        Mixing weights are recomputed (Metropolis–Hastings on each holder subgraph).  Safe to
+        call at any time, e.g. when a member joins or leaves or a link fails.
+        """
+        self._graph = graph.copy()
+        self._holders = {c: frozenset(h) for c, h in holders.items()}
+        for name, st in self._states.items():
+            holders_c = set(self._holders.get(name, ())) | {self.peer_id}
+            sub = self._graph.subgraph(n for n in holders_c if n in self._graph)
+            if self.peer_id not in sub:
+                st.weights, st.neighbours = {self.peer_id: 1.0}, ()
+                continue
+            weights = metropolis_hastings_weights(sub, sub.nodes)
+            st.weights = dict(weights[self.peer_id])
+            st.neighbours = tuple(sorted(p for p in st.weights if p != self.peer_id))
+
+    def set_round_limit(self, limit: int | None, now_ms: int) -> list[Action]:
+        """Stop starting rounds at ``limit`` (None: no limit); resumes paused components."""
+        self._round_limit = limit
+        actions: list[Action] = []
+        for name, st in self._states.items():
+            if st.phase is Phase.PAUSED and (limit is None or st.round < limit):
+                _transition(st, Event.RESUME)
+                actions += self._start_round(name, now_ms)
+        return actions
+
+    def fast_forward(self, round_: int) -> None:
+        """Move paused components to ``round_`` (a member rejoining a running federation)."""
+        for st in self._states.values():
+            if st.phase not in (Phase.PAUSED, Phase.IDLE):
+                raise AssertionError("fast_forward needs every component paused")
+            if round_ > st.round:
+                st.round = round_
+                st.inbox.clear()
+
+    # ---------------------------------------------------------------- driver events
+    def start(self, now_ms: int) -> list[Action]:
+        if self._started:
+            return []
+        self._started = True
+        actions: list[Action] = []
+        for name in sorted(self._states):
+            actions += self._start_round(name, now_ms)
+        return actions
+
+    def tick(self, now_ms: int) -> list[Action]:
+        """Advance time: complete every round whose deadline has passed."""
+        actions: list[Action] = []
+        for name in sorted(self._states):
+            st = self._states[name]
+            if (
+                st.phase is Phase.COLLECTING
+                and st.deadline_ms is not None
+                and now_ms >= st.deadline_ms
+            ):
+                actions += self._complete_round(name, now_ms)
+        return actions
+
+    def local_update_done(self, component: str, round_: int, now_ms: int) -> list[Action]:
+        """Local training of ``component`` for ``round_`` has written into its flat buffer."""
+        st = self._states[component]
+        if st.phase is not Phase.TRAINING or st.round != round_:
+            raise AssertionError(f"unexpected training result for {component} round {round_}")
+        _transition(st, Event.TRAINED)
+        return self._publish(component, now_ms)
+
+    def receive(self, peer: str, data: bytes, now_ms: int) -> list[Action]:
+        """A control message arrived from ``peer``.  Bad input is rejected per peer."""
+        try:
+            return self._receive(peer, data, now_ms)
+        except RemoteError as exc:
+            return self._reject(peer, exc)
+
+    def payload_received(
+        self, peer: str, component: str, round_: int, dig: bytes, data: bytes, now_ms: int
+    ) -> list[Action]:
+        try:
+            return self._payload_received(peer, component, round_, dig, data, now_ms)
+        except RemoteError as exc:
+            return self._reject(peer, exc)
+
+    def payload_failed(
+        self, peer: str, component: str, round_: int, reason: str, now_ms: int
+    ) -> list[Action]:
+        """The fetch failed; the round completes without this peer at the deadline."""
+        log.info("%s: fetch of %s round %d from %s failed: %s",
+                 self.peer_id[-8:], component, round_, peer[-8:], reason)
+        return []
+
+    def serve_payload(self, dig: bytes) -> bytes | None:
+        """Answer a neighbour's fetch by digest (None when unknown)."""
+        return self.blobs.get(dig) if self.blobs.has(dig) else None
+
+    # ---------------------------------------------------------------- internals
+    def _reject(self, peer: str, exc: RemoteError) -> list[Action]:
+        self.rejected[exc.code] = self.rejected.get(exc.code, 0) + 1
+        log.warning("rejected message from %s: %s (%s)", peer[-8:], exc, exc.code)
+        return [PeerRejected(peer, exc)]
+
+    def _start_round(self, name: str, now_ms: int) -> list[Action]:
+        st = self._states[name]
+        if self._round_limit is not None and st.round >= self._round_limit:
+            _transition(st, Event.LIMIT)
+            return []
+        _transition(st, Event.START)
+        if name in self.config.trains:
+            return [Train(name, st.round)]
+        _transition(st, Event.TRAINED)
+        return self._publish(name, now_ms)
+
+    def _publish(self, name: str, now_ms: int) -> list[Action]:
+        st = self._states[name]
+        st.deadline_ms = now_ms + self.config.round_timeout_ms
+        payload = bytes(encode_payload(name, st.round, st.comp.flat, st.comp.layout))
+        st.own_digest = self.blobs.put(payload)
+        ann = Announcement(
+            component=name,
+            round=st.round,
+            digest=st.own_digest,
+            size=len(payload),
+            degree=len(st.neighbours),
+            lineage=tuple(sorted(st.lineage)),
+        )
+        # The ledger entry precedes the send and is durable.
+        self.ledger.append(
+            "local-update",
+            {"component": name, "round": st.round, "digest": st.own_digest,
+             "trained": name in self.config.trains, "lineage": list(ann.lineage)},
+            timestamp_ms=now_ms,
+            durable=True,
+        )
+        env = seal(
+            self.identity,
+            kind=ANNOUNCE,
+            federation_id=self.federation_id,
+            seq=self._seq.next(),
+            timestamp_ms=now_ms,
+            body=ann.to_body(),
+        )
+        actions: list[Action] = []
+        if st.neighbours:
+            actions.append(Announce(st.neighbours, env.to_bytes()))
+        # Announcements that arrived early for this round can now be fetched.
+        for (rnd, peer), rec in sorted(st.inbox.items()):
+            if rnd == st.round and rec.flat is None:
+                actions.append(self._fetch(peer, rec.announcement))
+        return actions + self._maybe_complete(name, now_ms)
+
+    def _fetch(self, peer: str, ann: Announcement) -> Fetch:
+        return Fetch(peer, ann.component, ann.round, ann.digest,
+                     min(ann.size, self.config.max_payload_bytes))
+
+    def _receive(self, peer: str, data: bytes, now_ms: int) -> list[Action]:
+        env = open_envelope(
+            data,
+            federation_id=self.federation_id,
+            now_ms=now_ms,
+            max_skew_ms=self.config.max_skew_ms,
+        )
+        if env.sender_id != peer:
+            raise NotAMemberError(f"envelope from {env.sender_id} relayed by {peer}", peer=peer)
+        if env.kind != ANNOUNCE:
+            raise MalformedMessageError(f"unexpected record kind {env.kind!r}", peer=peer)
+        ann = Announcement.from_body(env.body)
+        st = self._states.get(ann.component)
+        if st is None or peer not in st.neighbours:
+            raise NotAMemberError(
+                f"{peer} is not a neighbouring holder of {ann.component!r}", peer=peer
+            )
+        self._replay.check(env.sender, env.seq)
+        if ann.size > self.config.max_payload_bytes:
+            raise BadPayloadError(f"announced payload of {ann.size} bytes is over the cap")
+        if ann.round < st.round or ann.round > st.round + ROUND_WINDOW:
+            log.debug("dropping announcement of %s round %d (at %d)",
+                      ann.component, ann.round, st.round)
+            return []
+        key = (ann.round, peer)
+        if key in st.inbox:
+            return []  # a second announcement for the same round: keep the first
+        st.inbox[key] = _Received(ann)
+        if ann.round == st.round and st.phase is Phase.COLLECTING:
+            return [self._fetch(peer, ann)]
+        return []
+
+    def _payload_received(
+        self, peer: str, name: str, round_: int, dig: bytes, data: bytes, now_ms: int
+    ) -> list[Action]:
+        st = self._states.get(name)
+        rec = st.inbox.get((round_, peer)) if st is not None else None
+        if st is None or rec is None or rec.announcement.digest != dig:
+            raise BadPayloadError(f"unsolicited payload for {name} round {round_}", peer=peer)
+        if len(data) > rec.announcement.size:
+            raise BadPayloadError("payload is larger than announced", peer=peer)
+        if digest(data) != dig:
+            raise BadPayloadError("payload does not match the announced digest", peer=peer)
+        decoded = decode_payload(
+            data,
+            max_bytes=self.config.max_payload_bytes,
+            expected_component=name,
+            expected_layout=st.comp.layout,
+        )
+        if decoded.round != round_:
+            raise BadPayloadError("payload is for another round", peer=peer)
+        if self.config.keep_payloads:
+            self.blobs.put(data)
+        rec.flat = decoded.flat
+        self.ledger.append(
+            "contribution",
+            {"sender": peer, "component": name, "round": round_, "digest": dig,
+             "weight": st.weights.get(peer, 0.0), "lineage": list(rec.announcement.lineage)},
+            timestamp_ms=now_ms,
+        )
+        return self._maybe_complete(name, now_ms)
+
+    def _maybe_complete(self, name: str, now_ms: int) -> list[Action]:
+        st = self._states[name]
+        if st.phase is not Phase.COLLECTING:
+            return []
+        have = {p for (r, p), rec in st.inbox.items() if r == st.round and rec.flat is not None}
+        if have.issuperset(st.neighbours):
+            return self._complete_round(name, now_ms)
+        return []
+
+    def _complete_round(self, name: str, now_ms: int) -> list[Action]:
+        st = self._states[name]
+        present = {
+            p: rec for (r, p), rec in st.inbox.items()
+            if r == st.round and rec.flat is not None and p in st.neighbours
+        }
+        self_w, terms = effective_weights(self.peer_id, st.weights, present.keys())
+        if st.scratch is None:
+            st.scratch = torch.empty_like(st.comp.flat)
+        inputs: list[tuple[float, torch.Tensor]] = [(self_w, st.comp.flat)]
+        inputs += [(w, present[str(p)].flat) for p, w in terms]  # type: ignore[misc]
+        mix_into(st.scratch, inputs)
+        st.comp.flat.copy_(st.scratch)
+        for p in present.values():
+            st.lineage.update(p.announcement.lineage)
+        missing = tuple(p for p in st.neighbours if p not in present)
+        self.ledger.append(
+            "mix",
+            {"component": name, "round": st.round, "self_weight": self_w,
+             "inputs": [[str(p), w, present[str(p)].announcement.digest] for p, w in terms],
+             "missing": list(missing), "lineage": sorted(st.lineage)},
+            timestamp_ms=now_ms,
+        )
+        if self.on_mixed is not None:
+            self.on_mixed(name, st.round, st.comp.flat)
+        done = RoundCompleted(name, st.round, tuple(sorted(present)), missing)
+        st.inbox = {k: v for k, v in st.inbox.items() if k[0] > st.round}
+        st.round += 1
+        st.deadline_ms = None
+        _transition(st, Event.COMPLETE)
+        return [done, *self._start_round(name, now_ms)]
+
+
+def status_of(node: Node) -> dict[str, Any]:
+    """A JSON-friendly snapshot for ``p2pfed status``."""
+    return {
+        "peer_id": node.peer_id,
+        "components": {
+            name: {"round": node.round_of(name), "phase": node.phase_of(name).value,
+                   "neighbours": len(node.neighbours_of(name))}
+            for name in sorted(node.components)
+        },
+        "rejected": dict(node.rejected),
+    }

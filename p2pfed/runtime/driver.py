@@ -1,0 +1,129 @@
+"""Drives a sans-IO :class:`~p2pfed.node.Node` over a transport with trio.
+
+This is the only place where node actions meet I/O, and it is shared by the daemon and the
+simulator, so the two cannot drift apart: the simulator passes a memory transport and a clock
+read from trio's (mock) clock, the daemon a libp2p transport and the wall clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from gossip.errors import P2PFedError, RemoteError
+from gossip.transport.base import Transport
+from p2pfed.node import Action, Announce, Fetch, Node, PeerRejected, RoundCompleted, Train
+
+if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own types
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+#: Runs local training of (component, round) in a worker thread; writes into the flat buffer.
+Trainer = Callable[[str, int], None]
+
+
+def trio_clock_ms() -> int:
+    """Milliseconds on trio's clock (a MockClock in simulations)."""
+    return int(trio.current_time() * 1000)
+
+
+class NodeDriver:
+    """Owns the tasks of one node: receiving, timers, sends, fetches, training."""
+
+    def __init__(
+        self,
+        node: Node,
+        transport: Transport,
+        *,
+        clock_ms: Callable[[], int] = trio_clock_ms,
+        trainer: Trainer | None = None,
+        on_actions: Callable[[Sequence[Action]], None] | None = None,
+    ) -> None:
+        self.node = node
+        self.transport = transport
+        self.clock_ms = clock_ms
+        self.trainer = trainer
+        self.on_actions = on_actions
+        self._nursery: trio.Nursery | None = None
+        self._wake = trio.Event()
+        transport.set_payload_server(node.serve_payload)
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._receive_loop)
+            nursery.start_soon(self._timer_loop)
+            self.call(self.node.start)
+            task_status.started()
+
+    def call(self, method: Callable[..., list[Action]], *args: object) -> list[Action]:
+        """Call a node method with the current time appended, then carry out its actions."""
+        actions = method(*args, self.clock_ms())
+        self._execute(actions)
+        return actions
+
+    # ---------------------------------------------------------------- internals
+    def _execute(self, actions: Sequence[Action]) -> None:
+        nursery = self._nursery
+        if nursery is None:
+            raise RuntimeError("driver is not running")
+        for action in actions:
+            if isinstance(action, Announce):
+                for peer in action.recipients:
+                    nursery.start_soon(self._send, peer, action.data)
+            elif isinstance(action, Fetch):
+                nursery.start_soon(self._fetch, action)
+            elif isinstance(action, Train):
+                nursery.start_soon(self._train, action)
+            elif isinstance(action, PeerRejected):
+                log.info("%s: %s", action.peer[-8:], action.error)
+            elif isinstance(action, RoundCompleted):
+                log.debug("%s round %d done (missing %s)",
+                          action.component, action.round, action.missing)
+        self._wake.set()
+        if self.on_actions is not None:
+            self.on_actions(actions)
+
+    async def _send(self, peer: str, data: bytes) -> None:
+        try:
+            await self.transport.send(peer, data)
+        except RemoteError as exc:
+            log.info("send to %s failed: %s", peer[-8:], exc)
+
+    async def _fetch(self, fetch: Fetch) -> None:
+        try:
+            data = await self.transport.fetch(fetch.peer, fetch.digest, fetch.max_bytes)
+        except RemoteError as exc:
+            self.call(self.node.payload_failed, fetch.peer, fetch.component, fetch.round,
+                      str(exc))
+            return
+        self._execute(self.node.payload_received(
+            fetch.peer, fetch.component, fetch.round, fetch.digest, data, self.clock_ms()
+        ))
+
+    async def _train(self, train: Train) -> None:
+        trainer = self.trainer
+        if trainer is None:
+            raise P2PFedError(f"{train.component} is set to train but no trainer is configured")
+        await trio.to_thread.run_sync(trainer, train.component, train.round)
+        self.call(self.node.local_update_done, train.component, train.round)
+
+    async def _receive_loop(self) -> None:
+        async for peer, data in self.transport.incoming:
+            self.call(self.node.receive, peer, data)
+
+    async def _timer_loop(self) -> None:
+        while True:
+            wake = self._wake = trio.Event()
+            deadline = self.node.next_deadline()
+            delay = math.inf if deadline is None else max(0, deadline - self.clock_ms()) / 1000
+            with trio.move_on_after(delay):
+                await wake.wait()
+            deadline = self.node.next_deadline()
+            if deadline is not None and self.clock_ms() >= deadline:
+                self.call(self.node.tick)

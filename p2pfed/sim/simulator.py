@@ -1,0 +1,358 @@
+"""Runs every node of a topology in one process, over the memory transport, on trio's MockClock.
+
+The nodes are the real :class:`~p2pfed.node.Node` objects driven by the real
+:class:`~p2pfed.runtime.driver.NodeDriver`; only the transport (memory) and the clock (mock)
+differ from the daemon.  Identities are derived from the seed, so the same seed gives the same
+peer ids, the same summation order and therefore the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import networkx as nx
+import numpy as np
+import torch
+import trio
+import trio.testing
+from p2pfed.blobs import BlobStore
+from p2pfed.ledger import Ledger
+
+from gossip.catalog import ComponentSpec
+from gossip.envelope import digest
+from gossip.identity import Identity, create_identity
+from gossip.transport.memory import MemoryNetwork
+from p2pfed.components import FlatComponent
+from p2pfed.consensus import (
+    metropolis_hastings_weights,
+    rounds_to_epsilon_bound,
+    slem,
+    weight_matrix,
+)
+from p2pfed.node import Node, NodeConfig
+from p2pfed.runtime.driver import NodeDriver
+from p2pfed.sim.topology import ChurnEvent, Topology
+
+if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own types
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+EPSILON = 1e-6
+WORKLOADS = ("consensus",)
+
+
+@dataclass
+class SimConfig:
+    topology: Topology
+    workload: str = "consensus"
+    rounds: int = 100
+    seed: int = 0
+    home: Path | None = None
+    #: parameters per component in the consensus workload
+    dim: int = 32
+    round_timeout_ms: int = 10_000
+    progress: Callable[[int, int], None] | None = None
+
+
+@dataclass
+class _SimNode:
+    name: str
+    identity: Identity
+    node: Node
+    ledger: Ledger
+    driver: NodeDriver | None = None
+    scope: trio.CancelScope | None = None
+    live: bool = False
+
+
+@dataclass
+class _Trace:
+    """States after each round, per component: round -> node name -> float64 vector."""
+
+    initial: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    rounds: dict[str, dict[int, dict[str, np.ndarray]]] = field(default_factory=dict)
+
+
+def sim_identity(seed: int, name: str) -> Identity:
+    """A deterministic identity for a simulated node (never use this for a real node)."""
+    return Identity.from_seed(digest(f"p2pfed-sim/{seed}/{name}".encode()))
+
+
+def sim_federation_id(topology: Topology, seed: int) -> bytes:
+    return digest(f"p2pfed-sim-federation/{topology.name}/{seed}".encode())
+
+
+def _initial_values(seed: int, node_index: int, comp_index: int, dim: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + node_index * 1009 + comp_index)
+    return torch.randn(dim, generator=gen, dtype=torch.float64)
+
+
+class Simulation:
+    def __init__(self, config: SimConfig) -> None:
+        if config.workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {config.workload!r}")
+        self.config = config
+        self.topo = config.topology
+        self.network = MemoryNetwork()
+        self.trace = _Trace()
+        self.federation_id = sim_federation_id(self.topo, config.seed)
+        self.nodes: dict[str, _SimNode] = {}
+        self.by_peer: dict[str, str] = {}
+        self._progress = trio.Event()
+        self._graph = self.topo.graph.copy()
+        self._absent = set(self.topo.initially_absent())
+        comps = sorted(self.topo.holders)
+        for index, name in enumerate(self.topo.nodes):
+            self.nodes[name] = self._make_node(index, name, comps)
+
+    # ---------------------------------------------------------------- set-up
+    def _make_node(self, index: int, name: str, all_components: list[str]) -> _SimNode:
+        cfg = self.config
+        identity = sim_identity(cfg.seed, name)
+        home = cfg.home / name if cfg.home is not None else None
+        if home is not None:
+            home.mkdir(parents=True, exist_ok=True)
+            key = home / "identity.key"
+            if not key.exists():
+                create_identity(key, identity)
+        ledger = Ledger.open(home / "ledger.sqlite3" if home else None, identity)
+        blobs = BlobStore(home / "blobs" if home else None)
+        components: dict[str, FlatComponent] = {}
+        for ci, comp in enumerate(all_components):
+            if name not in self.topo.holders[comp]:
+                continue
+            values = _initial_values(cfg.seed, index, ci, cfg.dim)
+            components[comp] = FlatComponent.from_params(
+                ComponentSpec.from_name(comp), {"weight": values}
+            )
+            self.trace.initial.setdefault(comp, {})[name] = values.numpy().copy()
+        node = Node(
+            identity,
+            self.federation_id,
+            components,
+            ledger,
+            blobs,
+            NodeConfig(round_timeout_ms=cfg.round_timeout_ms),
+        )
+        node.on_mixed = self._recorder(name)
+        self.by_peer[identity.peer_id] = name
+        return _SimNode(name, identity, node, ledger)
+
+    def _recorder(self, name: str) -> Callable[[str, int, torch.Tensor], None]:
+        def record(component: str, round_: int, state: torch.Tensor) -> None:
+            per_round = self.trace.rounds.setdefault(component, {})
+            per_round.setdefault(round_, {})[name] = (
+                state.detach().to(torch.float64).numpy().copy()
+            )
+
+        return record
+
+    def _peer(self, name: str) -> str:
+        return self.nodes[name].identity.peer_id
+
+    def _push_topology(self) -> None:
+        """Give every live node the current overlay and holder sets (instant membership gossip)."""
+        live = {n for n, sn in self.nodes.items() if sn.live}
+        sub = self._graph.subgraph(live)
+        graph = nx.relabel_nodes(nx.Graph(sub), {n: self._peer(n) for n in sub.nodes})
+        holders = {
+            c: [self._peer(n) for n in hs if n in live] for c, hs in self.topo.holders.items()
+        }
+        for sn in self.nodes.values():
+            if sn.live:
+                sn.node.set_topology(graph, holders)
+
+    # ---------------------------------------------------------------- running
+    async def _run_node(self, sn: _SimNode, *, task_status: TaskStatus[None]) -> None:
+        transport = self.network.attach(sn.identity.peer_id)
+        sn.driver = NodeDriver(sn.node, transport, on_actions=lambda _a: self._progress.set())
+        with trio.CancelScope() as scope:
+            sn.scope = scope
+            await sn.driver.run(task_status=task_status)
+
+    async def _start(self, nursery: trio.Nursery, sn: _SimNode) -> None:
+        sn.live = True
+        await nursery.start(self._run_node, sn)
+
+    def _stop(self, sn: _SimNode) -> None:
+        sn.live = False
+        if sn.scope is not None:
+            sn.scope.cancel()
+        self.network.detach(sn.identity.peer_id)
+
+    async def _wait_all_paused(self) -> None:
+        while not all(sn.node.idle() for sn in self.nodes.values() if sn.live):
+            self._progress = trio.Event()
+            await self._progress.wait()
+
+    def _apply(self, event: ChurnEvent, now_round: int) -> list[_SimNode]:
+        """Apply one churn event; returns nodes to (re)start."""
+        to_start: list[_SimNode] = []
+        if event.action == "leave":
+            sn = self.nodes[event.node]
+            if sn.live:
+                self._stop(sn)
+        elif event.action == "join":
+            sn = self.nodes[event.node]
+            if not sn.live:
+                sn.node.fast_forward(now_round)
+                to_start.append(sn)
+        elif event.action == "fail-link":
+            a, b = event.link
+            self._graph.remove_edge(a, b)
+            self.network.fail_link(self._peer(a), self._peer(b))
+        elif event.action == "restore-link":
+            a, b = event.link
+            self._graph.add_edge(a, b)
+            self.network.restore_link(self._peer(a), self._peer(b))
+        log.info("round %d: %s %s%s", now_round, event.action, event.node, event.link)
+        return to_start
+
+    async def _main(self) -> None:
+        cfg = self.config
+        async with trio.open_nursery() as nursery:
+            for name, sn in self.nodes.items():
+                if name not in self._absent:
+                    sn.live = True
+            self._push_topology()
+            for sn in self.nodes.values():
+                if sn.live:
+                    sn.node.set_round_limit(0, 0)
+                    await self._start(nursery, sn)
+            stops = sorted({e.round for e in self.topo.churn if 0 < e.round < cfg.rounds})
+            done = 0
+            for limit in [*stops, cfg.rounds]:
+                # rounds before `limit` run freely; then everyone pauses for the churn events
+                for sn in self.nodes.values():
+                    if sn.live and sn.driver is not None:
+                        sn.driver.call(sn.node.set_round_limit, limit)
+                await self._report_progress_until(limit, done)
+                done = limit
+                restart: list[_SimNode] = []
+                for event in self.topo.churn:
+                    if event.round == limit and limit < cfg.rounds:
+                        restart += self._apply(event, limit)
+                for sn in restart:
+                    sn.live = True
+                self._push_topology()
+                for sn in restart:
+                    sn.node.set_round_limit(limit, 0)
+                    await self._start(nursery, sn)
+            for sn in self.nodes.values():
+                if sn.live:
+                    self._stop(sn)
+            nursery.cancel_scope.cancel()
+
+    async def _report_progress_until(self, limit: int, done: int) -> None:
+        progress = self.config.progress
+        while True:
+            live = [sn.node for sn in self.nodes.values() if sn.live]
+            if progress is not None and live:
+                current = min(min((n.round_of(c) for c in n.components), default=limit)
+                              for n in live)
+                progress(max(current, done), self.config.rounds)
+            if all(n.idle() for n in live):
+                return
+            self._progress = trio.Event()
+            await self._progress.wait()
+
+    def run(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        trio.run(self._main, clock=trio.testing.MockClock(autojump_threshold=0))
+        wall = time.perf_counter() - start
+        for sn in self.nodes.values():
+            sn.ledger.close()
+        return self._report(wall)
+
+    # ---------------------------------------------------------------- report
+    def _report(self, wall_s: float) -> dict[str, Any]:
+        comps: dict[str, Any] = {}
+        for comp, holders in sorted(self.topo.holders.items()):
+            initial_holders = [h for h in holders if h not in self._absent]
+            comps[comp] = self._component_report(comp, initial_holders)
+        stats = self.network.stats
+        return {
+            "topology": self.topo.name,
+            "workload": self.config.workload,
+            "nodes": len(self.topo.nodes),
+            "rounds": self.config.rounds,
+            "seed": self.config.seed,
+            "wall_s": wall_s,
+            "components": comps,
+            "network": {
+                "messages": stats.messages,
+                "message_bytes": stats.message_bytes,
+                "fetches": stats.fetches,
+                "fetch_bytes": stats.fetch_bytes,
+                "dropped": stats.dropped,
+            },
+            "rejected": {
+                name: dict(sn.node.rejected) for name, sn in self.nodes.items() if sn.node.rejected
+            },
+        }
+
+    def _component_report(self, comp: str, holders: list[str]) -> dict[str, Any]:
+        sub = self.topo.graph.subgraph(holders)
+        weights = metropolis_hastings_weights(sub, holders)
+        lam = slem(weight_matrix(weights, holders))
+        x0 = np.stack([self.trace.initial[comp][h] for h in holders])
+        mean0 = x0.mean(axis=0)
+        scale = float(np.linalg.norm(x0 - mean0)) or 1.0
+        distances: list[float] = []
+        drift = 0.0
+        per_round = self.trace.rounds.get(comp, {})
+        for r in range(self.config.rounds):
+            states = per_round.get(r, {})
+            if not states:
+                break
+            x = np.stack([states[n] for n in sorted(states)])
+            mean = x.mean(axis=0)
+            distances.append(float(np.linalg.norm(x - mean)) / scale)
+            if r == self.config.rounds - 1 or not per_round.get(r + 1):
+                drift = float(np.abs(mean - mean0).max())
+        reached = next((i + 1 for i, d in enumerate(distances) if d <= EPSILON), None)
+        bound = rounds_to_epsilon_bound(lam, EPSILON)
+        return {
+            "holders": len(holders),
+            "slem": lam,
+            "consensus_distance": distances,
+            "rounds_to_1e-6": reached,
+            "bound_rounds_to_1e-6": bound,
+            "mean_drift": drift,
+        }
+
+
+def simulate(config: SimConfig) -> dict[str, Any]:
+    """Run a simulation and return its JSON-friendly report."""
+    return Simulation(config).run()
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    """Consensus distance per component per round, on a log scale, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for comp, data in report["components"].items():
+        ys = [max(d, 1e-17) for d in data["consensus_distance"]]
+        ax.semilogy(range(1, len(ys) + 1), ys, label=f"{comp} ({data['holders']} holders)")
+        bound = data.get("bound_rounds_to_1e-6")
+        if bound is not None and bound <= len(ys) and math.isfinite(bound):
+            ax.axvline(bound, linestyle=":", linewidth=0.8, color=ax.lines[-1].get_color())
+    ax.axhline(EPSILON, color="grey", linewidth=0.6)
+    ax.set_xlabel("round")
+    ax.set_ylabel("consensus distance (relative)")
+    ax.set_title(f"{report['topology']} — {report['nodes']} nodes, seed {report['seed']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
