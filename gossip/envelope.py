@@ -128,7 +128,7 @@ def seal(
 def _field(value: Any, typ: type, name: str, size: int | None = None) -> Any:
     if not isinstance(value, typ) or isinstance(value, bool):
         raise MalformedMessageError(f"envelope field {name} has type {type(value).__name__}")
-    if size is not None and len(value) != size:
+    if size is not None and isinstance(value, bytes) and len(value) != size:
         raise MalformedMessageError(f"envelope field {name} must be {size} bytes")
     return value
 

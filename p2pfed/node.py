@@ -173,6 +173,8 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
 @dataclass(frozen=True)
 class NodeConfig:
     round_timeout_ms: int = 30_000
+    #: a new round starts no sooner than this after the previous one started (0: at once)
+    round_interval_ms: int = 0
     max_payload_bytes: int = 1 << 30
     max_skew_ms: int = 5 * 60 * 1000
     #: components this node trains locally (others are only mixed)
@@ -193,6 +195,7 @@ class _ComponentRound:
     phase: Phase = Phase.IDLE
     round: int = 0
     deadline_ms: int | None = None
+    start_at_ms: int | None = None  # earliest start of the next round (round pacing)
     weights: dict[str, float] = field(default_factory=dict)  # MH row (self included)
     neighbours: tuple[str, ...] = ()
     # (round, peer) -> announcement and payload
@@ -264,11 +267,12 @@ class Node:
 
     def next_deadline(self) -> int | None:
         deadlines = [
-            st.deadline_ms
+            st.deadline_ms if st.phase is Phase.COLLECTING else st.start_at_ms
             for st in self._states.values()
-            if st.phase is Phase.COLLECTING and st.deadline_ms is not None
+            if st.phase in (Phase.COLLECTING, Phase.IDLE)
         ]
-        return min(deadlines) if deadlines else None
+        present = [d for d in deadlines if d is not None]
+        return min(present) if present else None
 
     def idle(self) -> bool:
         """True when every component waits at the round limit."""
@@ -323,11 +327,13 @@ class Node:
         return actions
 
     def tick(self, now_ms: int) -> list[Action]:
-        """Advance time: complete every round whose deadline has passed."""
+        """Advance time: complete every round whose deadline has passed, start paced ones."""
         actions: list[Action] = []
         for name in sorted(self._states):
             st = self._states[name]
-            if (
+            if st.phase is Phase.IDLE and st.start_at_ms is not None and now_ms >= st.start_at_ms:
+                actions += self._start_round(name, now_ms)
+            elif (
                 st.phase is Phase.COLLECTING
                 and st.deadline_ms is not None
                 and now_ms >= st.deadline_ms
@@ -381,6 +387,10 @@ class Node:
         if self._round_limit is not None and st.round >= self._round_limit:
             _transition(st, Event.LIMIT)
             return []
+        if st.start_at_ms is not None and now_ms < st.start_at_ms:
+            return []  # paced: tick() starts it
+        interval = self.config.round_interval_ms
+        st.start_at_ms = now_ms + interval if interval > 0 else None
         _transition(st, Event.START)
         if name in self.config.trains:
             return [Train(name, st.round)]

@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
-from p2pfed.ledger import verify_ledger
 
-from p2pfed.sim.simulator import SimConfig, simulate
+from p2pfed.ledger import verify_ledger
+from p2pfed.sim.simulator import SimConfig, sim_identity, simulate
 from p2pfed.sim.topology import load_topology, parse_topology
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
@@ -63,9 +63,8 @@ def test_complete_graph_agrees_in_one_round() -> None:
 def test_hierarchical_components_mix_only_among_holders(tmp_path: Path) -> None:
     topo = load_topology(TOPOLOGIES / "hierarchical-edu.toml")
     simulate(SimConfig(topo, rounds=3, seed=1, home=tmp_path))
-    from p2pfed.ledger import Ledger
-
     from gossip.identity import load_identity
+    from p2pfed.ledger import Ledger
 
     peer_to_name = {load_identity(tmp_path / n / "identity.key").peer_id: n for n in topo.nodes}
     mixed: dict[str, set[str]] = {}
@@ -85,13 +84,30 @@ def test_hierarchical_components_mix_only_among_holders(tmp_path: Path) -> None:
     assert mixed == {c: set(h) for c, h in topo.holders.items()}
 
 
-def test_churn_leave_join_and_link_failure() -> None:
-    report = run("ring-churn-16", rounds=120)
-    comp = report["components"]["backbone"]  # type: ignore[index]
-    d = comp["consensus_distance"]
-    assert len(d) == 120
-    assert d[-1] < 1e-3  # the rejoined node's stale state is averaged away again
-    assert d[18] > d[19] or d[19] < 1
+def _mix_inputs(home: Path, name: str) -> dict[int, set[str]]:
+    from gossip.identity import load_identity
+    from p2pfed.ledger import Ledger
+
+    ident = load_identity(home / name / "identity.key")
+    with Ledger.open(home / name / "ledger.sqlite3", ident) as ledger:
+        return {e.body["round"]: {p for p, _w, _d in e.body["inputs"]}
+                for e in ledger.entries("mix")}
+
+
+def test_churn_leave_join_and_link_failure(tmp_path: Path) -> None:
+    report = run("ring-churn-16", rounds=100, home=tmp_path)
+    d = report["components"]["backbone"]["consensus_distance"]  # type: ignore[index]
+    assert len(d) == 100 and d[-1] < d[19] / 4
+    peer = {n: sim_identity(0, n).peer_id for n in ("node-4", "node-5", "node-10", "node-11")}
+    # node-5 is away for rounds 20..59 and mixes again from round 60
+    away = _mix_inputs(tmp_path, "node-5")
+    assert set(away) == set(range(20)) | set(range(60, 100))
+    n4 = _mix_inputs(tmp_path, "node-4")
+    assert all(peer["node-5"] in n4[r] for r in (*range(20), *range(60, 100)))
+    assert not any(peer["node-5"] in n4[r] for r in range(20, 60))
+    # the link node-10 -- node-11 is down for rounds 70..89
+    n10 = _mix_inputs(tmp_path, "node-10")
+    assert [r for r in range(100) if peer["node-11"] not in n10[r]] == list(range(70, 90))
 
 
 def test_late_joiner() -> None:

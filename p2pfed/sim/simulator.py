@@ -21,13 +21,12 @@ import numpy as np
 import torch
 import trio
 import trio.testing
-from p2pfed.blobs import BlobStore
-from p2pfed.ledger import Ledger
 
 from gossip.catalog import ComponentSpec
 from gossip.envelope import digest
 from gossip.identity import Identity, create_identity
 from gossip.transport.memory import MemoryNetwork
+from p2pfed.blobs import BlobStore
 from p2pfed.components import FlatComponent
 from p2pfed.consensus import (
     metropolis_hastings_weights,
@@ -35,6 +34,7 @@ from p2pfed.consensus import (
     slem,
     weight_matrix,
 )
+from p2pfed.ledger import Ledger
 from p2pfed.node import Node, NodeConfig
 from p2pfed.runtime.driver import NodeDriver
 from p2pfed.sim.topology import ChurnEvent, Topology
