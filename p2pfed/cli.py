@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -116,17 +115,18 @@ def _print_sim_summary(report: dict[str, Any]) -> None:
         title=(f"{report['topology']}: {report['nodes']} nodes, {report['rounds']} rounds, "
                f"seed {report['seed']}, {report['wall_s']:.1f} s"),
     )
-    for col in ("component", "holders", "SLEM", "rounds to 1e-6", "bound", "final distance",
-                "mean drift"):
-        table.add_column(col, justify="left" if col == "component" else "right")
+    for col in ("component", "holders", "SLEM", "to 1e-6", "bound", "distance", "drift"):
+        table.add_column(col, justify="left" if col == "component" else "right", no_wrap=True)
     for name, c in report["components"].items():
         dist = c["consensus_distance"]
         table.add_row(
             name, str(c["holders"]), _fmt(c["slem"], ".4f"),
-            str(c["rounds_to_1e-6"] or "not reached"), str(c["bound_rounds_to_1e-6"] or "—"),
+            str(c["rounds_to_1e-6"] or "—"), str(c["bound_rounds_to_1e-6"] or "—"),
             _fmt(dist[-1] if dist else None, ".2e"), _fmt(c["mean_drift"], ".1e"),
         )
     out.print(table)
+    out.print("to 1e-6: rounds until the consensus distance fell below 1e-6 (— not yet)\n"
+              "bound: ⌈ln 1e-6 / ln SLEM⌉; drift: largest change of the holders' mean")
     net = report["network"]
     out.print(
         f"network: {net['messages']} signed announcements, {net['fetches']} payload fetches "
@@ -191,7 +191,8 @@ def bench(
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in results.items():
-        table.add_row(key, f"{value:,.2f}" if isinstance(value, float) else str(value))
+        whole = isinstance(value, int) or float(value).is_integer()
+        table.add_row(key, f"{value:,.0f}" if whole else f"{value:,.2f}")
     out.print(table)
 
 
@@ -205,11 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     except P2PFedError as exc:
         err.print(f"[red]error[/red]: {exc}")
         return exitcodes.for_error(exc)
-    except click.exceptions.ClickException as exc:  # usage errors
-        exc.show(file=sys.stderr)
+    except typer.Exit as exc:  # --help and friends
         return exc.exit_code
-    except click.exceptions.Exit as exc:  # --help and friends
-        return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         return exitcodes.INTERRUPTED
+    except typer.TyperException as exc:  # usage errors (click's, as vendored by typer)
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show(file=sys.stderr)
+        else:
+            err.print(f"error: {exc}")
+        return exitcodes.USAGE
     return result if isinstance(result, int) else exitcodes.OK

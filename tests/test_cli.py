@@ -1,0 +1,86 @@
+"""The command line, called in-process through main(argv) -> exit code."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from p2pfed import exitcodes
+from p2pfed.cli import main
+
+TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
+
+
+def test_simulate_writes_report_plot_and_ledgers(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.json"
+    plot = tmp_path / "r.png"
+    code = main(["simulate", str(TOPOLOGIES / "complete-8.toml"), "--rounds", "3", "--seed", "2",
+                 "--json", str(out), "--plot", str(plot), "--home", str(tmp_path / "h"), "-q"])
+    assert code == exitcodes.OK
+    report = json.loads(out.read_text())
+    assert report["topology"] == "complete-8" and report["nodes"] == 8 and report["rounds"] == 3
+    assert set(report["components"]) == {"backbone", "head.grade"}
+    for key in ("holders", "slem", "consensus_distance", "rounds_to_1e-6",
+                "bound_rounds_to_1e-6", "mean_drift"):
+        assert key in report["components"]["backbone"]
+    assert isinstance(report["wall_s"], float)
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert "complete-8" in capsys.readouterr().out
+    home = tmp_path / "h" / "node-0"
+    assert main(["ledger", "verify", "--home", str(home)]) == exitcodes.OK
+    conn = sqlite3.connect(home / "ledger.sqlite3")
+    conn.execute("DELETE FROM entries WHERE idx=2")
+    conn.commit()
+    conn.close()
+    capsys.readouterr()
+    assert main(["ledger", "verify", "--home", str(home), "--json"]) == exitcodes.LEDGER_BROKEN
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] is False and result["first_bad_index"] == 2
+
+
+def test_home_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    main(["simulate", str(TOPOLOGIES / "complete-8.toml"), "--rounds", "1",
+          "--home", str(tmp_path), "-q"])
+    monkeypatch.setenv("P2PFED_HOME", str(tmp_path / "node-1"))
+    assert main(["ledger", "verify"]) == exitcodes.OK
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["simulate", "nope.toml"], exitcodes.CONFIG),
+        (["simulate", str(TOPOLOGIES / "ring-16.toml"), "--rounds", "0"], exitcodes.USAGE),
+        (["simulate", str(TOPOLOGIES / "ring-16.toml"), "--workload", "x"], exitcodes.USAGE),
+        (["simulate"], exitcodes.USAGE),
+        (["frobnicate"], exitcodes.USAGE),
+        (["--log-level", "loud", "bench"], exitcodes.USAGE),
+    ],
+)
+def test_bad_arguments_give_clear_errors(argv: list[str], code: int,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == code
+    assert capsys.readouterr().err.strip()
+
+
+def test_ledger_verify_without_ledger(tmp_path: Path) -> None:
+    assert main(["ledger", "verify", "--home", str(tmp_path)]) == exitcodes.CONFIG
+
+
+def test_unsafe_key_is_refused_by_verify(tmp_path: Path) -> None:
+    main(["simulate", str(TOPOLOGIES / "complete-8.toml"), "--rounds", "1",
+          "--home", str(tmp_path), "-q"])
+    (tmp_path / "node-0" / "identity.key").chmod(0o644)
+    assert main(["ledger", "verify", "--home", str(tmp_path / "node-0")]) == exitcodes.KEY_FILE
+
+
+def test_bench_quick_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--json", str(out)]) == exitcodes.OK
+    data = json.loads(out.read_text())
+    for key in ("memcpy_gbps", "mix_gbps", "encode_gbps", "decode_gbps", "digest_gbps",
+                "sign_per_s", "verify_per_s"):
+        assert data[key] > 0
