@@ -1,0 +1,201 @@
+"""One typed configuration: ``<home>/p2pfed.toml``, with command-line overrides when given.
+
+::
+
+    [node]
+    listen = ["/ip4/0.0.0.0/tcp/4001"]   # multiaddrs to listen on
+    announce = []                       # addresses to advertise (default: the listen addresses)
+    mdns = false                        # LAN discovery, off by default
+    mdns_interface = ""                 # the interface mDNS binds to when on
+
+    [components]
+    hold = ["backbone", "head.topic"]   # components this node holds (and mixes)
+    train = []                          # the subset it trains on local data
+    dim = 256                           # parameters per component (consensus workload)
+
+    [rounds]
+    interval_s = 5.0                    # a round starts at most this often
+    timeout_s = 20.0                    # a neighbour's update later than this is left out
+
+    [overlay]
+    degree = 4                          # neighbours per member (expander-like overlay)
+
+    [metrics]
+    enabled = false
+    address = "127.0.0.1"
+    port = 9464
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gossip.catalog import ComponentSpec
+from gossip.errors import ConfigError
+
+DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    announce: tuple[str, ...] = ()
+    mdns: bool = False
+    mdns_interface: str = ""
+
+
+@dataclass(frozen=True)
+class ComponentsSection:
+    hold: tuple[str, ...] = ("backbone",)
+    train: tuple[str, ...] = ()
+    dim: int = 256
+
+
+@dataclass(frozen=True)
+class RoundsSection:
+    interval_s: float = 5.0
+    timeout_s: float = 20.0
+
+
+@dataclass(frozen=True)
+class OverlaySection:
+    degree: int = 4
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    components: ComponentsSection = field(default_factory=ComponentsSection)
+    rounds: RoundsSection = field(default_factory=RoundsSection)
+    overlay: OverlaySection = field(default_factory=OverlaySection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> Config:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"no configuration at {path}; run 'p2pfed init' first") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        sections: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = data.get(f.name, {})
+            if not isinstance(raw, dict):
+                raise ConfigError(f"[{f.name}] must be a table")
+            section_cls = type(getattr(cls(), f.name))
+            sections[f.name] = _section(section_cls, f.name, raw)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
+        config = cls(**sections)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in (*self.components.hold, *self.components.train):
+            try:
+                ComponentSpec.from_name(name)
+            except ValueError as exc:
+                raise ConfigError(f"components: {exc}") from exc
+        extra = set(self.components.train) - set(self.components.hold)
+        if extra:
+            raise ConfigError(f"components.train lists {sorted(extra)} which are not in hold")
+        if not 1 <= self.components.dim <= 1 << 28:
+            raise ConfigError("components.dim must be between 1 and 2**28")
+        if self.rounds.interval_s < 0 or self.rounds.timeout_s <= 0:
+            raise ConfigError("rounds.interval_s must be >= 0 and rounds.timeout_s > 0")
+        if not 1 <= self.overlay.degree <= 64:
+            raise ConfigError("overlay.degree must be between 1 and 64")
+        if not 0 < self.metrics.port < 65536:
+            raise ConfigError("metrics.port must be a TCP port")
+        if not self.node.listen:
+            raise ConfigError("node.listen needs at least one address")
+
+    def with_overrides(self, **overrides: Any) -> Config:
+        """A copy with ``section__key=value`` overrides; ``None`` values are ignored."""
+        updated = self
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            section, _, name = key.partition("__")
+            current = getattr(updated, section)
+            updated = replace(updated, **{section: replace(current, **{name: value})})
+        updated.validate()
+        return updated
+
+    def to_toml(self) -> str:
+        lines: list[str] = []
+        for f in fields(self):
+            lines.append(f"[{f.name}]")
+            section = getattr(self, f.name)
+            for sf in fields(section):
+                lines.append(f"{sf.name} = {_toml_value(getattr(section, sf.name))}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _section(cls: type[Any], name: str, raw: dict[str, Any]) -> Any:
+    defaults = cls()
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"[{name}] has unknown key(s): {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        default = getattr(defaults, key)
+        values[key] = _coerce(f"{name}.{key}", value, default)
+    return cls(**values)
+
+
+def _coerce(where: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false")
+        return value
+    if isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be an integer")
+        return value
+    if isinstance(default, float):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise ConfigError(f"{where} must be a list of strings")
+        return tuple(value)
+    raise ConfigError(f"{where}: unsupported value")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

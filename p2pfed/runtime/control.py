@@ -1,0 +1,140 @@
+"""The daemon's control API: JSON lines over a Unix socket in its home (owner only).
+
+Request: one JSON object per line, ``{"cmd": "status"}``; reply: ``{"ok": true, "result": ...}``
+or ``{"ok": false, "error": "..."}``.  The CLI (``p2pfed status``, ``peers``, ``leave``) is the
+usual client; anything that can write to the socket (only its owner can) may use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from gossip.errors import LocalError, P2PFedError
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "control.sock"
+MAX_REQUEST_BYTES = 64 * 1024
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class ControlUnavailableError(LocalError):
+    """No daemon answers on the control socket."""
+
+    code = "control-unavailable"
+
+
+async def serve_control(
+    path: Path, handlers: dict[str, Handler], *, task_status: TaskStatus[None]
+) -> None:
+    """Serve ``handlers`` (command name -> async handler) on the Unix socket at ``path``."""
+    _clear_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket file is created 0600
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            await trio.serve_listeners(
+                lambda stream: _serve_one(stream, handlers), [listener],
+                handler_nursery=nursery,
+            )
+    finally:
+        _remove(path)
+
+
+def _clear_stale_socket(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise LocalError(f"{path} exists and is not a socket; refusing to replace it")
+        path.unlink()
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+async def _serve_one(stream: trio.abc.Stream, handlers: dict[str, Handler]) -> None:
+    async with stream:
+        buf = bytearray()
+        try:
+            with trio.fail_after(10):
+                while b"\n" not in buf:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    buf += chunk
+                    if len(buf) > MAX_REQUEST_BYTES:
+                        await _reply(stream, {"ok": False, "error": "request too large"})
+                        return
+        except trio.TooSlowError:
+            return
+        line = bytes(buf.split(b"\n", 1)[0])
+        await _reply(stream, await _dispatch(line, handlers))
+
+
+async def _dispatch(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]:
+    try:
+        request = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {"ok": False, "error": "request is not JSON"}
+    if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+        return {"ok": False, "error": "request needs a 'cmd' string"}
+    handler = handlers.get(request["cmd"])
+    if handler is None:
+        return {"ok": False, "error": f"unknown command {request['cmd']!r}",
+                "commands": sorted(handlers)}
+    try:
+        return {"ok": True, "result": await handler(request)}
+    except P2PFedError as exc:
+        return {"ok": False, "error": str(exc)}
+
+
+async def _reply(stream: trio.abc.Stream, reply: dict[str, Any]) -> None:
+    try:
+        await stream.send_all(json.dumps(reply).encode() + b"\n")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        log.debug("control client went away before the reply")
+
+
+def request(path: Path, cmd: str, timeout_s: float = 10.0, **args: Any) -> Any:
+    """Blocking client: send one command to the daemon and return its result."""
+    if not path.exists():
+        raise ControlUnavailableError(f"no daemon is running (no socket at {path})")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(str(path))
+            sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            data = bytearray()
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            raise ControlUnavailableError(f"the daemon at {path} does not answer: {exc}") from exc
+    try:
+        reply = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ControlUnavailableError(f"bad reply from the daemon: {exc}") from exc
+    if not reply.get("ok"):
+        raise LocalError(f"daemon refused {cmd!r}: {reply.get('error')}")
+    return reply.get("result")
