@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -137,10 +139,8 @@ POOL = _pool()
 def _build(order: list[int]) -> MembershipView:
     view = MembershipView(GENESIS)
     for i in order:
-        try:
+        with contextlib.suppress(RemoteError):
             view.add(POOL[i])
-        except RemoteError:
-            pass
     return view
 
 
