@@ -21,6 +21,7 @@ self.  Announcements for later rounds are buffered (a bounded window); older one
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -29,7 +30,16 @@ from typing import Any
 import networkx as nx
 import torch
 
-from gossip.envelope import ReplayGuard, Sequencer, digest, open_envelope, packb, seal, unpackb
+from gossip.envelope import (
+    Envelope,
+    ReplayGuard,
+    Sequencer,
+    digest,
+    open_envelope,
+    packb,
+    seal,
+    unpackb,
+)
 from gossip.errors import (
     BadPayloadError,
     MalformedMessageError,
@@ -47,6 +57,7 @@ log = logging.getLogger(__name__)
 
 ANNOUNCE = "announce"
 ROUND_WINDOW = 2  # announcements up to this many rounds ahead are buffered
+HISTORY = 1000  # rounds of disagreement history kept for status
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +149,21 @@ class PeerRejected:
     error: RemoteError
 
 
-Action = Announce | Fetch | Train | RoundCompleted | PeerRejected
+@dataclass(frozen=True)
+class Connect:
+    """Keep connections to these peers: (peer id, addresses) pairs (federated nodes)."""
+
+    peers: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Publish ``data`` to the whole federation (GossipSub on the network)."""
+
+    data: bytes
+
+
+Action = Announce | Fetch | Train | RoundCompleted | PeerRejected | Connect | Broadcast
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +183,7 @@ class Event(Enum):
     COMPLETE = "complete"  # every neighbour's update is in, or the deadline passed
     LIMIT = "limit"  # the round limit set by the driver was reached
     RESUME = "resume"
+    ABANDON = "abandon"  # neighbours are rounds ahead: drop this round and catch up
 
 
 #: Everything that moves a component's round lives here: (phase, event) -> next phase.
@@ -167,6 +193,7 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (Phase.COLLECTING, Event.COMPLETE): Phase.IDLE,
     (Phase.IDLE, Event.LIMIT): Phase.PAUSED,
     (Phase.PAUSED, Event.RESUME): Phase.IDLE,
+    (Phase.COLLECTING, Event.ABANDON): Phase.IDLE,
 }
 
 
@@ -202,6 +229,8 @@ class _ComponentRound:
     inbox: dict[tuple[int, str], _Received] = field(default_factory=dict)
     lineage: set[str] = field(default_factory=set)
     own_digest: bytes = b""
+    #: per round mixed with neighbours, the largest relative distance to their updates
+    disagreement: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     scratch: torch.Tensor | None = None
 
 
@@ -261,6 +290,9 @@ class Node:
 
     def neighbours_of(self, component: str) -> tuple[str, ...]:
         return self._states[component].neighbours
+
+    def disagreement_of(self, component: str) -> list[float]:
+        return list(self._states[component].disagreement)
 
     def weights_of(self, component: str) -> dict[str, float]:
         return dict(self._states[component].weights)
@@ -449,7 +481,7 @@ class Node:
         if env.sender_id != peer:
             raise NotAMemberError(f"envelope from {env.sender_id} relayed by {peer}", peer=peer)
         if env.kind != ANNOUNCE:
-            raise MalformedMessageError(f"unexpected record kind {env.kind!r}", peer=peer)
+            return self._other_record(peer, env, now_ms)
         ann = Announcement.from_body(env.body)
         st = self._states.get(ann.component)
         if st is None or peer not in st.neighbours:
@@ -459,17 +491,40 @@ class Node:
         self._replay.check(env.sender, env.seq)
         if ann.size > self.config.max_payload_bytes:
             raise BadPayloadError(f"announced payload of {ann.size} bytes is over the cap")
-        if ann.round < st.round or ann.round > st.round + ROUND_WINDOW:
+        actions: list[Action] = []
+        if ann.round > st.round + ROUND_WINDOW:
+            if st.phase not in (Phase.IDLE, Phase.COLLECTING):
+                return []
+            actions += self._catch_up(ann.component, ann.round, now_ms)
+        if ann.round < st.round:
             log.debug("dropping announcement of %s round %d (at %d)",
                       ann.component, ann.round, st.round)
-            return []
+            return actions
         key = (ann.round, peer)
         if key in st.inbox:
-            return []  # a second announcement for the same round: keep the first
+            return actions  # a second announcement for the same round: keep the first
         st.inbox[key] = _Received(ann)
         if ann.round == st.round and st.phase is Phase.COLLECTING:
-            return [self._fetch(peer, ann)]
-        return []
+            actions.append(self._fetch(peer, ann))
+        return actions
+
+    def _other_record(self, peer: str, env: Envelope, now_ms: int) -> list[Action]:
+        """Records other than announcements; subclasses (the federated node) handle more."""
+        raise MalformedMessageError(f"unexpected record kind {env.kind!r}", peer=peer)
+
+    def _catch_up(self, name: str, round_: int, now_ms: int) -> list[Action]:
+        """A neighbour is well ahead (we restarted or were cut off): jump to its round."""
+        st = self._states[name]
+        log.info("%s: catching up from round %d to %d", name, st.round, round_)
+        self.ledger.append("catch-up", {"component": name, "from": st.round, "to": round_},
+                           timestamp_ms=now_ms)
+        st.inbox = {k: v for k, v in st.inbox.items() if k[0] >= round_}
+        st.round = round_
+        st.deadline_ms = None
+        st.start_at_ms = None
+        if st.phase is Phase.COLLECTING:
+            _transition(st, Event.ABANDON)
+        return self._start_round(name, now_ms)
 
     def _payload_received(
         self, peer: str, name: str, round_: int, dig: bytes, data: bytes, now_ms: int
@@ -519,6 +574,10 @@ class Node:
         self_w, terms = effective_weights(self.peer_id, st.weights, present.keys())
         if st.scratch is None:
             st.scratch = torch.empty_like(st.comp.flat)
+        if present:
+            st.disagreement.append(
+                _disagreement(st.comp.flat, [r.flat for r in present.values()])
+            )
         inputs: list[tuple[float, torch.Tensor]] = [(self_w, st.comp.flat)]
         inputs += [(w, present[str(p)].flat) for p, w in terms]  # type: ignore[misc]
         mix_into(st.scratch, inputs)
@@ -541,6 +600,13 @@ class Node:
         st.deadline_ms = None
         _transition(st, Event.COMPLETE)
         return [done, *self._start_round(name, now_ms)]
+
+
+def _disagreement(own: torch.Tensor, others: list[torch.Tensor | None]) -> float:
+    """Largest ‖x_j − x_i‖ / ‖x_i‖ over the neighbours' updates (a local consensus distance)."""
+    scale = max(float(torch.linalg.vector_norm(own)), 1e-30)
+    dists = [float(torch.linalg.vector_norm(o - own)) for o in others if o is not None]
+    return max(dists, default=0.0) / scale
 
 
 def status_of(node: Node) -> dict[str, Any]:

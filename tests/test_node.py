@@ -206,3 +206,25 @@ def test_ledger_records_each_step() -> None:
     assert kinds.count("contribution") == 2
     assert kinds.count("mix") == 2
     assert kinds.index("local-update") < kinds.index("mix")
+
+
+def test_a_node_far_behind_catches_up() -> None:
+    a, b = make_node(0.0), make_node(4.0)
+    wire([a, b], [(0, 1)])
+    a.start(0)
+    ann = Announcement("backbone", 7, b"d" * 32, 100, 1, (b.peer_id,))
+    data = seal(b.identity, kind=ANNOUNCE, federation_id=FED, seq=1, timestamp_ms=0,
+                body=ann.to_body()).to_bytes()
+    actions = a.receive(b.peer_id, data, 10)
+    assert a.round_of("backbone") == 7 and a.phase_of("backbone") is Phase.COLLECTING
+    assert any(isinstance(x, Fetch) and x.round == 7 for x in actions)
+    assert any(isinstance(x, Announce) for x in actions)  # a publishes its round-7 update
+    assert [e.body["to"] for e in a.ledger.entries("catch-up")] == [7]
+
+
+def test_disagreement_history_shrinks() -> None:
+    nodes = [make_node(v) for v in (0.0, 4.0, 8.0)]
+    wire(nodes, [(0, 1), (1, 2)])
+    deliver(nodes, start_all(nodes, limit=5))
+    hist = nodes[0].disagreement_of("backbone")
+    assert len(hist) == 5 and hist[-1] < hist[0]

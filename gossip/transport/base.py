@@ -32,6 +32,14 @@ class Transport(Protocol):
         """Deliver a small control message; raises PeerUnreachableError."""
         ...
 
+    def set_wanted_peers(self, peers: dict[str, tuple[str, ...]]) -> None:
+        """Keep connections (reconnecting with backoff) to these peers at these addresses."""
+        ...
+
+    async def broadcast(self, data: bytes) -> None:
+        """Publish a small signed record to every member (GossipSub on the network)."""
+        ...
+
     async def fetch(self, peer: str, key: bytes, max_bytes: int) -> bytes:
         """Fetch a payload by key; raises PeerUnreachableError or OversizedMessageError."""
         ...

@@ -73,6 +73,7 @@ class MemoryTransport:
         self._peer_id = peer_id
         self._send, self._recv = trio.open_memory_channel[tuple[str, bytes]](network.inbox_size)
         self._server: PayloadServer | None = None
+        self.wanted: dict[str, tuple[str, ...]] = {}
 
     @property
     def peer_id(self) -> str:
@@ -107,6 +108,20 @@ class MemoryTransport:
         self._network.stats.messages += 1
         self._network.stats.message_bytes += len(data)
         target._deliver(self._peer_id, data)
+
+    def set_wanted_peers(self, peers: dict[str, tuple[str, ...]]) -> None:
+        """In memory every attached peer is reachable; remembered for tests."""
+        self.wanted = dict(peers)
+
+    async def broadcast(self, data: bytes) -> None:
+        """Deliver to every other attached endpoint over a working link."""
+        await trio.lowlevel.checkpoint()
+        for peer, target in list(self._network._endpoints.items()):
+            if peer != self._peer_id and frozenset((self._peer_id, peer)) not in \
+                    self._network._failed:
+                self._network.stats.messages += 1
+                self._network.stats.message_bytes += len(data)
+                target._deliver(self._peer_id, data)
 
     async def fetch(self, peer: str, key: bytes, max_bytes: int) -> bytes:
         target = self._network._route(self._peer_id, peer)

@@ -10,13 +10,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from gossip.errors import P2PFedError, RemoteError
 from gossip.transport.base import Transport
-from p2pfed.node import Action, Announce, Fetch, Node, PeerRejected, RoundCompleted, Train
+from p2pfed.node import (
+    Action,
+    Announce,
+    Broadcast,
+    Connect,
+    Fetch,
+    Node,
+    PeerRejected,
+    RoundCompleted,
+    Train,
+)
 
 if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own types
     from trio_typing import TaskStatus
@@ -42,7 +52,7 @@ class NodeDriver:
         *,
         clock_ms: Callable[[], int] = trio_clock_ms,
         trainer: Trainer | None = None,
-        on_actions: Callable[[Sequence[Action]], None] | None = None,
+        on_actions: Callable[[Sequence[object]], None] | None = None,
     ) -> None:
         self.node = node
         self.transport = transport
@@ -61,7 +71,7 @@ class NodeDriver:
             self.call(self.node.start)
             task_status.started()
 
-    def call(self, method: Callable[..., list[Action]], *args: object) -> list[Action]:
+    def call(self, method: Callable[..., Sequence[Any]], *args: object) -> Sequence[Any]:
         """Call a node method with the current time appended, then carry out its actions."""
         actions = method(*args, self.clock_ms())
         self._execute(actions)
@@ -80,6 +90,10 @@ class NodeDriver:
                 nursery.start_soon(self._fetch, action)
             elif isinstance(action, Train):
                 nursery.start_soon(self._train, action)
+            elif isinstance(action, Connect):
+                self.transport.set_wanted_peers(dict(action.peers))
+            elif isinstance(action, Broadcast):
+                nursery.start_soon(self._broadcast, action.data)
             elif isinstance(action, PeerRejected):
                 log.info("%s: %s", action.peer[-8:], action.error)
             elif isinstance(action, RoundCompleted):
@@ -94,6 +108,12 @@ class NodeDriver:
             await self.transport.send(peer, data)
         except RemoteError as exc:
             log.info("send to %s failed: %s", peer[-8:], exc)
+
+    async def _broadcast(self, data: bytes) -> None:
+        try:
+            await self.transport.broadcast(data)
+        except RemoteError as exc:
+            log.info("broadcast failed: %s", exc)
 
     async def _fetch(self, fetch: Fetch) -> None:
         try:

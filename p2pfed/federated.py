@@ -1,0 +1,204 @@
+"""A node that is a member of a real federation: membership records drive its topology.
+
+:class:`FederatedNode` is the sans-IO :class:`~p2pfed.node.Node` plus a
+:class:`~gossip.membership.MembershipView`.  Membership records travel in *bundles* (a fresh
+signed envelope whose body lists long-lived signed records), so a member's join signed weeks
+ago can still be relayed without tripping the clock-skew check.  Every new record is kept in the
+ledger; the overlay and each component's mixing weights are recomputed from the members, and
+the driver is told which neighbours to keep connections to.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import networkx as nx
+
+from gossip.envelope import MAX_ENVELOPE_BYTES, Envelope, packb, seal, unpackb
+from gossip.errors import MalformedMessageError, NotAMemberError, RemoteError
+from gossip.identity import peer_id_from_public_key
+from gossip.membership import Leave, MembershipView, make_leave
+from gossip.overlay import holder_subgraph, overlay_graph
+from p2pfed.node import Action, Announce, Broadcast, Connect, Node
+
+log = logging.getLogger(__name__)
+
+RECORDS = "records"
+MEMBERSHIP_ENTRY = "membership"
+BUNDLE_BUDGET = MAX_ENVELOPE_BYTES - 2048  # room for the envelope around the records
+REFRESH_MS = 30_000
+
+
+def bundles(records: list[bytes]) -> list[list[bytes]]:
+    """Split records into groups that fit in one envelope."""
+    out: list[list[bytes]] = [[]]
+    size = 0
+    for raw in sorted(records):
+        if out[-1] and size + len(raw) + 8 > BUNDLE_BUDGET:
+            out.append([])
+            size = 0
+        out[-1].append(raw)
+        size += len(raw) + 8
+    return [b for b in out if b]
+
+
+class FederatedNode(Node):
+    """A federation member: the round protocol plus signed membership."""
+
+    def __init__(self, *args: Any, view: MembershipView, degree: int = 4, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if view.federation_id != self.federation_id:
+            raise ValueError("the membership view is for another federation")
+        self.view = view
+        self.degree = degree
+        self.left = False
+        self._next_refresh: int | None = None
+        self._connected: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    # ---------------------------------------------------------------- inspection
+    def members(self) -> list[str]:
+        return [m.peer_id for m in self.view.members().values()]
+
+    def overlay_neighbours(self) -> list[str]:
+        return sorted(p for p, _ in self._connected)
+
+    def status(self) -> dict[str, Any]:
+        members = self.view.members()
+        return {
+            "peer_id": self.peer_id,
+            "federation": self.view.genesis.name,
+            "federation_id": self.federation_id.hex(),
+            "member": self.identity.public_key in members,
+            "members": len(members),
+            "neighbours": self.overlay_neighbours(),
+            "components": {
+                name: {"round": self.round_of(name), "phase": self.phase_of(name).value,
+                       "neighbours": list(self.neighbours_of(name)),
+                       "consensus_distance": self.disagreement_of(name)}
+                for name in sorted(self.components)
+            },
+            "rejected": dict(self.rejected),
+        }
+
+    # ---------------------------------------------------------------- events
+    def start(self, now_ms: int) -> list[Action]:
+        actions = self._membership_changed()
+        self._next_refresh = now_ms + REFRESH_MS
+        return actions + self._own_bundle_broadcast(now_ms) + super().start(now_ms)
+
+    def introduce(self, peers: list[str], now_ms: int) -> list[Action]:
+        """Send our whole view to ``peers`` (e.g. the bootstrap peers of an invite)."""
+        return [Announce(tuple(peers), b) for b in self._bundle_envelopes(
+            list(self.view.records()), now_ms)]
+
+    def tick(self, now_ms: int) -> list[Action]:
+        actions: list[Action] = []
+        if self._next_refresh is not None and now_ms >= self._next_refresh:
+            self._next_refresh = None if self.left else now_ms + REFRESH_MS
+            if not self.left:
+                actions += self._own_bundle_broadcast(now_ms)
+        return actions + super().tick(now_ms)
+
+    def next_deadline(self) -> int | None:
+        times = [t for t in (super().next_deadline(), self._next_refresh) if t is not None]
+        return min(times) if times else None
+
+    def leave(self, reason: str, now_ms: int) -> list[Action]:
+        """Sign a leave record, tell everyone, and stop mixing."""
+        me = self.identity.public_key
+        epoch = max(self.view.latest_epoch(me), 0)
+        env = make_leave(self.identity, self.federation_id, Leave(me, epoch, reason), now_ms,
+                         self._seq.next())
+        self.view.add(env)
+        self._store(env.to_bytes(), now_ms)
+        self.left = True
+        self._next_refresh = None
+        actions: list[Action] = []
+        neighbours = [p for p, _ in self._connected]
+        for body in self._bundle_envelopes([env.to_bytes()], now_ms):
+            actions.append(Broadcast(body))
+            if neighbours:
+                actions.append(Announce(tuple(neighbours), body))
+        return actions + self._membership_changed()
+
+    # ---------------------------------------------------------------- internals
+    def _other_record(self, peer: str, env: Envelope, now_ms: int) -> list[Action]:
+        if env.kind != RECORDS:
+            raise MalformedMessageError(f"unexpected record kind {env.kind!r}", peer=peer)
+        self._replay.check(env.sender, env.seq)
+        records = unpackb(env.body)
+        if not isinstance(records, list) or not all(isinstance(r, bytes) for r in records):
+            raise MalformedMessageError("a records bundle must be a list of records", peer=peer)
+        known_before = {m.public_key for m in self.view.members().values()}
+        new: list[bytes] = []
+        for raw in records:
+            try:
+                if self.view.add_bytes(raw):
+                    new.append(raw)
+            except RemoteError as exc:
+                self._reject(peer, exc)
+        for raw in new:
+            self._store(raw, now_ms)
+        members = self.view.members()
+        if not new:
+            if env.sender not in members:
+                raise NotAMemberError(f"{peer} sent records but is not a member", peer=peer)
+            return []
+        actions = self._membership_changed()
+        newcomers = [m.peer_id for pk, m in members.items()
+                     if pk not in known_before and pk != self.identity.public_key]
+        if newcomers:
+            # They may know little of the federation yet: give them our whole view.
+            actions += self.introduce(newcomers, now_ms)
+        return actions
+
+    def _store(self, raw: bytes, now_ms: int) -> None:
+        self.ledger.append(MEMBERSHIP_ENTRY, {"record": raw}, timestamp_ms=now_ms)
+
+    def _bundle_envelopes(self, records: list[bytes], now_ms: int) -> list[bytes]:
+        return [
+            seal(self.identity, kind=RECORDS, federation_id=self.federation_id,
+                 seq=self._seq.next(), timestamp_ms=now_ms, body=packb(group)).to_bytes()
+            for group in bundles(records)
+        ]
+
+    def _own_bundle_broadcast(self, now_ms: int) -> list[Action]:
+        me = self.identity.public_key
+        mine = [raw for raw in self.view.records()
+                if self.view.open(raw).sender == me]
+        return [Broadcast(b) for b in self._bundle_envelopes(mine, now_ms)] if mine else []
+
+    def _membership_changed(self) -> list[Action]:
+        members = self.view.members()
+        me = self.identity.public_key
+        if me not in members:
+            self.set_topology(nx.Graph(), {})
+            self._connected = ()
+            return []
+        keys = list(members)
+        graph = overlay_graph(self.federation_id, keys, self.degree)
+        holders = {c: self.view.holders(c) for c in self.components}
+        for hs in holders.values():
+            graph.add_edges_from(holder_subgraph(graph, hs).edges)
+        ids = {pk: peer_id_from_public_key(pk) for pk in keys}
+        self.set_topology(nx.relabel_nodes(graph, ids),
+                          {c: [ids[pk] for pk in hs] for c, hs in holders.items()})
+        wanted = set(graph.neighbors(me))
+        for c in self.components:
+            wanted |= {pk for pk in keys if ids[pk] in self.neighbours_of(c)}
+        self._connected = tuple(sorted((ids[pk], members[pk].addresses) for pk in wanted))
+        return [Connect(self._connected)]
+
+
+def load_view_from_ledger(view: MembershipView, entries: list[dict[str, Any]]) -> int:
+    """Re-add membership records kept in the ledger; returns how many were added."""
+    added = 0
+    for body in entries:
+        raw = body.get("record")
+        if isinstance(raw, bytes):
+            try:
+                added += view.add_bytes(raw)
+            except RemoteError as exc:
+                log.warning("ignoring an invalid membership record in the ledger: %s", exc)
+    return added
