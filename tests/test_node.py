@@ -228,3 +228,21 @@ def test_disagreement_history_shrinks() -> None:
     deliver(nodes, start_all(nodes, limit=5))
     hist = nodes[0].disagreement_of("backbone")
     assert len(hist) == 5 and hist[-1] < hist[0]
+
+
+def test_checkpoints_restore_state_and_round() -> None:
+    nodes = [make_node(v) for v in (0.0, 6.0)]
+    for n in nodes:
+        n.config = NodeConfig(round_timeout_ms=TIMEOUT, checkpoint_every=2)
+    wire(nodes, [(0, 1)])
+    deliver(nodes, start_all(nodes, limit=3))
+    a = nodes[0]
+    rounds = [e.body["round"] for e in a.ledger.entries("checkpoint")]
+    assert rounds == [2]
+    a.checkpoint(5)
+    fresh = Node(a.identity, FED, {"backbone": FlatComponent.from_params(
+        ComponentSpec.from_name("backbone"), {"w": torch.zeros(4, dtype=torch.float64)})},
+        a.ledger, a.blobs)
+    assert fresh.restore() == {"backbone": 3}
+    assert torch.equal(value(fresh), value(a)) and fresh.round_of("backbone") == 3
+    assert fresh.lineage_of("backbone") == a.lineage_of("backbone")

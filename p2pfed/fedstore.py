@@ -1,0 +1,226 @@
+"""A node's federation state in its home, and the operations of the lifecycle CLI.
+
+``<home>/federation/genesis.bin`` holds the signed genesis; membership records live in the
+ledger (entry kind ``membership``); ``<home>/federation/bootstrap.txt`` lists the addresses an
+invite gave.  Invite tokens are ``p2pfed1.`` followed by base64url of
+``msgpack([genesis envelope, invite envelope])``: everything a newcomer needs, all of it signed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from gossip.catalog import ComponentSpec
+from gossip.envelope import Sequencer, open_envelope, packb, unpackb
+from gossip.errors import ConfigError, LocalError, MalformedMessageError, RemoteError
+from gossip.identity import Identity, public_key_from_peer_id
+from gossip.membership import (
+    INVITE,
+    Genesis,
+    Invite,
+    Join,
+    MembershipView,
+    make_genesis_envelope,
+    make_invite,
+    make_join,
+    open_genesis,
+)
+from p2pfed.federated import MEMBERSHIP_ENTRY, load_view_from_ledger
+from p2pfed.ledger import Ledger
+
+TOKEN_PREFIX = "p2pfed1."
+FED_DIR = "federation"
+GENESIS_FILE = "genesis.bin"
+BOOTSTRAP_FILE = "bootstrap.txt"
+BOOT_EPOCH_FILE = "boot-epoch"
+MAX_TOKEN_CHARS = 200_000
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def next_boot_epoch(home: Path) -> int:
+    """Increment and persist the boot epoch (keeps sequence numbers rising across restarts)."""
+    path = home / BOOT_EPOCH_FILE
+    try:
+        current = int(path.read_text().strip() or 0)
+    except FileNotFoundError:
+        current = 0
+    except ValueError as exc:
+        raise LocalError(f"{path} is corrupt; it should hold one integer") from exc
+    _write_atomic(path, f"{current + 1}\n".encode())
+    return current + 1
+
+
+@dataclass
+class FederationStore:
+    home: Path
+
+    @property
+    def directory(self) -> Path:
+        return self.home / FED_DIR
+
+    def exists(self) -> bool:
+        return (self.directory / GENESIS_FILE).exists()
+
+    def genesis_envelope(self) -> bytes:
+        path = self.directory / GENESIS_FILE
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{self.home} is not in a federation: run 'p2pfed federation create NAME' or "
+                "'p2pfed join TOKEN'"
+            ) from None
+
+    def genesis(self) -> Genesis:
+        try:
+            return open_genesis(self.genesis_envelope())[0]
+        except RemoteError as exc:
+            raise LocalError(f"{self.directory / GENESIS_FILE} is corrupt: {exc}") from exc
+
+    def bootstrap(self) -> list[str]:
+        path = self.directory / BOOTSTRAP_FILE
+        if not path.exists():
+            return []
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+    def view(self, ledger: Ledger) -> MembershipView:
+        view = MembershipView(self.genesis())
+        load_view_from_ledger(view, [e.body for e in ledger.entries(MEMBERSHIP_ENTRY)])
+        return view
+
+    def _store_genesis(self, data: bytes) -> None:
+        if self.exists():
+            raise LocalError(f"{self.home} already belongs to a federation")
+        _write_atomic(self.directory / GENESIS_FILE, data)
+
+
+def create_federation(
+    home: Path, identity: Identity, ledger: Ledger, *, name: str, catalog: list[str],
+    modules: list[str], addresses: list[str], round_period_ms: int, now_ms: int,
+) -> Genesis:
+    """Found a federation with this node as founder and admin, and record its own join."""
+    store = FederationStore(home)
+    try:
+        specs = tuple(ComponentSpec.from_name(c) for c in sorted(set(catalog)))
+        genesis = Genesis(name, (identity.public_key,), specs, round_period_ms, now_ms)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    missing = set(modules) - genesis.component_names
+    if missing:
+        raise ConfigError(f"this node holds {sorted(missing)}, which are not in the catalog")
+    seq = Sequencer(next_boot_epoch(home))
+    store._store_genesis(make_genesis_envelope(identity, genesis, now_ms, seq.next()).to_bytes())
+    join = make_join(identity, genesis.federation_id,
+                     Join(b"", tuple(sorted(modules)), tuple(addresses), 0), now_ms, seq.next())
+    MembershipView(genesis).add(join)
+    ledger.append(MEMBERSHIP_ENTRY, {"record": join.to_bytes()}, timestamp_ms=now_ms,
+                  durable=True)
+    return genesis
+
+
+def make_invite_token(
+    home: Path, identity: Identity, *, invitee: str | None, modules: list[str],
+    ttl_ms: int, bootstrap: list[str], now_ms: int,
+) -> str:
+    store = FederationStore(home)
+    genesis = store.genesis()
+    if identity.public_key not in genesis.admins:
+        raise LocalError("only an admin of the federation can invite")
+    unknown = set(modules) - genesis.component_names
+    if unknown:
+        raise ConfigError(f"modules not in the catalog: {sorted(unknown)}")
+    try:
+        invitee_key = public_key_from_peer_id(invitee) if invitee else b""
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not bootstrap:
+        raise ConfigError("an invite needs at least one bootstrap address (--bootstrap)")
+    invite = Invite(invitee_key, tuple(sorted(modules)), now_ms + ttl_ms, tuple(bootstrap),
+                    secrets.token_bytes(16))
+    seq = Sequencer(next_boot_epoch(home))
+    env = make_invite(identity, genesis.federation_id, invite, now_ms, seq.next())
+    raw = packb([store.genesis_envelope(), env.to_bytes()])
+    return TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@dataclass(frozen=True)
+class ParsedInvite:
+    genesis: Genesis
+    genesis_envelope: bytes
+    invite: Invite
+    invite_envelope: bytes
+
+
+def parse_invite_token(token: str) -> ParsedInvite:
+    """Decode and verify an invite token (signatures, admin, federation); not its expiry."""
+    token = token.strip()
+    if not token.startswith(TOKEN_PREFIX) or len(token) > MAX_TOKEN_CHARS:
+        raise ConfigError(f"not a p2pfed invite token (it should start with {TOKEN_PREFIX})")
+    body = token[len(TOKEN_PREFIX):]
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        parts = unpackb(raw, max_bytes=len(raw))
+    except (binascii.Error, ValueError, MalformedMessageError) as exc:
+        raise ConfigError(f"the invite token is damaged: {exc}") from exc
+    if not isinstance(parts, list) or len(parts) != 2 or not all(
+            isinstance(p, bytes) for p in parts):
+        raise ConfigError("the invite token is damaged")
+    try:
+        genesis, _ = open_genesis(parts[0])
+        env = open_envelope(parts[1], federation_id=genesis.federation_id, now_ms=0,
+                            max_skew_ms=1 << 62)
+        if env.kind != INVITE or env.sender not in genesis.admins:
+            raise ConfigError("the invite is not signed by an admin of the federation")
+        invite = Invite.from_body(env.body)
+    except RemoteError as exc:
+        raise ConfigError(f"the invite token does not verify: {exc}") from exc
+    return ParsedInvite(genesis, parts[0], invite, parts[1])
+
+
+def join_federation(
+    home: Path, identity: Identity, ledger: Ledger, token: str, *, modules: list[str],
+    addresses: list[str], now_ms: int,
+) -> ParsedInvite:
+    """Join with an invite token: store the genesis, the bootstrap list and our join record."""
+    parsed = parse_invite_token(token)
+    inv = parsed.invite
+    if inv.invitee and inv.invitee != identity.public_key:
+        raise LocalError("this invite was issued to another peer id")
+    if now_ms > inv.expires_ms:
+        raise LocalError("this invite has expired; ask for a new one")
+    fid = parsed.genesis.federation_id
+    epoch = 0
+    store = FederationStore(home)
+    rejoining = store.exists()
+    if rejoining:
+        if store.genesis().federation_id != fid:
+            raise LocalError(f"{home} already belongs to another federation")
+        epoch = store.view(ledger).latest_epoch(identity.public_key) + 1
+    seq = Sequencer(next_boot_epoch(home))
+    join = make_join(identity, fid, Join(parsed.invite_envelope, tuple(sorted(modules)),
+                                         tuple(addresses), epoch), now_ms, seq.next())
+    try:
+        MembershipView(parsed.genesis).add(join)
+    except RemoteError as exc:
+        raise LocalError(f"the federation would refuse this join: {exc}") from exc
+    if not rejoining:
+        store._store_genesis(parsed.genesis_envelope)
+    ledger.append(MEMBERSHIP_ENTRY, {"record": join.to_bytes()}, timestamp_ms=now_ms,
+                  durable=True)
+    _write_atomic(store.directory / BOOTSTRAP_FILE,
+                  ("\n".join(inv.bootstrap) + "\n").encode())
+    return parsed
