@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from gossip.errors import ConfigError, KeyFileError, LocalError, P2PFedError
-from p2pfed import exitcodes
+from p2pfed import cli_daemon, exitcodes
 
 app = typer.Typer(
     name="p2pfed",
@@ -194,6 +194,9 @@ def bench(
         whole = isinstance(value, int) or float(value).is_integer()
         table.add_row(key, f"{value:,.0f}" if whole else f"{value:,.2f}")
     out.print(table)
+
+
+cli_daemon.register(app)
 
 
 # ------------------------------------------------------------------------------- entry point

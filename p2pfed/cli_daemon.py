@@ -1,0 +1,247 @@
+"""CLI commands of the federation lifecycle and the daemon (registered by :mod:`p2pfed.cli`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import trio
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gossip.errors import ConfigError, KeyFileError, LocalError
+from gossip.identity import create_identity, load_identity
+from p2pfed.config import Config
+from p2pfed.home import CONFIG_FILE, KEY_FILE, LEDGER_FILE, resolve_home
+
+out = Console()
+err = Console(stderr=True)
+log = logging.getLogger(__name__)
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="Node home (default: $P2PFED_HOME or ~/.local/share/p2pfed)."),
+]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _load(home: Path | None) -> tuple[Path, Config]:
+    root = resolve_home(home)
+    return root, Config.from_toml(root / CONFIG_FILE)
+
+
+def _addresses(config: Config, peer_id: str) -> list[str]:
+    """Addresses others can dial: announce, else listen addresses that are concrete."""
+    addrs = list(config.node.announce) or [
+        a for a in config.node.listen if "/0.0.0.0/" not in a and not a.endswith("/tcp/0")
+    ]
+    return [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in addrs]
+
+
+def init(
+    home: HomeOpt = None,
+    listen: Annotated[list[str] | None, typer.Option(help="Listen multiaddr (repeat).")] = None,
+    announce: Annotated[list[str] | None, typer.Option(help="Address to advertise.")] = None,
+    hold: Annotated[list[str] | None, typer.Option(help="Component held (repeat).")] = None,
+    train: Annotated[list[str] | None, typer.Option(help="Component trained (repeat).")] = None,
+    interval: Annotated[float | None, typer.Option(help="Seconds between rounds.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Round timeout in seconds.")] = None,
+) -> None:
+    """Create this node's identity and p2pfed.toml."""
+    root = resolve_home(home)
+    key = root / KEY_FILE
+    if key.exists():
+        raise LocalError(f"{root} is already initialised (identity {load_identity(key).peer_id})")
+    config = Config().with_overrides(
+        node__listen=tuple(listen) if listen else None,
+        node__announce=tuple(announce) if announce else None,
+        components__hold=tuple(hold) if hold else None,
+        components__train=tuple(train) if train else None,
+        rounds__interval_s=interval, rounds__timeout_s=timeout,
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)
+    identity = create_identity(key)
+    (root / CONFIG_FILE).write_text(config.to_toml(), encoding="utf-8")
+    out.print(f"initialised {root}\npeer id: [bold]{identity.peer_id}[/bold]")
+
+
+def federation_create(
+    name: Annotated[str, typer.Argument(help="Federation name.")],
+    home: HomeOpt = None,
+    component: Annotated[
+        list[str] | None, typer.Option(help="Catalog component (repeat; default: held ones).")
+    ] = None,
+    round_period: Annotated[float, typer.Option(min=0.1, help="Round period, seconds.")] = 5.0,
+) -> None:
+    """Found a federation: this node becomes its first member and admin."""
+    from p2pfed.fedstore import create_federation
+    from p2pfed.ledger import Ledger
+
+    root, config = _load(home)
+    identity = load_identity(root / KEY_FILE)
+    catalog = list(component) if component else list(config.components.hold)
+    with Ledger.open(root / LEDGER_FILE, identity) as ledger:
+        genesis = create_federation(
+            root, identity, ledger, name=name, catalog=catalog,
+            modules=list(config.components.hold), addresses=_addresses(config, identity.peer_id),
+            round_period_ms=int(round_period * 1000), now_ms=_now_ms(),
+        )
+    out.print(f"created federation [bold]{name}[/bold] ({genesis.federation_id.hex()[:16]}…) "
+              f"with components {', '.join(s.name for s in genesis.catalog)}")
+
+
+def invite(
+    home: HomeOpt = None,
+    for_peer: Annotated[str | None, typer.Option("--for", help="Only this peer id may use it.")]
+    = None,
+    module: Annotated[list[str] | None, typer.Option(help="Allowed module (repeat).")] = None,
+    ttl_hours: Annotated[float, typer.Option(min=0.01, max=24 * 365)] = 24.0,
+    bootstrap: Annotated[list[str] | None, typer.Option(help="Address to give (repeat).")]
+    = None,
+) -> None:
+    """Print a signed, expiring invite token (admins only)."""
+    from p2pfed.fedstore import make_invite_token
+    from p2pfed.runtime.control import SOCKET_NAME, ControlUnavailableError, request
+
+    root, config = _load(home)
+    identity = load_identity(root / KEY_FILE)
+    addrs = list(bootstrap or [])
+    if not addrs:
+        try:
+            addrs = [a for a in request(root / SOCKET_NAME, "status")["listen"]
+                     if "/0.0.0.0/" not in a]
+        except ControlUnavailableError:
+            addrs = _addresses(config, identity.peer_id)
+    token = make_invite_token(root, identity, invitee=for_peer, modules=list(module or []),
+                              ttl_ms=int(ttl_hours * 3600_000), bootstrap=addrs, now_ms=_now_ms())
+    print(token)
+
+
+def join(
+    token: Annotated[str, typer.Argument(help="Invite token (p2pfed1.…).")],
+    home: HomeOpt = None,
+) -> None:
+    """Join a federation with an invite token (then start the daemon with 'p2pfed run')."""
+    from p2pfed.fedstore import join_federation
+    from p2pfed.ledger import Ledger
+
+    root, config = _load(home)
+    identity = load_identity(root / KEY_FILE)
+    with Ledger.open(root / LEDGER_FILE, identity) as ledger:
+        parsed = join_federation(root, identity, ledger, token,
+                                 modules=list(config.components.hold),
+                                 addresses=_addresses(config, identity.peer_id), now_ms=_now_ms())
+    out.print(f"joined [bold]{parsed.genesis.name}[/bold]; bootstrap peers: "
+              f"{len(parsed.invite.bootstrap)}. Start the daemon with: p2pfed run")
+
+
+def run(home: HomeOpt = None) -> None:
+    """Run the daemon in the foreground (what the systemd unit starts)."""
+    from p2pfed.runtime.daemon import Daemon
+    from p2pfed.runtime.systemd import Notifier
+
+    root, config = _load(home)
+    if not (root / KEY_FILE).exists():
+        raise KeyFileError(f"no key file at {root / KEY_FILE}; run 'p2pfed init' first")
+    load_identity(root / KEY_FILE)  # refuse an unsafe key before anything starts
+    if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    trio.run(Daemon(root, config, Notifier()).run)
+
+
+def _control(home: Path | None, cmd: str, **args: Any) -> Any:
+    from p2pfed.runtime.control import SOCKET_NAME, request
+
+    return request(resolve_home(home) / SOCKET_NAME, cmd, **args)
+
+
+def status(
+    home: HomeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Ask the running daemon how it is doing."""
+    st = _control(home, "status")
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return
+    out.print(f"[bold]{st['peer_id']}[/bold] in {st['federation']} — {st['members']} members, "
+              f"{st['peers']} connected, ledger {'ok' if st['ledger_ok'] else 'BROKEN'} "
+              f"({st['ledger_entries']} entries), up {st['uptime_s']:.0f} s")
+    table = Table("component", "round", "phase", "neighbours", "consensus distance")
+    for name, c in st["components"].items():
+        hist = c["consensus_distance"]
+        table.add_row(name, str(c["round"]), c["phase"], str(len(c["neighbours"])),
+                      f"{hist[-1]:.2e}" if hist else "—")
+    out.print(table)
+
+
+def peers(
+    home: HomeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the federation's other members and whether they are connected."""
+    rows = _control(home, "peers")
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("peer id", "connected", "neighbour", "modules", "admin")
+    for r in rows:
+        table.add_row(r["peer_id"], "yes" if r["connected"] else "no",
+                      "yes" if r["neighbour"] else "", ", ".join(r["modules"]),
+                      "yes" if r["admin"] else "")
+    out.print(table)
+
+
+def leave(
+    home: HomeOpt = None,
+    reason: Annotated[str, typer.Option(help="Recorded in the signed leave record.")] = "",
+) -> None:
+    """Sign and gossip a leave record; the others recompute their mixing weights."""
+    _control(home, "leave", reason=reason)
+    out.print("left the federation; the other members have been told. Stop the daemon now.")
+
+
+def service_install(
+    output: Annotated[Path, typer.Option(help="Where to write the unit.")]
+    = Path("/etc/systemd/system/p2pfed.service"),
+    exec_path: Annotated[str | None, typer.Option(help="p2pfed executable (absolute).")] = None,
+    watchdog: Annotated[int, typer.Option(min=1, max=3600, help="WatchdogSec.")] = 60,
+) -> None:
+    """Render the systemd unit (Type=notify, sandboxed, DynamicUser) and say what to run next."""
+    from p2pfed.runtime.service import install_unit
+
+    exe = exec_path or shutil.which("p2pfed") or os.path.abspath(sys.argv[0])
+    try:
+        path = install_unit(output, exe, watchdog)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    except OSError as exc:
+        raise LocalError(f"cannot write {output}: {exc.strerror} (try sudo, or --output)") from exc
+    out.print(f"wrote {path}\nnext: systemctl daemon-reload && systemctl enable --now p2pfed")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(init)
+    app.command()(invite)
+    app.command()(join)
+    app.command()(run)
+    app.command()(status)
+    app.command()(peers)
+    app.command()(leave)
+    federation = typer.Typer(help="Create a federation.", no_args_is_help=True)
+    federation.command("create")(federation_create)
+    app.add_typer(federation, name="federation")
+    service = typer.Typer(help="Install the systemd unit.", no_args_is_help=True)
+    service.command("install")(service_install)
+    app.add_typer(service, name="service")

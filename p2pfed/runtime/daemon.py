@@ -1,0 +1,169 @@
+"""The daemon: one institution's node on the network, run by ``p2pfed run``.
+
+Start-up order is explicit (``nursery.start``): the key is loaded (and refused when others can
+read it), the ledger is verified end to end, the federation and checkpoints are loaded, the
+libp2p host listens, the control socket answers — and only then is systemd told READY=1.
+SIGTERM (or SIGINT) lets the current ledger write finish (writes are synchronous in the event
+loop), checkpoints every component and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import trio
+
+from gossip.envelope import Sequencer
+from gossip.errors import StorageError
+from gossip.identity import Identity, load_identity
+from p2pfed.blobs import BlobStore
+from p2pfed.components import FlatComponent
+from p2pfed.config import Config
+from p2pfed.federated import FederatedNode
+from p2pfed.fedstore import FederationStore, next_boot_epoch
+from p2pfed.home import BLOBS_DIR, KEY_FILE, LEDGER_FILE
+from p2pfed.ledger import Ledger, verify_ledger
+from p2pfed.node import NodeConfig
+from p2pfed.runtime.control import SOCKET_NAME, serve_control
+from p2pfed.runtime.driver import NodeDriver
+from p2pfed.runtime.systemd import Notifier
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_EVERY = 5
+
+
+def wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def initial_components(identity: Identity, holds: list[str], dim: int) -> dict[str, FlatComponent]:
+    """Consensus workload: each held component starts from values only this node knows."""
+    from gossip.catalog import ComponentSpec
+
+    gen = torch.Generator().manual_seed(int.from_bytes(identity.public_key[:8], "little"))
+    return {
+        name: FlatComponent.from_params(
+            ComponentSpec.from_name(name), {"weight": torch.randn(dim, generator=gen)}
+        )
+        for name in sorted(holds)
+    }
+
+
+@dataclass
+class Daemon:
+    home: Path
+    config: Config
+    notifier: Notifier
+    started_ms: int = 0
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from gossip.transport.libp2p import Libp2pTransport
+
+        identity = load_identity(self.home / KEY_FILE)
+        ledger_path = self.home / LEDGER_FILE
+        if ledger_path.exists():
+            report = verify_ledger(ledger_path, identity.public_key)
+            if not report.ok:
+                raise StorageError(
+                    f"ledger check failed at entry {report.first_bad_index}: {report.reason}; "
+                    "refusing to start (see 'p2pfed ledger verify')"
+                )
+        self.started_ms = wall_clock_ms()
+        store = FederationStore(self.home)
+        with Ledger.open(ledger_path, identity) as ledger:
+            view = store.view(ledger)
+            me = view.members().get(identity.public_key)
+            holds = sorted(me.modules) if me else list(self.config.components.hold)
+            cfg = self.config
+            node = FederatedNode(
+                identity, view.federation_id,
+                initial_components(identity, holds, cfg.components.dim),
+                ledger, BlobStore(self.home / BLOBS_DIR),
+                NodeConfig(
+                    round_timeout_ms=int(cfg.rounds.timeout_s * 1000),
+                    round_interval_ms=int(cfg.rounds.interval_s * 1000),
+                    checkpoint_every=CHECKPOINT_EVERY,
+                ),
+                Sequencer(next_boot_epoch(self.home)),
+                view=view, degree=cfg.overlay.degree,
+            )
+            restored = node.restore()
+            if restored:
+                log.info("resumed from checkpoints: %s", restored)
+            transport = Libp2pTransport(
+                identity,
+                listen_addrs=list(cfg.node.listen),
+                topic=f"/p2pfed/{view.federation_id.hex()}/records",
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(transport.run)
+                driver = NodeDriver(node, transport, clock_ms=wall_clock_ms)
+                handlers = self._handlers(node, transport, driver, ledger_path, identity)
+                await nursery.start(serve_control, self.home / SOCKET_NAME, handlers)
+                await nursery.start(driver.run)
+                bootstrap = store.bootstrap()
+                if bootstrap:
+                    peers = transport.add_bootstrap(bootstrap)
+                    driver.call(node.introduce, peers)
+                self.notifier.ready(f"member of {view.genesis.name}; "
+                                    f"listening on {', '.join(transport.listen_addrs())}")
+                nursery.start_soon(self.notifier.watchdog_loop)
+                task_status.started()
+                await self._wait_for_stop(node, driver)
+                self.notifier.stopping()
+                node.checkpoint(wall_clock_ms())
+                nursery.cancel_scope.cancel()
+        log.info("stopped cleanly")
+
+    async def _wait_for_stop(self, node: FederatedNode, driver: NodeDriver) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s: checkpointing and stopping", signal.Signals(signum).name)
+                return
+
+    def _handlers(self, node: FederatedNode, transport: Any, driver: NodeDriver,
+                  ledger_path: Path, identity: Identity) -> dict[str, Any]:
+        async def status(_req: dict[str, Any]) -> dict[str, Any]:
+            report = await trio.to_thread.run_sync(verify_ledger, ledger_path, identity.public_key)
+            st = node.status()
+            rounds = [c["round"] for c in st["components"].values()]
+            connected = set(transport.connected_peers())
+            st.update(
+                rounds_completed=min(rounds, default=0),
+                peers=len(connected & set(node.members())),
+                connected=sorted(connected),
+                ledger_ok=report.ok,
+                ledger_entries=report.entries,
+                listen=transport.listen_addrs(),
+                uptime_s=(wall_clock_ms() - self.started_ms) / 1000,
+            )
+            return st
+
+        async def peers(_req: dict[str, Any]) -> list[dict[str, Any]]:
+            connected = set(transport.connected_peers())
+            members = node.view.members()
+            return [
+                {"peer_id": m.peer_id, "connected": m.peer_id in connected,
+                 "neighbour": m.peer_id in node.overlay_neighbours(),
+                 "modules": sorted(m.modules), "addresses": list(m.addresses),
+                 "admin": m.admin}
+                for m in members.values() if m.public_key != identity.public_key
+            ]
+
+        async def leave(req: dict[str, Any]) -> dict[str, Any]:
+            reason = str(req.get("reason", ""))[:200]
+            driver.call(node.leave, reason)
+            await trio.sleep(1.0)  # give the broadcast a moment before the operator stops us
+            return {"left": True}
+
+        return {"status": status, "peers": peers, "leave": leave}
