@@ -27,7 +27,8 @@ test: lint pytest
 demo: $(STAMP)
 	mkdir -p $(OUT)
 	$(BIN)/p2pfed simulate topologies/hierarchical-edu.toml --rounds 150 --seed 1 \
-		--json $(OUT)/demo.json --plot $(OUT)/demo.png
+		--json $(OUT)/simulation.json --plot $(OUT)/simulation.png
+	$(BIN)/p2pfed local-federation --nodes 4 --rounds 3 --json $(OUT)/local-federation.json
 
 bench: $(STAMP)
 	mkdir -p $(OUT)

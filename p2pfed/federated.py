@@ -55,6 +55,7 @@ class FederatedNode(Node):
         self.left = False
         self._next_refresh: int | None = None
         self._connected: tuple[tuple[str, tuple[str, ...]], ...] = ()
+        self._member_keys: set[bytes] = set()
 
     # ---------------------------------------------------------------- inspection
     def members(self) -> list[str]:
@@ -75,7 +76,8 @@ class FederatedNode(Node):
             "components": {
                 name: {"round": self.round_of(name), "phase": self.phase_of(name).value,
                        "neighbours": list(self.neighbours_of(name)),
-                       "consensus_distance": self.disagreement_of(name)}
+                       "consensus_distance": self.disagreement_of(name),
+                       "rounds_since_view_change": len(self.disagreement_of(name))}
                 for name in sorted(self.components)
             },
             "rejected": dict(self.rejected),
@@ -177,6 +179,10 @@ class FederatedNode(Node):
             self._connected = ()
             return []
         keys = list(members)
+        if set(keys) != self._member_keys:
+            # a new member brings its own state: track consensus from this view on
+            self._member_keys = set(keys)
+            self.reset_disagreement()
         graph = overlay_graph(self.federation_id, keys, self.degree)
         holders = {c: self.view.holders(c) for c in self.components}
         for hs in holders.values():

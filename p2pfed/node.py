@@ -234,6 +234,7 @@ class _ComponentRound:
     #: per round mixed with neighbours, the largest relative distance to their updates
     disagreement: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     scratch: torch.Tensor | None = None
+    completed: int = 0  # rounds mixed since this node started
 
 
 def _transition(state: _ComponentRound, event: Event) -> None:
@@ -292,6 +293,14 @@ class Node:
 
     def neighbours_of(self, component: str) -> tuple[str, ...]:
         return self._states[component].neighbours
+
+    def completed_of(self, component: str) -> int:
+        """Rounds of ``component`` mixed since this node started (restarts count from 0)."""
+        return self._states[component].completed
+
+    def reset_disagreement(self) -> None:
+        for st in self._states.values():
+            st.disagreement.clear()
 
     def disagreement_of(self, component: str) -> list[float]:
         return list(self._states[component].disagreement)
@@ -626,6 +635,7 @@ class Node:
         done = RoundCompleted(name, st.round, tuple(sorted(present)), missing)
         st.inbox = {k: v for k, v in st.inbox.items() if k[0] > st.round}
         st.round += 1
+        st.completed += 1
         st.deadline_ms = None
         every = self.config.checkpoint_every
         if every and st.round % every == 0:

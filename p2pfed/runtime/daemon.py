@@ -136,7 +136,7 @@ class Daemon:
         async def status(_req: dict[str, Any]) -> dict[str, Any]:
             report = await trio.to_thread.run_sync(verify_ledger, ledger_path, identity.public_key)
             st = node.status()
-            rounds = [c["round"] for c in st["components"].values()]
+            rounds = [node.completed_of(c) for c in node.components]
             connected = set(transport.connected_peers())
             st.update(
                 rounds_completed=min(rounds, default=0),
