@@ -200,6 +200,22 @@ cli_daemon.register(app)
 
 
 # ------------------------------------------------------------------------------- entry point
+def _only_p2pfed_errors(group: BaseExceptionGroup[BaseException]) -> list[P2PFedError] | None:
+    """The P2PFedErrors in a group, or None if it holds anything else."""
+    found: list[P2PFedError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            inner = _only_p2pfed_errors(exc)
+            if inner is None:
+                return None
+            found += inner
+        elif isinstance(exc, P2PFedError):
+            found.append(exc)
+        else:
+            return None
+    return found or None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting (for tests and embedding)."""
     try:
@@ -209,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     except P2PFedError as exc:
         err.print(f"[red]error[/red]: {exc}")
         return exitcodes.for_error(exc)
+    except BaseExceptionGroup as group:  # errors from inside the daemon's nurseries
+        ours = _only_p2pfed_errors(group)
+        if ours is None:
+            raise
+        for error in ours:
+            err.print(f"[red]error[/red]: {error}")
+        return exitcodes.for_error(ours[0])
     except typer.Exit as exc:  # --help and friends
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):

@@ -1,0 +1,117 @@
+"""The daemon in-process on 127.0.0.1: systemd notifications, control socket, refusals."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from gossip.errors import KeyPermissionError, StorageError
+from p2pfed import exitcodes
+from p2pfed.cli import main
+from p2pfed.config import Config
+from p2pfed.runtime.control import SOCKET_NAME, ControlUnavailableError, request
+from p2pfed.runtime.daemon import Daemon
+from p2pfed.runtime.systemd import Notifier
+
+
+def make_home(tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    assert main(["init", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0",
+                 "--interval", "0.2", "--timeout", "1"]) == 0
+    assert main(["federation", "create", "solo", "--home", str(home)]) == 0
+    return home
+
+
+def fake_notify_socket(tmp_path: Path) -> tuple[socket.socket, dict[str, str]]:
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    return sock, {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}
+
+
+def drain(sock: socket.socket) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return out
+
+
+@pytest.mark.network
+def test_ready_after_listening_then_watchdog_and_control(tmp_path: Path) -> None:
+    home = make_home(tmp_path)
+    sock, env = fake_notify_socket(tmp_path)
+    daemon = Daemon(home, Config.from_toml(home / "p2pfed.toml"), Notifier(env))
+    seen: dict[str, object] = {}
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            assert drain(sock) == []
+            await nursery.start(daemon.run)
+            first = drain(sock)
+            seen["first"] = first
+            assert (home / SOCKET_NAME).exists()
+            await trio.sleep(1.0)
+            seen["later"] = drain(sock)
+            seen["status"] = await trio.to_thread.run_sync(request, home / SOCKET_NAME, "status")
+            seen["peers"] = await trio.to_thread.run_sync(request, home / SOCKET_NAME, "peers")
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+    first = seen["first"]
+    assert isinstance(first, list) and first[0].startswith("READY=1")
+    assert "listening on /ip4/127.0.0.1/tcp/" in first[0]
+    later = seen["later"]
+    assert isinstance(later, list) and sum(m == "WATCHDOG=1" for m in later) >= 3
+    status = seen["status"]
+    assert isinstance(status, dict)
+    assert status["ledger_ok"] is True and status["member"] is True
+    assert status["federation"] == "solo" and status["rounds_completed"] >= 1
+    assert seen["peers"] == []
+    assert oct((home / "identity.key").stat().st_mode & 0o777) == "0o600"
+    assert not (home / SOCKET_NAME).exists()  # removed on exit
+
+
+def test_broken_ledger_refuses_to_start_and_never_signals_ready(tmp_path: Path) -> None:
+    home = make_home(tmp_path)
+    conn = sqlite3.connect(home / "ledger.sqlite3")
+    conn.execute("UPDATE entries SET ts = ts + 1 WHERE idx = 1")
+    conn.commit()
+    conn.close()
+    sock, env = fake_notify_socket(tmp_path)
+    daemon = Daemon(home, Config.from_toml(home / "p2pfed.toml"), Notifier(env))
+    with pytest.raises(StorageError, match="entry 1"):
+        trio.run(daemon.run)
+    assert drain(sock) == []
+
+
+def test_unsafe_key_stops_run_with_a_clear_message(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    home = make_home(tmp_path)
+    os.chmod(home / "identity.key", 0o644)
+    assert main(["run", "--home", str(home)]) == exitcodes.KEY_FILE
+    assert "chmod 600" in capsys.readouterr().err
+    with pytest.raises(KeyPermissionError):
+        trio.run(Daemon(home, Config.from_toml(home / "p2pfed.toml"), Notifier({})).run)
+
+
+def test_commands_need_a_running_daemon(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    home = make_home(tmp_path)
+    assert main(["status", "--home", str(home)]) != 0
+    assert "no daemon is running" in capsys.readouterr().err
+    with pytest.raises(ControlUnavailableError):
+        request(home / SOCKET_NAME, "status")
+
+
+def test_notifier_is_silent_outside_systemd() -> None:
+    n = Notifier({})
+    assert not n.enabled and not n.ready() and n.watchdog_s is None
+    assert Notifier({"NOTIFY_SOCKET": "@abstract", "WATCHDOG_USEC": "5000000"}).watchdog_s == 5.0
