@@ -1,0 +1,115 @@
+"""Hostile peers: each bad input is refused per peer and the node goes on, in bounded memory."""
+
+from __future__ import annotations
+
+import torch
+import trio
+import trio.testing
+
+from gossip.envelope import packb, seal, unpackb
+from gossip.errors import OversizedMessageError
+from gossip.identity import Identity
+from gossip.membership import Join, make_join
+from gossip.transport.memory import MemoryNetwork
+from p2pfed.codec import encode_payload
+from p2pfed.federated import RECORDS
+from p2pfed.node import ANNOUNCE, Announcement, Fetch, PeerRejected, RoundCompleted
+from p2pfed.runtime.driver import NodeDriver
+from tests.test_federated import build
+
+
+def _codes(actions: list[object]) -> list[str]:
+    return [a.error.code for a in actions if isinstance(a, PeerRejected)]
+
+
+def _bundle(sender: Identity, fed: bytes, records: list[bytes], seq: int = 1) -> bytes:
+    return seal(sender, kind=RECORDS, federation_id=fed, seq=seq, timestamp_ms=0,
+                body=packb(records)).to_bytes()
+
+
+def test_outsider_forged_and_replayed_records_are_refused() -> None:
+    a, b, _c = build(3, {"backbone": [0, 1, 2]})
+    for n in (a, b, _c):
+        n.start(0)
+    a.receive(b.peer_id, _bundle(b.identity, b.federation_id, list(b.view.records())), 0)
+    members_before = a.members()
+    outsider = Identity.generate()
+    ann = Announcement("backbone", 0, b"d" * 32, 10, 1, (outsider.peer_id,))
+    env = seal(outsider, kind=ANNOUNCE, federation_id=a.federation_id, seq=1, timestamp_ms=0,
+               body=ann.to_body()).to_bytes()
+    assert _codes(a.receive(outsider.peer_id, env, 0)) == ["not-a-member"]
+    # an outsider's join without an invite, wrapped in its own bundle
+    fake_join = make_join(outsider, a.federation_id, Join(b"", ("backbone",), (), 0), 0, 1)
+    assert "not-a-member" in _codes(
+        a.receive(outsider.peer_id, _bundle(outsider, a.federation_id, [fake_join.to_bytes()]), 0))
+    # a member's record with a forged signature
+    real = next(iter(b.view.records()))
+    outer = unpackb(real)
+    outer[3] = outsider.sign(b"x")
+    forged = packb(outer)
+    a.receive(b.peer_id, _bundle(b.identity, b.federation_id, [forged], seq=5), 0)
+    assert a.rejected.get("forged") == 1
+    # the same bundle again
+    again = _bundle(b.identity, b.federation_id, [real], seq=6)
+    a.receive(b.peer_id, again, 0)
+    assert _codes(a.receive(b.peer_id, again, 0)) == ["replayed"]
+    assert a.members() == members_before
+
+
+def test_oversized_and_mismatched_payloads_are_refused_and_the_round_finishes() -> None:
+    a, b = build(2, {"backbone": [0, 1]})
+    for n in (a, b):
+        n.start(0)
+    a.receive(b.peer_id, _bundle(b.identity, b.federation_id, list(b.view.records())), 0)
+    b.receive(a.peer_id, _bundle(a.identity, a.federation_id, list(a.view.records())), 0)
+    a.tick(1000)  # the next (paced) round starts, now with b as neighbour
+    huge = Announcement("backbone", a.round_of("backbone"), b"d" * 32, 1 << 40, 1, ())
+    env = seal(b.identity, kind=ANNOUNCE, federation_id=a.federation_id, seq=50,
+               timestamp_ms=0, body=huge.to_body()).to_bytes()
+    assert _codes(a.receive(b.peer_id, env, 0)) == ["bad-payload"]
+    rnd = a.round_of("backbone")
+    payload = bytes(encode_payload("backbone", rnd, b.components["backbone"].flat,
+                                   b.components["backbone"].layout))
+    from gossip.envelope import digest
+
+    ann = Announcement("backbone", rnd, digest(payload), len(payload), 1, (b.peer_id,))
+    env = seal(b.identity, kind=ANNOUNCE, federation_id=a.federation_id, seq=51,
+               timestamp_ms=0, body=ann.to_body()).to_bytes()
+    fetch = next(x for x in a.receive(b.peer_id, env, 0) if isinstance(x, Fetch))
+    tampered = bytearray(payload)
+    tampered[-1] ^= 0xFF
+    assert _codes(a.payload_received(b.peer_id, "backbone", rnd, fetch.digest, bytes(tampered),
+                                     0)) == ["bad-payload"]
+    before = a.components["backbone"].flat.clone()
+    done = [x for x in a.tick(10**9) if isinstance(x, RoundCompleted)]
+    assert done and done[0].missing == (b.peer_id,)
+    assert torch.equal(a.components["backbone"].flat, before)  # nothing bad was mixed in
+
+
+async def test_a_flood_of_garbage_keeps_memory_bounded_and_rounds_going(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    nodes = build(3, {"backbone": [0, 1, 2]})
+    net = MemoryNetwork(inbox_size=256)
+    attacker = net.attach(Identity.generate().peer_id)
+    async with trio.open_nursery() as nursery:
+        drivers = []
+        for n in nodes:
+            d = NodeDriver(n, net.attach(n.peer_id))
+            await nursery.start(d.run)
+            drivers.append(d)
+        for d, n in zip(drivers[1:], nodes[1:], strict=True):
+            d.call(n.introduce, [nodes[0].peer_id])
+        await trio.sleep(5)
+        start_round = nodes[0].round_of("backbone")
+        for i in range(5000):
+            await attacker.send(nodes[0].peer_id, b"\x93garbage" + bytes([i % 256]))
+        try:
+            await attacker.fetch(nodes[0].peer_id, b"\x00" * 32, 10)
+        except Exception as exc:  # an unknown digest: refused, not served
+            assert not isinstance(exc, OversizedMessageError)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert nodes[0].rejected["malformed"] + net.stats.dropped >= 5000
+    assert nodes[0].round_of("backbone") >= start_round + 5
+    assert len(nodes[0]._replay._state) <= 3  # only members' sequence windows are kept
