@@ -77,10 +77,11 @@ def test_unsafe_key_is_refused_by_verify(tmp_path: Path) -> None:
     assert main(["ledger", "verify", "--home", str(tmp_path / "node-0")]) == exitcodes.KEY_FILE
 
 
+@pytest.mark.network
 def test_bench_quick_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--json", str(out)]) == exitcodes.OK
     data = json.loads(out.read_text())
     for key in ("memcpy_gbps", "mix_gbps", "encode_gbps", "decode_gbps", "digest_gbps",
-                "sign_per_s", "verify_per_s"):
+                "sign_per_s", "verify_per_s", "payload_stream_mbps", "raw_tcp_mbps"):
         assert data[key] > 0

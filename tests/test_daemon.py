@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from p2pfed.cli import main
 from p2pfed.config import Config
 from p2pfed.runtime.control import SOCKET_NAME, ControlUnavailableError, request
 from p2pfed.runtime.daemon import Daemon
+from p2pfed.runtime.localfed import free_ports
 from p2pfed.runtime.systemd import Notifier
 
 
@@ -48,7 +50,9 @@ def drain(sock: socket.socket) -> list[str]:
 def test_ready_after_listening_then_watchdog_and_control(tmp_path: Path) -> None:
     home = make_home(tmp_path)
     sock, env = fake_notify_socket(tmp_path)
-    daemon = Daemon(home, Config.from_toml(home / "p2pfed.toml"), Notifier(env))
+    config = Config.from_toml(home / "p2pfed.toml").with_overrides(
+        metrics__enabled=True, metrics__port=free_ports(1)[0])
+    daemon = Daemon(home, config, Notifier(env))
     seen: dict[str, object] = {}
 
     async def scenario() -> None:
@@ -62,6 +66,9 @@ def test_ready_after_listening_then_watchdog_and_control(tmp_path: Path) -> None
             seen["later"] = drain(sock)
             seen["status"] = await trio.to_thread.run_sync(request, home / SOCKET_NAME, "status")
             seen["peers"] = await trio.to_thread.run_sync(request, home / SOCKET_NAME, "peers")
+            url = f"http://127.0.0.1:{daemon.metrics_port}/metrics"
+            seen["metrics"] = await trio.to_thread.run_sync(
+                lambda: urllib.request.urlopen(url, timeout=5).read().decode())
             nursery.cancel_scope.cancel()
 
     trio.run(scenario)
@@ -75,6 +82,10 @@ def test_ready_after_listening_then_watchdog_and_control(tmp_path: Path) -> None
     assert status["ledger_ok"] is True and status["member"] is True
     assert status["federation"] == "solo" and status["rounds_completed"] >= 1
     assert seen["peers"] == []
+    metrics = seen["metrics"]
+    assert isinstance(metrics, str)
+    assert 'p2pfed_round{component="backbone"}' in metrics
+    assert "p2pfed_members 1.0" in metrics and "p2pfed_ledger_entries" in metrics
     assert oct((home / "identity.key").stat().st_mode & 0o777) == "0o600"
     assert not (home / SOCKET_NAME).exists()  # removed on exit
 

@@ -65,6 +65,7 @@ class Daemon:
     config: Config
     notifier: Notifier
     started_ms: int = 0
+    metrics_port: int | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from gossip.transport.libp2p import Libp2pTransport
@@ -111,6 +112,13 @@ class Daemon:
                 handlers = self._handlers(node, transport, driver, ledger_path, identity)
                 await nursery.start(serve_control, self.home / SOCKET_NAME, handlers)
                 await nursery.start(driver.run)
+                metrics = None
+                if cfg.metrics.enabled:
+                    from p2pfed.runtime.metrics import MetricsServer
+
+                    metrics = MetricsServer(node, lambda: len(transport.connected_peers()),
+                                            cfg.metrics.address, cfg.metrics.port)
+                    self.metrics_port = metrics.port
                 bootstrap = store.bootstrap()
                 if bootstrap:
                     peers = transport.add_bootstrap(bootstrap)
@@ -119,7 +127,11 @@ class Daemon:
                                     f"listening on {', '.join(transport.listen_addrs())}")
                 nursery.start_soon(self.notifier.watchdog_loop)
                 task_status.started()
-                await self._wait_for_stop(node, driver)
+                try:
+                    await self._wait_for_stop(node, driver)
+                finally:
+                    if metrics is not None:
+                        metrics.close()
                 self.notifier.stopping()
                 node.checkpoint(wall_clock_ms())
                 nursery.cancel_scope.cancel()
