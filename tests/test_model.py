@@ -116,3 +116,19 @@ def test_exported_adapter_loads_with_peft_and_gives_the_same_outputs(tmp_path: P
     from safetensors.torch import load_file
 
     assert set(load_file(str(head[0]))) == {"weight", "bias"}
+
+
+def test_cached_prefix_gives_the_same_output_as_the_full_model() -> None:
+    spec = ModelSpec(TASKS, text_model="tiny", lora_layers=(1,))
+    model = M3TModel.build(spec, [TEXT, "head.topic"], text_base=_fresh_base())
+    trainer = LocalTrainer(model, {}, node_seed=0)
+    _randomise(trainer, 9)
+    encoder = model.modules[TEXT]
+    texts = ["the cache must not change the result", "short one"]
+    cached = encoder.encode_prefix(texts)  # type: ignore[operator]
+    with torch.no_grad():
+        full = encoder(texts)
+        fast = encoder(cached)
+    assert torch.allclose(full, fast, atol=1e-5)
+    names = [n for n, _ in encoder.peft.named_parameters() if "lora_B" in n]  # type: ignore[union-attr]
+    assert names and all(".layer.1." in n for n in names)

@@ -72,6 +72,9 @@ class ModelSpec:
     adapter_mode: AdapterMode = AdapterMode.FROZEN_A
     activity_features: int = 4
     text_model: str = "minilm"  # or "tiny" (tests)
+    #: transformer layers that get LoRA (None: all).  With only top layers adapted, the frozen
+    #: layers below are computed once per text and cached (see TextEncoder.encode_prefix).
+    lora_layers: tuple[int, ...] | None = None
 
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:
@@ -144,8 +147,11 @@ class TextEncoder(nn.Module):
 
         for p in base.parameters():
             p.requires_grad_(False)
+        layers = list(spec.lora_layers) if spec.lora_layers is not None else None
         config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha,
-                            target_modules=["query", "value"], lora_dropout=0.0)
+                            target_modules=["query", "value"], lora_dropout=0.0,
+                            layers_to_transform=layers)
+        self.cache_from = min(spec.lora_layers) if spec.lora_layers else 0
         self.peft = get_peft_model(base, config)
         self.peft.eval()  # the base is frozen: no dropout, so outputs are deterministic
         self.tokenizer = tokenizer
@@ -182,7 +188,32 @@ class TextEncoder(nn.Module):
                                max_length=TEXT_MAX_TOKENS, return_tensors="pt")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+    @torch.no_grad()
+    def encode_prefix(self, texts: Sequence[str], batch_size: int = 128) -> CachedTexts:
+        """Run the frozen layers below the first adapted one, once (padded to TEXT_MAX_TOKENS)."""
+        bert: Any = self.peft.get_base_model()
+        hiddens, masks = [], []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(list(texts[start : start + batch_size]), padding="max_length",
+                                   truncation=True, max_length=TEXT_MAX_TOKENS,
+                                   return_tensors="pt")
+            hidden = bert.embeddings(input_ids=batch["input_ids"])
+            for layer in bert.encoder.layer[: self.cache_from]:
+                hidden = _layer(layer, hidden, batch["attention_mask"])
+            hiddens.append(hidden)
+            masks.append(batch["attention_mask"])
+        return CachedTexts(torch.cat(hiddens), torch.cat(masks))
+
+    def forward(self, texts: Sequence[str] | CachedTexts) -> torch.Tensor:
+        if isinstance(texts, CachedTexts):
+            bert: Any = self.peft.get_base_model()
+            hidden, attention = texts.hidden, texts.mask
+            for layer in bert.encoder.layer[self.cache_from :]:
+                hidden = _layer(layer, hidden, attention)
+            mask = attention.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            result: torch.Tensor = self.proj(pooled)
+            return result
         batch = self.tokenize(texts)
         hidden = self.peft(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -200,6 +231,28 @@ class TextEncoder(nn.Module):
                 scale = self.alpha / a.shape[0]
                 out[name.replace(".lora_B.default.weight", "")] = scale * (b @ a)
         return out
+
+
+@dataclass(frozen=True)
+class CachedTexts:
+    """Hidden states of texts below the adapted layers, and their attention masks."""
+
+    hidden: torch.Tensor  # (N, T, H)
+    mask: torch.Tensor  # (N, T)
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+    def select(self, index: Any) -> CachedTexts:
+        idx = torch.as_tensor(index)
+        return CachedTexts(self.hidden[idx], self.mask[idx])
+
+
+def _layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+    out = layer(hidden, attention_mask=additive)
+    result: torch.Tensor = out[0] if isinstance(out, tuple) else out
+    return result
 
 
 # ---------------------------------------------------------------------------- other parts

@@ -42,6 +42,8 @@ class TaskData:
         for modality, values in self.inputs.items():
             if isinstance(values, np.ndarray):
                 batch[modality] = torch.from_numpy(values[index])
+            elif hasattr(values, "select"):
+                batch[modality] = values.select(index)
             else:
                 batch[modality] = [values[i] for i in index]
         return batch, torch.from_numpy(self.labels[index].astype(np.int64))
