@@ -1,112 +1,142 @@
 """Network benchmark: a payload over the real libp2p stream vs the same bytes over plain TCP.
 
-Two processes on 127.0.0.1: this one fetches, a child (``python -m p2pfed.bench_net serve``)
-serves both a libp2p host (``/p2pfed/payload/1``, TCP+Noise+Yamux) and a raw trio TCP socket.
-Results in MB/s (1e6 bytes per second), best of ``repeats``.
+Two processes on 127.0.0.1.  This one fetches; a child (``python -m p2pfed.bench_net --serve
+SIZE``) serves the same random payload both on a libp2p host (``/p2pfed/payload/1`` over TCP,
+Noise and Yamux) and on a plain trio TCP socket, and writes one line on its stdout::
+
+    ready <libp2p address>/p2p/<peer id> <tcp port> <payload digest hex>
+
+Results are in MB/s (1e6 bytes per second), best of ``repeats``; the libp2p connection is set up
+before timing, each raw TCP run opens its own connection (a few microseconds on loopback).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import subprocess
 import sys
 import time
-from typing import Any
+from collections.abc import Sequence
 
 import trio
 
 from gossip.envelope import digest
 from gossip.identity import Identity
-from gossip.transport.libp2p import Libp2pTransport
+from gossip.transport.libp2p import Libp2pTransport, Limits
 
-KEY_LINE = "ready"
+READY = "ready"
+TOPIC = "/p2pfed/bench/records"
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+TCP_CHUNK = 1 << 20
+START_TIMEOUT_S = 60.0
 
 
-def _payload(size: int) -> bytes:
-    return os.urandom(1 << 16) * (size >> 16) + os.urandom(size & 0xFFFF)
-
-
-async def _serve(size: int) -> None:
-    data = _payload(size)
+async def _serve(size: int, write_chunk: int) -> None:
+    """The child: serve one random payload over libp2p and raw TCP until killed."""
+    data = os.urandom(size)
     key = digest(data)
-    transport = Libp2pTransport(Identity.generate(), listen_addrs=["/ip4/127.0.0.1/tcp/0"],
-                                topic="/p2pfed/bench")
+    transport = Libp2pTransport(Identity.generate(), topic=TOPIC, listen_addrs=[LOOPBACK],
+                                limits=Limits(write_chunk=write_chunk))
     transport.set_payload_server(lambda k: data if k == key else None)
 
     async def raw(stream: trio.SocketStream) -> None:
         async with stream:
             view = memoryview(data)
-            for start in range(0, len(data), 1 << 20):
-                await stream.send_all(view[start : start + (1 << 20)])
+            for start in range(0, size, TCP_CHUNK):
+                await stream.send_all(view[start : start + TCP_CHUNK])
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(transport.run)
-        listeners = await nursery.start(functools.partial(trio.serve_tcp, raw, 0, host="127.0.0.1"))
+    async with transport, trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, raw, 0, host="127.0.0.1")
+        )
         port = listeners[0].socket.getsockname()[1]
-        print(KEY_LINE, transport.listen_addrs()[0], port, key.hex(), flush=True)
-        await trio.sleep_forever()
+        sys.stdout.write(f"{READY} {transport.listen_addrs()[0]} {port} {key.hex()}\n")
+        sys.stdout.flush()
+
+
+async def _receive_tcp(port: int, size: int) -> float:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    start = time.perf_counter()
+    got = 0
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        while got < size:
+            chunk = await stream.receive_some(min(TCP_CHUNK, size - got))
+            if not chunk:
+                raise RuntimeError(f"raw TCP stream ended after {got} of {size} bytes")
+            view[got : got + len(chunk)] = chunk
+            got += len(chunk)
+    return time.perf_counter() - start
 
 
 async def _client(addr: str, port: int, key: bytes, size: int, repeats: int) -> dict[str, float]:
-    transport = Libp2pTransport(Identity.generate(), listen_addrs=["/ip4/127.0.0.1/tcp/0"],
-                                topic="/p2pfed/bench")
     best_p2p = best_tcp = 0.0
-    async with trio.open_nursery() as nursery:
-        await nursery.start(transport.run)
-        (peer,) = transport.add_bootstrap([addr])
+    async with Libp2pTransport(Identity.generate(), topic=TOPIC, listen_addrs=[LOOPBACK]) as me:
+        peer = await me.connect(addr)
         for _ in range(repeats):
             start = time.perf_counter()
-            got = await transport.fetch(peer, key, size)
+            got = await me.fetch_buffer(peer, key, size)
             elapsed = time.perf_counter() - start
             if digest(got) != key:
-                raise RuntimeError("libp2p payload arrived corrupted")
+                raise RuntimeError("the libp2p payload arrived corrupted")
+            del got
             best_p2p = max(best_p2p, size / elapsed / 1e6)
-        for _ in range(repeats):
-            buf = bytearray(size)
-            view = memoryview(buf)
-            start = time.perf_counter()
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-            got_n = 0
-            async with stream:
-                while got_n < size:
-                    chunk = await stream.receive_some(min(1 << 20, size - got_n))
-                    if not chunk:
-                        break
-                    view[got_n : got_n + len(chunk)] = chunk
-                    got_n += len(chunk)
-            elapsed = time.perf_counter() - start
-            if got_n != size:
-                raise RuntimeError("raw TCP stream ended early")
-            best_tcp = max(best_tcp, size / elapsed / 1e6)
-        nursery.cancel_scope.cancel()
+    for _ in range(repeats):
+        best_tcp = max(best_tcp, size / await _receive_tcp(port, size) / 1e6)
     return {"payload_stream_mbps": best_p2p, "raw_tcp_mbps": best_tcp}
 
 
-def run_net_bench(size_mb: int = 64, repeats: int = 3) -> dict[str, Any]:
+def _read_ready_line(child: subprocess.Popen[str]) -> list[str]:
+    assert child.stdout is not None
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = child.stdout.readline()
+        if not line:
+            break
+        fields = line.split()
+        if len(fields) == 4 and fields[0] == READY:
+            return fields
+    raise RuntimeError(f"the benchmark server did not start (exit code {child.poll()})")
+
+
+def run_net_bench(size_mb: int = 64, repeats: int = 3, *,
+                  write_chunk: int | None = None) -> dict[str, float]:
+    """Best-of-``repeats`` MB/s of ``size_mb`` MiB over libp2p and over raw TCP."""
     size = size_mb << 20
+    chunk = write_chunk or Limits().write_chunk
     child = subprocess.Popen(
-        [sys.executable, "-m", "p2pfed.bench_net", "serve", str(size)],
+        [sys.executable, "-m", "p2pfed.bench_net", "--serve", str(size), "--chunk", str(chunk)],
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
     )
     try:
-        assert child.stdout is not None
-        line = ""
-        while not line.startswith(KEY_LINE):
-            line = child.stdout.readline()
-            if not line:
-                raise RuntimeError("the benchmark server did not start")
-        _, addr, port, key = line.split()
+        _, addr, port, key = _read_ready_line(child)
         result = trio.run(_client, addr, int(port), bytes.fromhex(key), size, repeats)
     finally:
         child.kill()
         child.wait()
-    return {**result, "payload_mb": size_mb,
-            "stream_vs_tcp": result["payload_stream_mbps"] / result["raw_tcp_mbps"]}
+    result["stream_vs_tcp"] = result["payload_stream_mbps"] / result["raw_tcp_mbps"]
+    result["payload_mb"] = float(size_mb)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m p2pfed.bench_net", description=__doc__)
+    parser.add_argument("--serve", type=int, metavar="BYTES",
+                        help="run the serving child for a payload of BYTES")
+    parser.add_argument("--chunk", type=int, default=Limits().write_chunk,
+                        help="bytes per stream write when serving")
+    parser.add_argument("--size-mb", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.serve is not None:
+        trio.run(_serve, args.serve, args.chunk)
+        return 0
+    result = run_net_bench(args.size_mb, args.repeats, write_chunk=args.chunk)
+    sys.stdout.write("".join(f"{k} {v:.3f}\n" for k, v in result.items()))
+    return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "serve":
-        trio.run(_serve, int(sys.argv[2]))
-    else:
-        print(run_net_bench())
+    sys.exit(main())
