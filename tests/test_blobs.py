@@ -58,3 +58,85 @@ def test_tensors_as_safetensors(tmp_path: Path) -> None:
     bad = store.put(b"not safetensors")
     with pytest.raises(StorageError, match="safetensors"):
         store.get_tensors(bad)
+
+
+def test_missing_blob_names_its_file_and_bad_digests(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    key = digest(b"never stored")
+    with pytest.raises(StorageError, match=key.hex()[:2] + "/" + key.hex()):
+        store.get(key)
+    assert not store.has(b"short") and not store.delete(b"short")
+    with pytest.raises(StorageError, match="digest"):
+        store.get(b"short")
+    assert not store.delete(key)
+
+
+def test_layout_memoryview_and_reopen(tmp_path: Path) -> None:
+    data = bytearray(b"abc" * 100)
+    key = BlobStore(tmp_path).put(memoryview(data))
+    assert (tmp_path / key.hex()[:2] / key.hex()).read_bytes() == bytes(data)
+    again = BlobStore(tmp_path)
+    assert again.get(key) == bytes(data) and key in again and len(again) == 1
+
+
+def test_truncated_file_is_rewritten_by_put_and_found_by_get(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    key = store.put(b"z" * 64)
+    store.path(key).write_bytes(b"z" * 10)
+    with pytest.raises(StorageError, match=f"{store.path(key)} is corrupt"):
+        store.get(key)
+    assert store.put(b"z" * 64) == key and store.get(key) == b"z" * 64
+
+
+def test_failed_write_leaves_no_temporary_file(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    store = BlobStore(tmp_path)
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("p2pfed.blobs.os.replace", broken_replace)
+    with pytest.raises(StorageError, match="cannot write blob"):
+        store.put(b"data")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert len(store) == 0
+
+
+def test_leftover_temporary_files_are_not_blobs(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    key = store.put(b"real")
+    (store.path(key).parent / ".tmp-abc123").write_bytes(b"half written")
+    (tmp_path / "zz").mkdir()
+    (tmp_path / "README").write_text("not a blob")
+    assert list(store.digests()) == [key]
+
+
+def test_oversized_file_is_not_read(tmp_path: Path) -> None:
+    key = BlobStore(tmp_path).put(b"x" * 100)
+    with pytest.raises(StorageError, match="exceeds"):
+        BlobStore(tmp_path, max_bytes=50).get(key)
+
+
+def test_checkpoint_digest_depends_only_on_content(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    tensors = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.zeros(3)}
+    meta = {f"key{i}": str(i) for i in range(8)}
+    keys = {store.put_tensors(tensors, dict(reversed(list(meta.items())))) for _ in range(5)}
+    keys.add(store.put_tensors(dict(tensors), meta))
+    assert len(keys) == 1  # safetensors alone writes metadata in random hash order
+    key = keys.pop()
+    assert store.get_tensor_metadata(key) == meta
+    assert torch.equal(store.get_tensors(key)["w"], tensors["w"])
+    assert store.get_tensor_metadata(store.put_tensors(tensors)) == {}
+
+
+def test_views_of_one_buffer_and_in_memory_tensors() -> None:
+    store = BlobStore(None)
+    flat = torch.arange(10.0)
+    views = {"a": flat[:4], "b": flat[4:].view(2, 3), "t": flat[:6].view(2, 3).t()}
+    back = store.get_tensors(store.put_tensors(views))
+    for name, view in views.items():
+        assert torch.equal(back[name], view)
+    assert flat.tolist() == list(map(float, range(10)))  # caller's tensors untouched
+    with pytest.raises(StorageError, match="safetensors"):
+        store.get_tensor_metadata(store.put(b"\xff" * 4))

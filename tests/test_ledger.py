@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
-from gossip.errors import StorageError
-from gossip.identity import Identity
-from p2pfed.ledger import Ledger, verify_ledger
+from gossip.envelope import digest, packb
+from gossip.errors import LedgerIntegrityError, LocalError, StorageError
+from gossip.identity import Identity, verify_signature
+from p2pfed.ledger import CHECKPOINT, CONTRIBUTION, MIX, OPEN, Ledger, verify_ledger
 
 
 @pytest.fixture
@@ -143,3 +145,184 @@ def test_in_memory_ledger() -> None:
         ledger.append("contribution", {"round": i}, timestamp_ms=i)
     assert len(ledger) == 101
     assert [e.index for e in ledger.entries(start=99)] == [99, 100]
+
+
+# ---------------------------------------------------------------------- format and API
+def test_hash_and_signatures_follow_the_documented_format(tmp_path: Path) -> None:
+    ident = Identity.generate()
+    with Ledger.open(tmp_path / "l.sqlite3", ident, timestamp_ms=5) as ledger:
+        first = ledger.last()
+        assert first is not None and first.index == 0 and first.kind == OPEN
+        assert first.prev_hash == bytes(32) and first.timestamp_ms == 5
+        assert first.body["owner"] == ident.public_key
+        body = {"sender": "p", "component": "backbone", "round": 3, "digest": b"d" * 32,
+                "weight": 0.25, "lineage": ("a", "b")}
+        entry = ledger.append(CONTRIBUTION, body, timestamp_ms=7)
+    expected = digest(b"p2pfed/v1/ledger\0" + packb([1, "contribution", 7, body, first.entry_hash]))
+    assert entry.entry_hash == expected
+    assert verify_signature(ident.public_key, entry.entry_hash, entry.signature)
+    assert entry.body["lineage"] == ["a", "b"]  # as a reader will see it
+
+
+def test_entries_by_kind_and_start_across_batches() -> None:
+    ledger = Ledger.open(None, Identity.generate())
+    for i in range(1200):
+        ledger.append(MIX if i % 3 else CHECKPOINT, {"round": i}, timestamp_ms=i)
+    assert len(ledger) == 1201
+    assert [e.index for e in ledger.entries()] == list(range(1201))
+    assert [e.body["round"] for e in ledger.entries(CHECKPOINT)] == list(range(0, 1200, 3))
+    assert [e.index for e in ledger.entries(MIX, start=1195)] == [1196, 1197, 1199, 1200]
+    last_cp = ledger.last(CHECKPOINT)
+    assert last_cp is not None and last_cp.body["round"] == 1197
+    assert ledger.get(10).body == {"round": 9}
+    assert ledger.head_hash == ledger.get(1200).entry_hash
+    assert ledger.verify().ok
+
+
+def test_bad_appends_are_refused_and_leave_the_ledger_unchanged() -> None:
+    ledger = Ledger.open(None, Identity.generate())
+    head = ledger.head_hash
+    bad_calls = [
+        ("", {}, 1), ("x" * 65, {}, 1), ("mix", {}, -1), ("mix", {1: "int key"}, 1),
+        ("mix", {"obj": object()}, 1), ("mix", {"nested": {2: "x"}}, 1),
+    ]
+    for kind, body, ts in bad_calls:
+        with pytest.raises(LocalError):
+            ledger.append(kind, body, timestamp_ms=ts)  # type: ignore[arg-type]
+    assert len(ledger) == 1 and ledger.head_hash == head and ledger.verify().ok
+
+
+def test_closed_ledger_refuses_use(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path / "l.sqlite3", Identity.generate())
+    ledger.close()
+    ledger.close()  # idempotent
+    with pytest.raises(StorageError, match="closed"):
+        ledger.append("mix", {}, timestamp_ms=1)
+    with pytest.raises(StorageError, match="closed"):
+        list(ledger.entries())
+
+
+def test_creation_is_atomic_and_uses_wal(tmp_path: Path) -> None:
+    path = tmp_path / "home" / "ledger.sqlite3"
+    with Ledger.open(path, Identity.generate()):
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.sqlite3"]
+
+
+def test_thousand_appends_are_fast(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path / "l.sqlite3", Identity.generate()) as ledger:
+        start = time.perf_counter()
+        for i in range(1000):
+            ledger.append("mix", {"round": i, "digest": b"x" * 32}, timestamp_ms=i,
+                          durable=i % 10 == 0)
+        assert time.perf_counter() - start < 5.0
+
+
+# ---------------------------------------------------------------------- more tampering
+def test_deleted_first_entry_is_found(ledger_path: tuple[Path, Identity]) -> None:
+    path, ident = ledger_path
+    _sql(path, "DELETE FROM entries WHERE idx=0")
+    report = verify_ledger(path, ident.public_key)
+    assert report.first_bad_index == 0 and "missing" in report.reason
+
+
+def test_earliest_of_several_problems_is_named(ledger_path: tuple[Path, Identity]) -> None:
+    path, ident = ledger_path
+    _sql(path, "DELETE FROM entries WHERE idx>=8", "UPDATE entries SET ts=0 WHERE idx=6",
+         "DELETE FROM entries WHERE idx=3")
+    assert verify_ledger(path, ident.public_key).first_bad_index == 3
+
+
+def test_wrongly_typed_column_is_reported_not_raised(ledger_path: tuple[Path, Identity]) -> None:
+    path, ident = ledger_path
+    _sql(path, "UPDATE entries SET ts='soon' WHERE idx=2",
+         "UPDATE entries SET body=x'c1' WHERE idx=5")
+    report = verify_ledger(path, ident.public_key)
+    assert report.first_bad_index == 2 and "type" in report.reason
+
+
+def test_forged_head_record_is_found(ledger_path: tuple[Path, Identity]) -> None:
+    path, ident = ledger_path
+    conn = sqlite3.connect(path)
+    conn.execute("DELETE FROM entries WHERE idx>=8")
+    last_hash = conn.execute("SELECT entry_hash FROM entries WHERE idx=7").fetchone()[0]
+    # the attacker rewrites the head to match the cut, but cannot sign it
+    conn.execute("UPDATE meta SET value=? WHERE key='head'",
+                 (packb([8, last_hash, Identity.generate().sign(b"head")]),))
+    conn.commit()
+    conn.close()
+    report = verify_ledger(path, ident.public_key)
+    assert not report.ok and report.first_bad_index == 8 and "head" in report.reason
+    with pytest.raises(LedgerIntegrityError, match="head"):
+        Ledger.open(path, ident)
+    _sql(path, "DELETE FROM meta WHERE key='head'")
+    assert not verify_ledger(path, ident.public_key).ok
+
+
+def test_tampered_last_entry_is_refused_on_open(ledger_path: tuple[Path, Identity]) -> None:
+    path, ident = ledger_path
+    _sql(path, "UPDATE entries SET ts=ts+1 WHERE idx=9")
+    with pytest.raises(LedgerIntegrityError) as info:
+        Ledger.open(path, ident)
+    assert info.value.index == 9
+
+
+def test_entries_beyond_the_signed_head_are_found(ledger_path: tuple[Path, Identity]) -> None:
+    path, ident = ledger_path
+    conn = sqlite3.connect(path)
+    old_head = conn.execute("SELECT value FROM meta WHERE key='head'").fetchone()[0]
+    conn.close()
+    with Ledger.open(path, ident) as ledger:
+        ledger.append("mix", {"round": 99}, timestamp_ms=1)
+    _sql(path, f"UPDATE meta SET value=x'{old_head.hex()}' WHERE key='head'")  # roll back head
+    report = verify_ledger(path, ident.public_key)
+    assert report.first_bad_index == 10 and "not covered" in report.reason
+
+
+def test_verify_without_a_key_uses_the_recorded_owner(ledger_path: tuple[Path, Identity]) -> None:
+    path, _ident = ledger_path
+    assert verify_ledger(path).ok
+    other = verify_ledger(path, Identity.generate().public_key)
+    assert not other.ok and other.first_bad_index is None and "identity" in other.reason
+
+
+def test_missing_file_and_empty_file(tmp_path: Path) -> None:
+    report = verify_ledger(tmp_path / "nope.sqlite3")
+    assert not report.ok and "no ledger" in report.reason
+    assert not (tmp_path / "nope.sqlite3").exists()
+    empty = tmp_path / "empty.sqlite3"
+    empty.touch()
+    assert "no ledger tables" in verify_ledger(empty).reason
+    with pytest.raises(StorageError, match="not a p2pfed ledger"):
+        Ledger.open(empty, Identity.generate())  # never silently restarts a wiped ledger
+    assert empty.stat().st_size == 0
+
+
+def test_verify_sees_one_snapshot_while_the_owner_appends(tmp_path: Path) -> None:
+    ident = Identity.generate()
+    path = tmp_path / "l.sqlite3"
+    with Ledger.open(path, ident) as ledger:
+        for i in range(50):
+            ledger.append("mix", {"round": i}, timestamp_ms=i, durable=i % 2 == 0)
+            if i % 10 == 0:
+                report = verify_ledger(path, ident.public_key)
+                assert report.ok and report.entries == i + 2
+        mtime = path.stat().st_mtime_ns
+        assert verify_ledger(path, ident.public_key).entries == 51
+        assert path.stat().st_mtime_ns == mtime
+
+
+def test_a_deleted_ledger_is_recreated_unless_its_wal_holds_data(tmp_path: Path) -> None:
+    ident = Identity.generate()
+    path = tmp_path / "ledger.sqlite3"
+    Ledger.open(path, ident).close()
+    assert verify_ledger(path).ok  # may leave empty -wal/-shm files behind (read-only reader)
+    path.unlink()
+    with Ledger.open(path, ident) as ledger:
+        assert len(ledger) == 1
+        ledger.append("mix", {}, timestamp_ms=1)
+        path.unlink()  # deleted while the WAL still holds entries
+        with pytest.raises(StorageError, match="write-ahead log"):
+            Ledger.open(path, ident)
