@@ -133,13 +133,15 @@ class FederatedNode(Node):
         if not isinstance(records, list) or not all(isinstance(r, bytes) for r in records):
             raise MalformedMessageError("a records bundle must be a list of records", peer=peer)
         known_before = {m.public_key for m in self.view.members().values()}
-        new: list[bytes] = []
+        stored_before = self.view.records()
         for raw in records:
             try:
-                if self.view.add_bytes(raw):
-                    new.append(raw)
+                self.view.add_bytes(raw)
             except RemoteError as exc:
                 self._reject(peer, exc)
+        # what the view now holds that it did not: the new records, and any leave that was
+        # waiting for its member's join and came in with it
+        new = sorted(self.view.records() - stored_before)
         for raw in new:
             self._store(raw, now_ms)
         members = self.view.members()
