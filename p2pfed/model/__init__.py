@@ -1,0 +1,1 @@
+"""The multi-modal multi-task model, its data and local training."""

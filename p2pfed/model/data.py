@@ -1,0 +1,456 @@
+"""Local data for the M3T tasks: a small dataset record, built-in sample data, non-IID splits and
+loaders for an institution's own files.
+
+Input keys are modality names (``"text"``, ``"image"``, ``"activity"``), as in
+:mod:`p2pfed.model.m3t`.
+
+Built-in data, all generated or bundled (nothing is downloaded):
+
+* :func:`load_digits_images` — scikit-learn's bundled 8×8 digits.
+* :func:`make_activity_traces` — synthetic student activity traces with a free-text note; the
+  label needs both modalities (see the function's docstring).
+* :func:`p2pfed.model.questions.generate_questions` — topic-tagged curriculum questions.
+
+File loaders raise :class:`~gossip.errors.ConfigError` with messages ``"PATH:LINE: reason"``
+(or ``"PATH: reason"`` where no line applies).  They never unpickle anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import zipfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gossip.errors import ConfigError, LocalError
+
+InputArray = npt.NDArray[Any] | list[str]
+
+SOURCE_KINDS: tuple[str, ...] = ("text-jsonl", "image-npz", "series-csv")
+
+ACTIVITY_STEPS = 24
+ACTIVITY_FEATURES: tuple[str, ...] = ("logins", "hours_on_task", "submissions", "forum_posts")
+ACTIVITY_CLASSES: tuple[str, ...] = ("engaged", "at-risk", "burnout")
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Samples of one local dataset: ``inputs[modality][i]`` goes with ``labels[i]``.
+
+    ``labels`` is coerced to a 1-D ``int64`` array; every input must have one entry per label.
+    """
+
+    name: str
+    inputs: dict[str, InputArray]
+    labels: npt.NDArray[np.int64]
+
+    def __post_init__(self) -> None:
+        labels = np.asarray(self.labels)
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise LocalError(f"dataset {self.name!r}: labels must be a 1-D integer array")
+        object.__setattr__(self, "labels", labels.astype(np.int64, copy=False))
+        n = labels.shape[0]
+        for key, value in self.inputs.items():
+            if len(value) != n:
+                raise LocalError(
+                    f"dataset {self.name!r}: input {key!r} has {len(value)} samples, "
+                    f"labels have {n}"
+                )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: npt.ArrayLike) -> Dataset:
+        """The samples at ``indices`` (in that order), under the same name."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"dataset {self.name!r}: index out of range for {n} samples")
+        inputs: dict[str, InputArray] = {}
+        for key, value in self.inputs.items():
+            if isinstance(value, list):
+                inputs[key] = [value[i] for i in idx.tolist()]
+            else:
+                inputs[key] = value[idx]
+        return Dataset(self.name, inputs, self.labels[idx])
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in data
+
+
+def load_digits_images() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """scikit-learn's bundled digits: images ``(1797, 1, 8, 8)`` in ``[0, 1]`` and labels 0-9."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.asarray(bunch.images, dtype=np.float32) / np.float32(16.0)
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    return images.reshape(-1, 1, 8, 8), labels
+
+
+_CONCERN_ACADEMIC: tuple[str, ...] = (
+    "asked for help with the last problem set",
+    "grades are slipping on the weekly quizzes",
+    "finds the new material confusing",
+    "scored low on the midterm",
+    "needs extra practice with the basics",
+    "did not understand the feedback on the essay",
+    "struggles to follow the lab instructions",
+    "mixed up the formulas in class",
+)
+_CONCERN_WELLBEING: tuple[str, ...] = (
+    "seems tired in class",
+    "mentions working late nights",
+    "says they feel overwhelmed",
+    "stopped enjoying the group project",
+    "looks exhausted during labs",
+    "talks about too much pressure at home",
+    "has trouble sleeping before exams",
+    "feels stretched thin by a part-time job",
+)
+_NEUTRAL: tuple[str, ...] = (
+    "attends most lectures",
+    "submitted the last assignment",
+    "sits near the front",
+    "prefers working alone",
+    "joined a study group",
+    "uses the library often",
+    "is usually quiet in discussions",
+    "replied to the tutor's email",
+)
+
+
+def make_activity_traces(
+    n: int, seed: int
+) -> tuple[npt.NDArray[np.float32], list[str], npt.NDArray[np.int64]]:
+    """Synthetic student activity: traces ``(n, 24, 4)``, one note per student, labels 0/1/2.
+
+    Labels are 0 engaged, 1 at-risk, 2 burnout, balanced (``n // 3`` each, the first
+    ``n % 3`` classes one more) and shuffled.  One ``numpy.random.default_rng(seed)`` drives, in
+    order: the label shuffle, then the traces (vectorised over students), then the notes.
+
+    **Traces.**  Each of the 24 steps (half-weeks of a 12-week term) comes from a latent
+    engagement level ``e_t`` in ``[0, 1]``:
+
+    * engaged: ``e_t = b + w_t`` with base ``b ~ U(0.6, 0.95)``;
+    * at-risk and burnout (the *same* process): ``e_t = b - d·t/23 + w_t`` with
+      ``b ~ U(0.55, 0.9)`` and decline ``d ~ U(0.35, 0.7)``;
+
+    where ``w_t`` is an AR(1) noise (``w_t = 0.7·w_{t-1} + N(0, 0.06)``), then clipped.  The four
+    features are ``logins ~ Poisson(3e)``, ``hours_on_task = max(0, 1.5e + N(0, 0.3))``,
+    ``submissions ~ Binomial(1, e)`` and ``forum_posts ~ Poisson(1.2e)``.  Traces separate engaged
+    from the others but say nothing about at-risk versus burnout.
+
+    **Notes.**  A note is one *concern* phrase and one *neutral* phrase, in random order, joined
+    by ``"; "``.  At-risk students' concern comes from the academic pool (90%) or the wellbeing
+    pool (10%), burnout students' the other way round, and engaged students' from either pool
+    with equal odds.  Notes separate at-risk from burnout but not engaged from the others.
+    """
+    if n < 0:
+        raise LocalError(f"n must be >= 0, got {n}")
+    k = len(ACTIVITY_CLASSES)
+    labels = np.array([c for c in range(k) for _ in range(n // k)] + list(range(n % k)))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(labels)
+    labels = labels.astype(np.int64)
+
+    steps = ACTIVITY_STEPS
+    engaged = labels == 0
+    base = np.where(engaged, rng.uniform(0.6, 0.95, n), rng.uniform(0.55, 0.9, n))
+    decline = np.where(engaged, 0.0, rng.uniform(0.35, 0.7, n))
+    shocks = rng.normal(0.0, 0.06, (n, steps))
+    noise = np.zeros((n, steps))
+    for t in range(steps):
+        noise[:, t] = shocks[:, t] + (0.7 * noise[:, t - 1] if t else 0.0)
+    time = np.arange(steps) / (steps - 1)
+    level = np.clip(base[:, None] - decline[:, None] * time[None, :] + noise, 0.0, 1.0)
+    logins = rng.poisson(3.0 * level)
+    hours = np.maximum(0.0, 1.5 * level + rng.normal(0.0, 0.3, (n, steps)))
+    submissions = rng.binomial(1, level)
+    posts = rng.poisson(1.2 * level)
+    traces = np.stack([logins, hours, submissions, posts], axis=-1).astype(np.float32)
+
+    notes: list[str] = []
+    for label in labels.tolist():
+        r = rng.random()
+        if label == 0:
+            academic = r < 0.5
+        elif label == 1:
+            academic = r < 0.9
+        else:
+            academic = r >= 0.9
+        pool = _CONCERN_ACADEMIC if academic else _CONCERN_WELLBEING
+        concern = pool[int(rng.integers(len(pool)))]
+        neutral = _NEUTRAL[int(rng.integers(len(_NEUTRAL)))]
+        parts = [concern, neutral] if rng.random() < 0.5 else [neutral, concern]
+        notes.append("; ".join(parts))
+    return traces, notes, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-IID split
+
+
+def dirichlet_split(
+    labels: npt.ArrayLike, n_clients: int, alpha: float, seed: int, min_size: int = 1
+) -> list[npt.NDArray[np.int64]]:
+    """Partition sample indices among ``n_clients`` with Dirichlet(``alpha``) label skew.
+
+    For each class (in sorted order) the class's indices are shuffled and cut in proportions
+    drawn from ``Dirichlet(alpha, ..., alpha)``.  Small ``alpha`` gives each client few classes;
+    large ``alpha`` approaches an IID split.  If a client ends up with fewer than ``min_size``
+    samples the whole draw is repeated (same generator, up to 20 times); if that still fails,
+    samples are moved one at a time from the largest client (its highest index) to the smallest
+    (lowest client number on ties).  Deterministic for ``seed``; every index is used exactly
+    once; each returned array is sorted.
+    """
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ConfigError("labels must be a 1-D array")
+    if n_clients < 1:
+        raise ConfigError(f"n_clients must be >= 1, got {n_clients}")
+    if not alpha > 0 or not np.isfinite(alpha):
+        raise ConfigError(f"alpha must be a positive number, got {alpha}")
+    if min_size < 0 or n_clients * min_size > y.shape[0]:
+        raise ConfigError(
+            f"cannot give {n_clients} clients at least {min_size} samples each "
+            f"from {y.shape[0]} samples"
+        )
+    rng = np.random.default_rng(seed)
+    classes = np.unique(y)
+    parts: list[list[int]] = []
+    for _ in range(20):
+        parts = [[] for _ in range(n_clients)]
+        for c in classes:
+            idx = np.flatnonzero(y == c)
+            rng.shuffle(idx)
+            p = rng.dirichlet(np.full(n_clients, float(alpha)))
+            if not np.all(np.isfinite(p)) or p.sum() <= 0:
+                p = np.zeros(n_clients)
+                p[int(rng.integers(n_clients))] = 1.0
+            cuts = np.floor(np.cumsum(p)[:-1] * idx.size).astype(np.int64)
+            for client, chunk in enumerate(np.split(idx, cuts)):
+                parts[client].extend(chunk.tolist())
+        if min(len(p_) for p_ in parts) >= min_size:
+            break
+    else:
+        for part in parts:
+            part.sort()
+        while True:
+            sizes = [len(p_) for p_ in parts]
+            small = int(np.argmin(sizes))
+            if sizes[small] >= min_size:
+                break
+            big = int(np.argmax(sizes))
+            parts[small].append(parts[big].pop())
+            parts[big].sort()
+    return [np.array(sorted(p_), dtype=np.int64) for p_ in parts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders for an institution's own files
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
+def load_jsonl_text(
+    path: Path | str, text_field: str = "text", label_field: str = "label"
+) -> Dataset:
+    """Text samples from JSON Lines: one object per line with a string and an integer label.
+
+    Blank lines are skipped.  Input key ``"text"``; dataset name is the file's stem.
+    """
+    path = Path(path)
+    texts: list[str] = []
+    labels: list[int] = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: invalid JSON: {exc.msg}") from exc
+        if not isinstance(record, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for field in (text_field, label_field):
+            if field not in record:
+                raise ConfigError(f"{where}: missing field {field!r}")
+        text, label = record[text_field], record[label_field]
+        if not isinstance(text, str):
+            raise ConfigError(f"{where}: field {text_field!r} must be a string")
+        if not isinstance(label, int) or isinstance(label, bool) or label < 0:
+            raise ConfigError(f"{where}: field {label_field!r} must be a non-negative integer")
+        texts.append(text)
+        labels.append(label)
+    if not labels:
+        raise ConfigError(f"{path}: no samples")
+    return Dataset(path.stem, {"text": texts}, np.array(labels, dtype=np.int64))
+
+
+def load_image_array(path: Path | str) -> Dataset:
+    """Images from a ``.npz`` with arrays ``images`` (N,C,H,W) or (N,H,W) and ``labels`` (N,).
+
+    Loaded with ``allow_pickle=False``.  Images become ``float32`` (``uint8`` is scaled by
+    1/255); (N,H,W) gains a channel axis.  Input key ``"image"``.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise ConfigError(f"{path}: not an .npz archive")
+            missing = [k for k in ("images", "labels") if k not in archive.files]
+            if missing:
+                raise ConfigError(f"{path}: missing array(s) {', '.join(missing)}")
+            images = np.asarray(archive["images"])
+            labels = np.asarray(archive["labels"])
+    except ConfigError:
+        raise
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ConfigError(f"{path}: not a readable .npz archive ({exc})") from exc
+    if images.ndim == 3:
+        images = images[:, None, :, :]
+    if images.ndim != 4:
+        raise ConfigError(f"{path}: images must have shape (N,C,H,W) or (N,H,W)")
+    if images.dtype == np.bool_ or not np.issubdtype(images.dtype, np.number):
+        raise ConfigError(f"{path}: images must be numeric, got {images.dtype}")
+    if np.issubdtype(images.dtype, np.complexfloating):
+        raise ConfigError(f"{path}: images must be real, got {images.dtype}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(f"{path}: labels must be a 1-D integer array")
+    if labels.shape[0] != images.shape[0]:
+        raise ConfigError(f"{path}: {images.shape[0]} images but {labels.shape[0]} labels")
+    if labels.shape[0] == 0:
+        raise ConfigError(f"{path}: no samples")
+    if labels.min() < 0:
+        raise ConfigError(f"{path}: labels must be non-negative")
+    scale = np.float32(1 / 255) if images.dtype == np.uint8 else np.float32(1)
+    data = images.astype(np.float32) * scale
+    if not np.all(np.isfinite(data)):
+        raise ConfigError(f"{path}: images contain NaN or infinite values")
+    return Dataset(path.stem, {"image": data}, labels.astype(np.int64))
+
+
+def load_csv_series(path: Path | str) -> Dataset:
+    """Time series from CSV rows ``sample_id,step,feature1..featureK,label``.
+
+    An optional header row starting with ``sample_id`` is skipped; blank rows are skipped.
+    Rows are grouped by ``sample_id`` (samples kept in order of first appearance) and ordered by
+    the integer ``step``.  Every row has the same K, every sample the same number of steps,
+    one label, and no repeated step.  Input key ``"activity"``, shape (N, T, K) ``float32``.
+    """
+    path = Path(path)
+    text = _read_text(path)
+    width: int | None = None
+    samples: dict[str, list[tuple[int, list[float]]]] = {}
+    sample_label: dict[str, int] = {}
+    first_line: dict[str, int] = {}
+    reader = csv.reader(text.splitlines())
+    for row in reader:
+        lineno = reader.line_num
+        where = f"{path}:{lineno}"
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if width is None and not samples and row[0].strip() == "sample_id":
+            continue
+        if len(row) < 4:
+            raise ConfigError(
+                f"{where}: expected sample_id,step,feature1..featureK,label "
+                f"(at least 4 columns), got {len(row)}"
+            )
+        if width is None:
+            width = len(row)
+        elif len(row) != width:
+            raise ConfigError(f"{where}: expected {width} columns, got {len(row)}")
+        sample_id = row[0].strip()
+        try:
+            step = int(row[1])
+        except ValueError as exc:
+            raise ConfigError(f"{where}: step {row[1]!r} is not an integer") from exc
+        features: list[float] = []
+        for col, cell in enumerate(row[2:-1], start=3):
+            try:
+                value = float(cell)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: column {col}: {cell!r} is not a number") from exc
+            if not np.isfinite(value):
+                raise ConfigError(f"{where}: column {col}: {cell!r} is not finite")
+            features.append(value)
+        try:
+            label = int(row[-1])
+        except ValueError as exc:
+            raise ConfigError(f"{where}: label {row[-1]!r} is not an integer") from exc
+        if label < 0:
+            raise ConfigError(f"{where}: label must be non-negative, got {label}")
+        if sample_id not in samples:
+            samples[sample_id] = []
+            sample_label[sample_id] = label
+            first_line[sample_id] = lineno
+        elif sample_label[sample_id] != label:
+            raise ConfigError(
+                f"{where}: sample {sample_id!r} has label {label}, "
+                f"earlier rows say {sample_label[sample_id]}"
+            )
+        if any(s == step for s, _ in samples[sample_id]):
+            raise ConfigError(f"{where}: sample {sample_id!r} repeats step {step}")
+        samples[sample_id].append((step, features))
+    if not samples:
+        raise ConfigError(f"{path}: no samples")
+    ids = list(samples)
+    length = len(samples[ids[0]])
+    for sid in ids:
+        if len(samples[sid]) != length:
+            raise ConfigError(
+                f"{path}:{first_line[sid]}: sample {sid!r} has {len(samples[sid])} steps, "
+                f"expected {length} like sample {ids[0]!r}"
+            )
+    series = np.array(
+        [[feats for _, feats in sorted(samples[sid], key=lambda r: r[0])] for sid in ids],
+        dtype=np.float32,
+    )
+    labels = np.array([sample_label[sid] for sid in ids], dtype=np.int64)
+    return Dataset(path.stem, {"activity": series}, labels)
+
+
+def load_source(kind: str, path: Path | str, **options: str) -> Dataset:
+    """Load a local data source of ``kind`` (one of :data:`SOURCE_KINDS`).
+
+    ``options`` are passed on: ``text-jsonl`` takes ``text_field`` and ``label_field``; the
+    other kinds take none.
+    """
+    path = Path(path)
+    if kind == "text-jsonl":
+        unknown = sorted(set(options) - {"text_field", "label_field"})
+        if unknown:
+            raise ConfigError(f"{path}: unknown option(s) for {kind}: {', '.join(unknown)}")
+        return load_jsonl_text(path, **options)
+    if kind not in SOURCE_KINDS:
+        raise ConfigError(
+            f"{path}: unknown data source kind {kind!r}; expected one of {_join(SOURCE_KINDS)}"
+        )
+    if options:
+        raise ConfigError(f"{path}: {kind} takes no options, got {', '.join(sorted(options))}")
+    if kind == "image-npz":
+        return load_image_array(path)
+    return load_csv_series(path)
+
+
+def _join(items: Sequence[str]) -> str:
+    return ", ".join(items)
