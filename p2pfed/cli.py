@@ -66,8 +66,15 @@ def _write_json(path: Path, data: Any) -> None:
 @app.command()
 def simulate(
     topology: Annotated[Path, typer.Argument(help="Topology file (topologies/*.toml).")],
-    workload: Annotated[str, typer.Option(help="What the nodes do: consensus.")] = "consensus",
-    rounds: Annotated[int, typer.Option(min=1, max=100_000, help="Rounds per component.")] = 200,
+    workload: Annotated[
+        str, typer.Option(help="consensus (random values, mixing only) or education.")
+    ] = "consensus",
+    rounds: Annotated[
+        int | None,
+        typer.Option(min=1, max=100_000, help="Rounds (200; education: 40 quick, else 48)."),
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="Education workload: the few-minute run.")]
+    = False,
     seed: Annotated[int, typer.Option(min=0, help="Same seed, same numbers.")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
     home: Annotated[
@@ -87,6 +94,10 @@ def simulate(
             param_hint="--workload",
         )
     topo = load_topology(topology)
+    if rounds is None:
+        from p2pfed.sim.education import FULL, QUICK
+
+        rounds = (QUICK if quick else FULL).rounds if workload == "education" else 200
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=err, disable=quiet, transient=True,
@@ -98,7 +109,7 @@ def simulate(
             progress.update(task, completed=done, total=total)
 
         report = simulate(SimConfig(topo, workload=workload, rounds=rounds, seed=seed,
-                                    home=home, dim=dim, progress=update))
+                                    home=home, dim=dim, progress=update, quick=quick))
     if json_path is not None:
         _write_json(json_path, report)
     if plot is not None:
@@ -125,6 +136,14 @@ def _print_sim_summary(report: dict[str, Any]) -> None:
             _fmt(dist[-1] if dist else None, ".2e"), _fmt(c["mean_drift"], ".1e"),
         )
     out.print(table)
+    if "tasks" in report:
+        tasks = Table(title="test accuracy, mean over the holders of each task")
+        for col in ("task", "holders", "federated", "local only", "centralized"):
+            tasks.add_column(col, justify="left" if col == "task" else "right")
+        for name, t in report["tasks"].items():
+            tasks.add_row(name, str(t["holders"]), f"{t['federated']:.3f}",
+                          f"{t['local_only']:.3f}", f"{t['centralized']:.3f}")
+        out.print(tasks)
     out.print("to 1e-6: rounds until the consensus distance fell below 1e-6 (— not yet)\n"
               "bound: ⌈ln 1e-6 / ln SLEM⌉; drift: largest change of the holders' mean")
     net = report["network"]
@@ -167,7 +186,9 @@ def ledger_verify(
     elif report.ok:
         out.print(f"[green]ok[/green]: {report.entries} entries, chain and signatures intact")
     else:
-        err.print(f"[red]ledger broken at entry {report.first_bad_index}[/red]: {report.reason}")
+        where = (f"at entry {report.first_bad_index}" if report.first_bad_index is not None
+                 else "(no readable entries)")
+        err.print(f"[red]ledger broken {where}[/red]: {report.reason}")
     if not report.ok:
         raise CommandFailedError(exitcodes.LEDGER_BROKEN)
 

@@ -212,6 +212,56 @@ def leave(
     out.print("left the federation; the other members have been told. Stop the daemon now.")
 
 
+def export(
+    component: Annotated[str, typer.Argument(help="Component to export, e.g. encoder.text.lora.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write into (created).")],
+    home: HomeOpt = None,
+) -> None:
+    """Write a component's latest checkpoint: an adapter as a peft adapter, else safetensors."""
+    from p2pfed.blobs import BlobStore
+    from p2pfed.fedstore import FederationStore
+    from p2pfed.home import BLOBS_DIR
+    from p2pfed.ledger import Ledger
+
+    root, config = _load(home)
+    identity = load_identity(root / KEY_FILE)
+    with Ledger.open(root / LEDGER_FILE, identity) as ledger:
+        entry = None
+        for e in ledger.entries("checkpoint"):
+            if e.body.get("component") == component:
+                entry = e
+        if entry is None:
+            held = sorted({str(e.body.get("component")) for e in ledger.entries("checkpoint")})
+            raise LocalError(f"{root} has no checkpoint of {component!r} "
+                             f"(checkpointed: {', '.join(held) or 'nothing yet'})")
+        federation_id = FederationStore(root).view(ledger).federation_id
+    flat = BlobStore(root / BLOBS_DIR).get_tensors(entry.body["digest"])["flat"]
+    if config.model.kind == "m3t":
+        from p2pfed.model.export import export_component
+        from p2pfed.model.local import build_model
+
+        model = build_model(config, [component], federation_id) if component.startswith(
+            ("encoder.", "backbone", "prompt.")) else None
+        if model is None:  # a head: build it with its pipeline, export only the head
+            from p2pfed.model.tasks import task_by_name
+
+            task = task_by_name(component.removeprefix("head."))
+            model = build_model(config, task.pipeline(), federation_id)
+        from p2pfed.model.train import LocalTrainer
+
+        LocalTrainer(model, {}, node_seed=0).flats[component].load_(flat)
+        written = export_component(model, component, out_dir)
+    else:
+        from safetensors.torch import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{component}.safetensors"
+        save_file({"weight": flat.contiguous()}, str(path), metadata={"component": component})
+        written = [path]
+    out.print(f"exported {component} (round {entry.body['round']}) to {out_dir}: "
+              f"{', '.join(p.name for p in written)}")
+
+
 def local_federation(
     nodes: Annotated[int, typer.Option(min=2, max=16, help="Daemons to start.")] = 4,
     rounds: Annotated[int, typer.Option(min=1, max=1000, help="Rounds to wait for.")] = 3,
@@ -271,6 +321,7 @@ def register(app: typer.Typer) -> None:
     app.command()(status)
     app.command()(peers)
     app.command()(leave)
+    app.command()(export)
     app.command("local-federation")(local_federation)
     federation = typer.Typer(help="Create a federation.", no_args_is_help=True)
     federation.command("create")(federation_create)

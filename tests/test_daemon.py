@@ -126,3 +126,62 @@ def test_notifier_is_silent_outside_systemd() -> None:
     n = Notifier({})
     assert not n.enabled and not n.ready() and n.watchdog_s is None
     assert Notifier({"NOTIFY_SOCKET": "@abstract", "WATCHDOG_USEC": "5000000"}).watchdog_s == 5.0
+
+
+@pytest.mark.network
+def test_the_daemon_trains_the_model_its_config_names_and_export_loads_in_peft(
+        tmp_path: Path) -> None:
+    import json
+    import tomllib
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from p2pfed.model.m3t import _tiny_bert
+
+    home = tmp_path / "home"
+    assert main(["init", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0",
+                 "--interval", "0.1", "--timeout", "1", "--hold", "encoder.text.lora",
+                 "--hold", "head.topic"]) == 0
+    questions = [json.dumps({"text": f"what is {w} in lesson {i}", "label": i % 4})
+                 for i, w in enumerate(["energy", "a verb", "a cell", "a prime"] * 6)]
+    (home / "questions.jsonl").write_text("\n".join(questions), encoding="utf-8")
+    data = tomllib.loads((home / "p2pfed.toml").read_text(encoding="utf-8"))
+    data["model"] = {"kind": "m3t", "text_model": "tiny", "lora_layers": [1], "steps": 2,
+                     "batch_size": 4}
+    data["data"] = {"topic": {"text": {"kind": "text-jsonl", "path": "questions.jsonl"}}}
+    config = Config.from_dict(data)
+    (home / "p2pfed.toml").write_text(config.to_toml(), encoding="utf-8")
+    assert main(["federation", "create", "school", "--home", str(home)]) == 0
+    daemon = Daemon(home, Config.from_toml(home / "p2pfed.toml"), Notifier({}))
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            with trio.fail_after(60):
+                while True:
+                    status = await trio.to_thread.run_sync(request, home / SOCKET_NAME,
+                                                           "status")
+                    if status["rounds_completed"] >= 6:
+                        break
+                    await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+    from gossip.identity import load_identity
+    from p2pfed.ledger import Ledger
+
+    ident = load_identity(home / "identity.key")
+    with Ledger.open(home / "ledger.sqlite3", ident) as ledger:
+        updates = {e.body["component"] for e in ledger.entries("local-update")}
+    assert updates == {"encoder.text.lora", "head.topic"}
+    assert main(["export", "encoder.text.lora", str(tmp_path / "adapter"),
+                 "--home", str(home)]) == 0
+    assert main(["export", "head.topic", str(tmp_path / "head"), "--home", str(home)]) == 0
+    assert set(load_file(str(tmp_path / "head" / "head.topic.safetensors"))) == {"weight", "bias"}
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)  # trained: B left zero
+    loaded = PeftModel.from_pretrained(_tiny_bert(), str(tmp_path / "adapter")).eval()
+    assert any("lora_B" in n for n, _ in loaded.named_parameters())
+    assert main(["export", "backbone", str(tmp_path / "x"), "--home", str(home)]) != 0

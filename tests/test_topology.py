@@ -44,7 +44,7 @@ def test_hierarchical_groups_hold_different_components() -> None:
     assert topo.components_of(students[0]) == ["encoder.text.lora", "head.topic"]
     institutions = [n for n in topo.nodes if topo.groups[n] == "institution"]
     assert "backbone" in topo.components_of(institutions[0])
-    assert set(topo.holders["backbone"]) == set(institutions)
+    assert set(topo.holders["encoder.image"]) == set(institutions)
 
 
 def test_churn_is_parsed_and_sorted() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,6 +141,21 @@ def load_text_base(kind: str) -> tuple[nn.Module, Any]:
     return AutoModel.from_pretrained(path), tokenizer
 
 
+def share_frozen(base: nn.Module) -> nn.Module:
+    """A copy of ``base`` whose module tree is new but whose (frozen) tensors are shared.
+
+    peft replaces adapted modules in place, so every node needs its own module tree; the
+    weights themselves never change, so the nodes of one simulation can share them.
+    """
+    import copy
+
+    memo: dict[int, Any] = {id(t): t for t in base.parameters()}
+    memo.update({id(t): t for t in base.buffers()})
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return copy.deepcopy(base, memo)
+
+
 class TextEncoder(nn.Module):
     def __init__(self, base: nn.Module, tokenizer: Any, spec: ModelSpec) -> None:
         super().__init__()
@@ -152,7 +168,10 @@ class TextEncoder(nn.Module):
                             target_modules=["query", "value"], lora_dropout=0.0,
                             layers_to_transform=layers)
         self.cache_from = min(spec.lora_layers) if spec.lora_layers else 0
-        self.peft = get_peft_model(base, config)
+        with warnings.catch_warnings():  # transformers' own deprecation, raised inside peft
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                    category=FutureWarning)
+            self.peft = get_peft_model(base, config)
         self.peft.eval()  # the base is frozen: no dropout, so outputs are deterministic
         self.tokenizer = tokenizer
         self.mode = spec.adapter_mode
@@ -207,7 +226,9 @@ class TextEncoder(nn.Module):
     def forward(self, texts: Sequence[str] | CachedTexts) -> torch.Tensor:
         if isinstance(texts, CachedTexts):
             bert: Any = self.peft.get_base_model()
-            hidden, attention = texts.hidden, texts.mask
+            # padding is on the right: drop the columns no text in this batch reaches
+            width = max(int(texts.mask.sum(1).max()), 1) if len(texts) else 1
+            hidden, attention = texts.hidden[:, :width], texts.mask[:, :width]
             for layer in bert.encoder.layer[self.cache_from :]:
                 hidden = _layer(layer, hidden, attention)
             mask = attention.unsqueeze(-1).to(hidden.dtype)
@@ -248,10 +269,21 @@ class CachedTexts:
         return CachedTexts(self.hidden[idx], self.mask[idx])
 
 
-def _layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _layer(layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One BERT layer; the feed-forward part runs on real tokens only (padding is left zero).
+
+    Padding positions are masked out of every attention and of the pooling, so what they hold
+    never reaches a real token: skipping their feed-forward (two thirds of a layer's work) is
+    exact for every output that is used.
+    """
     additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-    out = layer(hidden, attention_mask=additive)
-    result: torch.Tensor = out[0] if isinstance(out, tuple) else out
+    attended = layer.attention(hidden, additive)
+    attended = attended[0] if isinstance(attended, tuple) else attended
+    real = mask.bool()
+    tokens = attended[real]  # (real tokens, H)
+    out = layer.output(layer.intermediate(tokens), tokens)
+    result: torch.Tensor = attended.new_zeros(attended.shape).masked_scatter(
+        real.unsqueeze(-1), out)
     return result
 
 
@@ -260,8 +292,9 @@ class ImageEncoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, WIDTH),
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(2),
+            nn.Flatten(), nn.Linear(128, WIDTH),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,17 +2,28 @@
 
 Each component's parameters are bound into its flat buffer (zero copy), so what the optimiser
 writes is what the node mixes and sends, and what mixing writes is what the next forward pass
-uses.  Training one component for one round runs ``steps`` optimiser steps on every task whose
-pipeline contains it, with the other components frozen (so no gradient flows through, say, the
-frozen text model when only a head is trained).  Batches are drawn from a generator seeded by
-(node, component, round): the same seed gives the same numbers.
+uses.
+
+A round's training runs ``steps`` optimiser steps on the summed loss of every task whose
+pipeline contains a component being trained, with every other component frozen (no gradient
+flows through, say, the frozen text model when only a head is trained).  When the node asks for
+component ``c`` at round ``r``, the trainer trains *jointly* ``c`` and every other component the
+``ready`` predicate says is waiting for its own round-``r`` update (in lockstep that is all of
+them); those then return at once when their turn comes.  Training the components of a forward
+pass together is far cheaper than one at a time (the text model runs once per step, not once
+per component) and converges like ordinary joint training.  A component whose round is not
+aligned is trained alone, so nothing ever writes into a buffer that is being mixed.
+
+Batches are drawn from a generator seeded by (node, components, round): the same seed gives the
+same numbers.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -61,6 +72,17 @@ class LocalTrainer:
     steps: int = 5
     batch_size: int = 32
     lr: float = 3e-3
+    #: ready(component, round): is that component waiting for its round's local update?
+    ready: Callable[[str, int], bool] = field(default=lambda _c, _r: False)
+    #: train only these (None: every held component some local task uses)
+    only: frozenset[str] | None = None
+    #: train on logits shifted by the log of the local label frequencies (balanced softmax):
+    #: a member whose data is mostly one class then learns what tells the classes apart, not
+    #: that its class is common, so its update does not drag its neighbours towards that class
+    logit_adjust: bool = True
+    #: with a known number of rounds, the learning rate follows a cosine from ``lr`` down to
+    #: nearly zero, so the last rounds mostly mix and the members end close to their consensus
+    total_rounds: int | None = None
 
     def __post_init__(self) -> None:
         self.flats: dict[str, FlatComponent] = {}
@@ -70,6 +92,8 @@ class LocalTrainer:
                                              {k: p.detach() for k, p in params.items()})
             flat.bind(params)
             self.flats[name] = flat
+        self._trained: dict[str, int] = {}  # component -> last round trained
+        self._priors: dict[str, torch.Tensor] = {}
 
     def components(self) -> dict[str, FlatComponent]:
         return dict(self.flats)
@@ -78,20 +102,38 @@ class LocalTrainer:
         return [t.name for t in self.model.spec.tasks_using(component)
                 if t.name in self.model.tasks() and t.name in self.data and len(self.data[t.name])]
 
+    def trainable(self) -> list[str]:
+        """The held components that some local task trains."""
+        return [c for c in self.model.held if self.trained_tasks(c)
+                and (self.only is None or c in self.only)]
+
     def train(self, component: str, round_: int) -> float:
-        """Train ``component`` for one round; returns the mean loss (nan if nothing to do)."""
-        tasks = self.trained_tasks(component)
+        """The node's request: train ``component`` for ``round_`` (with whatever is aligned)."""
+        if self._trained.get(component, -1) >= round_:
+            return float("nan")  # already trained jointly with another component this round
+        group = [component] + [
+            c for c in self.trainable()
+            if c != component and self._trained.get(c, -1) < round_ and self.ready(c, round_)
+        ]
+        return self.train_round(group, round_)
+
+    def train_round(self, components: Sequence[str], round_: int) -> float:
+        """Train ``components`` jointly for one round; returns the mean loss (nan: nothing)."""
+        group = sorted(set(components))
+        for c in group:
+            self._trained[c] = max(self._trained.get(c, -1), round_)
+        tasks = sorted({t for c in group for t in self.trained_tasks(c)})
         if not tasks:
             return float("nan")
-        params = self.model.parameters_of(component)
+        params = [p for c in group for p in self.model.parameters_of(c).values()]
         all_params = [p for m in self.model.modules.values() for p in m.parameters()]
         flags = [p.requires_grad for p in all_params]
         for p in all_params:
             p.requires_grad_(False)
-        for p in params.values():
+        for p in params:
             p.requires_grad_(True)
-        rng = np.random.default_rng(seed_for(self.node_seed, component, round_))
-        opt = torch.optim.Adam(params.values(), lr=self.lr)
+        rng = np.random.default_rng(seed_for(self.node_seed, tuple(group), round_))
+        opt = torch.optim.Adam(params, lr=self.lr_at(round_))
         losses = []
         try:
             for _ in range(self.steps):
@@ -102,15 +144,31 @@ class LocalTrainer:
                     index = rng.choice(len(data), size=min(self.batch_size, len(data)),
                                        replace=len(data) < self.batch_size)
                     batch, labels = data.batch(index)
-                    loss = loss + nn.functional.cross_entropy(self.model.forward(task, batch),
-                                                              labels)
+                    logits = self.model.forward(task, batch)
+                    if self.logit_adjust:
+                        logits = logits + self._log_prior(task, logits.shape[-1])
+                    loss = loss + nn.functional.cross_entropy(logits, labels)
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
-                losses.append(float(loss) / len(tasks))
+                losses.append(float(loss.detach()) / len(tasks))
         finally:
             for p, flag in zip(all_params, flags, strict=True):
                 p.requires_grad_(flag)
         return float(np.mean(losses))
+
+    def lr_at(self, round_: int) -> float:
+        if not self.total_rounds:
+            return self.lr
+        progress = min(round_, self.total_rounds) / self.total_rounds
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def _log_prior(self, task: str, classes: int) -> torch.Tensor:
+        prior = self._priors.get(task)
+        if prior is None:
+            counts = np.bincount(self.data[task].labels, minlength=classes)[:classes]
+            freq = (counts + 1.0) / (counts.sum() + classes)  # add-one: no class is impossible
+            prior = self._priors[task] = torch.from_numpy(np.log(freq).astype(np.float32))
+        return prior
 
     @torch.no_grad()
     def accuracy(self, task: str, data: TaskData, batch_size: int = 256) -> float:

@@ -86,18 +86,35 @@ class Daemon:
             me = view.members().get(identity.public_key)
             holds = sorted(me.modules) if me else list(self.config.components.hold)
             cfg = self.config
+            trainer = None
+            if cfg.model.kind == "m3t":
+                from p2pfed.model.local import build_trainer
+
+                # reads and pre-encodes the local data: off the event loop
+                trainer = await trio.to_thread.run_sync(
+                    build_trainer, cfg, holds, view.federation_id, identity.public_key,
+                    self.home)
+                components = trainer.components()
+                trains = frozenset(trainer.trainable())
+                deps = trainer.model.spec.forward_deps(holds)
+            else:
+                components = initial_components(identity, holds, cfg.components.dim)
+                trains, deps = frozenset(), {}
             node = FederatedNode(
-                identity, view.federation_id,
-                initial_components(identity, holds, cfg.components.dim),
+                identity, view.federation_id, components,
                 ledger, BlobStore(self.home / BLOBS_DIR),
                 NodeConfig(
                     round_timeout_ms=int(cfg.rounds.timeout_s * 1000),
                     round_interval_ms=int(cfg.rounds.interval_s * 1000),
                     checkpoint_every=CHECKPOINT_EVERY,
+                    trains=trains,
+                    forward_deps=deps,
                 ),
                 Sequencer(next_boot_epoch(self.home)),
                 view=view, degree=cfg.overlay.degree,
             )
+            if trainer is not None:
+                trainer.ready = node.awaiting_update
             restored = node.restore()
             if restored:
                 log.info("resumed from checkpoints: %s", restored)
@@ -108,7 +125,8 @@ class Daemon:
             )
             async with trio.open_nursery() as nursery:
                 await nursery.start(transport.run)
-                driver = NodeDriver(node, transport, clock_ms=wall_clock_ms)
+                driver = NodeDriver(node, transport, clock_ms=wall_clock_ms,
+                                    trainer=trainer.train if trainer is not None else None)
                 handlers = self._handlers(node, transport, driver, ledger_path, identity)
                 await nursery.start(serve_control, self.home / SOCKET_NAME, handlers)
                 await nursery.start(driver.run)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own
 log = logging.getLogger(__name__)
 
 #: Runs local training of (component, round) in a worker thread; writes into the flat buffer.
-Trainer = Callable[[str, int], None]
+Trainer = Callable[[str, int], object]
 
 
 def trio_clock_ms() -> int:
@@ -52,12 +52,17 @@ class NodeDriver:
         *,
         clock_ms: Callable[[], int] = trio_clock_ms,
         trainer: Trainer | None = None,
+        train_inline: bool = False,
         on_actions: Callable[[Sequence[object]], None] | None = None,
     ) -> None:
         self.node = node
         self.transport = transport
         self.clock_ms = clock_ms
         self.trainer = trainer
+        #: run training in the event loop, in action order (the simulator: deterministic);
+        #: otherwise in a worker thread, one at a time (the daemon: the loop never blocks)
+        self.train_inline = train_inline
+        self._train_lock = trio.Lock()
         self.on_actions = on_actions
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
@@ -89,7 +94,10 @@ class NodeDriver:
             elif isinstance(action, Fetch):
                 nursery.start_soon(self._fetch, action)
             elif isinstance(action, Train):
-                nursery.start_soon(self._train, action)
+                if self.train_inline:
+                    self._train_now(action)
+                else:
+                    nursery.start_soon(self._train, action)
             elif isinstance(action, Connect):
                 self.transport.set_wanted_peers(dict(action.peers))
             elif isinstance(action, Broadcast):
@@ -126,11 +134,19 @@ class NodeDriver:
             fetch.peer, fetch.component, fetch.round, fetch.digest, data, self.clock_ms()
         ))
 
-    async def _train(self, train: Train) -> None:
-        trainer = self.trainer
-        if trainer is None:
+    def _trainer(self, train: Train) -> Trainer:
+        if self.trainer is None:
             raise P2PFedError(f"{train.component} is set to train but no trainer is configured")
-        await trio.to_thread.run_sync(trainer, train.component, train.round)
+        return self.trainer
+
+    def _train_now(self, train: Train) -> None:
+        self._trainer(train)(train.component, train.round)
+        self.call(self.node.local_update_done, train.component, train.round)
+
+    async def _train(self, train: Train) -> None:
+        trainer = self._trainer(train)
+        async with self._train_lock:
+            await trio.to_thread.run_sync(trainer, train.component, train.round)
         self.call(self.node.local_update_done, train.component, train.round)
 
     async def _receive_loop(self) -> None:

@@ -8,6 +8,7 @@ peer ids, the same summation order and therefore the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -35,8 +36,10 @@ from p2pfed.consensus import (
     weight_matrix,
 )
 from p2pfed.ledger import Ledger
+from p2pfed.model.train import LocalTrainer
 from p2pfed.node import Node, NodeConfig
 from p2pfed.runtime.driver import NodeDriver
+from p2pfed.sim.education import FULL, QUICK, EducationSettings, EducationWorkload
 from p2pfed.sim.topology import ChurnEvent, Topology
 
 if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own types
@@ -45,7 +48,7 @@ if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own
 log = logging.getLogger(__name__)
 
 EPSILON = 1e-6
-WORKLOADS = ("consensus",)
+WORKLOADS = ("consensus", "education")
 
 
 @dataclass
@@ -59,6 +62,9 @@ class SimConfig:
     dim: int = 32
     round_timeout_ms: int = 10_000
     progress: Callable[[int, int], None] | None = None
+    #: education workload: the quick settings (a few minutes) instead of the full ones
+    quick: bool = False
+    education: EducationSettings | None = None
 
 
 @dataclass
@@ -108,6 +114,12 @@ class Simulation:
         self._progress = trio.Event()
         self._graph = self.topo.graph.copy()
         self._absent = set(self.topo.initially_absent())
+        self.edu: EducationWorkload | None = None
+        self.trainers: dict[str, LocalTrainer] = {}
+        if config.workload == "education":
+            settings = config.education or (QUICK if config.quick else FULL)
+            settings = dataclasses.replace(settings, rounds=config.rounds)
+            self.edu = EducationWorkload(self.topo, config.seed, settings)
         comps = sorted(self.topo.holders)
         for index, name in enumerate(self.topo.nodes):
             self.nodes[name] = self._make_node(index, name, comps)
@@ -125,8 +137,18 @@ class Simulation:
         ledger = Ledger.open(home / "ledger.sqlite3" if home else None, identity)
         blobs = BlobStore(home / "blobs" if home else None)
         components: dict[str, FlatComponent] = {}
+        trains: frozenset[str] = frozenset()
+        deps: dict[str, frozenset[str]] = {}
+        if self.edu is not None:
+            trainer = self.trainers[name] = self.edu.trainer(name, index)
+            components = trainer.components()
+            trains = frozenset(trainer.trainable())
+            deps = trainer.model.spec.forward_deps(trainer.model.held)
+            for comp, flat in components.items():
+                self.trace.initial.setdefault(comp, {})[name] = (
+                    flat.flat.detach().to(torch.float64).numpy().copy())
         for ci, comp in enumerate(all_components):
-            if name not in self.topo.holders[comp]:
+            if name not in self.topo.holders[comp] or self.edu is not None:
                 continue
             values = _initial_values(cfg.seed, index, ci, cfg.dim)
             components[comp] = FlatComponent.from_params(
@@ -139,9 +161,11 @@ class Simulation:
             components,
             ledger,
             blobs,
-            NodeConfig(round_timeout_ms=cfg.round_timeout_ms),
+            NodeConfig(round_timeout_ms=cfg.round_timeout_ms, trains=trains, forward_deps=deps),
         )
         node.on_mixed = self._recorder(name)
+        if name in self.trainers:
+            self.trainers[name].ready = node.awaiting_update
         self.by_peer[identity.peer_id] = name
         return _SimNode(name, identity, node, ledger)
 
@@ -172,7 +196,10 @@ class Simulation:
     # ---------------------------------------------------------------- running
     async def _run_node(self, sn: _SimNode, *, task_status: TaskStatus[None]) -> None:
         transport = self.network.attach(sn.identity.peer_id)
-        sn.driver = NodeDriver(sn.node, transport, on_actions=lambda _a: self._progress.set())
+        trainer = self.trainers.get(sn.name)
+        sn.driver = NodeDriver(sn.node, transport, on_actions=lambda _a: self._progress.set(),
+                               trainer=trainer.train if trainer is not None else None,
+                               train_inline=True)
         with trio.CancelScope() as scope:
             sn.scope = scope
             await sn.driver.run(task_status=task_status)
@@ -227,6 +254,8 @@ class Simulation:
                     sn.node.set_round_limit(0, 0)
                     await self._start(nursery, sn)
             stops = sorted({e.round for e in self.topo.churn if 0 < e.round < cfg.rounds})
+            if self.edu is not None:
+                stops = list(range(1, cfg.rounds))  # lockstep: train, exchange, mix, repeat
             done = 0
             for limit in [*stops, cfg.rounds]:
                 # rounds before `limit` run freely; then everyone pauses for the churn events
@@ -266,10 +295,24 @@ class Simulation:
     def run(self) -> dict[str, Any]:
         start = time.perf_counter()
         trio.run(self._main, clock=trio.testing.MockClock(autojump_threshold=0))
-        wall = time.perf_counter() - start
         for sn in self.nodes.values():
             sn.ledger.close()
-        return self._report(wall)
+        tasks = None
+        if self.edu is not None:
+            per_node = self.edu.per_node_accuracy(self.trainers)
+            local = self.edu.local_only()
+            central = self.edu.centralized()
+            tasks = {
+                t: {"federated": float(np.mean(list(accs.values()))), "local_only": local[t],
+                    "centralized": central[t],
+                    "holders": len(self.topo.holders[f"head.{t}"]),
+                    "federated_per_node": accs}
+                for t, accs in per_node.items()
+            }
+        report = self._report(time.perf_counter() - start)
+        if tasks is not None:
+            report["tasks"] = tasks
+        return report
 
     # ---------------------------------------------------------------- report
     def _report(self, wall_s: float) -> dict[str, Any]:

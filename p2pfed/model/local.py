@@ -1,0 +1,67 @@
+"""A member's own model: the components its config holds, built and trained on its own files.
+
+Every member derives the model's initial values and the adapters' frozen ``A`` matrices from the
+federation id, so members of one federation start from the same point and their adapters stay
+exactly mixable; the local batches are seeded by the member's key, so a member's run repeats.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from gossip.errors import ConfigError
+from p2pfed.config import Config
+from p2pfed.model.m3t import ENCODERS, TEXT, M3TModel, ModelSpec, TextEncoder
+from p2pfed.model.tasks import TASKS, load_task_data
+from p2pfed.model.train import LocalTrainer, TaskData
+
+log = logging.getLogger(__name__)
+
+
+def federation_seed(federation_id: bytes) -> int:
+    return int.from_bytes(federation_id[:4], "little")
+
+
+def model_spec(config: Config, federation_id: bytes) -> ModelSpec:
+    layers = tuple(config.model.lora_layers) or None
+    return ModelSpec(TASKS, lora_seed=federation_seed(federation_id),
+                     text_model=config.model.text_model, lora_layers=layers)
+
+
+def build_model(config: Config, holds: Sequence[str], federation_id: bytes) -> M3TModel:
+    spec = model_spec(config, federation_id)
+    return M3TModel.build(spec, holds, init_seed=federation_seed(federation_id))
+
+
+def build_trainer(config: Config, holds: Sequence[str], federation_id: bytes,
+                  node_key: bytes, base: Path) -> LocalTrainer:
+    """The model of ``holds`` and a trainer over the data files the config names.
+
+    Texts pass through the frozen layers below the adapters once, here.  Raises
+    :class:`ConfigError` for data of a task this member does not hold, or bad files.
+    """
+    model = build_model(config, holds, federation_id)
+    unheld = sorted(t for t in config.data if t not in model.tasks())
+    if unheld:
+        raise ConfigError(f"[data] names task(s) {', '.join(unheld)} whose pipeline this member "
+                          f"does not hold (components.hold: {', '.join(holds)})")
+    data = load_task_data(config.data, base)
+    encoder = model.modules.get(ENCODERS[TEXT])
+    for name, task in list(data.items()):
+        inputs = dict(task.inputs)
+        if "text" in inputs:
+            assert isinstance(encoder, TextEncoder)
+            inputs["text"] = encoder.encode_prefix(list(inputs["text"]))
+        if "activity" in inputs:
+            width = inputs["activity"].shape[-1]
+            if width != model.spec.activity_features:
+                raise ConfigError(f"[data.{name}.activity]: {width} features per step; the "
+                                  f"model takes {model.spec.activity_features}")
+        data[name] = TaskData(inputs, task.labels)
+        log.info("task %s: %d local samples", name, len(task.labels))
+    only = frozenset(config.components.train) if config.components.train else None
+    return LocalTrainer(model, data, node_seed=int.from_bytes(node_key[:8], "little"),
+                        steps=config.model.steps, batch_size=config.model.batch_size,
+                        lr=config.model.lr, only=only)

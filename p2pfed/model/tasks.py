@@ -1,0 +1,83 @@
+"""The task catalogue, and a node's own training data read from the files its config names.
+
+The catalogue (:data:`TASKS`) fixes each task's modalities, number of classes and pipeline, so
+every member of a federation builds the same components.  A node's ``p2pfed.toml`` names, per
+task it trains, one file per modality::
+
+    [data.engagement.activity]
+    kind = "series-csv"
+    path = "/srv/school/activity.csv"
+
+    [data.engagement.text]
+    kind = "text-jsonl"
+    path = "/srv/school/notes.jsonl"
+
+The files of a multi-modal task are aligned by sample order and must agree on every label.
+Problems are :class:`ConfigError` naming the file (and line, where the loader knows it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gossip.errors import ConfigError
+from p2pfed.config import DataSource
+from p2pfed.model.data import ACTIVITY_CLASSES, load_source
+from p2pfed.model.m3t import TaskSpec
+from p2pfed.model.questions import TOPICS
+from p2pfed.model.train import TaskData
+
+TASKS: tuple[TaskSpec, ...] = (
+    TaskSpec("digits", ("image",), 10, backbone=True),
+    TaskSpec("topic", ("text",), len(TOPICS)),
+    TaskSpec("engagement", ("activity", "text"), len(ACTIVITY_CLASSES), backbone=True),
+)
+
+
+def task_by_name(name: str) -> TaskSpec:
+    for task in TASKS:
+        if task.name == name:
+            return task
+    raise ConfigError(f"unknown task {name!r} (known: {', '.join(t.name for t in TASKS)})")
+
+
+def load_task_data(sources: Mapping[str, Mapping[str, DataSource]],
+                   base: Path) -> dict[str, TaskData]:
+    """Read every configured task's files (relative paths are under ``base``)."""
+    out: dict[str, TaskData] = {}
+    for name, modalities in sorted(sources.items()):
+        task = task_by_name(name)
+        if set(modalities) != set(task.modalities):
+            raise ConfigError(f"[data.{name}] needs exactly the modalities "
+                              f"{', '.join(task.modalities)}; got {', '.join(sorted(modalities))}")
+        inputs: dict[str, Any] = {}
+        labels: np.ndarray | None = None
+        first = ""
+        for modality in task.modalities:
+            src = modalities[modality]
+            path = Path(src.path) if Path(src.path).is_absolute() else base / src.path
+            data = load_source(src.kind, path, **dict(src.options))
+            if modality not in data.inputs:
+                raise ConfigError(f"{path}: a {src.kind} file gives {', '.join(data.inputs)}, "
+                                  f"not {modality}")
+            if int(data.labels.max()) >= task.classes:
+                row = int(np.argmax(data.labels >= task.classes))
+                raise ConfigError(f"{path}: sample {row + 1} has label {data.labels[row]}; "
+                                  f"task {name} has classes 0..{task.classes - 1}")
+            if labels is None:
+                labels, first = data.labels, str(path)
+            elif len(data.labels) != len(labels):
+                raise ConfigError(f"{path}: {len(data.labels)} samples, but {first} has "
+                                  f"{len(labels)} (files of one task are aligned by order)")
+            elif not np.array_equal(data.labels, labels):
+                row = int(np.argmax(data.labels != labels))
+                raise ConfigError(f"{path}: sample {row + 1} is labelled {data.labels[row]} "
+                                  f"but {labels[row]} in {first}")
+            inputs[modality] = data.inputs[modality]
+        assert labels is not None
+        out[name] = TaskData(inputs, labels)
+    return out

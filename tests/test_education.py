@@ -1,0 +1,121 @@
+"""The education workload in the simulator (tiny text model, few rounds) and model lineage."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gossip.identity import load_identity
+from p2pfed.ledger import Ledger, verify_ledger
+from p2pfed.sim.education import EducationSettings
+from p2pfed.sim.simulator import SimConfig, Simulation, simulate
+from p2pfed.sim.topology import Topology, parse_topology
+
+TINY = EducationSettings(rounds=3, steps=3, batch_size=8, questions=160, traces=96,
+                         text_model="tiny", lora_layers=(1,))
+HEAD_ONLY = ("encoder.text.lora", "head.topic")
+
+
+def school_topology() -> Topology:
+    """Two institutions hold everything; two small schools hold only the topic head and adapter."""
+    everything = ["big-a", "big-b"]
+    return parse_topology({
+        "name": "schools",
+        "graph": {"kind": "edges", "nodes": ["big-a", "big-b", "small-c", "small-d"],
+                  "edges": [["big-a", "big-b"], ["big-a", "small-c"], ["big-b", "small-d"],
+                            ["small-c", "small-d"]]},
+        "components": {
+            "encoder.text.lora": "all", "head.topic": "all",
+            "encoder.image": everything, "head.digits": everything, "backbone": everything,
+            "encoder.activity": everything, "head.engagement": everything,
+        },
+    })
+
+
+def _config(home: Path | None = None, seed: int = 3) -> SimConfig:
+    return SimConfig(school_topology(), workload="education", rounds=TINY.rounds, seed=seed,
+                     home=home, education=TINY)
+
+
+@pytest.fixture(scope="module")
+def twice(tmp_path_factory: pytest.TempPathFactory) -> tuple[Simulation, dict[str, Any],
+                                                             dict[str, Any], Path]:
+    """The same seed run twice (the first with homes on disk)."""
+    home = tmp_path_factory.mktemp("homes")
+    sim = Simulation(_config(home, seed=5))
+    first = sim.run()
+    return sim, first, simulate(_config(seed=5)), home
+
+
+def test_a_node_holding_a_head_and_an_adapter_builds_trains_and_sends_only_those(
+        twice: tuple[Simulation, dict[str, Any], dict[str, Any], Path]) -> None:
+    sim, report, _, tmp_path = twice
+    topo = sim.topo
+    for small in ("small-c", "small-d"):
+        trainer = sim.trainers[small]
+        assert sorted(trainer.model.modules) == list(HEAD_ONLY)  # nothing else was built
+        assert sorted(trainer._trained) == list(HEAD_ONLY)  # ...or trained
+        assert trainer._trained == {c: TINY.rounds - 1 for c in HEAD_ONLY}
+    peer_of = {n: load_identity(tmp_path / n / "identity.key").peer_id for n in topo.nodes}
+    sent: dict[str, set[str]] = {n: set() for n in topo.nodes}
+    for name in topo.nodes:
+        ident = load_identity(tmp_path / name / "identity.key")
+        with Ledger.open(tmp_path / name / "ledger.sqlite3", ident) as ledger:
+            for entry in ledger.entries():
+                if entry.kind == "local-update":
+                    sent[name].add(entry.body["component"])
+                if entry.kind == "contribution":  # what a neighbour sent us
+                    sender = next(n for n, p in peer_of.items() if p == entry.body["sender"])
+                    sent[sender].add(entry.body["component"])
+        assert verify_ledger(tmp_path / name / "ledger.sqlite3", ident.public_key).ok
+    assert sent["small-c"] == sent["small-d"] == set(HEAD_ONLY)
+    assert sent["big-a"] == set(topo.holders)
+    assert set(report["tasks"]) == {"digits", "topic", "engagement"}
+    assert report["tasks"]["topic"]["holders"] == 4
+    assert report["tasks"]["digits"]["holders"] == 2
+
+
+def test_the_same_seed_gives_the_same_accuracies(
+        twice: tuple[Simulation, dict[str, Any], dict[str, Any], Path]) -> None:
+    _, first, second, _ = twice
+    assert first["tasks"] == second["tasks"]
+    for task in first["tasks"].values():
+        for key in ("federated", "local_only", "centralized"):
+            assert 0.0 <= task[key] <= 1.0 and not math.isnan(task[key])
+    assert first["components"]["head.topic"]["consensus_distance"] == \
+        second["components"]["head.topic"]["consensus_distance"]
+
+
+def test_a_head_inherits_the_lineage_of_the_encoder_it_was_trained_on() -> None:
+    """Line a - b - c: c holds only the text adapter, so c never mixes a head; but a's topic
+    head is trained on a's adapter, which has mixed c's, so the head carries c's lineage."""
+    pipeline = ["a", "b"]
+    topo = parse_topology({
+        "graph": {"kind": "edges", "nodes": ["a", "b", "c"], "edges": [["a", "b"], ["b", "c"]]},
+        "components": {
+            "encoder.text.lora": "all", "head.topic": pipeline, "encoder.image": pipeline,
+            "head.digits": pipeline, "backbone": pipeline, "encoder.activity": pipeline,
+            "head.engagement": pipeline,
+        },
+    })
+    sim = Simulation(SimConfig(topo, workload="education", rounds=3, seed=1, education=TINY))
+    sim.run()
+    c = sim.nodes["c"].identity.peer_id
+    a = sim.nodes["a"].node
+    assert c in a.lineage_of("encoder.text.lora")
+    assert c in a.lineage_of("head.topic")  # through the forward pass, not through mixing
+    assert c in a.lineage_of("head.engagement")
+    # the backbone is shared with engagement, so even the digits pipeline is reached
+    assert c in a.lineage_of("backbone") and c in a.lineage_of("head.digits")
+
+
+def test_a_topology_missing_a_task_is_refused() -> None:
+    from gossip.errors import ConfigError
+
+    topo = parse_topology({"graph": {"kind": "complete", "n": 2},
+                           "components": {"encoder.text.lora": "all", "head.topic": "all"}})
+    with pytest.raises(ConfigError, match="no holders for tasks"):
+        simulate(SimConfig(topo, workload="education", rounds=1, education=TINY))
