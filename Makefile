@@ -28,6 +28,8 @@ demo: $(STAMP)
 	mkdir -p $(OUT)
 	$(BIN)/p2pfed simulate topologies/hierarchical-edu.toml --rounds 150 --seed 1 \
 		--json $(OUT)/simulation.json --plot $(OUT)/simulation.png
+	$(BIN)/p2pfed simulate topologies/hierarchical-edu.toml --workload education --quick \
+		--seed 1 --json $(OUT)/education.json
 	$(BIN)/p2pfed local-federation --nodes 4 --rounds 3 --json $(OUT)/local-federation.json
 
 bench: $(STAMP)
