@@ -151,7 +151,8 @@ class Daemon:
                     if metrics is not None:
                         metrics.close()
                 self.notifier.stopping()
-                node.checkpoint(wall_clock_ms())
+                async with driver.training_paused():  # a training thread may be mid-step
+                    node.checkpoint(wall_clock_ms())
                 nursery.cancel_scope.cancel()
         log.info("stopped cleanly")
 

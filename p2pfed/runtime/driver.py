@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -142,6 +143,12 @@ class NodeDriver:
     def _train_now(self, train: Train) -> None:
         self._trainer(train)(train.component, train.round)
         self.call(self.node.local_update_done, train.component, train.round)
+
+    @asynccontextmanager
+    async def training_paused(self) -> AsyncIterator[None]:
+        """No training thread writes into a buffer while this is held (consistent checkpoints)."""
+        async with self._train_lock:
+            yield
 
     async def _train(self, train: Train) -> None:
         trainer = self._trainer(train)
