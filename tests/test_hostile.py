@@ -113,3 +113,33 @@ async def test_a_flood_of_garbage_keeps_memory_bounded_and_rounds_going(
     assert nodes[0].rejected["malformed"] + net.stats.dropped >= 5000
     assert nodes[0].round_of("backbone") >= start_round + 5
     assert len(nodes[0]._replay._state) <= 3  # only members' sequence windows are kept
+
+
+async def test_a_failing_training_step_never_stops_the_rounds() -> None:
+    """Training runs in worker threads, so this one runs on trio's real clock (for ~1 s)."""
+    from tests.test_node import make_node, wire
+
+    nodes = [make_node(float(i), trains=frozenset({"backbone"})) for i in range(2)]
+    wire(nodes, [(0, 1)])
+    net = MemoryNetwork()
+
+    def broken(component: str, round_: int) -> None:
+        raise RuntimeError(f"expected input to have 1 channel ({component}, {round_})")
+
+    five_rounds = trio.Event()
+
+    def progress(_actions: object) -> None:
+        if min(n.round_of("backbone") for n in nodes) >= 5:
+            five_rounds.set()
+
+    async with trio.open_nursery() as nursery:
+        drivers = []
+        for n, trainer in zip(nodes, [broken, lambda _c, _r: None], strict=True):
+            d = NodeDriver(n, net.attach(n.peer_id), trainer=trainer, on_actions=progress)
+            await nursery.start(d.run)
+            drivers.append(d)
+        with trio.fail_after(20):
+            await five_rounds.wait()
+        nursery.cancel_scope.cancel()
+    assert drivers[0].training_failures >= 4 and drivers[1].training_failures == 0
+    assert "mix" in {e.kind for e in nodes[0].ledger.entries()}

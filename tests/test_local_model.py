@@ -139,3 +139,38 @@ def test_model_and_data_sections_round_trip_through_toml(tmp_path: Path) -> None
         Config.from_dict({"model": {"kind": "gpt"}})
     with pytest.raises(ConfigError, match="list of integers"):
         Config.from_dict({"model": {"lora_layers": ["5"]}})
+
+
+def test_training_reads_a_snapshot_of_what_it_does_not_train(tmp_path: Path) -> None:
+    """In the daemon the event loop may mix the encoder while the head trains in a thread."""
+    write_questions(tmp_path / "q.jsonl")
+    cfg = config({"topic": {"text": {"kind": "text-jsonl", "path": "q.jsonl"}}}, TOPIC)
+    trainer = build_trainer(cfg, TOPIC, FED, KEY, tmp_path)
+    live = trainer.flats["encoder.text.lora"]
+
+    def proj() -> float:
+        return float(trainer.model.parameters_of("encoder.text.lora")["proj.weight"][0, 0])
+
+    start = proj()
+    seen: list[float] = []
+
+    def concurrent_mix(_module: object, _args: object) -> None:
+        live.flat.add_(1.0)  # what a mix on the event loop would do meanwhile
+        seen.append(proj())
+
+    handle = trainer.model.modules["encoder.text.lora"].register_forward_pre_hook(concurrent_mix)
+    try:
+        trainer.train("head.topic", 0)
+    finally:
+        handle.remove()
+    assert seen == [start] * trainer.steps  # every step read the snapshot
+    assert proj() == pytest.approx(start + trainer.steps)  # and now the live buffer again
+
+
+def test_adapter_layers_beyond_the_text_model_are_a_config_error(tmp_path: Path) -> None:
+    write_questions(tmp_path / "q.jsonl")
+    data = {"topic": {"text": {"kind": "text-jsonl", "path": "q.jsonl"}}}
+    cfg = Config.from_dict({"components": {"hold": TOPIC}, "data": data,
+                            "model": {"kind": "m3t", "text_model": "tiny", "lora_layers": [5]}})
+    with pytest.raises(ConfigError, match=r"lora_layers \[5\]: this text model has layers 0\.\.1"):
+        build_trainer(cfg, TOPIC, FED, KEY, tmp_path)

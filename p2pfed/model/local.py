@@ -54,6 +54,11 @@ def build_trainer(config: Config, holds: Sequence[str], federation_id: bytes,
         if "text" in inputs:
             assert isinstance(encoder, TextEncoder)
             inputs["text"] = encoder.encode_prefix(list(inputs["text"]))
+        if "image" in inputs:
+            shape = inputs["image"].shape
+            if shape[1] != 1 or min(shape[2:]) < 2:
+                raise ConfigError(f"[data.{name}.image]: images of shape {tuple(shape[1:])}; the "
+                                  "model takes one channel (grey levels), at least 2×2 pixels")
         if "activity" in inputs:
             width = inputs["activity"].shape[-1]
             if width != model.spec.activity_features:

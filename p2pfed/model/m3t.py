@@ -118,10 +118,11 @@ class ModelSpec:
 def _tiny_bert() -> nn.Module:
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(1234)  # the frozen tiny base must be the same everywhere
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    return BertModel(config)
+    with torch.random.fork_rng():  # the frozen tiny base is the same everywhere; the caller's
+        torch.manual_seed(1234)    # random state is left as it was
+        return BertModel(config)
 
 
 def load_text_base(kind: str) -> tuple[nn.Module, Any]:
@@ -166,6 +167,10 @@ class TextEncoder(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         layers = list(spec.lora_layers) if spec.lora_layers is not None else None
+        depth = int(getattr(base, "config").num_hidden_layers)  # noqa: B009 (untyped HF config)
+        if layers is not None and (not layers or max(layers) >= depth):
+            raise ConfigError(f"model.lora_layers {layers}: this text model has layers "
+                              f"0..{depth - 1}")
         config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha,
                             target_modules=["query", "value"], lora_dropout=0.0,
                             layers_to_transform=layers)

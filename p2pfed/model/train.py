@@ -126,6 +126,12 @@ class LocalTrainer:
         if not tasks:
             return float("nan")
         params = [p for c in group for p in self.model.parameters_of(c).values()]
+        # The other components in these forward passes are only read, but in the daemon the
+        # event loop may mix new values into their buffers meanwhile: read private snapshots.
+        frozen = sorted({c for t in tasks for c in self.model.spec.task(t).pipeline()}
+                        - set(group))
+        for c in frozen:
+            self.flats[c].clone().bind(self.model.parameters_of(c))
         all_params = [p for m in self.model.modules.values() for p in m.parameters()]
         flags = [p.requires_grad for p in all_params]
         for p in all_params:
@@ -154,6 +160,8 @@ class LocalTrainer:
         finally:
             for p, flag in zip(all_params, flags, strict=True):
                 p.requires_grad_(flag)
+            for c in frozen:
+                self.flats[c].bind(self.model.parameters_of(c))  # back to the live buffers
         return float(np.mean(losses))
 
     def lr_at(self, round_: int) -> float:

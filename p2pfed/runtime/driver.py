@@ -64,6 +64,7 @@ class NodeDriver:
         #: otherwise in a worker thread, one at a time (the daemon: the loop never blocks)
         self.train_inline = train_inline
         self._train_lock = trio.Lock()
+        self.training_failures = 0
         self.on_actions = on_actions
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
@@ -153,7 +154,12 @@ class NodeDriver:
     async def _train(self, train: Train) -> None:
         trainer = self._trainer(train)
         async with self._train_lock:
-            await trio.to_thread.run_sync(trainer, train.component, train.round)
+            try:
+                await trio.to_thread.run_sync(trainer, train.component, train.round)
+            except Exception:  # a bad batch or a model bug must not stop the daemon
+                log.exception("training %s for round %d failed; publishing its state as it is",
+                              train.component, train.round)
+                self.training_failures += 1
         self.call(self.node.local_update_done, train.component, train.round)
 
     async def _receive_loop(self) -> None:
