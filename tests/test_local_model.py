@@ -149,7 +149,7 @@ def test_training_reads_a_snapshot_of_what_it_does_not_train(tmp_path: Path) -> 
     live = trainer.flats["encoder.text.lora"]
 
     def proj() -> float:
-        return float(trainer.model.parameters_of("encoder.text.lora")["proj.weight"][0, 0])
+        return float(trainer.model.parameters_of("encoder.text.lora")["proj.weight"][0, 0].detach())
 
     start = proj()
     seen: list[float] = []
