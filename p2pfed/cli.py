@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 ledger_app = typer.Typer(help="Inspect and verify a node's ledger.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
+privacy_app = typer.Typer(help="Plan differential-privacy budgets.", no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
 
 out = Console()
 err = Console(stderr=True)
@@ -191,6 +193,28 @@ def ledger_verify(
         err.print(f"[red]ledger broken {where}[/red]: {report.reason}")
     if not report.ok:
         raise CommandFailedError(exitcodes.LEDGER_BROKEN)
+
+
+@privacy_app.command("epsilon")
+def privacy_epsilon(
+    sigma: Annotated[float, typer.Option(min=1e-6, help="Noise multiplier (noise std / C).")],
+    sample_rate: Annotated[float, typer.Option(min=1e-12, max=1.0, help="Sampling rate q.")],
+    steps: Annotated[int, typer.Option(min=0, help="Noisy releases.")],
+    delta: Annotated[float, typer.Option(min=1e-300, max=0.5, help="Target δ.")] = 1e-5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Print the ε that the RDP accountant (opacus') gives for these settings."""
+    from p2pfed.privacy import epsilon
+
+    spent = epsilon(sigma, sample_rate, steps, delta)
+    if as_json:
+        out.print_json(data={"epsilon": spent.epsilon, "delta": spent.delta,
+                             "best_order": spent.best_order, "sigma": sigma,
+                             "sample_rate": sample_rate, "steps": steps})
+    else:
+        out.print(f"ε = {spent.epsilon:.4f} at δ = {spent.delta:g} "
+                  f"(σ = {sigma:g}, q = {sample_rate:g}, {steps} steps; RDP order "
+                  f"{spent.best_order:g})")
 
 
 # ------------------------------------------------------------------------------- bench
