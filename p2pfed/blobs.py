@@ -24,6 +24,7 @@ from safetensors.torch import save as st_save
 
 from gossip.envelope import DIGEST_BYTES, digest
 from gossip.errors import LocalError, StorageError
+from p2pfed.home import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,6 @@ _HEX = frozenset("0123456789abcdef")
 
 def _is_digest(key: object) -> bool:
     return isinstance(key, bytes) and len(key) == DIGEST_BYTES
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobStore:
@@ -107,7 +100,7 @@ class BlobStore:
             if not directory.is_dir():
                 directory.mkdir(parents=True, exist_ok=True)
                 if self.fsync and self.root is not None:
-                    _fsync_dir(self.root)
+                    fsync_dir(self.root)
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -117,7 +110,7 @@ class BlobStore:
             os.replace(tmp, target)
             tmp = None
             if self.fsync:
-                _fsync_dir(directory)
+                fsync_dir(directory)
         except OSError as exc:
             raise StorageError(f"cannot write blob file {target}: {exc}") from exc
         finally:

@@ -23,3 +23,12 @@ def default_home() -> Path:
 
 def resolve_home(home: Path | None) -> Path:
     return (home if home is not None else default_home()).expanduser()
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in ``directory`` durable (fsync the directory itself)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

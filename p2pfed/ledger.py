@@ -33,6 +33,7 @@ from typing import Any
 from gossip.envelope import digest, packb, unpackb
 from gossip.errors import LedgerIntegrityError, LocalError, MalformedMessageError, StorageError
 from gossip.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, verify_signature
+from p2pfed.home import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +159,6 @@ def _connect(path: Path, mode: str) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Ledger:
     """A node's ledger.  Open with :meth:`open`; ``path=None`` keeps it in memory.
 
@@ -265,7 +258,7 @@ class Ledger:
             finally:
                 conn.close()  # checkpoints the WAL into the file and removes it
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot create ledger {path}: {exc}") from exc
         log.info("created ledger %s for %s", path, identity.peer_id)
