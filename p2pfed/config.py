@@ -121,12 +121,7 @@ class Config:
 
     @classmethod
     def from_toml(cls, path: Path) -> Config:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ConfigError(f"no configuration at {path}; run 'p2pfed init' first") from exc
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        data = read_toml(path, str(path), f"no configuration at {path}; run 'p2pfed init' first")
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
@@ -207,6 +202,16 @@ class Config:
                 lines.append(f"{sf.name} = {_toml_value(getattr(section, sf.name))}")
             lines.append("")
         return "\n".join(lines)
+
+
+def read_toml(path: Path, label: str, missing: str) -> dict[str, Any]:
+    """The TOML table in ``path``; ConfigError ``missing`` if absent, naming ``label`` if bad."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(missing) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{label} is not valid TOML: {exc}") from exc
 
 
 def _section(cls: type[Any], name: str, raw: dict[str, Any]) -> Any:

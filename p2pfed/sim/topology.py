@@ -24,7 +24,6 @@ A node that first appears in a ``join`` event is absent until then.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import networkx as nx
 
 from gossip.catalog import ComponentSpec
 from gossip.errors import ConfigError
+from p2pfed.config import read_toml
 
 CHURN_ACTIONS = ("leave", "join", "fail-link", "restore-link")
 MAX_NODES = 4096
@@ -247,12 +247,7 @@ def parse_topology(data: dict[str, Any], default_name: str = "topology") -> Topo
 
 
 def load_topology(path: Path) -> Topology:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"topology file {path} does not exist") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"topology file {path} is not valid TOML: {exc}") from exc
+    data = read_toml(path, f"topology file {path}", f"topology file {path} does not exist")
     try:
         return parse_topology(data, default_name=path.stem)
     except ConfigError as exc:
