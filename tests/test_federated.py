@@ -47,17 +47,24 @@ def build(n: int, holders: dict[str, list[int]]) -> list[FederatedNode]:
     return nodes
 
 
+async def start_federation(nursery: trio.Nursery, nodes: list[FederatedNode],
+                           net: MemoryNetwork) -> list[NodeDriver]:
+    """Start a driver per node; every node but the first bootstraps from the first."""
+    drivers = []
+    for n in nodes:
+        d = NodeDriver(n, net.attach(n.peer_id))
+        await nursery.start(d.run)
+        drivers.append(d)
+    for d, n in zip(drivers[1:], nodes[1:], strict=True):
+        d.call(n.introduce, [nodes[0].peer_id])  # the invite's bootstrap peer
+    return drivers
+
+
 async def run_federation(nodes: list[FederatedNode], seconds: float,
                          leave_at: tuple[int, float] | None = None) -> MemoryNetwork:
     net = MemoryNetwork(latency_s=0.01)
     async with trio.open_nursery() as nursery:
-        drivers = []
-        for n in nodes:
-            d = NodeDriver(n, net.attach(n.peer_id))
-            await nursery.start(d.run)
-            drivers.append(d)
-        for d, n in zip(drivers[1:], nodes[1:], strict=True):
-            d.call(n.introduce, [nodes[0].peer_id])  # the invite's bootstrap peer
+        drivers = await start_federation(nursery, nodes, net)
         if leave_at is not None:
             await trio.sleep(leave_at[1])
             who = leave_at[0]

@@ -15,7 +15,7 @@ from p2pfed.codec import encode_payload
 from p2pfed.federated import RECORDS
 from p2pfed.node import ANNOUNCE, Announcement, Fetch, PeerRejected, RoundCompleted
 from p2pfed.runtime.driver import NodeDriver
-from tests.test_federated import build
+from tests.test_federated import build, start_federation
 
 
 def _codes(actions: list[object]) -> list[str]:
@@ -93,13 +93,7 @@ async def test_a_flood_of_garbage_keeps_memory_bounded_and_rounds_going(
     net = MemoryNetwork(inbox_size=256)
     attacker = net.attach(Identity.generate().peer_id)
     async with trio.open_nursery() as nursery:
-        drivers = []
-        for n in nodes:
-            d = NodeDriver(n, net.attach(n.peer_id))
-            await nursery.start(d.run)
-            drivers.append(d)
-        for d, n in zip(drivers[1:], nodes[1:], strict=True):
-            d.call(n.introduce, [nodes[0].peer_id])
+        await start_federation(nursery, nodes, net)
         await trio.sleep(5)
         start_round = nodes[0].round_of("backbone")
         for i in range(5000):
