@@ -48,16 +48,25 @@ class TaskData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, index: np.ndarray) -> TaskData:
+        """The examples at ``index``, in that order."""
+        return TaskData({m: _take(v, index) for m, v in self.inputs.items()},
+                        self.labels[index])
+
     def batch(self, index: np.ndarray) -> tuple[dict[str, Any], torch.Tensor]:
-        batch: dict[str, Any] = {}
-        for modality, values in self.inputs.items():
-            if isinstance(values, np.ndarray):
-                batch[modality] = torch.from_numpy(values[index])
-            elif hasattr(values, "select"):
-                batch[modality] = values.select(index)
-            else:
-                batch[modality] = [values[i] for i in index]
-        return batch, torch.from_numpy(self.labels[index].astype(np.int64))
+        part = self.subset(index)
+        batch = {m: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                 for m, v in part.inputs.items()}
+        return batch, torch.from_numpy(part.labels.astype(np.int64))
+
+
+def _take(values: Any, index: np.ndarray) -> Any:
+    """Rows ``index`` of one modality's inputs: an array, cached texts, or a list."""
+    if isinstance(values, np.ndarray):
+        return values[index]
+    if hasattr(values, "select"):
+        return values.select(index)
+    return [values[i] for i in index]
 
 
 def seed_for(*parts: object) -> int:

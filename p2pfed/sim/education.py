@@ -89,7 +89,7 @@ class EducationWorkload:
             parts = dirichlet_split(data.labels, len(holders), settings.alpha, seed + 101 * k,
                                     min_size=8)
             for node, index in zip(holders, parts, strict=True):
-                self.node_data[node][task.name] = _subset(data, index)
+                self.node_data[node][task.name] = data.subset(index)
 
     def _load(self, prefix: TextEncoder) -> None:
         s, seed = self.settings, self.seed
@@ -157,15 +157,3 @@ class EducationWorkload:
         for r in range(self.settings.rounds):
             trainer.train_round(trains, r)
         return self.accuracy({"centralized": trainer})
-
-
-def _subset(data: TaskData, index: np.ndarray) -> TaskData:
-    inputs: dict[str, Any] = {}
-    for key, values in data.inputs.items():
-        if isinstance(values, np.ndarray):
-            inputs[key] = values[index]
-        elif hasattr(values, "select"):
-            inputs[key] = values.select(index)
-        else:
-            inputs[key] = [values[i] for i in index]
-    return TaskData(inputs, data.labels[index])
