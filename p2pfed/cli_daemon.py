@@ -239,15 +239,13 @@ def export(
     if config.model.kind == "m3t":
         from p2pfed.model.export import export_component
         from p2pfed.model.local import build_model
-
-        model = build_model(config, [component], federation_id) if component.startswith(
-            ("encoder.", "backbone", "prompt.")) else None
-        if model is None:  # a head: build it with its pipeline, export only the head
-            from p2pfed.model.tasks import task_by_name
-
-            task = task_by_name(component.removeprefix("head."))
-            model = build_model(config, task.pipeline(), federation_id)
+        from p2pfed.model.tasks import task_by_name
         from p2pfed.model.train import LocalTrainer
+
+        # a head is built with its pipeline (that is what holding it means); only it is written
+        parts = (task_by_name(component.removeprefix("head.")).pipeline()
+                 if component.startswith("head.") else [component])
+        model = build_model(config, parts, federation_id)
 
         LocalTrainer(model, {}, node_seed=0).flats[component].load_(flat)
         written = export_component(model, component, out_dir)
