@@ -144,17 +144,15 @@ class Simulation:
             components = trainer.components()
             trains = frozenset(trainer.trainable())
             deps = trainer.model.spec.forward_deps(trainer.model.held)
-            for comp, flat in components.items():
-                self.trace.initial.setdefault(comp, {})[name] = (
-                    flat.flat.detach().to(torch.float64).numpy().copy())
-        for ci, comp in enumerate(all_components):
-            if name not in self.topo.holders[comp] or self.edu is not None:
-                continue
-            values = _initial_values(cfg.seed, index, ci, cfg.dim)
-            components[comp] = FlatComponent.from_params(
-                ComponentSpec.from_name(comp), {"weight": values}
-            )
-            self.trace.initial.setdefault(comp, {})[name] = values.numpy().copy()
+        else:  # consensus: each holder starts from its own random values
+            for ci, comp in enumerate(all_components):
+                if name in self.topo.holders[comp]:
+                    components[comp] = FlatComponent.from_params(
+                        ComponentSpec.from_name(comp),
+                        {"weight": _initial_values(cfg.seed, index, ci, cfg.dim)})
+        for comp, flat in components.items():
+            self.trace.initial.setdefault(comp, {})[name] = (
+                flat.flat.detach().to(torch.float64).numpy().copy())
         node = Node(
             identity,
             self.federation_id,
