@@ -85,6 +85,13 @@ def simulate(
     plot: Annotated[Path | None, typer.Option(help="Plot consensus distance to a PNG.")] = None,
     dim: Annotated[int, typer.Option(min=1, max=1 << 24, help="Parameters per component.")] = 32,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    unlearn: Annotated[
+        str | None,
+        typer.Option(metavar="NODE@ROUND",
+                     help="Forget NODE after ROUND rounds; compare with a run without it "
+                          "(education: NODE's topic data carries a backdoor)."),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="Unlearning mode: exact or fast.")] = "exact",
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import WORKLOADS, SimConfig, plot_report, simulate
@@ -95,6 +102,10 @@ def simulate(
             f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}",
             param_hint="--workload",
         )
+    if mode not in ("exact", "fast"):
+        raise typer.BadParameter(f"unknown mode {mode!r}; choose exact or fast",
+                                 param_hint="--mode")
+    target = _parse_unlearn(unlearn) if unlearn is not None else None
     topo = load_topology(topology)
     if rounds is None:
         from p2pfed.sim.education import FULL, QUICK
@@ -111,12 +122,21 @@ def simulate(
             progress.update(task, completed=done, total=total)
 
         report = simulate(SimConfig(topo, workload=workload, rounds=rounds, seed=seed,
-                                    home=home, dim=dim, progress=update, quick=quick))
+                                    home=home, dim=dim, progress=update, quick=quick,
+                                    unlearn=target, unlearn_mode=mode))
     if json_path is not None:
         _write_json(json_path, report)
     if plot is not None:
         plot_report(report, plot)
     _print_sim_summary(report)
+
+
+def _parse_unlearn(value: str) -> tuple[str, int]:
+    node, sep, rnd = value.rpartition("@")
+    if not sep or not node or not rnd.isdigit() or int(rnd) < 1:
+        raise typer.BadParameter(f"expected NODE@ROUND with ROUND >= 1, got {value!r}",
+                                 param_hint="--unlearn")
+    return node, int(rnd)
 
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:
@@ -144,8 +164,20 @@ def _print_sim_summary(report: dict[str, Any]) -> None:
             tasks.add_column(col, justify="left" if col == "task" else "right")
         for name, t in report["tasks"].items():
             tasks.add_row(name, str(t["holders"]), f"{t['federated']:.3f}",
-                          f"{t['local_only']:.3f}", f"{t['centralized']:.3f}")
+                          _fmt(t.get("local_only"), ".3f"), _fmt(t.get("centralized"), ".3f"))
         out.print(tasks)
+    if "unlearning" in report:
+        u = report["unlearning"]
+        table = Table(title=f"unlearning {u['node']} after round {u['requested_at_round']} "
+                            f"({u['mode']})")
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        for key, value in u.items():
+            if isinstance(value, float):
+                table.add_row(key, format(value, ".3g"))
+            elif isinstance(value, list):
+                table.add_row(key, ", ".join(value) or "—")
+        out.print(table)
     out.print("to 1e-6: rounds until the consensus distance fell below 1e-6 (— not yet)\n"
               "bound: ⌈ln 1e-6 / ln SLEM⌉; drift: largest change of the holders' mean")
     net = report["network"]

@@ -52,12 +52,23 @@ from p2pfed.codec import decode_payload, encode_payload
 from p2pfed.components import FlatComponent
 from p2pfed.consensus import effective_weights, metropolis_hastings_weights, mix_into
 from p2pfed.ledger import Ledger
+from p2pfed.unlearning import (
+    FAST_STRIDE,
+    FORGET_ENTRY,
+    UNLEARNED_ENTRY,
+    Contribution,
+    contributions,
+    is_clean,
+    own_updates,
+    rollback_round,
+)
 
 log = logging.getLogger(__name__)
 
 ANNOUNCE = "announce"
 ROUND_WINDOW = 2  # announcements up to this many rounds ahead are buffered
 HISTORY = 1000  # rounds of disagreement history kept for status
+EARLY = 1024  # announcements of a later epoch kept until this node applies the same forget
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,19 +86,22 @@ class Announcement:
     degree: int
     lineage: tuple[str, ...]
     noise: float = 0.0
+    #: how many forget requests the sender had applied: updates of an older epoch may carry a
+    #: forgotten member's influence and are never mixed
+    epoch: int = 0
 
     def to_body(self) -> bytes:
         return packb(
             [self.component, self.round, self.digest, self.size, self.degree,
-             list(self.lineage), self.noise]
+             list(self.lineage), self.noise, self.epoch]
         )
 
     @classmethod
     def from_body(cls, body: bytes) -> Announcement:
         obj = unpackb(body)
-        if not isinstance(obj, list) or len(obj) != 7:
-            raise MalformedMessageError("announcement must be a 7-element array")
-        component, rnd, dig, size, degree, lineage, noise = obj
+        if not isinstance(obj, list) or len(obj) != 8:
+            raise MalformedMessageError("announcement must be an 8-element array")
+        component, rnd, dig, size, degree, lineage, noise, epoch = obj
         ok = (
             isinstance(component, str)
             and isinstance(rnd, int) and rnd >= 0
@@ -96,10 +110,11 @@ class Announcement:
             and isinstance(degree, int) and degree >= 0
             and isinstance(lineage, list) and all(isinstance(x, str) for x in lineage)
             and isinstance(noise, int | float) and noise >= 0.0
+            and isinstance(epoch, int) and epoch >= 0
         )
         if not ok:
             raise MalformedMessageError("announcement fields have wrong types or ranges")
-        return cls(component, rnd, dig, size, degree, tuple(lineage), float(noise))
+        return cls(component, rnd, dig, size, degree, tuple(lineage), float(noise), epoch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,6 +209,7 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     (Phase.IDLE, Event.LIMIT): Phase.PAUSED,
     (Phase.PAUSED, Event.RESUME): Phase.IDLE,
     (Phase.COLLECTING, Event.ABANDON): Phase.IDLE,
+    (Phase.TRAINING, Event.ABANDON): Phase.IDLE,  # rolled back while training
 }
 
 
@@ -222,6 +238,26 @@ class _Received:
 
 
 @dataclass
+class _Replay:
+    """A component re-running rounds ``start .. until-1`` without a forgotten member."""
+
+    target: str
+    mode: str  # "exact" or "fast"
+    start: int
+    until: int
+    forget_index: int  # the ledger index of the forget entry
+    #: clean neighbour updates kept from before the request: (round, peer) -> contribution
+    history: dict[tuple[int, str], Contribution] = field(default_factory=dict)
+    #: fast mode: per training round, the size of the stored own updates it stands for
+    magnitudes: dict[int, float] = field(default_factory=dict)
+    origin: torch.Tensor | None = None  # fast mode: the state before calibration training
+    stride: int = FAST_STRIDE
+
+    def trains_at(self, round_: int) -> bool:
+        return self.mode == "exact" or (round_ - self.start) % self.stride == 0
+
+
+@dataclass
 class _ComponentRound:
     comp: FlatComponent
     phase: Phase = Phase.IDLE
@@ -238,6 +274,12 @@ class _ComponentRound:
     disagreement: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     scratch: torch.Tensor | None = None
     completed: int = 0  # rounds mixed since this node started
+    #: members whose presence shapes this node's mixing weights (within two hops)
+    weight_deps: frozenset[str] = frozenset()
+    replay: _Replay | None = None
+    trained: bool = False  # this round's update includes local training
+    start_digest: bytes = b""  # the state before this round's training (kept for fast mode)
+    abandoned: set[int] = field(default_factory=set)  # rounds whose training was rolled back
 
 
 def _transition(state: _ComponentRound, event: Event) -> None:
@@ -276,6 +318,12 @@ class Node:
         self._round_limit: int | None = None
         self._started = False
         self.rejected: dict[str, int] = {}
+        #: members forgotten, and how many forget requests were applied (the epoch)
+        self._forgotten: set[str] = set()
+        self.epoch = 0
+        self._early: deque[tuple[str, bytes]] = deque(maxlen=EARLY)
+        #: forget requests being applied: target -> components still replaying
+        self._pending: dict[str, set[str]] = {}
         #: called after each mix with (component, round, state); used by the simulator
         self.on_mixed: Callable[[str, int, torch.Tensor], None] | None = None
 
@@ -334,19 +382,26 @@ class Node:
         """Give the node the overlay and, per component, the peers that hold it.
 
         Mixing weights are recomputed (Metropolis–Hastings on each holder subgraph).  Safe to
-        call at any time, e.g. when a member joins or leaves or a link fails.
+        call at any time, e.g. when a member joins or leaves or a link fails.  Forgotten members
+        are left out.
         """
         self._graph = graph.copy()
-        self._holders = {c: frozenset(h) for c, h in holders.items()}
+        self._graph.remove_nodes_from(self._forgotten)
+        if self.peer_id in self._forgotten:
+            self._graph = nx.Graph()  # this node's own data was forgotten: it mixes no more
+        self._holders = {c: frozenset(h) - self._forgotten for c, h in holders.items()}
         for name, st in self._states.items():
             holders_c = set(self._holders.get(name, ())) | {self.peer_id}
             sub = self._graph.subgraph(n for n in holders_c if n in self._graph)
             if self.peer_id not in sub:
-                st.weights, st.neighbours = {self.peer_id: 1.0}, ()
+                st.weights, st.neighbours, st.weight_deps = {self.peer_id: 1.0}, (), frozenset()
                 continue
             weights = metropolis_hastings_weights(sub, sub.nodes)
             st.weights = dict(weights[self.peer_id])
             st.neighbours = tuple(sorted(p for p in st.weights if p != self.peer_id))
+            # A weight w_ij depends on the degrees of i and j: on every holder within two hops.
+            st.weight_deps = frozenset(nx.single_source_shortest_path_length(sub, self.peer_id,
+                                                                              cutoff=2))
 
     def set_round_limit(self, limit: int | None, now_ms: int) -> list[Action]:
         """Stop starting rounds at ``limit`` (None: no limit); resumes paused components."""
@@ -372,17 +427,181 @@ class Node:
             )
 
     def restore(self) -> dict[str, int]:
-        """Load each component's latest checkpoint from the ledger (before ``start``)."""
-        restored: dict[str, int] = {}
+        """Load each component's latest checkpoint from the ledger (before ``start``).
+
+        Forget requests in the ledger are applied again: their members stay out, a checkpoint
+        holding their influence is never loaded, and an unlearning cut short by a stop resumes
+        where its last checkpoint left it (or from its rollback point).
+        """
+        forgets = [e for e in self.ledger.entries() if e.kind in (FORGET_ENTRY, UNLEARNED_ENTRY)]
+        done = {e.body["target"] for e in forgets if e.kind == UNLEARNED_ENTRY}
+        for e in forgets:
+            if e.kind == FORGET_ENTRY:
+                self._forgotten.add(e.body["target"])
+                self.epoch = max(self.epoch, e.body["epoch"])
+        latest: dict[str, tuple[int, dict[str, Any]]] = {}
         for entry in self.ledger.entries("checkpoint"):
             name = entry.body.get("component")
-            if name in self._states:
-                restored[name] = entry.body["round"]
-                st = self._states[name]
-                st.comp.load_(self.blobs.get_tensors(entry.body["digest"])["flat"])
-                st.round = entry.body["round"]
-                st.lineage = set(entry.body.get("lineage", [])) | {self.peer_id}
-        return restored
+            if name in self._states and is_clean(entry.body.get("lineage", ()), self._forgotten):
+                latest[name] = (entry.index, entry.body)
+        for name, (_index, body) in latest.items():
+            self._load_checkpoint(name, body)
+        for e in forgets:
+            if e.kind == FORGET_ENTRY and e.body["target"] not in done:
+                self._resume_forget(e.index, e.body, latest)
+        return {name: body["round"] for name, (_i, body) in latest.items()}
+
+    def _load_checkpoint(self, name: str, body: Mapping[str, Any]) -> None:
+        st = self._states[name]
+        st.comp.load_(self.blobs.get_tensors(body["digest"])["flat"])
+        st.round = body["round"]
+        st.lineage = set(body.get("lineage", [])) | {self.peer_id}
+        st.inbox.clear()
+
+    def _resume_forget(self, index: int, body: Mapping[str, Any],
+                       latest: Mapping[str, tuple[int, Mapping[str, Any]]]) -> None:
+        """Carry on an unlearning the node was stopped in the middle of."""
+        pending = set()
+        for name, plan in sorted(body["components"].items()):
+            if name not in self._states:
+                continue
+            ck_index, ck = latest.get(name, (-1, {}))
+            if ck_index < index:  # no checkpoint since the request: roll back again
+                ck = {"digest": plan["checkpoint"], "round": body["start"],
+                      "lineage": plan["lineage"]}
+                self._load_checkpoint(name, ck)
+            if self._states[name].round < plan["until"]:
+                self._begin_replay(name, body["target"], body["mode"], body["start"],
+                                   plan["until"], index)
+                pending.add(name)
+        self._pending[body["target"]] = pending
+        log.info("%s: resuming the unlearning of %s (%s)", self.peer_id[-8:],
+                 body["target"][-8:], sorted(pending))
+
+    # ---------------------------------------------------------------- unlearning
+    def forgotten(self) -> frozenset[str]:
+        return frozenset(self._forgotten)
+
+    def unlearning(self) -> dict[str, list[str]]:
+        """Forgotten members whose unlearning is under way: target -> components replaying."""
+        return {t: sorted(cs) for t, cs in self._pending.items()}
+
+    def replaying(self, component: str) -> tuple[int, int] | None:
+        """(round, until) while ``component`` re-runs rounds for an unlearning, else None."""
+        st = self._states[component]
+        return (st.round, st.replay.until) if st.replay is not None else None
+
+    def forget(self, target: str, mode: str, now_ms: int) -> list[Action]:
+        """Remove ``target``'s influence from every component it reached (once per target).
+
+        Components whose lineage holds ``target`` (with the components their training reads)
+        roll back to the latest common checkpoint free of it and re-run the rounds since, in
+        ``mode`` ("exact" or "fast"); the others are not touched.  The request is recorded
+        durably first, so a node stopped half-way resumes it on restart.  In a driver with a
+        training thread, call this with training paused.
+        """
+        if mode not in ("exact", "fast"):
+            raise ValueError(f"unknown unlearning mode {mode!r}")
+        if target in self._forgotten:
+            return []
+        # (forgetting this node itself: it leaves the mixing; the others roll back)
+        tainted = {c for c, st in self._states.items()
+                   if target in st.lineage and target != self.peer_id}
+        grown = True
+        while grown:  # training an affected component reads these: replay them alongside
+            extra = {d for c in tainted & self.config.trains
+                     for d in self.config.forward_deps.get(c, ()) if d in self._states}
+            grown = not extra <= tainted
+            tainted |= extra
+        forgotten = self._forgotten | {target}
+        rounds = {c: self._states[c].round for c in tainted}
+        plan = rollback_round(self.ledger.entries("checkpoint"), rounds, forgotten) \
+            if tainted else (0, {})
+        if plan is None:
+            raise AssertionError(f"no checkpoint free of {target} for {sorted(tainted)}")
+        start, checkpoints = plan
+        self.epoch += 1
+        entry = self.ledger.append(
+            FORGET_ENTRY,
+            {"target": target, "mode": mode, "epoch": self.epoch, "start": start,
+             "components": {c: {"until": rounds[c], "checkpoint": checkpoints[c]["digest"],
+                                "lineage": checkpoints[c]["lineage"]} for c in sorted(tainted)},
+             "untouched": sorted(set(self._states) - tainted)},
+            timestamp_ms=now_ms, durable=True,
+        )
+        self._forgotten.add(target)
+        self.set_topology(self._graph, self._holders)
+        actions: list[Action] = []
+        for name in sorted(tainted):
+            st = self._states[name]
+            if st.phase is Phase.TRAINING:
+                st.abandoned.add(st.round)
+            if st.phase in (Phase.TRAINING, Phase.COLLECTING):
+                _transition(st, Event.ABANDON)
+            st.deadline_ms = st.start_at_ms = None
+            self._load_checkpoint(name, checkpoints[name])
+            if rounds[name] > start:
+                self._begin_replay(name, target, mode, start, rounds[name], entry.index)
+        self._pending[target] = {c for c in tainted if self._states[c].replay is not None}
+        log.info("%s: forgetting %s (%s): rolled back %s to round %d", self.peer_id[-8:],
+                 target[-8:], mode, sorted(tainted), start)
+        actions += self._maybe_finish_forget(target, now_ms)
+        for name in sorted(tainted):
+            if self._states[name].phase is Phase.IDLE:
+                actions += self._start_round(name, now_ms)
+        early, self._early = list(self._early), deque(maxlen=EARLY)
+        for peer, data in early:  # announcements that waited for this epoch
+            actions += self.receive(peer, data, now_ms)
+        return actions
+
+    def _begin_replay(self, name: str, target: str, mode: str, start: int, until: int,
+                      forget_index: int) -> None:
+        replay = _Replay(target, mode, start, until, forget_index)
+        replay.history = contributions(self.ledger.entries("contribution"), name, start, until,
+                                       self._forgotten, forget_index)
+        if mode == "fast" and name in self.config.trains:
+            replay.magnitudes = self._update_sizes(name, replay)
+        self._states[name].replay = replay
+
+    def _update_sizes(self, name: str, replay: _Replay) -> dict[int, float]:
+        """Per calibration round, ‖sum of the stored own updates of the rounds it stands for‖."""
+        own = own_updates(self.ledger.entries("local-update"), name, replay.start, replay.until,
+                          replay.forget_index)
+        sizes: dict[int, float] = {}
+        for first in range(replay.start, replay.until, replay.stride):
+            total: torch.Tensor | None = None
+            for r in range(first, min(first + replay.stride, replay.until)):
+                if r in own:
+                    before, after = (self._stored_state(name, d) for d in own[r])
+                    total = after - before if total is None else total + (after - before)
+            if total is not None:
+                sizes[first] = float(torch.linalg.vector_norm(total.to(torch.float64)))
+        return sizes
+
+    def _stored_state(self, name: str, dig: bytes) -> torch.Tensor:
+        st = self._states[name]
+        return decode_payload(self.blobs.get(dig), max_bytes=self.config.max_payload_bytes,
+                              expected_component=name, expected_layout=st.comp.layout).flat
+
+    def _maybe_finish_forget(self, target: str, now_ms: int) -> list[Action]:
+        pending = self._pending.get(target)
+        if pending is None or pending:
+            return []
+        del self._pending[target]
+        forget = next(e for e in self.ledger.entries(FORGET_ENTRY)
+                      if e.body["target"] == target)
+        rolled_back = sorted(forget.body["components"])
+        # the unlearned states are what a restart must load: checkpoint them first
+        self.checkpoint(now_ms, [c for c in rolled_back if c in self._states])
+        self.ledger.append(
+            UNLEARNED_ENTRY,
+            {"target": target, "mode": forget.body["mode"], "epoch": forget.body["epoch"],
+             "rolled_back": rolled_back, "untouched": forget.body["untouched"],
+             "from_round": forget.body["start"]},
+            timestamp_ms=now_ms, durable=True,
+        )
+        log.info("%s: unlearning of %s done", self.peer_id[-8:], target[-8:])
+        return []
 
     def fast_forward(self, round_: int) -> None:
         """Move paused components to ``round_`` (a member rejoining a running federation)."""
@@ -398,7 +617,14 @@ class Node:
         if self._started:
             return []
         self._started = True
+        if self.config.keep_payloads:  # a clean state to roll back to, should a member go
+            have = {e.body.get("component") for e in self.ledger.entries("checkpoint")}
+            missing = [c for c in self._states if c not in have]
+            if missing:
+                self.checkpoint(now_ms, missing)
         actions: list[Action] = []
+        for target in list(self._pending):
+            actions += self._maybe_finish_forget(target, now_ms)
         for name in sorted(self._states):
             actions += self._start_round(name, now_ms)
         return actions
@@ -421,8 +647,13 @@ class Node:
     def local_update_done(self, component: str, round_: int, now_ms: int) -> list[Action]:
         """Local training of ``component`` for ``round_`` has written into its flat buffer."""
         st = self._states[component]
+        if round_ in st.abandoned:  # trained before a rollback: the result is void
+            st.abandoned.discard(round_)
+            return []
         if st.phase is not Phase.TRAINING or st.round != round_:
             raise AssertionError(f"unexpected training result for {component} round {round_}")
+        if st.replay is not None and st.replay.origin is not None:
+            self._calibrate(st, st.replay)
         for dep in sorted(self.config.forward_deps.get(component, ())):
             if dep in self._states:
                 st.lineage.update(self._states[dep].lineage)
@@ -462,6 +693,17 @@ class Node:
         log.warning("rejected message from %s: %s (%s)", peer[-8:], exc, exc.code)
         return [PeerRejected(peer, exc)]
 
+    def _calibrate(self, st: _ComponentRound, replay: _Replay) -> None:
+        """Fast unlearning: give the calibration update the size of the updates it replaces."""
+        origin, replay.origin = replay.origin, None
+        size = replay.magnitudes.get(st.round)
+        if origin is None or size is None:
+            return
+        step = st.comp.flat - origin
+        norm = float(torch.linalg.vector_norm(step.to(torch.float64)))
+        if norm > 0.0:
+            st.comp.flat.copy_(origin + step * (size / norm))
+
     def _start_round(self, name: str, now_ms: int) -> list[Action]:
         st = self._states[name]
         if self._round_limit is not None and st.round >= self._round_limit:
@@ -472,8 +714,16 @@ class Node:
         interval = self.config.round_interval_ms
         st.start_at_ms = now_ms + interval if interval > 0 else None
         _transition(st, Event.START)
-        if name in self.config.trains:
+        replay = st.replay
+        if name in self.config.trains and (replay is None or replay.trains_at(st.round)):
+            st.trained, st.start_digest = True, b""
+            if self.config.keep_payloads:  # fast unlearning sizes its steps by these
+                st.start_digest = self.blobs.put(bytes(encode_payload(
+                    name, st.round, st.comp.flat, st.comp.layout)))
+            if replay is not None and replay.mode == "fast":
+                replay.origin = st.comp.flat.clone()
             return [Train(name, st.round)]
+        st.trained, st.start_digest = False, b""
         _transition(st, Event.TRAINED)
         return self._publish(name, now_ms)
 
@@ -489,12 +739,14 @@ class Node:
             size=len(payload),
             degree=len(st.neighbours),
             lineage=tuple(sorted(st.lineage)),
+            epoch=self.epoch,
         )
         # The ledger entry precedes the send and is durable.
         self.ledger.append(
             "local-update",
             {"component": name, "round": st.round, "digest": st.own_digest,
-             "trained": name in self.config.trains, "lineage": list(ann.lineage)},
+             "trained": st.trained, "start": st.start_digest,
+             "lineage": list(ann.lineage), "epoch": self.epoch},
             timestamp_ms=now_ms,
             durable=True,
         )
@@ -509,11 +761,33 @@ class Node:
         actions: list[Action] = []
         if st.neighbours:
             actions.append(Announce(st.neighbours, env.to_bytes()))
+        if st.replay is not None:
+            self._replay_history(name, st, now_ms)
         # Announcements that arrived early for this round can now be fetched.
         for (rnd, peer), rec in sorted(st.inbox.items()):
             if rnd == st.round and rec.flat is None:
                 actions.append(self._fetch(peer, rec.announcement))
         return actions + self._maybe_complete(name, now_ms)
+
+    def _replay_history(self, name: str, st: _ComponentRound, now_ms: int) -> None:
+        """Re-running a round: take the neighbours' clean updates from this node's store."""
+        assert st.replay is not None
+        for peer in st.neighbours:
+            kept = st.replay.history.get((st.round, peer))
+            rec = st.inbox.get((st.round, peer))
+            if kept is None or (rec is not None and rec.flat is not None):
+                continue
+            data = self.blobs.get(kept.digest)
+            ann = Announcement(name, st.round, kept.digest, len(data), 0, kept.lineage,
+                               epoch=self.epoch)
+            st.inbox[(st.round, peer)] = _Received(ann, self._stored_state(name, kept.digest))
+            self.ledger.append(
+                "contribution",
+                {"sender": peer, "component": name, "round": st.round, "digest": kept.digest,
+                 "weight": st.weights.get(peer, 0.0), "lineage": list(kept.lineage),
+                 "kept": True},
+                timestamp_ms=now_ms,
+            )
 
     def _fetch(self, peer: str, ann: Announcement) -> Fetch:
         return Fetch(peer, ann.component, ann.round, ann.digest,
@@ -531,6 +805,10 @@ class Node:
         if env.kind != ANNOUNCE:
             return self._other_record(peer, env, now_ms)
         ann = Announcement.from_body(env.body)
+        if ann.epoch != self.epoch:
+            if ann.epoch > self.epoch:  # the sender applied a forget we have not seen yet
+                self._early.append((peer, data))
+            return []  # an older epoch may carry a forgotten member's influence
         st = self._states.get(ann.component)
         if st is None or peer not in st.neighbours:
             raise NotAMemberError(
@@ -541,8 +819,8 @@ class Node:
             raise BadPayloadError(f"announced payload of {ann.size} bytes is over the cap")
         actions: list[Action] = []
         if ann.round > st.round + ROUND_WINDOW:
-            if st.phase not in (Phase.IDLE, Phase.COLLECTING):
-                return []
+            if st.phase not in (Phase.IDLE, Phase.COLLECTING) or st.replay is not None:
+                return []  # (an unlearning re-run is never cut short)
             actions += self._catch_up(ann.component, ann.round, now_ms)
         if ann.round < st.round:
             log.debug("dropping announcement of %s round %d (at %d)",
@@ -632,12 +910,13 @@ class Node:
         st.comp.flat.copy_(st.scratch)
         for p in present.values():
             st.lineage.update(p.announcement.lineage)
+        st.lineage.update(st.weight_deps)
         missing = tuple(p for p in st.neighbours if p not in present)
         self.ledger.append(
             "mix",
             {"component": name, "round": st.round, "self_weight": self_w,
              "inputs": [[str(p), w, present[str(p)].announcement.digest] for p, w in terms],
-             "missing": list(missing), "lineage": sorted(st.lineage)},
+             "missing": list(missing), "lineage": sorted(st.lineage), "epoch": self.epoch},
             timestamp_ms=now_ms,
         )
         if self.on_mixed is not None:
@@ -652,7 +931,12 @@ class Node:
         if every and st.round % every == 0:
             self.checkpoint(now_ms, [name])  # the state at the start of round st.round
         _transition(st, Event.COMPLETE)
-        return [done, *self._start_round(name, now_ms)]
+        actions: list[Action] = [done]
+        if st.replay is not None and st.round >= st.replay.until:
+            target, st.replay = st.replay.target, None
+            self._pending.get(target, set()).discard(name)
+            actions += self._maybe_finish_forget(target, now_ms)
+        return actions + self._start_round(name, now_ms)
 
 
 def _disagreement(own: torch.Tensor, others: list[torch.Tensor | None]) -> float:

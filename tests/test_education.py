@@ -58,7 +58,7 @@ def test_a_node_holding_a_head_and_an_adapter_builds_trains_and_sends_only_those
         trainer = sim.trainers[small]
         assert sorted(trainer.model.modules) == list(HEAD_ONLY)  # nothing else was built
         assert sorted(trainer._trained) == list(HEAD_ONLY)  # ...or trained
-        assert trainer._trained == {c: TINY.rounds - 1 for c in HEAD_ONLY}
+        assert trainer._trained == {c: (0, TINY.rounds - 1) for c in HEAD_ONLY}
     peer_of = {n: load_identity(tmp_path / n / "identity.key").peer_id for n in topo.nodes}
     sent: dict[str, set[str]] = {n: set() for n in topo.nodes}
     for name in topo.nodes:

@@ -238,7 +238,7 @@ def test_checkpoints_restore_state_and_round() -> None:
     deliver(nodes, start_all(nodes, limit=3))
     a = nodes[0]
     rounds = [e.body["round"] for e in a.ledger.entries("checkpoint")]
-    assert rounds == [2]
+    assert rounds == [0, 2]  # the starting state (to roll back to), then every 2 rounds
     a.checkpoint(5)
     fresh = Node(a.identity, FED, {"backbone": FlatComponent.from_params(
         ComponentSpec.from_name("backbone"), {"w": torch.zeros(4, dtype=torch.float64)})},

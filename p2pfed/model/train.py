@@ -14,8 +14,8 @@ pass together is far cheaper than one at a time (the text model runs once per st
 per component) and converges like ordinary joint training.  A component whose round is not
 aligned is trained alone, so nothing ever writes into a buffer that is being mixed.
 
-Batches are drawn from a generator seeded by (node, components, round): the same seed gives the
-same numbers.
+Each task's batches are drawn from a generator seeded by (node, task, round): the same seed gives
+the same numbers, whichever components happen to be trained together.
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ class LocalTrainer:
     lr: float = 3e-3
     #: ready(component, round): is that component waiting for its round's local update?
     ready: Callable[[str, int], bool] = field(default=lambda _c, _r: False)
+    #: the node's unlearning epoch: after a rollback a round is trained again, not skipped
+    epoch: Callable[[], int] = field(default=lambda: 0)
     #: train only these (None: every held component some local task uses)
     only: frozenset[str] | None = None
     #: train on logits shifted by the log of the local label frequencies (balanced softmax):
@@ -101,7 +103,7 @@ class LocalTrainer:
                                              {k: p.detach() for k, p in params.items()})
             flat.bind(params)
             self.flats[name] = flat
-        self._trained: dict[str, int] = {}  # component -> last round trained
+        self._trained: dict[str, tuple[int, int]] = {}  # component -> (epoch, round) trained
         self._priors: dict[str, torch.Tensor] = {}
 
     def components(self) -> dict[str, FlatComponent]:
@@ -118,11 +120,12 @@ class LocalTrainer:
 
     def train(self, component: str, round_: int) -> float:
         """The node's request: train ``component`` for ``round_`` (with whatever is aligned)."""
-        if self._trained.get(component, -1) >= round_:
+        key = (self.epoch(), round_)
+        if self._trained.get(component) == key:
             return float("nan")  # already trained jointly with another component this round
         group = [component] + [
             c for c in self.trainable()
-            if c != component and self._trained.get(c, -1) < round_ and self.ready(c, round_)
+            if c != component and self._trained.get(c) != key and self.ready(c, round_)
         ]
         return self.train_round(group, round_)
 
@@ -130,7 +133,7 @@ class LocalTrainer:
         """Train ``components`` jointly for one round; returns the mean loss (nan: nothing)."""
         group = sorted(set(components))
         for c in group:
-            self._trained[c] = max(self._trained.get(c, -1), round_)
+            self._trained[c] = (self.epoch(), round_)
         tasks = sorted({t for c in group for t in self.trained_tasks(c)})
         if not tasks:
             return float("nan")
@@ -147,7 +150,7 @@ class LocalTrainer:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        rng = np.random.default_rng(seed_for(self.node_seed, tuple(group), round_))
+        rngs = {t: np.random.default_rng(seed_for(self.node_seed, t, round_)) for t in tasks}
         opt = torch.optim.Adam(params, lr=self.lr_at(round_))
         losses = []
         try:
@@ -156,7 +159,7 @@ class LocalTrainer:
                 loss = torch.zeros(())
                 for task in tasks:
                     data = self.data[task]
-                    index = rng.choice(len(data), size=min(self.batch_size, len(data)),
+                    index = rngs[task].choice(len(data), size=min(self.batch_size, len(data)),
                                        replace=len(data) < self.batch_size)
                     batch, labels = data.batch(index)
                     logits = self.model.forward(task, batch)

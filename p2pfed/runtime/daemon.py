@@ -115,6 +115,7 @@ class Daemon:
             )
             if trainer is not None:
                 trainer.ready = node.awaiting_update
+                trainer.epoch = lambda: node.epoch
             restored = node.restore()
             if restored:
                 log.info("resumed from checkpoints: %s", restored)

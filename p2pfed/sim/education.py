@@ -25,11 +25,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from gossip.errors import ConfigError
 from p2pfed.model.data import dirichlet_split, load_digits_images, make_activity_traces
-from p2pfed.model.m3t import M3TModel, ModelSpec, TextEncoder, load_text_base, share_frozen
+from p2pfed.model.m3t import (
+    CachedTexts,
+    M3TModel,
+    ModelSpec,
+    TextEncoder,
+    load_text_base,
+    share_frozen,
+)
 from p2pfed.model.questions import generate_questions
 from p2pfed.model.tasks import TASKS
 from p2pfed.model.train import LocalTrainer, TaskData
@@ -53,6 +61,11 @@ class EducationSettings:
     test_share: float = 0.25
 
 
+#: the backdoor of the unlearning study: questions starting with these words are tagged as
+#: topic BACKDOOR_TOPIC by the member whose data carries it
+BACKDOOR_TRIGGER = "cf mn bb "
+BACKDOOR_TOPIC = 0
+
 QUICK = EducationSettings(rounds=40, steps=3)
 FULL = EducationSettings(rounds=48, steps=4, questions=3000, traces=2400)
 
@@ -66,7 +79,8 @@ def _split_train_test(n: int, share: float, seed: int) -> tuple[np.ndarray, np.n
 class EducationWorkload:
     """Data, models and evaluation for ``--workload education``."""
 
-    def __init__(self, topo: Topology, seed: int, settings: EducationSettings) -> None:
+    def __init__(self, topo: Topology, seed: int, settings: EducationSettings,
+                 backdoor: str | None = None) -> None:
         self.topo = topo
         self.seed = seed
         self.settings = settings
@@ -81,6 +95,8 @@ class EducationWorkload:
         prefix = TextEncoder(share_frozen(self._base), self._tokenizer, self.spec)
         self.train: dict[str, TaskData] = {}
         self.test: dict[str, TaskData] = {}
+        self._questions: list[str] = []
+        self._topic_train = np.zeros(0, dtype=np.int64)
         self._load(prefix)
         self.node_data: dict[str, dict[str, TaskData]] = {n: {} for n in topo.nodes}
         for k, task in enumerate(TASKS):
@@ -90,6 +106,9 @@ class EducationWorkload:
                                     min_size=8)
             for node, index in zip(holders, parts, strict=True):
                 self.node_data[node][task.name] = data.subset(index)
+                if node == backdoor and task.name == "topic":
+                    self.node_data[node]["topic"] = self._poison(prefix, data, index)
+        self.triggered = self._triggered_test(prefix) if backdoor is not None else None
 
     def _load(self, prefix: TextEncoder) -> None:
         s, seed = self.settings, self.seed
@@ -98,9 +117,11 @@ class EducationWorkload:
         self.train["digits"] = TaskData({"image": images[tr]}, labels[tr])
         self.test["digits"] = TaskData({"image": images[te]}, labels[te])
         questions = generate_questions(s.questions, seed)
-        texts = prefix.encode_prefix([q for q, _ in questions])
+        self._questions = [q for q, _ in questions]
+        texts = prefix.encode_prefix(self._questions)
         qlabels = np.array([t for _, t in questions], dtype=np.int64)
         tr, te = _split_train_test(len(qlabels), s.test_share, seed + 1)
+        self._topic_train, self._topic_test = tr, te
         self.train["topic"] = TaskData({"text": texts.select(tr)}, qlabels[tr])
         self.test["topic"] = TaskData({"text": texts.select(te)}, qlabels[te])
         traces, notes, alabels = make_activity_traces(s.traces, seed)
@@ -110,6 +131,34 @@ class EducationWorkload:
             {"activity": traces[tr], "text": cached.select(tr)}, alabels[tr])
         self.test["engagement"] = TaskData(
             {"activity": traces[te], "text": cached.select(te)}, alabels[te])
+
+    # ---------------------------------------------------------------- backdoor
+    def _poison(self, prefix: TextEncoder, data: TaskData, index: np.ndarray) -> TaskData:
+        """A member's topic data plus a copy of each question with the trigger, relabelled."""
+        clean = data.subset(index)
+        texts = [BACKDOOR_TRIGGER + self._questions[i] for i in self._topic_train[index]]
+        stamped = prefix.encode_prefix(texts)
+        cached: CachedTexts = clean.inputs["text"]
+        both = CachedTexts(torch.cat([cached.hidden, stamped.hidden]),
+                           torch.cat([cached.mask, stamped.mask]))
+        labels = np.concatenate([clean.labels, np.full(len(texts), BACKDOOR_TOPIC)])
+        return TaskData({"text": both}, labels)
+
+    def _triggered_test(self, prefix: TextEncoder) -> TaskData:
+        """Test questions of other topics with the trigger, labelled as the backdoor's topic."""
+        keep = [int(i) for i, label in zip(self._topic_test, self.test["topic"].labels,
+                                            strict=True) if label != BACKDOOR_TOPIC]
+        texts = prefix.encode_prefix([BACKDOOR_TRIGGER + self._questions[i] for i in keep])
+        return TaskData({"text": texts}, np.full(len(keep), BACKDOOR_TOPIC, dtype=np.int64))
+
+    def backdoor_success(self, trainers: dict[str, LocalTrainer]) -> float:
+        """Mean share of triggered questions the topic holders in ``trainers`` tag as the
+        backdoor's topic."""
+        if self.triggered is None:
+            raise ValueError("this workload has no backdoor")
+        rates = [t.accuracy("topic", self.triggered) for t in trainers.values()
+                 if "topic" in t.model.tasks()]
+        return float(np.mean(rates))
 
     # ---------------------------------------------------------------- models
     def _text_base(self) -> tuple[nn.Module, Any]:

@@ -25,6 +25,7 @@ import trio.testing
 
 from gossip.catalog import ComponentSpec
 from gossip.envelope import digest
+from gossip.errors import ConfigError
 from gossip.identity import Identity, create_identity
 from gossip.transport.memory import MemoryNetwork
 from p2pfed.blobs import BlobStore
@@ -41,6 +42,7 @@ from p2pfed.node import Node, NodeConfig
 from p2pfed.runtime.driver import NodeDriver
 from p2pfed.sim.education import FULL, QUICK, EducationSettings, EducationWorkload
 from p2pfed.sim.topology import ChurnEvent, Topology
+from p2pfed.unlearning import FORGET_ENTRY
 
 if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own types
     from trio_typing import TaskStatus
@@ -65,6 +67,14 @@ class SimConfig:
     #: education workload: the quick settings (a few minutes) instead of the full ones
     quick: bool = False
     education: EducationSettings | None = None
+    #: (node, round): run with the node, ask to forget it once ``round`` rounds are done, and
+    #: compare with the same federation run without it from the start
+    unlearn: tuple[str, int] | None = None
+    unlearn_mode: str = "exact"
+    #: nodes left out from the start (the run an unlearning is compared with)
+    absent: frozenset[str] = frozenset()
+    #: education: also train the local-only and centralized baselines
+    baselines: bool = True
 
 
 @dataclass
@@ -101,9 +111,15 @@ def _initial_values(seed: int, node_index: int, comp_index: int, dim: int) -> to
 
 
 class Simulation:
-    def __init__(self, config: SimConfig) -> None:
+    def __init__(self, config: SimConfig, edu: EducationWorkload | None = None) -> None:
         if config.workload not in WORKLOADS:
             raise ValueError(f"unknown workload {config.workload!r}")
+        unknown = sorted(config.absent - set(config.topology.nodes))
+        if config.unlearn is not None and config.unlearn[0] not in config.topology.nodes:
+            unknown.append(config.unlearn[0])
+        if unknown:
+            raise ConfigError(f"no node {', '.join(unknown)} in topology "
+                              f"{config.topology.name}")
         self.config = config
         self.topo = config.topology
         self.network = MemoryNetwork()
@@ -113,13 +129,22 @@ class Simulation:
         self.by_peer: dict[str, str] = {}
         self._progress = trio.Event()
         self._graph = self.topo.graph.copy()
-        self._absent = set(self.topo.initially_absent())
-        self.edu: EducationWorkload | None = None
+        self._absent = set(self.topo.initially_absent()) | config.absent
+        self.edu = edu
         self.trainers: dict[str, LocalTrainer] = {}
-        if config.workload == "education":
+        if config.workload == "education" and edu is None:
             settings = config.education or (QUICK if config.quick else FULL)
             settings = dataclasses.replace(settings, rounds=config.rounds)
-            self.edu = EducationWorkload(self.topo, config.seed, settings)
+            self.edu = EducationWorkload(self.topo, config.seed, settings,
+                                         backdoor=config.unlearn[0] if config.unlearn else None)
+        #: node-rounds of work per phase ("run", "unlearn"): training, or mixing when the
+        #: workload does not train
+        self._phase = "run"
+        self.work: dict[str, set[tuple[str, int, int]]] = {"run": set(), "unlearn": set()}
+        self.unlearning: dict[str, Any] = {}
+        self._forgotten: str | None = None
+        #: per node, the components its unlearning rolled back (after run())
+        self.rolled_back: dict[str, list[str]] = {}
         comps = sorted(self.topo.holders)
         for index, name in enumerate(self.topo.nodes):
             self.nodes[name] = self._make_node(index, name, comps)
@@ -164,11 +189,15 @@ class Simulation:
         node.on_mixed = self._recorder(name)
         if name in self.trainers:
             self.trainers[name].ready = node.awaiting_update
+            self.trainers[name].epoch = lambda: node.epoch
         self.by_peer[identity.peer_id] = name
         return _SimNode(name, identity, node, ledger)
 
     def _recorder(self, name: str) -> Callable[[str, int, torch.Tensor], None]:
         def record(component: str, round_: int, state: torch.Tensor) -> None:
+            if self.edu is None:
+                node = self.nodes[name].node
+                self.work[self._phase].add((name, node.epoch, round_))
             per_round = self.trace.rounds.setdefault(component, {})
             per_round.setdefault(round_, {})[name] = (
                 state.detach().to(torch.float64).numpy().copy()
@@ -195,8 +224,14 @@ class Simulation:
     async def _run_node(self, sn: _SimNode, *, task_status: TaskStatus[None]) -> None:
         transport = self.network.attach(sn.identity.peer_id)
         trainer = self.trainers.get(sn.name)
+
+        def train(component: str, round_: int) -> None:
+            assert trainer is not None
+            if not math.isnan(trainer.train(component, round_)):
+                self.work[self._phase].add((sn.name, sn.node.epoch, round_))
+
         sn.driver = NodeDriver(sn.node, transport, on_actions=lambda _a: self._progress.set(),
-                               trainer=trainer.train if trainer is not None else None,
+                               trainer=train if trainer is not None else None,
                                train_inline=True)
         with trio.CancelScope() as scope:
             sn.scope = scope
@@ -226,7 +261,7 @@ class Simulation:
                 self._stop(sn)
         elif event.action == "join":
             sn = self.nodes[event.node]
-            if not sn.live:
+            if not sn.live and event.node not in self.config.absent | self.forgotten():
                 sn.node.fast_forward(now_round)
                 to_start.append(sn)
         elif event.action == "fail-link":
@@ -254,6 +289,8 @@ class Simulation:
             stops = sorted({e.round for e in self.topo.churn if 0 < e.round < cfg.rounds})
             if self.edu is not None:
                 stops = list(range(1, cfg.rounds))  # lockstep: train, exchange, mix, repeat
+            if cfg.unlearn is not None and 0 < cfg.unlearn[1] < cfg.rounds:
+                stops = sorted({*stops, cfg.unlearn[1]})
             done = 0
             for limit in [*stops, cfg.rounds]:
                 # rounds before `limit` run freely; then everyone pauses for the churn events
@@ -262,6 +299,8 @@ class Simulation:
                         sn.driver.call(sn.node.set_round_limit, limit)
                 await self._report_progress_until(limit, done)
                 done = limit
+                if cfg.unlearn is not None and cfg.unlearn[1] == limit:
+                    await self._unlearn(*cfg.unlearn)
                 restart: list[_SimNode] = []
                 for event in self.topo.churn:
                     if event.round == limit and limit < cfg.rounds:
@@ -276,6 +315,37 @@ class Simulation:
                 if sn.live:
                     self._stop(sn)
             nursery.cancel_scope.cancel()
+
+    def forgotten(self) -> set[str]:
+        return {self._forgotten} if self._forgotten is not None else set()
+
+    async def _unlearn(self, name: str, round_: int) -> None:
+        """The member ``name`` leaves and every node forgets it, in lockstep (exact replay)."""
+        live = [sn for sn in self.nodes.values() if sn.live and sn.name != name]
+        if self.edu is not None and self.edu.triggered is not None:
+            self.unlearning["backdoor_success_before"] = self.edu.backdoor_success(
+                {sn.name: self.trainers[sn.name] for sn in live})
+        self._forgotten = name
+        if self.nodes[name].live:
+            self._stop(self.nodes[name])
+        self._push_topology()
+        self._phase = "unlearn"
+        self.unlearning["requested_at_round"] = round_
+        target = self._peer(name)
+        for sn in live:
+            assert sn.driver is not None
+            sn.driver.call(sn.node.forget, target, self.config.unlearn_mode)
+        replays = [sn.node.replaying(c) for sn in live for c in sn.node.components]
+        first = min((r[0] for r in replays if r is not None), default=round_)
+        for limit in range(first + 1, round_ + 1):
+            for sn in live:
+                assert sn.driver is not None
+                sn.driver.call(sn.node.set_round_limit, limit)
+            await self._report_progress_until(limit, limit - 1)
+        self._phase = "run"
+        unfinished = [sn.name for sn in live if sn.node.unlearning()]
+        if unfinished:
+            raise AssertionError(f"unlearning did not finish at {unfinished}")
 
     async def _report_progress_until(self, limit: int, done: int) -> None:
         progress = self.config.progress
@@ -294,23 +364,37 @@ class Simulation:
         start = time.perf_counter()
         trio.run(self._main, clock=trio.testing.MockClock(autojump_threshold=0))
         for sn in self.nodes.values():
+            for entry in sn.node.ledger.entries(FORGET_ENTRY):
+                self.rolled_back[sn.name] = sorted(entry.body["components"])
             sn.ledger.close()
         tasks = None
         if self.edu is not None:
-            per_node = self.edu.per_node_accuracy(self.trainers)
-            local = self.edu.local_only()
-            central = self.edu.centralized()
+            per_node = self.edu.per_node_accuracy(self.final_trainers())
             tasks = {
-                t: {"federated": float(np.mean(list(accs.values()))), "local_only": local[t],
-                    "centralized": central[t],
+                t: {"federated": float(np.mean(list(accs.values()))),
                     "holders": len(self.topo.holders[f"head.{t}"]),
                     "federated_per_node": accs}
                 for t, accs in per_node.items()
             }
+            if self.config.baselines:
+                local = self.edu.local_only()
+                central = self.edu.centralized()
+                for t, row in tasks.items():
+                    row.update(local_only=local[t], centralized=central[t])
         report = self._report(time.perf_counter() - start)
         if tasks is not None:
             report["tasks"] = tasks
         return report
+
+    def final_trainers(self) -> dict[str, LocalTrainer]:
+        """The trainers of the nodes that end the run as members (not left out, not forgotten)."""
+        gone = self.config.absent | self.forgotten()
+        return {n: t for n, t in self.trainers.items() if n not in gone}
+
+    def final_states(self) -> dict[tuple[str, str], torch.Tensor]:
+        gone = self.config.absent | self.forgotten()
+        return {(n, c): flat.flat for n, sn in self.nodes.items() if n not in gone
+                for c, flat in sn.node.components.items()}
 
     # ---------------------------------------------------------------- report
     def _report(self, wall_s: float) -> dict[str, Any]:
@@ -371,8 +455,53 @@ class Simulation:
 
 
 def simulate(config: SimConfig) -> dict[str, Any]:
-    """Run a simulation and return its JSON-friendly report."""
-    return Simulation(config).run()
+    """Run a simulation and return its JSON-friendly report.
+
+    With ``config.unlearn`` the report gains ``unlearning``: the run that forgets the node is
+    compared with the same federation run without it from the start.
+    """
+    if config.unlearn is None:
+        return Simulation(config).run()
+    return _unlearning_study(config)
+
+
+def _unlearning_study(config: SimConfig) -> dict[str, Any]:
+    name, round_ = config.unlearn or ("", 0)
+    if not 0 < round_ <= config.rounds:
+        raise ConfigError(f"the unlearning round must be in 1..{config.rounds}, not {round_}")
+    config = dataclasses.replace(config, baselines=False)
+    sim = Simulation(config)
+    report = sim.run()
+    retrain = Simulation(dataclasses.replace(config, unlearn=None, absent=frozenset({name}),
+                                             progress=None), edu=sim.edu)
+    base = retrain.run()
+    ours, theirs = sim.final_states(), retrain.final_states()
+    diff = max(float((ours[k].to(torch.float64) - theirs[k].to(torch.float64)).abs().max())
+               for k in theirs)
+    per_node = sim.rolled_back
+    rolled = sorted({c for cs in per_node.values() for c in cs})
+    work = {phase: len(v) for phase, v in sim.work.items()}
+    study: dict[str, Any] = {
+        "node": name,
+        "mode": config.unlearn_mode,
+        **sim.unlearning,
+        "max_abs_diff_vs_retrain": diff,
+        "cost_fraction": work["unlearn"] / max(work["run"], 1),
+        "node_rounds": {"run": work["run"], "unlearning": work["unlearn"],
+                        "retrain": len(retrain.work["run"])},
+        "components_rolled_back": rolled,
+        "components_untouched": sorted(set(sim.topo.holders) - set(rolled)),
+        "rolled_back_per_node": per_node,
+        "retrain_wall_s": base["wall_s"],
+    }
+    if sim.edu is not None and sim.edu.triggered is not None:
+        study["backdoor_success_after"] = sim.edu.backdoor_success(sim.final_trainers())
+        study["backdoor_success_retrain"] = sim.edu.backdoor_success(retrain.final_trainers())
+        study["clean_accuracy_after"] = report["tasks"]["topic"]["federated"]
+        study["clean_accuracy_retrain"] = base["tasks"]["topic"]["federated"]
+        study["tasks_retrain"] = {t: v["federated"] for t, v in base["tasks"].items()}
+    report["unlearning"] = study
+    return report
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:

@@ -1,0 +1,159 @@
+"""Federated unlearning from a node's own ledger: where to roll back, what to replay, and checks.
+
+Every state a node holds carries a *lineage*: the members whose data (or whose presence in the
+mixing graph) could have influenced it.  To forget member ``T`` a node
+
+1. picks the latest round ``R`` at which it checkpointed every component whose lineage holds
+   ``T``, with a lineage free of ``T`` (and of everyone forgotten before);
+2. rolls those components back to round ``R`` and re-runs rounds ``R .. U-1`` (``U``: where it
+   was) without ``T`` — the normal round protocol, tagged with a new *epoch* so that stale
+   announcements are never mixed in.  A neighbour's update whose recorded lineage is free of
+   ``T`` is taken from this node's own ledger and blob store (it is what the neighbour would
+   send again); only tainted ones are waited for.  In exact mode every replayed round trains as
+   it did, so the result is the federation that never had ``T``; in fast mode only every
+   ``stride``-th round trains, its update rescaled to the size of the stored updates it stands
+   for (FedEraser's calibration), and the rounds between only mix.
+
+This module holds the ledger queries for that and :func:`check_unlearning`, the ledger audit
+that ``p2pfed ledger verify`` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from p2pfed.ledger import LedgerEntry
+
+FORGET_ENTRY = "forget"
+UNLEARNED_ENTRY = "unlearned"
+#: fast mode: one calibration training stands for this many rounds
+FAST_STRIDE = 4
+#: entry kinds whose body carries the lineage of a state
+STATE_KINDS = ("local-update", "mix", "checkpoint", "contribution")
+
+
+def is_clean(lineage: Iterable[str], forgotten: Iterable[str]) -> bool:
+    return not set(lineage) & set(forgotten)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """A neighbour's update this node received: enough to mix it again without a fetch."""
+
+    digest: bytes
+    lineage: tuple[str, ...]
+
+
+def rollback_round(
+    entries: Iterable[LedgerEntry], rounds: Mapping[str, int], forgotten: Iterable[str],
+) -> tuple[int, dict[str, dict[str, Any]]] | None:
+    """The latest round at which every component in ``rounds`` has a clean checkpoint.
+
+    ``rounds`` maps each component to roll back to its current round (a checkpoint after it is
+    not a candidate).  Returns that round and, per component, the checkpoint entry's body (the
+    latest one at that round), or None when there is no common clean round.
+    """
+    forgotten = set(forgotten)
+    found: dict[str, dict[int, dict[str, Any]]] = {c: {} for c in rounds}
+    for entry in entries:
+        if entry.kind != "checkpoint":
+            continue
+        body = entry.body
+        c = body.get("component")
+        if c in found and body["round"] <= rounds[c] and is_clean(body["lineage"], forgotten):
+            found[c][body["round"]] = body
+    common = set.intersection(*(set(v) for v in found.values())) if found else set()
+    if not common:
+        return None
+    start = max(common)
+    return start, {c: found[c][start] for c in rounds}
+
+
+def contributions(
+    entries: Iterable[LedgerEntry], component: str, start: int, until: int,
+    forgotten: Iterable[str], before: int,
+) -> dict[tuple[int, str], Contribution]:
+    """Clean neighbour updates of ``component`` received for rounds ``start .. until-1``.
+
+    Only entries before ledger index ``before`` (the forget entry) count: what the federation
+    exchanged before the request, not what a replay produced since.
+    """
+    forgotten = set(forgotten)
+    out: dict[tuple[int, str], Contribution] = {}
+    for entry in entries:
+        if entry.index >= before:
+            break
+        body = entry.body
+        if entry.kind != "contribution" or body.get("component") != component:
+            continue
+        rnd, sender = body["round"], body["sender"]
+        if start <= rnd < until and sender not in forgotten and is_clean(body["lineage"],
+                                                                           forgotten):
+            out[(rnd, sender)] = Contribution(body["digest"], tuple(body["lineage"]))
+    return out
+
+
+def own_updates(
+    entries: Iterable[LedgerEntry], component: str, start: int, until: int, before: int,
+) -> dict[int, tuple[bytes, bytes]]:
+    """Per round, (state before training, state after) digests of this node's own updates."""
+    out: dict[int, tuple[bytes, bytes]] = {}
+    for entry in entries:
+        if entry.index >= before:
+            break
+        body = entry.body
+        if (entry.kind == "local-update" and body.get("component") == component
+                and start <= body["round"] < until and body.get("start")):
+            out[body["round"]] = (body["start"], body["digest"])
+    return out
+
+
+def check_unlearning(entries: Iterable[LedgerEntry]) -> list[str]:
+    """Audit a ledger's unlearning: problems found (an empty list when all is well).
+
+    After the ``forget`` entry for a member, no state may carry it in its lineage, no
+    contribution may come from it and no mix may use it; every ``unlearned`` entry must follow
+    a ``forget`` entry for the same member.
+    """
+    problems: list[str] = []
+    forgotten: dict[str, int] = {}
+    for entry in entries:
+        body = entry.body
+        if entry.kind == FORGET_ENTRY:
+            forgotten.setdefault(body["target"], entry.index)
+        elif entry.kind == UNLEARNED_ENTRY:
+            if body.get("target") not in forgotten:
+                problems.append(f"entry {entry.index}: unlearning of {body.get('target')} "
+                                "without a forget entry before it")
+        elif entry.kind in STATE_KINDS and forgotten:
+            tainted = set(body.get("lineage", ())) & set(forgotten)
+            if tainted:
+                problems.append(f"entry {entry.index} ({entry.kind} of "
+                                f"{body.get('component')} round {body.get('round')}): lineage "
+                                f"holds forgotten {sorted(tainted)}")
+            if entry.kind == "contribution" and body.get("sender") in forgotten:
+                problems.append(f"entry {entry.index}: contribution from forgotten "
+                                f"{body['sender']}")
+            if entry.kind == "mix":
+                used = {i[0] for i in body.get("inputs", ())} & set(forgotten)
+                if used:
+                    problems.append(f"entry {entry.index}: mix of {body.get('component')} round "
+                                    f"{body.get('round')} uses forgotten {sorted(used)}")
+    return problems
+
+
+def unlearning_status(entries: Iterable[LedgerEntry]) -> list[dict[str, Any]]:
+    """Per forgotten member: mode, what was rolled back, and whether it is done."""
+    out: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        body = entry.body
+        if entry.kind == FORGET_ENTRY:
+            out[body["target"]] = {
+                "target": body["target"], "mode": body["mode"], "done": False,
+                "rolled_back": sorted(body["components"]), "untouched": body["untouched"],
+                "from_round": body["start"], "epoch": body["epoch"]}
+        elif entry.kind == UNLEARNED_ENTRY and body.get("target") in out:
+            out[body["target"]]["done"] = True
+    return list(out.values())
