@@ -252,6 +252,9 @@ class _Replay:
     magnitudes: dict[int, float] = field(default_factory=dict)
     origin: torch.Tensor | None = None  # fast mode: the state before calibration training
     stride: int = FAST_STRIDE
+    #: a component the member never influenced, re-run only because an influenced one is
+    #: trained through it: its checkpoint from before the request, put back when done
+    keep: Mapping[str, Any] | None = None
 
     def trains_at(self, round_: int) -> bool:
         return self.mode == "exact" or (round_ - self.start) % self.stride == 0
@@ -413,18 +416,18 @@ class Node:
                 actions += self._start_round(name, now_ms)
         return actions
 
-    def checkpoint(self, now_ms: int, components: Iterable[str] | None = None) -> None:
+    def checkpoint(self, now_ms: int,
+                   components: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
         """Store each component's state as safetensors and record it in the ledger."""
+        bodies = {}
         for name in sorted(components if components is not None else self._states):
             st = self._states[name]
             key = self.blobs.put_tensors({"flat": st.comp.flat},
                                          {"component": name, "round": str(st.round)})
-            self.ledger.append(
-                "checkpoint",
-                {"component": name, "round": st.round, "digest": key,
-                 "lineage": sorted(st.lineage)},
-                timestamp_ms=now_ms, durable=True,
-            )
+            bodies[name] = {"component": name, "round": st.round, "digest": key,
+                            "lineage": sorted(st.lineage)}
+            self.ledger.append("checkpoint", bodies[name], timestamp_ms=now_ms, durable=True)
+        return bodies
 
     def restore(self) -> dict[str, int]:
         """Load each component's latest checkpoint from the ledger (before ``start``).
@@ -472,7 +475,7 @@ class Node:
                 self._load_checkpoint(name, ck)
             if self._states[name].round < plan["until"]:
                 self._begin_replay(name, body["target"], body["mode"], body["start"],
-                                   plan["until"], index)
+                                   plan["until"], index, plan.get("keep"))
                 pending.add(name)
         self._pending[body["target"]] = pending
         log.info("%s: resuming the unlearning of %s (%s)", self.peer_id[-8:],
@@ -505,34 +508,40 @@ class Node:
         if target in self._forgotten:
             return []
         # (forgetting this node itself: it leaves the mixing; the others roll back)
-        tainted = {c for c, st in self._states.items()
-                   if target in st.lineage and target != self.peer_id}
+        influenced = {c for c, st in self._states.items()
+                      if target in st.lineage and target != self.peer_id}
+        rerun = set(influenced)
         grown = True
-        while grown:  # training an affected component reads these: replay them alongside
-            extra = {d for c in tainted & self.config.trains
+        while grown:  # re-training an influenced component trains these with it: re-run them
+            extra = {d for c in rerun & self.config.trains
                      for d in self.config.forward_deps.get(c, ()) if d in self._states}
-            grown = not extra <= tainted
-            tainted |= extra
+            grown = not extra <= rerun
+            rerun |= extra
         forgotten = self._forgotten | {target}
-        rounds = {c: self._states[c].round for c in tainted}
+        rounds = {c: self._states[c].round for c in rerun}
         plan = rollback_round(self.ledger.entries("checkpoint"), rounds, forgotten) \
-            if tainted else (0, {})
+            if rerun else (0, {})
         if plan is None:
-            raise AssertionError(f"no checkpoint free of {target} for {sorted(tainted)}")
+            raise AssertionError(f"no checkpoint free of {target} for {sorted(rerun)}")
         start, checkpoints = plan
+        # components re-run only to feed the others get their present state back afterwards
+        keep = self.checkpoint(now_ms, sorted(rerun - influenced))
         self.epoch += 1
         entry = self.ledger.append(
             FORGET_ENTRY,
             {"target": target, "mode": mode, "epoch": self.epoch, "start": start,
              "components": {c: {"until": rounds[c], "checkpoint": checkpoints[c]["digest"],
-                                "lineage": checkpoints[c]["lineage"]} for c in sorted(tainted)},
-             "untouched": sorted(set(self._states) - tainted)},
+                                "lineage": checkpoints[c]["lineage"],
+                                **({"keep": keep[c]} if c in keep else {})}
+                            for c in sorted(rerun)},
+             "influenced": sorted(influenced),
+             "untouched": sorted(set(self._states) - influenced)},
             timestamp_ms=now_ms, durable=True,
         )
         self._forgotten.add(target)
         self.set_topology(self._graph, self._holders)
         actions: list[Action] = []
-        for name in sorted(tainted):
+        for name in sorted(rerun):
             st = self._states[name]
             if st.phase is Phase.TRAINING:
                 st.abandoned.add(st.round)
@@ -541,12 +550,14 @@ class Node:
             st.deadline_ms = st.start_at_ms = None
             self._load_checkpoint(name, checkpoints[name])
             if rounds[name] > start:
-                self._begin_replay(name, target, mode, start, rounds[name], entry.index)
-        self._pending[target] = {c for c in tainted if self._states[c].replay is not None}
-        log.info("%s: forgetting %s (%s): rolled back %s to round %d", self.peer_id[-8:],
-                 target[-8:], mode, sorted(tainted), start)
+                self._begin_replay(name, target, mode, start, rounds[name], entry.index,
+                                   keep.get(name))
+        self._pending[target] = {c for c in rerun if self._states[c].replay is not None}
+        log.info("%s: forgetting %s (%s): rolled back %s to round %d (%s re-run only)",
+                 self.peer_id[-8:], target[-8:], mode, sorted(influenced), start,
+                 sorted(rerun - influenced))
         actions += self._maybe_finish_forget(target, now_ms)
-        for name in sorted(tainted):
+        for name in sorted(rerun):
             if self._states[name].phase is Phase.IDLE:
                 actions += self._start_round(name, now_ms)
         early, self._early = list(self._early), deque(maxlen=EARLY)
@@ -555,8 +566,8 @@ class Node:
         return actions
 
     def _begin_replay(self, name: str, target: str, mode: str, start: int, until: int,
-                      forget_index: int) -> None:
-        replay = _Replay(target, mode, start, until, forget_index)
+                      forget_index: int, keep: Mapping[str, Any] | None = None) -> None:
+        replay = _Replay(target, mode, start, until, forget_index, keep=keep)
         replay.history = contributions(self.ledger.entries("contribution"), name, start, until,
                                        self._forgotten, forget_index)
         if mode == "fast" and name in self.config.trains:
@@ -583,6 +594,16 @@ class Node:
         return decode_payload(self.blobs.get(dig), max_bytes=self.config.max_payload_bytes,
                               expected_component=name, expected_layout=st.comp.layout).flat
 
+    def _put_back(self, name: str, keep: Mapping[str, Any]) -> None:
+        """A component re-run only to feed others gets its state from before the request."""
+        st = self._states[name]
+        kept = self.blobs.get_tensors(keep["digest"])["flat"]
+        if not torch.equal(kept, st.comp.flat):  # exact re-runs reproduce it bit for bit
+            log.info("%s: re-run of %s ended %.3g away from its kept state; restoring it",
+                     self.peer_id[-8:], name, float((kept - st.comp.flat).abs().max()))
+        st.comp.load_(kept)
+        st.lineage = set(keep["lineage"]) | {self.peer_id}
+
     def _maybe_finish_forget(self, target: str, now_ms: int) -> list[Action]:
         pending = self._pending.get(target)
         if pending is None or pending:
@@ -590,13 +611,13 @@ class Node:
         del self._pending[target]
         forget = next(e for e in self.ledger.entries(FORGET_ENTRY)
                       if e.body["target"] == target)
-        rolled_back = sorted(forget.body["components"])
+        rerun = sorted(c for c in forget.body["components"] if c in self._states)
         # the unlearned states are what a restart must load: checkpoint them first
-        self.checkpoint(now_ms, [c for c in rolled_back if c in self._states])
+        self.checkpoint(now_ms, rerun)
         self.ledger.append(
             UNLEARNED_ENTRY,
             {"target": target, "mode": forget.body["mode"], "epoch": forget.body["epoch"],
-             "rolled_back": rolled_back, "untouched": forget.body["untouched"],
+             "rolled_back": forget.body["influenced"], "untouched": forget.body["untouched"],
              "from_round": forget.body["start"]},
             timestamp_ms=now_ms, durable=True,
         )
@@ -933,7 +954,9 @@ class Node:
         _transition(st, Event.COMPLETE)
         actions: list[Action] = [done]
         if st.replay is not None and st.round >= st.replay.until:
-            target, st.replay = st.replay.target, None
+            target, keep, st.replay = st.replay.target, st.replay.keep, None
+            if keep is not None:
+                self._put_back(name, keep)
             self._pending.get(target, set()).discard(name)
             actions += self._maybe_finish_forget(target, now_ms)
         return actions + self._start_round(name, now_ms)

@@ -152,7 +152,8 @@ def unlearning_status(entries: Iterable[LedgerEntry]) -> list[dict[str, Any]]:
         if entry.kind == FORGET_ENTRY:
             out[body["target"]] = {
                 "target": body["target"], "mode": body["mode"], "done": False,
-                "rolled_back": sorted(body["components"]), "untouched": body["untouched"],
+                "rolled_back": body["influenced"], "untouched": body["untouched"],
+                "rerun": sorted(body["components"]),
                 "from_round": body["start"], "epoch": body["epoch"]}
         elif entry.kind == UNLEARNED_ENTRY and body.get("target") in out:
             out[body["target"]]["done"] = True

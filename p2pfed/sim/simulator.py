@@ -365,7 +365,7 @@ class Simulation:
         trio.run(self._main, clock=trio.testing.MockClock(autojump_threshold=0))
         for sn in self.nodes.values():
             for entry in sn.node.ledger.entries(FORGET_ENTRY):
-                self.rolled_back[sn.name] = sorted(entry.body["components"])
+                self.rolled_back[sn.name] = entry.body["influenced"]
             sn.ledger.close()
         tasks = None
         if self.edu is not None:
