@@ -32,6 +32,7 @@ from gossip.errors import (
     LocalError,
     MalformedMessageError,
     NotAMemberError,
+    RemoteError,
     UnauthorizedError,
 )
 from gossip.identity import PUBLIC_KEY_BYTES, Identity, peer_id_from_public_key
@@ -130,6 +131,14 @@ class ForgetRequest:
     def rank(self) -> tuple[int, bytes]:
         """The smaller rank wins among requests for the same target."""
         return self.forget.requested_round, digest(self.raw)
+
+
+def is_forget_record(raw: bytes) -> bool:
+    """Does ``raw`` (envelope bytes, not yet verified) claim to be a forget record?"""
+    try:
+        return bool(unpackb(unpackb(raw)[1])[0] == FORGET)
+    except (RemoteError, TypeError, IndexError, KeyError):
+        return False
 
 
 def _has_joined(view: MembershipView, key: bytes) -> bool:

@@ -200,7 +200,8 @@ def ledger_verify(
     """Check the ledger's hash chain, signatures and head; name the first bad entry."""
     from gossip.identity import load_identity
     from p2pfed.home import resolve_home
-    from p2pfed.ledger import verify_ledger
+    from p2pfed.ledger import read_entries, verify_ledger
+    from p2pfed.unlearning import FORGET_ENTRY, check_unlearning
 
     root = resolve_home(home)
     path = root / "ledger.sqlite3"
@@ -214,16 +215,25 @@ def ledger_verify(
             raise
         public_key = None
     report = verify_ledger(path, public_key)
+    problems = check_unlearning(read_entries(path)) if report.ok else []
+    forgotten = sum(e.kind == FORGET_ENTRY for e in read_entries(path)) if report.ok else 0
     if as_json:
-        out.print_json(data={"ok": report.ok, "entries": report.entries,
-                             "first_bad_index": report.first_bad_index, "reason": report.reason})
-    elif report.ok:
-        out.print(f"[green]ok[/green]: {report.entries} entries, chain and signatures intact")
-    else:
+        out.print_json(data={"ok": report.ok and not problems, "entries": report.entries,
+                             "first_bad_index": report.first_bad_index, "reason": report.reason,
+                             "unlearning_problems": problems})
+    elif not report.ok:
         where = (f"at entry {report.first_bad_index}" if report.first_bad_index is not None
                  else "(no readable entries)")
         err.print(f"[red]ledger broken {where}[/red]: {report.reason}")
-    if not report.ok:
+    elif problems:
+        for problem in problems:
+            err.print(f"[red]unlearning not kept[/red]: {problem}")
+    else:
+        unlearned = (f"; {forgotten} member(s) forgotten, no later state or mix uses them"
+                     if forgotten else "")
+        out.print(f"[green]ok[/green]: {report.entries} entries, chain and signatures "
+                  f"intact{unlearned}")
+    if not report.ok or problems:
         raise CommandFailedError(exitcodes.LEDGER_BROKEN)
 
 

@@ -184,6 +184,14 @@ def status(
         table.add_row(name, str(c["round"]), c["phase"], str(len(c["neighbours"])),
                       f"{hist[-1]:.2e}" if hist else "—")
     out.print(table)
+    for u in st.get("unlearning", []):
+        if u["done"]:
+            state = "done"
+        else:
+            state = "re-running " + ", ".join(f"{c} {r}/{until}" for c, (r, until)
+                                              in sorted(u["replaying"].items()))
+        out.print(f"forgetting {u['target']} ({u['mode']}, from round {u['from_round']}): "
+                  f"{state}; rolled back {', '.join(u['rolled_back']) or 'nothing'}")
 
 
 def peers(
@@ -203,13 +211,42 @@ def peers(
     out.print(table)
 
 
+ModeOpt = Annotated[str, typer.Option(help="exact (roll back and re-run without the member) or "
+                                           "fast (re-run every 4th round, calibrated).")]
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("exact", "fast"):
+        raise typer.BadParameter(f"unknown mode {mode!r}; choose exact or fast",
+                                 param_hint="--mode")
+
+
 def leave(
     home: HomeOpt = None,
     reason: Annotated[str, typer.Option(help="Recorded in the signed leave record.")] = "",
+    forget: Annotated[bool, typer.Option(
+        "--forget", help="Also ask the federation to forget this member's data.")] = False,
+    mode: ModeOpt = "exact",
 ) -> None:
     """Sign and gossip a leave record; the others recompute their mixing weights."""
-    _control(home, "leave", reason=reason)
-    out.print("left the federation; the other members have been told. Stop the daemon now.")
+    _check_mode(mode)
+    _control(home, "leave", reason=reason, forget=forget, mode=mode)
+    told = "asked to forget our data and told" if forget else "told"
+    out.print(f"left the federation; the other members have been {told}. Stop the daemon now.")
+
+
+def unlearn(
+    peer: Annotated[str, typer.Argument(help="Peer id of the member whose data to forget.")],
+    home: HomeOpt = None,
+    mode: ModeOpt = "exact",
+    reason: Annotated[str, typer.Option(help="Recorded in the signed request.")] = "",
+) -> None:
+    """Ask the federation to forget PEER's data (only PEER itself or an admin may ask)."""
+    _check_mode(mode)
+    result = _control(home, "unlearn", peer=peer, mode=mode, reason=reason)
+    out.print(f"asked to forget {peer} ({mode}); rolled back here: "
+              f"{', '.join(result['rolled_back']) or 'nothing'}. "
+              "Follow it with 'p2pfed status'.")
 
 
 def export(
@@ -319,6 +356,7 @@ def register(app: typer.Typer) -> None:
     app.command()(status)
     app.command()(peers)
     app.command()(leave)
+    app.command()(unlearn)
     app.command()(export)
     app.command("local-federation")(local_federation)
     federation = typer.Typer(help="Create a federation.", no_args_is_help=True)

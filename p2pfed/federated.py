@@ -16,16 +16,26 @@ from typing import Any
 import networkx as nx
 
 from gossip.envelope import MAX_ENVELOPE_BYTES, Envelope, packb, seal, unpackb
-from gossip.errors import MalformedMessageError, NotAMemberError, RemoteError
+from gossip.errors import LocalError, MalformedMessageError, NotAMemberError, RemoteError
+from gossip.forget import (
+    Forget,
+    ForgetBook,
+    ForgetMode,
+    is_forget_record,
+    make_forget,
+    open_forget,
+)
 from gossip.identity import peer_id_from_public_key
 from gossip.membership import Leave, MembershipView, make_leave
 from gossip.overlay import holder_subgraph, overlay_graph
-from p2pfed.node import Action, Announce, Broadcast, Connect, Node
+from p2pfed.node import Action, Announce, ApplyForget, Broadcast, Connect, Node
+from p2pfed.unlearning import unlearning_status
 
 log = logging.getLogger(__name__)
 
 RECORDS = "records"
 MEMBERSHIP_ENTRY = "membership"
+FORGET_RECORD_ENTRY = "forget-record"
 BUNDLE_BUDGET = MAX_ENVELOPE_BYTES - 2048  # room for the envelope around the records
 REFRESH_MS = 30_000
 
@@ -56,6 +66,8 @@ class FederatedNode(Node):
         self._next_refresh: int | None = None
         self._connected: tuple[tuple[str, tuple[str, ...]], ...] = ()
         self._member_keys: set[bytes] = set()
+        #: signed forget requests: kept in the ledger and gossiped with the membership records
+        self.forgets = ForgetBook(self.federation_id)
 
     # ---------------------------------------------------------------- inspection
     def members(self) -> list[str]:
@@ -81,9 +93,72 @@ class FederatedNode(Node):
                 for name in sorted(self.components)
             },
             "rejected": dict(self.rejected),
+            "unlearning": self.unlearning_status(),
         }
 
+    def unlearning_status(self) -> list[dict[str, Any]]:
+        """Each forget request applied: mode, what it rolled back, progress of its re-run."""
+        rows = unlearning_status(self.ledger.entries())
+        for row in rows:
+            pending = self.unlearning().get(row["target"], [])
+            row["replaying"] = {c: list(self.replaying(c) or ()) for c in pending}
+        return rows
+
     # ---------------------------------------------------------------- events
+    def restore(self) -> dict[str, int]:
+        restored = super().restore()
+        for entry in self.ledger.entries(FORGET_RECORD_ENTRY):
+            try:
+                self.forgets.add_bytes(entry.body["record"], self.view)
+            except RemoteError as exc:
+                log.warning("ignoring a forget record in the ledger: %s", exc)
+        return restored
+
+    def request_forget(self, peer_id: str, mode: str, reason: str, now_ms: int) -> list[Action]:
+        """Sign a request to forget ``peer_id``'s data, apply it here and gossip it.
+
+        Only the member itself or an admin may ask; anyone else gets a :class:`LocalError`
+        (and nothing is sent).
+        """
+        keys = {peer_id_from_public_key(raw_key): raw_key for raw_key in self._ever_joined()}
+        target = keys.get(peer_id)
+        if target is None:
+            raise LocalError(f"{peer_id} has never been a member of this federation")
+        try:
+            forget = Forget(target, ForgetMode(mode),
+                            max((self.round_of(c) for c in self.components), default=0), reason)
+        except ValueError as exc:
+            raise LocalError(f"bad forget request: {exc}") from exc
+        env = make_forget(self.identity, self.federation_id, forget, now_ms, self._seq.next())
+        try:
+            actions = self._accept_forget(env.to_bytes(), now_ms)
+        except RemoteError as exc:
+            raise LocalError(str(exc)) from exc
+        for body in self._bundle_envelopes([env.to_bytes()], now_ms):
+            actions.append(Broadcast(body))
+            neighbours = [p for p, _ in self._connected]
+            if neighbours:
+                actions.append(Announce(tuple(neighbours), body))
+        return actions
+
+    def _ever_joined(self) -> set[bytes]:
+        keys = set(self.view.members())
+        for raw in self.view.records():
+            keys.add(self.view.open(raw).sender)
+        return keys
+
+    def _accept_forget(self, raw: bytes, now_ms: int) -> list[Action]:
+        """A signed forget record (ours or gossiped): keep it and apply it once per member."""
+        if not self.forgets.add_bytes(raw, self.view):
+            return []  # known already, or it loses to the request held for its member
+        self.ledger.append(FORGET_RECORD_ENTRY, {"record": raw}, timestamp_ms=now_ms,
+                           durable=True)
+        forget, _env = open_forget(raw, self.federation_id)
+        target = peer_id_from_public_key(forget.target)
+        if target in self.forgotten():
+            return []  # applied once already (a later request only wins the book)
+        return [ApplyForget(target, forget.mode.value)]
+
     def start(self, now_ms: int) -> list[Action]:
         actions = self._membership_changed()
         self._next_refresh = now_ms + REFRESH_MS
@@ -134,9 +209,13 @@ class FederatedNode(Node):
             raise MalformedMessageError("a records bundle must be a list of records", peer=peer)
         known_before = {m.public_key for m in self.view.members().values()}
         stored_before = self.view.records()
+        forget_actions: list[Action] = []
         for raw in records:
             try:
-                self.view.add_bytes(raw)
+                if is_forget_record(raw):
+                    forget_actions += self._accept_forget(raw, now_ms)
+                else:
+                    self.view.add_bytes(raw)
             except RemoteError as exc:
                 self._reject(peer, exc)
         # what the view now holds that it did not: the new records, and any leave that was
@@ -148,8 +227,8 @@ class FederatedNode(Node):
         if not new:
             if env.sender not in members:
                 raise NotAMemberError(f"{peer} sent records but is not a member", peer=peer)
-            return []
-        actions = self._membership_changed()
+            return forget_actions
+        actions = forget_actions + self._membership_changed()
         newcomers = [m.peer_id for pk, m in members.items()
                      if pk not in known_before and pk != self.identity.public_key]
         if newcomers:
@@ -171,6 +250,7 @@ class FederatedNode(Node):
         me = self.identity.public_key
         mine = [raw for raw in self.view.records()
                 if self.view.open(raw).sender == me]
+        mine += sorted(self.forgets.records())  # so that members who were away learn of them
         return [Broadcast(b) for b in self._bundle_envelopes(mine, now_ms)] if mine else []
 
     def _membership_changed(self) -> list[Action]:

@@ -490,3 +490,13 @@ def verify_ledger(path: Path, public_key: bytes | None = None) -> VerifyReport:
         return _bad(0, None, f"{path} is not a readable SQLite ledger: {exc}")
     finally:
         conn.close()
+
+
+def read_entries(path: Path) -> list[LedgerEntry]:
+    """Every entry of the ledger at ``path``, read-only in one snapshot (verify it first)."""
+    conn = _connect(path, "ro")
+    try:
+        rows = conn.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY idx").fetchall()
+    finally:
+        conn.close()
+    return [_row_entry(row) for row in rows]

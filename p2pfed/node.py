@@ -178,7 +178,16 @@ class Broadcast:
     data: bytes
 
 
-Action = Announce | Fetch | Train | RoundCompleted | PeerRejected | Connect | Broadcast
+@dataclass(frozen=True)
+class ApplyForget:
+    """Call :meth:`Node.forget` for ``target`` (with no training thread running)."""
+
+    target: str
+    mode: str
+
+
+Action = (Announce | Fetch | Train | RoundCompleted | PeerRejected | Connect | Broadcast
+          | ApplyForget)
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,7 +578,7 @@ class Node:
                       forget_index: int, keep: Mapping[str, Any] | None = None) -> None:
         replay = _Replay(target, mode, start, until, forget_index, keep=keep)
         replay.history = contributions(self.ledger.entries("contribution"), name, start, until,
-                                       self._forgotten, forget_index)
+                                       self._forgotten)
         if mode == "fast" and name in self.config.trains:
             replay.magnitudes = self._update_sizes(name, replay)
         self._states[name].replay = replay
@@ -826,15 +835,15 @@ class Node:
         if env.kind != ANNOUNCE:
             return self._other_record(peer, env, now_ms)
         ann = Announcement.from_body(env.body)
-        if ann.epoch != self.epoch:
-            if ann.epoch > self.epoch:  # the sender applied a forget we have not seen yet
-                self._early.append((peer, data))
-            return []  # an older epoch may carry a forgotten member's influence
         st = self._states.get(ann.component)
         if st is None or peer not in st.neighbours:
             raise NotAMemberError(
                 f"{peer} is not a neighbouring holder of {ann.component!r}", peer=peer
             )
+        if ann.epoch != self.epoch:
+            if ann.epoch > self.epoch:  # the sender applied a forget we have not seen yet
+                self._early.append((peer, data))
+            return []  # an older epoch may carry a forgotten member's influence
         self._replay.check(env.sender, env.seq)
         if ann.size > self.config.max_payload_bytes:
             raise BadPayloadError(f"announced payload of {ann.size} bytes is over the cap")

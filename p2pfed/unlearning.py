@@ -73,18 +73,16 @@ def rollback_round(
 
 def contributions(
     entries: Iterable[LedgerEntry], component: str, start: int, until: int,
-    forgotten: Iterable[str], before: int,
+    forgotten: Iterable[str],
 ) -> dict[tuple[int, str], Contribution]:
     """Clean neighbour updates of ``component`` received for rounds ``start .. until-1``.
 
-    Only entries before ledger index ``before`` (the forget entry) count: what the federation
-    exchanged before the request, not what a replay produced since.
+    A later entry for the same round and neighbour wins: after a restart in the middle of an
+    unlearning, what the neighbours sent for the re-run is preferred to what they sent before.
     """
     forgotten = set(forgotten)
     out: dict[tuple[int, str], Contribution] = {}
     for entry in entries:
-        if entry.index >= before:
-            break
         body = entry.body
         if entry.kind != "contribution" or body.get("component") != component:
             continue

@@ -192,10 +192,22 @@ class Daemon:
                 for m in members.values() if m.public_key != identity.public_key
             ]
 
+        async def unlearn(req: dict[str, Any]) -> dict[str, Any]:
+            peer, mode = str(req.get("peer", "")), str(req.get("mode", "exact"))
+            driver.call(node.request_forget, peer, mode, str(req.get("reason", ""))[:200])
+            with trio.move_on_after(30):  # applied once the training thread lets go
+                while peer not in node.forgotten():  # noqa: ASYNC110 (set in the node)
+                    await trio.sleep(0.05)
+            applied = [u for u in node.unlearning_status() if u["target"] == peer]
+            return {"rolled_back": applied[0]["rolled_back"] if applied else []}
+
         async def leave(req: dict[str, Any]) -> dict[str, Any]:
             reason = str(req.get("reason", ""))[:200]
+            if req.get("forget"):
+                await unlearn({"peer": node.peer_id, "mode": req.get("mode", "exact"),
+                               "reason": reason})
             driver.call(node.leave, reason)
             await trio.sleep(1.0)  # give the broadcast a moment before the operator stops us
             return {"left": True}
 
-        return {"status": status, "peers": peers, "leave": leave}
+        return {"status": status, "peers": peers, "leave": leave, "unlearn": unlearn}

@@ -20,6 +20,7 @@ from gossip.transport.base import Transport
 from p2pfed.node import (
     Action,
     Announce,
+    ApplyForget,
     Broadcast,
     Connect,
     Fetch,
@@ -104,6 +105,11 @@ class NodeDriver:
                 self.transport.set_wanted_peers(dict(action.peers))
             elif isinstance(action, Broadcast):
                 nursery.start_soon(self._broadcast, action.data)
+            elif isinstance(action, ApplyForget):
+                if self.train_inline:
+                    self.call(self.node.forget, action.target, action.mode)
+                else:
+                    nursery.start_soon(self._forget, action)
             elif isinstance(action, PeerRejected):
                 log.info("%s: %s", action.peer[-8:], action.error)
             elif isinstance(action, RoundCompleted):
@@ -150,6 +156,10 @@ class NodeDriver:
         """No training thread writes into a buffer while this is held (consistent checkpoints)."""
         async with self._train_lock:
             yield
+
+    async def _forget(self, action: ApplyForget) -> None:
+        async with self.training_paused():  # rolling back under a training thread would tear
+            self.call(self.node.forget, action.target, action.mode)
 
     async def _train(self, train: Train) -> None:
         trainer = self._trainer(train)
