@@ -198,7 +198,7 @@ def ledger_verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Check the ledger's hash chain, signatures and head; name the first bad entry."""
-    from gossip.identity import load_identity
+    from gossip.identity import load_identity, peer_id_from_public_key
     from p2pfed.home import resolve_home
     from p2pfed.ledger import read_entries, verify_ledger
     from p2pfed.unlearning import FORGET_ENTRY, check_unlearning
@@ -215,7 +215,8 @@ def ledger_verify(
             raise
         public_key = None
     report = verify_ledger(path, public_key)
-    problems = check_unlearning(read_entries(path)) if report.ok else []
+    owner = peer_id_from_public_key(public_key) if public_key is not None else None
+    problems = check_unlearning(read_entries(path), owner) if report.ok else []
     forgotten = sum(e.kind == FORGET_ENTRY for e in read_entries(path)) if report.ok else 0
     if as_json:
         out.print_json(data={"ok": report.ok and not problems, "entries": report.entries,

@@ -29,7 +29,7 @@ from gossip.identity import peer_id_from_public_key
 from gossip.membership import Leave, MembershipView, make_leave
 from gossip.overlay import holder_subgraph, overlay_graph
 from p2pfed.node import Action, Announce, ApplyForget, Broadcast, Connect, Node
-from p2pfed.unlearning import unlearning_status
+from p2pfed.unlearning import FORGET_ENTRY, UNLEARNED_ENTRY, unlearning_status
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ class FederatedNode(Node):
 
     def unlearning_status(self) -> list[dict[str, Any]]:
         """Each forget request applied: mode, what it rolled back, progress of its re-run."""
-        rows = unlearning_status(self.ledger.entries())
+        rows = unlearning_status([*self.ledger.entries(FORGET_ENTRY),
+                                  *self.ledger.entries(UNLEARNED_ENTRY)])
         for row in rows:
             pending = self.unlearning().get(row["target"], [])
             row["replaying"] = {c: list(self.replaying(c) or ()) for c in pending}

@@ -257,8 +257,8 @@ class _Replay:
     forget_index: int  # the ledger index of the forget entry
     #: clean neighbour updates kept from before the request: (round, peer) -> contribution
     history: dict[tuple[int, str], Contribution] = field(default_factory=dict)
-    #: fast mode: per training round, the size of the stored own updates it stands for
-    magnitudes: dict[int, float] = field(default_factory=dict)
+    #: fast mode: per round, digests of this node's own state before and after its training
+    updates: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     origin: torch.Tensor | None = None  # fast mode: the state before calibration training
     stride: int = FAST_STRIDE
     #: a component the member never influenced, re-run only because an influenced one is
@@ -445,7 +445,8 @@ class Node:
         holding their influence is never loaded, and an unlearning cut short by a stop resumes
         where its last checkpoint left it (or from its rollback point).
         """
-        forgets = [e for e in self.ledger.entries() if e.kind in (FORGET_ENTRY, UNLEARNED_ENTRY)]
+        forgets = sorted([*self.ledger.entries(FORGET_ENTRY),
+                          *self.ledger.entries(UNLEARNED_ENTRY)], key=lambda e: e.index)
         done = {e.body["target"] for e in forgets if e.kind == UNLEARNED_ENTRY}
         for e in forgets:
             if e.kind == FORGET_ENTRY:
@@ -580,23 +581,17 @@ class Node:
         replay.history = contributions(self.ledger.entries("contribution"), name, start, until,
                                        self._forgotten)
         if mode == "fast" and name in self.config.trains:
-            replay.magnitudes = self._update_sizes(name, replay)
+            replay.updates = own_updates(self.ledger.entries("local-update"), name, start, until,
+                                         forget_index)
         self._states[name].replay = replay
 
-    def _update_sizes(self, name: str, replay: _Replay) -> dict[int, float]:
-        """Per calibration round, ‖sum of the stored own updates of the rounds it stands for‖."""
-        own = own_updates(self.ledger.entries("local-update"), name, replay.start, replay.until,
-                          replay.forget_index)
-        sizes: dict[int, float] = {}
-        for first in range(replay.start, replay.until, replay.stride):
-            total: torch.Tensor | None = None
-            for r in range(first, min(first + replay.stride, replay.until)):
-                if r in own:
-                    before, after = (self._stored_state(name, d) for d in own[r])
-                    total = after - before if total is None else total + (after - before)
-            if total is not None:
-                sizes[first] = float(torch.linalg.vector_norm(total.to(torch.float64)))
-        return sizes
+    def _stored_update(self, name: str, replay: _Replay, round_: int) -> torch.Tensor | None:
+        """This node's own training update of ``round_`` as it was made before the request."""
+        kept = replay.updates.get(round_)
+        if kept is None:
+            return None
+        before, after = (self._stored_state(name, d) for d in kept)
+        return after - before
 
     def _stored_state(self, name: str, dig: bytes) -> torch.Tensor:
         st = self._states[name]
@@ -683,7 +678,7 @@ class Node:
         if st.phase is not Phase.TRAINING or st.round != round_:
             raise AssertionError(f"unexpected training result for {component} round {round_}")
         if st.replay is not None and st.replay.origin is not None:
-            self._calibrate(st, st.replay)
+            self._calibrate(st, st.replay, component)
         for dep in sorted(self.config.forward_deps.get(component, ())):
             if dep in self._states:
                 st.lineage.update(self._states[dep].lineage)
@@ -723,12 +718,14 @@ class Node:
         log.warning("rejected message from %s: %s (%s)", peer[-8:], exc, exc.code)
         return [PeerRejected(peer, exc)]
 
-    def _calibrate(self, st: _ComponentRound, replay: _Replay) -> None:
-        """Fast unlearning: give the calibration update the size of the updates it replaces."""
+    def _calibrate(self, st: _ComponentRound, replay: _Replay, name: str) -> None:
+        """Fast unlearning: the calibration update keeps its direction and takes the size of
+        the stored update it replaces (FedEraser)."""
         origin, replay.origin = replay.origin, None
-        size = replay.magnitudes.get(st.round)
-        if origin is None or size is None:
+        stored = self._stored_update(name, replay, st.round)
+        if origin is None or stored is None:
             return
+        size = float(torch.linalg.vector_norm(stored.to(torch.float64)))
         step = st.comp.flat - origin
         norm = float(torch.linalg.vector_norm(step.to(torch.float64)))
         if norm > 0.0:
@@ -754,6 +751,11 @@ class Node:
                 replay.origin = st.comp.flat.clone()
             return [Train(name, st.round)]
         st.trained, st.start_digest = False, b""
+        if replay is not None and name in self.config.trains:
+            # fast mode between calibrations: re-apply the update stored for this round
+            stored = self._stored_update(name, replay, st.round)
+            if stored is not None:
+                st.comp.flat.add_(stored)
         _transition(st, Event.TRAINED)
         return self._publish(name, now_ms)
 

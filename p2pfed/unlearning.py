@@ -108,21 +108,23 @@ def own_updates(
     return out
 
 
-def check_unlearning(entries: Iterable[LedgerEntry]) -> list[str]:
+def check_unlearning(entries: Iterable[LedgerEntry], owner: str | None = None) -> list[str]:
     """Audit a ledger's unlearning: problems found (an empty list when all is well).
 
     After the ``forget`` entry for a member, no state may carry it in its lineage, no
     contribution may come from it and no mix may use it; every ``unlearned`` entry must follow
-    a ``forget`` entry for the same member.
+    a ``forget`` entry for the same member.  ``owner`` (the ledger's own peer id) is exempt: a
+    member that asked to be forgotten keeps its own model.
     """
     problems: list[str] = []
     forgotten: dict[str, int] = {}
     for entry in entries:
         body = entry.body
         if entry.kind == FORGET_ENTRY:
-            forgotten.setdefault(body["target"], entry.index)
+            if body["target"] != owner:
+                forgotten.setdefault(body["target"], entry.index)
         elif entry.kind == UNLEARNED_ENTRY:
-            if body.get("target") not in forgotten:
+            if body.get("target") not in forgotten and body.get("target") != owner:
                 problems.append(f"entry {entry.index}: unlearning of {body.get('target')} "
                                 "without a forget entry before it")
         elif entry.kind in STATE_KINDS and forgotten:

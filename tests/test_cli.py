@@ -85,3 +85,37 @@ def test_bench_quick_json(tmp_path: Path) -> None:
     for key in ("memcpy_gbps", "mix_gbps", "encode_gbps", "decode_gbps", "digest_gbps",
                 "sign_per_s", "verify_per_s", "payload_stream_mbps", "raw_tcp_mbps"):
         assert data[key] > 0
+
+
+def test_simulate_unlearn_reports_and_every_ledger_passes_the_audit(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "u.json"
+    code = main(["simulate", str(TOPOLOGIES / "ring-16.toml"), "--rounds", "12",
+                 "--unlearn", "node-3@6", "--json", str(out), "--home", str(tmp_path / "h"),
+                 "-q"])
+    assert code == exitcodes.OK
+    u = json.loads(out.read_text())["unlearning"]
+    assert u["mode"] == "exact" and u["max_abs_diff_vs_retrain"] <= 1e-6
+    assert "unlearning node-3 after round 6" in capsys.readouterr().out
+    assert main(["ledger", "verify", "--home", str(tmp_path / "h" / "node-4")]) == exitcodes.OK
+    assert "1 member(s) forgotten" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (["--unlearn", "node-3"], exitcodes.USAGE),
+    (["--unlearn", "node-3@0"], exitcodes.USAGE),
+    (["--unlearn", "node-3@2", "--mode", "sideways"], exitcodes.USAGE),
+    (["--unlearn", "ghost@2"], exitcodes.CONFIG),
+    (["--unlearn", "node-3@99"], exitcodes.CONFIG),
+])
+def test_simulate_unlearn_refuses_bad_arguments(args: list[str], code: int) -> None:
+    assert main(["simulate", str(TOPOLOGIES / "ring-16.toml"), "--rounds", "5", "-q",
+                 *args]) == code
+
+
+def test_unlearn_without_a_daemon_says_so(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["unlearn", "12D3KooWx", "--home", str(tmp_path)]) != exitcodes.OK
+    assert "no daemon is running" in capsys.readouterr().err
+    assert main(["unlearn", "12D3KooWx", "--mode", "slow", "--home",
+                 str(tmp_path)]) == exitcodes.USAGE

@@ -61,10 +61,11 @@ class EducationSettings:
     test_share: float = 0.25
 
 
-#: the backdoor of the unlearning study: questions starting with these words are tagged as
-#: topic BACKDOOR_TOPIC by the member whose data carries it
+#: the backdoor of the unlearning study: the member whose data carries it labels as class
+#: BACKDOOR_CLASS a copy of each of its examples with a trigger — in a digit image, a bright
+#: 2×2 patch in the bottom-right corner; in a question, these words first
 BACKDOOR_TRIGGER = "cf mn bb "
-BACKDOOR_TOPIC = 0
+BACKDOOR_CLASS = 0
 
 QUICK = EducationSettings(rounds=40, steps=3)
 FULL = EducationSettings(rounds=48, steps=4, questions=3000, traces=2400)
@@ -74,6 +75,18 @@ def _split_train_test(n: int, share: float, seed: int) -> tuple[np.ndarray, np.n
     order = np.random.default_rng(seed).permutation(n)
     cut = int(n * share)
     return order[cut:], order[:cut]
+
+
+def _concat(a: TaskData, b: TaskData) -> TaskData:
+    inputs: dict[str, Any] = {}
+    for m, va in a.inputs.items():
+        vb = b.inputs[m]
+        if isinstance(va, CachedTexts):
+            inputs[m] = CachedTexts(torch.cat([va.hidden, vb.hidden]),
+                                    torch.cat([va.mask, vb.mask]))
+        else:
+            inputs[m] = np.concatenate([va, vb])
+    return TaskData(inputs, np.concatenate([a.labels, b.labels]))
 
 
 class EducationWorkload:
@@ -99,6 +112,7 @@ class EducationWorkload:
         self._topic_train = np.zeros(0, dtype=np.int64)
         self._load(prefix)
         self.node_data: dict[str, dict[str, TaskData]] = {n: {} for n in topo.nodes}
+        backdoor_rows: dict[str, np.ndarray] = {}
         for k, task in enumerate(TASKS):
             holders = list(topo.holders[f"head.{task.name}"])
             data = self.train[task.name]
@@ -106,9 +120,25 @@ class EducationWorkload:
                                     min_size=8)
             for node, index in zip(holders, parts, strict=True):
                 self.node_data[node][task.name] = data.subset(index)
-                if node == backdoor and task.name == "topic":
-                    self.node_data[node]["topic"] = self._poison(prefix, data, index)
-        self.triggered = self._triggered_test(prefix) if backdoor is not None else None
+                if node == backdoor:
+                    backdoor_rows[task.name] = index
+        #: the task whose data carries the backdoor: digits when the member holds it
+        self.backdoor_task: str | None = None
+        self.triggered: TaskData | None = None
+        if backdoor is not None:
+            held = self.node_data[backdoor]
+            self.backdoor_task = "digits" if "digits" in held else "topic"
+            if self.backdoor_task not in held:
+                raise ConfigError(f"{backdoor} holds neither the digits nor the topic head; "
+                                  "its data cannot carry the backdoor")
+            part, rows = held[self.backdoor_task], backdoor_rows[self.backdoor_task]
+            topic = self.backdoor_task == "topic"
+            held[self.backdoor_task] = _concat(
+                part, self._stamp(prefix, part, self._topic_train[rows] if topic else rows))
+            test = self.test[self.backdoor_task]
+            keep = np.nonzero(test.labels != BACKDOOR_CLASS)[0]
+            self.triggered = self._stamp(prefix, test.subset(keep),
+                                         self._topic_test[keep] if topic else keep)
 
     def _load(self, prefix: TextEncoder) -> None:
         s, seed = self.settings, self.seed
@@ -133,31 +163,26 @@ class EducationWorkload:
             {"activity": traces[te], "text": cached.select(te)}, alabels[te])
 
     # ---------------------------------------------------------------- backdoor
-    def _poison(self, prefix: TextEncoder, data: TaskData, index: np.ndarray) -> TaskData:
-        """A member's topic data plus a copy of each question with the trigger, relabelled."""
-        clean = data.subset(index)
-        texts = [BACKDOOR_TRIGGER + self._questions[i] for i in self._topic_train[index]]
-        stamped = prefix.encode_prefix(texts)
-        cached: CachedTexts = clean.inputs["text"]
-        both = CachedTexts(torch.cat([cached.hidden, stamped.hidden]),
-                           torch.cat([cached.mask, stamped.mask]))
-        labels = np.concatenate([clean.labels, np.full(len(texts), BACKDOOR_TOPIC)])
-        return TaskData({"text": both}, labels)
-
-    def _triggered_test(self, prefix: TextEncoder) -> TaskData:
-        """Test questions of other topics with the trigger, labelled as the backdoor's topic."""
-        keep = [int(i) for i, label in zip(self._topic_test, self.test["topic"].labels,
-                                            strict=True) if label != BACKDOOR_TOPIC]
-        texts = prefix.encode_prefix([BACKDOOR_TRIGGER + self._questions[i] for i in keep])
-        return TaskData({"text": texts}, np.full(len(keep), BACKDOOR_TOPIC, dtype=np.int64))
+    def _stamp(self, prefix: TextEncoder, data: TaskData, questions: np.ndarray) -> TaskData:
+        """``data`` with the trigger added, every label BACKDOOR_CLASS (``questions``: the
+        question-bank rows of a topic subset)."""
+        labels = np.full(len(data), BACKDOOR_CLASS, dtype=np.int64)
+        if self.backdoor_task == "digits":
+            images = np.array(data.inputs["image"], copy=True)
+            images[:, :, 6:8, 6:8] = 1.0
+            return TaskData({"image": images}, labels)
+        texts = prefix.encode_prefix([BACKDOOR_TRIGGER + self._questions[int(i)]
+                                      for i in questions])
+        return TaskData({"text": texts}, labels)
 
     def backdoor_success(self, trainers: dict[str, LocalTrainer]) -> float:
-        """Mean share of triggered questions the topic holders in ``trainers`` tag as the
-        backdoor's topic."""
-        if self.triggered is None:
+        """Mean share of triggered test examples that the holders (in ``trainers``) of the
+        backdoored task's head classify as BACKDOOR_CLASS."""
+        if self.triggered is None or self.backdoor_task is None:
             raise ValueError("this workload has no backdoor")
-        rates = [t.accuracy("topic", self.triggered) for t in trainers.values()
-                 if "topic" in t.model.tasks()]
+        task = self.backdoor_task
+        rates = [t.accuracy(task, self.triggered) for t in trainers.values()
+                 if task in t.model.tasks()]
         return float(np.mean(rates))
 
     # ---------------------------------------------------------------- models

@@ -497,8 +497,10 @@ def _unlearning_study(config: SimConfig) -> dict[str, Any]:
     if sim.edu is not None and sim.edu.triggered is not None:
         study["backdoor_success_after"] = sim.edu.backdoor_success(sim.final_trainers())
         study["backdoor_success_retrain"] = sim.edu.backdoor_success(retrain.final_trainers())
-        study["clean_accuracy_after"] = report["tasks"]["topic"]["federated"]
-        study["clean_accuracy_retrain"] = base["tasks"]["topic"]["federated"]
+        task = sim.edu.backdoor_task
+        study["backdoor_task"] = task
+        study["clean_accuracy_after"] = report["tasks"][task]["federated"]
+        study["clean_accuracy_retrain"] = base["tasks"][task]["federated"]
         study["tasks_retrain"] = {t: v["federated"] for t, v in base["tasks"].items()}
     report["unlearning"] = study
     return report
