@@ -238,6 +238,8 @@ class NodeConfig:
     #: per trained component, the other components in the forward passes that train it: its
     #: local update inherits their lineage (a head trained on a tainted encoder is tainted)
     forward_deps: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    #: fast unlearning trains one round in this many (the others re-apply stored updates)
+    fast_stride: int = FAST_STRIDE
 
 
 @dataclass
@@ -577,7 +579,8 @@ class Node:
 
     def _begin_replay(self, name: str, target: str, mode: str, start: int, until: int,
                       forget_index: int, keep: Mapping[str, Any] | None = None) -> None:
-        replay = _Replay(target, mode, start, until, forget_index, keep=keep)
+        replay = _Replay(target, mode, start, until, forget_index, keep=keep,
+                         stride=self.config.fast_stride)
         replay.history = contributions(self.ledger.entries("contribution"), name, start, until,
                                        self._forgotten)
         if mode == "fast" and name in self.config.trains:
