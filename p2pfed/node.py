@@ -293,7 +293,6 @@ class _ComponentRound:
     replay: _Replay | None = None
     trained: bool = False  # this round's update includes local training
     start_digest: bytes = b""  # the state before this round's training (kept for fast mode)
-    abandoned: set[int] = field(default_factory=set)  # rounds whose training was rolled back
 
 
 def _transition(state: _ComponentRound, event: Event) -> None:
@@ -555,9 +554,7 @@ class Node:
         actions: list[Action] = []
         for name in sorted(rerun):
             st = self._states[name]
-            if st.phase is Phase.TRAINING:
-                st.abandoned.add(st.round)
-            if st.phase in (Phase.TRAINING, Phase.COLLECTING):
+            if st.phase in (Phase.TRAINING, Phase.COLLECTING):  # (a queued Train is dropped)
                 _transition(st, Event.ABANDON)
             st.deadline_ms = st.start_at_ms = None
             self._load_checkpoint(name, checkpoints[name])
@@ -675,9 +672,6 @@ class Node:
     def local_update_done(self, component: str, round_: int, now_ms: int) -> list[Action]:
         """Local training of ``component`` for ``round_`` has written into its flat buffer."""
         st = self._states[component]
-        if round_ in st.abandoned:  # trained before a rollback: the result is void
-            st.abandoned.discard(round_)
-            return []
         if st.phase is not Phase.TRAINING or st.round != round_:
             raise AssertionError(f"unexpected training result for {component} round {round_}")
         if st.replay is not None and st.replay.origin is not None:

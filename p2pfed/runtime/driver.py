@@ -164,6 +164,10 @@ class NodeDriver:
     async def _train(self, train: Train) -> None:
         trainer = self._trainer(train)
         async with self._train_lock:
+            if not self.node.awaiting_update(train.component, train.round):
+                log.info("dropping training of %s for round %d: rolled back meanwhile",
+                         train.component, train.round)
+                return
             try:
                 await trio.to_thread.run_sync(trainer, train.component, train.round)
             except Exception:  # a bad batch or a model bug must not stop the daemon
