@@ -532,8 +532,13 @@ class Node:
         rounds = {c: self._states[c].round for c in rerun}
         plan = rollback_round(self.ledger.entries("checkpoint"), rounds, forgotten) \
             if rerun else (0, {})
-        if plan is None:
-            raise AssertionError(f"no checkpoint free of {target} for {sorted(rerun)}")
+        if plan is None:  # (checkpoints lost, or payloads not kept): say so, change nothing
+            log.error("%s: cannot forget %s: no checkpoint free of it for %s", self.peer_id[-8:],
+                      target[-8:], sorted(rerun))
+            self.ledger.append("forget-failed", {"target": target, "mode": mode,
+                                                 "components": sorted(rerun)},
+                               timestamp_ms=now_ms, durable=True)
+            return []
         start, checkpoints = plan
         # components re-run only to feed the others get their present state back afterwards
         keep = self.checkpoint(now_ms, sorted(rerun - influenced))

@@ -296,3 +296,28 @@ async def test_only_the_member_or_an_admin_may_ask(
     for n in nodes[:3]:
         (entry,) = n.ledger.entries(FORGET_ENTRY)
         assert entry.body["mode"] == "fast" and entry.body["target"] == nodes[3].peer_id
+
+
+def test_a_trained_model_keeps_what_the_member_never_reached() -> None:
+    topo = load_topology(TOPOLOGIES / "hierarchical-edu.toml")
+    report = simulate(SimConfig(topo, workload="education", rounds=3, seed=1,
+                                education=SMALL_EDU, unlearn=("student-0-0-0", 1)))
+    u = report["unlearning"]
+    assert u["max_abs_diff_vs_retrain"] <= 1e-6
+    assert u["backdoor_task"] == "topic"  # a student's questions carry the trigger
+    assert u["components_rolled_back"] == ["encoder.text.lora", "head.topic"]
+    assert {"encoder.image", "head.digits"} <= set(u["components_untouched"])
+
+
+def test_without_a_clean_checkpoint_a_node_says_so_and_changes_nothing() -> None:
+    nodes = _path_nodes(3, None)
+    for n in nodes:
+        n.config = NodeConfig(round_timeout_ms=1000, keep_payloads=False)  # no checkpoints
+    _wire(nodes)
+    _run(nodes, 3, start=True)
+    value = nodes[0].components["backbone"].flat.clone()
+    assert nodes[0].forget(nodes[2].peer_id, "exact", 0) == []
+    assert torch.equal(nodes[0].components["backbone"].flat, value)
+    assert nodes[2].peer_id not in nodes[0].forgotten()
+    (failed,) = nodes[0].ledger.entries("forget-failed")
+    assert failed.body["target"] == nodes[2].peer_id
