@@ -92,6 +92,12 @@ def simulate(
                           "(education: NODE's topic data carries a backdoor)."),
     ] = None,
     mode: Annotated[str, typer.Option(help="Unlearning mode: exact or fast.")] = "exact",
+    dp_sigma: Annotated[float | None, typer.Option(
+        min=0.0, help="Education: DP noise multiplier for every trained component.")] = None,
+    dp_clip: Annotated[float, typer.Option(min=0.0, help="DP clipping norm.")] = 1.0,
+    dp_delta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DP delta.")] = 1e-5,
+    dp_budget: Annotated[float, typer.Option(min=0.0, help="ε cap per component (0: none).")]
+    = 0.0,
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import WORKLOADS, SimConfig, plot_report, simulate
@@ -106,6 +112,11 @@ def simulate(
         raise typer.BadParameter(f"unknown mode {mode!r}; choose exact or fast",
                                  param_hint="--mode")
     target = _parse_unlearn(unlearn) if unlearn is not None else None
+    dp = None
+    if dp_sigma is not None:
+        from p2pfed.privacy import Policy
+
+        dp = Policy(dp_clip, dp_sigma, dp_delta, 1.0, dp_budget)
     topo = load_topology(topology)
     if rounds is None:
         from p2pfed.sim.education import FULL, QUICK
@@ -123,7 +134,7 @@ def simulate(
 
         report = simulate(SimConfig(topo, workload=workload, rounds=rounds, seed=seed,
                                     home=home, dim=dim, progress=update, quick=quick,
-                                    unlearn=target, unlearn_mode=mode))
+                                    unlearn=target, unlearn_mode=mode, dp=dp))
     if json_path is not None:
         _write_json(json_path, report)
     if plot is not None:

@@ -38,17 +38,32 @@
     enabled = false
     address = "127.0.0.1"
     port = 9464
+
+    [privacy]                           # differential privacy of released updates
+    delta = 1e-5
+    budget = 8.0                        # ε per component; 0: no cap (training stops at it)
+    sample_rate = 1.0                   # share of the local data in each round's update
+
+    [privacy.text]                      # per modality: clip updates to this L2 norm and add
+    clip = 1.0                          # Gaussian noise of std sigma * clip
+    sigma = 1.2
+
+    [privacy.shared]                    # backbone, heads, prompts (default: the strictest)
+    clip = 1.0
+    sigma = 1.0
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from gossip.catalog import ComponentSpec
 from gossip.errors import ConfigError
+from p2pfed.privacy import Policy
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
 
@@ -109,6 +124,45 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class NoiseLevel:
+    clip: float
+    sigma: float
+
+
+@dataclass(frozen=True)
+class PrivacySection:
+    """``[privacy]``: δ, the ε budget per component (0: none), the sampling rate, and per
+    modality a ``[privacy.<modality>]`` table with ``clip`` and ``sigma``.  Components with no
+    modality (backbone, heads, prompts) use ``[privacy.shared]``, else the strictest level set,
+    so a head trained on private text is never released without noise."""
+
+    delta: float = 1e-5
+    budget: float = 0.0
+    sample_rate: float = 1.0
+    levels: tuple[tuple[str, NoiseLevel], ...] = ()
+
+    def level_of(self, component: str) -> NoiseLevel | None:
+        if not self.levels:
+            return None
+        levels = dict(self.levels)
+        modality = ComponentSpec.from_name(component).modality or "shared"
+        if modality in levels:
+            return levels[modality]
+        if modality == "shared":
+            return max(levels.values(), key=lambda lv: lv.sigma)
+        return levels.get("shared")
+
+    def policies(self, components: Iterable[str]) -> dict[str, Policy]:
+        out = {}
+        for c in components:
+            level = self.level_of(c)
+            if level is not None:
+                out[c] = Policy(level.clip, level.sigma, self.delta, self.sample_rate,
+                                self.budget)
+        return out
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     components: ComponentsSection = field(default_factory=ComponentsSection)
@@ -118,6 +172,7 @@ class Config:
     rounds: RoundsSection = field(default_factory=RoundsSection)
     overlay: OverlaySection = field(default_factory=OverlaySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     @classmethod
     def from_toml(cls, path: Path) -> Config:
@@ -136,6 +191,9 @@ class Config:
                 raise ConfigError(f"[{f.name}] must be a table")
             if f.name == "data":
                 sections["data"] = _data_section(raw)
+                continue
+            if f.name == "privacy":
+                sections["privacy"] = _privacy_section(raw)
                 continue
             section_cls = type(getattr(cls(), f.name))
             sections[f.name] = _section(section_cls, f.name, raw)
@@ -171,6 +229,10 @@ class Config:
             raise ConfigError("model.steps and model.batch_size must be >= 1, model.lr > 0")
         if any(layer < 0 for layer in self.model.lora_layers):
             raise ConfigError("model.lora_layers must be layer indices (>= 0)")
+        try:
+            self.privacy.policies(self.components.hold)
+        except ConfigError as exc:
+            raise ConfigError(f"privacy: {exc}") from exc
 
     def with_overrides(self, **overrides: Any) -> Config:
         """A copy with ``section__key=value`` overrides; ``None`` values are ignored."""
@@ -199,8 +261,14 @@ class Config:
             lines.append(f"[{f.name}]")
             section = getattr(self, f.name)
             for sf in fields(section):
-                lines.append(f"{sf.name} = {_toml_value(getattr(section, sf.name))}")
+                if sf.name != "levels":
+                    lines.append(f"{sf.name} = {_toml_value(getattr(section, sf.name))}")
             lines.append("")
+            if f.name == "privacy":
+                for modality, level in self.privacy.levels:
+                    lines += [f"[privacy.{_toml_key(modality)}]",
+                              f"clip = {_toml_value(level.clip)}",
+                              f"sigma = {_toml_value(level.sigma)}", ""]
         return "\n".join(lines)
 
 
@@ -254,6 +322,21 @@ def _coerce(where: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{where} must be a list of strings")
         return tuple(value)
     raise ConfigError(f"{where}: unsupported value")
+
+
+def _privacy_section(raw: dict[str, Any]) -> PrivacySection:
+    scalars = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+    section: PrivacySection = _section(PrivacySection, "privacy", scalars)
+    levels = []
+    for modality, table in sorted((k, v) for k, v in raw.items() if isinstance(v, dict)):
+        where = f"privacy.{modality}"
+        if set(table) != {"clip", "sigma"}:
+            raise ConfigError(f"[{where}] needs exactly clip and sigma")
+        clip, sigma = (_coerce(f"{where}.{k}", table[k], 1.0) for k in ("clip", "sigma"))
+        if not clip > 0 or not sigma > 0:
+            raise ConfigError(f"{where}: clip and sigma must be > 0")
+        levels.append((modality, NoiseLevel(clip, sigma)))
+    return replace(section, levels=tuple(levels))
 
 
 def _data_section(raw: dict[str, Any]) -> dict[str, dict[str, DataSource]]:

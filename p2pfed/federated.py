@@ -89,6 +89,7 @@ class FederatedNode(Node):
                 name: {"round": self.round_of(name), "phase": self.phase_of(name).value,
                        "neighbours": list(self.neighbours_of(name)),
                        "consensus_distance": self.disagreement_of(name),
+                       "privacy": self.privacy_of(name),
                        "rounds_since_view_change": len(self.disagreement_of(name))}
                 for name in sorted(self.components)
             },

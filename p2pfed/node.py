@@ -52,6 +52,7 @@ from p2pfed.codec import decode_payload, encode_payload
 from p2pfed.components import FlatComponent
 from p2pfed.consensus import effective_weights, metropolis_hastings_weights, mix_into
 from p2pfed.ledger import Ledger
+from p2pfed.privacy import Policy, privatize
 from p2pfed.unlearning import (
     FAST_STRIDE,
     FORGET_ENTRY,
@@ -240,6 +241,11 @@ class NodeConfig:
     forward_deps: Mapping[str, frozenset[str]] = field(default_factory=dict)
     #: fast unlearning trains one round in this many (the others re-apply stored updates)
     fast_stride: int = FAST_STRIDE
+    #: differential privacy per trained component: clip and noise every released update
+    privacy: Mapping[str, Policy] = field(default_factory=dict)
+    #: seeds the DP noise (the daemon draws it from the OS at each start; simulations derive
+    #: it from their seed)
+    noise_seed: int = 0
 
 
 @dataclass
@@ -292,6 +298,10 @@ class _ComponentRound:
     weight_deps: frozenset[str] = frozenset()
     replay: _Replay | None = None
     trained: bool = False  # this round's update includes local training
+    releases: int = 0  # differentially private updates released so far
+    dp_origin: torch.Tensor | None = None  # the state before this round's private training
+    released: bool = False  # this round's update is a private release
+    exhausted: bool = False  # the privacy budget allows no more releases
     start_digest: bytes = b""  # the state before this round's training (kept for fast mode)
 
 
@@ -337,6 +347,7 @@ class Node:
         self._early: deque[tuple[str, bytes]] = deque(maxlen=EARLY)
         #: forget requests being applied: target -> components still replaying
         self._pending: dict[str, set[str]] = {}
+        self._noise: torch.Generator | None = None
         #: called after each mix with (component, round, state); used by the simulator
         self.on_mixed: Callable[[str, int, torch.Tensor], None] | None = None
 
@@ -362,6 +373,16 @@ class Node:
 
     def neighbours_of(self, component: str) -> tuple[str, ...]:
         return self._states[component].neighbours
+
+    def privacy_of(self, component: str) -> dict[str, Any] | None:
+        """ε spent by ``component``'s released updates (None: no privacy policy)."""
+        policy = self.config.privacy.get(component)
+        if policy is None:
+            return None
+        st = self._states[component]
+        return {"epsilon_spent": policy.spent(st.releases), "delta": policy.delta,
+                "noise_multiplier": policy.sigma, "clip": policy.clip, "releases": st.releases,
+                "budget": policy.budget or None, "exhausted": st.exhausted}
 
     def completed_of(self, component: str) -> int:
         """Rounds of ``component`` mixed since this node started (restarts count from 0)."""
@@ -460,6 +481,10 @@ class Node:
                 latest[name] = (entry.index, entry.body)
         for name, (_index, body) in latest.items():
             self._load_checkpoint(name, body)
+        for entry in self.ledger.entries("local-update"):  # privacy spent is never given back
+            dp, st = entry.body.get("dp"), self._states.get(entry.body.get("component", ""))
+            if dp is not None and st is not None:
+                st.releases = max(st.releases, dp["releases"])
         for e in forgets:
             if e.kind == FORGET_ENTRY and e.body["target"] not in done:
                 self._resume_forget(e.index, e.body, latest)
@@ -681,6 +706,13 @@ class Node:
             raise AssertionError(f"unexpected training result for {component} round {round_}")
         if st.replay is not None and st.replay.origin is not None:
             self._calibrate(st, st.replay, component)
+        policy = self.config.privacy.get(component)
+        if policy is not None and st.dp_origin is not None:
+            if self._noise is None:
+                self._noise = torch.Generator().manual_seed(self.config.noise_seed)
+            privatize(st.dp_origin, st.comp.flat, policy, self._noise)
+            st.dp_origin, st.released = None, True
+            st.releases += 1
         for dep in sorted(self.config.forward_deps.get(component, ())):
             if dep in self._states:
                 st.lineage.update(self._states[dep].lineage)
@@ -744,8 +776,18 @@ class Node:
         st.start_at_ms = now_ms + interval if interval > 0 else None
         _transition(st, Event.START)
         replay = st.replay
-        if name in self.config.trains and (replay is None or replay.trains_at(st.round)):
+        trains = name in self.config.trains and (replay is None or replay.trains_at(st.round))
+        policy = self.config.privacy.get(name)
+        if trains and policy is not None and not policy.allows(st.releases):
+            if not st.exhausted:
+                log.warning("%s: the privacy budget of %s is spent (ε %.3g after %d updates); "
+                            "it is no longer trained, only mixed", self.peer_id[-8:], name,
+                            policy.spent(st.releases), st.releases)
+            st.exhausted, trains = True, False
+        if trains:
             st.trained, st.start_digest = True, b""
+            if policy is not None:
+                st.dp_origin = st.comp.flat.clone()
             if self.config.keep_payloads:  # fast unlearning sizes its steps by these
                 st.start_digest = self.blobs.put(bytes(encode_payload(
                     name, st.round, st.comp.flat, st.comp.layout)))
@@ -766,6 +808,7 @@ class Node:
         st.deadline_ms = now_ms + self.config.round_timeout_ms
         payload = bytes(encode_payload(name, st.round, st.comp.flat, st.comp.layout))
         st.own_digest = self.blobs.put(payload)
+        policy = self.config.privacy.get(name)
         ann = Announcement(
             component=name,
             round=st.round,
@@ -773,17 +816,20 @@ class Node:
             size=len(payload),
             degree=len(st.neighbours),
             lineage=tuple(sorted(st.lineage)),
+            noise=policy.noise_std if policy is not None and st.released else 0.0,
             epoch=self.epoch,
         )
-        # The ledger entry precedes the send and is durable.
-        self.ledger.append(
-            "local-update",
-            {"component": name, "round": st.round, "digest": st.own_digest,
-             "trained": st.trained, "start": st.start_digest,
-             "lineage": list(ann.lineage), "epoch": self.epoch},
-            timestamp_ms=now_ms,
-            durable=True,
-        )
+        body: dict[str, Any] = {
+            "component": name, "round": st.round, "digest": st.own_digest,
+            "trained": st.trained, "start": st.start_digest,
+            "lineage": list(ann.lineage), "epoch": self.epoch}
+        if policy is not None:
+            body["dp"] = {"releases": st.releases, "epsilon": policy.spent(st.releases),
+                          "delta": policy.delta, "sigma": policy.sigma, "clip": policy.clip,
+                          "released": st.released}
+        st.released = False
+        # The ledger entry (with the privacy spent so far) precedes the send and is durable.
+        self.ledger.append("local-update", body, timestamp_ms=now_ms, durable=True)
         env = seal(
             self.identity,
             kind=ANNOUNCE,
@@ -988,7 +1034,8 @@ def status_of(node: Node) -> dict[str, Any]:
         "peer_id": node.peer_id,
         "components": {
             name: {"round": node.round_of(name), "phase": node.phase_of(name).value,
-                   "neighbours": len(node.neighbours_of(name))}
+                   "neighbours": len(node.neighbours_of(name)),
+                   "privacy": node.privacy_of(name)}
             for name in sorted(node.components)
         },
         "rejected": dict(node.rejected),

@@ -10,6 +10,7 @@ loop), checkpoints every component and exits 0.
 from __future__ import annotations
 
 import logging
+import secrets
 import signal
 import time
 from dataclasses import dataclass
@@ -109,6 +110,8 @@ class Daemon:
                     checkpoint_every=CHECKPOINT_EVERY,
                     trains=trains,
                     forward_deps=deps,
+                    privacy=cfg.privacy.policies(trains),
+                    noise_seed=secrets.randbits(63),
                 ),
                 Sequencer(next_boot_epoch(self.home)),
                 view=view, degree=cfg.overlay.degree,

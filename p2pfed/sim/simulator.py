@@ -39,6 +39,7 @@ from p2pfed.consensus import (
 from p2pfed.ledger import Ledger
 from p2pfed.model.train import LocalTrainer
 from p2pfed.node import Node, NodeConfig
+from p2pfed.privacy import Policy
 from p2pfed.runtime.driver import NodeDriver
 from p2pfed.sim.education import FULL, QUICK, EducationSettings, EducationWorkload
 from p2pfed.sim.topology import ChurnEvent, Topology
@@ -75,6 +76,8 @@ class SimConfig:
     absent: frozenset[str] = frozenset()
     #: education: also train the local-only and centralized baselines
     baselines: bool = True
+    #: differential privacy for every trained component (education)
+    dp: Policy | None = None
 
 
 @dataclass
@@ -184,7 +187,10 @@ class Simulation:
             components,
             ledger,
             blobs,
-            NodeConfig(round_timeout_ms=cfg.round_timeout_ms, trains=trains, forward_deps=deps),
+            NodeConfig(round_timeout_ms=cfg.round_timeout_ms, trains=trains, forward_deps=deps,
+                       privacy={c: cfg.dp for c in trains} if cfg.dp is not None else {},
+                       noise_seed=int.from_bytes(digest(f"{cfg.seed}/{name}".encode())[:7],
+                                                 "little")),
         )
         node.on_mixed = self._recorder(name)
         if name in self.trainers:
@@ -420,6 +426,11 @@ class Simulation:
             },
             "rejected": {
                 name: dict(sn.node.rejected) for name, sn in self.nodes.items() if sn.node.rejected
+            },
+            "privacy": {
+                name: {c: p for c in sorted(sn.node.components)
+                       if (p := sn.node.privacy_of(c)) is not None}
+                for name, sn in self.nodes.items() if sn.node.config.privacy
             },
         }
 
