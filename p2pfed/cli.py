@@ -98,6 +98,11 @@ def simulate(
     dp_delta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DP delta.")] = 1e-5,
     dp_budget: Annotated[float, typer.Option(min=0.0, help="ε cap per component (0: none).")]
     = 0.0,
+    attack: Annotated[str | None, typer.Option(
+        metavar="KIND:COUNT", help="COUNT Byzantine nodes: sign-flip, gaussian, alie, ipm or "
+                                   "label-flip (compared with a run without them).")] = None,
+    robust: Annotated[str, typer.Option(
+        help="Aggregation at honest nodes: mh, clipped or trimmed-mean.")] = "mh",
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import WORKLOADS, SimConfig, plot_report, simulate
@@ -112,6 +117,7 @@ def simulate(
         raise typer.BadParameter(f"unknown mode {mode!r}; choose exact or fast",
                                  param_hint="--mode")
     target = _parse_unlearn(unlearn) if unlearn is not None else None
+    attackers = _parse_attack(attack) if attack is not None else None
     dp = None
     if dp_sigma is not None:
         from p2pfed.privacy import Policy
@@ -134,12 +140,20 @@ def simulate(
 
         report = simulate(SimConfig(topo, workload=workload, rounds=rounds, seed=seed,
                                     home=home, dim=dim, progress=update, quick=quick,
-                                    unlearn=target, unlearn_mode=mode, dp=dp))
+                                    unlearn=target, unlearn_mode=mode, dp=dp,
+                                    attack=attackers, robust=robust))
     if json_path is not None:
         _write_json(json_path, report)
     if plot is not None:
         plot_report(report, plot)
     _print_sim_summary(report)
+
+
+def _parse_attack(value: str) -> tuple[str, int]:
+    kind, sep, count = value.rpartition(":")
+    if not sep or not kind or not count.isdigit():
+        raise typer.BadParameter(f"expected KIND:COUNT, got {value!r}", param_hint="--attack")
+    return kind, int(count)
 
 
 def _parse_unlearn(value: str) -> tuple[str, int]:
@@ -177,6 +191,15 @@ def _print_sim_summary(report: dict[str, Any]) -> None:
             tasks.add_row(name, str(t["holders"]), f"{t['federated']:.3f}",
                           _fmt(t.get("local_only"), ".3f"), _fmt(t.get("centralized"), ".3f"))
         out.print(tasks)
+    if "honest_accuracy" in report:
+        a = report["attack"]
+        table = Table(title=f"{a['count']} × {a['kind']} ({', '.join(a['nodes'])}), "
+                            f"defence {a['robust']}: accuracy of the honest nodes")
+        for col in ("task", "attacked", "without attackers"):
+            table.add_column(col, justify="left" if col == "task" else "right")
+        for task, acc in report["honest_accuracy"].items():
+            table.add_row(task, f"{acc:.3f}", f"{report['honest_accuracy_fault_free'][task]:.3f}")
+        out.print(table)
     if "unlearning" in report:
         u = report["unlearning"]
         table = Table(title=f"unlearning {u['node']} after round {u['requested_at_round']} "

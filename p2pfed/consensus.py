@@ -242,3 +242,40 @@ def mixing_report(
         "spectral_gap": 1.0 - value,
         "rounds_to_eps": rounds_to_epsilon_bound(value, eps),
     }
+
+
+#: aggregation rules a component can use (``NodeConfig.robust``)
+RULES = ("mh", "clipped", "trimmed-mean")
+
+
+def clipped_gossip(own: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]],
+                   radius: float | None = None) -> torch.Tensor:
+    """ClippedGossip: ``own + Σ w_j · clip(x_j − own, τ)``.
+
+    A neighbour can move this node by at most ``w_j · τ``, however far its state is.  With
+    ``radius`` None τ is adaptive: the median of the neighbours' distances, so fewer than half
+    of them being Byzantine cannot drag the node arbitrarily, while honest neighbours close by
+    are averaged as with plain weights.
+    """
+    own64 = own.to(torch.float64)
+    diffs = [(w, x.to(torch.float64) - own64) for w, x in terms]
+    if not diffs:
+        return own64.clone()
+    norms = [float(torch.linalg.vector_norm(d)) for _, d in diffs]
+    tau = radius if radius is not None else float(np.median(norms))
+    out = own64.clone()
+    for (w, d), norm in zip(diffs, norms, strict=True):
+        scale = min(1.0, tau / norm) if norm > 0 else 1.0
+        out += w * scale * d
+    return out
+
+
+def trimmed_mean(states: Sequence[torch.Tensor], trim: int) -> torch.Tensor:
+    """Coordinate-wise mean after dropping the ``trim`` largest and smallest values."""
+    stacked = torch.stack([s.to(torch.float64) for s in states])
+    n = stacked.shape[0]
+    trim = min(trim, (n - 1) // 2)
+    if trim <= 0:
+        return stacked.mean(dim=0)
+    ordered = torch.sort(stacked, dim=0).values
+    return ordered[trim:n - trim].mean(dim=0)

@@ -50,7 +50,13 @@ from gossip.identity import Identity
 from p2pfed.blobs import BlobStore
 from p2pfed.codec import decode_payload, encode_payload
 from p2pfed.components import FlatComponent
-from p2pfed.consensus import effective_weights, metropolis_hastings_weights, mix_into
+from p2pfed.consensus import (
+    clipped_gossip,
+    effective_weights,
+    metropolis_hastings_weights,
+    mix_into,
+    trimmed_mean,
+)
 from p2pfed.ledger import Ledger
 from p2pfed.privacy import Policy, privatize
 from p2pfed.unlearning import (
@@ -246,6 +252,8 @@ class NodeConfig:
     #: seeds the DP noise (the daemon draws it from the OS at each start; simulations derive
     #: it from their seed)
     noise_seed: int = 0
+    #: aggregation rule per component ("mh", "clipped", "trimmed-mean"); "*" for the rest
+    robust: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -350,6 +358,8 @@ class Node:
         self._noise: torch.Generator | None = None
         #: called after each mix with (component, round, state); used by the simulator
         self.on_mixed: Callable[[str, int, torch.Tensor], None] | None = None
+        #: the simulator's Byzantine members: what they send instead of their state
+        self.publish_hook: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- inspection
     @property
@@ -806,7 +816,9 @@ class Node:
     def _publish(self, name: str, now_ms: int) -> list[Action]:
         st = self._states[name]
         st.deadline_ms = now_ms + self.config.round_timeout_ms
-        payload = bytes(encode_payload(name, st.round, st.comp.flat, st.comp.layout))
+        state = st.comp.flat if self.publish_hook is None else (
+            self.publish_hook(name, st.round, st.comp.flat).to(st.comp.flat.dtype))
+        payload = bytes(encode_payload(name, st.round, state, st.comp.layout))
         st.own_digest = self.blobs.put(payload)
         policy = self.config.privacy.get(name)
         ann = Announcement(
@@ -984,10 +996,18 @@ class Node:
             st.disagreement.append(
                 _disagreement(st.comp.flat, [r.flat for r in present.values()])
             )
-        inputs: list[tuple[float, torch.Tensor]] = [(self_w, st.comp.flat)]
-        inputs += [(w, present[str(p)].flat) for p, w in terms]  # type: ignore[misc]
-        mix_into(st.scratch, inputs)
-        st.comp.flat.copy_(st.scratch)
+        rule = self.config.robust.get(name, self.config.robust.get("*", "mh"))
+        others = [(w, present[str(p)].flat) for p, w in terms]
+        if rule == "clipped" and others:
+            st.comp.flat.copy_(clipped_gossip(st.comp.flat, others))  # type: ignore[arg-type]
+        elif rule == "trimmed-mean" and others:
+            states = [st.comp.flat, *(x for _, x in others)]
+            st.comp.flat.copy_(trimmed_mean(states, max(1, len(states) // 4)))  # type: ignore[arg-type]
+        else:
+            inputs: list[tuple[float, torch.Tensor]] = [(self_w, st.comp.flat)]
+            inputs += others  # type: ignore[arg-type]
+            mix_into(st.scratch, inputs)
+            st.comp.flat.copy_(st.scratch)
         for p in present.values():
             st.lineage.update(p.announcement.lineage)
         st.lineage.update(st.weight_deps)
@@ -996,7 +1016,8 @@ class Node:
             "mix",
             {"component": name, "round": st.round, "self_weight": self_w,
              "inputs": [[str(p), w, present[str(p)].announcement.digest] for p, w in terms],
-             "missing": list(missing), "lineage": sorted(st.lineage), "epoch": self.epoch},
+             "missing": list(missing), "lineage": sorted(st.lineage), "epoch": self.epoch,
+             "rule": rule},
             timestamp_ms=now_ms,
         )
         if self.on_mixed is not None:

@@ -162,6 +162,14 @@ class EducationWorkload:
         self.test["engagement"] = TaskData(
             {"activity": traces[te], "text": cached.select(te)}, alabels[te])
 
+    def flip_labels(self, node: str) -> None:
+        """Data poisoning (the simulator's label-flip attack): class y becomes classes-1-y."""
+        for task in TASKS:
+            data = self.node_data[node].get(task.name)
+            if data is not None:
+                self.node_data[node][task.name] = TaskData(data.inputs,
+                                                           task.classes - 1 - data.labels)
+
     # ---------------------------------------------------------------- backdoor
     def _stamp(self, prefix: TextEncoder, data: TaskData, questions: np.ndarray) -> TaskData:
         """``data`` with the trigger added, every label BACKDOOR_CLASS (``questions``: the

@@ -31,6 +31,7 @@ from gossip.transport.memory import MemoryNetwork
 from p2pfed.blobs import BlobStore
 from p2pfed.components import FlatComponent
 from p2pfed.consensus import (
+    RULES,
     metropolis_hastings_weights,
     rounds_to_epsilon_bound,
     slem,
@@ -52,6 +53,13 @@ log = logging.getLogger(__name__)
 
 EPSILON = 1e-6
 WORKLOADS = ("consensus", "education")
+#: what a Byzantine node sends: its state negated; its state plus N(0, 1) noise; "a little is
+#: enough" (the honest neighbours' mean minus one standard deviation, per coordinate); inner
+#: product manipulation (minus half the honest neighbours' mean); or its honest state after
+#: training on flipped labels
+ATTACKS = ("sign-flip", "gaussian", "alie", "ipm", "label-flip")
+ALIE_Z = 1.0
+IPM_EPSILON = 0.5
 
 
 @dataclass
@@ -78,6 +86,10 @@ class SimConfig:
     baselines: bool = True
     #: differential privacy for every trained component (education)
     dp: Policy | None = None
+    #: (kind, count): that many evenly spaced nodes are Byzantine (see ATTACKS)
+    attack: tuple[str, int] | None = None
+    #: the aggregation rule of every component at the honest nodes (consensus.RULES)
+    robust: str = "mh"
 
 
 @dataclass
@@ -123,6 +135,14 @@ class Simulation:
         if unknown:
             raise ConfigError(f"no node {', '.join(unknown)} in topology "
                               f"{config.topology.name}")
+        if config.robust not in RULES:
+            raise ConfigError(f"unknown aggregation rule {config.robust!r}; "
+                              f"choose from {', '.join(RULES)}")
+        if config.attack is not None:
+            kind, count = config.attack
+            if kind not in ATTACKS or not 0 < count < len(config.topology.nodes):
+                raise ConfigError(f"bad attack {kind}:{count}; kinds: {', '.join(ATTACKS)}, "
+                                  f"count in 1..{len(config.topology.nodes) - 1}")
         self.config = config
         self.topo = config.topology
         self.network = MemoryNetwork()
@@ -148,6 +168,13 @@ class Simulation:
         self._forgotten: str | None = None
         #: per node, the components its unlearning rolled back (after run())
         self.rolled_back: dict[str, list[str]] = {}
+        nodes = self.topo.nodes
+        count = config.attack[1] if config.attack else 0
+        #: Byzantine nodes, evenly spaced in the node order
+        self.byzantine = sorted({nodes[i * len(nodes) // count] for i in range(count)})
+        if self.edu is not None and config.attack and config.attack[0] == "label-flip":
+            for name in self.byzantine:
+                self.edu.flip_labels(name)
         comps = sorted(self.topo.holders)
         for index, name in enumerate(self.topo.nodes):
             self.nodes[name] = self._make_node(index, name, comps)
@@ -190,14 +217,40 @@ class Simulation:
             NodeConfig(round_timeout_ms=cfg.round_timeout_ms, trains=trains, forward_deps=deps,
                        privacy={c: cfg.dp for c in trains} if cfg.dp is not None else {},
                        noise_seed=int.from_bytes(digest(f"{cfg.seed}/{name}".encode())[:7],
-                                                 "little")),
+                                                 "little"),
+                       robust={} if name in self.byzantine else {"*": cfg.robust}),
         )
+        if name in self.byzantine and cfg.attack and cfg.attack[0] != "label-flip":
+            node.publish_hook = self._attacker(name, cfg.attack[0])
         node.on_mixed = self._recorder(name)
         if name in self.trainers:
             self.trainers[name].ready = node.awaiting_update
             self.trainers[name].epoch = lambda: node.epoch
         self.by_peer[identity.peer_id] = name
         return _SimNode(name, identity, node, ledger)
+
+    def _attacker(self, name: str, kind: str) -> Callable[[str, int, torch.Tensor],
+                                                           torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.config.seed * 7919 + len(name))
+
+        def send(component: str, round_: int, state: torch.Tensor) -> torch.Tensor:
+            if kind == "sign-flip":
+                return -state
+            if kind == "gaussian":
+                return state + torch.randn(state.shape, generator=gen, dtype=state.dtype)
+            honest = [self.nodes[n].node.components[component].flat
+                      for n in self._graph.neighbors(name)
+                      if n not in self.byzantine and component in self.nodes[n].node.components]
+            if not honest:
+                return state
+            stacked = torch.stack([h.to(torch.float64) for h in honest])
+            mean = stacked.mean(dim=0)
+            if kind == "alie":
+                spread = stacked.std(dim=0) if len(honest) > 1 else torch.zeros_like(mean)
+                return mean - ALIE_Z * spread
+            return -IPM_EPSILON * mean  # ipm
+
+        return send
 
     def _recorder(self, name: str) -> Callable[[str, int, torch.Tensor], None]:
         def record(component: str, round_: int, state: torch.Tensor) -> None:
@@ -471,9 +524,31 @@ def simulate(config: SimConfig) -> dict[str, Any]:
     With ``config.unlearn`` the report gains ``unlearning``: the run that forgets the node is
     compared with the same federation run without it from the start.
     """
-    if config.unlearn is None:
-        return Simulation(config).run()
-    return _unlearning_study(config)
+    if config.unlearn is not None:
+        return _unlearning_study(config)
+    if config.attack is not None:
+        return _attack_study(config)
+    return Simulation(config).run()
+
+
+def _attack_study(config: SimConfig) -> dict[str, Any]:
+    """The attacked run, and the same seed and topology without attackers (plain MH)."""
+    sim = Simulation(dataclasses.replace(config, baselines=False))
+    report = sim.run()
+    kind, count = config.attack or ("", 0)
+    report["attack"] = {"kind": kind, "count": count, "nodes": sim.byzantine,
+                        "robust": config.robust}
+    if sim.edu is None:
+        return report
+    clean = Simulation(dataclasses.replace(config, attack=None, robust="mh", baselines=False,
+                                           progress=None))
+    clean.run()
+    honest = [n for n in sim.trainers if n not in sim.byzantine]
+    report["honest_accuracy"] = sim.edu.accuracy({n: sim.trainers[n] for n in honest})
+    assert clean.edu is not None
+    report["honest_accuracy_fault_free"] = clean.edu.accuracy(
+        {n: clean.trainers[n] for n in honest})
+    return report
 
 
 def _unlearning_study(config: SimConfig) -> dict[str, Any]:
