@@ -248,6 +248,10 @@ def mixing_report(
 RULES = ("mh", "clipped", "trimmed-mean")
 
 
+#: clipped gossip's adaptive radius: this quantile of the neighbours' distances
+CLIP_QUANTILE = 0.5
+
+
 def clipped_gossip(own: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]],
                    radius: float | None = None) -> torch.Tensor:
     """ClippedGossip: ``own + Σ w_j · clip(x_j − own, τ)``.
@@ -262,7 +266,8 @@ def clipped_gossip(own: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]
     if not diffs:
         return own64.clone()
     norms = [float(torch.linalg.vector_norm(d)) for _, d in diffs]
-    tau = radius if radius is not None else float(np.median(norms))
+    tau = radius if radius is not None else float(
+        np.quantile(norms, CLIP_QUANTILE, method="lower"))
     out = own64.clone()
     for (w, d), norm in zip(diffs, norms, strict=True):
         scale = min(1.0, tau / norm) if norm > 0 else 1.0
