@@ -532,7 +532,8 @@ def simulate(config: SimConfig) -> dict[str, Any]:
 
 
 def _attack_study(config: SimConfig) -> dict[str, Any]:
-    """The attacked run, and the same seed and topology without attackers (plain MH)."""
+    """The attacked run, and the same seed and topology with the attackers left out (plain
+    MH): what the honest nodes reach together, the best a defence can give them."""
     sim = Simulation(dataclasses.replace(config, baselines=False))
     report = sim.run()
     kind, count = config.attack or ("", 0)
@@ -541,7 +542,8 @@ def _attack_study(config: SimConfig) -> dict[str, Any]:
     if sim.edu is None:
         return report
     clean = Simulation(dataclasses.replace(config, attack=None, robust="mh", baselines=False,
-                                           progress=None))
+                                           progress=None, absent=frozenset(sim.byzantine)),
+                       edu=sim.edu)  # (the attackers' data, flipped or not, is unused)
     clean.run()
     honest = [n for n in sim.trainers if n not in sim.byzantine]
     report["honest_accuracy"] = sim.edu.accuracy({n: sim.trainers[n] for n in honest})
