@@ -275,7 +275,6 @@ class _Replay:
     history: dict[tuple[int, str], Contribution] = field(default_factory=dict)
     #: fast mode: per round, digests of this node's own state before and after its training
     updates: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
-    origin: torch.Tensor | None = None  # fast mode: the state before calibration training
     stride: int = FAST_STRIDE
     #: a component the member never influenced, re-run only because an influenced one is
     #: trained through it: its checkpoint from before the request, put back when done
@@ -307,7 +306,8 @@ class _ComponentRound:
     replay: _Replay | None = None
     trained: bool = False  # this round's update includes local training
     releases: int = 0  # differentially private updates released so far
-    dp_origin: torch.Tensor | None = None  # the state before this round's private training
+    #: the state before this round's training, when calibration or privacy needs it
+    origin: torch.Tensor | None = None
     released: bool = False  # this round's update is a private release
     exhausted: bool = False  # the privacy budget allows no more releases
     start_digest: bytes = b""  # the state before this round's training (kept for fast mode)
@@ -491,10 +491,11 @@ class Node:
                 latest[name] = (entry.index, entry.body)
         for name, (_index, body) in latest.items():
             self._load_checkpoint(name, body)
-        for entry in self.ledger.entries("local-update"):  # privacy spent is never given back
-            dp, st = entry.body.get("dp"), self._states.get(entry.body.get("component", ""))
-            if dp is not None and st is not None:
-                st.releases = max(st.releases, dp["releases"])
+        if self.config.privacy:  # privacy spent is never given back
+            for entry in self.ledger.entries("local-update"):
+                dp, st = entry.body.get("dp"), self._states.get(entry.body.get("component", ""))
+                if dp is not None and st is not None:
+                    st.releases = max(st.releases, dp["releases"])
         for e in forgets:
             if e.kind == FORGET_ENTRY and e.body["target"] not in done:
                 self._resume_forget(e.index, e.body, latest)
@@ -596,7 +597,7 @@ class Node:
             st = self._states[name]
             if st.phase in (Phase.TRAINING, Phase.COLLECTING):  # (a queued Train is dropped)
                 _transition(st, Event.ABANDON)
-            st.deadline_ms = st.start_at_ms = None
+            st.deadline_ms = st.start_at_ms = st.origin = None
             self._load_checkpoint(name, checkpoints[name])
             if rounds[name] > start:
                 self._begin_replay(name, target, mode, start, rounds[name], entry.index,
@@ -714,14 +715,15 @@ class Node:
         st = self._states[component]
         if st.phase is not Phase.TRAINING or st.round != round_:
             raise AssertionError(f"unexpected training result for {component} round {round_}")
-        if st.replay is not None and st.replay.origin is not None:
-            self._calibrate(st, st.replay, component)
+        origin, st.origin = st.origin, None
+        if origin is not None and st.replay is not None and st.replay.mode == "fast":
+            self._calibrate(st, st.replay, component, origin)
         policy = self.config.privacy.get(component)
-        if policy is not None and st.dp_origin is not None:
+        if origin is not None and policy is not None:
             if self._noise is None:
                 self._noise = torch.Generator().manual_seed(self.config.noise_seed)
-            privatize(st.dp_origin, st.comp.flat, policy, self._noise)
-            st.dp_origin, st.released = None, True
+            privatize(origin, st.comp.flat, policy, self._noise)
+            st.released = True
             st.releases += 1
         for dep in sorted(self.config.forward_deps.get(component, ())):
             if dep in self._states:
@@ -762,12 +764,12 @@ class Node:
         log.warning("rejected message from %s: %s (%s)", peer[-8:], exc, exc.code)
         return [PeerRejected(peer, exc)]
 
-    def _calibrate(self, st: _ComponentRound, replay: _Replay, name: str) -> None:
+    def _calibrate(self, st: _ComponentRound, replay: _Replay, name: str,
+                   origin: torch.Tensor) -> None:
         """Fast unlearning: the calibration update keeps its direction and takes the size of
         the stored update it replaces (FedEraser)."""
-        origin, replay.origin = replay.origin, None
         stored = self._stored_update(name, replay, st.round)
-        if origin is None or stored is None:
+        if stored is None:
             return
         size = float(torch.linalg.vector_norm(stored.to(torch.float64)))
         step = st.comp.flat - origin
@@ -796,13 +798,11 @@ class Node:
             st.exhausted, trains = True, False
         if trains:
             st.trained, st.start_digest = True, b""
-            if policy is not None:
-                st.dp_origin = st.comp.flat.clone()
+            if policy is not None or (replay is not None and replay.mode == "fast"):
+                st.origin = st.comp.flat.clone()
             if self.config.keep_payloads:  # fast unlearning sizes its steps by these
                 st.start_digest = self.blobs.put(bytes(encode_payload(
                     name, st.round, st.comp.flat, st.comp.layout)))
-            if replay is not None and replay.mode == "fast":
-                replay.origin = st.comp.flat.clone()
             return [Train(name, st.round)]
         st.trained, st.start_digest = False, b""
         if replay is not None and name in self.config.trains:
