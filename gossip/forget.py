@@ -133,10 +133,15 @@ class ForgetRequest:
         return self.forget.requested_round, digest(self.raw)
 
 
+def _header(raw: bytes) -> Any:
+    """The unverified header of envelope bytes: [kind, federation, sender, ...]."""
+    return unpackb(unpackb(raw)[1])
+
+
 def is_forget_record(raw: bytes) -> bool:
     """Does ``raw`` (envelope bytes, not yet verified) claim to be a forget record?"""
     try:
-        return bool(unpackb(unpackb(raw)[1])[0] == FORGET)
+        return bool(_header(raw)[0] == FORGET)
     except (RemoteError, TypeError, IndexError, KeyError):
         return False
 
@@ -148,7 +153,7 @@ def _has_joined(view: MembershipView, key: bytes) -> bool:
     if view.latest_epoch(key) < 0:  # no join and no leave names it: never a member
         return False
     for raw in view.records():  # already verified by the view: read the header only
-        header = unpackb(unpackb(raw)[1])
+        header = _header(raw)
         if header[0] == JOIN and header[2] == key:
             return True
     return False

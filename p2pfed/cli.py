@@ -250,8 +250,9 @@ def ledger_verify(
         public_key = None
     report = verify_ledger(path, public_key)
     owner = peer_id_from_public_key(public_key) if public_key is not None else None
-    problems = check_unlearning(read_entries(path), owner) if report.ok else []
-    forgotten = sum(e.kind == FORGET_ENTRY for e in read_entries(path)) if report.ok else 0
+    entries = read_entries(path) if report.ok else []
+    problems = check_unlearning(entries, owner)
+    forgotten = sum(e.kind == FORGET_ENTRY for e in entries)
     if as_json:
         out.print_json(data={"ok": report.ok and not problems, "entries": report.entries,
                              "first_bad_index": report.first_bad_index, "reason": report.reason,

@@ -6,6 +6,7 @@ al. 2019); p2pfed does not carry its own copy of that analysis.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,13 @@ class Spent:
     best_order: float  # the Rényi order that gave the tightest ε
 
 
+@functools.lru_cache(maxsize=4096)
 def epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> Spent:
-    """ε after ``steps`` releases with noise multiplier ``sigma`` and sampling rate ``q``."""
+    """ε after ``steps`` releases with noise multiplier ``sigma`` and sampling rate ``q``.
+
+    Cached: a node asks for the same count when it checks its budget before training and
+    again when it records the release.
+    """
     if not sigma > 0:
         raise ConfigError("the noise multiplier sigma must be > 0")
     if not 0 < sample_rate <= 1:
