@@ -259,20 +259,19 @@ def export(
     from p2pfed.fedstore import FederationStore
     from p2pfed.home import BLOBS_DIR
     from p2pfed.ledger import Ledger
+    from p2pfed.unlearning import FORGET_ENTRY, latest_clean_checkpoints
 
     root, config = _load(home)
     identity = load_identity(root / KEY_FILE)
     with Ledger.open(root / LEDGER_FILE, identity) as ledger:
-        entry = None
-        for e in ledger.entries("checkpoint"):
-            if e.body.get("component") == component:
-                entry = e
-        if entry is None:
+        forgotten = {e.body["target"] for e in ledger.entries(FORGET_ENTRY)}
+        found = latest_clean_checkpoints(ledger.entries("checkpoint"), forgotten).get(component)
+        if found is None:
             held = sorted({str(e.body.get("component")) for e in ledger.entries("checkpoint")})
             raise LocalError(f"{root} has no checkpoint of {component!r} "
                              f"(checkpointed: {', '.join(held) or 'nothing yet'})")
         federation_id = FederationStore(root).view(ledger).federation_id
-    flat = BlobStore(root / BLOBS_DIR).get_tensors(entry.body["digest"])["flat"]
+    flat = BlobStore(root / BLOBS_DIR).get_tensors(found[1]["digest"])["flat"]
     if config.model.kind == "m3t":
         from p2pfed.model.export import export_component
         from p2pfed.model.local import build_model
@@ -293,7 +292,7 @@ def export(
         path = out_dir / f"{component}.safetensors"
         save_file({"weight": flat.contiguous()}, str(path), metadata={"component": component})
         written = [path]
-    out.print(f"exported {component} (round {entry.body['round']}) to {out_dir}: "
+    out.print(f"exported {component} (round {found[1]['round']}) to {out_dir}: "
               f"{', '.join(p.name for p in written)}")
 
 

@@ -65,7 +65,7 @@ from p2pfed.unlearning import (
     UNLEARNED_ENTRY,
     Contribution,
     contributions,
-    is_clean,
+    latest_clean_checkpoints,
     own_updates,
     rollback_round,
 )
@@ -484,11 +484,8 @@ class Node:
             if e.kind == FORGET_ENTRY:
                 self._forgotten.add(e.body["target"])
                 self.epoch = max(self.epoch, e.body["epoch"])
-        latest: dict[str, tuple[int, dict[str, Any]]] = {}
-        for entry in self.ledger.entries("checkpoint"):
-            name = entry.body.get("component")
-            if name in self._states and is_clean(entry.body.get("lineage", ()), self._forgotten):
-                latest[name] = (entry.index, entry.body)
+        latest = {name: found for name, found in latest_clean_checkpoints(
+            self.ledger.entries("checkpoint"), self._forgotten).items() if name in self._states}
         for name, (_index, body) in latest.items():
             self._load_checkpoint(name, body)
         if self.config.privacy:  # privacy spent is never given back

@@ -46,6 +46,20 @@ class Contribution:
     lineage: tuple[str, ...]
 
 
+def latest_clean_checkpoints(
+    entries: Iterable[LedgerEntry], forgotten: Iterable[str],
+) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Per component, the last checkpoint (ledger index, body) free of every forgotten member:
+    the state to restart from or export, never one a forget request still has to undo."""
+    forgotten = set(forgotten)
+    latest: dict[str, tuple[int, dict[str, Any]]] = {}
+    for entry in entries:
+        body = entry.body
+        if entry.kind == "checkpoint" and is_clean(body.get("lineage", ()), forgotten):
+            latest[body["component"]] = (entry.index, body)
+    return latest
+
+
 def rollback_round(
     entries: Iterable[LedgerEntry], rounds: Mapping[str, int], forgotten: Iterable[str],
 ) -> tuple[int, dict[str, dict[str, Any]]] | None:

@@ -321,3 +321,17 @@ def test_without_a_clean_checkpoint_a_node_says_so_and_changes_nothing() -> None
     assert nodes[2].peer_id not in nodes[0].forgotten()
     (failed,) = nodes[0].ledger.entries("forget-failed")
     assert failed.body["target"] == nodes[2].peer_id
+
+
+def test_restart_and_export_never_take_a_checkpoint_a_forget_must_undo() -> None:
+    from p2pfed.unlearning import latest_clean_checkpoints
+
+    nodes = _path_nodes(3, None, every=1)
+    _wire(nodes)
+    _run(nodes, 3, start=True)
+    target = nodes[-1].peer_id
+    entries = list(nodes[0].ledger.entries("checkpoint"))
+    latest = latest_clean_checkpoints(entries, set())
+    assert latest["backbone"][1]["round"] == 3
+    clean = latest_clean_checkpoints(entries, {target})  # only the starting state is free of it
+    assert clean["backbone"][1]["round"] == 0 and target not in clean["backbone"][1]["lineage"]
