@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -98,11 +99,14 @@ def simulate(
     dp_delta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DP delta.")] = 1e-5,
     dp_budget: Annotated[float, typer.Option(min=0.0, help="ε cap per component (0: none).")]
     = 0.0,
+    dp_noisy: Annotated[str | None, typer.Option(
+        metavar="COUNT:SIGMA", help="COUNT evenly spaced nodes use noise multiplier SIGMA "
+                                    "instead (heterogeneous budgets; needs --dp-sigma).")] = None,
     attack: Annotated[str | None, typer.Option(
         metavar="KIND:COUNT", help="COUNT Byzantine nodes: sign-flip, gaussian, alie, ipm or "
                                    "label-flip (compared with a run without them).")] = None,
     robust: Annotated[str, typer.Option(
-        help="Aggregation at honest nodes: mh, clipped or trimmed-mean.")] = "mh",
+        help="Aggregation at honest nodes: mh, clipped, trimmed-mean or noise-aware.")] = "mh",
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import WORKLOADS, SimConfig, plot_report, simulate
@@ -123,6 +127,10 @@ def simulate(
         from p2pfed.privacy import Policy
 
         dp = Policy(dp_clip, dp_sigma, dp_delta, 1.0, dp_budget)
+    noisy = _parse_noisy(dp_noisy) if dp_noisy is not None else None
+    if noisy is not None and dp is None:
+        raise typer.BadParameter("needs --dp-sigma (the other nodes' level)",
+                                 param_hint="--dp-noisy")
     topo = load_topology(topology)
     if rounds is None:
         from p2pfed.sim.education import FULL, QUICK
@@ -141,12 +149,24 @@ def simulate(
         report = simulate(SimConfig(topo, workload=workload, rounds=rounds, seed=seed,
                                     home=home, dim=dim, progress=update, quick=quick,
                                     unlearn=target, unlearn_mode=mode, dp=dp,
-                                    attack=attackers, robust=robust))
+                                    dp_noisy=noisy, attack=attackers, robust=robust))
     if json_path is not None:
         _write_json(json_path, report)
     if plot is not None:
         plot_report(report, plot)
     _print_sim_summary(report)
+
+
+def _parse_noisy(value: str) -> tuple[int, float]:
+    count, sep, sigma = value.partition(":")
+    try:
+        parsed = int(count), float(sigma)
+    except ValueError:
+        parsed = (0, -1.0)
+    if not sep or parsed[0] < 1 or not math.isfinite(parsed[1]) or parsed[1] < 0:
+        raise typer.BadParameter(f"expected COUNT:SIGMA (a count ≥ 1, a sigma ≥ 0), got "
+                                 f"{value!r}", param_hint="--dp-noisy")
+    return parsed
 
 
 def _parse_attack(value: str) -> tuple[str, int]:

@@ -51,6 +51,12 @@
     [privacy.shared]                    # backbone, heads, prompts (default: the strictest)
     clip = 1.0
     sigma = 1.0
+
+    [mixing]                            # how each component averages its neighbours' states:
+    rule = "clipped"                    # mh | clipped | trimmed-mean | noise-aware
+
+    [mixing.components]                 # per component, overriding rule
+    "head.topic" = "noise-aware"
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from typing import Any
 
 from gossip.catalog import ComponentSpec
 from gossip.errors import ConfigError
+from p2pfed.consensus import RULES
 from p2pfed.privacy import Policy
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
@@ -163,6 +170,19 @@ class PrivacySection:
 
 
 @dataclass(frozen=True)
+class MixingSection:
+    """``[mixing]``: the aggregation rule of every component (``rule``) and, in
+    ``[mixing.components]``, overrides per component (see :data:`p2pfed.consensus.RULES`)."""
+
+    rule: str = "mh"
+    components: tuple[tuple[str, str], ...] = ()
+
+    def rules(self) -> dict[str, str]:
+        """``NodeConfig.robust``: ``"*"`` for the default, then the overrides."""
+        return {"*": self.rule, **dict(self.components)}
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     components: ComponentsSection = field(default_factory=ComponentsSection)
@@ -173,6 +193,7 @@ class Config:
     overlay: OverlaySection = field(default_factory=OverlaySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    mixing: MixingSection = field(default_factory=MixingSection)
 
     @classmethod
     def from_toml(cls, path: Path) -> Config:
@@ -194,6 +215,9 @@ class Config:
                 continue
             if f.name == "privacy":
                 sections["privacy"] = _privacy_section(raw)
+                continue
+            if f.name == "mixing":
+                sections["mixing"] = _mixing_section(raw)
                 continue
             section_cls = type(getattr(cls(), f.name))
             sections[f.name] = _section(section_cls, f.name, raw)
@@ -229,6 +253,15 @@ class Config:
             raise ConfigError("model.steps and model.batch_size must be >= 1, model.lr > 0")
         if any(layer < 0 for layer in self.model.lora_layers):
             raise ConfigError("model.lora_layers must be layer indices (>= 0)")
+        for where, rule in (("mixing.rule", self.mixing.rule),
+                            *((f"mixing.components.{c}", r) for c, r in self.mixing.components)):
+            if rule not in RULES:
+                raise ConfigError(f"{where} must be one of {', '.join(RULES)}, not {rule!r}")
+        for name, _ in self.mixing.components:
+            try:
+                ComponentSpec.from_name(name)
+            except ValueError as exc:
+                raise ConfigError(f"mixing.components: {exc}") from exc
         try:
             self.privacy.policies(self.components.hold)
         except ConfigError as exc:
@@ -261,7 +294,7 @@ class Config:
             lines.append(f"[{f.name}]")
             section = getattr(self, f.name)
             for sf in fields(section):
-                if sf.name != "levels":
+                if sf.name != "levels" and (f.name, sf.name) != ("mixing", "components"):
                     lines.append(f"{sf.name} = {_toml_value(getattr(section, sf.name))}")
             lines.append("")
             if f.name == "privacy":
@@ -269,6 +302,10 @@ class Config:
                     lines += [f"[privacy.{_toml_key(modality)}]",
                               f"clip = {_toml_value(level.clip)}",
                               f"sigma = {_toml_value(level.sigma)}", ""]
+            if f.name == "mixing" and self.mixing.components:
+                lines.append("[mixing.components]")
+                lines += [f"{_toml_key(c)} = {_toml_value(r)}" for c, r in self.mixing.components]
+                lines.append("")
         return "\n".join(lines)
 
 
@@ -337,6 +374,15 @@ def _privacy_section(raw: dict[str, Any]) -> PrivacySection:
             raise ConfigError(f"{where}: clip and sigma must be > 0")
         levels.append((modality, NoiseLevel(clip, sigma)))
     return replace(section, levels=tuple(levels))
+
+
+def _mixing_section(raw: dict[str, Any]) -> MixingSection:
+    per = raw.get("components", {})
+    if not isinstance(per, dict) or not all(isinstance(v, str) for v in per.values()):
+        raise ConfigError("[mixing.components] must map component names to rule names")
+    section: MixingSection = _section(
+        MixingSection, "mixing", {k: v for k, v in raw.items() if k != "components"})
+    return replace(section, components=tuple(sorted(per.items())))
 
 
 def _data_section(raw: dict[str, Any]) -> dict[str, dict[str, DataSource]]:

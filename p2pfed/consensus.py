@@ -245,33 +245,81 @@ def mixing_report(
 
 
 #: aggregation rules a component can use (``NodeConfig.robust``)
-RULES = ("mh", "clipped", "trimmed-mean")
+RULES = ("mh", "clipped", "trimmed-mean", "noise-aware")
+
+#: noise-aware mixing: how much more than its Metropolis–Hastings weight a member that declares
+#: little (or no) noise can get, relative to the median member of the neighbourhood
+NOISE_CAP = 4.0
 
 
-#: clipped gossip's adaptive radius: this quantile of the neighbours' distances
+def noise_factor(noise: float, reference: float) -> float:
+    """Inverse-variance trust of a state released with Gaussian noise of std ``noise``, relative
+    to one released with ``reference``: ``(reference / noise)²``, at most :data:`NOISE_CAP`.
+
+    Claiming more noise than the reference only lowers a member's own weight (to 0 when the
+    reference is noise-free); claiming less raises it by at most the cap.
+    """
+    if noise <= 0.0:
+        return 1.0 if reference <= 0.0 else NOISE_CAP
+    return min(NOISE_CAP, (reference / noise) ** 2)
+
+
+def noise_aware_weights(
+    self_weight: float, self_noise: float, terms: Sequence[tuple[float, float]]
+) -> tuple[float, list[float]]:
+    """Reweight one row of mixing weights by declared noise.
+
+    ``terms`` are ``(weight, declared noise std)`` per neighbour.  Each weight (self's too) is
+    scaled by :func:`noise_factor` against the median declared noise of self and the
+    neighbours, then the row is renormalised to sum to 1.  With equal noise everywhere it is
+    plain Metropolis–Hastings; the matrix is then row- but no longer column-stochastic, so the
+    federation agrees on an average that leans towards its less noisy members.
+    """
+    noises = [self_noise, *(s for _, s in terms)]
+    if any(not math.isfinite(s) or s < 0.0 for s in noises):
+        raise LocalError("declared noise must be finite and non-negative")
+    reference = float(np.median(noises))
+    scaled = [self_weight * noise_factor(self_noise, reference)]
+    scaled += [w * noise_factor(s, reference) for w, s in terms]
+    total = math.fsum(scaled)
+    if total <= 0.0:  # cannot happen with positive MH weights: the median member keeps ≥ 1
+        return 1.0, [0.0] * len(terms)
+    return scaled[0] / total, [w / total for w in scaled[1:]]
+
+
+#: clipped gossip's adaptive radius: CLIP_FACTOR times this quantile of the neighbours' distances
 CLIP_QUANTILE = 0.5
+CLIP_FACTOR = 2.0
+
+
+def clip_radius(distances: Sequence[float]) -> float:
+    """The adaptive radius: twice the median distance to the neighbours (the lower median, so
+    with three neighbours it is set by the middle one and one outlier cannot stretch it)."""
+    return CLIP_FACTOR * float(np.quantile(distances, CLIP_QUANTILE, method="lower"))
 
 
 def clipped_gossip(own: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]],
                    radius: float | None = None) -> torch.Tensor:
-    """ClippedGossip: ``own + Σ w_j · clip(x_j − own, τ)``.
+    """Clipped gossip with a hard clip: ``own + Σ w_j · (x_j − own)`` over the neighbours
+    within distance τ of this node; a difference longer than τ is clipped to nothing this round
+    (its weight stays with self).  τ is :func:`clip_radius` unless ``radius`` is given.
 
-    A neighbour can move this node by at most ``w_j · τ``, however far its state is.  With
-    ``radius`` None τ is adaptive: the median of the neighbours' distances, so fewer than half
-    of them being Byzantine cannot drag the node arbitrarily, while honest neighbours close by
-    are averaged as with plain weights.
+    A neighbour therefore moves the node by at most ``w_j · τ``, and only while it stays as
+    close as honest neighbours are: with fewer than half of the neighbours Byzantine the median
+    is an honest distance.  Clipping a far neighbour to τ instead (classic ClippedGossip) lets
+    it pull by ``w_j · τ`` every round, always the same way, which adds up: on the education
+    workload with sign-flippers that left digits at 0.42 against 0.89 without them.
     """
     own64 = own.to(torch.float64)
     diffs = [(w, x.to(torch.float64) - own64) for w, x in terms]
-    if not diffs:
-        return own64.clone()
-    norms = [float(torch.linalg.vector_norm(d)) for _, d in diffs]
-    tau = radius if radius is not None else float(
-        np.quantile(norms, CLIP_QUANTILE, method="lower"))
     out = own64.clone()
+    if not diffs:
+        return out
+    norms = [float(torch.linalg.vector_norm(d)) for _, d in diffs]
+    tau = clip_radius(norms) if radius is None else radius
     for (w, d), norm in zip(diffs, norms, strict=True):
-        scale = min(1.0, tau / norm) if norm > 0 else 1.0
-        out += w * scale * d
+        if norm <= tau:
+            out += w * d
     return out
 
 

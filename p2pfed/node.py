@@ -55,6 +55,7 @@ from p2pfed.consensus import (
     effective_weights,
     metropolis_hastings_weights,
     mix_into,
+    noise_aware_weights,
     trimmed_mean,
 )
 from p2pfed.ledger import Ledger
@@ -252,7 +253,7 @@ class NodeConfig:
     #: seeds the DP noise (the daemon draws it from the OS at each start; simulations derive
     #: it from their seed)
     noise_seed: int = 0
-    #: aggregation rule per component ("mh", "clipped", "trimmed-mean"); "*" for the rest
+    #: aggregation rule per component (consensus.RULES); "*" for the rest
     robust: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -309,6 +310,7 @@ class _ComponentRound:
     #: the state before this round's training, when calibration or privacy needs it
     origin: torch.Tensor | None = None
     released: bool = False  # this round's update is a private release
+    noise: float = 0.0  # the noise std this round's announcement declared
     exhausted: bool = False  # the privacy budget allows no more releases
     start_digest: bytes = b""  # the state before this round's training (kept for fast mode)
 
@@ -837,6 +839,7 @@ class Node:
                           "delta": policy.delta, "sigma": policy.sigma, "clip": policy.clip,
                           "released": st.released}
         st.released = False
+        st.noise = ann.noise
         # The ledger entry (with the privacy spent so far) precedes the send and is durable.
         self.ledger.append("local-update", body, timestamp_ms=now_ms, durable=True)
         env = seal(
@@ -997,6 +1000,15 @@ class Node:
         others = [(w, present[str(p)].flat) for p, w in terms]
         if rule == "clipped" and others:
             st.comp.flat.copy_(clipped_gossip(st.comp.flat, others))  # type: ignore[arg-type]
+        elif rule == "noise-aware" and others:
+            self_w, reweighted = noise_aware_weights(
+                self_w, st.noise,
+                [(w, present[str(p)].announcement.noise) for p, w in terms])
+            terms = [(p, w) for (p, _), w in zip(terms, reweighted, strict=True)]
+            mixed = [(self_w, st.comp.flat)]
+            mixed += [(w, x) for w, (_, x) in zip(reweighted, others, strict=True)]  # type: ignore[misc]
+            mix_into(st.scratch, mixed)
+            st.comp.flat.copy_(st.scratch)
         elif rule == "trimmed-mean" and others:
             states = [st.comp.flat, *(x for _, x in others)]
             st.comp.flat.copy_(trimmed_mean(states, max(1, len(states) // 4)))  # type: ignore[arg-type]

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from gossip.errors import LocalError
 from p2pfed import exitcodes
 from p2pfed.cli import main
-from p2pfed.consensus import clipped_gossip, trimmed_mean
+from p2pfed.consensus import (
+    NOISE_CAP,
+    clip_radius,
+    clipped_gossip,
+    noise_aware_weights,
+    trimmed_mean,
+)
+from p2pfed.ledger import Ledger
+from p2pfed.privacy import Policy
 from p2pfed.sim.education import EducationSettings
 from p2pfed.sim.simulator import SimConfig, Simulation, simulate
 from p2pfed.sim.topology import load_topology
@@ -17,17 +27,25 @@ from p2pfed.sim.topology import load_topology
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 
 
-def test_clipped_gossip_bounds_what_one_neighbour_can_do() -> None:
+def test_clipped_gossip_leaves_out_a_neighbour_beyond_the_radius() -> None:
     own = torch.zeros(4, dtype=torch.float64)
-    near = [torch.full((4,), 0.1, dtype=torch.float64), torch.full((4,), -0.1,
+    near = [torch.full((4,), 0.1, dtype=torch.float64), torch.full((4,), -0.15,
                                                                   dtype=torch.float64)]
     liar = torch.full((4,), 1e6, dtype=torch.float64)
+    # distances 0.2, 0.3 and 2e6: the radius is twice the median, 0.6, so the honest ones are
+    # mixed whole and the liar not at all, however far it is
     out = clipped_gossip(own, [(0.25, near[0]), (0.25, near[1]), (0.25, liar)])
-    # the radius is the median distance (0.2): the liar moves the node by at most 0.25 * 0.2
-    assert float(torch.linalg.vector_norm(out - own)) <= 0.25 * 0.2 + 1e-12
-    # with honest neighbours only, within the radius it is the plain weighted average
-    plain = clipped_gossip(own, [(0.25, near[0]), (0.25, near[1])], radius=1.0)
-    assert torch.allclose(plain, 0.25 * near[0] + 0.25 * near[1])
+    assert torch.allclose(out, 0.25 * near[0] + 0.25 * near[1])
+    # a liar just inside the radius moves the node by at most its weight times the radius
+    sly = torch.full((4,), 0.29, dtype=torch.float64)  # distance 0.58
+    out = clipped_gossip(own, [(0.25, near[0]), (0.25, near[1]), (0.25, sly)])
+    pull = out - 0.25 * (near[0] + near[1])
+    assert float(torch.linalg.vector_norm(pull)) <= 0.25 * 0.6
+    assert torch.allclose(out, 0.25 * (near[0] + near[1] + sly))
+    # a fixed radius; an empty neighbourhood leaves the node where it is
+    assert torch.allclose(clipped_gossip(own, [(0.5, near[0])], radius=0.1), own)
+    assert torch.equal(clipped_gossip(own, []), own)
+    assert clip_radius([0.2, 0.3, 9.0]) == pytest.approx(0.6)
 
 
 def test_trimmed_mean_drops_the_extremes_per_coordinate() -> None:
@@ -77,3 +95,83 @@ def test_attack_report_compares_the_honest_nodes_with_a_run_without_attackers() 
 def test_bad_attack_arguments_are_refused(args: list[str], code: int) -> None:
     assert main(["simulate", str(TOPOLOGIES / "ring-chords-16.toml"), "--rounds", "2", "-q",
                  *args]) == code
+
+
+def test_noise_aware_weights_trust_quieter_members_up_to_a_cap() -> None:
+    # equal declared noise: Metropolis–Hastings unchanged
+    self_w, row = noise_aware_weights(0.25, 0.5, [(0.25, 0.5), (0.25, 0.5), (0.25, 0.5)])
+    assert self_w == pytest.approx(0.25) and row == pytest.approx([0.25] * 3)
+    # a neighbour adding 4x the noise gets (1/4)² of the weight before renormalising
+    self_w, row = noise_aware_weights(0.25, 0.5, [(0.25, 0.5), (0.25, 0.5), (0.25, 2.0)])
+    assert row[2] == pytest.approx(row[0] / 16) and self_w + sum(row) == pytest.approx(1.0)
+    # a neighbour claiming no noise among noisy ones gets at most NOISE_CAP times the weight of
+    # a median member, not all of it
+    self_w, row = noise_aware_weights(0.25, 1.0, [(0.25, 1.0), (0.25, 1.0), (0.25, 0.0)])
+    assert row[2] == pytest.approx(NOISE_CAP * row[0]) and row[2] < 0.6
+    # a noisy member among noise-free ones is not mixed in at all; a noisy node itself takes
+    # its neighbours' states
+    self_w, row = noise_aware_weights(0.25, 0.0, [(0.25, 0.0), (0.25, 0.0), (0.25, 3.0)])
+    assert self_w == pytest.approx(1 / 3) and row == pytest.approx([1 / 3, 1 / 3, 0.0])
+    self_w, row = noise_aware_weights(0.25, 3.0, [(0.25, 0.0), (0.25, 0.0), (0.25, 0.0)])
+    assert self_w == 0.0 and row == pytest.approx([1 / 3] * 3)
+    with pytest.raises(LocalError, match="finite"):
+        noise_aware_weights(0.5, 0.0, [(0.5, float("nan"))])
+
+
+def test_noise_aware_mixing_gives_a_noisier_institution_less_weight(tmp_path: Path) -> None:
+    from tests.test_education import TINY, school_topology
+
+    sim = Simulation(SimConfig(school_topology(), workload="education", rounds=2, seed=3,
+                               home=tmp_path, education=TINY, dp=Policy(clip=1.0, sigma=0.5),
+                               dp_noisy=(1, 4.0), robust="noise-aware", baselines=False))
+    assert sim.noisy == ["big-a"]
+    report = sim.run()
+    assert report["noisy"] == ["big-a"]
+    assert report["privacy"]["big-a"]["backbone"]["noise_multiplier"] == 4.0
+    assert report["privacy"]["big-b"]["backbone"]["noise_multiplier"] == 0.5
+
+    def backbone_mixes(name: str) -> list[dict[str, Any]]:
+        with Ledger.open(tmp_path / name / "ledger.sqlite3", sim.nodes[name].identity) as ledger:
+            return [e.body for e in ledger.entries("mix") if e.body["component"] == "backbone"]
+
+    noisy = sim.nodes["big-a"].identity.peer_id
+    mixes = backbone_mixes("big-b")
+    assert len(mixes) == 2
+    for body in mixes:  # plain MH would give big-a 1/2; noise 4.0 against 0.5 leaves ~0.07
+        (sender, weight, _), = body["inputs"]
+        assert sender == noisy and weight < 0.1 and body["rule"] == "noise-aware"
+        assert body["self_weight"] + weight == pytest.approx(1.0)
+    assert all(body["self_weight"] < 0.1 for body in backbone_mixes("big-a"))
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (["--dp-noisy", "4:2.0"], exitcodes.USAGE),  # no --dp-sigma
+    (["--dp-sigma", "0.5", "--dp-noisy", "4"], exitcodes.USAGE),
+    (["--dp-sigma", "0.5", "--dp-noisy", "x:1"], exitcodes.USAGE),
+    (["--dp-sigma", "0.5", "--dp-noisy", "4:-1"], exitcodes.USAGE),
+    (["--dp-sigma", "0.5", "--dp-noisy", "16:2"], exitcodes.CONFIG),
+])
+def test_bad_noise_arguments_are_refused(args: list[str], code: int) -> None:
+    assert main(["simulate", str(TOPOLOGIES / "ring-chords-16.toml"), "--rounds", "2", "-q",
+                 *args]) == code
+
+
+def test_the_mixing_rule_per_component_comes_from_the_config() -> None:
+    import tomllib
+
+    from gossip.errors import ConfigError
+    from p2pfed.config import Config
+
+    config = Config.from_dict({"mixing": {"rule": "clipped",
+                                          "components": {"head.topic": "noise-aware"}}})
+    assert config.mixing.rules() == {"*": "clipped", "head.topic": "noise-aware"}
+    assert Config.from_dict(tomllib.loads(config.to_toml())) == config
+    assert Config().mixing.rules() == {"*": "mh"}
+    with pytest.raises(ConfigError, match=r"mixing\.rule must be one of"):
+        Config.from_dict({"mixing": {"rule": "krum"}})
+    with pytest.raises(ConfigError, match=r"mixing\.components\.backbone must be one of"):
+        Config.from_dict({"mixing": {"components": {"backbone": "median"}}})
+    with pytest.raises(ConfigError, match=r"mixing\.components"):
+        Config.from_dict({"mixing": {"components": {"nonsense!": "mh"}}})
+    with pytest.raises(ConfigError, match="must map component names"):
+        Config.from_dict({"mixing": {"components": {"backbone": 3}}})

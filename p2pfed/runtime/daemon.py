@@ -111,6 +111,7 @@ class Daemon:
                     trains=trains,
                     forward_deps=deps,
                     privacy=cfg.privacy.policies(trains),
+                    robust=cfg.mixing.rules(),
                     noise_seed=secrets.randbits(63),
                 ),
                 Sequencer(next_boot_epoch(self.home)),

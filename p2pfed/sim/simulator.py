@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,6 +86,9 @@ class SimConfig:
     baselines: bool = True
     #: differential privacy for every trained component (education)
     dp: Policy | None = None
+    #: (count, sigma): that many evenly spaced nodes add more noise, multiplier sigma instead of
+    #: ``dp``'s (heterogeneous budgets; needs ``dp``)
+    dp_noisy: tuple[int, float] | None = None
     #: (kind, count): that many evenly spaced nodes are Byzantine (see ATTACKS)
     attack: tuple[str, int] | None = None
     #: the aggregation rule of every component at the honest nodes (consensus.RULES)
@@ -125,6 +128,11 @@ def _initial_values(seed: int, node_index: int, comp_index: int, dim: int) -> to
     return torch.randn(dim, generator=gen, dtype=torch.float64)
 
 
+def _spaced(nodes: Sequence[str], count: int) -> list[str]:
+    """``count`` nodes evenly spaced in ``nodes``' order (the first among them), sorted."""
+    return sorted({nodes[i * len(nodes) // count] for i in range(count)})
+
+
 class Simulation:
     def __init__(self, config: SimConfig, edu: EducationWorkload | None = None) -> None:
         if config.workload not in WORKLOADS:
@@ -138,6 +146,12 @@ class Simulation:
         if config.robust not in RULES:
             raise ConfigError(f"unknown aggregation rule {config.robust!r}; "
                               f"choose from {', '.join(RULES)}")
+        if config.dp_noisy is not None:
+            count, sigma = config.dp_noisy
+            if config.dp is None or not 0 < count < len(config.topology.nodes) or not (
+                    math.isfinite(sigma) and sigma >= 0.0):
+                raise ConfigError(f"bad noisy nodes {count}:{sigma}: needs a DP level, a count "
+                                  f"in 1..{len(config.topology.nodes) - 1} and a sigma ≥ 0")
         if config.attack is not None:
             kind, count = config.attack
             if kind not in ATTACKS or not 0 < count < len(config.topology.nodes):
@@ -168,10 +182,10 @@ class Simulation:
         self._forgotten: str | None = None
         #: per node, the components its unlearning rolled back (after run())
         self.rolled_back: dict[str, list[str]] = {}
-        nodes = self.topo.nodes
-        count = config.attack[1] if config.attack else 0
         #: Byzantine nodes, evenly spaced in the node order
-        self.byzantine = sorted({nodes[i * len(nodes) // count] for i in range(count)})
+        self.byzantine = _spaced(self.topo.nodes, config.attack[1] if config.attack else 0)
+        #: nodes that add the larger DP noise
+        self.noisy = _spaced(self.topo.nodes, config.dp_noisy[0] if config.dp_noisy else 0)
         if self.edu is not None and config.attack and config.attack[0] == "label-flip":
             for name in self.byzantine:
                 self.edu.flip_labels(name)
@@ -215,7 +229,8 @@ class Simulation:
             ledger,
             blobs,
             NodeConfig(round_timeout_ms=cfg.round_timeout_ms, trains=trains, forward_deps=deps,
-                       privacy={c: cfg.dp for c in trains} if cfg.dp is not None else {},
+                       privacy={c: self._policy(name) for c in trains}
+                       if cfg.dp is not None else {},
                        noise_seed=int.from_bytes(digest(f"{cfg.seed}/{name}".encode())[:7],
                                                  "little"),
                        robust={} if name in self.byzantine else {"*": cfg.robust}),
@@ -228,6 +243,12 @@ class Simulation:
             self.trainers[name].epoch = lambda: node.epoch
         self.by_peer[identity.peer_id] = name
         return _SimNode(name, identity, node, ledger)
+
+    def _policy(self, name: str) -> Policy:
+        assert self.config.dp is not None
+        if self.config.dp_noisy is not None and name in self.noisy:
+            return dataclasses.replace(self.config.dp, sigma=self.config.dp_noisy[1])
+        return self.config.dp
 
     def _attacker(self, name: str, kind: str) -> Callable[[str, int, torch.Tensor],
                                                            torch.Tensor]:
@@ -480,6 +501,7 @@ class Simulation:
             "rejected": {
                 name: dict(sn.node.rejected) for name, sn in self.nodes.items() if sn.node.rejected
             },
+            **({"noisy": self.noisy} if self.noisy else {}),
             "privacy": {
                 name: {c: p for c in sorted(sn.node.components)
                        if (p := sn.node.privacy_of(c)) is not None}
