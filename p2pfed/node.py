@@ -311,6 +311,7 @@ class _ComponentRound:
     origin: torch.Tensor | None = None
     released: bool = False  # this round's update is a private release
     noise: float = 0.0  # the noise std this round's announcement declared
+    radius: float = 0.0  # clipped gossip's radius in the last round (its memory)
     exhausted: bool = False  # the privacy budget allows no more releases
     start_digest: bytes = b""  # the state before this round's training (kept for fast mode)
 
@@ -468,7 +469,7 @@ class Node:
             key = self.blobs.put_tensors({"flat": st.comp.flat},
                                          {"component": name, "round": str(st.round)})
             bodies[name] = {"component": name, "round": st.round, "digest": key,
-                            "lineage": sorted(st.lineage)}
+                            "lineage": sorted(st.lineage), "radius": st.radius}
             self.ledger.append("checkpoint", bodies[name], timestamp_ms=now_ms, durable=True)
         return bodies
 
@@ -505,6 +506,7 @@ class Node:
         st.comp.load_(self.blobs.get_tensors(body["digest"])["flat"])
         st.round = body["round"]
         st.lineage = set(body.get("lineage", [])) | {self.peer_id}
+        st.radius = float(body.get("radius", 0.0))
         st.inbox.clear()
 
     def _resume_forget(self, index: int, body: Mapping[str, Any],
@@ -517,7 +519,7 @@ class Node:
             ck_index, ck = latest.get(name, (-1, {}))
             if ck_index < index:  # no checkpoint since the request: roll back again
                 ck = {"digest": plan["checkpoint"], "round": body["start"],
-                      "lineage": plan["lineage"]}
+                      "lineage": plan["lineage"], "radius": plan.get("radius", 0.0)}
                 self._load_checkpoint(name, ck)
             if self._states[name].round < plan["until"]:
                 self._begin_replay(name, body["target"], body["mode"], body["start"],
@@ -583,6 +585,7 @@ class Node:
             {"target": target, "mode": mode, "epoch": self.epoch, "start": start,
              "components": {c: {"until": rounds[c], "checkpoint": checkpoints[c]["digest"],
                                 "lineage": checkpoints[c]["lineage"],
+                                "radius": checkpoints[c].get("radius", 0.0),
                                 **({"keep": keep[c]} if c in keep else {})}
                             for c in sorted(rerun)},
              "influenced": sorted(influenced),
@@ -647,6 +650,7 @@ class Node:
                      self.peer_id[-8:], name, float((kept - st.comp.flat).abs().max()))
         st.comp.load_(kept)
         st.lineage = set(keep["lineage"]) | {self.peer_id}
+        st.radius = float(keep.get("radius", 0.0))
 
     def _maybe_finish_forget(self, target: str, now_ms: int) -> list[Action]:
         pending = self._pending.get(target)
@@ -999,7 +1003,9 @@ class Node:
         rule = self.config.robust.get(name, self.config.robust.get("*", "mh"))
         others = [(w, present[str(p)].flat) for p, w in terms]
         if rule == "clipped" and others:
-            st.comp.flat.copy_(clipped_gossip(st.comp.flat, others))  # type: ignore[arg-type]
+            clipped, st.radius = clipped_gossip(st.comp.flat, others,  # type: ignore[arg-type]
+                                                previous=st.radius)
+            st.comp.flat.copy_(clipped)
         elif rule == "noise-aware" and others:
             self_w, reweighted = noise_aware_weights(
                 self_w, st.noise,
@@ -1026,7 +1032,7 @@ class Node:
             {"component": name, "round": st.round, "self_weight": self_w,
              "inputs": [[str(p), w, present[str(p)].announcement.digest] for p, w in terms],
              "missing": list(missing), "lineage": sorted(st.lineage), "epoch": self.epoch,
-             "rule": rule},
+             "rule": rule, **({"radius": st.radius} if rule == "clipped" else {})},
             timestamp_ms=now_ms,
         )
         if self.on_mixed is not None:
