@@ -252,35 +252,57 @@ RULES = ("mh", "clipped", "trimmed-mean", "noise-aware")
 NOISE_CAP = 4.0
 
 
-def noise_factor(noise: float, reference: float) -> float:
-    """Inverse-variance trust of a state released with Gaussian noise of std ``noise``, relative
-    to one released with ``reference``: ``(reference / noise)²``, at most :data:`NOISE_CAP`.
+def noise_factor(noise: float, reference: float, between: float = 0.0) -> float:
+    """Trust of a state released with Gaussian noise of std ``noise``, relative to one released
+    with ``reference``: the random-effects inverse-variance ratio
+    ``(between + reference²) / (between + noise²)``, at most :data:`NOISE_CAP`.
 
-    Claiming more noise than the reference only lowers a member's own weight (to 0 when the
-    reference is noise-free); claiming less raises it by at most the cap.
+    ``between`` is the variance per coordinate by which members' states differ for other
+    reasons than noise (their data): noise well below it changes little, noise well above it
+    counts fully.  Claiming more noise than the reference only lowers a member's own weight
+    (to 0 when everything else is noise-free); claiming less raises it by at most the cap.
     """
-    if noise <= 0.0:
-        return 1.0 if reference <= 0.0 else NOISE_CAP
-    return min(NOISE_CAP, (reference / noise) ** 2)
+    num, den = between + reference ** 2, between + noise ** 2
+    if den <= 0.0:
+        return 1.0 if num <= 0.0 else NOISE_CAP
+    return min(NOISE_CAP, num / den)
+
+
+def heterogeneity(own: torch.Tensor, others: Sequence[tuple[float, torch.Tensor]],
+                  own_noise: float) -> float:
+    """Variance per coordinate between this node's state and its neighbours' beyond their
+    declared noise: ``median_j (‖x_j − x_i‖² / n − s_i² − s_j²) / 2``, at least 0.
+
+    ``others`` are ``(declared noise std, state)``.  (``‖x_j − x_i‖² / n`` has expectation
+    ``2τ² + s_i² + s_j²`` when members differ by τ² and add their own noise.)
+    """
+    if not others or own.numel() == 0:
+        return 0.0
+    own64 = own.to(torch.float64)
+    excess = [float(torch.sum((x.to(torch.float64) - own64) ** 2)) / own.numel()
+              - own_noise ** 2 - s ** 2 for s, x in others]
+    return max(0.0, float(np.median(excess)) / 2)
 
 
 def noise_aware_weights(
-    self_weight: float, self_noise: float, terms: Sequence[tuple[float, float]]
+    self_weight: float, self_noise: float, terms: Sequence[tuple[float, float]],
+    between: float = 0.0,
 ) -> tuple[float, list[float]]:
     """Reweight one row of mixing weights by declared noise.
 
-    ``terms`` are ``(weight, declared noise std)`` per neighbour.  Each weight (self's too) is
-    scaled by :func:`noise_factor` against the median declared noise of self and the
-    neighbours, then the row is renormalised to sum to 1.  With equal noise everywhere it is
-    plain Metropolis–Hastings; the matrix is then row- but no longer column-stochastic, so the
+    ``terms`` are ``(weight, declared noise std)`` per neighbour, ``between`` the
+    :func:`heterogeneity` of the neighbourhood.  Each weight (self's too) is scaled by
+    :func:`noise_factor` against the median declared noise of self and the neighbours, then the
+    row is renormalised to sum to 1.  With equal noise everywhere it is plain
+    Metropolis–Hastings; otherwise the matrix is row- but no longer column-stochastic, so the
     federation agrees on an average that leans towards its less noisy members.
     """
     noises = [self_noise, *(s for _, s in terms)]
-    if any(not math.isfinite(s) or s < 0.0 for s in noises):
+    if any(not math.isfinite(s) or s < 0.0 for s in [*noises, between]):
         raise LocalError("declared noise must be finite and non-negative")
     reference = float(np.median(noises))
-    scaled = [self_weight * noise_factor(self_noise, reference)]
-    scaled += [w * noise_factor(s, reference) for w, s in terms]
+    scaled = [self_weight * noise_factor(self_noise, reference, between)]
+    scaled += [w * noise_factor(s, reference, between) for w, s in terms]
     total = math.fsum(scaled)
     if total <= 0.0:  # cannot happen with positive MH weights: the median member keeps ≥ 1
         return 1.0, [0.0] * len(terms)

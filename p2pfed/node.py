@@ -53,6 +53,7 @@ from p2pfed.components import FlatComponent
 from p2pfed.consensus import (
     clipped_gossip,
     effective_weights,
+    heterogeneity,
     metropolis_hastings_weights,
     mix_into,
     noise_aware_weights,
@@ -1007,9 +1008,13 @@ class Node:
                                                 previous=st.radius)
             st.comp.flat.copy_(clipped)
         elif rule == "noise-aware" and others:
+            noises = [present[str(p)].announcement.noise for p, _ in terms]
+            between = heterogeneity(
+                st.comp.flat, [(s, x) for s, (_, x) in zip(noises, others, strict=True)],  # type: ignore[misc]
+                st.noise)
             self_w, reweighted = noise_aware_weights(
-                self_w, st.noise,
-                [(w, present[str(p)].announcement.noise) for p, w in terms])
+                self_w, st.noise, [(w, s) for (_, w), s in zip(terms, noises, strict=True)],
+                between)
             terms = [(p, w) for (p, _), w in zip(terms, reweighted, strict=True)]
             mixed = [(self_w, st.comp.flat)]
             mixed += [(w, x) for w, (_, x) in zip(reweighted, others, strict=True)]  # type: ignore[misc]

@@ -15,8 +15,10 @@ from p2pfed.consensus import (
     NOISE_CAP,
     clip_radius,
     clipped_gossip,
+    heterogeneity,
     metropolis_hastings_weights,
     noise_aware_weights,
+    noise_factor,
     trimmed_mean,
 )
 from p2pfed.ledger import Ledger
@@ -186,6 +188,21 @@ def test_noise_aware_weights_trust_quieter_members_up_to_a_cap() -> None:
         noise_aware_weights(0.5, 0.0, [(0.5, float("nan"))])
 
 
+def test_noise_counts_only_against_how_much_members_differ_anyway() -> None:
+    # members whose states differ by far more than the noise: plain weights again
+    self_w, row = noise_aware_weights(0.25, 0.01, [(0.25, 0.01), (0.25, 0.01), (0.25, 0.1)],
+                                      between=1.0)
+    assert row[2] == pytest.approx(row[0], rel=0.01) and self_w == pytest.approx(0.25, rel=0.01)
+    assert noise_factor(0.1, 0.01, between=0.0) == pytest.approx(0.01)
+    # heterogeneity: what the squared distances per coordinate hold beyond the declared noise
+    own = torch.zeros(10_000, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    others = [(0.5, 0.3 + 0.5 * torch.randn(10_000, generator=gen, dtype=torch.float64))
+              for _ in range(3)]
+    assert heterogeneity(own, others, 0.0) == pytest.approx(0.3 ** 2 / 2, rel=0.1)
+    assert heterogeneity(own, [(0.0, own.clone())], 1.0) == 0.0  # (never negative)
+
+
 def test_noise_aware_mixing_gives_a_noisier_institution_less_weight(tmp_path: Path) -> None:
     from tests.test_education import TINY, school_topology
 
@@ -243,3 +260,17 @@ def test_the_mixing_rule_per_component_comes_from_the_config() -> None:
         Config.from_dict({"mixing": {"components": {"nonsense!": "mh"}}})
     with pytest.raises(ConfigError, match="must map component names"):
         Config.from_dict({"mixing": {"components": {"backbone": 3}}})
+
+
+def test_the_daemon_mixes_and_adds_noise_as_its_config_says() -> None:
+    from p2pfed.config import Config
+    from p2pfed.runtime.daemon import node_config
+
+    config = Config.from_dict({
+        "mixing": {"rule": "clipped", "components": {"head.topic": "noise-aware"}},
+        "privacy": {"shared": {"clip": 0.5, "sigma": 2.0}},
+    })
+    node = node_config(config, frozenset({"head.topic"}), {})
+    assert node.robust == {"*": "clipped", "head.topic": "noise-aware"}
+    assert set(node.privacy) == {"head.topic"} and node.privacy["head.topic"].noise_std == 1.0
+    assert node.noise_seed != node_config(config, frozenset(), {}).noise_seed  # (from the OS)

@@ -60,6 +60,22 @@ def initial_components(identity: Identity, holds: list[str], dim: int) -> dict[s
     }
 
 
+def node_config(cfg: Config, trains: frozenset[str],
+                deps: dict[str, frozenset[str]]) -> NodeConfig:
+    """The node's settings from ``p2pfed.toml``: rounds, privacy per trained component, the
+    mixing rule per component; DP noise seeded from the OS at each start."""
+    return NodeConfig(
+        round_timeout_ms=int(cfg.rounds.timeout_s * 1000),
+        round_interval_ms=int(cfg.rounds.interval_s * 1000),
+        checkpoint_every=CHECKPOINT_EVERY,
+        trains=trains,
+        forward_deps=deps,
+        privacy=cfg.privacy.policies(trains),
+        robust=cfg.mixing.rules(),
+        noise_seed=secrets.randbits(63),
+    )
+
+
 @dataclass
 class Daemon:
     home: Path
@@ -104,16 +120,7 @@ class Daemon:
             node = FederatedNode(
                 identity, view.federation_id, components,
                 ledger, BlobStore(self.home / BLOBS_DIR),
-                NodeConfig(
-                    round_timeout_ms=int(cfg.rounds.timeout_s * 1000),
-                    round_interval_ms=int(cfg.rounds.interval_s * 1000),
-                    checkpoint_every=CHECKPOINT_EVERY,
-                    trains=trains,
-                    forward_deps=deps,
-                    privacy=cfg.privacy.policies(trains),
-                    robust=cfg.mixing.rules(),
-                    noise_seed=secrets.randbits(63),
-                ),
+                node_config(cfg, trains, deps),
                 Sequencer(next_boot_epoch(self.home)),
                 view=view, degree=cfg.overlay.degree,
             )
