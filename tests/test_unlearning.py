@@ -106,7 +106,7 @@ def test_bad_unlearn_arguments_are_refused() -> None:
 
 # ---------------------------------------------------------------- the node, by hand
 def _path_nodes(n: int, root: Path | None, values: list[float] | None = None,
-                every: int = 2, boot: int = 0) -> list[Node]:
+                every: int = 2, boot: int = 0, rule: str = "mh") -> list[Node]:
     nodes = []
     for i in range(n):
         ident = Identity.from_seed(bytes([40 + i]) * 32)
@@ -119,7 +119,8 @@ def _path_nodes(n: int, root: Path | None, values: list[float] | None = None,
         nodes.append(Node(ident, FED, {"backbone": comp},
                           Ledger.open(home / "ledger.sqlite3" if home else None, ident),
                           BlobStore(home / "blobs" if home else None),
-                          NodeConfig(round_timeout_ms=1000, checkpoint_every=every),
+                          NodeConfig(round_timeout_ms=1000, checkpoint_every=every,
+                                     robust={"*": rule}),
                           Sequencer(boot)))
     return nodes
 
@@ -335,3 +336,23 @@ def test_restart_and_export_never_take_a_checkpoint_a_forget_must_undo() -> None
     assert latest["backbone"][1]["round"] == 3
     clean = latest_clean_checkpoints(entries, {target})  # only the starting state is free of it
     assert clean["backbone"][1]["round"] == 0 and target not in clean["backbone"][1]["lineage"]
+
+
+def test_clipped_gossip_keeps_its_radius_in_checkpoints_for_restarts_and_rollbacks(
+        tmp_path: Path) -> None:
+    # the radius remembers earlier rounds, so a node restored from a checkpoint (restart, or
+    # an unlearning's rollback) must get that round's radius back to re-run it exactly
+    nodes = _path_nodes(3, tmp_path, values=[0.0, 1.0, 3.0], rule="clipped")
+    _wire(nodes)
+    _run(nodes, 4, start=True)
+    middle = nodes[1]
+    radius = middle._states["backbone"].radius
+    mixes = _kinds(middle, "mix")
+    assert radius > 0 and [m.body["radius"] for m in mixes][-1] == radius
+    assert _kinds(middle, "checkpoint")[-1].body["radius"] == radius
+    for n in nodes:
+        n.ledger.close()
+    again = _path_nodes(3, tmp_path, values=[0.0, 1.0, 3.0], rule="clipped", boot=1)[1]
+    assert again._states["backbone"].radius == 0.0
+    assert again.restore() == {"backbone": 4}
+    assert again._states["backbone"].radius == radius
