@@ -163,8 +163,8 @@ def _parse_noisy(value: str) -> tuple[int, float]:
         parsed = int(count), float(sigma)
     except ValueError:
         parsed = (0, -1.0)
-    if not sep or parsed[0] < 1 or not math.isfinite(parsed[1]) or parsed[1] < 0:
-        raise typer.BadParameter(f"expected COUNT:SIGMA (a count ≥ 1, a sigma ≥ 0), got "
+    if not sep or parsed[0] < 1 or not math.isfinite(parsed[1]) or parsed[1] <= 0:
+        raise typer.BadParameter(f"expected COUNT:SIGMA (a count ≥ 1, a sigma > 0), got "
                                  f"{value!r}", param_hint="--dp-noisy")
     return parsed
 

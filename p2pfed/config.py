@@ -379,7 +379,8 @@ def _privacy_section(raw: dict[str, Any]) -> PrivacySection:
 def _mixing_section(raw: dict[str, Any]) -> MixingSection:
     per = raw.get("components", {})
     if not isinstance(per, dict) or not all(isinstance(v, str) for v in per.values()):
-        raise ConfigError("[mixing.components] must map component names to rule names")
+        raise ConfigError("[mixing.components] must map component names to rule names; "
+                          'quote names with dots: "head.topic" = "clipped"')
     section: MixingSection = _section(
         MixingSection, "mixing", {k: v for k, v in raw.items() if k != "components"})
     return replace(section, components=tuple(sorted(per.items())))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import networkx as nx
 import numpy as np
@@ -262,7 +262,7 @@ def noise_factor(noise: float, reference: float, between: float = 0.0) -> float:
     counts fully.  Claiming more noise than the reference only lowers a member's own weight
     (to 0 when everything else is noise-free); claiming less raises it by at most the cap.
     """
-    num, den = between + reference ** 2, between + noise ** 2
+    num, den = between + reference * reference, between + noise * noise
     if den <= 0.0:
         return 1.0 if num <= 0.0 else NOISE_CAP
     return min(NOISE_CAP, num / den)
@@ -271,7 +271,8 @@ def noise_factor(noise: float, reference: float, between: float = 0.0) -> float:
 def heterogeneity(own: torch.Tensor, others: Sequence[tuple[float, torch.Tensor]],
                   own_noise: float) -> float:
     """Variance per coordinate between this node's state and its neighbours' beyond their
-    declared noise: ``median_j (‖x_j − x_i‖² / n − s_i² − s_j²) / 2``, at least 0.
+    declared noise: ``median_j (‖x_j − x_i‖² / n − s_i² − s_j²) / 2``, at least 0 (and
+    ``inf`` when the states are too far apart to measure in float64).
 
     ``others`` are ``(declared noise std, state)``.  (``‖x_j − x_i‖² / n`` has expectation
     ``2τ² + s_i² + s_j²`` when members differ by τ² and add their own noise.)
@@ -280,8 +281,9 @@ def heterogeneity(own: torch.Tensor, others: Sequence[tuple[float, torch.Tensor]
         return 0.0
     own64 = own.to(torch.float64)
     excess = [float(torch.sum((x.to(torch.float64) - own64) ** 2)) / own.numel()
-              - own_noise ** 2 - s ** 2 for s, x in others]
-    return max(0.0, float(np.median(excess)) / 2)
+              - own_noise * own_noise - s * s for s, x in others]
+    median = float(np.median(excess))
+    return max(0.0, median / 2) if not math.isnan(median) else math.inf
 
 
 def noise_aware_weights(
@@ -292,19 +294,28 @@ def noise_aware_weights(
 
     ``terms`` are ``(weight, declared noise std)`` per neighbour, ``between`` the
     :func:`heterogeneity` of the neighbourhood.  Each weight (self's too) is scaled by
-    :func:`noise_factor` against the median declared noise of self and the neighbours, then the
-    row is renormalised to sum to 1.  With equal noise everywhere it is plain
-    Metropolis–Hastings; otherwise the matrix is row- but no longer column-stochastic, so the
-    federation agrees on an average that leans towards its less noisy members.
+    :func:`noise_factor` against the reference: this node's own declared noise, or, when it
+    adds none (it only mixes this component; its own weight is then left as it is), the median
+    its neighbours declare.  Then the row
+    is renormalised to sum to 1.  A neighbour that declares less noise than the node thus gains
+    at most ``NOISE_CAP`` times the node's own trust; with equal noise everywhere it is plain
+    Metropolis–Hastings.  Otherwise the matrix is row- but no longer column-stochastic, so the
+    federation agrees on an average that leans towards its quieter members.  Declared noise
+    cannot be checked: this is no defence against members that lie (see :func:`clipped_gossip`).
     """
     noises = [self_noise, *(s for _, s in terms)]
-    if any(not math.isfinite(s) or s < 0.0 for s in [*noises, between]):
+    if any(not math.isfinite(s) or s < 0.0 for s in noises) or between < 0.0:
         raise LocalError("declared noise must be finite and non-negative")
-    reference = float(np.median(noises))
-    scaled = [self_weight * noise_factor(self_noise, reference, between)]
+    if not math.isfinite(between):  # members differ beyond measure: noise does not matter
+        return self_weight, [w for w, _ in terms]
+    reference = self_noise if self_noise > 0.0 or not terms else float(
+        np.median([s for _, s in terms]))
+    # (a node that adds no noise of its own holds a mix of its neighbours': neutral trust)
+    scaled = [self_weight * (noise_factor(self_noise, reference, between)
+                             if self_noise > 0.0 else 1.0)]
     scaled += [w * noise_factor(s, reference, between) for w, s in terms]
     total = math.fsum(scaled)
-    if total <= 0.0:  # cannot happen with positive MH weights: the median member keeps ≥ 1
+    if total <= 0.0:  # (only with a self weight of 0)
         return 1.0, [0.0] * len(terms)
     return scaled[0] / total, [w / total for w in scaled[1:]]
 
@@ -331,30 +342,40 @@ def clip_radius(distances: Sequence[float], previous: float = 0.0) -> float:
     return max(CLIP_FACTOR * median, CLIP_MEMORY * previous)
 
 
+class Clipped(NamedTuple):
+    state: torch.Tensor
+    radius: float
+    left_out: list[int]  # indices into the terms
+
+
 def clipped_gossip(own: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]],
-                   radius: float | None = None, previous: float = 0.0
-                   ) -> tuple[torch.Tensor, float]:
+                   radius: float | None = None, previous: float = 0.0) -> Clipped:
     """Clipped gossip with a hard clip: ``own + Σ w_j · (x_j − own)`` over the neighbours
     within distance τ of this node; a difference longer than τ is clipped to nothing this round
     (its weight stays with self).  τ is ``radius`` if given, else :func:`clip_radius` of the
-    distances and the ``previous`` round's τ.  Returns the new state and τ.
+    distances and the ``previous`` round's τ.  Returns the new state, τ and who was left out.
 
     A neighbour therefore moves the node by at most ``w_j · τ``, and only while it stays about
-    as close as honest neighbours are: with fewer than half of the neighbours Byzantine the
-    median is an honest distance.  Clipping a far neighbour to τ instead (classic
-    ClippedGossip) lets it pull by ``w_j · τ`` every round, always the same way, which adds up:
-    on the education workload with three sign-flippers that left digits at 0.42 against 0.89
-    without them.
+    as close as honest neighbours are: while more than half of the neighbours are honest the
+    median is an honest distance (with an even count, half of them suffice to set it).
+    Clipping a far neighbour to τ instead (classic ClippedGossip) lets it pull by ``w_j · τ``
+    every round, always the same way, which adds up: on the education workload with three
+    sign-flippers that left digits at 0.42 against 0.89 without them.  A difference too large
+    for float64 (infinite norm) is always left out and does not count towards τ.
     """
     own64 = own.to(torch.float64)
     diffs = [(w, x.to(torch.float64) - own64) for w, x in terms]
     norms = [float(torch.linalg.vector_norm(d)) for _, d in diffs]
-    tau = clip_radius(norms, previous) if radius is None else radius
+    tau = radius if radius is not None else clip_radius(
+        [n for n in norms if math.isfinite(n)], previous if math.isfinite(previous) else 0.0)
     out = own64.clone()
-    for (w, d), norm in zip(diffs, norms, strict=True):
-        if norm <= tau:
+    left_out = []
+    for i, ((w, d), norm) in enumerate(zip(diffs, norms, strict=True)):
+        if norm <= tau and math.isfinite(norm):
             out += w * d
-    return out, tau
+        else:
+            left_out.append(i)
+    return Clipped(out, tau, left_out)
 
 
 def trimmed_mean(states: Sequence[torch.Tensor], trim: int) -> torch.Tensor:

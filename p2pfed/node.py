@@ -84,6 +84,10 @@ EARLY = 1024  # announcements of a later epoch kept until this node applies the 
 # Wire record
 
 
+#: the largest noise standard deviation an announcement may declare (also refuses inf)
+MAX_NOISE = 1e6
+
+
 @dataclass(frozen=True)
 class Announcement:
     """A small signed control record: "my update of ``component`` for ``round`` is ``digest``"."""
@@ -118,7 +122,7 @@ class Announcement:
             and isinstance(size, int) and size > 0
             and isinstance(degree, int) and degree >= 0
             and isinstance(lineage, list) and all(isinstance(x, str) for x in lineage)
-            and isinstance(noise, int | float) and noise >= 0.0
+            and isinstance(noise, int | float) and 0.0 <= noise <= MAX_NOISE
             and isinstance(epoch, int) and epoch >= 0
         )
         if not ok:
@@ -876,13 +880,13 @@ class Node:
                 continue
             data = self.blobs.get(kept.digest)
             ann = Announcement(name, st.round, kept.digest, len(data), 0, kept.lineage,
-                               epoch=self.epoch)
+                               noise=kept.noise, epoch=self.epoch)
             st.inbox[(st.round, peer)] = _Received(ann, self._stored_state(name, kept.digest))
             self.ledger.append(
                 "contribution",
                 {"sender": peer, "component": name, "round": st.round, "digest": kept.digest,
                  "weight": st.weights.get(peer, 0.0), "lineage": list(kept.lineage),
-                 "kept": True},
+                 "noise": kept.noise, "kept": True},
                 timestamp_ms=now_ms,
             )
 
@@ -974,7 +978,8 @@ class Node:
         self.ledger.append(
             "contribution",
             {"sender": peer, "component": name, "round": round_, "digest": dig,
-             "weight": st.weights.get(peer, 0.0), "lineage": list(rec.announcement.lineage)},
+             "weight": st.weights.get(peer, 0.0), "lineage": list(rec.announcement.lineage),
+             "noise": rec.announcement.noise},
             timestamp_ms=now_ms,
         )
         return self._maybe_complete(name, now_ms)
@@ -1003,10 +1008,14 @@ class Node:
             )
         rule = self.config.robust.get(name, self.config.robust.get("*", "mh"))
         others = [(w, present[str(p)].flat) for p, w in terms]
+        audit: dict[str, Any] = {}
         if rule == "clipped" and others:
-            clipped, st.radius = clipped_gossip(st.comp.flat, others,  # type: ignore[arg-type]
-                                                previous=st.radius)
-            st.comp.flat.copy_(clipped)
+            clip = clipped_gossip(st.comp.flat, others, previous=st.radius)  # type: ignore[arg-type]
+            st.comp.flat.copy_(clip.state)
+            if len(others) > 1:  # (one neighbour alone cannot be judged: keep the memory)
+                st.radius = clip.radius
+            audit = {"radius": clip.radius,
+                     "left_out": [str(terms[i][0]) for i in clip.left_out]}
         elif rule == "noise-aware" and others:
             noises = [present[str(p)].announcement.noise for p, _ in terms]
             between = heterogeneity(
@@ -1015,6 +1024,7 @@ class Node:
             self_w, reweighted = noise_aware_weights(
                 self_w, st.noise, [(w, s) for (_, w), s in zip(terms, noises, strict=True)],
                 between)
+            audit = {"noise": [st.noise, *noises], "heterogeneity": between}
             terms = [(p, w) for (p, _), w in zip(terms, reweighted, strict=True)]
             mixed = [(self_w, st.comp.flat)]
             mixed += [(w, x) for w, (_, x) in zip(reweighted, others, strict=True)]  # type: ignore[misc]
@@ -1037,7 +1047,7 @@ class Node:
             {"component": name, "round": st.round, "self_weight": self_w,
              "inputs": [[str(p), w, present[str(p)].announcement.digest] for p, w in terms],
              "missing": list(missing), "lineage": sorted(st.lineage), "epoch": self.epoch,
-             "rule": rule, **({"radius": st.radius} if rule == "clipped" else {})},
+             "rule": rule, **audit},
             timestamp_ms=now_ms,
         )
         if self.on_mixed is not None:

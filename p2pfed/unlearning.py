@@ -44,6 +44,7 @@ class Contribution:
 
     digest: bytes
     lineage: tuple[str, ...]
+    noise: float = 0.0  # the noise std its announcement declared (noise-aware mixing)
 
 
 def latest_clean_checkpoints(
@@ -103,7 +104,8 @@ def contributions(
         rnd, sender = body["round"], body["sender"]
         if start <= rnd < until and sender not in forgotten and is_clean(body["lineage"],
                                                                            forgotten):
-            out[(rnd, sender)] = Contribution(body["digest"], tuple(body["lineage"]))
+            out[(rnd, sender)] = Contribution(body["digest"], tuple(body["lineage"]),
+                                              float(body.get("noise", 0.0)))
     return out
 
 

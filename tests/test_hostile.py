@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import trio
 import trio.testing
@@ -84,6 +85,22 @@ def test_oversized_and_mismatched_payloads_are_refused_and_the_round_finishes() 
     done = [x for x in a.tick(10**9) if isinstance(x, RoundCompleted)]
     assert done and done[0].missing == (b.peer_id,)
     assert torch.equal(a.components["backbone"].flat, before)  # nothing bad was mixed in
+
+
+@pytest.mark.parametrize("noise", [float("inf"), 1e200, -1.0, float("nan")])
+def test_an_announcement_declaring_impossible_noise_is_refused(noise: float) -> None:
+    # noise-aware mixing squares the declared noise: inf or 1e200 must never reach it
+    a, b = build(2, {"backbone": [0, 1]})
+    for n in (a, b):
+        n.start(0)
+    a.receive(b.peer_id, _bundle(b.identity, b.federation_id, list(b.view.records())), 0)
+    a.tick(1000)
+    ann = Announcement("backbone", a.round_of("backbone"), b"d" * 32, 10, 1, (b.peer_id,),
+                       noise=noise)
+    env = seal(b.identity, kind=ANNOUNCE, federation_id=a.federation_id, seq=50,
+               timestamp_ms=0, body=ann.to_body()).to_bytes()
+    assert _codes(a.receive(b.peer_id, env, 0)) == ["malformed"]
+    assert any(isinstance(x, RoundCompleted) for x in a.tick(10**9))  # the round goes on
 
 
 async def test_a_flood_of_garbage_keeps_memory_bounded_and_rounds_going(

@@ -37,18 +37,23 @@ def test_clipped_gossip_leaves_out_a_neighbour_beyond_the_radius() -> None:
     liar = torch.full((4,), 1e6, dtype=torch.float64)
     # distances 0.2, 0.3 and 2e6: the radius is twice the median, 0.6, so the honest ones are
     # mixed whole and the liar not at all, however far it is
-    out, tau = clipped_gossip(own, [(0.25, near[0]), (0.25, near[1]), (0.25, liar)])
-    assert tau == pytest.approx(0.6)
+    out, tau, left_out = clipped_gossip(own, [(0.25, near[0]), (0.25, near[1]), (0.25, liar)])
+    assert tau == pytest.approx(0.6) and left_out == [2]
     assert torch.allclose(out, 0.25 * near[0] + 0.25 * near[1])
     # a liar just inside the radius moves the node by at most its weight times the radius
     sly = torch.full((4,), 0.29, dtype=torch.float64)  # distance 0.58
-    out, _ = clipped_gossip(own, [(0.25, near[0]), (0.25, near[1]), (0.25, sly)])
+    out, _, left_out = clipped_gossip(own, [(0.25, near[0]), (0.25, near[1]), (0.25, sly)])
+    assert left_out == []
     pull = out - 0.25 * (near[0] + near[1])
     assert float(torch.linalg.vector_norm(pull)) <= 0.25 * 0.6
     assert torch.allclose(out, 0.25 * (near[0] + near[1] + sly))
     # a fixed radius; an empty neighbourhood leaves the node where it is
     assert torch.allclose(clipped_gossip(own, [(0.5, near[0])], radius=0.1)[0], own)
     assert torch.equal(clipped_gossip(own, [])[0], own)
+    # a difference too large for float64 is left out and does not stretch the radius
+    huge = torch.full((4,), 1e300, dtype=torch.float64)
+    out, tau, left_out = clipped_gossip(own, [(0.25, near[0]), (0.25, huge), (0.25, huge)])
+    assert left_out == [1, 2] and tau == pytest.approx(0.4) and torch.isfinite(out).all()
 
 
 def test_the_radius_shrinks_at_most_five_percent_a_round() -> None:
@@ -58,8 +63,8 @@ def test_the_radius_shrinks_at_most_five_percent_a_round() -> None:
     assert clip_radius([0.0, 0.0, 0.5], previous=1.0) == pytest.approx(0.95)
     own = torch.zeros(2, dtype=torch.float64)
     other = torch.tensor([0.3, 0.4], dtype=torch.float64)
-    out, tau = clipped_gossip(own, [(0.25, own.clone()), (0.25, own.clone()), (0.25, other)],
-                              previous=1.0)
+    out, tau, _ = clipped_gossip(own, [(0.25, own.clone()), (0.25, own.clone()),
+                                       (0.25, other)], previous=1.0)
     assert tau == pytest.approx(0.95) and torch.allclose(out, 0.25 * other)
     assert clipped_gossip(own, [(0.25, own.clone()), (0.25, own.clone()), (0.25, other)])[1] == 0
 
@@ -128,7 +133,7 @@ def _gossip_under_attack(rule: str, attack: str, rounds: int = 60) -> tuple[floa
         for n in graph.nodes:
             terms = [(w, sent[m]) for m, w in weights[n].items() if m != n]
             if rule == "clipped" and n not in byzantine:
-                new[n], radius[n] = clipped_gossip(x[n], terms, previous=radius[n])
+                new[n], radius[n], _ = clipped_gossip(x[n], terms, previous=radius[n])
             else:
                 new[n] = weights[n][n] * x[n] + sum(w * s for w, s in terms)
         x = new
@@ -183,7 +188,15 @@ def test_noise_aware_weights_trust_quieter_members_up_to_a_cap() -> None:
     self_w, row = noise_aware_weights(0.25, 0.0, [(0.25, 0.0), (0.25, 0.0), (0.25, 3.0)])
     assert self_w == pytest.approx(1 / 3) and row == pytest.approx([1 / 3, 1 / 3, 0.0])
     self_w, row = noise_aware_weights(0.25, 3.0, [(0.25, 0.0), (0.25, 0.0), (0.25, 0.0)])
-    assert self_w == 0.0 and row == pytest.approx([1 / 3] * 3)
+    assert self_w == pytest.approx(1 / 13) and row == pytest.approx([4 / 13] * 3)
+    # the reference is the node's own noise: with one neighbour, a liar claiming none gets
+    # NOISE_CAP times the node's own trust, not the whole row
+    self_w, row = noise_aware_weights(0.5, 1.0, [(0.5, 0.0)])
+    assert row[0] == pytest.approx(NOISE_CAP * self_w)
+    # declarations too large for float64 squares, and states too far apart to measure
+    self_w, row = noise_aware_weights(0.5, 1.0, [(0.5, 1e300)])
+    assert self_w == pytest.approx(1.0) and row == pytest.approx([0.0])
+    assert noise_aware_weights(0.5, 1.0, [(0.5, 0.0)], between=float("inf")) == (0.5, [0.5])
     with pytest.raises(LocalError, match="finite"):
         noise_aware_weights(0.5, 0.0, [(0.5, float("nan"))])
 
@@ -226,7 +239,9 @@ def test_noise_aware_mixing_gives_a_noisier_institution_less_weight(tmp_path: Pa
         (sender, weight, _), = body["inputs"]
         assert sender == noisy and weight < 0.1 and body["rule"] == "noise-aware"
         assert body["self_weight"] + weight == pytest.approx(1.0)
-    assert all(body["self_weight"] < 0.1 for body in backbone_mixes("big-a"))
+    for body in backbone_mixes("big-a"):  # the noisy one trusts its quieter neighbour 4x more
+        assert body["self_weight"] == pytest.approx(0.2)
+        assert body["noise"] == [4.0, 0.5] and body["heterogeneity"] >= 0.0
 
 
 @pytest.mark.parametrize(("args", "code"), [
@@ -234,6 +249,7 @@ def test_noise_aware_mixing_gives_a_noisier_institution_less_weight(tmp_path: Pa
     (["--dp-sigma", "0.5", "--dp-noisy", "4"], exitcodes.USAGE),
     (["--dp-sigma", "0.5", "--dp-noisy", "x:1"], exitcodes.USAGE),
     (["--dp-sigma", "0.5", "--dp-noisy", "4:-1"], exitcodes.USAGE),
+    (["--dp-sigma", "0.5", "--dp-noisy", "4:0"], exitcodes.USAGE),
     (["--dp-sigma", "0.5", "--dp-noisy", "16:2"], exitcodes.CONFIG),
 ])
 def test_bad_noise_arguments_are_refused(args: list[str], code: int) -> None:
@@ -260,6 +276,8 @@ def test_the_mixing_rule_per_component_comes_from_the_config() -> None:
         Config.from_dict({"mixing": {"components": {"nonsense!": "mh"}}})
     with pytest.raises(ConfigError, match="must map component names"):
         Config.from_dict({"mixing": {"components": {"backbone": 3}}})
+    with pytest.raises(ConfigError, match="quote names with dots"):  # head.topic = "mh"
+        Config.from_dict(tomllib.loads('[mixing.components]\nhead.topic = "mh"\n'))
 
 
 def test_the_daemon_mixes_and_adds_noise_as_its_config_says() -> None:

@@ -149,9 +149,9 @@ class Simulation:
         if config.dp_noisy is not None:
             count, sigma = config.dp_noisy
             if config.dp is None or not 0 < count < len(config.topology.nodes) or not (
-                    math.isfinite(sigma) and sigma >= 0.0):
+                    math.isfinite(sigma) and sigma > 0.0):
                 raise ConfigError(f"bad noisy nodes {count}:{sigma}: needs a DP level, a count "
-                                  f"in 1..{len(config.topology.nodes) - 1} and a sigma ≥ 0")
+                                  f"in 1..{len(config.topology.nodes) - 1} and a sigma > 0")
         if config.attack is not None:
             kind, count = config.attack
             if kind not in ATTACKS or not 0 < count < len(config.topology.nodes):
