@@ -71,7 +71,7 @@ def test_the_radius_shrinks_at_most_five_percent_a_round() -> None:
 
 def _spread_without_attackers(topology: str, rule: str) -> float:
     topo = load_topology(TOPOLOGIES / f"{topology}.toml")
-    sim = Simulation(SimConfig(topo, rounds=150, seed=1, robust=rule))
+    sim = Simulation(SimConfig(topo, rounds=60, seed=1, robust=rule))
     sim.run()
     end = torch.stack([sim.final_states()[(n, "backbone")].to(torch.float64)
                        for n in topo.nodes])
@@ -79,10 +79,10 @@ def _spread_without_attackers(topology: str, rule: str) -> float:
 
 
 def test_clipped_gossip_without_attackers_agrees_as_plain_averaging_does() -> None:
-    # (without the radius memory, small-world-32 stayed 0.6 apart after 150 rounds)
+    # (without the radius memory, small-world-32 froze about 0.6 apart, even after 150 rounds)
     plain = _spread_without_attackers("small-world-32", "mh")
-    assert plain < 1e-3
-    assert _spread_without_attackers("small-world-32", "clipped") < 2 * plain
+    assert plain < 0.05
+    assert _spread_without_attackers("small-world-32", "clipped") < 1.1 * plain
 
 
 def test_trimmed_mean_drops_the_extremes_per_coordinate() -> None:
