@@ -247,9 +247,11 @@ def mixing_report(
 #: aggregation rules a component can use (``NodeConfig.robust``)
 RULES = ("mh", "clipped", "trimmed-mean", "noise-aware")
 
-#: noise-aware mixing: how much more than its Metropolis–Hastings weight a member that declares
-#: little (or no) noise can get, relative to the median member of the neighbourhood
+#: noise-aware mixing: the largest trust factor of a member that declares little (or no) noise,
+#: relative to the median member of the neighbourhood...
 NOISE_CAP = 4.0
+#: ...and the largest multiple of its Metropolis–Hastings weight a neighbour ends up with
+SHARE_CAP = 2.0
 
 
 def noise_factor(noise: float, reference: float, between: float = 0.0) -> float:
@@ -293,31 +295,39 @@ def noise_aware_weights(
     """Reweight one row of mixing weights by declared noise.
 
     ``terms`` are ``(weight, declared noise std)`` per neighbour, ``between`` the
-    :func:`heterogeneity` of the neighbourhood.  Each weight (self's too) is scaled by
-    :func:`noise_factor` against the reference: this node's own declared noise, or, when it
-    adds none (it only mixes this component; its own weight is then left as it is), the median
-    its neighbours declare.  Then the row
-    is renormalised to sum to 1.  A neighbour that declares less noise than the node thus gains
-    at most ``NOISE_CAP`` times the node's own trust; with equal noise everywhere it is plain
-    Metropolis–Hastings.  Otherwise the matrix is row- but no longer column-stochastic, so the
-    federation agrees on an average that leans towards its quieter members.  Declared noise
-    cannot be checked: this is no defence against members that lie (see :func:`clipped_gossip`).
+    :func:`heterogeneity` of the neighbourhood.  Each weight is scaled by :func:`noise_factor`
+    against the median noise declared by self and the neighbours (self's own weight is left as
+    it is when it adds no noise: it only mixes this component), and the row is renormalised.
+    Then no neighbour keeps more than ``SHARE_CAP`` times its plain weight; the excess stays
+    with self.  Declared noise cannot be checked, so this bounds what a member gains by
+    claiming less than it adds; it is no defence against members that lie otherwise (see
+    :func:`clipped_gossip`).  With equal noise everywhere it is plain Metropolis–Hastings;
+    otherwise the matrix is row- but no longer column-stochastic, so the federation agrees on
+    an average that leans towards its quieter members.
     """
     noises = [self_noise, *(s for _, s in terms)]
     if any(not math.isfinite(s) or s < 0.0 for s in noises) or between < 0.0:
         raise LocalError("declared noise must be finite and non-negative")
     if not math.isfinite(between):  # members differ beyond measure: noise does not matter
         return self_weight, [w for w, _ in terms]
-    reference = self_noise if self_noise > 0.0 or not terms else float(
-        np.median([s for _, s in terms]))
-    # (a node that adds no noise of its own holds a mix of its neighbours': neutral trust)
+    scale = max(noises) or 1.0  # (the factors are ratios: keep the squares within float64)
+    noises = [s / scale for s in noises]
+    self_noise, between = noises[0], between / (scale * scale)
+    reference = float(np.median(noises))
     scaled = [self_weight * (noise_factor(self_noise, reference, between)
                              if self_noise > 0.0 else 1.0)]
-    scaled += [w * noise_factor(s, reference, between) for w, s in terms]
+    scaled += [w * noise_factor(s, reference, between)
+               for (w, _), s in zip(terms, noises[1:], strict=True)]
     total = math.fsum(scaled)
     if total <= 0.0:  # (only with a self weight of 0)
         return 1.0, [0.0] * len(terms)
-    return scaled[0] / total, [w / total for w in scaled[1:]]
+    own = scaled[0] / total
+    row = []
+    for (w, _), x in zip(terms, scaled[1:], strict=True):
+        share = min(x / total, SHARE_CAP * w)
+        own += x / total - share
+        row.append(share)
+    return own, row
 
 
 #: clipped gossip's adaptive radius: CLIP_FACTOR times this quantile of the neighbours' distances

@@ -13,6 +13,7 @@ from p2pfed import exitcodes
 from p2pfed.cli import main
 from p2pfed.consensus import (
     NOISE_CAP,
+    SHARE_CAP,
     clip_radius,
     clipped_gossip,
     heterogeneity,
@@ -179,23 +180,23 @@ def test_noise_aware_weights_trust_quieter_members_up_to_a_cap() -> None:
     # a neighbour adding 4x the noise gets (1/4)² of the weight before renormalising
     self_w, row = noise_aware_weights(0.25, 0.5, [(0.25, 0.5), (0.25, 0.5), (0.25, 2.0)])
     assert row[2] == pytest.approx(row[0] / 16) and self_w + sum(row) == pytest.approx(1.0)
-    # a neighbour claiming no noise among noisy ones gets at most NOISE_CAP times the weight of
-    # a median member, not all of it
+    # a neighbour claiming no noise among noisy ones: its factor is at most NOISE_CAP, and it
+    # ends with at most SHARE_CAP times its plain weight (0.5, not 4/7); the rest stays with self
     self_w, row = noise_aware_weights(0.25, 1.0, [(0.25, 1.0), (0.25, 1.0), (0.25, 0.0)])
-    assert row[2] == pytest.approx(NOISE_CAP * row[0]) and row[2] < 0.6
-    # a noisy member among noise-free ones is not mixed in at all; a noisy node itself takes
-    # its neighbours' states
+    assert row == pytest.approx([1 / 7, 1 / 7, SHARE_CAP * 0.25])
+    assert self_w == pytest.approx(1 - 2 / 7 - 0.5) and NOISE_CAP == 4.0
+    # a noisy member among noise-free ones is not mixed in at all
     self_w, row = noise_aware_weights(0.25, 0.0, [(0.25, 0.0), (0.25, 0.0), (0.25, 3.0)])
     assert self_w == pytest.approx(1 / 3) and row == pytest.approx([1 / 3, 1 / 3, 0.0])
+    # a noisy node takes its quieter neighbours' states (within SHARE_CAP each)
     self_w, row = noise_aware_weights(0.25, 3.0, [(0.25, 0.0), (0.25, 0.0), (0.25, 0.0)])
-    assert self_w == pytest.approx(1 / 13) and row == pytest.approx([4 / 13] * 3)
-    # the reference is the node's own noise: with one neighbour, a liar claiming none gets
-    # NOISE_CAP times the node's own trust, not the whole row
-    self_w, row = noise_aware_weights(0.5, 1.0, [(0.5, 0.0)])
-    assert row[0] == pytest.approx(NOISE_CAP * self_w)
+    assert self_w == pytest.approx(0.0) and row == pytest.approx([1 / 3] * 3)
+    # a node that adds no noise and only mixes keeps its own weight's trust
+    self_w, row = noise_aware_weights(0.25, 0.0, [(0.25, 1.0), (0.25, 1.0), (0.25, 1.0)])
+    assert self_w == pytest.approx(0.25) and row == pytest.approx([0.25] * 3)
     # declarations too large for float64 squares, and states too far apart to measure
-    self_w, row = noise_aware_weights(0.5, 1.0, [(0.5, 1e300)])
-    assert self_w == pytest.approx(1.0) and row == pytest.approx([0.0])
+    self_w, row = noise_aware_weights(0.5, 1.0, [(0.5, 1e300)])  # median 5e299: factors 4, ¼
+    assert row == pytest.approx([0.125 / 2.125]) and self_w == pytest.approx(2 / 2.125)
     assert noise_aware_weights(0.5, 1.0, [(0.5, 0.0)], between=float("inf")) == (0.5, [0.5])
     with pytest.raises(LocalError, match="finite"):
         noise_aware_weights(0.5, 0.0, [(0.5, float("nan"))])
@@ -239,8 +240,8 @@ def test_noise_aware_mixing_gives_a_noisier_institution_less_weight(tmp_path: Pa
         (sender, weight, _), = body["inputs"]
         assert sender == noisy and weight < 0.1 and body["rule"] == "noise-aware"
         assert body["self_weight"] + weight == pytest.approx(1.0)
-    for body in backbone_mixes("big-a"):  # the noisy one trusts its quieter neighbour 4x more
-        assert body["self_weight"] == pytest.approx(0.2)
+    for body in backbone_mixes("big-a"):  # the noisy one takes its quieter neighbour's state
+        assert body["self_weight"] < 0.1
         assert body["noise"] == [4.0, 0.5] and body["heterogeneity"] >= 0.0
 
 
