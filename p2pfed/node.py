@@ -392,6 +392,10 @@ class Node:
     def neighbours_of(self, component: str) -> tuple[str, ...]:
         return self._states[component].neighbours
 
+    def rule_of(self, component: str) -> str:
+        """How ``component`` mixes (``NodeConfig.robust``: its own entry, else ``"*"``)."""
+        return self.config.robust.get(component, self.config.robust.get("*", "mh"))
+
     def privacy_of(self, component: str) -> dict[str, Any] | None:
         """ε spent by ``component``'s released updates (None: no privacy policy)."""
         policy = self.config.privacy.get(component)
@@ -1006,7 +1010,7 @@ class Node:
             st.disagreement.append(
                 _disagreement(st.comp.flat, [r.flat for r in present.values()])
             )
-        rule = self.config.robust.get(name, self.config.robust.get("*", "mh"))
+        rule = self.rule_of(name)
         others = [(w, present[str(p)].flat) for p, w in terms]
         audit: dict[str, Any] = {}
         if rule == "clipped" and others:
@@ -1086,6 +1090,7 @@ def status_of(node: Node) -> dict[str, Any]:
         "components": {
             name: {"round": node.round_of(name), "phase": node.phase_of(name).value,
                    "neighbours": len(node.neighbours_of(name)),
+                   "mixing": node.rule_of(name),
                    "privacy": node.privacy_of(name)}
             for name in sorted(node.components)
         },

@@ -21,7 +21,7 @@ from p2pfed.components import FlatComponent
 from p2pfed.federated import FORGET_RECORD_ENTRY as FORGET_RECORD
 from p2pfed.federated import FederatedNode
 from p2pfed.ledger import Ledger, LedgerEntry
-from p2pfed.node import Node, NodeConfig
+from p2pfed.node import Node, NodeConfig, status_of
 from p2pfed.sim.education import EducationSettings
 from p2pfed.sim.simulator import SimConfig, Simulation, simulate
 from p2pfed.sim.topology import load_topology
@@ -352,6 +352,7 @@ def test_clipped_gossip_keeps_its_radius_in_checkpoints_for_restarts_and_rollbac
     assert _kinds(middle, "checkpoint")[-1].body["radius"] == radius
     for n in nodes:
         n.ledger.close()
+    assert status_of(middle)["components"]["backbone"]["mixing"] == "clipped"
     again = _path_nodes(3, tmp_path, values=[0.0, 1.0, 3.0], rule="clipped", boot=1)[1]
     assert again._states["backbone"].radius == 0.0
     assert again.restore() == {"backbone": 4}
