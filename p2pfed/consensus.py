@@ -299,11 +299,12 @@ def noise_aware_weights(
     against the median noise declared by self and the neighbours (self's own weight is left as
     it is when it adds no noise: it only mixes this component), and the row is renormalised.
     Then no neighbour keeps more than ``SHARE_CAP`` times its plain weight; the excess stays
-    with self.  Declared noise cannot be checked, so this bounds what a member gains by
-    claiming less than it adds; it is no defence against members that lie otherwise (see
-    :func:`clipped_gossip`).  With equal noise everywhere it is plain Metropolis–Hastings;
-    otherwise the matrix is row- but no longer column-stochastic, so the federation agrees on
-    an average that leans towards its quieter members.
+    with self (for a lone neighbour of weight ½ that is no bound).  Declared noise cannot be
+    checked, so this bounds what a member gains by claiming less than it adds; it is no
+    defence against members that lie otherwise (see :func:`clipped_gossip`).  With equal
+    noise everywhere it is plain Metropolis–Hastings; otherwise the matrix is row- but no
+    longer column-stochastic, so the federation agrees on an average that leans towards its
+    quieter members.
     """
     noises = [self_noise, *(s for _, s in terms)]
     if any(not math.isfinite(s) or s < 0.0 for s in noises) or between < 0.0:
