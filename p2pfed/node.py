@@ -1013,14 +1013,7 @@ class Node:
         rule = self.rule_of(name)
         others = [(w, present[str(p)].flat) for p, w in terms]
         audit: dict[str, Any] = {}
-        if rule == "clipped" and others:
-            clip = clipped_gossip(st.comp.flat, others, previous=st.radius)  # type: ignore[arg-type]
-            st.comp.flat.copy_(clip.state)
-            if len(others) > 1:  # (one neighbour alone cannot be judged: keep the memory)
-                st.radius = clip.radius
-            audit = {"radius": clip.radius,
-                     "left_out": [str(terms[i][0]) for i in clip.left_out]}
-        elif rule == "noise-aware" and others:
+        if rule == "noise-aware" and others:  # new weights, then the plain weighted mix
             noises = [present[str(p)].announcement.noise for p, _ in terms]
             between = heterogeneity(
                 st.comp.flat, [(s, x) for s, (_, x) in zip(noises, others, strict=True)],  # type: ignore[misc]
@@ -1030,10 +1023,14 @@ class Node:
                 between)
             audit = {"noise": [st.noise, *noises], "heterogeneity": between}
             terms = [(p, w) for (p, _), w in zip(terms, reweighted, strict=True)]
-            mixed = [(self_w, st.comp.flat)]
-            mixed += [(w, x) for w, (_, x) in zip(reweighted, others, strict=True)]  # type: ignore[misc]
-            mix_into(st.scratch, mixed)
-            st.comp.flat.copy_(st.scratch)
+            others = [(w, x) for w, (_, x) in zip(reweighted, others, strict=True)]
+        if rule == "clipped" and others:
+            clip = clipped_gossip(st.comp.flat, others, previous=st.radius)  # type: ignore[arg-type]
+            st.comp.flat.copy_(clip.state)
+            if len(others) > 1:  # (one neighbour alone cannot be judged: keep the memory)
+                st.radius = clip.radius
+            audit = {"radius": clip.radius,
+                     "left_out": [str(terms[i][0]) for i in clip.left_out]}
         elif rule == "trimmed-mean" and others:
             states = [st.comp.flat, *(x for _, x in others)]
             st.comp.flat.copy_(trimmed_mean(states, max(1, len(states) // 4)))  # type: ignore[arg-type]
