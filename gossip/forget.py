@@ -36,7 +36,7 @@ from gossip.errors import (
     UnauthorizedError,
 )
 from gossip.identity import PUBLIC_KEY_BYTES, Identity, peer_id_from_public_key
-from gossip.membership import JOIN, NO_SKEW_LIMIT, MembershipView
+from gossip.membership import NO_SKEW_LIMIT, MembershipView
 
 FORGET = "forget"
 MAX_REASON_CHARS = 256
@@ -146,19 +146,6 @@ def is_forget_record(raw: bytes) -> bool:
         return False
 
 
-def _has_joined(view: MembershipView, key: bytes) -> bool:
-    """True when a join signed by ``key`` is in ``view`` (it is or has been a member)."""
-    if view.is_member(key):
-        return True
-    if view.latest_epoch(key) < 0:  # no join and no leave names it: never a member
-        return False
-    for raw in view.records():  # already verified by the view: read the header only
-        header = _header(raw)
-        if header[0] == JOIN and header[2] == key:
-            return True
-    return False
-
-
 class ForgetBook:
     """The accepted forget requests of one federation, at most one per target (a CRDT)."""
 
@@ -208,7 +195,7 @@ class ForgetBook:
                 f"only the member itself or an admin may ask to forget {target_id}",
                 peer=peer_id_from_public_key(requester),
             )
-        if not _has_joined(view, target):
+        if not view.has_joined(target):
             raise NotAMemberError(
                 f"{target_id} has never been a member of this federation; nothing to forget",
                 peer=peer_id_from_public_key(requester),

@@ -1,50 +1,44 @@
-"""Federation genesis and membership: a grow-only set of signed records (a CRDT).
+"""Federation membership: a grow-only set of signed records (a CRDT) and the members it implies.
 
-* **genesis** — name, founders, admins, module catalog, round period, policies.  The federation
-  id is the hash of its canonical encoding, so the genesis cannot change without changing the id.
-* **invite** — signed by an admin: who may join (a key, or anyone holding the token), which
-  modules they may hold, until when, and where to find the federation (bootstrap addresses).
-* **join** — signed by the member: the invite it uses (none for founders), the modules it
-  holds, its addresses and an epoch (a rejoin uses a higher epoch).
-* **leave** — signed by the member itself, or by an admin for a member it revokes.
+The records themselves (genesis, invite, join, admit, leave) and how each is checked alone live
+in :mod:`gossip.records`.  Whether a record may enter the view depends only on the genesis and
+the record itself, plus, for records that need one, an *anchor* already in the view:
 
-Whether a join is valid depends only on the genesis and the record itself, never on which other
-records arrived first.  A self-signed leave must end a membership that exists: until a join by
-its member is in the view it is held back (not in :meth:`MembershipView.records`, not counted in
-the digest) and it enters the view as soon as that join arrives, so outsiders cannot fill the
-set with leaves while views merged in any order still end up equal.
+* a self-signed leave needs a join by its member;
+* an admission needs its sponsor to be a founder, an admin, or a key admitted before.
 
-The members are derived from the set alone (:meth:`MembershipView.members`):
+A record without its anchor is held back (not in :meth:`MembershipView.records`, not counted in
+the digest) and enters the view as soon as the anchor arrives, so outsiders cannot fill the set
+while views merged in any order still end up equal.
 
-* per member, the join with the highest epoch wins (ties: the smaller envelope bytes);
+An invited member enters only through an **admission**: a member that received the join live
+signs it with its own time.  The members are derived from the set alone
+(:meth:`MembershipView.members`):
+
+* admissions are taken in order of their sponsor's time (ties: the smaller envelope bytes); one
+  counts when its sponsor is a founder or an admin, or was itself admitted no later, and was not
+  revoked by then; the invite had not expired at that time; and the invite still has a use left
+  (``uses`` distinct members: first admitted, first served; the same member rejoining with the
+  same invite uses no second slot).  This order is a property of the set, so every view agrees
+  on who won a single-use invite, whatever order the records arrived in;
+* per member, the join with the highest epoch wins (ties: the smaller record bytes);
 * a leave at epoch ``e`` removes the member unless a join has an epoch above ``e`` (a join and a
   leave at the same epoch: the leave wins);
 * an admin's revocation also voids every join whose invite was signed before the revocation, so
   a revoked member cannot come back with its old invite, only with a fresh one.
 
-Known limit: an invite's expiry is checked against the join's own signed timestamp (there is no
-trusted clock), so the holder of an expired invite can backdate a join.  Key-bound invites limit
-this to the invitee, who was allowed to join anyway; keep bearer invites short-lived and few.
+Trust: the joiner cannot backdate its admission, but a member can (it signs the time).  A member
+is trusted to stamp admissions honestly; it cannot admit anyone without a valid invite and the
+proof of its ticket.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from gossip.catalog import ComponentSpec
-from gossip.envelope import (
-    DEFAULT_MAX_SKEW_MS,
-    Envelope,
-    digest,
-    open_envelope,
-    packb,
-    seal,
-    unpackb,
-)
+from gossip.envelope import DEFAULT_MAX_SKEW_MS, Envelope, digest, open_envelope, packb
 from gossip.errors import (
     ClockSkewError,
     MalformedMessageError,
@@ -53,262 +47,67 @@ from gossip.errors import (
     UnauthorizedError,
     WrongFederationError,
 )
-from gossip.identity import PUBLIC_KEY_BYTES, Identity, peer_id_from_public_key
+from gossip.records import (
+    ADMIT,
+    GENESIS,
+    GENESIS_DOMAIN,
+    INVITE,
+    JOIN,
+    LEAVE,
+    MAX_ADDRESSES,
+    MAX_NAME_CHARS,
+    MAX_POLICIES,
+    MEMBERSHIP_KINDS,
+    NO_SKEW_LIMIT,
+    Admission,
+    CheckedInvite,
+    Genesis,
+    Invite,
+    Join,
+    Leave,
+    MemberInfo,
+    Policy,
+    check_invite,
+    make_admit,
+    make_genesis_envelope,
+    make_invite,
+    make_join,
+    make_leave,
+    open_genesis,
+    proof_message,
+)
+
+__all__ = [
+    "ADMIT", "GENESIS", "GENESIS_DOMAIN", "INVITE", "JOIN", "LEAVE", "MAX_ADDRESSES",
+    "MAX_FUTURE_MS", "MAX_NAME_CHARS", "MAX_PENDING", "MAX_POLICIES", "MAX_RECORDS",
+    "MEMBERSHIP_KINDS", "NO_SKEW_LIMIT", "Admission", "Genesis", "Invite", "Join", "Leave",
+    "MemberInfo", "MembershipView", "Policy", "make_admit", "make_genesis_envelope",
+    "make_invite", "make_join", "make_leave", "open_genesis", "proof_message", "view_from",
+]
 
 log = logging.getLogger(__name__)
 
-GENESIS = "genesis"
-INVITE = "invite"
-JOIN = "join"
-LEAVE = "leave"
-MEMBERSHIP_KINDS = frozenset({GENESIS, INVITE, JOIN, LEAVE})
-GENESIS_DOMAIN = b"p2pfed/v1/genesis\0"
-#: membership records are long-lived: they are checked against the genesis, not the clock
-NO_SKEW_LIMIT = 1 << 62
 #: a live record (``add(..., now_ms=...)``) may be at most this far in the future
 MAX_FUTURE_MS = DEFAULT_MAX_SKEW_MS
 MAX_RECORDS = 100_000
-MAX_PENDING_LEAVES = 1024
-MAX_ADDRESSES = 16
-MAX_NAME_CHARS = 128
-MAX_POLICIES = 256
-
-Policy = str | int | float | bool
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise MalformedMessageError(message)
+#: records held back for their anchor (leaves before their join, admissions before their
+#: sponsor's)
+MAX_PENDING = 1024
+#: the most records :meth:`MembershipView.credentials` gives (a chain of sponsors)
+MAX_CREDENTIALS = 16
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _strs(value: Any, what: str, limit: int = 256) -> tuple[str, ...]:
-    _check(isinstance(value, list) and len(value) <= limit, f"{what} must be a list")
-    _check(all(isinstance(x, str) and len(x) <= 512 for x in value), f"{what} must be strings")
-    return tuple(value)
-
-
-def _keys(value: Any, what: str) -> tuple[bytes, ...]:
-    _check(isinstance(value, list) and len(value) <= 1024, f"{what} must be a list")
-    _check(all(isinstance(x, bytes) and len(x) == PUBLIC_KEY_BYTES for x in value),
-           f"{what} must be ed25519 public keys")
-    return tuple(value)
-
-
-def _policy_ok(key: Any, value: Any) -> bool:
-    if not isinstance(key, str) or not 0 < len(key) <= MAX_NAME_CHARS:
-        return False
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, str):
-        return len(value) <= 1024
-    return isinstance(value, int)  # bool is an int
-
-
-# ------------------------------------------------------------------------------ records
-@dataclass(frozen=True)
-class Genesis:
-    """The founding record.  Fields are normalised (sorted, de-duplicated) on construction."""
-
-    name: str
-    founders: tuple[bytes, ...]
-    catalog: tuple[ComponentSpec, ...]
-    round_period_ms: int
-    created_ms: int
-    admins: tuple[bytes, ...] = ()  # () = the founders
-    policies: tuple[tuple[str, Policy], ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "founders", tuple(sorted(set(self.founders))))
-        object.__setattr__(self, "admins", tuple(sorted(set(self.admins or self.founders))))
-        object.__setattr__(self, "catalog", tuple(sorted(self.catalog, key=lambda s: s.name)))
-        if not isinstance(self.name, str) or not 0 < len(self.name) <= MAX_NAME_CHARS:
-            raise ValueError(f"federation name must be 1..{MAX_NAME_CHARS} characters")
-        if not self.founders:
-            raise ValueError("a federation needs at least one founder")
-        if not all(isinstance(k, bytes) and len(k) == PUBLIC_KEY_BYTES
-                   for k in self.founders + self.admins):
-            raise ValueError("founders and admins must be ed25519 public keys")
-        if len({s.name for s in self.catalog}) != len(self.catalog):
-            raise ValueError("component names in the catalog must be unique")
-        if not _is_int(self.round_period_ms) or self.round_period_ms <= 0:
-            raise ValueError("round period must be a positive integer")
-        if not _is_int(self.created_ms) or self.created_ms < 0:
-            raise ValueError("creation time must be a non-negative integer")
-        if len(self.policies) > MAX_POLICIES or not all(
-                isinstance(p, tuple) and len(p) == 2 and _policy_ok(*p) for p in self.policies):
-            raise ValueError("policies must be (name, str | int | float | bool) pairs")
-        if len({k for k, _ in self.policies}) != len(self.policies):
-            raise ValueError("policy names must be unique")
-        object.__setattr__(self, "policies", tuple(sorted(self.policies, key=lambda p: p[0])))
-
-    def to_bytes(self) -> bytes:
-        return packb([
-            1, self.name, list(self.founders), list(self.admins),
-            [s.to_record() for s in self.catalog], self.round_period_ms, self.created_ms,
-            [[k, v] for k, v in self.policies],
-        ])
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Genesis:
-        """Decode and validate; only the canonical encoding is accepted."""
-        obj = unpackb(data)
-        _check(isinstance(obj, list) and len(obj) == 8 and obj[0] == 1, "bad genesis record")
-        _, name, founders, admins, catalog, period, created, policies = obj
-        _check(isinstance(catalog, list) and len(catalog) <= 1024, "bad catalog")
-        _check(isinstance(policies, list) and len(policies) <= MAX_POLICIES
-               and all(isinstance(p, list) and len(p) == 2 for p in policies), "bad policies")
-        specs = tuple(ComponentSpec.from_record(r) for r in catalog)
-        try:
-            genesis = cls(name, _keys(founders, "founders"), specs, period, created,
-                          _keys(admins, "admins"), tuple((k, v) for k, v in policies))
-        except (ValueError, TypeError) as exc:
-            raise MalformedMessageError(f"bad genesis: {exc}") from exc
-        _check(genesis.to_bytes() == data, "genesis is not in canonical form")
-        return genesis
-
-    @property
-    def federation_id(self) -> bytes:
-        return digest(GENESIS_DOMAIN + self.to_bytes())
-
-    def spec(self, component: str) -> ComponentSpec | None:
-        return next((s for s in self.catalog if s.name == component), None)
-
-    @property
-    def component_names(self) -> frozenset[str]:
-        return frozenset(s.name for s in self.catalog)
-
-    def policy(self, key: str, default: Policy | None = None) -> Policy | None:
-        return next((v for k, v in self.policies if k == key), default)
-
-
-@dataclass(frozen=True)
-class Invite:
-    invitee: bytes  # b"" for a bearer invite anyone holding the token may use
-    modules: tuple[str, ...]  # () = any module of the catalog
-    expires_ms: int
-    bootstrap: tuple[str, ...]
-    nonce: bytes
-
-    def to_body(self) -> bytes:
-        return packb([self.invitee, list(self.modules), self.expires_ms, list(self.bootstrap),
-                      self.nonce])
-
-    @classmethod
-    def from_body(cls, body: bytes) -> Invite:
-        obj = unpackb(body)
-        _check(isinstance(obj, list) and len(obj) == 5, "bad invite")
-        invitee, modules, expires, bootstrap, nonce = obj
-        _check(isinstance(invitee, bytes) and len(invitee) in (0, PUBLIC_KEY_BYTES), "bad invitee")
-        _check(_is_int(expires) and isinstance(nonce, bytes) and len(nonce) <= 64,
-               "bad invite fields")
-        return cls(invitee, _strs(modules, "modules"), expires,
-                   _strs(bootstrap, "bootstrap", MAX_ADDRESSES), nonce)
-
-
-@dataclass(frozen=True)
-class Join:
-    invite: bytes  # the invite envelope; b"" for founders
-    modules: tuple[str, ...]
-    addresses: tuple[str, ...]  # multiaddrs
-    epoch: int
-
-    def to_body(self) -> bytes:
-        return packb([self.invite, list(self.modules), list(self.addresses), self.epoch])
-
-    @classmethod
-    def from_body(cls, body: bytes) -> Join:
-        obj = unpackb(body)
-        _check(isinstance(obj, list) and len(obj) == 4, "bad join")
-        invite, modules, addresses, epoch = obj
-        _check(isinstance(invite, bytes) and _is_int(epoch) and epoch >= 0, "bad join fields")
-        return cls(invite, _strs(modules, "modules"), _strs(addresses, "addresses", MAX_ADDRESSES),
-                   epoch)
-
-
-@dataclass(frozen=True)
-class Leave:
-    member: bytes  # whose membership ends (the signer, or a member an admin revokes)
-    epoch: int
-    reason: str
-
-    def to_body(self) -> bytes:
-        return packb([self.member, self.epoch, self.reason])
-
-    @classmethod
-    def from_body(cls, body: bytes) -> Leave:
-        obj = unpackb(body)
-        _check(isinstance(obj, list) and len(obj) == 3, "bad leave")
-        member, epoch, reason = obj
-        _check(isinstance(member, bytes) and len(member) == PUBLIC_KEY_BYTES, "bad leave member")
-        _check(_is_int(epoch) and epoch >= 0 and isinstance(reason, str) and len(reason) <= 1024,
-               "bad leave fields")
-        return cls(member, epoch, reason)
-
-
-@dataclass(frozen=True)
-class MemberInfo:
-    public_key: bytes
-    modules: frozenset[str]
-    addresses: tuple[str, ...]
-    epoch: int
-    admin: bool
-
-    @property
-    def peer_id(self) -> str:
-        return peer_id_from_public_key(self.public_key)
-
-
-# ------------------------------------------------------------------------------ record making
-def _seal(identity: Identity, federation_id: bytes, kind: str, body: bytes, now_ms: int,
-          seq: int) -> Envelope:
-    return seal(identity, kind=kind, federation_id=federation_id, seq=seq, timestamp_ms=now_ms,
-                body=body)
-
-
-def make_genesis_envelope(identity: Identity, genesis: Genesis, now_ms: int,
-                          seq: int) -> Envelope:
-    """The genesis signed by a founder; its federation id is the genesis' own."""
-    return _seal(identity, genesis.federation_id, GENESIS, genesis.to_bytes(), now_ms, seq)
-
-
-def make_invite(identity: Identity, federation_id: bytes, invite: Invite, now_ms: int,
-                seq: int) -> Envelope:
-    return _seal(identity, federation_id, INVITE, invite.to_body(), now_ms, seq)
-
-
-def make_join(identity: Identity, federation_id: bytes, join: Join, now_ms: int,
-              seq: int) -> Envelope:
-    return _seal(identity, federation_id, JOIN, join.to_body(), now_ms, seq)
-
-
-def make_leave(identity: Identity, federation_id: bytes, leave: Leave, now_ms: int,
-               seq: int) -> Envelope:
-    return _seal(identity, federation_id, LEAVE, leave.to_body(), now_ms, seq)
-
-
-def open_genesis(data: bytes) -> tuple[Genesis, Envelope]:
-    """Verify a genesis envelope: signed by a founder, for its own federation id."""
-    env = open_envelope(data, federation_id=None, now_ms=0, max_skew_ms=NO_SKEW_LIMIT)
-    _check(env.kind == GENESIS, "not a genesis record")
-    genesis = Genesis.from_bytes(env.body)
-    if env.federation_id != genesis.federation_id:
-        raise WrongFederationError("genesis envelope names another federation id")
-    if env.sender not in genesis.founders:
-        raise UnauthorizedError("genesis must be signed by a founder")
-    return genesis, env
-
-
-# ------------------------------------------------------------------------------ the view
 @dataclass(frozen=True)
 class _Parsed:
-    env: Envelope
+    env: Envelope  # the record's own envelope (the admission's, for an invited join)
     raw: bytes
     record: Join | Leave
-    invite_ms: int | None = None  # a join's invite signing time (None: a founder's join)
+    member: bytes  # whose membership the record is about
+    invite_ms: int | None = None  # when the invite was signed (None: a founder's join)
+    invite_id: bytes = b""
+    uses: int = 0
+    sponsor: bytes = b""  # who admitted the join (b"": a founder's own join)
+    admitted_ms: int = 0
 
 
 class MembershipView:
@@ -318,9 +117,10 @@ class MembershipView:
         self.genesis = genesis
         self.federation_id = genesis.federation_id
         self._records: dict[bytes, _Parsed] = {}  # digest(raw) -> record
-        self._pending: dict[bytes, _Parsed] = {}  # self-leaves waiting for their join
+        self._pending: dict[bytes, _Parsed] = {}  # records waiting for their anchor
         self._joined: set[bytes] = set()  # keys with at least one join in the view
         self._members: dict[bytes, MemberInfo] | None = None
+        self._credentials: dict[bytes, list[bytes]] = {}
         self._digest: bytes | None = None
 
     # ---------------------------------------------------------------------- adding
@@ -338,8 +138,8 @@ class MembershipView:
         The envelope is re-verified from its bytes, so a hand-built one cannot slip in.
         ``now_ms``, given for records arriving live, refuses timestamps more than
         :data:`MAX_FUTURE_MS` ahead (:class:`ClockSkewError`); leave it out when re-reading
-        stored records.  A self-signed leave whose member has no join here yet is held back and
-        returns False; it joins the view when that join arrives.
+        stored records.  A record whose anchor is not in the view yet is held back and returns
+        False; it joins the view when the anchor arrives.
         """
         raw = envelope.to_bytes()
         return self._add(self.open(raw), raw, now_ms)
@@ -358,30 +158,37 @@ class MembershipView:
         parsed = self._validate(env, raw)
         if len(self._records) >= MAX_RECORDS:
             raise UnauthorizedError("membership record limit reached")
-        if isinstance(parsed.record, Leave) and not self._anchored(env.sender, parsed.record):
-            if len(self._pending) >= MAX_PENDING_LEAVES:
-                raise NotAMemberError("a leave by a key that has not joined")
+        if not self._anchored(parsed):
+            if len(self._pending) >= MAX_PENDING:
+                raise NotAMemberError("a record by or about a key that has not joined")
             self._pending[key] = parsed
             return False
         self._insert(key, parsed)
-        if isinstance(parsed.record, Join) and self._pending:
-            ready = [k for k, p in self._pending.items()
-                     if isinstance(p.record, Leave) and p.record.member == env.sender]
-            for k in ready:
-                self._insert(k, self._pending.pop(k))
         return True
 
     def _insert(self, key: bytes, parsed: _Parsed) -> None:
-        self._records[key] = parsed
-        if isinstance(parsed.record, Join):
-            self._joined.add(parsed.env.sender)
+        ready = [(key, parsed)]
+        while ready:  # a join may anchor pending records, which may anchor more
+            key, parsed = ready.pop()
+            self._records[key] = parsed
+            if isinstance(parsed.record, Join) and parsed.member not in self._joined:
+                self._joined.add(parsed.member)
+                found = [k for k, p in self._pending.items() if self._anchored(p)]
+                ready += [(k, self._pending.pop(k)) for k in found]
         self._members = None
+        self._credentials = {}
         self._digest = None
 
-    def _anchored(self, signer: bytes, leave: Leave) -> bool:
-        """A leave may enter the view: an admin's, a founder's, or one ending a known join."""
-        return (signer in self.genesis.admins or leave.member in self.genesis.founders
-                or leave.member in self._joined)
+    def _anchored(self, parsed: _Parsed) -> bool:
+        """May the record enter the view now (see the module doc)?"""
+        genesis = self.genesis
+        if isinstance(parsed.record, Leave):
+            return (parsed.env.sender in genesis.admins or parsed.member in genesis.founders
+                    or parsed.member in self._joined)
+        if parsed.sponsor:
+            return (parsed.sponsor in genesis.admins or parsed.sponsor in genesis.founders
+                    or parsed.sponsor in self._joined)
+        return True
 
     def _check_genesis(self, env: Envelope) -> None:
         _check(env.body == self.genesis.to_bytes(), "a different genesis for this federation")
@@ -393,41 +200,43 @@ class MembershipView:
         if env.kind == JOIN:
             join = Join.from_body(env.body)
             self._check_modules(join.modules, "the join holds")
-            if not join.invite:
-                if sender not in self.genesis.founders:
-                    raise NotAMemberError("a join by a non-founder needs an invite")
-                return _Parsed(env, raw, join)
-            return _Parsed(env, raw, join, self._check_invite(join, env))
+            if join.invite:
+                raise NotAMemberError("an invited join enters only inside an admission by a "
+                                      "member (send it to a member as a join request)")
+            if sender not in self.genesis.founders:
+                raise NotAMemberError("a join by a non-founder needs an invite")
+            return _Parsed(env, raw, join, sender)
+        if env.kind == ADMIT:
+            return self._validate_admission(env, raw)
         if env.kind == LEAVE:
             leave = Leave.from_body(env.body)
             if leave.member != sender and sender not in self.genesis.admins:
                 raise UnauthorizedError("only the member itself or an admin may end membership")
-            return _Parsed(env, raw, leave)
+            return _Parsed(env, raw, leave, leave.member)
         if env.kind == INVITE:
             raise MalformedMessageError("an invite is not a view record; it travels in a join")
         raise MalformedMessageError(f"{env.kind!r} is not a membership record kind")
+
+    def _validate_admission(self, env: Envelope, raw: bytes) -> _Parsed:
+        join_env = self.open(Admission.from_body(env.body).join)
+        _check(join_env.kind == JOIN, "an admission must hold a join record")
+        join = Join.from_body(join_env.body)
+        _check(bool(join.invite), "founders join without an admission")
+        self._check_modules(join.modules, "the join holds")
+        invite = self.check_join(join, join_env.sender)
+        if env.timestamp_ms > invite.expires_ms:
+            raise UnauthorizedError("the invite had expired when the join was admitted")
+        return _Parsed(env, raw, join, join_env.sender, invite.signed_ms, invite.invite_id,
+                       invite.uses, env.sender, env.timestamp_ms)
+
+    def check_join(self, join: Join, joiner: bytes) -> CheckedInvite:
+        """Check an invited join on its own: its invite, and the proof of the invite's ticket."""
+        return check_invite(self.genesis, join, joiner)
 
     def _check_modules(self, modules: Iterable[str], what: str) -> None:
         unknown = set(modules) - self.genesis.component_names
         if unknown:
             raise MalformedMessageError(f"{what} modules not in the catalog: {sorted(unknown)}")
-
-    def _check_invite(self, join: Join, env: Envelope) -> int:
-        """Check the invite a join carries; returns the invite's signing time."""
-        inv_env = self.open(join.invite)
-        if inv_env.kind != INVITE:
-            raise MalformedMessageError("the join's invite is not an invite record")
-        if inv_env.sender not in self.genesis.admins:
-            raise UnauthorizedError("the invite was not signed by an admin")
-        invite = Invite.from_body(inv_env.body)
-        self._check_modules(invite.modules, "the invite allows")
-        if invite.invitee and invite.invitee != env.sender:
-            raise UnauthorizedError("the invite was issued to someone else")
-        if env.timestamp_ms > invite.expires_ms:
-            raise UnauthorizedError("the invite had expired when the join was signed")
-        if invite.modules and not set(join.modules) <= set(invite.modules):
-            raise UnauthorizedError("the join holds modules the invite does not allow")
-        return inv_env.timestamp_ms
 
     def merge(self, other: MembershipView) -> None:
         """Add every record of ``other``, re-verified and re-validated (order does not matter).
@@ -448,8 +257,14 @@ class MembershipView:
         """The envelope bytes of every record in the view (for anti-entropy sync)."""
         return frozenset(p.raw for p in self._records.values())
 
+    def records_about(self, public_key: bytes) -> list[bytes]:
+        """The records a member carries for itself: its joins, admissions, leaves, and the
+        admissions it signed (sorted)."""
+        return sorted(p.raw for p in self._records.values()
+                      if public_key in (p.member, p.sponsor))
+
     def pending(self) -> frozenset[bytes]:
-        """Leaves held back until their member's join arrives (not part of the view)."""
+        """Records held back until their anchor arrives (not part of the view)."""
         return frozenset(p.raw for p in self._pending.values())
 
     def digest(self) -> bytes:
@@ -468,20 +283,45 @@ class MembershipView:
             self._members = self._derive()
         return dict(self._members)
 
-    def _derive(self) -> dict[bytes, MemberInfo]:
+    def _revocations(self) -> tuple[dict[bytes, int], dict[bytes, list[tuple[int, int]]]]:
         left: dict[bytes, int] = {}
         revoked: dict[bytes, list[tuple[int, int]]] = {}  # member -> [(epoch, signed at)]
         for p in self._records.values():
             if isinstance(p.record, Leave):
-                member = p.record.member
-                left[member] = max(left.get(member, -1), p.record.epoch)
-                if p.env.sender != member:
-                    revoked.setdefault(member, []).append((p.record.epoch, p.env.timestamp_ms))
-        best: dict[bytes, tuple[int, bytes, Join]] = {}  # member -> (-epoch, raw, join)
-        for p in self._records.values():
-            if not isinstance(p.record, Join):
+                left[p.member] = max(left.get(p.member, -1), p.record.epoch)
+                if p.env.sender != p.member:
+                    revoked.setdefault(p.member, []).append((p.record.epoch, p.env.timestamp_ms))
+        return left, revoked
+
+    def _admitted(self, revoked: dict[bytes, list[tuple[int, int]]]) -> list[_Parsed]:
+        """The joins that count: founders' own, and admissions taken in their sponsors' time
+        order (a sponsor admitted no later, not revoked by then, an invite with a use left)."""
+        out = [p for p in self._records.values() if isinstance(p.record, Join) and not p.sponsor]
+        trusted = set(self.genesis.founders) | set(self.genesis.admins)
+        since: dict[bytes, int] = {}  # member -> first admission that counted
+        used: dict[bytes, set[bytes]] = {}  # invite id -> members it admitted
+        admissions = [p for p in self._records.values() if p.sponsor]
+        for p in sorted(admissions, key=lambda p: (p.admitted_ms, p.raw)):
+            if p.sponsor not in trusted and since.get(p.sponsor, p.admitted_ms + 1) > \
+                    p.admitted_ms:
                 continue
-            pk, epoch, since = p.env.sender, p.record.epoch, p.invite_ms
+            if any(at <= p.admitted_ms for _, at in revoked.get(p.sponsor, ())):
+                continue
+            slots = used.setdefault(p.invite_id, set())
+            if p.member not in slots:
+                if len(slots) >= p.uses:
+                    continue
+                slots.add(p.member)
+            since.setdefault(p.member, p.admitted_ms)
+            out.append(p)
+        return out
+
+    def _derive(self) -> dict[bytes, MemberInfo]:
+        left, revoked = self._revocations()
+        best: dict[bytes, tuple[int, bytes, Join]] = {}  # member -> (-epoch, raw, join)
+        for p in self._admitted(revoked):
+            assert isinstance(p.record, Join)
+            pk, epoch, since = p.member, p.record.epoch, p.invite_ms
             if any(since is None or since <= at or epoch <= e for e, at in revoked.get(pk, ())):
                 continue  # an invite from before a revocation cannot bring the member back
             cur = best.get(pk)
@@ -498,6 +338,60 @@ class MembershipView:
     def is_member(self, public_key: bytes) -> bool:
         return public_key in self.members()
 
+    def credentials(self, public_key: bytes) -> list[bytes]:
+        """The records that show ``public_key`` is a member to a view that knows only the
+        genesis: its current join (or admission), then its sponsor's first admission, and so on
+        up to a founder or an admin (sponsors first; at most :data:`MAX_CREDENTIALS`)."""
+        cached = self._credentials.get(public_key)
+        if cached is not None:
+            return list(cached)
+        members = self.members()
+        if public_key not in members:
+            return []
+        trusted = set(self.genesis.founders) | set(self.genesis.admins)
+        first: dict[bytes, _Parsed] = {}
+        best: _Parsed | None = None
+        for p in self._admitted(self._revocations()[1]):
+            first.setdefault(p.member, p)
+            if p.member == public_key and isinstance(p.record, Join) and \
+                    p.record.epoch == members[public_key].epoch and \
+                    (best is None or p.raw < best.raw):
+                best = p
+        chain: list[bytes] = []
+        step = best
+        while step is not None and len(chain) < MAX_CREDENTIALS:
+            chain.append(step.raw)
+            if not step.sponsor or step.sponsor in trusted:
+                break
+            step = first.get(step.sponsor)
+        self._credentials[public_key] = chain[::-1]
+        return chain[::-1]
+
+    def has_joined(self, public_key: bytes) -> bool:
+        """True when a join by ``public_key`` is in the view (it is or may have been a member)."""
+        return public_key in self._joined
+
+    def ever_joined(self) -> frozenset[bytes]:
+        """Every key with a join in the view."""
+        return frozenset(self._joined)
+
+    def joiner_of(self, raw: bytes) -> bytes | None:
+        """Who a join or an admission record (verified) is about; None for other records."""
+        env = self.open(raw)
+        if env.kind == JOIN:
+            return env.sender
+        if env.kind == ADMIT:
+            return self.open(Admission.from_body(env.body).join).sender
+        return None
+
+    def invite_used_up(self, join: Join, joiner: bytes) -> bool:
+        """Would an admission of ``join`` now lose to earlier ones for lack of uses?"""
+        invite_id = digest(join.invite)
+        winners = {p.member for p in self._admitted(self._revocations()[1])
+                   if p.invite_id == invite_id}
+        uses = Invite.from_body(self.open(join.invite).body).uses
+        return joiner not in winners and len(winners) >= uses
+
     @property
     def admins(self) -> tuple[bytes, ...]:
         """The admins named by the genesis (whether or not they have joined)."""
@@ -512,10 +406,13 @@ class MembershipView:
 
     def latest_epoch(self, public_key: bytes) -> int:
         """The highest epoch used by ``public_key`` in a join or leave (-1 when none)."""
-        epochs = [p.record.epoch for p in self._records.values()
-                  if (isinstance(p.record, Join) and p.env.sender == public_key)
-                  or (isinstance(p.record, Leave) and p.record.member == public_key)]
-        return max(epochs, default=-1)
+        return max((p.record.epoch for p in self._records.values() if p.member == public_key),
+                   default=-1)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise MalformedMessageError(message)
 
 
 def view_from(genesis: Genesis, records: Iterable[bytes]) -> MembershipView:

@@ -15,7 +15,8 @@ from typing import Any
 
 import networkx as nx
 
-from gossip.envelope import MAX_ENVELOPE_BYTES, Envelope, packb, seal, unpackb
+from gossip.admission import JOIN_REQUEST, admit, make_join_request
+from gossip.envelope import MAX_ENVELOPE_BYTES, Envelope, open_envelope, packb, seal, unpackb
 from gossip.errors import LocalError, MalformedMessageError, NotAMemberError, RemoteError
 from gossip.forget import (
     Forget,
@@ -26,7 +27,7 @@ from gossip.forget import (
     open_forget,
 )
 from gossip.identity import peer_id_from_public_key
-from gossip.membership import Leave, MembershipView, make_leave
+from gossip.membership import MAX_CREDENTIALS, Join, Leave, MembershipView, make_leave
 from gossip.overlay import holder_subgraph, overlay_graph
 from p2pfed.node import Action, Announce, ApplyForget, Broadcast, Connect, Node
 from p2pfed.unlearning import FORGET_ENTRY, UNLEARNED_ENTRY, unlearning_status
@@ -36,21 +37,30 @@ log = logging.getLogger(__name__)
 RECORDS = "records"
 MEMBERSHIP_ENTRY = "membership"
 FORGET_RECORD_ENTRY = "forget-record"
+#: the newcomer's own join, kept until a member admits it (written by ``p2pfed join``)
+JOIN_REQUEST_ENTRY = "join-request"
 BUNDLE_BUDGET = MAX_ENVELOPE_BYTES - 2048  # room for the envelope around the records
 REFRESH_MS = 30_000
+#: a newcomer asks its bootstrap members again after 2 s, 4 s, ... up to a minute
+JOIN_RETRY_MIN_MS = 2_000
+JOIN_RETRY_MAX_MS = 60_000
 
 
-def bundles(records: list[bytes]) -> list[list[bytes]]:
-    """Split records into groups that fit in one envelope."""
+def bundles(records: list[bytes], head: list[bytes] | None = None) -> list[list[bytes]]:
+    """Split records into groups that fit in one envelope, each group starting with ``head``
+    (the sender's credentials, so that every bundle shows on its own who may send it)."""
+    head = head or []
+    budget = BUNDLE_BUDGET - sum(len(raw) + 8 for raw in head)
     out: list[list[bytes]] = [[]]
     size = 0
-    for raw in sorted(records):
-        if out[-1] and size + len(raw) + 8 > BUNDLE_BUDGET:
+    for raw in sorted(set(records) - set(head)):
+        if out[-1] and size + len(raw) + 8 > budget:
             out.append([])
             size = 0
         out[-1].append(raw)
         size += len(raw) + 8
-    return [b for b in out if b]
+    groups = [head + b for b in out if b]
+    return groups or ([head] if head and records else [])
 
 
 class FederatedNode(Node):
@@ -66,12 +76,37 @@ class FederatedNode(Node):
         self._next_refresh: int | None = None
         self._connected: tuple[tuple[str, tuple[str, ...]], ...] = ()
         self._member_keys: set[bytes] = set()
+        self._member_ids: frozenset[str] = frozenset()
+        #: a newcomer's bootstrap members, asked for admission until one grants it
+        self._bootstrap: tuple[str, ...] = ()
+        self._next_join_try: int | None = None
+        self._join_tries = 0
         #: signed forget requests: kept in the ledger and gossiped with the membership records
         self.forgets = ForgetBook(self.federation_id)
 
     # ---------------------------------------------------------------- inspection
     def members(self) -> list[str]:
         return [m.peer_id for m in self.view.members().values()]
+
+    def is_member(self) -> bool:
+        return self.identity.public_key in self.view.members()
+
+    def serves(self, peer: str) -> bool:
+        """May ``peer`` use our streams and fetch our payloads: a member, not forgotten."""
+        return peer in self._member_ids and peer not in self.forgotten()
+
+    def accepts_broadcast(self, origin: str, data: bytes, now_ms: int) -> bool:
+        """Gossip validation: relay only fresh records signed by a current member (``origin``).
+
+        Cheap enough for every gossiped message (one signature check); what it accepts is
+        checked again in full by :meth:`receive`.
+        """
+        try:
+            env = open_envelope(data, federation_id=self.federation_id, now_ms=now_ms,
+                                max_skew_ms=self.config.max_skew_ms)
+        except RemoteError:
+            return False
+        return env.sender_id == origin and self.serves(origin)
 
     def overlay_neighbours(self) -> list[str]:
         return sorted(p for p, _ in self._connected)
@@ -144,10 +179,7 @@ class FederatedNode(Node):
         return actions
 
     def _ever_joined(self) -> set[bytes]:
-        keys = set(self.view.members())
-        for raw in self.view.records():
-            keys.add(self.view.open(raw).sender)
-        return keys
+        return set(self.view.members()) | self.view.ever_joined()
 
     def _accept_forget(self, raw: bytes, now_ms: int) -> list[Action]:
         """A signed forget record (ours or gossiped): keep it and apply it once per member."""
@@ -167,12 +199,39 @@ class FederatedNode(Node):
         return actions + self._own_bundle_broadcast(now_ms) + super().start(now_ms)
 
     def introduce(self, peers: list[str], now_ms: int) -> list[Action]:
-        """Send our whole view to ``peers`` (e.g. the bootstrap peers of an invite)."""
+        """Send our whole view to ``peers``; a newcomer (not a member yet) instead asks them,
+        its invite's bootstrap members, to admit it, and asks again until one does."""
+        if not self.is_member():
+            self._bootstrap = tuple(peers)
+            self._join_tries = 0
+            return self._request_admission(now_ms)
         return [Announce(tuple(peers), b) for b in self._bundle_envelopes(
             list(self.view.records()), now_ms)]
 
+    def _request_admission(self, now_ms: int) -> list[Action]:
+        entry = self.ledger.last(JOIN_REQUEST_ENTRY)
+        raw = entry.body.get("record") if entry is not None else None
+        if not isinstance(raw, bytes) or not self._bootstrap or self.left or self._stale(raw):
+            self._next_join_try = None
+            return []
+        delay = min(JOIN_RETRY_MAX_MS, JOIN_RETRY_MIN_MS << min(self._join_tries, 8))
+        self._join_tries += 1
+        self._next_join_try = now_ms + delay
+        env = make_join_request(self.identity, self.federation_id, raw, now_ms, self._seq.next())
+        return [Announce(self._bootstrap, env.to_bytes())]
+
+    def _stale(self, join: bytes) -> bool:
+        """A join request older than our latest membership record (we left since)."""
+        try:
+            epoch = Join.from_body(self.view.open(join).body).epoch
+        except RemoteError:
+            return True
+        return self.view.latest_epoch(self.identity.public_key) >= epoch
+
     def tick(self, now_ms: int) -> list[Action]:
         actions: list[Action] = []
+        if self._next_join_try is not None and now_ms >= self._next_join_try:
+            actions += self._request_admission(now_ms) if not self.is_member() else []
         if self._next_refresh is not None and now_ms >= self._next_refresh:
             self._next_refresh = None if self.left else now_ms + REFRESH_MS
             if not self.left:
@@ -180,7 +239,8 @@ class FederatedNode(Node):
         return actions + super().tick(now_ms)
 
     def next_deadline(self) -> int | None:
-        times = [t for t in (super().next_deadline(), self._next_refresh) if t is not None]
+        times = [t for t in (super().next_deadline(), self._next_refresh, self._next_join_try)
+                 if t is not None]
         return min(times) if times else None
 
     def leave(self, reason: str, now_ms: int) -> list[Action]:
@@ -203,14 +263,18 @@ class FederatedNode(Node):
 
     # ---------------------------------------------------------------- internals
     def _other_record(self, peer: str, env: Envelope, now_ms: int) -> list[Action]:
+        if env.kind == JOIN_REQUEST:
+            return self._on_join_request(peer, env, now_ms)
         if env.kind != RECORDS:
             raise MalformedMessageError(f"unexpected record kind {env.kind!r}", peer=peer)
-        self._replay.check(env.sender, env.seq)
         records = unpackb(env.body)
         if not isinstance(records, list) or not all(isinstance(r, bytes) for r in records):
             raise MalformedMessageError("a records bundle must be a list of records", peer=peer)
         known_before = {m.public_key for m in self.view.members().values()}
         stored_before = self.view.records()
+        if self.is_member() and env.sender not in known_before:
+            self._admit_sender(peer, env.sender, records)
+        self._replay.check(env.sender, env.seq)
         forget_actions: list[Action] = []
         for raw in records:
             try:
@@ -220,15 +284,13 @@ class FederatedNode(Node):
                     self.view.add_bytes(raw)
             except RemoteError as exc:
                 self._reject(peer, exc)
-        # what the view now holds that it did not: the new records, and any leave that was
-        # waiting for its member's join and came in with it
+        # what the view now holds that it did not: the new records, and any record that was
+        # waiting for its anchor and came in with it
         new = sorted(self.view.records() - stored_before)
         for raw in new:
             self._store(raw, now_ms)
         members = self.view.members()
         if not new:
-            if env.sender not in members:
-                raise NotAMemberError(f"{peer} sent records but is not a member", peer=peer)
             return forget_actions
         actions = forget_actions + self._membership_changed()
         newcomers = [m.peer_id for pk, m in members.items()
@@ -238,30 +300,57 @@ class FederatedNode(Node):
             actions += self.introduce(newcomers, now_ms)
         return actions
 
+    def _admit_sender(self, peer: str, sender: bytes, records: list[bytes]) -> None:
+        """A bundle from a key that is not a member here: only its first joins and admissions
+        (the sender's credentials, see :meth:`MembershipView.credentials`) are looked at;
+        unless they make the sender a member, the bundle is refused whole."""
+        for raw in records[:MAX_CREDENTIALS]:  # a bundle opens with its sender's credentials
+            try:
+                if not is_forget_record(raw) and self.view.joiner_of(raw) is not None:
+                    self.view.add_bytes(raw)
+            except RemoteError as exc:
+                self._reject(peer, exc)
+        if not self.view.is_member(sender):
+            raise NotAMemberError(f"{peer} sent records but is not a member", peer=peer)
+
+    def _on_join_request(self, peer: str, env: Envelope, now_ms: int) -> list[Action]:
+        """A newcomer asks us to admit it (see :mod:`gossip.admission`)."""
+        admission = admit(self.view, self.identity, env, now_ms, self._seq.next())
+        if admission is None:  # a retry after an admission it has not heard of
+            return self.introduce([peer], now_ms)
+        raw = admission.to_bytes()
+        self.view.add_bytes(raw, now_ms=now_ms)
+        self._store(raw, now_ms)
+        log.info("admitted %s into %s", peer, self.view.genesis.name)
+        actions = self._membership_changed()
+        actions += [Broadcast(b) for b in self._bundle_envelopes([raw], now_ms)]
+        return actions + self.introduce([peer], now_ms)
+
     def _store(self, raw: bytes, now_ms: int) -> None:
         self.ledger.append(MEMBERSHIP_ENTRY, {"record": raw}, timestamp_ms=now_ms)
 
     def _bundle_envelopes(self, records: list[bytes], now_ms: int) -> list[bytes]:
+        head = self.view.credentials(self.identity.public_key)
         return [
             seal(self.identity, kind=RECORDS, federation_id=self.federation_id,
                  seq=self._seq.next(), timestamp_ms=now_ms, body=packb(group)).to_bytes()
-            for group in bundles(records)
+            for group in bundles(records, head)
         ]
 
     def _own_bundle_broadcast(self, now_ms: int) -> list[Action]:
-        me = self.identity.public_key
-        mine = [raw for raw in self.view.records()
-                if self.view.open(raw).sender == me]
+        mine = self.view.records_about(self.identity.public_key)
         mine += sorted(self.forgets.records())  # so that members who were away learn of them
         return [Broadcast(b) for b in self._bundle_envelopes(mine, now_ms)] if mine else []
 
     def _membership_changed(self) -> list[Action]:
         members = self.view.members()
+        self._member_ids = frozenset(m.peer_id for m in members.values())
         me = self.identity.public_key
         if me not in members:
             self.set_topology(nx.Graph(), {})
             self._connected = ()
             return []
+        self._next_join_try = None  # admitted
         keys = list(members)
         if set(keys) != self._member_keys:
             # a new member brings its own state: track consensus from this view on

@@ -3,7 +3,10 @@
 ``<home>/federation/genesis.bin`` holds the signed genesis; membership records live in the
 ledger (entry kind ``membership``); ``<home>/federation/bootstrap.txt`` lists the addresses an
 invite gave.  Invite tokens are ``p2pfed1.`` followed by base64url of
-``msgpack([genesis envelope, invite envelope])``: everything a newcomer needs, all of it signed.
+``msgpack([genesis envelope, invite envelope, ticket seed])``: everything a newcomer needs.  The
+ticket seed is the private half of the invite's one-time key: whoever holds the token can prove
+it, and nobody who only saw the invite inside a gossiped join can.  Treat a token as a password.
+A newcomer's join is kept in the ledger (``join-request``) until a member admits it.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from gossip.membership import (
     make_invite,
     make_join,
     open_genesis,
+    proof_message,
 )
-from p2pfed.federated import MEMBERSHIP_ENTRY, load_view_from_ledger
+from gossip.records import MAX_USES
+from p2pfed.federated import JOIN_REQUEST_ENTRY, MEMBERSHIP_ENTRY, load_view_from_ledger
 from p2pfed.ledger import Ledger
 
 TOKEN_PREFIX = "p2pfed1."
@@ -134,8 +139,10 @@ def create_federation(
 
 def make_invite_token(
     home: Path, identity: Identity, *, invitee: str | None, modules: list[str],
-    ttl_ms: int, bootstrap: list[str], now_ms: int,
+    ttl_ms: int, bootstrap: list[str], now_ms: int, uses: int = 1,
 ) -> str:
+    """A signed invite for one peer id (``invitee``) or, without one, for whoever holds the
+    token, at most ``uses`` times (each use admits one more member)."""
     store = FederationStore(home)
     genesis = store.genesis()
     if identity.public_key not in genesis.admins:
@@ -149,11 +156,18 @@ def make_invite_token(
         raise ConfigError(str(exc)) from exc
     if not bootstrap:
         raise ConfigError("an invite needs at least one bootstrap address (--bootstrap)")
+    if not 1 <= uses <= MAX_USES:
+        raise ConfigError(f"--uses must be between 1 and {MAX_USES}")
+    if invitee_key and uses != 1:
+        raise ConfigError("an invite for one peer id admits that peer only: leave out --uses")
+    if ttl_ms <= 0:
+        raise ConfigError("the invite's lifetime must be positive")
+    ticket = Identity.generate()
     invite = Invite(invitee_key, tuple(sorted(modules)), now_ms + ttl_ms, tuple(bootstrap),
-                    secrets.token_bytes(16))
+                    secrets.token_bytes(16), ticket.public_key, uses)
     seq = Sequencer(next_boot_epoch(home))
     env = make_invite(identity, genesis.federation_id, invite, now_ms, seq.next())
-    raw = packb([store.genesis_envelope(), env.to_bytes()])
+    raw = packb([store.genesis_envelope(), env.to_bytes(), ticket.seed])
     return TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -163,10 +177,12 @@ class ParsedInvite:
     genesis_envelope: bytes
     invite: Invite
     invite_envelope: bytes
+    ticket_seed: bytes
 
 
 def parse_invite_token(token: str) -> ParsedInvite:
-    """Decode and verify an invite token (signatures, admin, federation); not its expiry."""
+    """Decode and verify an invite token (signatures, admin, federation, ticket); not its
+    expiry."""
     token = token.strip()
     if not token.startswith(TOKEN_PREFIX) or len(token) > MAX_TOKEN_CHARS:
         raise ConfigError(f"not a p2pfed invite token (it should start with {TOKEN_PREFIX})")
@@ -176,9 +192,10 @@ def parse_invite_token(token: str) -> ParsedInvite:
         parts = unpackb(raw, max_bytes=len(raw))
     except (binascii.Error, ValueError, MalformedMessageError) as exc:
         raise ConfigError(f"the invite token is damaged: {exc}") from exc
-    if not isinstance(parts, list) or len(parts) != 2 or not all(
+    if not isinstance(parts, list) or len(parts) != 3 or not all(
             isinstance(p, bytes) for p in parts):
-        raise ConfigError("the invite token is damaged")
+        raise ConfigError("the invite token is damaged (or made by an older p2pfed: ask for a "
+                          "new one)")
     try:
         genesis, _ = open_genesis(parts[0])
         env = open_envelope(parts[1], federation_id=genesis.federation_id, now_ms=0,
@@ -188,7 +205,14 @@ def parse_invite_token(token: str) -> ParsedInvite:
         invite = Invite.from_body(env.body)
     except RemoteError as exc:
         raise ConfigError(f"the invite token does not verify: {exc}") from exc
-    return ParsedInvite(genesis, parts[0], invite, parts[1])
+    if invite.ticket:
+        try:
+            ticket = Identity.from_seed(parts[2])
+        except (ValueError, TypeError) as exc:
+            raise ConfigError("the invite token's ticket is damaged") from exc
+        if ticket.public_key != invite.ticket:
+            raise ConfigError("the invite token's ticket does not match its invite")
+    return ParsedInvite(genesis, parts[0], invite, parts[1], parts[2])
 
 
 def join_federation(
@@ -211,15 +235,20 @@ def join_federation(
             raise LocalError(f"{home} already belongs to another federation")
         epoch = store.view(ledger).latest_epoch(identity.public_key) + 1
     seq = Sequencer(next_boot_epoch(home))
-    join = make_join(identity, fid, Join(parsed.invite_envelope, tuple(sorted(modules)),
-                                         tuple(addresses), epoch), now_ms, seq.next())
+    proof = b""
+    if inv.ticket:
+        ticket = Identity.from_seed(parsed.ticket_seed)
+        proof = ticket.sign(proof_message(fid, identity.public_key, parsed.invite_envelope))
+    record = Join(parsed.invite_envelope, tuple(sorted(modules)), tuple(addresses), epoch, proof)
+    join = make_join(identity, fid, record, now_ms, seq.next())
     try:
-        MembershipView(parsed.genesis).add(join)
+        MembershipView(parsed.genesis).check_join(record, identity.public_key)
     except RemoteError as exc:
         raise LocalError(f"the federation would refuse this join: {exc}") from exc
     if not rejoining:
         store._store_genesis(parsed.genesis_envelope)
-    ledger.append(MEMBERSHIP_ENTRY, {"record": join.to_bytes()}, timestamp_ms=now_ms,
+    # a member admits it when the daemon first reaches one (see gossip.admission)
+    ledger.append(JOIN_REQUEST_ENTRY, {"record": join.to_bytes()}, timestamp_ms=now_ms,
                   durable=True)
     _write_atomic(store.directory / BOOTSTRAP_FILE,
                   ("\n".join(inv.bootstrap) + "\n").encode())

@@ -13,13 +13,14 @@ from gossip.membership import (
     Invite,
     Join,
     MembershipView,
+    make_admit,
     make_invite,
     make_join,
 )
 from gossip.transport.memory import MemoryNetwork
 from p2pfed.blobs import BlobStore
 from p2pfed.components import FlatComponent
-from p2pfed.federated import FederatedNode
+from p2pfed.federated import JOIN_REQUEST_ENTRY, FederatedNode
 from p2pfed.ledger import Ledger
 from p2pfed.node import NodeConfig
 from p2pfed.runtime.driver import NodeDriver
@@ -27,7 +28,11 @@ from p2pfed.runtime.driver import NodeDriver
 CATALOG = (ComponentSpec.from_name("backbone"), ComponentSpec.from_name("head.topic"))
 
 
-def build(n: int, holders: dict[str, list[int]]) -> list[FederatedNode]:
+def build(n: int, holders: dict[str, list[int]], *, admitted: bool = True,
+          ) -> list[FederatedNode]:
+    """n members; node 0 founded the federation.  With ``admitted`` each other node starts
+    with its admission by node 0 in its view; otherwise with only its join request, as
+    'p2pfed join' leaves it (node 0 then admits it when asked)."""
     ids = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(n)]
     genesis = Genesis("school-net", (ids[0].public_key,), CATALOG, 1000, 0)
     fed = genesis.federation_id
@@ -37,12 +42,19 @@ def build(n: int, holders: dict[str, list[int]]) -> list[FederatedNode]:
         mods = tuple(c for c, hs in holders.items() if i in hs)
         invite = b"" if i == 0 else make_invite(
             ids[0], fed, Invite(ident.public_key, (), 10**12, (), b"n"), 0, 1).to_bytes()
-        view.add(make_join(ident, fed, Join(invite, mods, (f"/memory/{i}",), 0), 0, 1))
+        join = make_join(ident, fed, Join(invite, mods, (f"/memory/{i}",), 0), 0, 1)
+        ledger = Ledger.open(None, ident)
+        if i == 0:
+            view.add(join)  # the founder
+        elif admitted:
+            view.add(make_admit(ids[0], fed, join.to_bytes(), 0, 1))
+        else:
+            ledger.append(JOIN_REQUEST_ENTRY, {"record": join.to_bytes()}, timestamp_ms=0)
         comps = {c: FlatComponent.from_params(
             ComponentSpec.from_name(c), {"w": torch.full((8,), float(i), dtype=torch.float64)})
             for c in mods}
         nodes.append(FederatedNode(
-            ident, fed, comps, Ledger.open(None, ident), BlobStore(None),
+            ident, fed, comps, ledger, BlobStore(None),
             NodeConfig(round_timeout_ms=2000, round_interval_ms=1000), view=view, degree=4))
     return nodes
 
@@ -77,7 +89,7 @@ async def run_federation(nodes: list[FederatedNode], seconds: float,
 
 
 def test_members_discover_each_other_and_agree() -> None:
-    nodes = build(5, {"backbone": [0, 1, 2, 3, 4], "head.topic": [1, 3, 4]})
+    nodes = build(5, {"backbone": [0, 1, 2, 3, 4], "head.topic": [1, 3, 4]}, admitted=False)
 
     async def main() -> None:
         await run_federation(nodes, 30.0)

@@ -40,6 +40,7 @@ from gossip.membership import (
     Join,
     Leave,
     MembershipView,
+    make_admit,
     make_invite,
     make_join,
     make_leave,
@@ -59,9 +60,12 @@ EXACT, FAST = ForgetMode.EXACT, ForgetMode.FAST
 def _view() -> MembershipView:
     """FOUNDER, A and B are members; C joined and left; D and IDLE left without joining."""
     view = MembershipView(GENESIS)
-    invite = make_invite(FOUNDER, FED, Invite(b"", (), 10_000, (), b"n"), 100, 1).to_bytes()
-    for who, inv in ((FOUNDER, b""), (A, invite), (B, invite), (C, invite)):
-        assert view.add(make_join(who, FED, Join(inv, ("backbone",), (), 0), 200, 1))
+    assert view.add(make_join(FOUNDER, FED, Join(b"", ("backbone",), (), 0), 200, 1))
+    for who in (A, B, C):
+        invite = make_invite(FOUNDER, FED, Invite(who.public_key, (), 10_000, (), b"n"), 100,
+                             1).to_bytes()
+        join = make_join(who, FED, Join(invite, ("backbone",), (), 0), 200, 1)
+        assert view.add(make_admit(FOUNDER, FED, join.to_bytes(), 200, 1))
     assert view.add(make_leave(C, FED, Leave(C.public_key, 0, "bye"), 300, 2))
     assert view.add(make_leave(ADMIN, FED, Leave(D.public_key, 0, "revoked"), 300, 1))
     assert view.add(make_leave(IDLE, FED, Leave(IDLE.public_key, 0, "never mind"), 300, 1))
