@@ -14,6 +14,7 @@ then (statefully, with :class:`ReplayGuard`) the per-sender sequence number.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -190,38 +191,44 @@ def open_envelope(
 
 
 class ReplayGuard:
-    """Per-sender anti-replay window (as in IPsec): accept each (sender, seq) at most once.
+    """Per-sender anti-replay window: accept each (sender, timestamp, seq) at most once.
 
-    Sequence numbers may arrive out of order within ``window``; anything older than the window
-    or already seen is a replay.  Memory is bounded: at most ``max_senders`` senders are tracked
-    (least recently active evicted) and at most ``window`` numbers per sender.
+    A sender's last ``window`` envelopes are remembered, ordered by their signed timestamp and
+    then their sequence number; an envelope already remembered, or older than every remembered
+    one once the window is full, is a replay.  Envelopes may arrive out of order within the
+    window.  Ordering by the signed time first is what keeps a member whose home was copied
+    (a second instance ran with a higher boot epoch, hence higher sequence numbers) or restored
+    from an older backup from being locked out: its fresh envelopes carry fresh times, so they
+    are accepted at once.  Envelopes older than the clock-skew limit never get here
+    (:func:`open_envelope` refuses them), so a replay cannot outlive the window by waiting.
+
+    Memory is bounded: at most ``max_senders`` senders (least recently active evicted) and at
+    most ``window`` entries per sender.
     """
 
     def __init__(self, window: int = 1024, max_senders: int = 4096) -> None:
         self.window = window
         self.max_senders = max_senders
-        self._state: OrderedDict[bytes, tuple[int, set[int]]] = OrderedDict()
+        self._state: OrderedDict[bytes, tuple[list[tuple[int, int]], set[tuple[int, int]]]] = \
+            OrderedDict()
 
-    def check(self, sender: bytes, seq: int) -> None:
-        """Raise :class:`ReplayedMessageError` unless ``seq`` is fresh; then remember it."""
-        highest, seen = self._state.get(sender, (-1, set()))
-        if seq <= highest - self.window or seq in seen:
+    def check(self, sender: bytes, seq: int, timestamp_ms: int = 0) -> None:
+        """Raise :class:`ReplayedMessageError` unless the envelope is fresh; then remember it."""
+        oldest, seen = self._state.get(sender, ([], set()))
+        key = (timestamp_ms, seq)
+        if key in seen or (len(seen) >= self.window and key <= oldest[0]):
             raise ReplayedMessageError(
-                f"sequence {seq} already seen or too old (highest {highest})",
+                f"sequence {seq} signed at {timestamp_ms} already seen or too old",
                 peer=peer_id_from_public_key(sender),
             )
-        seen.add(seq)
-        if seq > highest:
-            highest = seq
-            floor = highest - self.window
-            seen = {s for s in seen if s > floor}
-        self._state[sender] = (highest, seen)
+        heapq.heappush(oldest, key)
+        seen.add(key)
+        while len(seen) > self.window:
+            seen.discard(heapq.heappop(oldest))
+        self._state[sender] = (oldest, seen)
         self._state.move_to_end(sender)
         while len(self._state) > self.max_senders:
             self._state.popitem(last=False)
-
-    def highest(self, sender: bytes) -> int:
-        return self._state.get(sender, (-1, set()))[0]
 
 
 class Sequencer:

@@ -274,7 +274,7 @@ class FederatedNode(Node):
         stored_before = self.view.records()
         if self.is_member() and env.sender not in known_before:
             self._admit_sender(peer, env.sender, records)
-        self._replay.check(env.sender, env.seq)
+        self._replay.check(env.sender, env.seq, env.timestamp_ms)
         forget_actions: list[Action] = []
         for raw in records:
             try:

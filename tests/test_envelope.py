@@ -89,12 +89,32 @@ def test_replay_window_accepts_reordering_but_not_old() -> None:
     guard = ReplayGuard(window=4)
     key = Identity.generate().public_key
     for seq in (5, 3, 4, 10):
-        guard.check(key, seq)
+        guard.check(key, seq, 100)
     with pytest.raises(ReplayedMessageError):
-        guard.check(key, 6)  # 6 <= 10 - 4: outside the window
-    guard.check(key, 8)
+        guard.check(key, 2, 100)  # older than everything the full window remembers
     with pytest.raises(ReplayedMessageError):
-        guard.check(key, 8)
+        guard.check(key, 50, 99)  # a higher number does not help an older envelope
+    guard.check(key, 8, 100)  # out of order, inside the window
+    with pytest.raises(ReplayedMessageError):
+        guard.check(key, 8, 100)
+    with pytest.raises(ReplayedMessageError):
+        guard.check(key, 3, 100)  # fell out of the window: too old now
+
+
+def test_a_copied_home_does_not_lock_the_real_member_out() -> None:
+    """A copy ran with a higher boot epoch (higher sequence numbers), then stopped: the real
+    member's next envelopes, signed later, are accepted at once; a home restored from an
+    older backup (lower numbers again) too."""
+    guard = ReplayGuard(window=8)
+    key = Identity.generate().public_key
+    real, copy = Sequencer(3), Sequencer(4)
+    for t in range(10):
+        guard.check(key, real.next(), 1000 + t)
+        guard.check(key, copy.next(), 1000 + t)
+    guard.check(key, real.next(), 2000)  # the copy stopped: mixed again without a restart
+    guard.check(key, Sequencer(1).next(), 3000)  # restored from an old backup
+    with pytest.raises(ReplayedMessageError):
+        guard.check(key, copy.next(), 1005)  # but an old envelope of either stays refused
 
 
 def test_replay_guard_memory_is_bounded() -> None:
@@ -102,7 +122,7 @@ def test_replay_guard_memory_is_bounded() -> None:
     keys = [Identity.generate().public_key for _ in range(5)]
     for k in keys:
         for seq in range(100):
-            guard.check(k, seq)
+            guard.check(k, seq, seq)
     assert len(guard._state) == 3
     assert all(len(seen) <= 8 for _, seen in guard._state.values())
 
