@@ -1,10 +1,12 @@
-"""Micro-benchmarks of the data path: copy, mix, encode, decode, hash, sign, verify.
+"""Micro-benchmarks of the data path (copy, mix, encode, decode, hash, sign, verify) and of
+the daemon's cost at a long ledger (start-up, ``status``).
 
 :func:`run_bench` measures each step in one process (best of ``repeats`` with
 :func:`time.perf_counter`) and returns plain numbers, so the CLI or a report can print them.
 ``memcpy_gbps`` is the reference: mixing, encoding and decoding are meant to run near it.
 Big buffers are freed between sections to keep the peak near ``(neighbours + 2) * 4 * params``
-bytes (about 2 GB at the defaults).
+bytes (about 2 GB at the defaults).  :func:`run_ledger_bench` builds a node home whose ledger
+holds what a node writes over many rounds, then starts the real daemon on it.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -154,4 +159,134 @@ def run_bench(
     gc.collect()
     logger.info("bench: ed25519 sign/verify")
     results.update(bench_signatures(crypto_seconds))
+    return results
+
+
+# ---------------------------------------------------------------------------- long ledgers
+BENCH_LISTEN = "/ip4/127.0.0.1/tcp/0"
+_APPEND_BATCH = 2000
+
+
+def _round_entries(name: str, rnd: int, peers: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """What a node training and mixing ``name`` writes in one round (checkpoints aside)."""
+    state, lineage = digest(b"%d" % rnd), sorted(peers)
+    out: list[tuple[str, dict[str, Any]]] = [("local-update", {
+        "component": name, "round": rnd, "digest": state, "start": digest(state),
+        "lineage": lineage, "epoch": 0})]
+    out += [("contribution", {"sender": p, "component": name, "round": rnd,
+                              "digest": digest(p.encode() + state), "weight": 0.2,
+                              "lineage": lineage, "noise": 0.0}) for p in peers]
+    out.append(("mix", {"component": name, "round": rnd, "self_weight": 0.2,
+                        "inputs": [[p, 0.2, digest(p.encode() + state)] for p in peers],
+                        "missing": [], "lineage": lineage, "epoch": 0, "rule": "mh"}))
+    return out
+
+
+def build_bench_home(home: Path, entries: int, *, neighbours: int = 4) -> Any:
+    """A member's home whose ledger holds about ``entries`` entries of the kinds a node writes.
+
+    Per round and held component: a local update, one contribution per neighbour and a mix;
+    every few rounds a checkpoint whose blob is really stored (start-up loads the newest).
+    Appended in large transactions (as fast as the ledger allows); returns the config.
+    """
+    from gossip.identity import create_identity
+    from p2pfed.blobs import BlobStore
+    from p2pfed.config import Config
+    from p2pfed.fedstore import create_federation
+    from p2pfed.home import BLOBS_DIR, KEY_FILE, LEDGER_FILE
+    from p2pfed.ledger import Ledger
+    from p2pfed.runtime.daemon import CHECKPOINT_EVERY
+
+    config = Config().with_overrides(node__listen=(BENCH_LISTEN,), rounds__interval_s=3600.0,
+                                     rounds__timeout_s=3600.0)
+    identity = create_identity(home / KEY_FILE)
+    peers = [Identity.generate().peer_id for _ in range(neighbours)]
+    blobs = BlobStore(home / BLOBS_DIR, fsync=False)
+    names = list(config.components.hold)
+    with Ledger.open(home / LEDGER_FILE, identity, timestamp_ms=1) as ledger:
+        create_federation(home, identity, ledger, name="bench", catalog=names, modules=names,
+                          addresses=[], round_period_ms=1000, now_ms=1)
+        pending: list[tuple[str, dict[str, Any], int]] = []
+        rnd = 0
+        while len(ledger) + len(pending) < entries:
+            rnd += 1
+            for name in names:
+                pending += [(k, b, rnd) for k, b in _round_entries(name, rnd, peers)]
+                if rnd % CHECKPOINT_EVERY == 0:
+                    flat = torch.full((config.components.dim,), float(rnd))
+                    key = blobs.put_tensors({"flat": flat}, {"component": name,
+                                                             "round": str(rnd)})
+                    pending.append(("checkpoint", {"component": name, "round": rnd,
+                                                   "digest": key, "lineage": sorted(peers),
+                                                   "radius": 0.0}, rnd))
+            if len(pending) >= _APPEND_BATCH:
+                ledger.append_many(pending)
+                pending = []
+        ledger.append_many(pending)
+    return config
+
+
+def _daemon_figures(home: Path, config: Any, statuses: int) -> tuple[float, float]:
+    """(seconds from start to READY, CPU seconds of the cheapest of ``statuses`` status calls)
+    of the real daemon started on ``home``."""
+    import trio
+
+    from gossip.transport import libp2p  # noqa: F401  (imported once, outside the timing)
+    from p2pfed.runtime.control import SOCKET_NAME, request
+    from p2pfed.runtime.daemon import Daemon
+    from p2pfed.runtime.systemd import Notifier
+
+    figures: dict[str, float] = {}
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            start = time.perf_counter()
+            await nursery.start(Daemon(home, config, Notifier({})).run)
+            figures["startup"] = time.perf_counter() - start
+            best = float("inf")
+            for _ in range(statuses):
+                cpu = time.process_time()
+                await trio.to_thread.run_sync(request, home / SOCKET_NAME, "status")
+                best = min(best, time.process_time() - cpu)
+            figures["status"] = best
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+    return figures["startup"], figures["status"]
+
+
+def run_ledger_bench(entries: int = 100_000, *, statuses: int = 3) -> dict[str, float]:
+    """Start-up and ``status`` of the daemon at a ledger of ``entries`` entries.
+
+    ``ledger_verify_s_<n>k``: CPU seconds to verify every entry (what each ``status`` and each
+    start-up cost before the verified mark; ``p2pfed ledger verify`` still does it);
+    ``startup_s_<n>k``: seconds from starting the daemon to READY (the ledger verified up to
+    its mark, as after a clean stop); ``status_s_<n>k``: CPU seconds of one ``status`` over
+    the control socket; ``startup_s_new``: the same start-up at a new member's ledger.
+    """
+    from gossip.identity import load_identity
+    from p2pfed.home import KEY_FILE, LEDGER_FILE
+    from p2pfed.ledger import Ledger
+
+    if entries < 10:
+        raise ValueError("the ledger bench needs at least 10 entries")
+    tag = f"{entries // 1000}k" if entries >= 1000 else str(entries)
+    results: dict[str, float] = {"ledger_entries": float(entries)}
+    with tempfile.TemporaryDirectory(prefix="p2pfed-bench-") as tmp:
+        fresh = Path(tmp) / "new"
+        fresh.mkdir(mode=0o700)
+        results["startup_s_new"] = _daemon_figures(fresh, build_bench_home(fresh, 10), 1)[0]
+        home = Path(tmp) / "long"
+        home.mkdir(mode=0o700)
+        logger.info("bench: building a ledger of %d entries", entries)
+        config = build_bench_home(home, entries)
+        with Ledger.open(home / LEDGER_FILE, load_identity(home / KEY_FILE)) as ledger:
+            cpu = time.process_time()
+            report = ledger.verify_new()  # every entry: the ledger was never verified
+            results[f"ledger_verify_s_{tag}"] = time.process_time() - cpu
+            results["ledger_entries"] = float(report.entries)
+        logger.info("bench: starting the daemon on it")
+        startup, status = _daemon_figures(home, config, statuses)
+        results[f"startup_s_{tag}"] = startup
+        results[f"status_s_{tag}"] = status
     return results

@@ -3,6 +3,8 @@
 Payloads are stored exactly as they travel (the :mod:`p2pfed.codec` format); checkpoints are
 safetensors files (never pickle).  Writes are atomic (temporary file in the same directory,
 fsync, rename) and reads re-check the digest, so a corrupt file is reported, never used.
+Files are 0600 and folders 0700 whatever the umask (opening a store tightens the folders of an
+older one); a full disk raises :class:`~p2pfed.home.DiskFullError`.
 
 With ``root=None`` the store keeps blobs in a dict (simulations); its bytes are immutable, so
 reads skip the digest check there.
@@ -24,7 +26,7 @@ from safetensors.torch import save as st_save
 
 from gossip.envelope import DIGEST_BYTES, digest
 from gossip.errors import LocalError, StorageError
-from p2pfed.home import fsync_dir
+from p2pfed.home import PRIVATE_DIR, PRIVATE_FILE, fsync_dir, make_private, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,12 @@ class BlobStore:
         if root is not None:
             try:
                 root.mkdir(parents=True, exist_ok=True)
+                make_private(root, PRIVATE_DIR)  # closes every blob below it to others
+                for shard in root.iterdir():  # at most 256 folders, whatever the blob count
+                    if _is_shard(shard.name) and shard.is_dir():
+                        make_private(shard, PRIVATE_DIR)
             except OSError as exc:
-                raise StorageError(f"cannot create blob store {root}: {exc}") from exc
+                raise storage_error(exc, f"cannot create blob store {root}") from exc
 
     def __repr__(self) -> str:
         return f"BlobStore({self.root if self.root is not None else 'memory'})"
@@ -89,7 +95,7 @@ class BlobStore:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise StorageError(f"cannot stat blob file {target}: {exc}") from exc
+            raise storage_error(exc, f"cannot stat blob file {target}") from exc
         self._write(target, data)
         return key
 
@@ -99,9 +105,11 @@ class BlobStore:
         try:
             if not directory.is_dir():
                 directory.mkdir(parents=True, exist_ok=True)
+                os.chmod(directory, PRIVATE_DIR)
                 if self.fsync and self.root is not None:
                     fsync_dir(self.root)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX)  # created 0600
+            os.fchmod(fd, PRIVATE_FILE)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -112,7 +120,7 @@ class BlobStore:
             if self.fsync:
                 fsync_dir(directory)
         except OSError as exc:
-            raise StorageError(f"cannot write blob file {target}: {exc}") from exc
+            raise storage_error(exc, f"cannot write blob file {target}") from exc
         finally:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)

@@ -103,14 +103,22 @@ def federation_create(
 
 def invite(
     home: HomeOpt = None,
-    for_peer: Annotated[str | None, typer.Option("--for", help="Only this peer id may use it.")]
-    = None,
+    for_peer: Annotated[str | None, typer.Option(
+        "--for", help="Only this peer id may use it (recommended: the newcomer's 'p2pfed init' "
+        "prints it).")] = None,
     module: Annotated[list[str] | None, typer.Option(help="Allowed module (repeat).")] = None,
     ttl_hours: Annotated[float, typer.Option(min=0.01, max=24 * 365)] = 24.0,
+    uses: Annotated[int, typer.Option(
+        min=1, max=10_000, help="How many institutions may join with it (default: one).")] = 1,
     bootstrap: Annotated[list[str] | None, typer.Option(help="Address to give (repeat).")]
     = None,
 ) -> None:
-    """Print a signed, expiring invite token (admins only)."""
+    """Print a signed, expiring, single-use invite token (admins only).
+
+    The token is a secret: whoever holds it can join (once, or --uses times).  A member admits
+    the newcomer when its daemon first reaches one; the invite's expiry is checked by that
+    member's clock.
+    """
     from p2pfed.fedstore import make_invite_token
     from p2pfed.runtime.control import SOCKET_NAME, ControlUnavailableError, request
 
@@ -124,7 +132,8 @@ def invite(
         except ControlUnavailableError:
             addrs = _addresses(config, identity.peer_id)
     token = make_invite_token(root, identity, invitee=for_peer, modules=list(module or []),
-                              ttl_ms=int(ttl_hours * 3600_000), bootstrap=addrs, now_ms=_now_ms())
+                              ttl_ms=int(ttl_hours * 3600_000), bootstrap=addrs, now_ms=_now_ms(),
+                              uses=uses)
     print(token)
 
 
@@ -142,8 +151,9 @@ def join(
         parsed = join_federation(root, identity, ledger, token,
                                  modules=list(config.components.hold),
                                  addresses=_addresses(config, identity.peer_id), now_ms=_now_ms())
-    out.print(f"joined [bold]{parsed.genesis.name}[/bold]; bootstrap peers: "
-              f"{len(parsed.invite.bootstrap)}. Start the daemon with: p2pfed run")
+    out.print(f"ready to join [bold]{parsed.genesis.name}[/bold] ({identity.peer_id}); "
+              f"bootstrap peers: {len(parsed.invite.bootstrap)}. Start the daemon with "
+              "'p2pfed run': a member admits this node when the daemon first reaches one")
 
 
 def run(home: HomeOpt = None) -> None:
@@ -263,7 +273,7 @@ def export(
 
     root, config = _load(home)
     identity = load_identity(root / KEY_FILE)
-    with Ledger.open(root / LEDGER_FILE, identity) as ledger:
+    with Ledger.open(root / LEDGER_FILE, identity, create=False) as ledger:
         forgotten = {e.body["target"] for e in ledger.entries(FORGET_ENTRY)}
         found = latest_clean_checkpoints(ledger.entries("checkpoint"), forgotten).get(component)
         if found is None:

@@ -10,6 +10,7 @@ from gossip.errors import (
     RemoteError,
     StorageError,
 )
+from p2pfed.home import MissingStateError
 
 OK = 0
 FAILURE = 1  # any other P2PFedError
@@ -17,8 +18,9 @@ USAGE = 2  # wrong command-line arguments (click's convention)
 CONFIG = 3  # invalid configuration or topology file
 KEY_FILE = 4  # missing, corrupt or unsafe identity key
 LEDGER_BROKEN = 5  # ledger verification found a bad entry
-STORAGE = 6  # ledger or blob store unreadable
+STORAGE = 6  # ledger or blob store unreadable or unwritable (a full disk included)
 REMOTE = 7  # a peer refused or misbehaved and the command could not finish
+STATE_MISSING = 8  # a file the node's other state needs is gone (a member's ledger)
 INTERRUPTED = 130
 
 
@@ -28,6 +30,7 @@ def for_error(exc: P2PFedError) -> int:
         (ConfigError, CONFIG),
         (KeyFileError, KEY_FILE),
         (LedgerIntegrityError, LEDGER_BROKEN),
+        (MissingStateError, STATE_MISSING),
         (StorageError, STORAGE),
         (RemoteError, REMOTE),
     )

@@ -45,6 +45,7 @@ from gossip.errors import (
     MalformedMessageError,
     NotAMemberError,
     RemoteError,
+    StorageError,
 )
 from gossip.identity import Identity
 from p2pfed.blobs import BlobStore
@@ -67,8 +68,8 @@ from p2pfed.unlearning import (
     UNLEARNED_ENTRY,
     Contribution,
     contributions,
-    latest_clean_checkpoints,
     own_updates,
+    restore_candidates,
     rollback_round,
 )
 
@@ -496,19 +497,47 @@ class Node:
             if e.kind == FORGET_ENTRY:
                 self._forgotten.add(e.body["target"])
                 self.epoch = max(self.epoch, e.body["epoch"])
-        latest = {name: found for name, found in latest_clean_checkpoints(
-            self.ledger.entries("checkpoint"), self._forgotten).items() if name in self._states}
-        for name, (_index, body) in latest.items():
-            self._load_checkpoint(name, body)
-        if self.config.privacy:  # privacy spent is never given back
-            for entry in self.ledger.entries("local-update"):
-                dp, st = entry.body.get("dp"), self._states.get(entry.body.get("component", ""))
-                if dp is not None and st is not None:
-                    st.releases = max(st.releases, dp["releases"])
+        latest = self._restore_checkpoints()
+        spent = set(self.config.privacy) & set(self._states)
+        for entry in self.ledger.entries("local-update", reverse=True) if spent else ():
+            dp, name = entry.body.get("dp"), entry.body.get("component", "")
+            if dp is not None and name in spent:  # the newest release counts them all
+                st = self._states[name]
+                st.releases = max(st.releases, dp["releases"])  # (never given back)
+                spent.discard(name)
+                if not spent:
+                    break
         for e in forgets:
             if e.kind == FORGET_ENTRY and e.body["target"] not in done:
                 self._resume_forget(e.index, e.body, latest)
         return {name: body["round"] for name, (_i, body) in latest.items()}
+
+    def _restore_checkpoints(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        """Load, per component, the newest clean checkpoint whose blob reads correctly.
+
+        Reads the ledger newest first and stops once every component is loaded.  A damaged
+        blob is skipped (with a warning) for the checkpoint before it."""
+        latest: dict[str, tuple[int, dict[str, Any]]] = {}
+        damaged: set[str] = set()
+        for index, body in restore_candidates(self.ledger.entries("checkpoint", reverse=True),
+                                              self._forgotten, self._states):
+            name = body["component"]
+            if name in latest:
+                continue
+            try:
+                self._load_checkpoint(name, body)
+            except StorageError as exc:
+                log.warning("checkpoint of %s at round %s (ledger entry %d) is damaged, "
+                            "trying an older one: %s", name, body.get("round"), index, exc)
+                damaged.add(name)
+                continue
+            latest[name] = (index, body)
+            if len(latest) == len(self._states):
+                break
+        if damaged - latest.keys():
+            raise StorageError(f"no checkpoint of {', '.join(sorted(damaged - latest.keys()))} "
+                               "reads correctly (see the warnings above)")
+        return latest
 
     def _load_checkpoint(self, name: str, body: Mapping[str, Any]) -> None:
         st = self._states[name]
@@ -696,8 +725,12 @@ class Node:
             return []
         self._started = True
         if self.config.keep_payloads:  # a clean state to roll back to, should a member go
-            have = {e.body.get("component") for e in self.ledger.entries("checkpoint")}
-            missing = [c for c in self._states if c not in have]
+            missing = set(self._states)
+            # newest first, so that a long ledger is read only until every component has one
+            for e in self.ledger.entries("checkpoint", reverse=True):
+                missing.discard(e.body.get("component", ""))
+                if not missing:
+                    break
             if missing:
                 self.checkpoint(now_ms, missing)
         actions: list[Action] = []
@@ -919,7 +952,7 @@ class Node:
             if ann.epoch > self.epoch:  # the sender applied a forget we have not seen yet
                 self._early.append((peer, data))
             return []  # an older epoch may carry a forgotten member's influence
-        self._replay.check(env.sender, env.seq)
+        self._replay.check(env.sender, env.seq, env.timestamp_ms)
         if ann.size > self.config.max_payload_bytes:
             raise BadPayloadError(f"announced payload of {ann.size} bytes is over the cap")
         actions: list[Action] = []
@@ -962,6 +995,11 @@ class Node:
     ) -> list[Action]:
         st = self._states.get(name)
         rec = st.inbox.get((round_, peer)) if st is not None else None
+        if st is not None and rec is None and round_ < st.round:
+            # fetched in time, but the round ended before it came: late, not the sender's fault
+            log.debug("dropping a late payload for %s round %d from %s (now at round %d)",
+                      name, round_, peer[-8:], st.round)
+            return []
         if st is None or rec is None or rec.announcement.digest != dig:
             raise BadPayloadError(f"unsolicited payload for {name} round {round_}", peer=peer)
         if len(data) > rec.announcement.size:

@@ -20,7 +20,7 @@ that ``p2pfed ledger verify`` runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,20 @@ def latest_clean_checkpoints(
         if entry.kind == "checkpoint" and is_clean(body.get("lineage", ()), forgotten):
             latest[body["component"]] = (entry.index, body)
     return latest
+
+
+def restore_candidates(
+    newest_first: Iterable[LedgerEntry], forgotten: Iterable[str], components: Iterable[str],
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Checkpoints of ``components`` free of every forgotten member, as (ledger index, body),
+    in the order given (newest first: a caller that stops once it has loaded one checkpoint
+    per component reads only the recent end of the ledger, and can skip a damaged one)."""
+    forgotten, components = set(forgotten), set(components)
+    for entry in newest_first:
+        body = entry.body
+        if (entry.kind == "checkpoint" and body.get("component") in components
+                and is_clean(body.get("lineage", ()), forgotten)):
+            yield entry.index, body
 
 
 def rollback_round(

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
-from p2pfed.bench import bench_layout, run_bench
+from gossip.identity import load_identity
+from p2pfed.bench import bench_layout, build_bench_home, run_bench, run_ledger_bench
+from p2pfed.blobs import BlobStore
+from p2pfed.ledger import Ledger, verify_ledger
 
 KEYS = {
     "memcpy_gbps",
@@ -40,3 +44,29 @@ def test_bench_layout_covers_params() -> None:
 def test_bench_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError):
         run_bench(mix_params=0)
+
+
+def test_bench_home_holds_a_verifiable_ledger_of_a_nodes_kinds(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    config = build_bench_home(home, 500)
+    ident = load_identity(home / "identity.key")
+    assert verify_ledger(home / "ledger.sqlite3", ident.public_key).ok
+    with Ledger.open(home / "ledger.sqlite3", ident) as ledger:
+        assert len(ledger) >= 500
+        kinds = {e.kind for e in ledger.entries()}
+        last = ledger.last("checkpoint")
+        assert last is not None
+        blob = BlobStore(home / "blobs").get_tensors(last.body["digest"])["flat"]
+    assert {"local-update", "contribution", "mix", "checkpoint", "membership"} <= kinds
+    assert blob.numel() == config.components.dim
+
+
+@pytest.mark.network
+def test_ledger_bench_reports_startup_and_status() -> None:
+    result = run_ledger_bench(300, statuses=1)
+    assert set(result) == {"ledger_entries", "ledger_verify_s_300", "startup_s_new",
+                           "startup_s_300", "status_s_300"}
+    assert all(math.isfinite(v) and v >= 0 for v in result.values())
+    assert result["ledger_entries"] >= 300
+    with pytest.raises(ValueError):
+        run_ledger_bench(5)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from gossip.envelope import digest
 from gossip.errors import StorageError
 from p2pfed.blobs import BlobStore
+from p2pfed.home import DiskFullError
 
 
 @pytest.mark.parametrize("on_disk", [True, False])
@@ -140,3 +144,36 @@ def test_views_of_one_buffer_and_in_memory_tensors() -> None:
     assert flat.tolist() == list(map(float, range(10)))  # caller's tensors untouched
     with pytest.raises(StorageError, match="safetensors"):
         store.get_tensor_metadata(store.put(b"\xff" * 4))
+
+
+def test_blob_files_and_folders_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    old = os.umask(0)
+    try:
+        store = BlobStore(root)
+        key = store.put(b"private payload")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.path(key).parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.path(key).stat().st_mode) == 0o600
+    # a store from before: its folders are tightened when it is opened again
+    os.chmod(root, 0o755)
+    os.chmod(store.path(key).parent, 0o755)
+    BlobStore(root)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.path(key).parent.stat().st_mode) == 0o700
+
+
+def test_a_full_disk_is_a_storage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = BlobStore(tmp_path / "blobs")
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(DiskFullError, match="disk is full") as info:
+        store.put(b"does not fit")
+    assert isinstance(info.value, StorageError)
+    monkeypatch.undo()
+    assert len(store) == 0 and not any(p.is_file() for p in (tmp_path / "blobs").rglob("*"))

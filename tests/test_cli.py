@@ -119,3 +119,32 @@ def test_unlearn_without_a_daemon_says_so(tmp_path: Path,
     assert "no daemon is running" in capsys.readouterr().err
     assert main(["unlearn", "12D3KooWx", "--mode", "slow", "--home",
                  str(tmp_path)]) == exitcodes.USAGE
+
+
+def test_storage_errors_have_their_exit_codes() -> None:
+    from gossip.errors import LedgerIntegrityError, StorageError
+    from p2pfed.home import DiskFullError, MissingStateError
+
+    assert exitcodes.for_error(DiskFullError("full")) == exitcodes.STORAGE
+    assert exitcodes.for_error(StorageError("unreadable")) == exitcodes.STORAGE
+    assert exitcodes.for_error(MissingStateError("gone")) == exitcodes.STATE_MISSING
+    assert exitcodes.for_error(LedgerIntegrityError(3, "edited")) == exitcodes.LEDGER_BROKEN
+    codes = [exitcodes.OK, exitcodes.FAILURE, exitcodes.USAGE, exitcodes.CONFIG,
+             exitcodes.KEY_FILE, exitcodes.LEDGER_BROKEN, exitcodes.STORAGE, exitcodes.REMOTE,
+             exitcodes.STATE_MISSING, exitcodes.INTERRUPTED]
+    assert len(set(codes)) == len(codes)
+
+
+def test_other_os_errors_are_not_taken_for_a_full_disk(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    from p2pfed.runtime.daemon import Daemon
+
+    home = tmp_path / "home"
+    assert main(["init", "--home", str(home)]) == 0
+
+    async def fails(_self: Daemon, **_kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Daemon, "run", fails)
+    with pytest.raises(PermissionError):
+        main(["run", "--home", str(home)])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
+import stat
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from gossip.envelope import digest, packb
 from gossip.errors import LedgerIntegrityError, LocalError, StorageError
 from gossip.identity import Identity, verify_signature
+from p2pfed.home import DiskFullError, MissingStateError
 from p2pfed.ledger import CHECKPOINT, CONTRIBUTION, MIX, OPEN, Ledger, verify_ledger
 
 
@@ -326,3 +329,144 @@ def test_a_deleted_ledger_is_recreated_unless_its_wal_holds_data(tmp_path: Path)
         path.unlink()  # deleted while the WAL still holds entries
         with pytest.raises(StorageError, match="write-ahead log"):
             Ledger.open(path, ident)
+
+
+# ---------------------------------------------------------------------- incremental verification
+def test_verify_new_reads_only_what_came_after_the_mark(
+        ledger_path: tuple[Path, Identity]) -> None:
+    path, ident = ledger_path
+    with Ledger.open(path, ident) as ledger:
+        first = ledger.verify_new()  # never verified: every entry
+        assert first.ok and first.entries == 10 and first.checked == 10
+        assert ledger.verified == 10 and ledger.verify_new().checked == 0
+        ledger.append_many([("mix", {"round": r}, r) for r in range(3)])
+        again = ledger.verify_new()
+        assert again.ok and again.entries == 13 and again.checked == 3
+    with Ledger.open(path, ident) as ledger:  # the mark was stored, signed
+        assert ledger.verified == 13
+        assert ledger.verify_new().checked == 0 and ledger.problem is None
+
+
+def test_an_edit_below_the_mark_is_left_to_the_full_verification(
+        ledger_path: tuple[Path, Identity]) -> None:
+    path, ident = ledger_path
+    with Ledger.open(path, ident) as ledger:
+        assert ledger.verify_new().ok
+    _sql(path, "UPDATE entries SET ts = ts + 1 WHERE idx = 3")
+    with Ledger.open(path, ident) as ledger:
+        report = ledger.verify_new()
+        assert report.ok and report.checked == 0  # entry 3 is not read again
+    full = verify_ledger(path, ident.public_key)  # ... but 'p2pfed ledger verify' finds it
+    assert not full.ok and full.first_bad_index == 3
+
+
+def test_an_edit_above_the_mark_is_found_and_kept(ledger_path: tuple[Path, Identity]) -> None:
+    path, ident = ledger_path
+    with Ledger.open(path, ident) as ledger:
+        assert ledger.verify_new().ok
+        for r in range(4):
+            ledger.append("mix", {"round": r}, timestamp_ms=r)
+    _sql(path, "UPDATE entries SET ts = ts + 1 WHERE idx = 11")
+    with Ledger.open(path, ident) as ledger:
+        report = ledger.verify_new()
+        assert not report.ok and report.first_bad_index == 11 and "edited" in report.reason
+        assert ledger.problem == report and ledger.verified == 11
+        assert ledger.verify_new() == report  # kept until the ledger is reopened
+
+
+def test_the_entry_under_the_mark_is_checked_once(ledger_path: tuple[Path, Identity]) -> None:
+    path, ident = ledger_path
+    with Ledger.open(path, ident) as ledger:
+        assert ledger.verify_new().ok
+        ledger.append("mix", {"round": 1}, timestamp_ms=1)
+    _sql(path, "UPDATE entries SET ts = ts + 1 WHERE idx = 9")
+    with Ledger.open(path, ident) as ledger:
+        report = ledger.verify_new()
+    assert not report.ok and report.first_bad_index == 9
+
+
+def test_a_forged_mark_means_verifying_everything(ledger_path: tuple[Path, Identity]) -> None:
+    path, ident = ledger_path
+    with Ledger.open(path, ident) as ledger:
+        assert ledger.verify_new().ok
+    last = sqlite3.connect(path).execute("SELECT entry_hash FROM entries WHERE idx = 9")
+    forged = packb([10, last.fetchone()[0], Identity.generate().sign(b"mark")])
+    _sql(path, f"UPDATE meta SET value = x'{forged.hex()}' WHERE key = 'verified'")
+    with Ledger.open(path, ident) as ledger:
+        assert ledger.verified == 0
+        assert ledger.verify_new().checked == 10
+
+
+def test_entries_verified_once_and_cut_off_are_found(tmp_path: Path) -> None:
+    ident = Identity.generate()
+    path = tmp_path / "l.sqlite3"
+    with Ledger.open(path, ident) as ledger:
+        ledger.append("mix", {"round": 1}, timestamp_ms=1)
+        head_at_2 = sqlite3.connect(path).execute(
+            "SELECT value FROM meta WHERE key = 'head'").fetchone()[0]
+        ledger.append_many([("mix", {"round": r}, r) for r in range(2, 6)])
+        assert ledger.verify_new().entries == 6
+    # the tail cut and an old, genuinely signed head put back: only the mark can tell
+    _sql(path, "DELETE FROM entries WHERE idx >= 2",
+         f"UPDATE meta SET value = x'{head_at_2.hex()}' WHERE key = 'head'")
+    with Ledger.open(path, ident) as ledger:
+        report = ledger.verify_new()
+    assert not report.ok and report.first_bad_index == 2 and "gone" in report.reason
+
+
+def test_append_many_is_all_or_nothing() -> None:
+    ledger = Ledger.open(None, Identity.generate())
+    with pytest.raises(LocalError):
+        ledger.append_many([("mix", {"round": 1}, 1), ("mix", {"bad": object()}, 2)])
+    assert len(ledger) == 1
+    entries = ledger.append_many([("mix", {"round": r}, r) for r in range(5)])
+    assert [e.index for e in entries] == [1, 2, 3, 4, 5] and ledger.append_many([]) == []
+    assert entries[-1].entry_hash == ledger.head_hash and ledger.verify().ok
+
+
+def test_entries_newest_first_by_kind_across_batches() -> None:
+    ledger = Ledger.open(None, Identity.generate())
+    ledger.append_many([(MIX if i % 3 else CHECKPOINT, {"round": i}, i) for i in range(1200)])
+    assert [e.index for e in ledger.entries(reverse=True)] == list(range(1200, -1, -1))
+    assert [e.body["round"] for e in ledger.entries(CHECKPOINT, reverse=True)] \
+        == list(range(1197, -1, -3))
+    assert [e.index for e in ledger.entries(MIX, start=1195, reverse=True)] \
+        == [1200, 1199, 1197, 1196]
+
+
+# ---------------------------------------------------------------------- files and full disks
+def test_ledger_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    ident = Identity.generate()
+    path = tmp_path / "ledger.sqlite3"
+    old = os.umask(0)
+    try:
+        with Ledger.open(path, ident) as ledger:
+            ledger.append("mix", {}, timestamp_ms=1)
+            for name in ("ledger.sqlite3", "ledger.sqlite3-wal", "ledger.sqlite3-shm"):
+                assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o644)  # a ledger from before: tightened when opened
+    Ledger.open(path, ident).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_missing_ledger_is_refused_when_asked(tmp_path: Path) -> None:
+    with pytest.raises(MissingStateError, match="no ledger"):
+        Ledger.open(tmp_path / "ledger.sqlite3", Identity.generate(), create=False)
+    assert not (tmp_path / "ledger.sqlite3").exists()
+
+
+def test_a_full_disk_is_a_storage_error_and_the_ledger_stays_intact(tmp_path: Path) -> None:
+    ident = Identity.generate()
+    path = tmp_path / "ledger.sqlite3"
+    with Ledger.open(path, ident) as ledger:
+        pages = ledger._conn.execute("PRAGMA page_count").fetchone()[0]
+        ledger._conn.execute(f"PRAGMA max_page_count = {pages + 1}")  # as if the disk filled
+        with pytest.raises(DiskFullError, match="disk is full"):
+            for r in range(1000):
+                ledger.append("mix", {"round": r, "pad": b"x" * 2000}, timestamp_ms=r)
+        count = len(ledger)
+    assert isinstance(DiskFullError("x"), StorageError)
+    report = verify_ledger(path, ident.public_key)
+    assert report.ok and report.entries == count

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import networkx as nx
 import pytest
 import torch
@@ -14,11 +18,12 @@ from gossip.errors import (
     MalformedMessageError,
     NotAMemberError,
     ReplayedMessageError,
+    StorageError,
 )
 from gossip.identity import Identity
 from p2pfed.blobs import BlobStore
 from p2pfed.components import FlatComponent
-from p2pfed.ledger import Ledger
+from p2pfed.ledger import Ledger, LedgerEntry
 from p2pfed.node import (
     ANNOUNCE,
     Announce,
@@ -246,3 +251,80 @@ def test_checkpoints_restore_state_and_round() -> None:
     assert fresh.restore() == {"backbone": 3}
     assert torch.equal(value(fresh), value(a)) and fresh.round_of("backbone") == 3
     assert fresh.lineage_of("backbone") == a.lineage_of("backbone")
+
+
+def test_a_late_payload_is_dropped_quietly_but_an_unsolicited_one_is_refused() -> None:
+    a, b = make_node(0.0), make_node(4.0)
+    wire([a, b], [(0, 1)])
+    for n in (a, b):
+        n.set_round_limit(2, 0)
+    a.start(0)
+    announce = next(x for x in b.start(0) if isinstance(x, Announce))
+    fetch = next(x for x in a.receive(b.peer_id, announce.data, 0) if isinstance(x, Fetch))
+    assert any(isinstance(x, RoundCompleted) for x in a.tick(TIMEOUT))  # mixed without b
+    assert a.round_of("backbone") == 1
+    data = b.serve_payload(fetch.digest)
+    assert data is not None
+    # b answered, just too late: not its fault
+    assert a.payload_received(b.peer_id, "backbone", 0, fetch.digest, data, TIMEOUT) == []
+    assert a.rejected == {}
+    # a payload for the current round that was never asked for is still refused
+    assert _rejected(a.payload_received(b.peer_id, "backbone", 1, fetch.digest, data,
+                                        TIMEOUT)) is BadPayloadError
+    assert a.rejected == {"bad-payload": 1}
+
+
+def _checkpointing_node(tmp_path: Path, ident: Identity | None = None,
+                        ledger: Ledger | None = None) -> Node:
+    ident = ident or Identity.generate()
+    comp = FlatComponent.from_params(ComponentSpec.from_name("backbone"),
+                                     {"w": torch.zeros(4, dtype=torch.float64)})
+    return Node(ident, FED, {"backbone": comp}, ledger or Ledger.open(None, ident),
+                BlobStore(tmp_path / "blobs"), NodeConfig(round_timeout_ms=TIMEOUT))
+
+
+def _checkpoint_at(node: Node, round_: int, fill: float) -> bytes:
+    value(node).fill_(fill)
+    node.fast_forward(round_)
+    return bytes(node.checkpoint(round_)["backbone"]["digest"])
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_newest_clean_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    node = _checkpointing_node(tmp_path)
+    for rnd in (5, 10, 15):
+        newest = _checkpoint_at(node, rnd, float(rnd))
+    node.blobs.path(newest).write_bytes(b"bit rot" * 10)
+    fresh = _checkpointing_node(tmp_path, node.identity, node.ledger)
+    with caplog.at_level("WARNING", logger="p2pfed.node"):
+        assert fresh.restore() == {"backbone": 10}
+    assert torch.equal(value(fresh), torch.full((4,), 10.0, dtype=torch.float64))
+    assert "round 15" in caplog.text and "damaged" in caplog.text
+    for key in [e.body["digest"] for e in node.ledger.entries("checkpoint")]:
+        node.blobs.delete(key)
+    with pytest.raises(StorageError, match="no checkpoint of backbone"):
+        _checkpointing_node(tmp_path, node.identity, node.ledger).restore()
+
+
+def test_restore_and_start_read_only_the_end_of_a_long_ledger(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = _checkpointing_node(tmp_path)
+    for rnd in range(0, 200, 5):
+        _checkpoint_at(node, rnd, float(rnd))
+        node.ledger.append_many([("mix", {"component": "backbone", "round": rnd + i}, rnd)
+                                 for i in range(40)])
+    assert len(node.ledger) > 1600
+    fresh = _checkpointing_node(tmp_path, node.identity, node.ledger)
+    read: list[int] = []
+    entries = fresh.ledger.entries
+
+    def counting(*args: Any, **kwargs: Any) -> Iterator[LedgerEntry]:
+        for entry in entries(*args, **kwargs):
+            read.append(entry.index)
+            yield entry
+
+    monkeypatch.setattr(fresh.ledger, "entries", counting)
+    assert fresh.restore() == {"backbone": 195}
+    fresh.set_round_limit(196, 0)
+    fresh.start(0)  # (it looks for a checkpoint of every component too)
+    assert len(read) <= 4

@@ -25,7 +25,12 @@ from p2pfed.node import Node, NodeConfig, status_of
 from p2pfed.sim.education import EducationSettings
 from p2pfed.sim.simulator import SimConfig, Simulation, simulate
 from p2pfed.sim.topology import load_topology
-from p2pfed.unlearning import FORGET_ENTRY, UNLEARNED_ENTRY, check_unlearning
+from p2pfed.unlearning import (
+    FORGET_ENTRY,
+    UNLEARNED_ENTRY,
+    check_unlearning,
+    restore_candidates,
+)
 from tests.test_federated import build, start_federation
 from tests.test_node import deliver
 
@@ -357,3 +362,18 @@ def test_clipped_gossip_keeps_its_radius_in_checkpoints_for_restarts_and_rollbac
     assert again._states["backbone"].radius == 0.0
     assert again.restore() == {"backbone": 4}
     assert again._states["backbone"].radius == radius
+
+
+def test_restore_candidates_are_clean_checkpoints_newest_first() -> None:
+    def cp(index: int, component: str, lineage: list[str]) -> LedgerEntry:
+        return LedgerEntry(index, "checkpoint", 0, {"component": component, "round": index,
+                                                    "lineage": lineage}, b"", b"", b"")
+
+    newest_first = [cp(9, "backbone", ["a", "t"]), cp(8, "head.topic", ["a"]),
+                    LedgerEntry(7, "mix", 0, {"component": "backbone"}, b"", b"", b""),
+                    cp(6, "backbone", ["a"]), cp(5, "other", []), cp(4, "backbone", [])]
+    got = list(restore_candidates(newest_first, {"t"}, ["backbone", "head.topic"]))
+    assert [(i, b["component"]) for i, b in got] == [
+        (8, "head.topic"), (6, "backbone"), (4, "backbone")]  # 9 holds forgotten t
+    lazy = restore_candidates(iter(newest_first), set(), ["backbone"])
+    assert next(lazy)[0] == 9  # a generator: the caller stops reading when it has enough

@@ -3,6 +3,11 @@
 Request: one JSON object per line, ``{"cmd": "status"}``; reply: ``{"ok": true, "result": ...}``
 or ``{"ok": false, "error": "..."}``.  The CLI (``p2pfed status``, ``peers``, ``leave``) is the
 usual client; anything that can write to the socket (only its owner can) may use it.
+
+Each connection is its own error boundary: whatever a request or its handler raises (a request
+nested too deeply to parse, a bug in a handler) is answered with an error reply and logged with
+its traceback, never fatal to the daemon.  Cancellation and ``KeyboardInterrupt`` still go
+through.
 """
 
 from __future__ import annotations
@@ -73,21 +78,33 @@ def _remove(path: Path) -> None:
 
 async def _serve_one(stream: trio.abc.Stream, handlers: dict[str, Handler]) -> None:
     async with stream:
-        buf = bytearray()
         try:
-            with trio.fail_after(10):
-                while b"\n" not in buf:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        return
-                    buf += chunk
-                    if len(buf) > MAX_REQUEST_BYTES:
-                        await _reply(stream, {"ok": False, "error": "request too large"})
-                        return
-        except trio.TooSlowError:
-            return
-        line = bytes(buf.split(b"\n", 1)[0])
-        await _reply(stream, await _dispatch(line, handlers))
+            line = await _read_line(stream)
+            if line is None:
+                return
+            reply = _encode(await _dispatch(line, handlers))
+        except Exception:  # the boundary: one bad request never stops the daemon
+            log.exception("control request failed")
+            reply = _encode({"ok": False, "error": "internal error (see the daemon's log)"})
+        await _send(stream, reply)
+
+
+async def _read_line(stream: trio.abc.Stream) -> bytes | None:
+    """The request line, or None when the client went away, stalled or sent too much."""
+    buf = bytearray()
+    try:
+        with trio.fail_after(10):
+            while b"\n" not in buf:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return None
+                buf += chunk
+                if len(buf) > MAX_REQUEST_BYTES:
+                    await _send(stream, _encode({"ok": False, "error": "request too large"}))
+                    return None
+    except (trio.TooSlowError, trio.BrokenResourceError):
+        return None
+    return bytes(buf.split(b"\n", 1)[0])
 
 
 async def _dispatch(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]:
@@ -95,6 +112,8 @@ async def _dispatch(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]
         request = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {"ok": False, "error": "request is not JSON"}
+    except RecursionError:
+        return {"ok": False, "error": "request is not JSON (nested too deeply)"}
     if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
         return {"ok": False, "error": "request needs a 'cmd' string"}
     handler = handlers.get(request["cmd"])
@@ -107,9 +126,13 @@ async def _dispatch(line: bytes, handlers: dict[str, Handler]) -> dict[str, Any]
         return {"ok": False, "error": str(exc)}
 
 
-async def _reply(stream: trio.abc.Stream, reply: dict[str, Any]) -> None:
+def _encode(reply: dict[str, Any]) -> bytes:
+    return json.dumps(reply).encode() + b"\n"
+
+
+async def _send(stream: trio.abc.Stream, data: bytes) -> None:
     try:
-        await stream.send_all(json.dumps(reply).encode() + b"\n")
+        await stream.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         log.debug("control client went away before the reply")
 
