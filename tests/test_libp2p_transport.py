@@ -133,6 +133,7 @@ async def test_control_fetch_and_refusals() -> None:
             await raw2.write(struct.pack(">I", 10) + b"abc")
             await raw2.close()
             await eventually(lambda: b.stats.rejected == 2)
+            assert b.stats.strikes == 2 and not b.banned(a.peer_id)  # 2 of the 5 it takes
             await a.send(b.peer_id, b"still there?")
             assert await b.incoming.receive() == (a.peer_id, b"still there?")
             assert b.stats.received == 2

@@ -13,6 +13,11 @@ import trio
 
 #: Answers a fetch by key (a payload digest); None when the key is unknown.
 PayloadServer = Callable[[bytes], bytes | None]
+#: Says whether a peer id belongs to a current member.  Called often (each inbound stream,
+#: each GossipSub recipient): keep it a cheap lookup.
+PeerPolicy = Callable[[str], bool]
+#: Says whether a broadcast record may be accepted and relayed: (origin peer id, bytes).
+RecordValidator = Callable[[str, bytes], bool]
 
 
 class Transport(Protocol):
@@ -27,6 +32,26 @@ class Transport(Protocol):
         ...
 
     def set_payload_server(self, server: PayloadServer) -> None: ...
+
+    def set_peer_policy(self, is_member: PeerPolicy | None) -> None:
+        """Treat peers for which ``is_member`` is False as strangers (None: everyone is a member).
+
+        Strangers may send control messages within a small budget of their own (a joiner sends
+        its join request that way), get no payloads and receive no broadcast records.
+        """
+        ...
+
+    def set_record_validator(self, validate: RecordValidator | None) -> None:
+        """Accept (deliver and relay) only the broadcast records ``validate`` accepts."""
+        ...
+
+    def membership_changed(self) -> None:
+        """The policy's answers changed: apply them to open connections now."""
+        ...
+
+    def misbehaved(self, peer: str, reason: str) -> None:
+        """Count input no honest peer sends against ``peer``; enough cut it off for a while."""
+        ...
 
     async def send(self, peer: str, data: bytes) -> None:
         """Deliver a small control message; raises PeerUnreachableError."""

@@ -2,27 +2,27 @@
 
 Wire protocols, all over Noise-encrypted Yamux streams (never Mplex):
 
-* ``/p2pfed/control/1`` — one control message per stream: a frame (4-byte big-endian length,
-  at most 64 KiB, then the bytes).  The receiver reads exactly one frame, queues it and closes
-  the stream; the sender waits for that close, so a reset (refused frame) is an error.
-* ``/p2pfed/payload/1`` — fetch by digest: the client sends a 32-byte key and the 8-byte
-  largest size it accepts; the server answers a status byte (0 ok, 1 not found, 2 too large),
-  an 8-byte length and the raw bytes.  The length is checked before the body is read, and the
-  body is read into one preallocated buffer.
+* ``/p2pfed/control/1`` and ``/p2pfed/payload/1``, one message or fetch per stream (see
+  :mod:`gossip.transport.wire`).
 * GossipSub on one topic per transport (strict signing, a validator that refuses records over
-  64 KiB) for small signed records to every member.
+  64 KiB and those the record validator refuses) for small signed records to every member.
+
+Trust boundary: with a peer policy set (:meth:`Libp2pTransport.set_peer_policy`), strangers may
+open a connection and send control messages within a small budget of their own (a joiner sends
+its join request that way); they fetch no payload, learn no topic and receive no record
+(:mod:`gossip.transport.pubsub_guard`).  Every peer's resources are bounded: streams per
+connection and per peer, bytes buffered per stream (:mod:`gossip.transport.yamux_guard`
+enforces the receive windows py-libp2p only logs), log lines per peer.  Peers that keep
+violating the protocols are disconnected and refused for a while (:mod:`gossip.transport.guard`).
 
 Failure boundaries: py-libp2p raises a wide variety of exceptions, some as exception groups,
 so every call into it is wrapped here.  A failed exchange with a peer becomes a
 :class:`~gossip.errors.PeerUnreachableError` (or :class:`~gossip.errors.OversizedMessageError`)
-for that peer; a misbehaving remote (oversized frame, short read, too many streams) is logged,
-counted and dropped; neither ever stops the host.  ``trio.Cancelled`` always propagates.
+for that peer; a misbehaving remote is logged (a few lines per peer), counted and dropped;
+neither ever stops the host.  ``trio.Cancelled`` always propagates.
 
-Memory is bounded: frames and records are capped, payloads are capped by the caller's
-``max_bytes`` before anything is allocated, inbound streams are capped per peer and in total,
-the inbox drops new messages when full, and the set of wanted peers is capped.
-
-The host is closed inside ``host.run()`` (otherwise its listening sockets leak).
+The host is closed inside ``host.run()`` and before py-libp2p's tasks are cancelled (otherwise
+its sockets leak: the listener's, and every connection's).
 """
 
 from __future__ import annotations
@@ -30,136 +30,54 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
-import struct
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 import multiaddr
 import trio
-from libp2p import new_host
-from libp2p.crypto.ed25519 import Ed25519PrivateKey
-from libp2p.crypto.keys import KeyPair
-from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
-from libp2p.pubsub.pubsub import Pubsub
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12
 from libp2p.tools.anyio_service import background_trio_service
 
-from gossip.errors import (
-    LocalError,
-    OversizedMessageError,
-    PeerUnreachableError,
-    RemoteError,
-)
+from gossip.errors import LocalError, OversizedMessageError, PeerUnreachableError
 from gossip.identity import Identity
-from gossip.transport.base import PayloadServer
-from gossip.transport.framing import (
-    MAX_FRAME_BYTES,
-    encode_frame,
-    read_exact,
-    read_frame,
-    read_into,
+from gossip.transport.base import PayloadServer, PeerPolicy, RecordValidator
+from gossip.transport.dialer import Dialer, backoff_delay, split_p2p_addr
+from gossip.transport.framing import encode_frame
+from gossip.transport.guard import PeerGuard
+from gossip.transport.host import libp2p_key_pair, mdns_discovery, new_libp2p_host, sole_exception
+from gossip.transport.limits import Limits, TransportStats
+from gossip.transport.pubsub_guard import MembersOnlyGossipSub, MembersOnlyPubsub
+from gossip.transport.wire import (
+    CONTROL_PROTOCOL,
+    KEY_BYTES,
+    MAX_CONTROL_BYTES,
+    PAYLOAD_PROTOCOL,
+    Handlers,
+    Stream,
+    fetch_payload,
+    send_control,
 )
 
 if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own types
     from trio_typing import TaskStatus
 
+__all__ = [
+    "CONTROL_PROTOCOL", "MAX_CONTROL_BYTES", "PAYLOAD_PROTOCOL", "Libp2pTransport", "Limits",
+    "TransportStats", "backoff_delay", "libp2p_key_pair", "split_p2p_addr",
+]
+
 log = logging.getLogger(__name__)
 
-
-def _reattach_libp2p_logging() -> None:
-    """Let py-libp2p's warnings reach the application's handlers again.
-
-    ``import libp2p`` clears the handlers of its ``libp2p`` logger and turns propagation off
-    (unless ``LIBP2P_DEBUG`` is set, when it installs handlers of its own).  Its level stays at
-    WARNING, so only what matters propagates to the handlers configured at the entry point.
-    """
-    if not os.environ.get("LIBP2P_DEBUG"):
-        logging.getLogger("libp2p").propagate = True
-        # sets its own level to INFO and logs its state every 30 s
-        logging.getLogger("libp2p.network.auto_connector").setLevel(logging.NOTSET)
-        # logs every failed dial at ERROR, several times; the dial loop here logs it once
-        logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
-
-
-_reattach_libp2p_logging()
-
-CONTROL_PROTOCOL = TProtocol("/p2pfed/control/1")
-PAYLOAD_PROTOCOL = TProtocol("/p2pfed/payload/1")
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
-MAX_CONTROL_BYTES = MAX_FRAME_BYTES
-KEY_BYTES = 32
-PAYLOAD_REQUEST = struct.Struct(">32sQ")
-PAYLOAD_RESPONSE = struct.Struct(">BQ")
-STATUS_OK, STATUS_NOT_FOUND, STATUS_TOO_LARGE = 0, 1, 2
-#: How often the dial loop re-checks connections when nothing else wakes it.
-RECHECK_S = 1.0
-#: Best-effort time given to closing or resetting a stream after an error.
-CLEANUP_S = 1.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Timeouts, caps and tuning of one transport."""
-
-    connect_timeout_s: float = 10.0
-    control_timeout_s: float = 15.0
-    fetch_timeout_s: float = 300.0
-    inbound_streams_per_peer: int = 16
-    inbound_streams_total: int = 256
-    max_wanted_peers: int = 1024
-    max_concurrent_dials: int = 8
-    backoff_min_s: float = 0.5
-    backoff_max_s: float = 60.0
-    #: Bytes handed to one ``stream.write`` when serving a payload.  Yamux cuts them into
-    #: 64 KiB frames anyway; fewer, larger writes save per-call overhead.  Measured here (64 MB,
-    #: two processes, MB/s): 64 KiB ~115, 256 KiB ~150, 1 MiB ~160, 4 MiB ~169, 16 MiB ~169.
-    write_chunk: int = 4 << 20
-    #: GossipSub: the most records a peer may forward on the topic per second.
-    max_records_per_second: float = 50.0
-
-
-@dataclass
-class TransportStats:
-    """Counters of one transport (read by tests and metrics)."""
-
-    sent: int = 0
-    received: int = 0
-    #: messages lost because the inbox was full
-    dropped: int = 0
-    #: inbound streams refused: oversized or short frames, too many streams, bad requests
-    rejected: int = 0
-    broadcasts_sent: int = 0
-    broadcasts_received: int = 0
-    fetches: int = 0
-    fetch_bytes: int = 0
-    served: int = 0
-    served_bytes: int = 0
-    dial_failures: int = 0
-
-
-def backoff_delay(attempt: int, rng: random.Random, *, base_s: float, cap_s: float) -> float:
-    """Capped exponential backoff with jitter: in [d/2, d] for d = min(cap, base * 2**attempt)."""
-    delay = min(cap_s, base_s * math.pow(2.0, min(attempt, 62)))
-    return delay / 2 + rng.uniform(0.0, delay / 2)
-
-
-def libp2p_key_pair(identity: Identity) -> KeyPair:
-    """The libp2p host key of ``identity`` (same ed25519 key, same peer id)."""
-    private = Ed25519PrivateKey.from_bytes(identity.seed)
-    return KeyPair(private, private.get_public_key())
+#: Best-effort time given to closing a peer's connections, or the host's.
+DISCONNECT_S = CLOSE_S = 5.0
+#: Bounds on starting the host, and on stopping it (closing it included).
+STARTUP_S, STOP_S = 30.0, 10.0
 
 
 def _peer_id(peer: str) -> ID:
@@ -167,65 +85,6 @@ def _peer_id(peer: str) -> ID:
         return ID.from_base58(peer)
     except Exception as exc:  # base58 and multihash raise assorted errors
         raise PeerUnreachableError(f"not a peer id: {peer!r}", peer=peer) from exc
-
-
-def split_p2p_addr(addr: str) -> tuple[str, str]:
-    """``/ip4/.../tcp/N/p2p/<id>`` -> (peer id, transport address); ValueError otherwise."""
-    base, sep, peer = addr.rpartition("/p2p/")
-    if not sep or not peer or "/" in peer:
-        raise ValueError(f"address {addr!r} does not end in /p2p/<peer id>")
-    return peer, base
-
-
-def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception inside (possibly nested) single-member groups, else None."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return None
-        exc = exc.exceptions[0]
-    return exc
-
-
-class _Stream:
-    """A libp2p stream seen through the few calls used here (the untyped surface stays here).
-
-    ``read`` returns ``b""`` at end of stream (py-libp2p raises an EOFError subclass instead).
-    """
-
-    def __init__(self, raw: Any) -> None:
-        self._raw = raw
-
-    @property
-    def peer(self) -> str:
-        return str(self._raw.muxed_conn.peer_id)
-
-    async def read(self, n: int) -> bytes:
-        try:
-            data: bytes = await self._raw.read(n)
-        except EOFError:
-            return b""
-        return data
-
-    async def write(self, data: bytes | memoryview) -> None:
-        await self._raw.write(data)
-
-    async def close_write(self) -> None:
-        await self._raw.close_write()
-
-    async def close(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_S):
-            try:
-                await self._raw.close()
-            except Exception as exc:  # closing a broken stream fails in many ways
-                log.debug("closing a stream failed: %r", exc)
-
-    async def reset(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_S):
-            try:
-                await self._raw.reset()
-            except Exception as exc:
-                log.debug("resetting a stream failed: %r", exc)
 
 
 class Libp2pTransport:
@@ -243,27 +102,26 @@ class Libp2pTransport:
         inbox_size: int = 1024,
         seed: int | None = None,
         mdns: bool = False,
-        limits: Limits = Limits(),
+        limits: Limits | None = None,
     ) -> None:
         self.identity = identity
         self.topic = topic
-        self.limits = limits
+        self.limits = limits = limits or Limits()
         self.stats = TransportStats()
+        self._guard = PeerGuard(limits, self.stats, local_peer=identity.peer_id)
         self._listen = list(listen_addrs)
         self._mdns = mdns
         self._send_inbox, self._recv_inbox = trio.open_memory_channel[tuple[str, bytes]](
             inbox_size
         )
         self._server: PayloadServer | None = None
-        self._rng = random.Random(seed)
         self._host: Any = None
-        self._pubsub: Any = None
-        self._inbound: Counter[str] = Counter()
-        self._wanted: dict[str, tuple[str, ...]] = {}
-        self._attempts: dict[str, int] = {}
-        self._next_dial: dict[str, float] = {}
-        self._dialing: set[str] = set()
-        self._wake = trio.Event()
+        self._pubsub: MembersOnlyPubsub | None = None
+        self._nursery: trio.Nursery | None = None
+        self._outbound: dict[str, trio.CapacityLimiter] = {}
+        self._dialer = Dialer(identity.peer_id, limits, self.stats, random.Random(seed),
+                              connect=self._connect, connected=self.connected_peers,
+                              remember=self._remember, banned=self._guard.banned)
         self._context: contextlib.AbstractAsyncContextManager[Self] | None = None
         self._active = False
 
@@ -284,6 +142,42 @@ class Libp2pTransport:
     def set_payload_server(self, server: PayloadServer) -> None:
         self._server = server
 
+    def set_peer_policy(self, is_member: PeerPolicy | None) -> None:
+        """Treat peers for which ``is_member(peer id)`` is False as strangers.
+
+        Strangers may connect and send control messages within their own small budget (a
+        joiner sends its join request that way); they fetch no payload, learn no topic and
+        receive no record.  None (the default) counts every peer as a member.  Call
+        :meth:`membership_changed` when the answers change.
+        """
+        self._guard.set_policy(is_member)
+        self.membership_changed()
+
+    def set_record_validator(self, validate: RecordValidator | None) -> None:
+        """Accept (deliver and relay) only the records ``validate(origin, data)`` accepts.
+
+        It runs for every record received on the topic (not for this node's own), before
+        GossipSub relays it: keep it quick.  A peer whose own records keep failing it, or a
+        stranger relaying any, is disconnected and refused for a while.
+        """
+        self._guard.set_record_validator(validate)
+
+    def membership_changed(self) -> None:
+        """Open pubsub streams to new members and stop gossiping with former ones, now."""
+        self._dialer.wake()
+
+    def misbehaved(self, peer: str, reason: str) -> None:
+        """The node refused input no honest peer sends (``reason``, an error code) from ``peer``.
+
+        Counted with the transport's own strikes: enough within a window disconnect the peer
+        and refuse it for a while.
+        """
+        self._guard.strike(peer, f"sent what the node refused ({reason})")
+
+    def banned(self, peer: str) -> bool:
+        """Whether ``peer`` is refused for misbehaving, for now."""
+        return self._guard.banned(peer)
+
     def listen_addrs(self) -> list[str]:
         """Full listening addresses, ``.../p2p/<peer id>``; empty when not running."""
         if self._host is None:
@@ -302,11 +196,7 @@ class Libp2pTransport:
         try:
             with trio.fail_after(self.limits.control_timeout_s):
                 async with self._stream(peer, CONTROL_PROTOCOL) as stream:
-                    await stream.write(frame)
-                    await stream.close_write()
-                    if await stream.read(1):
-                        raise PeerUnreachableError(f"{peer} answered a control message",
-                                                   peer=peer)
+                    await send_control(stream, frame)
         except PeerUnreachableError:
             raise
         except Exception as exc:  # py-libp2p's errors, groups of them, trio.TooSlowError
@@ -331,31 +221,13 @@ class Libp2pTransport:
         try:
             with trio.fail_after(self.limits.fetch_timeout_s):
                 async with self._stream(peer, PAYLOAD_PROTOCOL) as stream:
-                    await stream.write(PAYLOAD_REQUEST.pack(key, max_bytes))
-                    await stream.close_write()
-                    head = await read_exact(stream, PAYLOAD_RESPONSE.size)
-                    status, size = PAYLOAD_RESPONSE.unpack(head)
-                    if status == STATUS_NOT_FOUND:
-                        raise PeerUnreachableError(
-                            f"{peer} does not have {key.hex()[:12]}", peer=peer
-                        )
-                    if status == STATUS_TOO_LARGE or (status == STATUS_OK and size > max_bytes):
-                        raise OversizedMessageError(
-                            f"payload of {size} bytes from {peer} exceeds the cap of "
-                            f"{max_bytes}", peer=peer,
-                        )
-                    if status != STATUS_OK:
-                        raise PeerUnreachableError(
-                            f"{peer} answered an unknown status {status}", peer=peer
-                        )
-                    buf = bytearray(size)
-                    await read_into(stream, buf)
+                    buf = await fetch_payload(stream, key, max_bytes)
         except (PeerUnreachableError, OversizedMessageError):
             raise
         except Exception as exc:  # truncated stream, libp2p errors, timeout
             raise PeerUnreachableError(f"cannot fetch from {peer}: {exc!r}", peer=peer) from exc
         self.stats.fetches += 1
-        self.stats.fetch_bytes += size
+        self.stats.fetch_bytes += len(buf)
         return buf
 
     async def broadcast(self, data: bytes) -> None:
@@ -385,42 +257,23 @@ class Libp2pTransport:
 
     def want_peer(self, peer: str, addrs: Sequence[str]) -> None:
         """Keep a connection to ``peer`` at ``addrs`` (transport addresses, no /p2p/ part)."""
-        if peer == self.peer_id:
-            return
-        if peer not in self._wanted and len(self._wanted) >= self.limits.max_wanted_peers:
-            log.warning("not keeping a connection to %s: already %d wanted peers",
-                        peer, len(self._wanted))
-            return
-        self._wanted[peer] = tuple(addrs)
-        self._remember(peer, self._wanted[peer])
-        self._wake.set()
+        self._dialer.want(peer, addrs)
 
     def drop_peer(self, peer: str) -> None:
         """Stop keeping a connection to ``peer`` (an open connection stays until it closes)."""
-        self._wanted.pop(peer, None)
-        self._attempts.pop(peer, None)
-        self._next_dial.pop(peer, None)
+        self._dialer.drop(peer)
 
     def set_wanted_peers(self, peers: dict[str, tuple[str, ...]]) -> None:
         """Keep connections to exactly these peers (reconnecting with backoff)."""
-        for peer in set(self._wanted) - set(peers):
-            self.drop_peer(peer)
-        for peer, addrs in peers.items():
-            self.want_peer(peer, addrs)
+        self._dialer.set_wanted(peers)
 
     def add_bootstrap(self, addrs: Sequence[str]) -> list[str]:
         """Want the peers of these ``.../p2p/<id>`` addresses (an invite's); their peer ids."""
-        found: dict[str, list[str]] = {}
-        for addr in addrs:
-            try:
-                peer, base = split_p2p_addr(addr)
-            except ValueError:
-                log.warning("ignoring bootstrap address %r without /p2p/<peer id>", addr)
-                continue
-            found.setdefault(peer, []).append(base)
-        for peer, bases in found.items():
-            self.want_peer(peer, tuple(dict.fromkeys(bases + list(self._wanted.get(peer, ())))))
-        return sorted(p for p in found if p != self.peer_id)
+        return self._dialer.add_bootstrap(addrs)
+
+    @property
+    def _wanted(self) -> dict[str, tuple[str, ...]]:
+        return self._dialer.wanted
 
     # ----------------------------------------------------------------------- running
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -435,7 +288,7 @@ class Libp2pTransport:
         try:
             await self._run_host(task_status)
         except BaseExceptionGroup as group:
-            sole = _sole_exception(group)
+            sole = sole_exception(group)
             if sole is None:
                 raise
             raise sole from sole.__cause__
@@ -443,53 +296,82 @@ class Libp2pTransport:
             self._active = False
 
     async def _run_host(self, task_status: TaskStatus[None]) -> None:
-        key_pair = libp2p_key_pair(self.identity)
-        addrs = [multiaddr.Multiaddr(a) for a in self._listen]
-        host = new_host(
-            key_pair=key_pair,
-            sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(
-                key_pair, noise_privkey=new_x25519_key_pair().private_key
-            )},
-            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
-            listen_addrs=addrs,
-            enable_mDNS=self._mdns,
-        )
-        host.set_stream_handler(CONTROL_PROTOCOL, self._on_control)
-        host.set_stream_handler(PAYLOAD_PROTOCOL, self._on_payload)
-        router = GossipSub(
+        host, pubsub, router = self._new_host()
+        stopping = trio.Event()
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(self._serve, host, pubsub, router, stopping)
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                stopping.set()
+
+    async def _serve(self, host: Any, pubsub: MembersOnlyPubsub, router: MembersOnlyGossipSub,
+                     stopping: trio.Event, *,
+                     task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the host until ``stopping``, then close it before cancelling its tasks.
+
+        Shielded: cancelled from outside, py-libp2p's tasks would drop their connections
+        without closing the sockets, and ``host.close()`` would find nothing left to close.
+        """
+        started = False
+        with trio.CancelScope(shield=True) as shield:
+            shield.deadline = trio.current_time() + STARTUP_S
+            addrs = [multiaddr.Multiaddr(a) for a in self._listen]
+            async with host.run(listen_addrs=addrs):
+                try:
+                    if not host.get_addrs():  # py-libp2p logs a failed listen and carries on
+                        raise LocalError(f"cannot listen on {', '.join(self._listen)}")
+                    async with background_trio_service(pubsub), \
+                            background_trio_service(router):
+                        await pubsub.wait_until_ready()
+                        subscription = await pubsub.subscribe(self.topic)
+                        async with trio.open_nursery() as nursery:
+                            self._host, self._pubsub, self._nursery = host, pubsub, nursery
+                            self._guard.on_ban = self._on_ban
+                            for peer, wanted in self._dialer.wanted.items():
+                                self._remember(peer, wanted)
+                            nursery.start_soon(self._receive_records, subscription)
+                            nursery.start_soon(self._dialer.run, self._sync_members)
+                            with self._discovery():
+                                log.info("libp2p host %s listening on %s",
+                                         self.peer_id, ", ".join(self.listen_addrs()))
+                                shield.deadline = math.inf
+                                task_status.started()
+                                started = True
+                                await stopping.wait()
+                            shield.deadline = trio.current_time() + STOP_S
+                            nursery.cancel_scope.cancel()
+                finally:
+                    self._host = self._pubsub = self._nursery = self._guard.on_ban = None
+                    with trio.move_on_after(CLOSE_S):
+                        try:
+                            await host.close()  # inside host.run(), or the sockets leak
+                        except Exception as exc:
+                            log.warning("closing the libp2p host failed: %r", exc)
+        if not started:
+            raise LocalError(f"the libp2p host did not start within {STARTUP_S:.0f} s")
+
+    def _new_host(self) -> tuple[Any, MembersOnlyPubsub, MembersOnlyGossipSub]:
+        """A host with the guarded muxer, the two protocols and members-only GossipSub."""
+        host = new_libp2p_host(self.identity, self._listen, mdns=self._mdns, guard=self._guard)
+        handlers = Handlers(self._guard, self.limits, self.stats,
+                            deliver=self._deliver, lookup=self._lookup)
+        host.set_stream_handler(CONTROL_PROTOCOL, handlers.on_control)
+        host.set_stream_handler(PAYLOAD_PROTOCOL, handlers.on_payload)
+        router = MembersOnlyGossipSub(
+            is_member=self._is_member_id,
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
             degree=6, degree_low=4, degree_high=12, heartbeat_interval=1,
             max_messages_per_topic_per_second=self.limits.max_records_per_second,
             # all members may share one address (a lab, or loopback): no IP diversity rule
             eclipse_protection_enabled=False,
         )
-        pubsub = Pubsub(host, router, strict_signing=True)
+        pubsub = MembersOnlyPubsub(host, router, strict_signing=True,
+                                   allowed_topics=[self.topic],
+                                   on_stranger_record=self._stranger_record)
         pubsub.set_topic_validator(self.topic, self._validate_record, False)
-        async with host.run(listen_addrs=addrs):
-            try:
-                if not host.get_addrs():  # py-libp2p logs a failed listen and carries on
-                    raise LocalError(f"cannot listen on {', '.join(self._listen)}")
-                async with background_trio_service(pubsub), background_trio_service(router):
-                    await pubsub.wait_until_ready()
-                    subscription = await pubsub.subscribe(self.topic)
-                    async with trio.open_nursery() as nursery:
-                        self._host, self._pubsub = host, pubsub
-                        for peer, wanted in self._wanted.items():
-                            self._remember(peer, wanted)
-                        nursery.start_soon(self._receive_records, subscription)
-                        nursery.start_soon(self._keep_connected)
-                        with self._discovery():
-                            log.info("libp2p host %s listening on %s",
-                                     self.peer_id, ", ".join(self.listen_addrs()))
-                            task_status.started()
-                            await trio.sleep_forever()
-            finally:
-                self._host = self._pubsub = None
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    try:
-                        await host.close()  # inside host.run(), or the sockets leak
-                    except Exception as exc:
-                        log.warning("closing the libp2p host failed: %r", exc)
+        return host, pubsub, router
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[Self]:
@@ -502,7 +384,7 @@ class Libp2pTransport:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # the body's own error comes back wrapped by the nursery: hand it back as raised
-            sole = _sole_exception(group)
+            sole = sole_exception(group)
             if sole is None:
                 raise
             raise sole from sole.__cause__
@@ -519,18 +401,29 @@ class Libp2pTransport:
 
     # ----------------------------------------------------------------------- internals
     @asynccontextmanager
-    async def _stream(self, peer: str, protocol: TProtocol) -> AsyncIterator[_Stream]:
-        """A new stream to ``peer`` (dialing if needed): closed on success, reset on error."""
+    async def _stream(self, peer: str, protocol: TProtocol) -> AsyncIterator[Stream]:
+        """A new stream to ``peer`` (dialing if needed): closed on success, reset on error.
+
+        At most ``outbound_streams_per_peer`` at once, so a burst waits its turn rather than
+        running into the peer's cap of inbound streams.
+        """
         host = self._host
         if host is None:
             raise PeerUnreachableError("the host is not running", peer=peer)
-        stream = _Stream(await host.new_stream(_peer_id(peer), [protocol]))
-        ok = False
+        turns = self._outbound.setdefault(
+            peer, trio.CapacityLimiter(self.limits.outbound_streams_per_peer))
         try:
-            yield stream
-            ok = True
+            async with turns:
+                stream = Stream(await host.new_stream(_peer_id(peer), [protocol]))
+                ok = False
+                try:
+                    yield stream
+                    ok = True
+                finally:
+                    await (stream.close() if ok else stream.reset())
         finally:
-            await (stream.close() if ok else stream.reset())
+            if turns.borrowed_tokens == 0 and turns.statistics().tasks_waiting == 0:
+                self._outbound.pop(peer, None)
 
     async def _connect(self, peer: str, addrs: tuple[str, ...], timeout_s: float) -> None:
         host = self._host
@@ -567,94 +460,48 @@ class Libp2pTransport:
             return False
         return True
 
-    def _admit(self, peer: str) -> bool:
-        """Count an inbound stream, unless the peer or the host has too many open."""
-        limits = self.limits
-        if (self._inbound[peer] >= limits.inbound_streams_per_peer
-                or self._inbound.total() >= limits.inbound_streams_total):
-            self.stats.rejected += 1
-            log.info("refusing a stream from %s: too many open streams", peer)
-            return False
-        self._inbound[peer] += 1
-        return True
-
-    def _release(self, peer: str) -> None:
-        self._inbound[peer] -= 1
-        if self._inbound[peer] <= 0:
-            del self._inbound[peer]
-
-    async def _on_control(self, raw: Any) -> None:
-        stream = _Stream(raw)
-        peer = stream.peer
-        if not self._admit(peer):
-            await stream.reset()
-            return
-        try:
-            with trio.fail_after(self.limits.control_timeout_s):
-                data = await read_frame(stream, MAX_CONTROL_BYTES)
-            if self._deliver(peer, data):
-                self.stats.received += 1
-            await stream.close()
-        except RemoteError as exc:  # oversized or short frame
-            self.stats.rejected += 1
-            log.info("dropping a control stream from %s: %s", peer, exc)
-            await stream.reset()
-        except Exception as exc:  # reset by the remote, connection gone, timeout
-            log.debug("control stream from %s failed: %r", peer, exc)
-            await stream.reset()
-        finally:
-            self._release(peer)
-
-    async def _on_payload(self, raw: Any) -> None:
-        stream = _Stream(raw)
-        peer = stream.peer
-        if not self._admit(peer):
-            await stream.reset()
-            return
-        try:
-            with trio.fail_after(self.limits.fetch_timeout_s):
-                request = await read_exact(stream, PAYLOAD_REQUEST.size)
-                key, max_bytes = PAYLOAD_REQUEST.unpack(request)
-                data = self._lookup(key)
-                if data is None:
-                    await stream.write(PAYLOAD_RESPONSE.pack(STATUS_NOT_FOUND, 0))
-                elif len(data) > max_bytes:
-                    await stream.write(PAYLOAD_RESPONSE.pack(STATUS_TOO_LARGE, len(data)))
-                else:
-                    await self._write_payload(stream, data)
-                    self.stats.served += 1
-                    self.stats.served_bytes += len(data)
-            await stream.close()
-        except RemoteError as exc:  # short request
-            self.stats.rejected += 1
-            log.info("dropping a payload request from %s: %s", peer, exc)
-            await stream.reset()
-        except Exception as exc:  # the client went away, timeout
-            log.debug("payload stream to %s failed: %r", peer, exc)
-            await stream.reset()
-        finally:
-            self._release(peer)
-
     def _lookup(self, key: bytes) -> bytes | None:
         server = self._server
-        if server is None:
-            return None
+        return None if server is None else server(key)
+
+    def _is_member_id(self, peer: ID) -> bool:
+        return self._guard.is_member(str(peer))
+
+    def _validate_record(self, forwarder: ID, msg: Any) -> bool:
+        """GossipSub's topic validator: nothing it refuses is delivered or relayed."""
+        data = bytes(msg.data)
+        if len(data) > MAX_CONTROL_BYTES:
+            self.stats.records_rejected += 1
+            self._guard.strike(str(forwarder), "sent an oversized record")
+            return False
+        if str(forwarder) == self.peer_id:
+            return True  # this node's own publication
         try:
-            return server(key)
-        except Exception:  # a local fault (say, an unreadable blob): answer "not found"
-            log.exception("the payload server failed on %s", key.hex()[:12])
-            return None
+            origin = str(ID(msg.from_id))
+        except Exception:  # strict signing makes this unreachable; be safe
+            self.stats.records_rejected += 1
+            return False
+        return self._guard.accept_record(str(forwarder), origin, data)
 
-    async def _write_payload(self, stream: _Stream, data: bytes) -> None:
-        chunk = self.limits.write_chunk
-        view = memoryview(data)
-        # the header rides with the first chunk: one write, one Yamux frame less
-        await stream.write(PAYLOAD_RESPONSE.pack(STATUS_OK, len(data)) + view[:chunk])
-        for start in range(chunk, len(view), chunk):
-            await stream.write(view[start : start + chunk])
+    def _stranger_record(self, forwarder: ID) -> None:
+        self.stats.records_rejected += 1
+        self._guard.strike(str(forwarder), "forwarded a record, not being a member")
 
-    def _validate_record(self, _forwarder: Any, msg: Any) -> bool:
-        return len(msg.data) <= MAX_CONTROL_BYTES
+    def _on_ban(self, peer: str) -> None:
+        """The guard banned ``peer``: close its connections (new ones are refused)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._disconnect, peer)
+        self._dialer.wake()
+
+    async def _disconnect(self, peer: str) -> None:
+        host = self._host
+        if host is None:
+            return
+        with trio.move_on_after(DISCONNECT_S):
+            try:
+                await host.disconnect(_peer_id(peer))
+            except Exception as exc:  # the connection may be closing already
+                log.debug("disconnecting %s failed: %r", peer, exc)
 
     async def _receive_records(self, subscription: Any) -> None:
         while True:
@@ -667,60 +514,13 @@ class Libp2pTransport:
             if origin != self.peer_id and self._deliver(origin, bytes(msg.data)):
                 self.stats.broadcasts_received += 1
 
-    async def _keep_connected(self) -> None:
-        """Dial wanted peers that are not connected, with capped, jittered backoff."""
-        async with trio.open_nursery() as nursery:
-            while True:
-                self._wake = trio.Event()
-                now = trio.current_time()
-                connected = set(self.connected_peers())
-                for peer, addrs in list(self._wanted.items()):
-                    if peer in connected:
-                        self._attempts.pop(peer, None)
-                        self._next_dial.pop(peer, None)
-                        continue
-                    if (peer in self._dialing or not addrs
-                            or self._next_dial.get(peer, now) > now):
-                        continue
-                    if len(self._dialing) >= self.limits.max_concurrent_dials:
-                        break
-                    self._dialing.add(peer)
-                    nursery.start_soon(self._dial, peer, addrs)
-                with trio.move_on_after(RECHECK_S):
-                    await self._wake.wait()
-
-    async def _dial(self, peer: str, addrs: tuple[str, ...]) -> None:
-        try:
-            await self._connect(peer, addrs, self.limits.connect_timeout_s)
-            log.info("connected to %s", peer)
-        except PeerUnreachableError as exc:
-            self.stats.dial_failures += 1
-            attempt = self._attempts.get(peer, 0)
-            delay = backoff_delay(attempt, self._rng, base_s=self.limits.backoff_min_s,
-                                  cap_s=self.limits.backoff_max_s)
-            if peer in self._wanted:
-                self._attempts[peer] = attempt + 1
-                self._next_dial[peer] = trio.current_time() + delay
-            log.info("cannot reach %s (%s); next try in %.1f s", peer, exc, delay)
-        finally:
-            self._dialing.discard(peer)
-            self._wake.set()
+    def _sync_members(self) -> None:
+        """Each dial round: new members get a pubsub stream, former ones lose theirs."""
+        if self._pubsub is not None and self._guard.has_policy:
+            self._pubsub.sync_members()
 
     @contextlib.contextmanager
     def _discovery(self) -> Iterator[None]:
-        """With mDNS on, want the peers it finds (its callbacks run in zeroconf's threads)."""
-        if not self._mdns:
+        """With mDNS on, want the peers it finds."""
+        with mdns_discovery(self.want_peer) if self._mdns else contextlib.nullcontext():
             yield
-            return
-        token = trio.lowlevel.current_trio_token()
-
-        def found(info: Any) -> None:
-            peer, addrs = str(info.peer_id), tuple(str(a) for a in info.addrs)
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(self.want_peer, peer, addrs)
-
-        peerDiscovery.register_peer_discovered_handler(found)
-        try:
-            yield
-        finally:
-            peerDiscovery.unregister_peer_discovered_handler(found)

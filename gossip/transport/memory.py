@@ -3,6 +3,11 @@
 Links can fail and peers can leave, so churn and partitions are testable; inboxes are bounded
 (a flooded peer drops messages, it never grows without limit).  With trio's
 ``MockClock(autojump_threshold=0)`` latency and timeouts cost no real time.
+
+A peer policy and a record validator act as on the network: a stranger's fetch is refused,
+broadcasts go only between peers that count each other as members and are delivered only where
+the receiver's validator accepts them; control messages of strangers are delivered (in memory
+there is no stream budget to exhaust).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass, field
 import trio
 
 from gossip.errors import OversizedMessageError, PeerUnreachableError
-from gossip.transport.base import PayloadServer
+from gossip.transport.base import PayloadServer, PeerPolicy, RecordValidator
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,11 @@ class MemoryTransport:
         self._peer_id = peer_id
         self._send, self._recv = trio.open_memory_channel[tuple[str, bytes]](network.inbox_size)
         self._server: PayloadServer | None = None
+        self._is_member: PeerPolicy | None = None
+        self._validate: RecordValidator | None = None
         self.wanted: dict[str, tuple[str, ...]] = {}
+        #: misbehaviour reported by the node, per peer (for tests)
+        self.misbehaviour: Counter[str] = Counter()
 
     @property
     def peer_id(self) -> str:
@@ -85,6 +94,25 @@ class MemoryTransport:
 
     def set_payload_server(self, server: PayloadServer) -> None:
         self._server = server
+
+    def set_peer_policy(self, is_member: PeerPolicy | None) -> None:
+        self._is_member = is_member
+
+    def set_record_validator(self, validate: RecordValidator | None) -> None:
+        self._validate = validate
+
+    def membership_changed(self) -> None:
+        """Nothing to apply: the policy is asked on every exchange."""
+
+    def misbehaved(self, peer: str, reason: str) -> None:
+        """Counted only: in memory there is no connection to cut."""
+        self.misbehaviour[peer] += 1
+
+    def _knows(self, peer: str) -> bool:
+        return self._is_member is None or self._is_member(peer)
+
+    def _accepts(self, origin: str, data: bytes) -> bool:
+        return self._validate is None or self._validate(origin, data)
 
     def close(self) -> None:
         self._send.close()
@@ -114,11 +142,13 @@ class MemoryTransport:
         self.wanted = dict(peers)
 
     async def broadcast(self, data: bytes) -> None:
-        """Deliver to every other attached endpoint over a working link."""
+        """Deliver to every other attached endpoint over a working link (members only)."""
         await trio.lowlevel.checkpoint()
         for peer, target in list(self._network._endpoints.items()):
             if peer != self._peer_id and frozenset((self._peer_id, peer)) not in \
-                    self._network._failed:
+                    self._network._failed and self._knows(peer):
+                if not (target._knows(self._peer_id) and target._accepts(self._peer_id, data)):
+                    continue
                 self._network.stats.messages += 1
                 self._network.stats.message_bytes += len(data)
                 target._deliver(self._peer_id, data)
@@ -130,6 +160,8 @@ class MemoryTransport:
             target = self._network._route(self._peer_id, peer)
         else:
             await trio.lowlevel.checkpoint()
+        if not target._knows(self._peer_id):
+            raise PeerUnreachableError(f"{peer} refused a fetch: not a member", peer=peer)
         server = target._server
         data = server(key) if server is not None else None
         if data is None:
