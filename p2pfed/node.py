@@ -806,8 +806,8 @@ class Node:
     # ---------------------------------------------------------------- internals
     def _reject(self, peer: str, exc: RemoteError) -> list[Action]:
         self.rejected[exc.code] = self.rejected.get(exc.code, 0) + 1
-        log.warning("rejected message from %s: %s (%s)", peer[-8:], exc, exc.code)
-        return [PeerRejected(peer, exc)]
+        log.debug("rejected message from %s: %s (%s)", peer[-8:], exc, exc.code)
+        return [PeerRejected(peer, exc)]  # the driver logs it, a few lines per peer at most
 
     def _calibrate(self, st: _ComponentRound, replay: _Replay, name: str,
                    origin: torch.Tensor) -> None:

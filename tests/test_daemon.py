@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sqlite3
@@ -15,6 +16,7 @@ from gossip.errors import KeyPermissionError, StorageError
 from p2pfed import exitcodes
 from p2pfed.cli import main
 from p2pfed.config import Config
+from p2pfed.home import MissingStateError
 from p2pfed.runtime.control import SOCKET_NAME, ControlUnavailableError, request
 from p2pfed.runtime.daemon import Daemon
 from p2pfed.runtime.localfed import free_ports
@@ -185,3 +187,82 @@ def test_the_daemon_trains_the_model_its_config_names_and_export_loads_in_peft(
     loaded = PeftModel.from_pretrained(_tiny_bert(), str(tmp_path / "adapter")).eval()
     assert any("lora_B" in n for n, _ in loaded.named_parameters())
     assert main(["export", "backbone", str(tmp_path / "x"), "--home", str(home)]) != 0
+
+
+def test_a_members_missing_ledger_is_refused_not_replaced(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home = make_home(tmp_path)
+    (home / "ledger.sqlite3").unlink()
+    capsys.readouterr()
+    assert main(["run", "--home", str(home)]) == exitcodes.STATE_MISSING
+    message = " ".join(capsys.readouterr().err.split())  # (rich wraps long lines)
+    assert "is missing, but" in message and "from a backup" in message
+    assert not (home / "ledger.sqlite3").exists()  # history, audit trail and ε not reset
+    with pytest.raises(MissingStateError):
+        trio.run(Daemon(home, Config.from_toml(home / "p2pfed.toml"), Notifier({})).run)
+
+
+def test_a_restart_on_a_full_disk_exits_with_the_storage_code(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    home = make_home(tmp_path)
+
+    def no_space(_home: Path) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("p2pfed.runtime.daemon.next_boot_epoch", no_space)
+    capsys.readouterr()
+    assert main(["run", "--home", str(home)]) == exitcodes.STORAGE
+    assert "disk is full" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    sqlite3.OperationalError("database or disk is full"),
+    ExceptionGroup("from a nursery", [OSError(errno.EDQUOT, "Disk quota exceeded")]),
+])
+def test_a_full_disk_anywhere_in_a_command_is_the_storage_code(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        error: BaseException) -> None:
+    home = make_home(tmp_path)
+
+    async def fails(_self: Daemon, **_kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(Daemon, "run", fails)
+    capsys.readouterr()
+    assert main(["run", "--home", str(home)]) == exitcodes.STORAGE
+    assert "disk is full" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.network
+def test_the_daemon_verifies_its_ledger_as_it_grows_never_all_of_it_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = make_home(tmp_path)
+    monkeypatch.setattr("p2pfed.runtime.daemon.VERIFY_EVERY_S", 0.1)
+    seen: dict[str, dict[str, object]] = {}
+
+    async def run_once(tag: str, tamper: bool = False) -> None:
+        daemon = Daemon(home, Config.from_toml(home / "p2pfed.toml"), Notifier({}))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            with trio.fail_after(20):
+                while True:
+                    st = await trio.to_thread.run_sync(request, home / SOCKET_NAME, "status")
+                    if st["rounds_completed"] >= 3 and st["ledger_verified"] > 3:
+                        break
+                    await trio.sleep(0.1)
+            if tamper:  # an entry the daemon verified already: status does not read it again
+                conn = sqlite3.connect(home / "ledger.sqlite3")
+                conn.execute("UPDATE entries SET ts = ts + 1 WHERE idx = 1")
+                conn.commit()
+                conn.close()
+            seen[tag] = await trio.to_thread.run_sync(request, home / SOCKET_NAME, "status")
+            nursery.cancel_scope.cancel()
+
+    trio.run(run_once, "first", True)
+    assert seen["first"]["ledger_ok"] is True
+    # the full verification ('p2pfed ledger verify') still reads every entry and finds it
+    assert main(["ledger", "verify", "--home", str(home)]) == exitcodes.LEDGER_BROKEN
+    trio.run(run_once, "second")  # start-up verifies only what came after the mark
+    assert seen["second"]["ledger_ok"] is True

@@ -17,6 +17,7 @@ import trio
 
 from gossip.errors import P2PFedError, RemoteError
 from gossip.transport.base import Transport
+from gossip.transport.limits import LogLimiter, LogVerdict
 from p2pfed.node import (
     Action,
     Announce,
@@ -34,6 +35,13 @@ if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own
     from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
+
+#: refused messages logged per peer a minute (the node counts all of them in ``rejected``)
+REJECT_LOG_LINES = 5
+#: what no honest peer sends (a late or duplicate message, or news of a member we have not
+#: heard of yet, can come from an honest one: not counted)
+MISBEHAVIOUR = frozenset({"malformed", "oversized", "forged", "tampered", "wrong-federation",
+                          "unauthorized", "bad-payload"})
 
 #: Runs local training of (component, round) in a worker thread; writes into the flat buffer.
 Trainer = Callable[[str, int], object]
@@ -69,6 +77,7 @@ class NodeDriver:
         self.on_actions = on_actions
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
+        self._reject_log = LogLimiter(lines=REJECT_LOG_LINES, period_s=60.0)
         transport.set_payload_server(node.serve_payload)
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -101,8 +110,9 @@ class NodeDriver:
                     self._train_now(action)
                 else:
                     nursery.start_soon(self._train, action)
-            elif isinstance(action, Connect):
+            elif isinstance(action, Connect):  # the members changed
                 self.transport.set_wanted_peers(dict(action.peers))
+                self.transport.membership_changed()
             elif isinstance(action, Broadcast):
                 nursery.start_soon(self._broadcast, action.data)
             elif isinstance(action, ApplyForget):
@@ -111,13 +121,26 @@ class NodeDriver:
                 else:
                     nursery.start_soon(self._forget, action)
             elif isinstance(action, PeerRejected):
-                log.info("%s: %s", action.peer[-8:], action.error)
+                self._rejected(action)
             elif isinstance(action, RoundCompleted):
                 log.debug("%s round %d done (missing %s)",
                           action.component, action.round, action.missing)
         self._wake.set()
         if self.on_actions is not None:
             self.on_actions(actions)
+
+    def _rejected(self, action: PeerRejected) -> None:
+        """Log a peer's refused message (a few lines per peer a minute) and tell the transport
+        of bad input no honest peer sends, so that a peer that keeps at it is cut off."""
+        if action.error.code in MISBEHAVIOUR:
+            self.transport.misbehaved(action.peer, action.error.code)
+        verdict, suppressed = self._reject_log.check(action.peer, self.clock_ms() / 1000)
+        if verdict is LogVerdict.DROP:
+            return
+        if suppressed:
+            log.warning("(%d more messages from %s were refused)", suppressed, action.peer[-8:])
+        log.warning("refused a message from %s: %s (%s)", action.peer[-8:], action.error,
+                    action.error.code)
 
     async def _send(self, peer: str, data: bytes) -> None:
         try:
