@@ -193,7 +193,7 @@ def test_strangers_get_nothing_from_real_daemons_and_cannot_starve_them(tmp_path
                 async with trio.open_nursery() as nursery:
                     for s in strangers:
                         nursery.start_soon(one, s)
-                    await trio.sleep(20)
+                    await trio.sleep(12)
                     until.set()
             return start, int(time.time() * 1000), sum(opened)
 
@@ -232,7 +232,7 @@ def test_strangers_get_nothing_from_real_daemons_and_cannot_starve_them(tmp_path
                         outcome["payload"] = None
                     received_before = t.stats.broadcasts_received
                     await t.broadcast(bundle.to_bytes())  # junk on the topic
-                    await trio.sleep(5)
+                    await trio.sleep(3)
                     outcome["gossip_received"] = t.stats.broadcasts_received - received_before
             return outcome
 
