@@ -158,9 +158,13 @@ def open_envelope(
     _field(header, bytes, "header")
     _field(body, bytes, "body")
     _field(signature, bytes, "signature", SIGNATURE_BYTES)
+    if packb(outer) != bytes(data):  # one signed record, one encoding: ids are digests of it
+        raise MalformedMessageError("envelope is not in canonical form")
     fields = unpackb(header, max_bytes=max_bytes)
     if not isinstance(fields, list) or len(fields) != 6:
         raise MalformedMessageError("envelope header must be a 6-element array")
+    if packb(fields) != header:
+        raise MalformedMessageError("envelope header is not in canonical form")
     kind, fed, sender, seq, ts, body_digest = fields
     _field(kind, str, "kind")
     if not kind or len(kind) > MAX_KIND_CHARS:
@@ -212,7 +216,7 @@ class ReplayGuard:
         self._state: OrderedDict[bytes, tuple[list[tuple[int, int]], set[tuple[int, int]]]] = \
             OrderedDict()
 
-    def check(self, sender: bytes, seq: int, timestamp_ms: int = 0) -> None:
+    def check(self, sender: bytes, seq: int, timestamp_ms: int) -> None:
         """Raise :class:`ReplayedMessageError` unless the envelope is fresh; then remember it."""
         oldest, seen = self._state.get(sender, ([], set()))
         key = (timestamp_ms, seq)

@@ -67,6 +67,7 @@ from gossip.records import (
     Leave,
     MemberInfo,
     Policy,
+    _check,
     check_invite,
     make_admit,
     make_genesis_envelope,
@@ -93,8 +94,12 @@ MAX_RECORDS = 100_000
 #: records held back for their anchor (leaves before their join, admissions before their
 #: sponsor's)
 MAX_PENDING = 1024
-#: the most records :meth:`MembershipView.credentials` gives (a chain of sponsors)
+#: the most records :meth:`MembershipView.credentials` gives (a chain of sponsors), and their
+#: bytes together (they open every bundle, which must fit one envelope)
 MAX_CREDENTIALS = 16
+MAX_CREDENTIAL_BYTES = 24 * 1024
+#: an admitted join: its modules and addresses, well under an envelope
+MAX_JOIN_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -120,8 +125,14 @@ class MembershipView:
         self._pending: dict[bytes, _Parsed] = {}  # records waiting for their anchor
         self._joined: set[bytes] = set()  # keys with at least one join in the view
         self._members: dict[bytes, MemberInfo] | None = None
+        self._counted: list[_Parsed] | None = None
         self._credentials: dict[bytes, list[bytes]] = {}
         self._digest: bytes | None = None
+
+    @property
+    def _trusted(self) -> frozenset[bytes]:
+        """Keys that may sponsor without being admitted: the founders and the admins."""
+        return frozenset(self.genesis.founders) | frozenset(self.genesis.admins)
 
     # ---------------------------------------------------------------------- adding
     def open(self, data: bytes) -> Envelope:
@@ -130,7 +141,14 @@ class MembershipView:
                              max_skew_ms=NO_SKEW_LIMIT)
 
     def add_bytes(self, data: bytes, *, now_ms: int | None = None) -> bool:
+        if self.knows(data):  # known: no signature to check again
+            return False
         return self._add(self.open(data), data, now_ms)
+
+    def knows(self, raw: bytes) -> bool:
+        """Is this record (envelope bytes) in the view or held back already?"""
+        key = digest(raw)
+        return key in self._records or key in self._pending
 
     def add(self, envelope: Envelope, *, now_ms: int | None = None) -> bool:
         """Validate and add a record; True when it is new to the view.
@@ -175,9 +193,13 @@ class MembershipView:
                 self._joined.add(parsed.member)
                 found = [k for k, p in self._pending.items() if self._anchored(p)]
                 ready += [(k, self._pending.pop(k)) for k in found]
-        self._members = None
-        self._credentials = {}
+        self._forget_derived()
         self._digest = None
+
+    def _forget_derived(self) -> None:
+        self._members = None
+        self._counted = None
+        self._credentials = {}
 
     def _anchored(self, parsed: _Parsed) -> bool:
         """May the record enter the view now (see the module doc)?"""
@@ -186,8 +208,7 @@ class MembershipView:
             return (parsed.env.sender in genesis.admins or parsed.member in genesis.founders
                     or parsed.member in self._joined)
         if parsed.sponsor:
-            return (parsed.sponsor in genesis.admins or parsed.sponsor in genesis.founders
-                    or parsed.sponsor in self._joined)
+            return parsed.sponsor in self._trusted or parsed.sponsor in self._joined
         return True
 
     def _check_genesis(self, env: Envelope) -> None:
@@ -218,7 +239,9 @@ class MembershipView:
         raise MalformedMessageError(f"{env.kind!r} is not a membership record kind")
 
     def _validate_admission(self, env: Envelope, raw: bytes) -> _Parsed:
-        join_env = self.open(Admission.from_body(env.body).join)
+        admitted = Admission.from_body(env.body).join
+        _check(len(admitted) <= MAX_JOIN_BYTES, f"a join is at most {MAX_JOIN_BYTES} bytes")
+        join_env = self.open(admitted)
         _check(join_env.kind == JOIN, "an admission must hold a join record")
         join = Join.from_body(join_env.body)
         _check(bool(join.invite), "founders join without an admission")
@@ -283,43 +306,51 @@ class MembershipView:
             self._members = self._derive()
         return dict(self._members)
 
-    def _revocations(self) -> tuple[dict[bytes, int], dict[bytes, list[tuple[int, int]]]]:
+    def _revocations(self) -> tuple[dict[bytes, int], dict[bytes, list[tuple[int, int]]],
+                                    dict[bytes, list[tuple[int, int]]]]:
+        """Per member: the highest epoch it left at; the admins' revocations and every leave
+        as (epoch, signed at)."""
         left: dict[bytes, int] = {}
-        revoked: dict[bytes, list[tuple[int, int]]] = {}  # member -> [(epoch, signed at)]
+        revoked: dict[bytes, list[tuple[int, int]]] = {}
+        ended: dict[bytes, list[tuple[int, int]]] = {}
         for p in self._records.values():
             if isinstance(p.record, Leave):
                 left[p.member] = max(left.get(p.member, -1), p.record.epoch)
+                ended.setdefault(p.member, []).append((p.record.epoch, p.env.timestamp_ms))
                 if p.env.sender != p.member:
                     revoked.setdefault(p.member, []).append((p.record.epoch, p.env.timestamp_ms))
-        return left, revoked
+        return left, revoked, ended
 
-    def _admitted(self, revoked: dict[bytes, list[tuple[int, int]]]) -> list[_Parsed]:
+    def _admitted(self) -> list[_Parsed]:
         """The joins that count: founders' own, and admissions taken in their sponsors' time
-        order (a sponsor admitted no later, not revoked by then, an invite with a use left)."""
+        order (a sponsor admitted no later and not gone since, an invite with a use left)."""
+        if self._counted is not None:
+            return self._counted
+        ended = self._revocations()[2]
         out = [p for p in self._records.values() if isinstance(p.record, Join) and not p.sponsor]
-        trusted = set(self.genesis.founders) | set(self.genesis.admins)
-        since: dict[bytes, int] = {}  # member -> first admission that counted
+        trusted = self._trusted
+        counted: dict[bytes, list[tuple[int, int]]] = {}  # member -> [(admitted at, epoch)]
         used: dict[bytes, set[bytes]] = {}  # invite id -> members it admitted
         admissions = [p for p in self._records.values() if p.sponsor]
         for p in sorted(admissions, key=lambda p: (p.admitted_ms, p.raw)):
-            if p.sponsor not in trusted and since.get(p.sponsor, p.admitted_ms + 1) > \
-                    p.admitted_ms:
-                continue
-            if any(at <= p.admitted_ms for _, at in revoked.get(p.sponsor, ())):
+            if p.sponsor not in trusted and not _active(counted.get(p.sponsor, []),
+                                                        ended.get(p.sponsor, []), p.admitted_ms):
                 continue
             slots = used.setdefault(p.invite_id, set())
             if p.member not in slots:
                 if len(slots) >= p.uses:
                     continue
                 slots.add(p.member)
-            since.setdefault(p.member, p.admitted_ms)
+            assert isinstance(p.record, Join)
+            counted.setdefault(p.member, []).append((p.admitted_ms, p.record.epoch))
             out.append(p)
+        self._counted = out
         return out
 
     def _derive(self) -> dict[bytes, MemberInfo]:
-        left, revoked = self._revocations()
+        left, revoked, _ = self._revocations()
         best: dict[bytes, tuple[int, bytes, Join]] = {}  # member -> (-epoch, raw, join)
-        for p in self._admitted(revoked):
+        for p in self._admitted():
             assert isinstance(p.record, Join)
             pk, epoch, since = p.member, p.record.epoch, p.invite_ms
             if any(since is None or since <= at or epoch <= e for e, at in revoked.get(pk, ())):
@@ -348,18 +379,21 @@ class MembershipView:
         members = self.members()
         if public_key not in members:
             return []
-        trusted = set(self.genesis.founders) | set(self.genesis.admins)
+        trusted = self._trusted
         first: dict[bytes, _Parsed] = {}
         best: _Parsed | None = None
-        for p in self._admitted(self._revocations()[1]):
+        for p in self._admitted():
             first.setdefault(p.member, p)
             if p.member == public_key and isinstance(p.record, Join) and \
                     p.record.epoch == members[public_key].epoch and \
                     (best is None or p.raw < best.raw):
                 best = p
         chain: list[bytes] = []
-        step = best
+        step, size = best, 0
         while step is not None and len(chain) < MAX_CREDENTIALS:
+            size += len(step.raw)
+            if size > MAX_CREDENTIAL_BYTES:
+                break  # a chain this long of joins this large: let the view's sync carry it
             chain.append(step.raw)
             if not step.sponsor or step.sponsor in trusted:
                 break
@@ -375,22 +409,22 @@ class MembershipView:
         """Every key with a join in the view."""
         return frozenset(self._joined)
 
-    def joiner_of(self, raw: bytes) -> bytes | None:
-        """Who a join or an admission record (verified) is about; None for other records."""
-        env = self.open(raw)
-        if env.kind == JOIN:
-            return env.sender
-        if env.kind == ADMIT:
-            return self.open(Admission.from_body(env.body).join).sender
-        return None
-
-    def invite_used_up(self, join: Join, joiner: bytes) -> bool:
-        """Would an admission of ``join`` now lose to earlier ones for lack of uses?"""
-        invite_id = digest(join.invite)
-        winners = {p.member for p in self._admitted(self._revocations()[1])
-                   if p.invite_id == invite_id}
-        uses = Invite.from_body(self.open(join.invite).body).uses
-        return joiner not in winners and len(winners) >= uses
+    def would_admit(self, admission: Envelope) -> bool:
+        """Would ``admission`` (not in the view) make its joiner a member now?  Every rule of
+        the derivation applies (uses, revocations, epochs, the sponsor's standing); raises a
+        :class:`~gossip.errors.RemoteError` when the admission is invalid on its own."""
+        raw = admission.to_bytes()
+        parsed = self._validate(self.open(raw), raw)
+        key = digest(raw)
+        if key in self._records:
+            return parsed.member in self.members()
+        self._records[key] = parsed
+        self._forget_derived()
+        try:
+            return parsed.member in self._derive()
+        finally:
+            del self._records[key]
+            self._forget_derived()
 
     @property
     def admins(self) -> tuple[bytes, ...]:
@@ -410,9 +444,13 @@ class MembershipView:
                    default=-1)
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise MalformedMessageError(message)
+def _active(admitted: list[tuple[int, int]], ended: list[tuple[int, int]], at: int) -> bool:
+    """Was a sponsor a member at ``at``: admitted by then, and every leave it had by then
+    (its own or a revocation) followed by an admission at a higher epoch, also by then."""
+    joined = [(t, epoch) for t, epoch in admitted if t <= at]
+    if not joined:
+        return False
+    return all(any(epoch > left for _, epoch in joined) for left, t in ended if t <= at)
 
 
 def view_from(genesis: Genesis, records: Iterable[bytes]) -> MembershipView:

@@ -17,7 +17,12 @@ import networkx as nx
 
 from gossip.admission import JOIN_REQUEST, admit, make_join_request
 from gossip.envelope import MAX_ENVELOPE_BYTES, Envelope, open_envelope, packb, seal, unpackb
-from gossip.errors import LocalError, MalformedMessageError, NotAMemberError, RemoteError
+from gossip.errors import (
+    LocalError,
+    MalformedMessageError,
+    RemoteError,
+    UnauthorizedError,
+)
 from gossip.forget import (
     Forget,
     ForgetBook,
@@ -44,6 +49,9 @@ REFRESH_MS = 30_000
 #: a newcomer asks its bootstrap members again after 2 s, 4 s, ... up to a minute
 JOIN_RETRY_MIN_MS = 2_000
 JOIN_RETRY_MAX_MS = 60_000
+#: a member asking to join again gets our whole view at most this often
+INTRODUCE_EVERY_MS = 10_000
+MAX_INTRODUCED = 1024
 
 
 def bundles(records: list[bytes], head: list[bytes] | None = None) -> list[list[bytes]]:
@@ -54,6 +62,9 @@ def bundles(records: list[bytes], head: list[bytes] | None = None) -> list[list[
     out: list[list[bytes]] = [[]]
     size = 0
     for raw in sorted(set(records) - set(head)):
+        if len(raw) + 8 > budget:
+            log.warning("a record of %d bytes does not fit a bundle; not sent", len(raw))
+            continue
         if out[-1] and size + len(raw) + 8 > budget:
             out.append([])
             size = 0
@@ -81,6 +92,8 @@ class FederatedNode(Node):
         self._bootstrap: tuple[str, ...] = ()
         self._next_join_try: int | None = None
         self._join_tries = 0
+        #: when each newcomer that was a member already last got our view (a retry)
+        self._introduced: dict[str, int] = {}
         #: signed forget requests: kept in the ledger and gossiped with the membership records
         self.forgets = ForgetBook(self.federation_id)
 
@@ -92,11 +105,14 @@ class FederatedNode(Node):
         return self.identity.public_key in self.view.members()
 
     def serves(self, peer: str) -> bool:
-        """May ``peer`` use our streams and fetch our payloads: a member, not forgotten."""
+        """May ``peer`` use our streams and fetch our payloads: a member, not forgotten (and,
+        while we are waiting to be admitted, the bootstrap members we asked)."""
+        if peer in self._bootstrap and self.identity.peer_id not in self._member_ids:
+            return True
         return peer in self._member_ids and peer not in self.forgotten()
 
     def accepts_broadcast(self, origin: str, data: bytes, now_ms: int) -> bool:
-        """Gossip validation: relay only fresh records signed by a current member (``origin``).
+        """Gossip validation: relay only fresh records bundles signed by a current member.
 
         Cheap enough for every gossiped message (one signature check); what it accepts is
         checked again in full by :meth:`receive`.
@@ -106,7 +122,7 @@ class FederatedNode(Node):
                                 max_skew_ms=self.config.max_skew_ms)
         except RemoteError:
             return False
-        return env.sender_id == origin and self.serves(origin)
+        return env.kind == RECORDS and env.sender_id == origin and self.serves(origin)
 
     def overlay_neighbours(self) -> list[str]:
         return sorted(p for p, _ in self._connected)
@@ -171,11 +187,16 @@ class FederatedNode(Node):
             actions = self._accept_forget(env.to_bytes(), now_ms)
         except RemoteError as exc:
             raise LocalError(str(exc)) from exc
-        for body in self._bundle_envelopes([env.to_bytes()], now_ms):
+        return actions + self._spread([env.to_bytes()], now_ms)
+
+    def _spread(self, records: list[bytes], now_ms: int) -> list[Action]:
+        """Records everyone should learn soon: gossiped, and sent to our neighbours directly."""
+        neighbours = tuple(p for p, _ in self._connected)
+        actions: list[Action] = []
+        for body in self._bundle_envelopes(records, now_ms):
             actions.append(Broadcast(body))
-            neighbours = [p for p, _ in self._connected]
             if neighbours:
-                actions.append(Announce(tuple(neighbours), body))
+                actions.append(Announce(neighbours, body))
         return actions
 
     def _ever_joined(self) -> set[bytes]:
@@ -253,13 +274,7 @@ class FederatedNode(Node):
         self._store(env.to_bytes(), now_ms)
         self.left = True
         self._next_refresh = None
-        actions: list[Action] = []
-        neighbours = [p for p, _ in self._connected]
-        for body in self._bundle_envelopes([env.to_bytes()], now_ms):
-            actions.append(Broadcast(body))
-            if neighbours:
-                actions.append(Announce(tuple(neighbours), body))
-        return actions + self._membership_changed()
+        return self._spread([env.to_bytes()], now_ms) + self._membership_changed()
 
     # ---------------------------------------------------------------- internals
     def _other_record(self, peer: str, env: Envelope, now_ms: int) -> list[Action]:
@@ -270,7 +285,7 @@ class FederatedNode(Node):
         records = unpackb(env.body)
         if not isinstance(records, list) or not all(isinstance(r, bytes) for r in records):
             raise MalformedMessageError("a records bundle must be a list of records", peer=peer)
-        known_before = {m.public_key for m in self.view.members().values()}
+        known_before = set(self.view.members())
         stored_before = self.view.records()
         if self.is_member() and env.sender not in known_before:
             self._admit_sender(peer, env.sender, records)
@@ -295,35 +310,48 @@ class FederatedNode(Node):
         actions = forget_actions + self._membership_changed()
         newcomers = [m.peer_id for pk, m in members.items()
                      if pk not in known_before and pk != self.identity.public_key]
-        if newcomers:
+        if newcomers and self.is_member():
             # They may know little of the federation yet: give them our whole view.
             actions += self.introduce(newcomers, now_ms)
         return actions
 
     def _admit_sender(self, peer: str, sender: bytes, records: list[bytes]) -> None:
-        """A bundle from a key that is not a member here: only its first joins and admissions
-        (the sender's credentials, see :meth:`MembershipView.credentials`) are looked at;
-        unless they make the sender a member, the bundle is refused whole."""
-        for raw in records[:MAX_CREDENTIALS]:  # a bundle opens with its sender's credentials
+        """A bundle from a key that is not a member here.  Its first records should be the
+        sender's credentials (see :meth:`MembershipView.credentials`): they are checked in a
+        view of their own, and only the chain that makes the sender a member is kept; unless
+        it does, nothing of the bundle is kept and it is refused whole."""
+        scratch = MembershipView(self.view.genesis)
+        for raw in records[:MAX_CREDENTIALS]:
             try:
-                if not is_forget_record(raw) and self.view.joiner_of(raw) is not None:
-                    self.view.add_bytes(raw)
-            except RemoteError as exc:
-                self._reject(peer, exc)
-        if not self.view.is_member(sender):
-            raise NotAMemberError(f"{peer} sent records but is not a member", peer=peer)
+                if not is_forget_record(raw):
+                    scratch.add_bytes(raw)
+            except RemoteError:
+                continue
+        chain = scratch.credentials(sender)
+        for raw in chain:
+            self.view.add_bytes(raw)  # verified once more: cheap, at most a few records
+        if not chain or not self.view.is_member(sender):  # (a member shows its credentials)
+            raise UnauthorizedError(f"{peer} sent records but is not a member", peer=peer)
 
     def _on_join_request(self, peer: str, env: Envelope, now_ms: int) -> list[Action]:
         """A newcomer asks us to admit it (see :mod:`gossip.admission`)."""
         admission = admit(self.view, self.identity, env, now_ms, self._seq.next())
         if admission is None:  # a retry after an admission it has not heard of
+            last = self._introduced.get(peer)
+            if last is not None and now_ms - last < INTRODUCE_EVERY_MS:
+                return []
+            self._introduced[peer] = now_ms
+            while len(self._introduced) > MAX_INTRODUCED:
+                self._introduced.pop(next(iter(self._introduced)))
             return self.introduce([peer], now_ms)
         raw = admission.to_bytes()
         self.view.add_bytes(raw, now_ms=now_ms)
         self._store(raw, now_ms)
         log.info("admitted %s into %s", peer, self.view.genesis.name)
         actions = self._membership_changed()
-        actions += [Broadcast(b) for b in self._bundle_envelopes([raw], now_ms)]
+        # the newcomer first gets its admission and our credentials, in a bundle of their own
+        first = self._bundle_envelopes([raw], now_ms)
+        actions += [Broadcast(b) for b in first] + [Announce((peer,), b) for b in first]
         return actions + self.introduce([peer], now_ms)
 
     def _store(self, raw: bytes, now_ms: int) -> None:

@@ -80,9 +80,25 @@ def test_replay_is_refused() -> None:
     alice = Identity.generate()
     guard = ReplayGuard()
     env = open_envelope(_seal(alice), federation_id=FED, now_ms=NOW)
-    guard.check(env.sender, env.seq)
+    guard.check(env.sender, env.seq, env.timestamp_ms)
     with pytest.raises(ReplayedMessageError):
-        guard.check(env.sender, env.seq)
+        guard.check(env.sender, env.seq, env.timestamp_ms)
+
+
+def test_only_the_canonical_encoding_of_an_envelope_opens() -> None:
+    """Re-encoding a signed envelope (an int or bin in a wider msgpack form) would give the
+    same signed record another digest, hence another identity: refused."""
+    raw = _seal(Identity.generate())
+    assert open_envelope(raw, federation_id=FED, now_ms=NOW)
+    version, header, body, signature = unpackb(raw)
+    wider = b"\x94" + b"\xd0" + bytes([version]) + packb(header) + packb(body) + packb(signature)
+    assert wider != raw and unpackb(wider) == [version, header, body, signature]
+    with pytest.raises(MalformedMessageError, match="canonical"):
+        open_envelope(wider, federation_id=FED, now_ms=NOW)
+    long_bin = b"\x94" + packb(version) + b"\xc5" + len(header).to_bytes(2, "big") + header \
+        + packb(body) + packb(signature)
+    with pytest.raises(MalformedMessageError, match="canonical"):
+        open_envelope(long_bin, federation_id=FED, now_ms=NOW)
 
 
 def test_replay_window_accepts_reordering_but_not_old() -> None:

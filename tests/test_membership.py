@@ -486,8 +486,7 @@ def test_a_single_use_invite_admits_the_first_admitted_only() -> None:
     for order in ((first, second), (second, first)):
         view = view_from(GENESIS, [r.to_bytes() for r in order])
         assert set(view.members()) == {A.public_key}
-        assert view.invite_used_up(join_of(second), B.public_key)
-        assert not view.invite_used_up(join_of(first), A.public_key)
+        assert not view.would_admit(admit(raw_join(B, inv, at=100), at=700))
     # the winner may rejoin with the same invite: that uses no second slot
     view.add(leave(A))
     view.add(join(A, inv, ("head.topic",), epoch=1, at=600))
@@ -537,3 +536,43 @@ def test_admissions_cannot_flood_the_view(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(NotAMemberError):
         view.add(join(D, invite(), by=OUTSIDER))
     assert len(view) == 0 and len(view.pending()) == 2
+
+
+def test_a_reencoded_invite_is_no_new_invite() -> None:
+    """The same signed invite in another msgpack encoding would be another id with fresh uses:
+    only the canonical encoding opens."""
+    inv = invite(uses=1)
+    view = view_from(GENESIS, [join(A, inv).to_bytes()])
+    version, header, body, signature = unpackb(inv)
+    wider = b"\x94" + b"\xd0" + bytes([version]) + packb(header) + packb(body) + packb(signature)
+    second = admit(raw_join(B, wider), at=300)
+    with pytest.raises(MalformedMessageError, match="canonical"):
+        view.add(second)
+    assert set(view.members()) == {A.public_key}
+
+
+def test_sponsorship_ends_with_a_leave_and_comes_back_with_a_rejoin() -> None:
+    view = MembershipView(GENESIS)
+    view.add(join(A, invite(), at=100))
+    view.add(leave(ADMIN, member=A, epoch=0, at=200))  # revoked ...
+    view.add(join(B, invite(at=300), at=350, by=A))  # ... so this admission is void
+    assert not view.is_member(B.public_key)
+    view.add(join(A, invite(to=A, at=400), epoch=1, at=450))  # readmitted with a fresh invite
+    view.add(join(C, invite(at=300), at=500, by=A))  # counts again
+    assert view.is_member(C.public_key) and not view.is_member(B.public_key)
+    view.add(leave(A, epoch=1, at=600))  # its own leave ends its sponsorship too
+    view.add(join(D, invite(at=300), at=700, by=A))
+    assert not view.is_member(D.public_key) and view.is_member(C.public_key)
+
+
+def test_would_admit_answers_every_rule() -> None:
+    inv = invite(uses=1)
+    view = view_from(GENESIS, [join(A, inv, at=200).to_bytes()])
+    assert not view.would_admit(admit(raw_join(B, inv), at=300))  # used up
+    assert view.would_admit(admit(raw_join(B, invite(at=101)), at=300))
+    view.add(leave(A, epoch=0, at=400))
+    assert not view.would_admit(admit(raw_join(A, inv), at=500))  # an old join (epoch 0)
+    assert view.would_admit(admit(raw_join(A, inv, epoch=1), at=500))  # a rejoin
+    assert len(view) == 2  # asking added nothing
+    with pytest.raises(UnauthorizedError):  # invalid on its own: raised
+        view.would_admit(admit(raw_join(B, invite(expires=450)), at=500))

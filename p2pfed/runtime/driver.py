@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 #: refused messages logged per peer a minute (the node counts all of them in ``rejected``)
 REJECT_LOG_LINES = 5
-#: what no honest peer sends (a late or duplicate message, or news of a member we have not
-#: heard of yet, can come from an honest one: not counted)
+#: what no honest peer sends (a late or duplicate message, or an announcement of a member we
+#: have not heard of yet, can come from an honest one: not counted)
 MISBEHAVIOUR = frozenset({"malformed", "oversized", "forged", "tampered", "wrong-federation",
                           "unauthorized", "bad-payload"})
 
