@@ -1,5 +1,5 @@
 """Micro-benchmarks of the data path (copy, mix, encode, decode, hash, sign, verify) and of
-the daemon's cost at a long ledger (start-up, ``status``).
+the daemon's cost at a long ledger (start-up, ``status``), and of starting the command.
 
 :func:`run_bench` measures each step in one process (best of ``repeats`` with
 :func:`time.perf_counter`) and returns plain numbers, so the CLI or a report can print them.
@@ -7,6 +7,7 @@ the daemon's cost at a long ledger (start-up, ``status``).
 Big buffers are freed between sections to keep the peak near ``(neighbours + 2) * 4 * params``
 bytes (about 2 GB at the defaults).  :func:`run_ledger_bench` builds a node home whose ledger
 holds what a node writes over many rounds, then starts the real daemon on it.
+:func:`cli_start_seconds` is the CPU a command that trains nothing costs before it starts.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +167,32 @@ def run_bench(
     return results
 
 
+# ---------------------------------------------------------------------------- the command
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def child_cpu_seconds(argv: Sequence[str]) -> float:
+    """CPU seconds (user + system) of ``python -m p2pfed ARGV`` in a child process.
+
+    A failing command counts too (its exit code is not checked): ``status`` without a daemon
+    costs what any client costs.  Not thread-safe: the children of other threads would count.
+    """
+    before = _children_cpu()
+    subprocess.run([sys.executable, "-m", "p2pfed", *argv], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    return _children_cpu() - before
+
+
+def cli_start_seconds(runs: int = 5) -> float:
+    """``cli_start_s``: median CPU seconds of ``python -m p2pfed --help`` over ``runs`` runs
+    (interpreter start, the command line's imports and its help; the model is never loaded)."""
+    if runs < 1:
+        raise ValueError("cli_start_seconds needs at least one run")
+    return statistics.median(child_cpu_seconds(["--help"]) for _ in range(runs))
+
+
 # ---------------------------------------------------------------------------- long ledgers
 BENCH_LISTEN = "/ip4/127.0.0.1/tcp/0"
 _APPEND_BATCH = 2000
@@ -226,9 +257,10 @@ def build_bench_home(home: Path, entries: int, *, neighbours: int = 4) -> Any:
     return config
 
 
-def _daemon_figures(home: Path, config: Any, statuses: int) -> tuple[float, float]:
-    """(seconds from start to READY, CPU seconds of the cheapest of ``statuses`` status calls)
-    of the real daemon started on ``home``."""
+def _daemon_figures(home: Path, config: Any, statuses: int) -> tuple[float, float, float]:
+    """(seconds from start to READY, CPU seconds of the cheapest of ``statuses`` status calls,
+    CPU seconds of the cheapest ``p2pfed status --json`` client process) of the real daemon
+    started on ``home``."""
     import trio
 
     from gossip.transport import libp2p  # noqa: F401  (imported once, outside the timing)
@@ -249,10 +281,13 @@ def _daemon_figures(home: Path, config: Any, statuses: int) -> tuple[float, floa
                 await trio.to_thread.run_sync(request, home / SOCKET_NAME, "status")
                 best = min(best, time.process_time() - cpu)
             figures["status"] = best
+            client = ["status", "--json", "--home", str(home)]
+            figures["client"] = min([await trio.to_thread.run_sync(child_cpu_seconds, client)
+                                     for _ in range(statuses)])
             nursery.cancel_scope.cancel()
 
     trio.run(scenario)
-    return figures["startup"], figures["status"]
+    return figures["startup"], figures["status"], figures["client"]
 
 
 def run_ledger_bench(entries: int = 100_000, *, statuses: int = 3) -> dict[str, float]:
@@ -262,7 +297,9 @@ def run_ledger_bench(entries: int = 100_000, *, statuses: int = 3) -> dict[str, 
     start-up cost before the verified mark; ``p2pfed ledger verify`` still does it);
     ``startup_s_<n>k``: seconds from starting the daemon to READY (the ledger verified up to
     its mark, as after a clean stop); ``status_s_<n>k``: CPU seconds of one ``status`` over
-    the control socket; ``startup_s_new``: the same start-up at a new member's ledger.
+    the control socket, in the daemon; ``status_client_s_<n>k``: CPU seconds of the
+    ``p2pfed status --json`` process that asks for it; ``startup_s_new``: the same start-up at
+    a new member's ledger.
     """
     from gossip.identity import load_identity
     from p2pfed.home import KEY_FILE, LEDGER_FILE
@@ -286,7 +323,8 @@ def run_ledger_bench(entries: int = 100_000, *, statuses: int = 3) -> dict[str, 
             results[f"ledger_verify_s_{tag}"] = time.process_time() - cpu
             results["ledger_entries"] = float(report.entries)
         logger.info("bench: starting the daemon on it")
-        startup, status = _daemon_figures(home, config, statuses)
+        startup, status, client = _daemon_figures(home, config, statuses)
         results[f"startup_s_{tag}"] = startup
         results[f"status_s_{tag}"] = status
+        results[f"status_client_s_{tag}"] = client
     return results

@@ -16,7 +16,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from gossip.errors import ConfigError, KeyFileError, LocalError, P2PFedError
@@ -111,6 +110,14 @@ def simulate(
         help="Aggregation at honest nodes: mh, clipped, trimmed-mean or noise-aware.")] = "mh",
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     from p2pfed.sim.simulator import WORKLOADS, SimConfig, plot_report, simulate
     from p2pfed.sim.topology import load_topology
 
@@ -332,14 +339,16 @@ def bench(
     processes on 127.0.0.1, and the same bytes over a plain TCP socket, in the same run.  The
     ledger part builds a ledger of 100,000 entries (2,000 with --quick) and starts the daemon
     on it: start-up to READY, CPU of one status, and a full verification for comparison.
+    ``cli_start_s`` is the CPU of ``python -m p2pfed --help`` (median of 5 runs; 3 with --quick).
     """
-    from p2pfed.bench import run_bench, run_ledger_bench
+    from p2pfed.bench import cli_start_seconds, run_bench, run_ledger_bench
     from p2pfed.bench_net import run_net_bench
 
     sizes = {"memcpy_mb": 16, "mix_params": 1_000_000, "repeats": 2} if quick else {}
     results: dict[str, float] = dict(run_bench(**sizes))
     results.update(run_net_bench(size_mb=4 if quick else 64, repeats=2 if quick else 3))
     results.update(run_ledger_bench(2_000 if quick else 100_000))
+    results["cli_start_s"] = cli_start_seconds(3 if quick else 5)
     if json_path is not None:
         _write_json(json_path, results)
     table = Table(title="p2pfed bench")

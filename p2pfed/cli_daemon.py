@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import trio
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -82,7 +81,9 @@ def federation_create(
     component: Annotated[
         list[str] | None, typer.Option(help="Catalog component (repeat; default: held ones).")
     ] = None,
-    round_period: Annotated[float, typer.Option(min=0.1, help="Round period, seconds.")] = 5.0,
+    round_period: Annotated[float, typer.Option(
+        min=0.1, help="Round period, seconds, signed into the genesis (nodes do not read it "
+        "yet: rounds.interval_s in p2pfed.toml paces each node).")] = 5.0,
 ) -> None:
     """Found a federation: this node becomes its first member and admin."""
     from p2pfed.fedstore import create_federation
@@ -158,6 +159,8 @@ def join(
 
 def run(home: HomeOpt = None) -> None:
     """Run the daemon in the foreground (what the systemd unit starts)."""
+    import trio
+
     from p2pfed.runtime.daemon import Daemon
     from p2pfed.runtime.systemd import Notifier
 

@@ -5,8 +5,7 @@
     [node]
     listen = ["/ip4/0.0.0.0/tcp/4001"]   # multiaddrs to listen on
     announce = []                       # addresses to advertise (default: the listen addresses)
-    mdns = false                        # LAN discovery, off by default
-    mdns_interface = ""                 # the interface mDNS binds to when on
+    mdns = false                        # find members on the LAN (every interface); off by default
 
     [components]
     hold = ["backbone", "head.topic"]   # components this node holds (and mixes)
@@ -65,14 +64,22 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gossip.catalog import ComponentSpec
 from gossip.errors import ConfigError
-from p2pfed.consensus import RULES
-from p2pfed.privacy import Policy
+
+if TYPE_CHECKING:
+    from p2pfed.privacy import Policy
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
+#: ``[model] kind``
+MODEL_KINDS = ("consensus", "m3t")
+#: aggregation rules a component can use (``[mixing]``; each is implemented in
+#: :mod:`p2pfed.consensus`, whose ``RULES`` a test keeps equal to this)
+MIXING_RULES = ("mh", "clipped", "trimmed-mean", "noise-aware")
+#: kinds of local data file (``[data.<task>.<modality>] kind``; read by :mod:`p2pfed.model.data`)
+SOURCE_KINDS = ("text-jsonl", "image-npz", "series-csv")
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,6 @@ class NodeSection:
     listen: tuple[str, ...] = DEFAULT_LISTEN
     announce: tuple[str, ...] = ()
     mdns: bool = False
-    mdns_interface: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,9 +94,6 @@ class ComponentsSection:
     hold: tuple[str, ...] = ("backbone",)
     train: tuple[str, ...] = ()
     dim: int = 256
-
-
-MODEL_KINDS = ("consensus", "m3t")
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,15 @@ class PrivacySection:
             return max(levels.values(), key=lambda lv: lv.sigma)
         return levels.get("shared")
 
+    def check(self) -> None:
+        """Raise ConfigError unless δ, the sampling rate and the budget are in range."""
+        if not 0 < self.delta < 1 or not 0 < self.sample_rate <= 1 or self.budget < 0:
+            raise ConfigError("delta must be in (0, 1), sample_rate in (0, 1], budget >= 0")
+
     def policies(self, components: Iterable[str]) -> dict[str, Policy]:
+        """The DP policy of each of ``components`` that has a noise level (imports torch)."""
+        from p2pfed.privacy import Policy
+
         out = {}
         for c in components:
             level = self.level_of(c)
@@ -172,7 +183,7 @@ class PrivacySection:
 @dataclass(frozen=True)
 class MixingSection:
     """``[mixing]``: the aggregation rule of every component (``rule``) and, in
-    ``[mixing.components]``, overrides per component (see :data:`p2pfed.consensus.RULES`)."""
+    ``[mixing.components]``, overrides per component (one of :data:`MIXING_RULES`)."""
 
     rule: str = "mh"
     components: tuple[tuple[str, str], ...] = ()
@@ -219,6 +230,9 @@ class Config:
             if f.name == "mixing":
                 sections["mixing"] = _mixing_section(raw)
                 continue
+            if f.name == "node":
+                sections["node"] = _node_section(raw)
+                continue
             section_cls = type(getattr(cls(), f.name))
             sections[f.name] = _section(section_cls, f.name, raw)
         unknown = set(data) - {f.name for f in fields(cls)}
@@ -255,15 +269,16 @@ class Config:
             raise ConfigError("model.lora_layers must be layer indices (>= 0)")
         for where, rule in (("mixing.rule", self.mixing.rule),
                             *((f"mixing.components.{c}", r) for c, r in self.mixing.components)):
-            if rule not in RULES:
-                raise ConfigError(f"{where} must be one of {', '.join(RULES)}, not {rule!r}")
+            if rule not in MIXING_RULES:
+                raise ConfigError(f"{where} must be one of {', '.join(MIXING_RULES)}, "
+                                  f"not {rule!r}")
         for name, _ in self.mixing.components:
             try:
                 ComponentSpec.from_name(name)
             except ValueError as exc:
                 raise ConfigError(f"mixing.components: {exc}") from exc
         try:
-            self.privacy.policies(self.components.hold)
+            self.privacy.check()
         except ConfigError as exc:
             raise ConfigError(f"privacy: {exc}") from exc
 
@@ -317,6 +332,18 @@ def read_toml(path: Path, label: str, missing: str) -> dict[str, Any]:
         raise ConfigError(missing) from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{label} is not valid TOML: {exc}") from exc
+
+
+def _node_section(raw: dict[str, Any]) -> NodeSection:
+    # py-libp2p's mDNS answers on every interface (it cannot be bound to one): the setting
+    # 'p2pfed init' used to write empty is dropped; naming an interface is an error
+    interface = raw.get("mdns_interface")
+    if interface is not None and interface != "":
+        raise ConfigError("node.mdns_interface is no longer supported: mDNS runs on every "
+                          "interface; remove the line (and set mdns = false to keep it off)")
+    section: NodeSection = _section(
+        NodeSection, "node", {k: v for k, v in raw.items() if k != "mdns_interface"})
+    return section
 
 
 def _section(cls: type[Any], name: str, raw: dict[str, Any]) -> Any:
@@ -387,8 +414,6 @@ def _mixing_section(raw: dict[str, Any]) -> MixingSection:
 
 
 def _data_section(raw: dict[str, Any]) -> dict[str, dict[str, DataSource]]:
-    from p2pfed.model.data import SOURCE_KINDS
-
     out: dict[str, dict[str, DataSource]] = {}
     for task, modalities in raw.items():
         if not isinstance(modalities, dict) or not modalities:

@@ -245,7 +245,7 @@ def mixing_report(
 
 
 #: aggregation rules a component can use (``NodeConfig.robust``)
-RULES = ("mh", "clipped", "trimmed-mean", "noise-aware")
+RULES = ("mh", "clipped", "trimmed-mean", "noise-aware")  # (p2pfed.mixing: one class each)
 
 #: noise-aware mixing: the largest trust factor of a member that declares little (or no) noise,
 #: relative to the median member of the neighbourhood...

@@ -128,23 +128,20 @@ class FederatedNode(Node):
         return sorted(p for p, _ in self._connected)
 
     def status(self) -> dict[str, Any]:
+        """The federation member's status: :func:`~p2pfed.node.status_of` and the view."""
+        from p2pfed.node import status_of
+
         members = self.view.members()
+        node = status_of(self)
         return {
-            "peer_id": self.peer_id,
+            "peer_id": node["peer_id"],
             "federation": self.view.genesis.name,
             "federation_id": self.federation_id.hex(),
             "member": self.identity.public_key in members,
             "members": len(members),
             "neighbours": self.overlay_neighbours(),
-            "components": {
-                name: {"round": self.round_of(name), "phase": self.phase_of(name).value,
-                       "neighbours": list(self.neighbours_of(name)),
-                       "consensus_distance": self.disagreement_of(name),
-                       "privacy": self.privacy_of(name),
-                       "rounds_since_view_change": len(self.disagreement_of(name))}
-                for name in sorted(self.components)
-            },
-            "rejected": dict(self.rejected),
+            "components": node["components"],
+            "rejected": node["rejected"],
             "unlearning": self.unlearning_status(),
         }
 

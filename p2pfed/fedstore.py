@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import secrets
 from dataclasses import dataclass
@@ -35,8 +36,14 @@ from gossip.membership import (
     proof_message,
 )
 from gossip.records import MAX_USES
-from p2pfed.federated import JOIN_REQUEST_ENTRY, MEMBERSHIP_ENTRY, load_view_from_ledger
 from p2pfed.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+# Ledger entry kinds this module writes, as p2pfed.federated names them: defined here too so
+# that the lifecycle commands (init, invite, join) import neither the node nor torch.
+MEMBERSHIP_ENTRY = "membership"
+JOIN_REQUEST_ENTRY = "join-request"
 
 TOKEN_PREFIX = "p2pfed1."
 FED_DIR = "federation"
@@ -104,7 +111,13 @@ class FederationStore:
 
     def view(self, ledger: Ledger) -> MembershipView:
         view = MembershipView(self.genesis())
-        load_view_from_ledger(view, [e.body for e in ledger.entries(MEMBERSHIP_ENTRY)])
+        for entry in ledger.entries(MEMBERSHIP_ENTRY):
+            raw = entry.body.get("record")
+            if isinstance(raw, bytes):
+                try:
+                    view.add_bytes(raw)
+                except RemoteError as exc:
+                    log.warning("ignoring an invalid membership record in the ledger: %s", exc)
         return view
 
     def _store_genesis(self, data: bytes) -> None:

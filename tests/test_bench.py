@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from gossip.identity import load_identity
-from p2pfed.bench import bench_layout, build_bench_home, run_bench, run_ledger_bench
+from p2pfed.bench import (
+    bench_layout,
+    build_bench_home,
+    child_cpu_seconds,
+    cli_start_seconds,
+    run_bench,
+    run_ledger_bench,
+)
 from p2pfed.blobs import BlobStore
 from p2pfed.ledger import Ledger, verify_ledger
 
@@ -65,8 +72,17 @@ def test_bench_home_holds_a_verifiable_ledger_of_a_nodes_kinds(tmp_path: Path) -
 def test_ledger_bench_reports_startup_and_status() -> None:
     result = run_ledger_bench(300, statuses=1)
     assert set(result) == {"ledger_entries", "ledger_verify_s_300", "startup_s_new",
-                           "startup_s_300", "status_s_300"}
+                           "startup_s_300", "status_s_300", "status_client_s_300"}
     assert all(math.isfinite(v) and v >= 0 for v in result.values())
     assert result["ledger_entries"] >= 300
     with pytest.raises(ValueError):
         run_ledger_bench(5)
+
+
+def test_cli_start_is_the_cpu_of_a_child_process() -> None:
+    seconds = cli_start_seconds(runs=1)
+    assert math.isfinite(seconds) and seconds > 0
+    # a failing command is measured too (no daemon to ask: a client's cost)
+    assert child_cpu_seconds(["status", "--home", "/nonexistent/p2pfed-home"]) > 0
+    with pytest.raises(ValueError):
+        cli_start_seconds(runs=0)

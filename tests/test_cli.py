@@ -83,7 +83,8 @@ def test_bench_quick_json(tmp_path: Path) -> None:
     assert main(["bench", "--quick", "--json", str(out)]) == exitcodes.OK
     data = json.loads(out.read_text())
     for key in ("memcpy_gbps", "mix_gbps", "encode_gbps", "decode_gbps", "digest_gbps",
-                "sign_per_s", "verify_per_s", "payload_stream_mbps", "raw_tcp_mbps"):
+                "sign_per_s", "verify_per_s", "payload_stream_mbps", "raw_tcp_mbps",
+                "cli_start_s"):
         assert data[key] > 0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from gossip.errors import KeyPermissionError, StorageError
 from p2pfed import exitcodes
@@ -21,6 +22,8 @@ from p2pfed.runtime.control import SOCKET_NAME, ControlUnavailableError, request
 from p2pfed.runtime.daemon import Daemon
 from p2pfed.runtime.localfed import free_ports
 from p2pfed.runtime.systemd import Notifier
+from tests.test_status_schema import errors as schema_errors
+from tests.test_status_schema import load_schema as load_status_schema
 
 
 def make_home(tmp_path: Path) -> Path:
@@ -83,6 +86,9 @@ def test_ready_after_listening_then_watchdog_and_control(tmp_path: Path) -> None
     assert isinstance(status, dict)
     assert status["ledger_ok"] is True and status["member"] is True
     assert status["federation"] == "solo" and status["rounds_completed"] >= 1
+    # the real output fits docs/status.schema.json, the mixing rule included
+    assert schema_errors(status, load_status_schema()) == []
+    assert status["components"]["backbone"]["mixing"] == "mh"
     assert seen["peers"] == []
     metrics = seen["metrics"]
     assert isinstance(metrics, str)
@@ -266,3 +272,135 @@ def test_the_daemon_verifies_its_ledger_as_it_grows_never_all_of_it_again(
     assert main(["ledger", "verify", "--home", str(home)]) == exitcodes.LEDGER_BROKEN
     trio.run(run_once, "second")  # start-up verifies only what came after the mark
     assert seen["second"]["ledger_ok"] is True
+
+
+# ---- the driver: bounded fetches, waits instead of polls (memory transport, MockClock) -----
+
+
+class StubNode:
+    """What the driver asks of a node; every announcement asks for a payload."""
+
+    def __init__(self, peer_id: str, fetches_per_message: int = 1,
+                 fetch_from: str | None = None) -> None:
+        self.peer_id = peer_id
+        self.fetched: list[bytes] = []
+        self.gone: set[str] = set()
+        self.per_message = fetches_per_message
+        self.fetch_from = fetch_from
+        self.all_fetched = trio.Event()
+        self.expect = 0
+
+    def start(self, _now: int) -> list[object]:
+        return []
+
+    def next_deadline(self) -> None:
+        return None
+
+    def serve_payload(self, key: bytes) -> bytes:
+        return b"payload-" + key
+
+    def forgotten(self) -> frozenset[str]:
+        return frozenset(self.gone)
+
+    def receive(self, peer: str, data: bytes, _now: int) -> list[object]:
+        from p2pfed.node import Fetch
+
+        return [Fetch(self.fetch_from or peer, "backbone", 0, data + bytes([i]), 1 << 10)
+                for i in range(self.per_message)]
+
+    def payload_received(self, _peer: str, _c: str, _r: int, _d: bytes, data: bytes,
+                         _now: int) -> list[object]:
+        self.fetched.append(data)
+        if len(self.fetched) == self.expect:
+            self.all_fetched.set()
+        return []
+
+    def forget(self, target: str, _now: int) -> list[object]:
+        from p2pfed.node import ForgetApplied
+
+        self.gone.add(target)
+        return [ForgetApplied(target)]
+
+
+class CountingTransport:
+    """A memory endpoint that counts the fetches in flight at once."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.now = self.most = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def fetch(self, peer: str, key: bytes, max_bytes: int) -> bytes:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            data: bytes = await self.inner.fetch(peer, key, max_bytes)  # type: ignore[attr-defined]
+            return data
+        finally:
+            self.now -= 1
+
+
+async def test_a_flood_of_announcements_never_runs_more_fetches_than_the_limit(
+        autojump_clock: trio.testing.MockClock) -> None:
+    from gossip.transport.memory import MemoryNetwork
+    from p2pfed.runtime.driver import NodeDriver
+
+    net = MemoryNetwork(latency_s=0.5)
+    flooder, counting = net.attach("flooder"), CountingTransport(net.attach("me"))
+    net.attach("server").set_payload_server(lambda key: b"payload-" + key)
+    node = StubNode("me", fetches_per_message=4, fetch_from="server")
+    node.expect = 200
+    driver = NodeDriver(node, counting, max_fetches=3)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        for i in range(50):  # 50 announcements, each asking for 4 payloads
+            await flooder.send("me", b"ann-%d" % i)
+        with trio.fail_after(600):
+            await node.all_fetched.wait()
+        nursery.cancel_scope.cancel()
+    assert sorted(node.fetched) == sorted(b"payload-ann-%d" % i + bytes([j])
+                                          for i in range(50) for j in range(4))
+    assert counting.most == 3  # the limit was reached, never passed
+    assert driver.fetch_limiter.borrowed_tokens == 0
+    # 200 fetches of 1 s (twice the latency), three at a time: about 67 s of (mock) time
+    assert trio.current_time() >= 200 / 3
+
+
+async def test_unlearn_and_leave_wait_for_what_the_node_says(
+        autojump_clock: trio.testing.MockClock) -> None:
+    from gossip.transport.memory import MemoryNetwork
+    from p2pfed.node import Announce, Broadcast
+    from p2pfed.runtime.driver import NodeDriver
+
+    net = MemoryNetwork(latency_s=2.0)
+    node = StubNode("me")
+    driver = NodeDriver(node, net.attach("me"))  # type: ignore[arg-type]
+    assert driver.fetch_limiter.total_tokens == 8  # (the default)
+    other = net.attach("other")
+    woke: list[float] = []
+
+    async def waiter() -> None:
+        await driver.wait_forgotten("x")
+        woke.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        nursery.start_soon(waiter)
+        await trio.sleep(7)
+        assert woke == []  # nobody polls: it waits for the node
+        driver.call(node.forget, "x")
+        await trio.testing.wait_all_tasks_blocked()
+        assert woke == [7]
+        with trio.fail_after(1):
+            await driver.wait_forgotten("x")  # forgotten already: at once
+        start = trio.current_time()
+        sent = await driver.deliver(lambda _now: [Broadcast(b"bye"), Announce(("other",),
+                                                                               b"bye!")])
+        assert len(sent) == 2
+        # returns once the messages are out: after the latency, not a fixed pause
+        assert trio.current_time() - start == 2.0
+        got = {other.incoming.receive_nowait(), other.incoming.receive_nowait()}
+        assert got == {("me", b"bye"), ("me", b"bye!")}
+        nursery.cancel_scope.cancel()

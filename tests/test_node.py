@@ -328,3 +328,33 @@ def test_restore_and_start_read_only_the_end_of_a_long_ledger(
     fresh.set_round_limit(196, 0)
     fresh.start(0)  # (it looks for a checkpoint of every component too)
     assert len(read) <= 4
+
+
+def test_a_node_reports_its_mixed_states_only_when_asked() -> None:
+    import dataclasses
+
+    from p2pfed.node import Mixed
+
+    nodes = [make_node(v) for v in (0.0, 3.0, 6.0)]
+    nodes[0].config = dataclasses.replace(nodes[0].config, report_mixes=True)
+    wire(nodes, [(0, 1), (1, 2), (0, 2)])
+    seen: list[tuple[str, object]] = []
+    queue = start_all(nodes, limit=1)
+    by_id = {n.peer_id: n for n in nodes}
+    while queue:  # (deliver, keeping what each node returns)
+        src, action = queue.pop(0)
+        seen.append((src, action))
+        if isinstance(action, Announce):
+            for peer in action.recipients:
+                queue += [(peer, a) for a in by_id[peer].receive(src, action.data, 0)]
+        elif isinstance(action, Fetch):
+            data = by_id[action.peer].serve_payload(action.digest)
+            assert data is not None
+            queue += [(src, a) for a in by_id[src].payload_received(
+                action.peer, action.component, action.round, action.digest, data, 0)]
+    mixed = [(src, a) for src, a in seen if isinstance(a, Mixed)]
+    assert [src for src, _ in mixed] == [nodes[0].peer_id]  # the others were not asked
+    (_, m), = mixed
+    assert isinstance(m, Mixed) and (m.component, m.round, m.epoch) == ("backbone", 0, 0)
+    assert torch.equal(m.state, value(nodes[0]))
+    assert m.state.data_ptr() != value(nodes[0]).data_ptr()  # a copy: training may go on

@@ -21,6 +21,11 @@ so every call into it is wrapped here.  A failed exchange with a peer becomes a
 for that peer; a misbehaving remote is logged (a few lines per peer), counted and dropped;
 neither ever stops the host.  ``trio.Cancelled`` always propagates.
 
+LAN discovery (``mdns=True``): py-libp2p's mDNS announces the host and listens on every
+interface (zeroconf's threads; it cannot be bound to one).  A member it finds is wanted at the
+addresses it announced, on top of those the node gives (:meth:`set_wanted_peers`); a stranger
+is left alone: discovery brings no one past the trust boundary.
+
 The host is closed inside ``host.run()`` and before py-libp2p's tasks are cancelled (otherwise
 its sockets leak: the listener's, and every connection's).
 """
@@ -111,6 +116,8 @@ class Libp2pTransport:
         self._guard = PeerGuard(limits, self.stats, local_peer=identity.peer_id)
         self._listen = list(listen_addrs)
         self._mdns = mdns
+        #: members found on the LAN (mDNS) -> the addresses they announced
+        self._lan: dict[str, tuple[str, ...]] = {}
         self._send_inbox, self._recv_inbox = trio.open_memory_channel[tuple[str, bytes]](
             inbox_size
         )
@@ -264,8 +271,10 @@ class Libp2pTransport:
         self._dialer.drop(peer)
 
     def set_wanted_peers(self, peers: dict[str, tuple[str, ...]]) -> None:
-        """Keep connections to exactly these peers (reconnecting with backoff)."""
-        self._dialer.set_wanted(peers)
+        """Keep connections to exactly these peers (reconnecting with backoff), at these
+        addresses and those mDNS found them at."""
+        self._dialer.set_wanted({p: _merged(addrs, self._lan.get(p, ()))
+                                 for p, addrs in peers.items()})
 
     def add_bootstrap(self, addrs: Sequence[str]) -> list[str]:
         """Want the peers of these ``.../p2p/<id>`` addresses (an invite's); their peer ids."""
@@ -521,6 +530,21 @@ class Libp2pTransport:
 
     @contextlib.contextmanager
     def _discovery(self) -> Iterator[None]:
-        """With mDNS on, want the peers it finds."""
-        with mdns_discovery(self.want_peer) if self._mdns else contextlib.nullcontext():
+        """With mDNS on, want the members it finds."""
+        with mdns_discovery(self._found_on_lan) if self._mdns else contextlib.nullcontext():
             yield
+
+    def _found_on_lan(self, peer: str, addrs: tuple[str, ...]) -> None:
+        """mDNS found ``peer`` at ``addrs``: keep a connection to it if it is a member."""
+        if peer == self.peer_id or not addrs or not self._guard.is_member(peer):
+            return  # anyone on the LAN can announce itself: strangers get nothing
+        if peer not in self._lan and len(self._lan) >= self.limits.max_wanted_peers:
+            return
+        self._lan[peer] = addrs
+        log.info("found %s on the LAN at %s", peer, ", ".join(addrs))
+        self.want_peer(peer, _merged(self._dialer.wanted.get(peer, ()), addrs))
+
+
+def _merged(*groups: Sequence[str]) -> tuple[str, ...]:
+    """The addresses of ``groups`` in order, each once."""
+    return tuple(dict.fromkeys(a for group in groups for a in group))

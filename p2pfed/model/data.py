@@ -30,10 +30,9 @@ import numpy as np
 import numpy.typing as npt
 
 from gossip.errors import ConfigError, LocalError
+from p2pfed.config import SOURCE_KINDS
 
 InputArray = npt.NDArray[Any] | list[str]
-
-SOURCE_KINDS: tuple[str, ...] = ("text-jsonl", "image-npz", "series-csv")
 
 ACTIVITY_STEPS = 24
 ACTIVITY_FEATURES: tuple[str, ...] = ("logins", "hours_on_task", "submissions", "forum_posts")

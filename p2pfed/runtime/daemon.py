@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 5
 VERIFY_EVERY_S = 30.0  # how often the entries appended since the last check are verified
+UNLEARN_WAIT_S = 30.0  # the longest 'unlearn' waits for the node to apply the request
+LEAVE_WAIT_S = 5.0  # the longest 'leave' waits for its record to go out
 
 
 def wall_clock_ms() -> int:
@@ -153,6 +155,7 @@ class Daemon:
                 identity,
                 listen_addrs=list(cfg.node.listen),
                 topic=f"/p2pfed/{view.federation_id.hex()}/records",
+                mdns=cfg.node.mdns,
             )
             # the trust boundary: strangers get a join request's worth of the wire, no more
             transport.set_peer_policy(node.serves)
@@ -242,9 +245,8 @@ class Daemon:
         async def unlearn(req: dict[str, Any]) -> dict[str, Any]:
             peer, mode = str(req.get("peer", "")), str(req.get("mode", "exact"))
             driver.call(node.request_forget, peer, mode, str(req.get("reason", ""))[:200])
-            with trio.move_on_after(30):  # applied once the training thread lets go
-                while peer not in node.forgotten():  # noqa: ASYNC110 (set in the node)
-                    await trio.sleep(0.05)
+            with trio.move_on_after(UNLEARN_WAIT_S):  # applied once the training thread lets go
+                await driver.wait_forgotten(peer)
             applied = [u for u in node.unlearning_status() if u["target"] == peer]
             return {"rolled_back": applied[0]["rolled_back"] if applied else []}
 
@@ -253,8 +255,10 @@ class Daemon:
             if req.get("forget"):
                 await unlearn({"peer": node.peer_id, "mode": req.get("mode", "exact"),
                                "reason": reason})
-            driver.call(node.leave, reason)
-            await trio.sleep(1.0)  # give the broadcast a moment before the operator stops us
+            # the leave record is out (sent to the neighbours, gossiped) before we answer, so
+            # that the operator may stop us at once
+            with trio.move_on_after(LEAVE_WAIT_S):
+                await driver.deliver(node.leave, reason)
             return {"left": True}
 
         return {"status": status, "peers": peers, "leave": leave, "unlearn": unlearn}

@@ -25,6 +25,7 @@ from p2pfed.node import (
     Broadcast,
     Connect,
     Fetch,
+    ForgetApplied,
     Node,
     PeerRejected,
     RoundCompleted,
@@ -42,6 +43,9 @@ REJECT_LOG_LINES = 5
 #: have not heard of yet, can come from an honest one: not counted)
 MISBEHAVIOUR = frozenset({"malformed", "oversized", "forged", "tampered", "wrong-federation",
                           "unauthorized", "bad-payload"})
+
+#: payload fetches one driver runs at once (the rest wait their turn)
+MAX_FETCHES = 8
 
 #: Runs local training of (component, round) in a worker thread; writes into the flat buffer.
 Trainer = Callable[[str, int], object]
@@ -64,6 +68,7 @@ class NodeDriver:
         trainer: Trainer | None = None,
         train_inline: bool = False,
         on_actions: Callable[[Sequence[object]], None] | None = None,
+        max_fetches: int = MAX_FETCHES,
     ) -> None:
         self.node = node
         self.transport = transport
@@ -77,6 +82,10 @@ class NodeDriver:
         self.on_actions = on_actions
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
+        #: a flood of announcements queues its fetches here instead of opening them all
+        self.fetch_limiter = trio.CapacityLimiter(max_fetches)
+        #: who waits for a member to be forgotten (see :meth:`wait_forgotten`)
+        self._forgetting: dict[str, trio.Event] = {}
         self._reject_log = LogLimiter(lines=REJECT_LOG_LINES, period_s=60.0)
         transport.set_payload_server(node.serve_payload)
 
@@ -94,15 +103,38 @@ class NodeDriver:
         self._execute(actions)
         return actions
 
+    async def deliver(self, method: Callable[..., Sequence[Any]], *args: object) -> Sequence[Any]:
+        """Like :meth:`call`, but returns once the messages the call sends are out (delivered,
+        or failed): a member that leaves tells its neighbours before it is stopped."""
+        actions = method(*args, self.clock_ms())
+        sends = [a for a in actions if isinstance(a, Announce | Broadcast)]
+        self._execute([a for a in actions if not isinstance(a, Announce | Broadcast)])
+        async with trio.open_nursery() as nursery:
+            self._start_sends(nursery, sends)
+        return actions
+
+    async def wait_forgotten(self, target: str) -> None:
+        """Return once the node has applied the forgetting of ``target`` (at once if it has)."""
+        if target in self.node.forgotten():
+            return
+        await self._forgetting.setdefault(target, trio.Event()).wait()
+
     # ---------------------------------------------------------------- internals
+    def _start_sends(self, nursery: trio.Nursery, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Announce):
+                for peer in action.recipients:
+                    nursery.start_soon(self._send, peer, action.data)
+            elif isinstance(action, Broadcast):
+                nursery.start_soon(self._broadcast, action.data)
+
     def _execute(self, actions: Sequence[Action]) -> None:
         nursery = self._nursery
         if nursery is None:
             raise RuntimeError("driver is not running")
         for action in actions:
-            if isinstance(action, Announce):
-                for peer in action.recipients:
-                    nursery.start_soon(self._send, peer, action.data)
+            if isinstance(action, Announce | Broadcast):
+                self._start_sends(nursery, [action])
             elif isinstance(action, Fetch):
                 nursery.start_soon(self._fetch, action)
             elif isinstance(action, Train):
@@ -113,13 +145,15 @@ class NodeDriver:
             elif isinstance(action, Connect):  # the members changed
                 self.transport.set_wanted_peers(dict(action.peers))
                 self.transport.membership_changed()
-            elif isinstance(action, Broadcast):
-                nursery.start_soon(self._broadcast, action.data)
             elif isinstance(action, ApplyForget):
                 if self.train_inline:
                     self.call(self.node.forget, action.target, action.mode)
                 else:
                     nursery.start_soon(self._forget, action)
+            elif isinstance(action, ForgetApplied):
+                waiting = self._forgetting.pop(action.target, None)
+                if waiting is not None:
+                    waiting.set()
             elif isinstance(action, PeerRejected):
                 self._rejected(action)
             elif isinstance(action, RoundCompleted):
@@ -156,7 +190,8 @@ class NodeDriver:
 
     async def _fetch(self, fetch: Fetch) -> None:
         try:
-            data = await self.transport.fetch(fetch.peer, fetch.digest, fetch.max_bytes)
+            async with self.fetch_limiter:
+                data = await self.transport.fetch(fetch.peer, fetch.digest, fetch.max_bytes)
         except RemoteError as exc:
             self.call(self.node.payload_failed, fetch.peer, fetch.component, fetch.round,
                       str(exc))

@@ -28,10 +28,10 @@ from gossip.envelope import digest
 from gossip.errors import ConfigError
 from gossip.identity import Identity, create_identity
 from gossip.transport.memory import MemoryNetwork
+from p2pfed import mixing
 from p2pfed.blobs import BlobStore
 from p2pfed.components import FlatComponent
 from p2pfed.consensus import (
-    RULES,
     metropolis_hastings_weights,
     rounds_to_epsilon_bound,
     slem,
@@ -39,9 +39,10 @@ from p2pfed.consensus import (
 )
 from p2pfed.ledger import Ledger
 from p2pfed.model.train import LocalTrainer
-from p2pfed.node import Node, NodeConfig
+from p2pfed.node import Mixed, Node, NodeConfig, status_of
 from p2pfed.privacy import Policy
 from p2pfed.runtime.driver import NodeDriver
+from p2pfed.sim.attacks import ATTACKS, ByzantineNode, forgery
 from p2pfed.sim.education import FULL, QUICK, EducationSettings, EducationWorkload
 from p2pfed.sim.topology import ChurnEvent, Topology
 from p2pfed.unlearning import FORGET_ENTRY
@@ -53,13 +54,6 @@ log = logging.getLogger(__name__)
 
 EPSILON = 1e-6
 WORKLOADS = ("consensus", "education")
-#: what a Byzantine node sends: its state negated; its state plus N(0, 1) noise; "a little is
-#: enough" (the honest neighbours' mean minus one standard deviation, per coordinate); inner
-#: product manipulation (minus half the honest neighbours' mean); or its honest state after
-#: training on flipped labels
-ATTACKS = ("sign-flip", "gaussian", "alie", "ipm", "label-flip")
-ALIE_Z = 1.0
-IPM_EPSILON = 0.5
 
 
 @dataclass
@@ -91,7 +85,7 @@ class SimConfig:
     dp_noisy: tuple[int, float] | None = None
     #: (kind, count): that many evenly spaced nodes are Byzantine (see ATTACKS)
     attack: tuple[str, int] | None = None
-    #: the aggregation rule of every component at the honest nodes (consensus.RULES)
+    #: the mixing rule of every component at the honest nodes (a name in p2pfed.mixing)
     robust: str = "mh"
 
 
@@ -143,9 +137,9 @@ class Simulation:
         if unknown:
             raise ConfigError(f"no node {', '.join(unknown)} in topology "
                               f"{config.topology.name}")
-        if config.robust not in RULES:
+        if config.robust not in mixing.names():
             raise ConfigError(f"unknown aggregation rule {config.robust!r}; "
-                              f"choose from {', '.join(RULES)}")
+                              f"choose from {', '.join(mixing.names())}")
         if config.dp_noisy is not None:
             count, sigma = config.dp_noisy
             if config.dp is None or not 0 < count < len(config.topology.nodes) or not (
@@ -222,22 +216,20 @@ class Simulation:
         for comp, flat in components.items():
             self.trace.initial.setdefault(comp, {})[name] = (
                 flat.flat.detach().to(torch.float64).numpy().copy())
-        node = Node(
-            identity,
-            self.federation_id,
-            components,
-            ledger,
-            blobs,
-            NodeConfig(round_timeout_ms=cfg.round_timeout_ms, trains=trains, forward_deps=deps,
-                       privacy={c: self._policy(name) for c in trains}
-                       if cfg.dp is not None else {},
-                       noise_seed=int.from_bytes(digest(f"{cfg.seed}/{name}".encode())[:7],
-                                                 "little"),
-                       robust={} if name in self.byzantine else {"*": cfg.robust}),
-        )
+        config = NodeConfig(
+            round_timeout_ms=cfg.round_timeout_ms, trains=trains, forward_deps=deps,
+            privacy={c: self._policy(name) for c in trains} if cfg.dp is not None else {},
+            noise_seed=int.from_bytes(digest(f"{cfg.seed}/{name}".encode())[:7], "little"),
+            robust={} if name in self.byzantine else {"*": cfg.robust},
+            report_mixes=True)  # (the trace records each mixed state)
+        node: Node
         if name in self.byzantine and cfg.attack and cfg.attack[0] != "label-flip":
-            node.publish_hook = self._attacker(name, cfg.attack[0])
-        node.on_mixed = self._recorder(name)
+            send = forgery(cfg.attack[0], cfg.seed * 7919 + len(name),
+                           lambda component: self._honest_states(name, component))
+            node = ByzantineNode(identity, self.federation_id, components, ledger, blobs, config,
+                                 send=send)
+        else:
+            node = Node(identity, self.federation_id, components, ledger, blobs, config)
         if name in self.trainers:
             self.trainers[name].ready = node.awaiting_update
             self.trainers[name].epoch = lambda: node.epoch
@@ -250,40 +242,23 @@ class Simulation:
             return dataclasses.replace(self.config.dp, sigma=self.config.dp_noisy[1])
         return self.config.dp
 
-    def _attacker(self, name: str, kind: str) -> Callable[[str, int, torch.Tensor],
-                                                           torch.Tensor]:
-        gen = torch.Generator().manual_seed(self.config.seed * 7919 + len(name))
+    def _honest_states(self, name: str, component: str) -> list[torch.Tensor]:
+        """The states of ``name``'s honest neighbours that hold ``component`` (what some
+        attackers read)."""
+        return [self.nodes[n].node.components[component].flat
+                for n in self._graph.neighbors(name)
+                if n not in self.byzantine and component in self.nodes[n].node.components]
 
-        def send(component: str, round_: int, state: torch.Tensor) -> torch.Tensor:
-            if kind == "sign-flip":
-                return -state
-            if kind == "gaussian":
-                return state + torch.randn(state.shape, generator=gen, dtype=state.dtype)
-            honest = [self.nodes[n].node.components[component].flat
-                      for n in self._graph.neighbors(name)
-                      if n not in self.byzantine and component in self.nodes[n].node.components]
-            if not honest:
-                return state
-            stacked = torch.stack([h.to(torch.float64) for h in honest])
-            mean = stacked.mean(dim=0)
-            if kind == "alie":
-                spread = stacked.std(dim=0) if len(honest) > 1 else torch.zeros_like(mean)
-                return mean - ALIE_Z * spread
-            return -IPM_EPSILON * mean  # ipm
-
-        return send
-
-    def _recorder(self, name: str) -> Callable[[str, int, torch.Tensor], None]:
-        def record(component: str, round_: int, state: torch.Tensor) -> None:
-            if self.edu is None:
-                node = self.nodes[name].node
-                self.work[self._phase].add((name, node.epoch, round_))
-            per_round = self.trace.rounds.setdefault(component, {})
-            per_round.setdefault(round_, {})[name] = (
-                state.detach().to(torch.float64).numpy().copy()
-            )
-
-        return record
+    def _observe(self, name: str, actions: Sequence[object]) -> None:
+        """Every batch of a node's actions: record its mixed states, wake the run loop."""
+        for action in actions:
+            if isinstance(action, Mixed):
+                if self.edu is None:
+                    self.work[self._phase].add((name, action.epoch, action.round))
+                per_round = self.trace.rounds.setdefault(action.component, {})
+                per_round.setdefault(action.round, {})[name] = (
+                    action.state.to(torch.float64).numpy().copy())
+        self._progress.set()
 
     def _peer(self, name: str) -> str:
         return self.nodes[name].identity.peer_id
@@ -310,7 +285,8 @@ class Simulation:
             if not math.isnan(trainer.train(component, round_)):
                 self.work[self._phase].add((sn.name, sn.node.epoch, round_))
 
-        sn.driver = NodeDriver(sn.node, transport, on_actions=lambda _a: self._progress.set(),
+        sn.driver = NodeDriver(sn.node, transport,
+                               on_actions=lambda actions: self._observe(sn.name, actions),
                                trainer=train if trainer is not None else None,
                                train_inline=True)
         with trio.CancelScope() as scope:
@@ -483,6 +459,7 @@ class Simulation:
             initial_holders = [h for h in holders if h not in self._absent]
             comps[comp] = self._component_report(comp, initial_holders)
         stats = self.network.stats
+        status = {name: status_of(sn.node) for name, sn in self.nodes.items()}
         return {
             "topology": self.topo.name,
             "workload": self.config.workload,
@@ -498,13 +475,11 @@ class Simulation:
                 "fetch_bytes": stats.fetch_bytes,
                 "dropped": stats.dropped,
             },
-            "rejected": {
-                name: dict(sn.node.rejected) for name, sn in self.nodes.items() if sn.node.rejected
-            },
+            "rejected": {name: st["rejected"] for name, st in status.items() if st["rejected"]},
             **({"noisy": self.noisy} if self.noisy else {}),
             "privacy": {
-                name: {c: p for c in sorted(sn.node.components)
-                       if (p := sn.node.privacy_of(c)) is not None}
+                name: {c: p for c, cs in status[name]["components"].items()
+                       if (p := cs["privacy"]) is not None}
                 for name, sn in self.nodes.items() if sn.node.config.privacy
             },
         }

@@ -1,30 +1,15 @@
-"""The sans-IO federated node: one round state machine per component.
+"""The node itself: :class:`Node` takes events in and returns actions, free of I/O.
 
-Nothing here sleeps, reads a clock, opens a socket or starts a thread.  Drivers (the daemon's
-runtime and the simulator, see :mod:`p2pfed.runtime.driver`) feed events in — time, received
-bytes, fetched payloads, finished local training — and carry out the actions that come back.
-
-Round lifecycle of one component (everything that moves it lives in :data:`TRANSITIONS`)::
-
-    IDLE --start--> TRAINING --trained--> COLLECTING --all in / deadline--> (mix) --> next round
-                    (skipped when this node does not train the component)
-
-On entering COLLECTING the node encodes its current state, stores it by digest, records a
-durable ``local-update`` ledger entry and only then announces ``(component, round, digest)`` to
-the component's holders among its neighbours.  Each neighbour's announcement triggers a fetch of
-the payload by digest; the payload is checked against the announced digest, decoded and kept.
-When every neighbour's update is in, or the deadline passes, the node mixes with
-Metropolis–Hastings weights on the holders' subgraph; a missing neighbour's weight goes back to
-self.  Announcements for later rounds are buffered (a bounded window); older ones are dropped.
+See :mod:`p2pfed.node` for the round lifecycle; the records are in :mod:`._records`, the
+state machine in :mod:`._state`, the status in :mod:`._status`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import networkx as nx
@@ -36,9 +21,7 @@ from gossip.envelope import (
     Sequencer,
     digest,
     open_envelope,
-    packb,
     seal,
-    unpackb,
 )
 from gossip.errors import (
     BadPayloadError,
@@ -51,189 +34,36 @@ from gossip.identity import Identity
 from p2pfed.blobs import BlobStore
 from p2pfed.codec import decode_payload, encode_payload
 from p2pfed.components import FlatComponent
-from p2pfed.consensus import (
-    clipped_gossip,
-    effective_weights,
-    heterogeneity,
-    metropolis_hastings_weights,
-    mix_into,
-    noise_aware_weights,
-    trimmed_mean,
-)
+from p2pfed.consensus import effective_weights, metropolis_hastings_weights
 from p2pfed.ledger import Ledger
+from p2pfed.mixing import DEFAULT_RULE, Memory, MixingRule, MixInput, Neighbour, rule
+from p2pfed.node._records import (
+    ANNOUNCE,
+    Action,
+    Announce,
+    Announcement,
+    Fetch,
+    ForgetApplied,
+    Mixed,
+    PeerRejected,
+    RoundCompleted,
+    Train,
+)
+from p2pfed.node._replay import Replay, calibrate, plan_replay
+from p2pfed.node._state import ComponentRound, Event, Phase, Received, transition
 from p2pfed.privacy import Policy, privatize
 from p2pfed.unlearning import (
     FAST_STRIDE,
     FORGET_ENTRY,
     UNLEARNED_ENTRY,
-    Contribution,
-    contributions,
-    own_updates,
     restore_candidates,
     rollback_round,
 )
 
 log = logging.getLogger(__name__)
 
-ANNOUNCE = "announce"
 ROUND_WINDOW = 2  # announcements up to this many rounds ahead are buffered
-HISTORY = 1000  # rounds of disagreement history kept for status
 EARLY = 1024  # announcements of a later epoch kept until this node applies the same forget
-
-
-# --------------------------------------------------------------------------------------------
-# Wire record
-
-
-#: the largest noise standard deviation an announcement may declare (also refuses inf)
-MAX_NOISE = 1e6
-
-
-@dataclass(frozen=True)
-class Announcement:
-    """A small signed control record: "my update of ``component`` for ``round`` is ``digest``"."""
-
-    component: str
-    round: int
-    digest: bytes
-    size: int
-    degree: int
-    lineage: tuple[str, ...]
-    noise: float = 0.0
-    #: how many forget requests the sender had applied: updates of an older epoch may carry a
-    #: forgotten member's influence and are never mixed
-    epoch: int = 0
-
-    def to_body(self) -> bytes:
-        return packb(
-            [self.component, self.round, self.digest, self.size, self.degree,
-             list(self.lineage), self.noise, self.epoch]
-        )
-
-    @classmethod
-    def from_body(cls, body: bytes) -> Announcement:
-        obj = unpackb(body)
-        if not isinstance(obj, list) or len(obj) != 8:
-            raise MalformedMessageError("announcement must be an 8-element array")
-        component, rnd, dig, size, degree, lineage, noise, epoch = obj
-        ok = (
-            isinstance(component, str)
-            and isinstance(rnd, int) and rnd >= 0
-            and isinstance(dig, bytes) and len(dig) == 32
-            and isinstance(size, int) and size > 0
-            and isinstance(degree, int) and degree >= 0
-            and isinstance(lineage, list) and all(isinstance(x, str) for x in lineage)
-            and isinstance(noise, int | float) and 0.0 <= noise <= MAX_NOISE
-            and isinstance(epoch, int) and epoch >= 0
-        )
-        if not ok:
-            raise MalformedMessageError("announcement fields have wrong types or ranges")
-        return cls(component, rnd, dig, size, degree, tuple(lineage), float(noise), epoch)
-
-
-# --------------------------------------------------------------------------------------------
-# Actions (what the driver must do)
-
-
-@dataclass(frozen=True)
-class Announce:
-    """Deliver ``data`` (a sealed envelope) to each of ``recipients``."""
-
-    recipients: tuple[str, ...]
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Fetch:
-    """Fetch the payload with ``digest`` from ``peer`` and report back (at most ``max_bytes``)."""
-
-    peer: str
-    component: str
-    round: int
-    digest: bytes
-    max_bytes: int
-
-
-@dataclass(frozen=True)
-class Train:
-    """Run local training of ``component`` for ``round``, then call ``local_update_done``."""
-
-    component: str
-    round: int
-
-
-@dataclass(frozen=True)
-class RoundCompleted:
-    component: str
-    round: int
-    mixed_with: tuple[str, ...]
-    missing: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class PeerRejected:
-    """A peer's message was refused (for scoring and logs); the node carries on."""
-
-    peer: str
-    error: RemoteError
-
-
-@dataclass(frozen=True)
-class Connect:
-    """Keep connections to these peers: (peer id, addresses) pairs (federated nodes)."""
-
-    peers: tuple[tuple[str, tuple[str, ...]], ...]
-
-
-@dataclass(frozen=True)
-class Broadcast:
-    """Publish ``data`` to the whole federation (GossipSub on the network)."""
-
-    data: bytes
-
-
-@dataclass(frozen=True)
-class ApplyForget:
-    """Call :meth:`Node.forget` for ``target`` (with no training thread running)."""
-
-    target: str
-    mode: str
-
-
-Action = (Announce | Fetch | Train | RoundCompleted | PeerRejected | Connect | Broadcast
-          | ApplyForget)
-
-
-# --------------------------------------------------------------------------------------------
-# Round state machine
-
-
-class Phase(Enum):
-    IDLE = "idle"
-    TRAINING = "training"
-    COLLECTING = "collecting"
-    PAUSED = "paused"
-
-
-class Event(Enum):
-    START = "start"
-    TRAINED = "trained"
-    COMPLETE = "complete"  # every neighbour's update is in, or the deadline passed
-    LIMIT = "limit"  # the round limit set by the driver was reached
-    RESUME = "resume"
-    ABANDON = "abandon"  # neighbours are rounds ahead: drop this round and catch up
-
-
-#: Everything that moves a component's round lives here: (phase, event) -> next phase.
-TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
-    (Phase.IDLE, Event.START): Phase.TRAINING,
-    (Phase.TRAINING, Event.TRAINED): Phase.COLLECTING,
-    (Phase.COLLECTING, Event.COMPLETE): Phase.IDLE,
-    (Phase.IDLE, Event.LIMIT): Phase.PAUSED,
-    (Phase.PAUSED, Event.RESUME): Phase.IDLE,
-    (Phase.COLLECTING, Event.ABANDON): Phase.IDLE,
-    (Phase.TRAINING, Event.ABANDON): Phase.IDLE,  # rolled back while training
-}
 
 
 @dataclass(frozen=True)
@@ -259,74 +89,10 @@ class NodeConfig:
     #: seeds the DP noise (the daemon draws it from the OS at each start; simulations derive
     #: it from their seed)
     noise_seed: int = 0
-    #: aggregation rule per component (consensus.RULES); "*" for the rest
+    #: return a :class:`Mixed` action, with a copy of the state, after each mix (simulations)
+    report_mixes: bool = False
+    #: mixing rule per component (a name in the :mod:`p2pfed.mixing` registry); "*" for the rest
     robust: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class _Received:
-    announcement: Announcement
-    flat: torch.Tensor | None = None  # set once fetched and verified
-
-
-@dataclass
-class _Replay:
-    """A component re-running rounds ``start .. until-1`` without a forgotten member."""
-
-    target: str
-    mode: str  # "exact" or "fast"
-    start: int
-    until: int
-    forget_index: int  # the ledger index of the forget entry
-    #: clean neighbour updates kept from before the request: (round, peer) -> contribution
-    history: dict[tuple[int, str], Contribution] = field(default_factory=dict)
-    #: fast mode: per round, digests of this node's own state before and after its training
-    updates: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
-    stride: int = FAST_STRIDE
-    #: a component the member never influenced, re-run only because an influenced one is
-    #: trained through it: its checkpoint from before the request, put back when done
-    keep: Mapping[str, Any] | None = None
-
-    def trains_at(self, round_: int) -> bool:
-        return self.mode == "exact" or (round_ - self.start) % self.stride == 0
-
-
-@dataclass
-class _ComponentRound:
-    comp: FlatComponent
-    phase: Phase = Phase.IDLE
-    round: int = 0
-    deadline_ms: int | None = None
-    start_at_ms: int | None = None  # earliest start of the next round (round pacing)
-    weights: dict[str, float] = field(default_factory=dict)  # MH row (self included)
-    neighbours: tuple[str, ...] = ()
-    # (round, peer) -> announcement and payload
-    inbox: dict[tuple[int, str], _Received] = field(default_factory=dict)
-    lineage: set[str] = field(default_factory=set)
-    own_digest: bytes = b""
-    #: per round mixed with neighbours, the largest relative distance to their updates
-    disagreement: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
-    scratch: torch.Tensor | None = None
-    completed: int = 0  # rounds mixed since this node started
-    #: members whose presence shapes this node's mixing weights (within two hops)
-    weight_deps: frozenset[str] = frozenset()
-    replay: _Replay | None = None
-    trained: bool = False  # this round's update includes local training
-    releases: int = 0  # differentially private updates released so far
-    #: the state before this round's training, when calibration or privacy needs it
-    origin: torch.Tensor | None = None
-    released: bool = False  # this round's update is a private release
-    noise: float = 0.0  # the noise std this round's announcement declared
-    radius: float = 0.0  # clipped gossip's radius in the last round (its memory)
-    exhausted: bool = False  # the privacy budget allows no more releases
-    start_digest: bytes = b""  # the state before this round's training (kept for fast mode)
-
-
-def _transition(state: _ComponentRound, event: Event) -> None:
-    try:
-        state.phase = TRANSITIONS[(state.phase, event)]
-    except KeyError:
-        raise AssertionError(f"no transition from {state.phase} on {event}") from None
 
 
 class Node:
@@ -350,9 +116,12 @@ class Node:
         self.blobs = blobs
         self._seq = sequencer or Sequencer()
         self._replay = ReplayGuard()
-        self._states = {name: _ComponentRound(comp) for name, comp in components.items()}
+        self._states = {name: ComponentRound(comp) for name, comp in components.items()}
         for st in self._states.values():
             st.lineage.add(self.peer_id)
+        #: how each component mixes (a registered :class:`~p2pfed.mixing.MixingRule`)
+        self._rules: dict[str, MixingRule] = {name: rule(self.rule_of(name))
+                                              for name in self._states}
         self._graph: nx.Graph = nx.Graph()
         self._holders: dict[str, frozenset[str]] = {}
         self._round_limit: int | None = None
@@ -365,10 +134,6 @@ class Node:
         #: forget requests being applied: target -> components still replaying
         self._pending: dict[str, set[str]] = {}
         self._noise: torch.Generator | None = None
-        #: called after each mix with (component, round, state); used by the simulator
-        self.on_mixed: Callable[[str, int, torch.Tensor], None] | None = None
-        #: the simulator's Byzantine members: what they send instead of their state
-        self.publish_hook: Callable[[str, int, torch.Tensor], torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- inspection
     @property
@@ -395,7 +160,7 @@ class Node:
 
     def rule_of(self, component: str) -> str:
         """How ``component`` mixes (``NodeConfig.robust``: its own entry, else ``"*"``)."""
-        return self.config.robust.get(component, self.config.robust.get("*", "mh"))
+        return self.config.robust.get(component, self.config.robust.get("*", DEFAULT_RULE))
 
     def privacy_of(self, component: str) -> dict[str, Any] | None:
         """ε spent by ``component``'s released updates (None: no privacy policy)."""
@@ -466,7 +231,7 @@ class Node:
         actions: list[Action] = []
         for name, st in self._states.items():
             if st.phase is Phase.PAUSED and (limit is None or st.round < limit):
-                _transition(st, Event.RESUME)
+                transition(st, Event.RESUME)
                 actions += self._start_round(name, now_ms)
         return actions
 
@@ -479,7 +244,7 @@ class Node:
             key = self.blobs.put_tensors({"flat": st.comp.flat},
                                          {"component": name, "round": str(st.round)})
             bodies[name] = {"component": name, "round": st.round, "digest": key,
-                            "lineage": sorted(st.lineage), "radius": st.radius}
+                            "lineage": sorted(st.lineage), **st.memory.to_record()}
             self.ledger.append("checkpoint", bodies[name], timestamp_ms=now_ms, durable=True)
         return bodies
 
@@ -544,7 +309,7 @@ class Node:
         st.comp.load_(self.blobs.get_tensors(body["digest"])["flat"])
         st.round = body["round"]
         st.lineage = set(body.get("lineage", [])) | {self.peer_id}
-        st.radius = float(body.get("radius", 0.0))
+        st.memory = Memory.from_record(body)
         st.inbox.clear()
 
     def _resume_forget(self, index: int, body: Mapping[str, Any],
@@ -557,7 +322,7 @@ class Node:
             ck_index, ck = latest.get(name, (-1, {}))
             if ck_index < index:  # no checkpoint since the request: roll back again
                 ck = {"digest": plan["checkpoint"], "round": body["start"],
-                      "lineage": plan["lineage"], "radius": plan.get("radius", 0.0)}
+                      "lineage": plan["lineage"], **Memory.from_record(plan).to_record()}
                 self._load_checkpoint(name, ck)
             if self._states[name].round < plan["until"]:
                 self._begin_replay(name, body["target"], body["mode"], body["start"],
@@ -623,7 +388,7 @@ class Node:
             {"target": target, "mode": mode, "epoch": self.epoch, "start": start,
              "components": {c: {"until": rounds[c], "checkpoint": checkpoints[c]["digest"],
                                 "lineage": checkpoints[c]["lineage"],
-                                "radius": checkpoints[c].get("radius", 0.0),
+                                **Memory.from_record(checkpoints[c]).to_record(),
                                 **({"keep": keep[c]} if c in keep else {})}
                             for c in sorted(rerun)},
              "influenced": sorted(influenced),
@@ -636,7 +401,7 @@ class Node:
         for name in sorted(rerun):
             st = self._states[name]
             if st.phase in (Phase.TRAINING, Phase.COLLECTING):  # (a queued Train is dropped)
-                _transition(st, Event.ABANDON)
+                transition(st, Event.ABANDON)
             st.deadline_ms = st.start_at_ms = st.origin = None
             self._load_checkpoint(name, checkpoints[name])
             if rounds[name] > start:
@@ -646,6 +411,7 @@ class Node:
         log.info("%s: forgetting %s (%s): rolled back %s to round %d (%s re-run only)",
                  self.peer_id[-8:], target[-8:], mode, sorted(influenced), start,
                  sorted(rerun - influenced))
+        actions.append(ForgetApplied(target))
         actions += self._maybe_finish_forget(target, now_ms)
         for name in sorted(rerun):
             if self._states[name].phase is Phase.IDLE:
@@ -657,16 +423,14 @@ class Node:
 
     def _begin_replay(self, name: str, target: str, mode: str, start: int, until: int,
                       forget_index: int, keep: Mapping[str, Any] | None = None) -> None:
-        replay = _Replay(target, mode, start, until, forget_index, keep=keep,
-                         stride=self.config.fast_stride)
-        replay.history = contributions(self.ledger.entries("contribution"), name, start, until,
-                                       self._forgotten)
-        if mode == "fast" and name in self.config.trains:
-            replay.updates = own_updates(self.ledger.entries("local-update"), name, start, until,
-                                         forget_index)
-        self._states[name].replay = replay
+        fast = mode == "fast" and name in self.config.trains
+        self._states[name].replay = plan_replay(
+            self.ledger.entries("contribution"),
+            self.ledger.entries("local-update") if fast else None,
+            name, target, mode, start, until, forget_index, forgotten=self._forgotten,
+            stride=self.config.fast_stride, keep=keep)
 
-    def _stored_update(self, name: str, replay: _Replay, round_: int) -> torch.Tensor | None:
+    def _stored_update(self, name: str, replay: Replay, round_: int) -> torch.Tensor | None:
         """This node's own training update of ``round_`` as it was made before the request."""
         kept = replay.updates.get(round_)
         if kept is None:
@@ -688,7 +452,7 @@ class Node:
                      self.peer_id[-8:], name, float((kept - st.comp.flat).abs().max()))
         st.comp.load_(kept)
         st.lineage = set(keep["lineage"]) | {self.peer_id}
-        st.radius = float(keep.get("radius", 0.0))
+        st.memory = Memory.from_record(keep)
 
     def _maybe_finish_forget(self, target: str, now_ms: int) -> list[Action]:
         pending = self._pending.get(target)
@@ -773,7 +537,7 @@ class Node:
         for dep in sorted(self.config.forward_deps.get(component, ())):
             if dep in self._states:
                 st.lineage.update(self._states[dep].lineage)
-        _transition(st, Event.TRAINED)
+        transition(st, Event.TRAINED)
         return self._publish(component, now_ms)
 
     def receive(self, peer: str, data: bytes, now_ms: int) -> list[Action]:
@@ -809,29 +573,24 @@ class Node:
         log.debug("rejected message from %s: %s (%s)", peer[-8:], exc, exc.code)
         return [PeerRejected(peer, exc)]  # the driver logs it, a few lines per peer at most
 
-    def _calibrate(self, st: _ComponentRound, replay: _Replay, name: str,
+    def _calibrate(self, st: ComponentRound, replay: Replay, name: str,
                    origin: torch.Tensor) -> None:
         """Fast unlearning: the calibration update keeps its direction and takes the size of
         the stored update it replaces (FedEraser)."""
         stored = self._stored_update(name, replay, st.round)
-        if stored is None:
-            return
-        size = float(torch.linalg.vector_norm(stored.to(torch.float64)))
-        step = st.comp.flat - origin
-        norm = float(torch.linalg.vector_norm(step.to(torch.float64)))
-        if norm > 0.0:
-            st.comp.flat.copy_(origin + step * (size / norm))
+        if stored is not None:
+            calibrate(st.comp.flat, origin, stored)
 
     def _start_round(self, name: str, now_ms: int) -> list[Action]:
         st = self._states[name]
         if self._round_limit is not None and st.round >= self._round_limit:
-            _transition(st, Event.LIMIT)
+            transition(st, Event.LIMIT)
             return []
         if st.start_at_ms is not None and now_ms < st.start_at_ms:
             return []  # paced: tick() starts it
         interval = self.config.round_interval_ms
         st.start_at_ms = now_ms + interval if interval > 0 else None
-        _transition(st, Event.START)
+        transition(st, Event.START)
         replay = st.replay
         trains = name in self.config.trains and (replay is None or replay.trains_at(st.round))
         policy = self.config.privacy.get(name)
@@ -855,14 +614,13 @@ class Node:
             stored = self._stored_update(name, replay, st.round)
             if stored is not None:
                 st.comp.flat.add_(stored)
-        _transition(st, Event.TRAINED)
+        transition(st, Event.TRAINED)
         return self._publish(name, now_ms)
 
     def _publish(self, name: str, now_ms: int) -> list[Action]:
         st = self._states[name]
         st.deadline_ms = now_ms + self.config.round_timeout_ms
-        state = st.comp.flat if self.publish_hook is None else (
-            self.publish_hook(name, st.round, st.comp.flat).to(st.comp.flat.dtype))
+        state = self._outgoing(name, st.round, st.comp.flat)
         payload = bytes(encode_payload(name, st.round, state, st.comp.layout))
         st.own_digest = self.blobs.put(payload)
         policy = self.config.privacy.get(name)
@@ -907,7 +665,12 @@ class Node:
                 actions.append(self._fetch(peer, rec.announcement))
         return actions + self._maybe_complete(name, now_ms)
 
-    def _replay_history(self, name: str, st: _ComponentRound, now_ms: int) -> None:
+    def _outgoing(self, name: str, round_: int, state: torch.Tensor) -> torch.Tensor:
+        """The update this node releases for ``round_``: its state (the simulator's Byzantine
+        members, :mod:`p2pfed.sim.attacks`, send something else)."""
+        return state
+
+    def _replay_history(self, name: str, st: ComponentRound, now_ms: int) -> None:
         """Re-running a round: take the neighbours' clean updates from this node's store."""
         assert st.replay is not None
         for peer in st.neighbours:
@@ -918,7 +681,7 @@ class Node:
             data = self.blobs.get(kept.digest)
             ann = Announcement(name, st.round, kept.digest, len(data), 0, kept.lineage,
                                noise=kept.noise, epoch=self.epoch)
-            st.inbox[(st.round, peer)] = _Received(ann, self._stored_state(name, kept.digest))
+            st.inbox[(st.round, peer)] = Received(ann, self._stored_state(name, kept.digest))
             self.ledger.append(
                 "contribution",
                 {"sender": peer, "component": name, "round": st.round, "digest": kept.digest,
@@ -967,7 +730,7 @@ class Node:
         key = (ann.round, peer)
         if key in st.inbox:
             return actions  # a second announcement for the same round: keep the first
-        st.inbox[key] = _Received(ann)
+        st.inbox[key] = Received(ann)
         if ann.round == st.round and st.phase is Phase.COLLECTING:
             actions.append(self._fetch(peer, ann))
         return actions
@@ -987,7 +750,7 @@ class Node:
         st.deadline_ms = None
         st.start_at_ms = None
         if st.phase is Phase.COLLECTING:
-            _transition(st, Event.ABANDON)
+            transition(st, Event.ABANDON)
         return self._start_round(name, now_ms)
 
     def _payload_received(
@@ -1048,35 +811,11 @@ class Node:
             st.disagreement.append(
                 _disagreement(st.comp.flat, [r.flat for r in present.values()])
             )
-        rule = self.rule_of(name)
-        others = [(w, present[str(p)].flat) for p, w in terms]
-        audit: dict[str, Any] = {}
-        if rule == "noise-aware" and others:  # new weights, then the plain weighted mix
-            noises = [present[str(p)].announcement.noise for p, _ in terms]
-            between = heterogeneity(
-                st.comp.flat, [(s, x) for s, (_, x) in zip(noises, others, strict=True)],  # type: ignore[misc]
-                st.noise)
-            self_w, reweighted = noise_aware_weights(
-                self_w, st.noise, [(w, s) for (_, w), s in zip(terms, noises, strict=True)],
-                between)
-            audit = {"noise": [st.noise, *noises], "heterogeneity": between}
-            terms = [(p, w) for (p, _), w in zip(terms, reweighted, strict=True)]
-            others = [(w, x) for w, (_, x) in zip(reweighted, others, strict=True)]
-        if rule == "clipped" and others:
-            clip = clipped_gossip(st.comp.flat, others, previous=st.radius)  # type: ignore[arg-type]
-            st.comp.flat.copy_(clip.state)
-            if len(others) > 1:  # (one neighbour alone cannot be judged: keep the memory)
-                st.radius = clip.radius
-            audit = {"radius": clip.radius,
-                     "left_out": [str(terms[i][0]) for i in clip.left_out]}
-        elif rule == "trimmed-mean" and others:
-            states = [st.comp.flat, *(x for _, x in others)]
-            st.comp.flat.copy_(trimmed_mean(states, max(1, len(states) // 4)))  # type: ignore[arg-type]
-        else:
-            inputs: list[tuple[float, torch.Tensor]] = [(self_w, st.comp.flat)]
-            inputs += others  # type: ignore[arg-type]
-            mix_into(st.scratch, inputs)
-            st.comp.flat.copy_(st.scratch)
+        neighbours = tuple(_neighbour(p, w, present[p]) for p, w in terms)
+        mixed = self._rules[name].mix(MixInput(st.comp.flat, self_w, neighbours, st.memory,
+                                               own_noise=st.noise, scratch=st.scratch))
+        st.comp.flat.copy_(mixed.state)
+        st.memory, self_w = mixed.memory, mixed.self_weight
         for p in present.values():
             st.lineage.update(p.announcement.lineage)
         st.lineage.update(st.weight_deps)
@@ -1084,15 +823,16 @@ class Node:
         self.ledger.append(
             "mix",
             {"component": name, "round": st.round, "self_weight": self_w,
-             "inputs": [[str(p), w, present[str(p)].announcement.digest] for p, w in terms],
+             "inputs": [[n.peer, w, present[n.peer].announcement.digest]
+                        for n, w in zip(neighbours, mixed.weights, strict=True)],
              "missing": list(missing), "lineage": sorted(st.lineage), "epoch": self.epoch,
-             "rule": rule, **audit},
+             "rule": self._rules[name].name, **mixed.audit},
             timestamp_ms=now_ms,
         )
-        if self.on_mixed is not None:
-            self.on_mixed(name, st.round, st.comp.flat)
-
-        done = RoundCompleted(name, st.round, tuple(sorted(present)), missing)
+        actions: list[Action] = []
+        if self.config.report_mixes:
+            actions.append(Mixed(name, st.round, self.epoch, st.comp.flat.detach().clone()))
+        actions.append(RoundCompleted(name, st.round, tuple(sorted(present)), missing))
         st.inbox = {k: v for k, v in st.inbox.items() if k[0] > st.round}
         st.round += 1
         st.completed += 1
@@ -1100,8 +840,7 @@ class Node:
         every = self.config.checkpoint_every
         if every and st.round % every == 0:
             self.checkpoint(now_ms, [name])  # the state at the start of round st.round
-        _transition(st, Event.COMPLETE)
-        actions: list[Action] = [done]
+        transition(st, Event.COMPLETE)
         if st.replay is not None and st.round >= st.replay.until:
             target, keep, st.replay = st.replay.target, st.replay.keep, None
             if keep is not None:
@@ -1111,23 +850,13 @@ class Node:
         return actions + self._start_round(name, now_ms)
 
 
+def _neighbour(peer: str, weight: float, rec: Received) -> Neighbour:
+    assert rec.flat is not None
+    return Neighbour(peer, weight, rec.flat, rec.announcement.noise)
+
+
 def _disagreement(own: torch.Tensor, others: list[torch.Tensor | None]) -> float:
     """Largest ‖x_j − x_i‖ / ‖x_i‖ over the neighbours' updates (a local consensus distance)."""
     scale = max(float(torch.linalg.vector_norm(own)), 1e-30)
     dists = [float(torch.linalg.vector_norm(o - own)) for o in others if o is not None]
     return max(dists, default=0.0) / scale
-
-
-def status_of(node: Node) -> dict[str, Any]:
-    """A JSON-friendly snapshot for ``p2pfed status``."""
-    return {
-        "peer_id": node.peer_id,
-        "components": {
-            name: {"round": node.round_of(name), "phase": node.phase_of(name).value,
-                   "neighbours": len(node.neighbours_of(name)),
-                   "mixing": node.rule_of(name),
-                   "privacy": node.privacy_of(name)}
-            for name in sorted(node.components)
-        },
-        "rejected": dict(node.rejected),
-    }

@@ -1,0 +1,223 @@
+"""Mixing rules: how a node combines its state with its neighbours' at the end of a round.
+
+One small class per rule behind one interface (:class:`MixingRule`), found by name in a
+registry (:func:`rule`); the node hands a rule a :class:`MixInput` and applies the
+:class:`MixResult` it gets back, never knowing which rule runs.  The math stays in
+:mod:`p2pfed.consensus` as pure functions; a rule only decides which of them to call.
+
+A rule that remembers something between rounds (clipped gossip's radius) keeps it in the
+:class:`Memory` it is handed and hands back a new one; the node stores it with its
+checkpoints, so that a restart or an unlearning's rollback re-runs a round exactly.
+
+Adding a rule is one class and one registration::
+
+    class KeepOwn(MixingRule):
+        name = "keep-own"
+
+        def mix(self, inp: MixInput) -> MixResult:
+            return MixResult(inp.own, 1.0, tuple(0.0 for _ in inp.neighbours), inp.memory)
+
+    register(KeepOwn())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from gossip.errors import ConfigError
+from p2pfed.consensus import (
+    clipped_gossip,
+    heterogeneity,
+    mix_into,
+    noise_aware_weights,
+    trimmed_mean,
+)
+
+#: the rule used when a component names none
+DEFAULT_RULE = "mh"
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What mixing rules carry from one round to the next (stored with each checkpoint).
+
+    ``radius``: clipped gossip's radius in the last round it could judge (0: none yet).
+    """
+
+    radius: float = 0.0
+
+    def to_record(self) -> dict[str, float]:
+        """The fields a checkpoint body carries."""
+        return {"radius": self.radius}
+
+    @classmethod
+    def from_record(cls, body: Mapping[str, Any]) -> Memory:
+        """Read back from a checkpoint body (missing fields: a fresh memory)."""
+        return cls(radius=float(body.get("radius", 0.0)))
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A neighbour's update that arrived in time for this round."""
+
+    peer: str
+    #: its Metropolis–Hastings weight in this node's row
+    weight: float
+    state: torch.Tensor
+    #: the noise standard deviation its announcement declared
+    noise: float = 0.0
+
+
+@dataclass(frozen=True)
+class MixInput:
+    """Everything a rule may look at.  Neighbours are sorted by peer id."""
+
+    own: torch.Tensor
+    #: this node's weight, with the weights of the neighbours that missed the round added
+    self_weight: float
+    neighbours: tuple[Neighbour, ...]
+    memory: Memory = field(default_factory=Memory)
+    #: the noise standard deviation this node's own announcement declared
+    own_noise: float = 0.0
+    #: a buffer shaped like ``own`` that a rule may write its result into (never ``own``)
+    scratch: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class MixResult:
+    """The new state and what the ledger records of the mix."""
+
+    state: torch.Tensor
+    #: the weights the mix used: self's, and one per neighbour in input order
+    self_weight: float
+    weights: tuple[float, ...]
+    memory: Memory
+    #: extra fields for the ledger's ``mix`` entry (what the rule decided, for audits)
+    audit: Mapping[str, Any] = field(default_factory=dict)
+
+
+class MixingRule:
+    """One way of mixing.  Subclasses set :attr:`name` and implement :meth:`mix`."""
+
+    name: ClassVar[str] = ""
+
+    def mix(self, inp: MixInput) -> MixResult:
+        raise NotImplementedError
+
+
+def weighted(inp: MixInput, self_weight: float, weights: tuple[float, ...],
+             memory: Memory | None = None,
+             audit: Mapping[str, Any] | None = None) -> MixResult:
+    """The plain weighted mix ``self_weight · own + Σ w_j · x_j`` (into ``inp.scratch``)."""
+    out = inp.scratch if inp.scratch is not None else torch.empty_like(inp.own)
+    terms = [(self_weight, inp.own)]
+    terms += [(w, n.state) for w, n in zip(weights, inp.neighbours, strict=True)]
+    mix_into(out, terms)
+    return MixResult(out, self_weight, weights, inp.memory if memory is None else memory,
+                     audit or {})
+
+
+def _plain(inp: MixInput) -> MixResult:
+    return weighted(inp, inp.self_weight, tuple(n.weight for n in inp.neighbours))
+
+
+class MetropolisHastings(MixingRule):
+    """The weighted average with the Metropolis–Hastings row (the default)."""
+
+    name = "mh"
+
+    def mix(self, inp: MixInput) -> MixResult:
+        return _plain(inp)
+
+
+class NoiseAware(MixingRule):
+    """Metropolis–Hastings reweighted by the noise each member declares
+    (:func:`~p2pfed.consensus.noise_aware_weights`)."""
+
+    name = "noise-aware"
+
+    def mix(self, inp: MixInput) -> MixResult:
+        if not inp.neighbours:
+            return _plain(inp)
+        noises = [n.noise for n in inp.neighbours]
+        between = heterogeneity(inp.own, [(n.noise, n.state) for n in inp.neighbours],
+                                inp.own_noise)
+        self_w, reweighted = noise_aware_weights(
+            inp.self_weight, inp.own_noise, [(n.weight, n.noise) for n in inp.neighbours],
+            between)
+        return weighted(inp, self_w, tuple(reweighted),
+                        audit={"noise": [inp.own_noise, *noises], "heterogeneity": between})
+
+
+class Clipped(MixingRule):
+    """Clipped gossip (:func:`~p2pfed.consensus.clipped_gossip`); its radius is its memory."""
+
+    name = "clipped"
+
+    def mix(self, inp: MixInput) -> MixResult:
+        if not inp.neighbours:
+            return _plain(inp)
+        clip = clipped_gossip(inp.own, [(n.weight, n.state) for n in inp.neighbours],
+                              previous=inp.memory.radius)
+        memory = inp.memory
+        if len(inp.neighbours) > 1:  # (one neighbour alone cannot be judged: keep the memory)
+            memory = dataclasses.replace(memory, radius=clip.radius)
+        return MixResult(
+            clip.state, inp.self_weight, tuple(n.weight for n in inp.neighbours), memory,
+            {"radius": clip.radius, "left_out": [inp.neighbours[i].peer for i in clip.left_out]})
+
+
+class TrimmedMean(MixingRule):
+    """The coordinate-wise mean of self and the neighbours after dropping a quarter at each
+    end (:func:`~p2pfed.consensus.trimmed_mean`)."""
+
+    name = "trimmed-mean"
+
+    def mix(self, inp: MixInput) -> MixResult:
+        if not inp.neighbours:
+            return _plain(inp)
+        states = [inp.own, *(n.state for n in inp.neighbours)]
+        return MixResult(trimmed_mean(states, max(1, len(states) // 4)), inp.self_weight,
+                         tuple(n.weight for n in inp.neighbours), inp.memory)
+
+
+_REGISTRY: dict[str, MixingRule] = {}
+
+
+def register(rule_: MixingRule, *, replace: bool = False) -> MixingRule:
+    """Make ``rule_`` available under its name (a second rule of the same name is refused
+    unless ``replace``)."""
+    if not rule_.name:
+        raise ConfigError("a mixing rule needs a name")
+    if rule_.name in _REGISTRY and not replace:
+        raise ConfigError(f"a mixing rule named {rule_.name!r} is already registered")
+    _REGISTRY[rule_.name] = rule_
+    return rule_
+
+
+def unregister(name: str) -> None:
+    """Remove a rule (tests that register their own)."""
+    _REGISTRY.pop(name, None)
+
+
+def rule(name: str) -> MixingRule:
+    """The rule registered as ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown mixing rule {name!r}; choose from "
+                          f"{', '.join(names())}") from None
+
+
+def names() -> tuple[str, ...]:
+    """Names of the registered rules, built-in ones first."""
+    return tuple(_REGISTRY)
+
+
+for _builtin in (MetropolisHastings(), Clipped(), TrimmedMean(), NoiseAware()):
+    register(_builtin)

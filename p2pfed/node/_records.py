@@ -1,0 +1,157 @@
+"""The node's records: the signed announcement it sends, and the actions it returns.
+
+Frozen records in a module of their own (h11's ``_events.py``): the node returns actions, a
+driver (:mod:`p2pfed.runtime.driver`) carries them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gossip.envelope import packb, unpackb
+from gossip.errors import MalformedMessageError, RemoteError
+
+ANNOUNCE = "announce"
+
+#: the largest noise standard deviation an announcement may declare (also refuses inf)
+MAX_NOISE = 1e6
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A small signed control record: "my update of ``component`` for ``round`` is ``digest``"."""
+
+    component: str
+    round: int
+    digest: bytes
+    size: int
+    degree: int
+    lineage: tuple[str, ...]
+    noise: float = 0.0
+    #: how many forget requests the sender had applied: updates of an older epoch may carry a
+    #: forgotten member's influence and are never mixed
+    epoch: int = 0
+
+    def to_body(self) -> bytes:
+        return packb(
+            [self.component, self.round, self.digest, self.size, self.degree,
+             list(self.lineage), self.noise, self.epoch]
+        )
+
+    @classmethod
+    def from_body(cls, body: bytes) -> Announcement:
+        obj = unpackb(body)
+        if not isinstance(obj, list) or len(obj) != 8:
+            raise MalformedMessageError("announcement must be an 8-element array")
+        component, rnd, dig, size, degree, lineage, noise, epoch = obj
+        ok = (
+            isinstance(component, str)
+            and isinstance(rnd, int) and rnd >= 0
+            and isinstance(dig, bytes) and len(dig) == 32
+            and isinstance(size, int) and size > 0
+            and isinstance(degree, int) and degree >= 0
+            and isinstance(lineage, list) and all(isinstance(x, str) for x in lineage)
+            and isinstance(noise, int | float) and 0.0 <= noise <= MAX_NOISE
+            and isinstance(epoch, int) and epoch >= 0
+        )
+        if not ok:
+            raise MalformedMessageError("announcement fields have wrong types or ranges")
+        return cls(component, rnd, dig, size, degree, tuple(lineage), float(noise), epoch)
+
+
+# --------------------------------------------------------------------------------------------
+# Actions (what the driver must do)
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Deliver ``data`` (a sealed envelope) to each of ``recipients``."""
+
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Fetch the payload with ``digest`` from ``peer`` and report back (at most ``max_bytes``)."""
+
+    peer: str
+    component: str
+    round: int
+    digest: bytes
+    max_bytes: int
+
+
+@dataclass(frozen=True)
+class Train:
+    """Run local training of ``component`` for ``round``, then call ``local_update_done``."""
+
+    component: str
+    round: int
+
+
+@dataclass(frozen=True)
+class RoundCompleted:
+    component: str
+    round: int
+    mixed_with: tuple[str, ...]
+    missing: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Mixed:
+    """``component``'s state right after round ``round`` mixed (a copy), in forget ``epoch``.
+
+    Returned only with ``NodeConfig.report_mixes`` (the simulator's trace)."""
+
+    component: str
+    round: int
+    epoch: int
+    state: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PeerRejected:
+    """A peer's message was refused (for scoring and logs); the node carries on."""
+
+    peer: str
+    error: RemoteError
+
+
+@dataclass(frozen=True)
+class Connect:
+    """Keep connections to these peers: (peer id, addresses) pairs (federated nodes)."""
+
+    peers: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Publish ``data`` to the whole federation (GossipSub on the network)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ApplyForget:
+    """Call :meth:`Node.forget` for ``target`` (with no training thread running)."""
+
+    target: str
+    mode: str
+
+
+@dataclass(frozen=True)
+class ForgetApplied:
+    """``target`` is forgotten: its influence is rolled back (re-runs may still be under way).
+
+    Drivers wake whoever waits for it (the daemon's ``unlearn`` command)."""
+
+    target: str
+
+
+Action = (Announce | Fetch | Train | RoundCompleted | Mixed | PeerRejected | Connect | Broadcast
+          | ApplyForget | ForgetApplied)
+
+

@@ -1,0 +1,65 @@
+"""Unlearning's re-run of rounds: what a component replaying rounds keeps, and the math of
+fast mode's calibration (FedEraser).
+
+The node rolls a component back to a checkpoint free of a forgotten member and re-runs the
+rounds since (see :meth:`p2pfed.node.Node.forget`); the ledger supplies the neighbours' clean
+updates (:func:`p2pfed.unlearning.contributions`) and, in fast mode, this node's own updates
+(:func:`p2pfed.unlearning.own_updates`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from p2pfed.ledger import LedgerEntry
+from p2pfed.unlearning import FAST_STRIDE, Contribution, contributions, own_updates
+
+
+@dataclass
+class Replay:
+    """A component re-running rounds ``start .. until-1`` without a forgotten member."""
+
+    target: str
+    mode: str  # "exact" or "fast"
+    start: int
+    until: int
+    forget_index: int  # the ledger index of the forget entry
+    #: clean neighbour updates kept from before the request: (round, peer) -> contribution
+    history: dict[tuple[int, str], Contribution] = field(default_factory=dict)
+    #: fast mode: per round, digests of this node's own state before and after its training
+    updates: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    stride: int = FAST_STRIDE
+    #: a component the member never influenced, re-run only because an influenced one is
+    #: trained through it: its checkpoint from before the request, put back when done
+    keep: Mapping[str, Any] | None = None
+
+    def trains_at(self, round_: int) -> bool:
+        return self.mode == "exact" or (round_ - self.start) % self.stride == 0
+
+
+def plan_replay(contributions_: Iterable[LedgerEntry], updates: Iterable[LedgerEntry] | None,
+                name: str, target: str, mode: str, start: int, until: int, forget_index: int,
+                *, forgotten: Iterable[str], stride: int = FAST_STRIDE,
+                keep: Mapping[str, Any] | None = None) -> Replay:
+    """The re-run of ``name``'s rounds ``start .. until-1``: the clean neighbour updates from
+    the ledger's ``contribution`` entries and, when ``updates`` (``local-update`` entries) are
+    given (fast mode, a trained component), this node's own updates before the request."""
+    replay = Replay(target, mode, start, until, forget_index, keep=keep, stride=stride)
+    replay.history = contributions(contributions_, name, start, until, forgotten)
+    if updates is not None:
+        replay.updates = own_updates(updates, name, start, until, forget_index)
+    return replay
+
+
+def calibrate(flat: torch.Tensor, origin: torch.Tensor, stored: torch.Tensor) -> None:
+    """Fast unlearning: the calibration update ``flat - origin`` keeps its direction and takes
+    the size of the ``stored`` update it replaces (FedEraser); ``flat`` changes in place."""
+    size = float(torch.linalg.vector_norm(stored.to(torch.float64)))
+    step = flat - origin
+    norm = float(torch.linalg.vector_norm(step.to(torch.float64)))
+    if norm > 0.0:
+        flat.copy_(origin + step * (size / norm))

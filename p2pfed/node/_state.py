@@ -1,0 +1,98 @@
+"""A component's round: its phases, the table of transitions, and what a round holds.
+
+Everything that moves a component's round lives here (h11's ``_state.py``): the node calls
+:func:`transition` with an :class:`Event`; a move the table does not list is a bug.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from p2pfed.components import FlatComponent
+from p2pfed.mixing import Memory
+from p2pfed.node._records import Announcement
+from p2pfed.node._replay import Replay
+
+HISTORY = 1000  # rounds of disagreement history kept for status
+
+class Phase(Enum):
+    IDLE = "idle"
+    TRAINING = "training"
+    COLLECTING = "collecting"
+    PAUSED = "paused"
+
+
+class Event(Enum):
+    START = "start"
+    TRAINED = "trained"
+    COMPLETE = "complete"  # every neighbour's update is in, or the deadline passed
+    LIMIT = "limit"  # the round limit set by the driver was reached
+    RESUME = "resume"
+    ABANDON = "abandon"  # neighbours are rounds ahead: drop this round and catch up
+
+
+#: Everything that moves a component's round lives here: (phase, event) -> next phase.
+TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
+    (Phase.IDLE, Event.START): Phase.TRAINING,
+    (Phase.TRAINING, Event.TRAINED): Phase.COLLECTING,
+    (Phase.COLLECTING, Event.COMPLETE): Phase.IDLE,
+    (Phase.IDLE, Event.LIMIT): Phase.PAUSED,
+    (Phase.PAUSED, Event.RESUME): Phase.IDLE,
+    (Phase.COLLECTING, Event.ABANDON): Phase.IDLE,
+    (Phase.TRAINING, Event.ABANDON): Phase.IDLE,  # rolled back while training
+}
+
+
+
+@dataclass
+class Received:
+    announcement: Announcement
+    flat: torch.Tensor | None = None  # set once fetched and verified
+
+
+@dataclass
+class ComponentRound:
+    comp: FlatComponent
+    phase: Phase = Phase.IDLE
+    round: int = 0
+    deadline_ms: int | None = None
+    start_at_ms: int | None = None  # earliest start of the next round (round pacing)
+    weights: dict[str, float] = field(default_factory=dict)  # MH row (self included)
+    neighbours: tuple[str, ...] = ()
+    # (round, peer) -> announcement and payload
+    inbox: dict[tuple[int, str], Received] = field(default_factory=dict)
+    lineage: set[str] = field(default_factory=set)
+    own_digest: bytes = b""
+    #: per round mixed with neighbours, the largest relative distance to their updates
+    disagreement: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    scratch: torch.Tensor | None = None
+    completed: int = 0  # rounds mixed since this node started
+    #: members whose presence shapes this node's mixing weights (within two hops)
+    weight_deps: frozenset[str] = frozenset()
+    replay: Replay | None = None
+    trained: bool = False  # this round's update includes local training
+    releases: int = 0  # differentially private updates released so far
+    #: the state before this round's training, when calibration or privacy needs it
+    origin: torch.Tensor | None = None
+    released: bool = False  # this round's update is a private release
+    noise: float = 0.0  # the noise std this round's announcement declared
+    memory: Memory = field(default_factory=Memory)  # what the mixing rule remembers
+    exhausted: bool = False  # the privacy budget allows no more releases
+    start_digest: bytes = b""  # the state before this round's training (kept for fast mode)
+
+    @property
+    def radius(self) -> float:
+        """Clipped gossip's radius in the last round (part of :attr:`memory`)."""
+        return self.memory.radius
+
+
+def transition(state: ComponentRound, event: Event) -> None:
+    """Move ``state`` on ``event`` as :data:`TRANSITIONS` says."""
+    try:
+        state.phase = TRANSITIONS[(state.phase, event)]
+    except KeyError:
+        raise AssertionError(f"no transition from {state.phase} on {event}") from None
