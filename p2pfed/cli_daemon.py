@@ -17,6 +17,7 @@ from rich.table import Table
 
 from gossip.errors import ConfigError, KeyFileError, LocalError
 from gossip.identity import create_identity, load_identity
+from p2pfed import kinds
 from p2pfed.config import Config
 from p2pfed.home import CONFIG_FILE, KEY_FILE, LEDGER_FILE, resolve_home
 
@@ -278,9 +279,10 @@ def export(
     identity = load_identity(root / KEY_FILE)
     with Ledger.open(root / LEDGER_FILE, identity, create=False) as ledger:
         forgotten = {e.body["target"] for e in ledger.entries(FORGET_ENTRY)}
-        found = latest_clean_checkpoints(ledger.entries("checkpoint"), forgotten).get(component)
+        checkpoints = list(ledger.entries(kinds.CHECKPOINT))
+        found = latest_clean_checkpoints(checkpoints, forgotten).get(component)
         if found is None:
-            held = sorted({str(e.body.get("component")) for e in ledger.entries("checkpoint")})
+            held = sorted({str(e.body.get("component")) for e in checkpoints})
             raise LocalError(f"{root} has no checkpoint of {component!r} "
                              f"(checkpointed: {', '.join(held) or 'nothing yet'})")
         federation_id = FederationStore(root).view(ledger).federation_id

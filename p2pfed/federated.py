@@ -34,16 +34,17 @@ from gossip.forget import (
 from gossip.identity import peer_id_from_public_key
 from gossip.membership import MAX_CREDENTIALS, Join, Leave, MembershipView, make_leave
 from gossip.overlay import holder_subgraph, overlay_graph
+from p2pfed import kinds
 from p2pfed.node import Action, Announce, ApplyForget, Broadcast, Connect, Node
 from p2pfed.unlearning import FORGET_ENTRY, UNLEARNED_ENTRY, unlearning_status
 
 log = logging.getLogger(__name__)
 
 RECORDS = "records"
-MEMBERSHIP_ENTRY = "membership"
-FORGET_RECORD_ENTRY = "forget-record"
+MEMBERSHIP_ENTRY = kinds.MEMBERSHIP
+FORGET_RECORD_ENTRY = kinds.FORGET_RECORD
 #: the newcomer's own join, kept until a member admits it (written by ``p2pfed join``)
-JOIN_REQUEST_ENTRY = "join-request"
+JOIN_REQUEST_ENTRY = kinds.JOIN_REQUEST
 BUNDLE_BUDGET = MAX_ENVELOPE_BYTES - 2048  # room for the envelope around the records
 REFRESH_MS = 30_000
 #: a newcomer asks its bootstrap members again after 2 s, 4 s, ... up to a minute

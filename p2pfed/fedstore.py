@@ -36,14 +36,13 @@ from gossip.membership import (
     proof_message,
 )
 from gossip.records import MAX_USES
+from p2pfed import kinds
 from p2pfed.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
-# Ledger entry kinds this module writes, as p2pfed.federated names them: defined here too so
-# that the lifecycle commands (init, invite, join) import neither the node nor torch.
-MEMBERSHIP_ENTRY = "membership"
-JOIN_REQUEST_ENTRY = "join-request"
+MEMBERSHIP_ENTRY = kinds.MEMBERSHIP
+JOIN_REQUEST_ENTRY = kinds.JOIN_REQUEST
 
 TOKEN_PREFIX = "p2pfed1."
 FED_DIR = "federation"

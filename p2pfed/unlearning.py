@@ -24,10 +24,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from p2pfed import kinds
 from p2pfed.ledger import LedgerEntry
 
-FORGET_ENTRY = "forget"
-UNLEARNED_ENTRY = "unlearned"
+FORGET_ENTRY = kinds.FORGET
+UNLEARNED_ENTRY = kinds.UNLEARNED
 #: fast mode: one calibration training stands for this many rounds
 FAST_STRIDE = 4
 #: entry kinds whose body carries the lineage of a state

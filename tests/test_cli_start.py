@@ -135,9 +135,21 @@ def test_python_m_p2pfed_help_is_quick() -> None:
     assert "Usage" in done.stdout
 
 
-def test_the_lifecycle_names_ledger_kinds_as_the_node_does() -> None:
-    """fedstore names the two kinds it writes itself (importing them would bring the node)."""
-    from p2pfed import federated, fedstore
+def test_ledger_kinds_have_one_definition() -> None:
+    """Every module names ledger kinds through p2pfed.kinds (a leaf), never as bare strings."""
+    import ast
+    import re
+    from pathlib import Path
 
-    assert fedstore.MEMBERSHIP_ENTRY == federated.MEMBERSHIP_ENTRY
-    assert fedstore.JOIN_REQUEST_ENTRY == federated.JOIN_REQUEST_ENTRY
+    from p2pfed import federated, fedstore, kinds
+
+    assert fedstore.MEMBERSHIP_ENTRY == federated.MEMBERSHIP_ENTRY == kinds.MEMBERSHIP
+    assert fedstore.JOIN_REQUEST_ENTRY == federated.JOIN_REQUEST_ENTRY == kinds.JOIN_REQUEST
+    tree = ast.parse(Path(kinds.__file__).read_text())
+    assert not [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)
+                and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+    bare = re.compile(r"ledger\.(append|entries|last)\(\s*\"")
+    root = Path(kinds.__file__).parent
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if bare.search(p.read_text())]
+    assert offenders == []

@@ -31,6 +31,7 @@ from gossip.errors import (
     StorageError,
 )
 from gossip.identity import Identity
+from p2pfed import kinds
 from p2pfed.blobs import BlobStore
 from p2pfed.codec import decode_payload, encode_payload
 from p2pfed.components import FlatComponent
@@ -245,7 +246,7 @@ class Node:
                                          {"component": name, "round": str(st.round)})
             bodies[name] = {"component": name, "round": st.round, "digest": key,
                             "lineage": sorted(st.lineage), **st.memory.to_record()}
-            self.ledger.append("checkpoint", bodies[name], timestamp_ms=now_ms, durable=True)
+            self.ledger.append(kinds.CHECKPOINT, bodies[name], timestamp_ms=now_ms, durable=True)
         return bodies
 
     def restore(self) -> dict[str, int]:
@@ -264,7 +265,7 @@ class Node:
                 self.epoch = max(self.epoch, e.body["epoch"])
         latest = self._restore_checkpoints()
         spent = set(self.config.privacy) & set(self._states)
-        for entry in self.ledger.entries("local-update", reverse=True) if spent else ():
+        for entry in self.ledger.entries(kinds.LOCAL_UPDATE, reverse=True) if spent else ():
             dp, name = entry.body.get("dp"), entry.body.get("component", "")
             if dp is not None and name in spent:  # the newest release counts them all
                 st = self._states[name]
@@ -284,7 +285,7 @@ class Node:
         blob is skipped (with a warning) for the checkpoint before it."""
         latest: dict[str, tuple[int, dict[str, Any]]] = {}
         damaged: set[str] = set()
-        for index, body in restore_candidates(self.ledger.entries("checkpoint", reverse=True),
+        for index, body in restore_candidates(self.ledger.entries(kinds.CHECKPOINT, reverse=True),
                                               self._forgotten, self._states):
             name = body["component"]
             if name in latest:
@@ -370,12 +371,12 @@ class Node:
             rerun |= extra
         forgotten = self._forgotten | {target}
         rounds = {c: self._states[c].round for c in rerun}
-        plan = rollback_round(self.ledger.entries("checkpoint"), rounds, forgotten) \
+        plan = rollback_round(self.ledger.entries(kinds.CHECKPOINT), rounds, forgotten) \
             if rerun else (0, {})
         if plan is None:  # (checkpoints lost, or payloads not kept): say so, change nothing
             log.error("%s: cannot forget %s: no checkpoint free of it for %s", self.peer_id[-8:],
                       target[-8:], sorted(rerun))
-            self.ledger.append("forget-failed", {"target": target, "mode": mode,
+            self.ledger.append(kinds.FORGET_FAILED, {"target": target, "mode": mode,
                                                  "components": sorted(rerun)},
                                timestamp_ms=now_ms, durable=True)
             return []
@@ -425,8 +426,8 @@ class Node:
                       forget_index: int, keep: Mapping[str, Any] | None = None) -> None:
         fast = mode == "fast" and name in self.config.trains
         self._states[name].replay = plan_replay(
-            self.ledger.entries("contribution"),
-            self.ledger.entries("local-update") if fast else None,
+            self.ledger.entries(kinds.CONTRIBUTION),
+            self.ledger.entries(kinds.LOCAL_UPDATE) if fast else None,
             name, target, mode, start, until, forget_index, forgotten=self._forgotten,
             stride=self.config.fast_stride, keep=keep)
 
@@ -491,7 +492,7 @@ class Node:
         if self.config.keep_payloads:  # a clean state to roll back to, should a member go
             missing = set(self._states)
             # newest first, so that a long ledger is read only until every component has one
-            for e in self.ledger.entries("checkpoint", reverse=True):
+            for e in self.ledger.entries(kinds.CHECKPOINT, reverse=True):
                 missing.discard(e.body.get("component", ""))
                 if not missing:
                     break
@@ -645,7 +646,7 @@ class Node:
         st.released = False
         st.noise = ann.noise
         # The ledger entry (with the privacy spent so far) precedes the send and is durable.
-        self.ledger.append("local-update", body, timestamp_ms=now_ms, durable=True)
+        self.ledger.append(kinds.LOCAL_UPDATE, body, timestamp_ms=now_ms, durable=True)
         env = seal(
             self.identity,
             kind=ANNOUNCE,
@@ -683,7 +684,7 @@ class Node:
                                noise=kept.noise, epoch=self.epoch)
             st.inbox[(st.round, peer)] = Received(ann, self._stored_state(name, kept.digest))
             self.ledger.append(
-                "contribution",
+                kinds.CONTRIBUTION,
                 {"sender": peer, "component": name, "round": st.round, "digest": kept.digest,
                  "weight": st.weights.get(peer, 0.0), "lineage": list(kept.lineage),
                  "noise": kept.noise, "kept": True},
@@ -743,7 +744,7 @@ class Node:
         """A neighbour is well ahead (we restarted or were cut off): jump to its round."""
         st = self._states[name]
         log.info("%s: catching up from round %d to %d", name, st.round, round_)
-        self.ledger.append("catch-up", {"component": name, "from": st.round, "to": round_},
+        self.ledger.append(kinds.CATCH_UP, {"component": name, "from": st.round, "to": round_},
                            timestamp_ms=now_ms)
         st.inbox = {k: v for k, v in st.inbox.items() if k[0] >= round_}
         st.round = round_
@@ -781,7 +782,7 @@ class Node:
             self.blobs.put(data)
         rec.flat = decoded.flat
         self.ledger.append(
-            "contribution",
+            kinds.CONTRIBUTION,
             {"sender": peer, "component": name, "round": round_, "digest": dig,
              "weight": st.weights.get(peer, 0.0), "lineage": list(rec.announcement.lineage),
              "noise": rec.announcement.noise},
@@ -821,7 +822,7 @@ class Node:
         st.lineage.update(st.weight_deps)
         missing = tuple(p for p in st.neighbours if p not in present)
         self.ledger.append(
-            "mix",
+            kinds.MIX,
             {"component": name, "round": st.round, "self_weight": self_w,
              "inputs": [[n.peer, w, present[n.peer].announcement.digest]
                         for n, w in zip(neighbours, mixed.weights, strict=True)],
