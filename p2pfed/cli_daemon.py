@@ -82,9 +82,9 @@ def federation_create(
     component: Annotated[
         list[str] | None, typer.Option(help="Catalog component (repeat; default: held ones).")
     ] = None,
-    round_period: Annotated[float, typer.Option(
-        min=0.1, help="Round period, seconds, signed into the genesis (nodes do not read it "
-        "yet: rounds.interval_s in p2pfed.toml paces each node).")] = 5.0,
+    round_period: Annotated[float | None, typer.Option(
+        min=0.1, help="The federation's round period, seconds, signed into the genesis: no "
+        "member runs rounds more often (default: this node's rounds.interval_s).")] = None,
 ) -> None:
     """Found a federation: this node becomes its first member and admin."""
     from p2pfed.fedstore import create_federation
@@ -97,7 +97,8 @@ def federation_create(
         genesis = create_federation(
             root, identity, ledger, name=name, catalog=catalog,
             modules=list(config.components.hold), addresses=_addresses(config, identity.peer_id),
-            round_period_ms=int(round_period * 1000), now_ms=_now_ms(),
+            round_period_ms=int((round_period or config.rounds.interval_s) * 1000),
+            now_ms=_now_ms(),
         )
     out.print(f"created federation [bold]{name}[/bold] ({genesis.federation_id.hex()[:16]}…) "
               f"with components {', '.join(s.name for s in genesis.catalog)}")

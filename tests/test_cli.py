@@ -149,3 +149,13 @@ def test_other_os_errors_are_not_taken_for_a_full_disk(monkeypatch: pytest.Monke
     monkeypatch.setattr(Daemon, "run", fails)
     with pytest.raises(PermissionError):
         main(["run", "--home", str(home)])
+
+
+def test_the_founders_round_interval_is_the_federations_period(tmp_path: Path) -> None:
+    from p2pfed.fedstore import FederationStore
+
+    for name, extra, period in (("a", [], 1500), ("b", ["--round-period", "30"], 30_000)):
+        home = tmp_path / name
+        assert main(["init", "--home", str(home), "--interval", "1.5"]) == 0
+        assert main(["federation", "create", "net", "--home", str(home), *extra]) == 0
+        assert FederationStore(home).genesis().round_period_ms == period

@@ -296,3 +296,7 @@ def test_the_daemon_mixes_and_adds_noise_as_its_config_says() -> None:
     assert node.robust == {"*": "clipped", "head.topic": "noise-aware"}
     assert set(node.privacy) == {"head.topic"} and node.privacy["head.topic"].noise_std == 1.0
     assert node.noise_seed != node_config(config, frozenset(), {}).noise_seed  # (from the OS)
+    # the federation's round period is a floor: a member may only lengthen it
+    assert node.round_interval_ms == 5000
+    assert node_config(config, frozenset(), {}, period_ms=60_000).round_interval_ms == 60_000
+    assert node_config(config, frozenset(), {}, period_ms=1_000).round_interval_ms == 5000

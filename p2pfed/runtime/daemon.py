@@ -78,12 +78,18 @@ def initial_components(identity: Identity, holds: list[str], dim: int) -> dict[s
 
 
 def node_config(cfg: Config, trains: frozenset[str],
-                deps: dict[str, frozenset[str]]) -> NodeConfig:
+                deps: dict[str, frozenset[str]], period_ms: int = 0) -> NodeConfig:
     """The node's settings from ``p2pfed.toml``: rounds, privacy per trained component, the
-    mixing rule per component; DP noise seeded from the OS at each start."""
+    mixing rule per component; DP noise seeded from the OS at each start.  ``period_ms``, the
+    federation's round period (signed in its genesis), is a floor: a member may run rounds less
+    often than the federation, never more often."""
+    interval_ms = int(cfg.rounds.interval_s * 1000)
+    if interval_ms < period_ms:
+        log.info("rounds.interval_s is %.3f s; the federation's round period is %.3f s: using it",
+                 interval_ms / 1000, period_ms / 1000)
     return NodeConfig(
         round_timeout_ms=int(cfg.rounds.timeout_s * 1000),
-        round_interval_ms=int(cfg.rounds.interval_s * 1000),
+        round_interval_ms=max(interval_ms, period_ms),
         checkpoint_every=CHECKPOINT_EVERY,
         trains=trains,
         forward_deps=deps,
@@ -141,7 +147,7 @@ class Daemon:
             node = FederatedNode(
                 identity, view.federation_id, components,
                 ledger, BlobStore(self.home / BLOBS_DIR),
-                node_config(cfg, trains, deps),
+                node_config(cfg, trains, deps, view.genesis.round_period_ms),
                 Sequencer(_boot_epoch(self.home)),
                 view=view, degree=cfg.overlay.degree,
             )
