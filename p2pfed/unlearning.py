@@ -14,14 +14,17 @@ mixing graph) could have influenced it.  To forget member ``T`` a node
    ``stride``-th round trains, its update rescaled to the size of the stored updates it stands
    for (FedEraser's calibration), and the rounds between only mix.
 
-This module holds the ledger queries for that and :func:`check_unlearning`, the ledger audit
-that ``p2pfed ledger verify`` runs.
+The node plans and applies this (:mod:`p2pfed.node._unlearning`, the planner; the re-run in
+:mod:`p2pfed.node._replay`; restarts in :mod:`p2pfed.node._restore`).  This module, free of
+torch so that the CLI stays quick, holds the ledger's vocabulary for it and the read-only
+queries over a ledger: :func:`latest_clean_checkpoints` (what to export or restart from),
+:func:`unlearning_status` and :func:`check_unlearning`, the audit that ``p2pfed ledger verify``
+runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 from p2pfed import kinds
@@ -39,15 +42,6 @@ def is_clean(lineage: Iterable[str], forgotten: Iterable[str]) -> bool:
     return not set(lineage) & set(forgotten)
 
 
-@dataclass(frozen=True)
-class Contribution:
-    """A neighbour's update this node received: enough to mix it again without a fetch."""
-
-    digest: bytes
-    lineage: tuple[str, ...]
-    noise: float = 0.0  # the noise std its announcement declared (noise-aware mixing)
-
-
 def latest_clean_checkpoints(
     entries: Iterable[LedgerEntry], forgotten: Iterable[str],
 ) -> dict[str, tuple[int, dict[str, Any]]]:
@@ -60,83 +54,6 @@ def latest_clean_checkpoints(
         if entry.kind == "checkpoint" and is_clean(body.get("lineage", ()), forgotten):
             latest[body["component"]] = (entry.index, body)
     return latest
-
-
-def restore_candidates(
-    newest_first: Iterable[LedgerEntry], forgotten: Iterable[str], components: Iterable[str],
-) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Checkpoints of ``components`` free of every forgotten member, as (ledger index, body),
-    in the order given (newest first: a caller that stops once it has loaded one checkpoint
-    per component reads only the recent end of the ledger, and can skip a damaged one)."""
-    forgotten, components = set(forgotten), set(components)
-    for entry in newest_first:
-        body = entry.body
-        if (entry.kind == "checkpoint" and body.get("component") in components
-                and is_clean(body.get("lineage", ()), forgotten)):
-            yield entry.index, body
-
-
-def rollback_round(
-    entries: Iterable[LedgerEntry], rounds: Mapping[str, int], forgotten: Iterable[str],
-) -> tuple[int, dict[str, dict[str, Any]]] | None:
-    """The latest round at which every component in ``rounds`` has a clean checkpoint.
-
-    ``rounds`` maps each component to roll back to its current round (a checkpoint after it is
-    not a candidate).  Returns that round and, per component, the checkpoint entry's body (the
-    latest one at that round), or None when there is no common clean round.
-    """
-    forgotten = set(forgotten)
-    found: dict[str, dict[int, dict[str, Any]]] = {c: {} for c in rounds}
-    for entry in entries:
-        if entry.kind != "checkpoint":
-            continue
-        body = entry.body
-        c = body.get("component")
-        if c in found and body["round"] <= rounds[c] and is_clean(body["lineage"], forgotten):
-            found[c][body["round"]] = body
-    common = set.intersection(*(set(v) for v in found.values())) if found else set()
-    if not common:
-        return None
-    start = max(common)
-    return start, {c: found[c][start] for c in rounds}
-
-
-def contributions(
-    entries: Iterable[LedgerEntry], component: str, start: int, until: int,
-    forgotten: Iterable[str],
-) -> dict[tuple[int, str], Contribution]:
-    """Clean neighbour updates of ``component`` received for rounds ``start .. until-1``.
-
-    A later entry for the same round and neighbour wins: after a restart in the middle of an
-    unlearning, what the neighbours sent for the re-run is preferred to what they sent before.
-    """
-    forgotten = set(forgotten)
-    out: dict[tuple[int, str], Contribution] = {}
-    for entry in entries:
-        body = entry.body
-        if entry.kind != "contribution" or body.get("component") != component:
-            continue
-        rnd, sender = body["round"], body["sender"]
-        if start <= rnd < until and sender not in forgotten and is_clean(body["lineage"],
-                                                                           forgotten):
-            out[(rnd, sender)] = Contribution(body["digest"], tuple(body["lineage"]),
-                                              float(body.get("noise", 0.0)))
-    return out
-
-
-def own_updates(
-    entries: Iterable[LedgerEntry], component: str, start: int, until: int, before: int,
-) -> dict[int, tuple[bytes, bytes]]:
-    """Per round, (state before training, state after) digests of this node's own updates."""
-    out: dict[int, tuple[bytes, bytes]] = {}
-    for entry in entries:
-        if entry.index >= before:
-            break
-        body = entry.body
-        if (entry.kind == "local-update" and body.get("component") == component
-                and start <= body["round"] < until and body.get("start")):
-            out[body["round"]] = (body["start"], body["digest"])
-    return out
 
 
 def check_unlearning(entries: Iterable[LedgerEntry], owner: str | None = None) -> list[str]:

@@ -18,6 +18,7 @@ from p2pfed import exitcodes
 from p2pfed.cli import main
 from p2pfed.config import Config
 from p2pfed.home import MissingStateError
+from p2pfed.node import NodeConfig
 from p2pfed.runtime.control import SOCKET_NAME, ControlUnavailableError, request
 from p2pfed.runtime.daemon import Daemon
 from p2pfed.runtime.localfed import free_ports
@@ -404,3 +405,47 @@ async def test_unlearn_and_leave_wait_for_what_the_node_says(
         got = {other.incoming.receive_nowait(), other.incoming.receive_nowait()}
         assert got == {("me", b"bye"), ("me", b"bye!")}
         nursery.cancel_scope.cancel()
+
+
+class TrainingNode(StubNode):
+    """A node that asks for one training at start: the driver reads the rest off it."""
+
+    def __init__(self) -> None:
+        super().__init__("me")
+        self.config = NodeConfig(trains=frozenset({"a", "b", "c"}))
+        self.epoch = 2
+        self.waiting = {("a", 3), ("b", 3), ("c", 2), ("d", 3)}  # d: held, not trained here
+        self.done = trio.Event()
+
+    def start(self, _now: int) -> list[object]:
+        from p2pfed.node import Train
+
+        return [Train("a", 3)]
+
+    def awaiting_update(self, component: str, round_: int) -> bool:
+        return (component, round_) in self.waiting
+
+    def local_update_done(self, component: str, round_: int, _now: int) -> list[object]:
+        self.waiting.discard((component, round_))
+        self.done.set()
+        return []
+
+
+@pytest.mark.parametrize("inline", [False, True])
+async def test_the_trainer_gets_the_group_and_epoch_in_its_request(inline: bool) -> None:
+    from gossip.transport.memory import MemoryNetwork
+    from p2pfed.model.train import TrainRequest
+    from p2pfed.runtime.driver import NodeDriver
+
+    node = TrainingNode()
+    got: list[TrainRequest] = []
+    driver = NodeDriver(node, MemoryNetwork().attach("me"),  # type: ignore[arg-type]
+                        trainer=got.append, train_inline=inline)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        with trio.fail_after(10):
+            await node.done.wait()
+        nursery.cancel_scope.cancel()
+    # b waits for the same round (c for another; d is not trained here): a plain record
+    assert got == [TrainRequest("a", 3, ready=frozenset({"b"}), epoch=2)]
+    assert ("a", 3) not in node.waiting and ("b", 3) in node.waiting

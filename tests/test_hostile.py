@@ -14,6 +14,7 @@ from gossip.membership import Join, make_join
 from gossip.transport.memory import MemoryNetwork
 from p2pfed.codec import encode_payload
 from p2pfed.federated import RECORDS
+from p2pfed.model.train import TrainRequest
 from p2pfed.node import ANNOUNCE, Announcement, Fetch, PeerRejected, RoundCompleted
 from p2pfed.runtime.driver import NodeDriver
 from tests.test_federated import build, start_federation
@@ -134,8 +135,9 @@ async def test_a_failing_training_step_never_stops_the_rounds() -> None:
     wire(nodes, [(0, 1)])
     net = MemoryNetwork()
 
-    def broken(component: str, round_: int) -> None:
-        raise RuntimeError(f"expected input to have 1 channel ({component}, {round_})")
+    def broken(request: TrainRequest) -> None:
+        raise RuntimeError("expected input to have 1 channel "
+                           f"({request.component}, {request.round})")
 
     five_rounds = trio.Event()
 
@@ -145,7 +147,7 @@ async def test_a_failing_training_step_never_stops_the_rounds() -> None:
 
     async with trio.open_nursery() as nursery:
         drivers = []
-        for n, trainer in zip(nodes, [broken, lambda _c, _r: None], strict=True):
+        for n, trainer in zip(nodes, [broken, lambda _request: None], strict=True):
             d = NodeDriver(n, net.attach(n.peer_id), trainer=trainer, on_actions=progress)
             await nursery.start(d.run)
             drivers.append(d)

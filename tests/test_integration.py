@@ -23,7 +23,10 @@ def test_local_federation_of_four(tmp_path: Path) -> None:
     for node in summary["nodes"]:
         assert node["rounds_completed"] >= 3 and node["peers"] >= 1 and node["ledger_ok"]
         dist = node["consensus_distance"]
-        assert len(dist) >= 3 and dist[-1] < dist[0]
+        # (the history restarts at each membership change; two members already agree exactly
+        # after one Metropolis-Hastings round, so a round mixed before the others' updates came
+        # in can read 0.0 first: the history must rise with the newcomers and fall again)
+        assert len(dist) >= 3 and dist[-1] < max(dist)
 
 
 def test_sigkill_mid_round_then_restart_rejoins_and_catches_up(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import torch
 from gossip.errors import ConfigError
 from p2pfed.config import Config
 from p2pfed.model.local import build_trainer
+from p2pfed.model.train import TrainRequest
 
 FED = bytes(range(32))
 KEY = bytes(32)
@@ -54,12 +55,16 @@ def test_a_member_trains_on_the_files_its_config_names(tmp_path: Path) -> None:
     assert np.isfinite(loss)
     assert torch.equal(before["encoder.text.lora"], trainer.flats["encoder.text.lora"].flat)
     assert not torch.equal(before["head.topic"], trainer.flats["head.topic"].flat)
-    trainer.ready = lambda _c, _r: True
-    trainer.train("head.topic", 1)  # both aligned: trained together
+    # both aligned: trained together
+    trainer.run(TrainRequest("head.topic", 1, ready=frozenset({"encoder.text.lora"})))
     assert not torch.equal(before["encoder.text.lora"], trainer.flats["encoder.text.lora"].flat)
     after = {c: f.flat.clone() for c, f in trainer.flats.items()}
-    assert np.isnan(trainer.train("encoder.text.lora", 1))  # its turn: already done
+    its_turn = TrainRequest("encoder.text.lora", 1, ready=frozenset({"head.topic"}))
+    assert np.isnan(trainer.run(its_turn))  # already done
     assert all(torch.equal(after[c], f.flat) for c, f in trainer.flats.items())
+    # after a rollback (the next forget epoch) the same round is trained again
+    assert np.isfinite(trainer.run(TrainRequest("encoder.text.lora", 1, epoch=1)))
+    assert not torch.equal(after["encoder.text.lora"], trainer.flats["encoder.text.lora"].flat)
 
 
 def test_the_same_federation_gives_the_same_start_and_another_does_not(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from p2pfed.federated import FORGET_RECORD_ENTRY as FORGET_RECORD
 from p2pfed.federated import FederatedNode
 from p2pfed.ledger import Ledger, LedgerEntry
 from p2pfed.node import Node, NodeConfig, status_of
+from p2pfed.node._restore import restore_candidates
 from p2pfed.sim.education import EducationSettings
 from p2pfed.sim.simulator import SimConfig, Simulation, simulate
 from p2pfed.sim.topology import load_topology
@@ -29,7 +30,6 @@ from p2pfed.unlearning import (
     FORGET_ENTRY,
     UNLEARNED_ENTRY,
     check_unlearning,
-    restore_candidates,
 )
 from tests.test_federated import build, start_federation
 from tests.test_node import deliver

@@ -6,13 +6,15 @@ uses.
 
 A round's training runs ``steps`` optimiser steps on the summed loss of every task whose
 pipeline contains a component being trained, with every other component frozen (no gradient
-flows through, say, the frozen text model when only a head is trained).  When the node asks for
-component ``c`` at round ``r``, the trainer trains *jointly* ``c`` and every other component the
-``ready`` predicate says is waiting for its own round-``r`` update (in lockstep that is all of
-them); those then return at once when their turn comes.  Training the components of a forward
-pass together is far cheaper than one at a time (the text model runs once per step, not once
-per component) and converges like ordinary joint training.  A component whose round is not
-aligned is trained alone, so nothing ever writes into a buffer that is being mixed.
+flows through, say, the frozen text model when only a head is trained).  The node's request
+(:class:`TrainRequest`, filled in by the driver) names component ``c``, round ``r``, the other
+components waiting for their own round-``r`` update (in lockstep that is all of them) and the
+node's forget count; the trainer trains *jointly* ``c`` and those ready ones, which then return
+at once when their turn comes.  The trainer holds no reference to the node.  Training the
+components of a forward pass together is far cheaper than one at a time (the text model runs
+once per step, not once per component) and converges like ordinary joint training.  A
+component whose round is not aligned is trained alone, so nothing ever writes into a buffer
+that is being mixed.
 
 Each task's batches are drawn from a generator seeded by (node, task, round): the same seed gives
 the same numbers, whichever components happen to be trained together.
@@ -22,8 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,6 +75,21 @@ def seed_for(*parts: object) -> int:
     return int.from_bytes(digest(repr(parts).encode())[:8], "little") >> 1
 
 
+@dataclass(frozen=True)
+class TrainRequest:
+    """The node's request to train ``component`` for ``round``, with what the node knew then.
+
+    ``ready``: the other components waiting for their own update of ``round`` (free to be
+    trained with ``component``, since nothing is mixing into them).  ``epoch``: the node's
+    forget count; after a rollback a round is trained again, not taken as done already.
+    """
+
+    component: str
+    round: int
+    ready: frozenset[str] = frozenset()
+    epoch: int = 0
+
+
 @dataclass
 class LocalTrainer:
     model: M3TModel
@@ -81,10 +98,6 @@ class LocalTrainer:
     steps: int = 5
     batch_size: int = 32
     lr: float = 3e-3
-    #: ready(component, round): is that component waiting for its round's local update?
-    ready: Callable[[str, int], bool] = field(default=lambda _c, _r: False)
-    #: the node's unlearning epoch: after a rollback a round is trained again, not skipped
-    epoch: Callable[[], int] = field(default=lambda: 0)
     #: train only these (None: every held component some local task uses)
     only: frozenset[str] | None = None
     #: train on logits shifted by the log of the local label frequencies (balanced softmax):
@@ -118,22 +131,27 @@ class LocalTrainer:
         return [c for c in self.model.held if self.trained_tasks(c)
                 and (self.only is None or c in self.only)]
 
-    def train(self, component: str, round_: int) -> float:
-        """The node's request: train ``component`` for ``round_`` (with whatever is aligned)."""
-        key = (self.epoch(), round_)
-        if self._trained.get(component) == key:
+    def run(self, request: TrainRequest) -> float:
+        """Carry out the node's request: train its component with the ready ones not trained
+        yet this round; returns the mean loss (nan: trained already, with another one)."""
+        key = (request.epoch, request.round)
+        if self._trained.get(request.component) == key:
             return float("nan")  # already trained jointly with another component this round
-        group = [component] + [
+        group = [request.component] + [
             c for c in self.trainable()
-            if c != component and self._trained.get(c) != key and self.ready(c, round_)
+            if c != request.component and c in request.ready and self._trained.get(c) != key
         ]
-        return self.train_round(group, round_)
+        return self.train_round(group, request.round, epoch=request.epoch)
 
-    def train_round(self, components: Sequence[str], round_: int) -> float:
+    def train(self, component: str, round_: int) -> float:
+        """Train ``component`` for ``round_`` with no other component ready (outside a node)."""
+        return self.run(TrainRequest(component, round_))
+
+    def train_round(self, components: Sequence[str], round_: int, *, epoch: int = 0) -> float:
         """Train ``components`` jointly for one round; returns the mean loss (nan: nothing)."""
         group = sorted(set(components))
         for c in group:
-            self._trained[c] = (self.epoch(), round_)
+            self._trained[c] = (epoch, round_)
         tasks = sorted({t for c in group for t in self.trained_tasks(c)})
         if not tasks:
             return float("nan")

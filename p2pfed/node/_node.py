@@ -1,7 +1,10 @@
 """The node itself: :class:`Node` takes events in and returns actions, free of I/O.
 
 See :mod:`p2pfed.node` for the round lifecycle; the records are in :mod:`._records`, the
-state machine in :mod:`._state`, the status in :mod:`._status`.
+state machine in :mod:`._state`, the status in :mod:`._status`.  Collaborators return plans
+or values and never call back: the unlearning planner is :mod:`._unlearning` (with the re-run's
+record and math in :mod:`._replay`), checkpoints and what a restart reads are in
+:mod:`._restore`; the node applies what they return to its states.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from gossip.errors import (
     MalformedMessageError,
     NotAMemberError,
     RemoteError,
-    StorageError,
 )
 from gossip.identity import Identity
 from p2pfed import kinds
@@ -50,16 +52,29 @@ from p2pfed.node._records import (
     RoundCompleted,
     Train,
 )
-from p2pfed.node._replay import Replay, calibrate, plan_replay
-from p2pfed.node._state import ComponentRound, Event, Phase, Received, transition
-from p2pfed.privacy import Policy, privatize
-from p2pfed.unlearning import (
-    FAST_STRIDE,
-    FORGET_ENTRY,
-    UNLEARNED_ENTRY,
-    restore_candidates,
-    rollback_round,
+from p2pfed.node._replay import Replay, calibrate
+from p2pfed.node._restore import (
+    checkpoint_body,
+    forget_history,
+    load_checkpoint,
+    load_newest,
+    missing_checkpoints,
+    releases_spent,
 )
+from p2pfed.node._state import ComponentRound, Event, Phase, Received, transition
+from p2pfed.node._unlearning import (
+    MODES,
+    ForgetPlan,
+    forget_entry,
+    plan_forget,
+    plan_replay,
+    plan_resume,
+    stored_state,
+    stored_update,
+    unlearned_entry,
+)
+from p2pfed.privacy import Policy, privatize
+from p2pfed.unlearning import FAST_STRIDE, FORGET_ENTRY, UNLEARNED_ENTRY
 
 log = logging.getLogger(__name__)
 
@@ -241,11 +256,7 @@ class Node:
         """Store each component's state as safetensors and record it in the ledger."""
         bodies = {}
         for name in sorted(components if components is not None else self._states):
-            st = self._states[name]
-            key = self.blobs.put_tensors({"flat": st.comp.flat},
-                                         {"component": name, "round": str(st.round)})
-            bodies[name] = {"component": name, "round": st.round, "digest": key,
-                            "lineage": sorted(st.lineage), **st.memory.to_record()}
+            bodies[name] = checkpoint_body(self.blobs, name, self._states[name])
             self.ledger.append(kinds.CHECKPOINT, bodies[name], timestamp_ms=now_ms, durable=True)
         return bodies
 
@@ -256,79 +267,34 @@ class Node:
         holding their influence is never loaded, and an unlearning cut short by a stop resumes
         where its last checkpoint left it (or from its rollback point).
         """
-        forgets = sorted([*self.ledger.entries(FORGET_ENTRY),
-                          *self.ledger.entries(UNLEARNED_ENTRY)], key=lambda e: e.index)
-        done = {e.body["target"] for e in forgets if e.kind == UNLEARNED_ENTRY}
-        for e in forgets:
-            if e.kind == FORGET_ENTRY:
-                self._forgotten.add(e.body["target"])
-                self.epoch = max(self.epoch, e.body["epoch"])
-        latest = self._restore_checkpoints()
-        spent = set(self.config.privacy) & set(self._states)
-        for entry in self.ledger.entries(kinds.LOCAL_UPDATE, reverse=True) if spent else ():
-            dp, name = entry.body.get("dp"), entry.body.get("component", "")
-            if dp is not None and name in spent:  # the newest release counts them all
+        history = forget_history(self.ledger.entries(FORGET_ENTRY),
+                                 self.ledger.entries(UNLEARNED_ENTRY))
+        self._forgotten |= history.forgotten
+        self.epoch = max(self.epoch, history.epoch)
+        latest = load_newest(self._states, self.blobs,
+                             self.ledger.entries(kinds.CHECKPOINT, reverse=True),
+                             self._forgotten, self.peer_id)
+        private = set(self.config.privacy) & set(self._states)
+        if private:
+            spent = releases_spent(self.ledger.entries(kinds.LOCAL_UPDATE, reverse=True), private)
+            for name, releases in spent.items():
                 st = self._states[name]
-                st.releases = max(st.releases, dp["releases"])  # (never given back)
-                spent.discard(name)
-                if not spent:
-                    break
-        for e in forgets:
-            if e.kind == FORGET_ENTRY and e.body["target"] not in done:
-                self._resume_forget(e.index, e.body, latest)
+                st.releases = max(st.releases, releases)  # (never given back)
+        for index, body in history.unfinished:
+            self._resume_forget(index, body, latest)
         return {name: body["round"] for name, (_i, body) in latest.items()}
-
-    def _restore_checkpoints(self) -> dict[str, tuple[int, dict[str, Any]]]:
-        """Load, per component, the newest clean checkpoint whose blob reads correctly.
-
-        Reads the ledger newest first and stops once every component is loaded.  A damaged
-        blob is skipped (with a warning) for the checkpoint before it."""
-        latest: dict[str, tuple[int, dict[str, Any]]] = {}
-        damaged: set[str] = set()
-        for index, body in restore_candidates(self.ledger.entries(kinds.CHECKPOINT, reverse=True),
-                                              self._forgotten, self._states):
-            name = body["component"]
-            if name in latest:
-                continue
-            try:
-                self._load_checkpoint(name, body)
-            except StorageError as exc:
-                log.warning("checkpoint of %s at round %s (ledger entry %d) is damaged, "
-                            "trying an older one: %s", name, body.get("round"), index, exc)
-                damaged.add(name)
-                continue
-            latest[name] = (index, body)
-            if len(latest) == len(self._states):
-                break
-        if damaged - latest.keys():
-            raise StorageError(f"no checkpoint of {', '.join(sorted(damaged - latest.keys()))} "
-                               "reads correctly (see the warnings above)")
-        return latest
-
-    def _load_checkpoint(self, name: str, body: Mapping[str, Any]) -> None:
-        st = self._states[name]
-        st.comp.load_(self.blobs.get_tensors(body["digest"])["flat"])
-        st.round = body["round"]
-        st.lineage = set(body.get("lineage", [])) | {self.peer_id}
-        st.memory = Memory.from_record(body)
-        st.inbox.clear()
 
     def _resume_forget(self, index: int, body: Mapping[str, Any],
                        latest: Mapping[str, tuple[int, Mapping[str, Any]]]) -> None:
         """Carry on an unlearning the node was stopped in the middle of."""
         pending = set()
-        for name, plan in sorted(body["components"].items()):
-            if name not in self._states:
-                continue
-            ck_index, ck = latest.get(name, (-1, {}))
-            if ck_index < index:  # no checkpoint since the request: roll back again
-                ck = {"digest": plan["checkpoint"], "round": body["start"],
-                      "lineage": plan["lineage"], **Memory.from_record(plan).to_record()}
-                self._load_checkpoint(name, ck)
-            if self._states[name].round < plan["until"]:
-                self._begin_replay(name, body["target"], body["mode"], body["start"],
-                                   plan["until"], index, plan.get("keep"))
-                pending.add(name)
+        for step in plan_resume(index, body, latest, self._states):
+            if step.rollback is not None:
+                load_checkpoint(self._states[step.name], self.blobs, step.rollback, self.peer_id)
+            if step.until is not None:
+                self._begin_replay(step.name, body["target"], body["mode"], body["start"],
+                                   step.until, index, step.keep)
+                pending.add(step.name)
         self._pending[body["target"]] = pending
         log.info("%s: resuming the unlearning of %s (%s)", self.peer_id[-8:],
                  body["target"][-8:], sorted(pending))
@@ -353,74 +319,60 @@ class Node:
         roll back to the latest common checkpoint free of it and re-run the rounds since, in
         ``mode`` ("exact" or "fast"); the others are not touched.  The request is recorded
         durably first, so a node stopped half-way resumes it on restart.  In a driver with a
-        training thread, call this with training paused.
+        training thread, call this with training paused.  The planner
+        (:func:`~p2pfed.node._unlearning.plan_forget`) decides; this applies its plan.
         """
-        if mode not in ("exact", "fast"):
+        if mode not in MODES:
             raise ValueError(f"unknown unlearning mode {mode!r}")
         if target in self._forgotten:
             return []
-        # (forgetting this node itself: it leaves the mixing; the others roll back)
-        influenced = {c for c, st in self._states.items()
-                      if target in st.lineage and target != self.peer_id}
-        rerun = set(influenced)
-        grown = True
-        while grown:  # re-training an influenced component trains these with it: re-run them
-            extra = {d for c in rerun & self.config.trains
-                     for d in self.config.forward_deps.get(c, ()) if d in self._states}
-            grown = not extra <= rerun
-            rerun |= extra
-        forgotten = self._forgotten | {target}
-        rounds = {c: self._states[c].round for c in rerun}
-        plan = rollback_round(self.ledger.entries(kinds.CHECKPOINT), rounds, forgotten) \
-            if rerun else (0, {})
-        if plan is None:  # (checkpoints lost, or payloads not kept): say so, change nothing
+        plan = plan_forget(
+            target, mode, self_id=self.peer_id,
+            lineages={c: st.lineage for c, st in self._states.items()},
+            rounds={c: st.round for c, st in self._states.items()},
+            trains=self.config.trains, forward_deps=self.config.forward_deps,
+            checkpoints=self.ledger.entries(kinds.CHECKPOINT), forgotten=self._forgotten)
+        if not plan.feasible:  # (checkpoints lost, or payloads not kept): say so, change nothing
             log.error("%s: cannot forget %s: no checkpoint free of it for %s", self.peer_id[-8:],
-                      target[-8:], sorted(rerun))
+                      target[-8:], sorted(plan.rerun))
             self.ledger.append(kinds.FORGET_FAILED, {"target": target, "mode": mode,
-                                                 "components": sorted(rerun)},
+                                                 "components": sorted(plan.rerun)},
                                timestamp_ms=now_ms, durable=True)
             return []
-        start, checkpoints = plan
-        # components re-run only to feed the others get their present state back afterwards
-        keep = self.checkpoint(now_ms, sorted(rerun - influenced))
-        self.epoch += 1
-        entry = self.ledger.append(
-            FORGET_ENTRY,
-            {"target": target, "mode": mode, "epoch": self.epoch, "start": start,
-             "components": {c: {"until": rounds[c], "checkpoint": checkpoints[c]["digest"],
-                                "lineage": checkpoints[c]["lineage"],
-                                **Memory.from_record(checkpoints[c]).to_record(),
-                                **({"keep": keep[c]} if c in keep else {})}
-                            for c in sorted(rerun)},
-             "influenced": sorted(influenced),
-             "untouched": sorted(set(self._states) - influenced)},
-            timestamp_ms=now_ms, durable=True,
-        )
-        self._forgotten.add(target)
-        self.set_topology(self._graph, self._holders)
-        actions: list[Action] = []
-        for name in sorted(rerun):
-            st = self._states[name]
-            if st.phase in (Phase.TRAINING, Phase.COLLECTING):  # (a queued Train is dropped)
-                transition(st, Event.ABANDON)
-            st.deadline_ms = st.start_at_ms = st.origin = None
-            self._load_checkpoint(name, checkpoints[name])
-            if rounds[name] > start:
-                self._begin_replay(name, target, mode, start, rounds[name], entry.index,
-                                   keep.get(name))
-        self._pending[target] = {c for c in rerun if self._states[c].replay is not None}
-        log.info("%s: forgetting %s (%s): rolled back %s to round %d (%s re-run only)",
-                 self.peer_id[-8:], target[-8:], mode, sorted(influenced), start,
-                 sorted(rerun - influenced))
-        actions.append(ForgetApplied(target))
+        self._apply_forget(plan, now_ms)
+        actions: list[Action] = [ForgetApplied(target)]
         actions += self._maybe_finish_forget(target, now_ms)
-        for name in sorted(rerun):
+        for name in sorted(plan.rerun):
             if self._states[name].phase is Phase.IDLE:
                 actions += self._start_round(name, now_ms)
         early, self._early = list(self._early), deque(maxlen=EARLY)
         for peer, data in early:  # announcements that waited for this epoch
             actions += self.receive(peer, data, now_ms)
         return actions
+
+    def _apply_forget(self, plan: ForgetPlan, now_ms: int) -> None:
+        """Record ``plan`` durably, then roll its components back and start their re-runs."""
+        assert plan.start is not None
+        # components re-run only to feed the others get their present state back afterwards
+        keep = self.checkpoint(now_ms, plan.fed_only)
+        self.epoch += 1
+        entry = self.ledger.append(FORGET_ENTRY, forget_entry(plan, self.epoch, keep, self._states),
+                                   timestamp_ms=now_ms, durable=True)
+        self._forgotten.add(plan.target)
+        self.set_topology(self._graph, self._holders)
+        for name in sorted(plan.rerun):
+            st = self._states[name]
+            if st.phase in (Phase.TRAINING, Phase.COLLECTING):  # (a queued Train is dropped)
+                transition(st, Event.ABANDON)
+            st.deadline_ms = st.start_at_ms = st.origin = None
+            load_checkpoint(st, self.blobs, plan.checkpoints[name], self.peer_id)
+            if plan.rounds[name] > plan.start:
+                self._begin_replay(name, plan.target, plan.mode, plan.start, plan.rounds[name],
+                                   entry.index, keep.get(name))
+        self._pending[plan.target] = {c for c in plan.rerun if self._states[c].replay is not None}
+        log.info("%s: forgetting %s (%s): rolled back %s to round %d (%s re-run only)",
+                 self.peer_id[-8:], plan.target[-8:], plan.mode, sorted(plan.influenced),
+                 plan.start, plan.fed_only)
 
     def _begin_replay(self, name: str, target: str, mode: str, start: int, until: int,
                       forget_index: int, keep: Mapping[str, Any] | None = None) -> None:
@@ -433,16 +385,8 @@ class Node:
 
     def _stored_update(self, name: str, replay: Replay, round_: int) -> torch.Tensor | None:
         """This node's own training update of ``round_`` as it was made before the request."""
-        kept = replay.updates.get(round_)
-        if kept is None:
-            return None
-        before, after = (self._stored_state(name, d) for d in kept)
-        return after - before
-
-    def _stored_state(self, name: str, dig: bytes) -> torch.Tensor:
-        st = self._states[name]
-        return decode_payload(self.blobs.get(dig), max_bytes=self.config.max_payload_bytes,
-                              expected_component=name, expected_layout=st.comp.layout).flat
+        return stored_update(self.blobs, name, replay, round_, self._states[name].comp.layout,
+                             self.config.max_payload_bytes)
 
     def _put_back(self, name: str, keep: Mapping[str, Any]) -> None:
         """A component re-run only to feed others gets its state from before the request."""
@@ -462,16 +406,10 @@ class Node:
         del self._pending[target]
         forget = next(e for e in self.ledger.entries(FORGET_ENTRY)
                       if e.body["target"] == target)
-        rerun = sorted(c for c in forget.body["components"] if c in self._states)
         # the unlearned states are what a restart must load: checkpoint them first
-        self.checkpoint(now_ms, rerun)
-        self.ledger.append(
-            UNLEARNED_ENTRY,
-            {"target": target, "mode": forget.body["mode"], "epoch": forget.body["epoch"],
-             "rolled_back": forget.body["influenced"], "untouched": forget.body["untouched"],
-             "from_round": forget.body["start"]},
-            timestamp_ms=now_ms, durable=True,
-        )
+        self.checkpoint(now_ms, sorted(c for c in forget.body["components"] if c in self._states))
+        self.ledger.append(UNLEARNED_ENTRY, unlearned_entry(forget.body), timestamp_ms=now_ms,
+                           durable=True)
         log.info("%s: unlearning of %s done", self.peer_id[-8:], target[-8:])
         return []
 
@@ -490,12 +428,9 @@ class Node:
             return []
         self._started = True
         if self.config.keep_payloads:  # a clean state to roll back to, should a member go
-            missing = set(self._states)
             # newest first, so that a long ledger is read only until every component has one
-            for e in self.ledger.entries(kinds.CHECKPOINT, reverse=True):
-                missing.discard(e.body.get("component", ""))
-                if not missing:
-                    break
+            missing = missing_checkpoints(self.ledger.entries(kinds.CHECKPOINT, reverse=True),
+                                          self._states)
             if missing:
                 self.checkpoint(now_ms, missing)
         actions: list[Action] = []
@@ -527,7 +462,10 @@ class Node:
             raise AssertionError(f"unexpected training result for {component} round {round_}")
         origin, st.origin = st.origin, None
         if origin is not None and st.replay is not None and st.replay.mode == "fast":
-            self._calibrate(st, st.replay, component, origin)
+            # fast unlearning: the calibration update takes the size of the stored update
+            stored = self._stored_update(component, st.replay, st.round)
+            if stored is not None:
+                calibrate(st.comp.flat, origin, stored)
         policy = self.config.privacy.get(component)
         if origin is not None and policy is not None:
             if self._noise is None:
@@ -573,14 +511,6 @@ class Node:
         self.rejected[exc.code] = self.rejected.get(exc.code, 0) + 1
         log.debug("rejected message from %s: %s (%s)", peer[-8:], exc, exc.code)
         return [PeerRejected(peer, exc)]  # the driver logs it, a few lines per peer at most
-
-    def _calibrate(self, st: ComponentRound, replay: Replay, name: str,
-                   origin: torch.Tensor) -> None:
-        """Fast unlearning: the calibration update keeps its direction and takes the size of
-        the stored update it replaces (FedEraser)."""
-        stored = self._stored_update(name, replay, st.round)
-        if stored is not None:
-            calibrate(st.comp.flat, origin, stored)
 
     def _start_round(self, name: str, now_ms: int) -> list[Action]:
         st = self._states[name]
@@ -682,7 +612,8 @@ class Node:
             data = self.blobs.get(kept.digest)
             ann = Announcement(name, st.round, kept.digest, len(data), 0, kept.lineage,
                                noise=kept.noise, epoch=self.epoch)
-            st.inbox[(st.round, peer)] = Received(ann, self._stored_state(name, kept.digest))
+            st.inbox[(st.round, peer)] = Received(ann, stored_state(
+                self.blobs, name, kept.digest, st.comp.layout, self.config.max_payload_bytes))
             self.ledger.append(
                 kinds.CONTRIBUTION,
                 {"sender": peer, "component": name, "round": st.round, "digest": kept.digest,

@@ -2,21 +2,29 @@
 fast mode's calibration (FedEraser).
 
 The node rolls a component back to a checkpoint free of a forgotten member and re-runs the
-rounds since (see :meth:`p2pfed.node.Node.forget`); the ledger supplies the neighbours' clean
-updates (:func:`p2pfed.unlearning.contributions`) and, in fast mode, this node's own updates
-(:func:`p2pfed.unlearning.own_updates`).
+rounds since (see :meth:`p2pfed.node.Node.forget`); the planner
+(:func:`p2pfed.node._unlearning.plan_replay`) fills a :class:`Replay` from the ledger: the
+neighbours' clean updates and, in fast mode, this node's own updates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from p2pfed.ledger import LedgerEntry
-from p2pfed.unlearning import FAST_STRIDE, Contribution, contributions, own_updates
+from p2pfed.unlearning import FAST_STRIDE
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """A neighbour's update this node received: enough to mix it again without a fetch."""
+
+    digest: bytes
+    lineage: tuple[str, ...]
+    noise: float = 0.0  # the noise std its announcement declared (noise-aware mixing)
 
 
 @dataclass
@@ -39,20 +47,6 @@ class Replay:
 
     def trains_at(self, round_: int) -> bool:
         return self.mode == "exact" or (round_ - self.start) % self.stride == 0
-
-
-def plan_replay(contributions_: Iterable[LedgerEntry], updates: Iterable[LedgerEntry] | None,
-                name: str, target: str, mode: str, start: int, until: int, forget_index: int,
-                *, forgotten: Iterable[str], stride: int = FAST_STRIDE,
-                keep: Mapping[str, Any] | None = None) -> Replay:
-    """The re-run of ``name``'s rounds ``start .. until-1``: the clean neighbour updates from
-    the ledger's ``contribution`` entries and, when ``updates`` (``local-update`` entries) are
-    given (fast mode, a trained component), this node's own updates before the request."""
-    replay = Replay(target, mode, start, until, forget_index, keep=keep, stride=stride)
-    replay.history = contributions(contributions_, name, start, until, forgotten)
-    if updates is not None:
-        replay.updates = own_updates(updates, name, start, until, forget_index)
-    return replay
 
 
 def calibrate(flat: torch.Tensor, origin: torch.Tensor, stored: torch.Tensor) -> None:

@@ -151,9 +151,6 @@ class Daemon:
                 Sequencer(_boot_epoch(self.home)),
                 view=view, degree=cfg.overlay.degree,
             )
-            if trainer is not None:
-                trainer.ready = node.awaiting_update
-                trainer.epoch = lambda: node.epoch
             restored = node.restore()
             if restored:
                 log.info("resumed from checkpoints: %s", restored)
@@ -170,7 +167,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 await nursery.start(transport.run)
                 driver = NodeDriver(node, transport, clock_ms=wall_clock_ms,
-                                    trainer=trainer.train if trainer is not None else None)
+                                    trainer=trainer.run if trainer is not None else None)
                 handlers = self._handlers(node, transport, driver, identity)
                 await nursery.start(serve_control, self.home / SOCKET_NAME, handlers)
                 await nursery.start(driver.run)

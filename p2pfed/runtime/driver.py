@@ -18,6 +18,7 @@ import trio
 from gossip.errors import P2PFedError, RemoteError
 from gossip.transport.base import Transport
 from gossip.transport.limits import LogLimiter, LogVerdict
+from p2pfed.model.train import TrainRequest
 from p2pfed.node import (
     Action,
     Announce,
@@ -47,8 +48,9 @@ MISBEHAVIOUR = frozenset({"malformed", "oversized", "forged", "tampered", "wrong
 #: payload fetches one driver runs at once (the rest wait their turn)
 MAX_FETCHES = 8
 
-#: Runs local training of (component, round) in a worker thread; writes into the flat buffer.
-Trainer = Callable[[str, int], object]
+#: Carries out one request of the node's to train (in a worker thread, in the daemon), writing
+#: into the flat buffers; everything it needs from the node is in the request.
+Trainer = Callable[[TrainRequest], object]
 
 
 def trio_clock_ms() -> int:
@@ -205,8 +207,16 @@ class NodeDriver:
             raise P2PFedError(f"{train.component} is set to train but no trainer is configured")
         return self.trainer
 
+    def _request(self, train: Train) -> TrainRequest:
+        """The request for ``train``, with what the node says now: which other components wait
+        for their update of the same round (so may train with it), and its forget count."""
+        node = self.node
+        ready = frozenset(c for c in node.config.trains
+                          if c != train.component and node.awaiting_update(c, train.round))
+        return TrainRequest(train.component, train.round, ready, node.epoch)
+
     def _train_now(self, train: Train) -> None:
-        self._trainer(train)(train.component, train.round)
+        self._trainer(train)(self._request(train))
         self.call(self.node.local_update_done, train.component, train.round)
 
     @asynccontextmanager
@@ -226,8 +236,9 @@ class NodeDriver:
                 log.info("dropping training of %s for round %d: rolled back meanwhile",
                          train.component, train.round)
                 return
+            request = self._request(train)  # read on the event loop, never from the thread
             try:
-                await trio.to_thread.run_sync(trainer, train.component, train.round)
+                await trio.to_thread.run_sync(trainer, request)
             except Exception:  # a bad batch or a model bug must not stop the daemon
                 log.exception("training %s for round %d failed; publishing its state as it is",
                               train.component, train.round)

@@ -38,7 +38,7 @@ from p2pfed.consensus import (
     weight_matrix,
 )
 from p2pfed.ledger import Ledger
-from p2pfed.model.train import LocalTrainer
+from p2pfed.model.train import LocalTrainer, TrainRequest
 from p2pfed.node import Mixed, Node, NodeConfig, status_of
 from p2pfed.privacy import Policy
 from p2pfed.runtime.driver import NodeDriver
@@ -230,9 +230,6 @@ class Simulation:
                                  send=send)
         else:
             node = Node(identity, self.federation_id, components, ledger, blobs, config)
-        if name in self.trainers:
-            self.trainers[name].ready = node.awaiting_update
-            self.trainers[name].epoch = lambda: node.epoch
         self.by_peer[identity.peer_id] = name
         return _SimNode(name, identity, node, ledger)
 
@@ -280,10 +277,10 @@ class Simulation:
         transport = self.network.attach(sn.identity.peer_id)
         trainer = self.trainers.get(sn.name)
 
-        def train(component: str, round_: int) -> None:
+        def train(request: TrainRequest) -> None:
             assert trainer is not None
-            if not math.isnan(trainer.train(component, round_)):
-                self.work[self._phase].add((sn.name, sn.node.epoch, round_))
+            if not math.isnan(trainer.run(request)):
+                self.work[self._phase].add((sn.name, request.epoch, request.round))
 
         sn.driver = NodeDriver(sn.node, transport,
                                on_actions=lambda actions: self._observe(sn.name, actions),
