@@ -97,7 +97,8 @@ def federation_create(
         genesis = create_federation(
             root, identity, ledger, name=name, catalog=catalog,
             modules=list(config.components.hold), addresses=_addresses(config, identity.peer_id),
-            round_period_ms=int((round_period or config.rounds.interval_s) * 1000),
+            round_period_ms=int(1000 * (round_period if round_period is not None
+                                        else max(config.rounds.interval_s, 0.1))),
             now_ms=_now_ms(),
         )
     out.print(f"created federation [bold]{name}[/bold] ({genesis.federation_id.hex()[:16]}…) "

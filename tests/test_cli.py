@@ -154,8 +154,10 @@ def test_other_os_errors_are_not_taken_for_a_full_disk(monkeypatch: pytest.Monke
 def test_the_founders_round_interval_is_the_federations_period(tmp_path: Path) -> None:
     from p2pfed.fedstore import FederationStore
 
-    for name, extra, period in (("a", [], 1500), ("b", ["--round-period", "30"], 30_000)):
+    for name, interval, extra, period in (("a", "1.5", [], 1500),
+                                          ("b", "1.5", ["--round-period", "30"], 30_000),
+                                          ("c", "0", [], 100)):  # (at least 0.1 s)
         home = tmp_path / name
-        assert main(["init", "--home", str(home), "--interval", "1.5"]) == 0
+        assert main(["init", "--home", str(home), "--interval", interval]) == 0
         assert main(["federation", "create", "net", "--home", str(home), *extra]) == 0
         assert FederationStore(home).genesis().round_period_ms == period

@@ -306,7 +306,8 @@ class StubNode:
     def receive(self, peer: str, data: bytes, _now: int) -> list[object]:
         from p2pfed.node import Fetch
 
-        return [Fetch(self.fetch_from or peer, "backbone", 0, data + bytes([i]), 1 << 10)
+        return [Fetch(f"{self.fetch_from}-{i}" if self.fetch_from else peer, "backbone", 0,
+                      data + bytes([i]), 1 << 10)
                 for i in range(self.per_message)]
 
     def payload_received(self, _peer: str, _c: str, _r: int, _d: bytes, data: bytes,
@@ -328,7 +329,8 @@ class CountingTransport:
 
     def __init__(self, inner: object) -> None:
         self.inner = inner
-        self.now = self.most = 0
+        self.now = self.most = self.most_per_peer = 0
+        self.per_peer: dict[str, int] = {}
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
@@ -336,11 +338,14 @@ class CountingTransport:
     async def fetch(self, peer: str, key: bytes, max_bytes: int) -> bytes:
         self.now += 1
         self.most = max(self.most, self.now)
+        self.per_peer[peer] = self.per_peer.get(peer, 0) + 1
+        self.most_per_peer = max(self.most_per_peer, self.per_peer[peer])
         try:
             data: bytes = await self.inner.fetch(peer, key, max_bytes)  # type: ignore[attr-defined]
             return data
         finally:
             self.now -= 1
+            self.per_peer[peer] -= 1
 
 
 async def test_a_flood_of_announcements_never_runs_more_fetches_than_the_limit(
@@ -350,7 +355,8 @@ async def test_a_flood_of_announcements_never_runs_more_fetches_than_the_limit(
 
     net = MemoryNetwork(latency_s=0.5)
     flooder, counting = net.attach("flooder"), CountingTransport(net.attach("me"))
-    net.attach("server").set_payload_server(lambda key: b"payload-" + key)
+    for j in range(4):  # each announcement asks each of four servers for one payload
+        net.attach(f"server-{j}").set_payload_server(lambda key: b"payload-" + key)
     node = StubNode("me", fetches_per_message=4, fetch_from="server")
     node.expect = 200
     driver = NodeDriver(node, counting, max_fetches=3)  # type: ignore[arg-type]
@@ -365,8 +371,43 @@ async def test_a_flood_of_announcements_never_runs_more_fetches_than_the_limit(
                                           for i in range(50) for j in range(4))
     assert counting.most == 3  # the limit was reached, never passed
     assert driver.fetch_limiter.borrowed_tokens == 0
+    assert counting.most_per_peer == 1  # and each server had one fetch in flight at a time
     # 200 fetches of 1 s (twice the latency), three at a time: about 67 s of (mock) time
     assert trio.current_time() >= 200 / 3
+
+
+async def test_a_slow_neighbour_holds_one_fetch_slot_and_never_starves_the_others(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """One neighbour answers its fetches very slowly: its later fetches queue behind its own
+    first one, and every other neighbour's fetch goes through meanwhile."""
+    from gossip.transport.memory import MemoryNetwork
+    from p2pfed.runtime.driver import NodeDriver
+
+    net = MemoryNetwork(latency_s=0.1)
+    flooder, me = net.attach("flooder"), net.attach("me")
+
+    class Slow:
+        def __getattr__(self, name: str) -> object:
+            return getattr(me, name)
+
+        async def fetch(self, peer: str, key: bytes, max_bytes: int) -> bytes:
+            if peer == "server-0":
+                await trio.sleep(300)  # stalls as long as a fetch may take
+            data: bytes = await me.fetch(peer, key, max_bytes)
+            return data
+
+    for j in range(4):
+        net.attach(f"server-{j}").set_payload_server(lambda key: b"payload-" + key)
+    node = StubNode("me", fetches_per_message=4, fetch_from="server")
+    node.expect = 3 * 20  # the three fast servers' payloads
+    driver = NodeDriver(node, Slow(), max_fetches=3)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        for i in range(20):
+            await flooder.send("me", b"ann-%d" % i)
+        with trio.fail_after(60):  # well before the slow server's first fetch ends
+            await node.all_fetched.wait()
+        nursery.cancel_scope.cancel()
 
 
 async def test_unlearn_and_leave_wait_for_what_the_node_says(

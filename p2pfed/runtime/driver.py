@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own
 
 log = logging.getLogger(__name__)
 
+#: payload fetches from one peer at once (its later rounds queue behind the one in flight)
+FETCHES_PER_PEER = 1
+MAX_PEER_LIMITERS = 4096
 #: refused messages logged per peer a minute (the node counts all of them in ``rejected``)
 REJECT_LOG_LINES = 5
 #: what no honest peer sends (a late or duplicate message, or an announcement of a member we
@@ -84,8 +87,11 @@ class NodeDriver:
         self.on_actions = on_actions
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
-        #: a flood of announcements queues its fetches here instead of opening them all
+        #: a flood of announcements queues its fetches here instead of opening them all; each
+        #: peer first takes its own slot, so a slow (or hostile) neighbour holds at most one of
+        #: the shared ones and never starves the others
         self.fetch_limiter = trio.CapacityLimiter(max_fetches)
+        self._peer_fetches: dict[str, trio.CapacityLimiter] = {}
         #: who waits for a member to be forgotten (see :meth:`wait_forgotten`)
         self._forgetting: dict[str, trio.Event] = {}
         self._reject_log = LogLimiter(lines=REJECT_LOG_LINES, period_s=60.0)
@@ -190,9 +196,18 @@ class NodeDriver:
         except RemoteError as exc:
             log.info("broadcast failed: %s", exc)
 
+    def _peer_limiter(self, peer: str) -> trio.CapacityLimiter:
+        limiter = self._peer_fetches.get(peer)
+        if limiter is None:
+            if len(self._peer_fetches) >= MAX_PEER_LIMITERS:  # forget idle ones
+                self._peer_fetches = {p: lim for p, lim in self._peer_fetches.items()
+                                      if lim.borrowed_tokens or lim.statistics().tasks_waiting}
+            limiter = self._peer_fetches[peer] = trio.CapacityLimiter(FETCHES_PER_PEER)
+        return limiter
+
     async def _fetch(self, fetch: Fetch) -> None:
         try:
-            async with self.fetch_limiter:
+            async with self._peer_limiter(fetch.peer), self.fetch_limiter:
                 data = await self.transport.fetch(fetch.peer, fetch.digest, fetch.max_bytes)
         except RemoteError as exc:
             self.call(self.node.payload_failed, fetch.peer, fetch.component, fetch.round,
