@@ -171,7 +171,7 @@ class FederatedNode(Node):
         Only the member itself or an admin may ask; anyone else gets a :class:`LocalError`
         (and nothing is sent).
         """
-        keys = {peer_id_from_public_key(raw_key): raw_key for raw_key in self._ever_joined()}
+        keys = {peer_id_from_public_key(raw_key): raw_key for raw_key in self.view.ever_joined()}
         target = keys.get(peer_id)
         if target is None:
             raise LocalError(f"{peer_id} has never been a member of this federation")
@@ -196,9 +196,6 @@ class FederatedNode(Node):
             if neighbours:
                 actions.append(Announce(neighbours, body))
         return actions
-
-    def _ever_joined(self) -> set[bytes]:
-        return set(self.view.members()) | self.view.ever_joined()
 
     def _accept_forget(self, raw: bytes, now_ms: int) -> list[Action]:
         """A signed forget record (ours or gossiped): keep it and apply it once per member."""
