@@ -200,17 +200,15 @@ _APPEND_BATCH = 2000
 
 def _round_entries(name: str, rnd: int, peers: list[str]) -> list[tuple[str, dict[str, Any]]]:
     """What a node training and mixing ``name`` writes in one round (checkpoints aside)."""
-    state, lineage = digest(b"%d" % rnd), sorted(peers)
-    out: list[tuple[str, dict[str, Any]]] = [("local-update", {
-        "component": name, "round": rnd, "digest": state, "start": digest(state),
-        "lineage": lineage, "epoch": 0})]
-    out += [("contribution", {"sender": p, "component": name, "round": rnd,
-                              "digest": digest(p.encode() + state), "weight": 0.2,
-                              "lineage": lineage, "noise": 0.0}) for p in peers]
-    out.append(("mix", {"component": name, "round": rnd, "self_weight": 0.2,
-                        "inputs": [[p, 0.2, digest(p.encode() + state)] for p in peers],
-                        "missing": [], "lineage": lineage, "epoch": 0, "rule": "mh"}))
-    return out
+    from p2pfed.journal import Contribution, LocalUpdate, Mix, MixInputRef, Record
+
+    state, lineage = digest(b"%d" % rnd), tuple(sorted(peers))
+    records: list[Record] = [LocalUpdate(name, rnd, state, True, digest(state), lineage, 0)]
+    records += [Contribution(p, name, rnd, digest(p.encode() + state), 0.2, lineage)
+                for p in peers]
+    records.append(Mix(name, rnd, 0.2, tuple(MixInputRef(p, 0.2, digest(p.encode() + state))
+                                             for p in peers), (), lineage, 0, "mh"))
+    return [(r.KIND, r.to_body()) for r in records]
 
 
 def build_bench_home(home: Path, entries: int, *, neighbours: int = 4) -> Any:
@@ -225,6 +223,7 @@ def build_bench_home(home: Path, entries: int, *, neighbours: int = 4) -> Any:
     from p2pfed.config import Config
     from p2pfed.fedstore import create_federation
     from p2pfed.home import BLOBS_DIR, KEY_FILE, LEDGER_FILE
+    from p2pfed.journal import Checkpoint
     from p2pfed.ledger import Ledger
     from p2pfed.runtime.daemon import CHECKPOINT_EVERY
 
@@ -247,9 +246,8 @@ def build_bench_home(home: Path, entries: int, *, neighbours: int = 4) -> Any:
                     flat = torch.full((config.components.dim,), float(rnd))
                     key = blobs.put_tensors({"flat": flat}, {"component": name,
                                                              "round": str(rnd)})
-                    pending.append(("checkpoint", {"component": name, "round": rnd,
-                                                   "digest": key, "lineage": sorted(peers),
-                                                   "radius": 0.0}, rnd))
+                    ck = Checkpoint(name, rnd, key, tuple(sorted(peers)), {"radius": 0.0})
+                    pending.append((ck.KIND, ck.to_body(), rnd))
             if len(pending) >= _APPEND_BATCH:
                 ledger.append_many(pending)
                 pending = []

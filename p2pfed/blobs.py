@@ -196,6 +196,17 @@ class BlobStore:
             return len(self._memory)
         return sum(1 for _ in self.digests())
 
+    def nbytes(self) -> int:
+        """The stored blobs' bytes (walks the store: for status and budgets, not every write)."""
+        if self.root is None:
+            return sum(len(b) for b in self._memory.values())
+        try:
+            return sum(self.path(d).stat().st_size for d in self.digests())
+        except FileNotFoundError:  # deleted while walking: count again
+            return self.nbytes()
+        except OSError as exc:
+            raise storage_error(exc, f"cannot read blob store {self.root}") from exc
+
     # ------------------------------------------------------------------ tensors
     def put_tensors(
         self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None

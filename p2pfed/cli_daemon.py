@@ -17,7 +17,6 @@ from rich.table import Table
 
 from gossip.errors import ConfigError, KeyFileError, LocalError
 from gossip.identity import create_identity, load_identity
-from p2pfed import kinds
 from p2pfed.config import Config
 from p2pfed.home import CONFIG_FILE, KEY_FILE, LEDGER_FILE, resolve_home
 
@@ -274,21 +273,22 @@ def export(
     from p2pfed.blobs import BlobStore
     from p2pfed.fedstore import FederationStore
     from p2pfed.home import BLOBS_DIR
+    from p2pfed.journal import Checkpoint, Forget, read
     from p2pfed.ledger import Ledger
-    from p2pfed.unlearning import FORGET_ENTRY, latest_clean_checkpoints
+    from p2pfed.unlearning import latest_clean_checkpoints
 
     root, config = _load(home)
     identity = load_identity(root / KEY_FILE)
     with Ledger.open(root / LEDGER_FILE, identity, create=False) as ledger:
-        forgotten = {e.body["target"] for e in ledger.entries(FORGET_ENTRY)}
-        checkpoints = list(ledger.entries(kinds.CHECKPOINT))
+        forgotten = {f.record.target for f in read(ledger.entries(Forget.KIND), Forget)}
+        checkpoints = list(ledger.entries(Checkpoint.KIND))
         found = latest_clean_checkpoints(checkpoints, forgotten).get(component)
         if found is None:
-            held = sorted({str(e.body.get("component")) for e in checkpoints})
+            held = sorted({c.record.component for c in read(checkpoints, Checkpoint)})
             raise LocalError(f"{root} has no checkpoint of {component!r} "
                              f"(checkpointed: {', '.join(held) or 'nothing yet'})")
         federation_id = FederationStore(root).view(ledger).federation_id
-    flat = BlobStore(root / BLOBS_DIR).get_tensors(found[1]["digest"])["flat"]
+    flat = BlobStore(root / BLOBS_DIR).get_tensors(found[1].digest)["flat"]
     if config.model.kind == "m3t":
         from p2pfed.model.export import export_component
         from p2pfed.model.local import build_model
@@ -309,7 +309,7 @@ def export(
         path = out_dir / f"{component}.safetensors"
         save_file({"weight": flat.contiguous()}, str(path), metadata={"component": component})
         written = [path]
-    out.print(f"exported {component} (round {found[1]['round']}) to {out_dir}: "
+    out.print(f"exported {component} (round {found[1].round}) to {out_dir}: "
               f"{', '.join(p.name for p in written)}")
 
 

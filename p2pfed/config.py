@@ -122,6 +122,15 @@ class RoundsSection:
 
 
 @dataclass(frozen=True)
+class StorageSection:
+    #: rounds of history kept so that a member who joined within them can be forgotten exactly
+    #: (0: keep everything)
+    unlearn_horizon_rounds: int = 100
+    #: ledger and blob bytes the node may use; over it, no new round starts (0: no cap)
+    max_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class OverlaySection:
     degree: int = 4
 
@@ -201,6 +210,7 @@ class Config:
     #: task -> modality -> source (``[data.<task>.<modality>]`` tables)
     data: dict[str, dict[str, DataSource]] = field(default_factory=dict)
     rounds: RoundsSection = field(default_factory=RoundsSection)
+    storage: StorageSection = field(default_factory=StorageSection)
     overlay: OverlaySection = field(default_factory=OverlaySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
@@ -255,6 +265,8 @@ class Config:
             raise ConfigError("components.dim must be between 1 and 2**28")
         if self.rounds.interval_s < 0 or self.rounds.timeout_s <= 0:
             raise ConfigError("rounds.interval_s must be >= 0 and rounds.timeout_s > 0")
+        if self.storage.unlearn_horizon_rounds < 0 or self.storage.max_bytes < 0:
+            raise ConfigError("storage.unlearn_horizon_rounds and storage.max_bytes must be >= 0")
         if not 1 <= self.overlay.degree <= 64:
             raise ConfigError("overlay.degree must be between 1 and 64")
         if not 0 < self.metrics.port < 65536:

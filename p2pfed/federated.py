@@ -35,6 +35,7 @@ from gossip.identity import peer_id_from_public_key
 from gossip.membership import MAX_CREDENTIALS, Join, Leave, MembershipView, make_leave
 from gossip.overlay import holder_subgraph, overlay_graph
 from p2pfed import kinds
+from p2pfed.journal import ForgetRecord, JoinRequest, Membership, stored
 from p2pfed.node import Action, Announce, ApplyForget, Broadcast, Connect, Node
 from p2pfed.unlearning import FORGET_ENTRY, UNLEARNED_ENTRY, unlearning_status
 
@@ -144,6 +145,7 @@ class FederatedNode(Node):
             "components": node["components"],
             "rejected": node["rejected"],
             "unlearning": self.unlearning_status(),
+            "storage": node["storage"],
         }
 
     def unlearning_status(self) -> list[dict[str, Any]]:
@@ -158,9 +160,9 @@ class FederatedNode(Node):
     # ---------------------------------------------------------------- events
     def restore(self) -> dict[str, int]:
         restored = super().restore()
-        for entry in self.ledger.entries(FORGET_RECORD_ENTRY):
+        for entry in self._journal.read(ForgetRecord):
             try:
-                self.forgets.add_bytes(entry.body["record"], self.view)
+                self.forgets.add_bytes(entry.record.record, self.view)
             except RemoteError as exc:
                 log.warning("ignoring a forget record in the ledger: %s", exc)
         return restored
@@ -201,8 +203,7 @@ class FederatedNode(Node):
         """A signed forget record (ours or gossiped): keep it and apply it once per member."""
         if not self.forgets.add_bytes(raw, self.view):
             return []  # known already, or it loses to the request held for its member
-        self.ledger.append(FORGET_RECORD_ENTRY, {"record": raw}, timestamp_ms=now_ms,
-                           durable=True)
+        self._journal.write(ForgetRecord(raw), now_ms, durable=True)
         forget, _env = open_forget(raw, self.federation_id)
         target = peer_id_from_public_key(forget.target)
         if target in self.forgotten():
@@ -225,9 +226,9 @@ class FederatedNode(Node):
             list(self.view.records()), now_ms)]
 
     def _request_admission(self, now_ms: int) -> list[Action]:
-        entry = self.ledger.last(JOIN_REQUEST_ENTRY)
-        raw = entry.body.get("record") if entry is not None else None
-        if not isinstance(raw, bytes) or not self._bootstrap or self.left or self._stale(raw):
+        entry = self.ledger.last(JoinRequest.KIND)
+        raw = stored(entry, JoinRequest).record.record if entry is not None else None
+        if raw is None or not self._bootstrap or self.left or self._stale(raw):
             self._next_join_try = None
             return []
         delay = min(JOIN_RETRY_MAX_MS, JOIN_RETRY_MIN_MS << min(self._join_tries, 8))
@@ -350,7 +351,7 @@ class FederatedNode(Node):
         return actions + self.introduce([peer], now_ms)
 
     def _store(self, raw: bytes, now_ms: int) -> None:
-        self.ledger.append(MEMBERSHIP_ENTRY, {"record": raw}, timestamp_ms=now_ms)
+        self._journal.write(Membership(raw), now_ms)
 
     def _bundle_envelopes(self, records: list[bytes], now_ms: int) -> list[bytes]:
         head = self.view.credentials(self.identity.public_key)

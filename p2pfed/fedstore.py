@@ -37,6 +37,7 @@ from gossip.membership import (
 )
 from gossip.records import MAX_USES
 from p2pfed import kinds
+from p2pfed.journal import JoinRequest, Membership, read, write
 from p2pfed.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -110,13 +111,11 @@ class FederationStore:
 
     def view(self, ledger: Ledger) -> MembershipView:
         view = MembershipView(self.genesis())
-        for entry in ledger.entries(MEMBERSHIP_ENTRY):
-            raw = entry.body.get("record")
-            if isinstance(raw, bytes):
-                try:
-                    view.add_bytes(raw)
-                except RemoteError as exc:
-                    log.warning("ignoring an invalid membership record in the ledger: %s", exc)
+        for entry in read(ledger.entries(Membership.KIND), Membership):
+            try:
+                view.add_bytes(entry.record.record)
+            except RemoteError as exc:
+                log.warning("ignoring an invalid membership record in the ledger: %s", exc)
         return view
 
     def _store_genesis(self, data: bytes) -> None:
@@ -144,8 +143,7 @@ def create_federation(
     join = make_join(identity, genesis.federation_id,
                      Join(b"", tuple(sorted(modules)), tuple(addresses), 0), now_ms, seq.next())
     MembershipView(genesis).add(join)
-    ledger.append(MEMBERSHIP_ENTRY, {"record": join.to_bytes()}, timestamp_ms=now_ms,
-                  durable=True)
+    write(ledger, Membership(join.to_bytes()), now_ms, durable=True)
     return genesis
 
 
@@ -260,8 +258,7 @@ def join_federation(
     if not rejoining:
         store._store_genesis(parsed.genesis_envelope)
     # a member admits it when the daemon first reaches one (see gossip.admission)
-    ledger.append(JOIN_REQUEST_ENTRY, {"record": join.to_bytes()}, timestamp_ms=now_ms,
-                  durable=True)
+    write(ledger, JoinRequest(join.to_bytes()), now_ms, durable=True)
     _write_atomic(store.directory / BOOTSTRAP_FILE,
                   ("\n".join(inv.bootstrap) + "\n").encode())
     return parsed

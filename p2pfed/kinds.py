@@ -29,5 +29,8 @@ UNLEARNED = "unlearned"
 #: a forget request that could not be applied (no clean checkpoint)
 FORGET_FAILED = "forget-failed"
 
+#: entries pruned to bound storage, accounted for (see p2pfed.ledger_verify)
+COMPACTION = "compaction"
+
 ALL = frozenset({LOCAL_UPDATE, CONTRIBUTION, MIX, CHECKPOINT, CATCH_UP, MEMBERSHIP, JOIN_REQUEST,
-                 FORGET_RECORD, FORGET, UNLEARNED, FORGET_FAILED})
+                 FORGET_RECORD, FORGET, UNLEARNED, FORGET_FAILED, COMPACTION})

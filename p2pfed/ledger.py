@@ -26,14 +26,13 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from gossip.envelope import packb, unpackb
-from gossip.errors import LedgerIntegrityError, MalformedMessageError, StorageError
+from gossip.envelope import packb
+from gossip.errors import LedgerIntegrityError, StorageError
 from gossip.identity import Identity
 from p2pfed.home import (
     PRIVATE_FILE,
@@ -42,6 +41,8 @@ from p2pfed.home import (
     make_private,
     storage_error,
 )
+from p2pfed.kinds import COMPACTION
+from p2pfed.ledger_entry import LedgerEntry, read_entries, row_entry
 from p2pfed.ledger_verify import (
     COLUMNS,
     DOMAIN,
@@ -51,6 +52,7 @@ from p2pfed.ledger_verify import (
     MAX_BODY_BYTES,
     MAX_KIND_CHARS,
     OPEN,
+    PRUNED,
     VERIFIED_DOMAIN,
     ZERO_HASH,
     VerifyReport,
@@ -62,29 +64,23 @@ from p2pfed.ledger_verify import (
     connect,
     entry_hash,
     head_problem,
+    pruned_digest,
+    ranges_of,
     signed_pair,
     verify_connection,
     verify_ledger,
 )
 
+# The ledger chains and signs bodies without reading them: the kinds of entry are named in
+# p2pfed.kinds and what each body holds in p2pfed.journal.
 __all__ = [
-    "CHECKPOINT", "CONTRIBUTION", "DOMAIN", "FORMAT", "HASH_BYTES", "JOIN", "LEAVE",
-    "LOCAL_UPDATE", "MAX_BODY_BYTES", "MAX_KIND_CHARS", "MIX", "OPEN", "UNLEARN", "ZERO_HASH",
+    "DOMAIN", "FORMAT", "HASH_BYTES", "MAX_BODY_BYTES", "MAX_KIND_CHARS", "OPEN", "ZERO_HASH",
     "Ledger", "LedgerEntry", "VerifyReport", "entry_hash", "read_entries", "verify_ledger",
 ]
 
 log = logging.getLogger(__name__)
 
 _BATCH = 512
-
-# Entry kinds used across p2pfed (the ledger itself does not interpret bodies).
-LOCAL_UPDATE = "local-update"
-CONTRIBUTION = "contribution"
-MIX = "mix"
-CHECKPOINT = "checkpoint"
-JOIN = "join"
-LEAVE = "leave"
-UNLEARN = "unlearn"
 
 _SCHEMA = """
 CREATE TABLE entries (idx INTEGER PRIMARY KEY, kind TEXT NOT NULL, ts INTEGER NOT NULL,
@@ -93,30 +89,6 @@ CREATE TABLE entries (idx INTEGER PRIMARY KEY, kind TEXT NOT NULL, ts INTEGER NO
 CREATE INDEX entries_by_kind ON entries (kind, idx);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One entry, as appended or read back (``body`` decoded: tuples come back as lists)."""
-
-    index: int
-    kind: str
-    timestamp_ms: int
-    body: dict[str, Any]
-    prev_hash: bytes
-    entry_hash: bytes
-    signature: bytes
-
-
-def _row_entry(row: tuple[Any, ...]) -> LedgerEntry:
-    idx, kind, ts, body, prev, h, sig = row
-    try:
-        decoded = unpackb(bytes(body), max_bytes=MAX_BODY_BYTES)
-    except MalformedMessageError:
-        decoded = None
-    if not isinstance(decoded, dict):
-        raise LedgerIntegrityError(int(idx), "body is not a msgpack map")
-    return LedgerEntry(int(idx), str(kind), int(ts), decoded, bytes(prev), bytes(h), bytes(sig))
 
 
 class Ledger:
@@ -282,8 +254,9 @@ class Ledger:
         return self.append_many([(kind, body, timestamp_ms)], durable=durable)[0]
 
     def append_many(self, items: Iterable[tuple[str, Mapping[str, Any], int]], *,
-                    durable: bool = False) -> list[LedgerEntry]:
-        """Append ``(kind, body, timestamp_ms)`` entries in one transaction: all or none."""
+                    durable: bool = False, prune: Sequence[int] = ()) -> list[LedgerEntry]:
+        """Append ``(kind, body, timestamp_ms)`` entries in one transaction: all or none
+        (with ``prune``, the bodies of those entries are emptied in it: see :meth:`compact`)."""
         encoded = [check_entry(kind, body, ts) for kind, body, ts in items]
         out: list[LedgerEntry] = []
         with self._lock:
@@ -304,6 +277,8 @@ class Ledger:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._conn.executemany(
                     f"INSERT INTO entries ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                self._conn.executemany("UPDATE entries SET body = ? WHERE idx = ?",
+                                       [(PRUNED, i) for i in prune])
                 self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('head', ?)",
                                    (packb([index, prev, head_sig]),))
                 self._conn.execute("COMMIT")
@@ -313,6 +288,38 @@ class Ledger:
                 raise storage_error(exc, f"cannot append to ledger {self.path}") from exc
             self._count, self._head = index, prev
         return out
+
+    def compact(self, indexes: Iterable[int], timestamp_ms: int,
+                extra: Mapping[str, Any]) -> LedgerEntry | None:
+        """Prune the entries at ``indexes`` (their bodies; never entry 0 or one pruned before)
+        and append the signed ``compaction`` entry that accounts for them (with ``extra``
+        fields), durably, in one transaction.  None when there is nothing to prune.
+
+        The new compaction entry accounts for every entry pruned so far and prunes the one
+        before it, so a ledger holds one, whatever the number of compactions."""
+        wanted = sorted(set(indexes) - {0})
+        new = self._hashes(wanted)
+        if not new:
+            return None
+        earlier = [int(r[0]) for r in self._fetch(
+            "SELECT idx FROM entries WHERE kind = ? AND length(body) > 0", (COMPACTION,))]
+        new = sorted(new + self._hashes(earlier))
+        pairs = sorted(new + [(int(i), bytes(h)) for i, h in self._fetch(
+            "SELECT idx, entry_hash FROM entries WHERE length(body) = 0", ())])
+        body = {**extra, "ranges": ranges_of(i for i, _h in pairs), "count": len(pairs),
+                "digest": pruned_digest(pairs)}
+        return self.append_many([(COMPACTION, body, timestamp_ms)], durable=True,
+                                prune=[i for i, _h in new])[0]
+
+    def _hashes(self, indexes: Sequence[int]) -> list[tuple[int, bytes]]:
+        """(index, hash) of the entries at ``indexes`` not pruned yet."""
+        found: list[tuple[int, bytes]] = []
+        for start in range(0, len(indexes), _BATCH):
+            chunk = indexes[start:start + _BATCH]
+            found += [(int(i), bytes(h)) for i, h in self._fetch(
+                "SELECT idx, entry_hash FROM entries WHERE length(body) > 0 AND idx IN "
+                f"({','.join('?' * len(chunk))})", tuple(chunk))]
+        return found
 
     def _set_sync(self, mode: str) -> None:
         if self.path is not None and mode != self._sync:
@@ -415,6 +422,13 @@ class Ledger:
     def __len__(self) -> int:
         return self._count
 
+    def nbytes(self) -> int:
+        """The database's size: its pages (in memory too) plus the write-ahead log's file."""
+        pages = self._fetch("SELECT page_count * page_size FROM pragma_page_count, "
+                            "pragma_page_size", ())
+        wal = Path(f"{self.path}-wal") if self.path is not None else None
+        return int(pages[0][0]) + (wal.stat().st_size if wal is not None and wal.exists() else 0)
+
     @property
     def head_hash(self) -> bytes:
         """Hash of the last entry (all zeros for an empty chain)."""
@@ -427,7 +441,7 @@ class Ledger:
         ``reverse=True`` yields the newest first (down to ``start``): stop early to read only
         the end of a long ledger.
         """
-        kind_clause = " AND kind = ?" if kind is not None else ""
+        kind_clause = (" AND kind = ?" if kind is not None else "") + " AND length(body) > 0"
         if reverse:
             query = (f"SELECT {COLUMNS} FROM entries WHERE idx >= ? AND idx <= ?{kind_clause} "
                      f"ORDER BY idx DESC LIMIT {_BATCH}")
@@ -439,23 +453,23 @@ class Ledger:
             bounds: tuple[Any, ...] = (start, nxt) if reverse else (nxt,)
             rows = self._fetch(query, bounds + ((kind,) if kind is not None else ()))
             for row in rows:
-                yield _row_entry(row)
+                yield row_entry(row)
             if len(rows) < _BATCH:
                 return
             nxt = int(rows[-1][0]) + (-1 if reverse else 1)
 
     def get(self, index: int) -> LedgerEntry:
         rows = self._fetch(f"SELECT {COLUMNS} FROM entries WHERE idx = ?", (index,))
-        if not rows:
-            raise IndexError(f"no ledger entry {index}")
-        return _row_entry(rows[0])
+        if not rows or rows[0][3] == PRUNED:
+            raise IndexError(f"no ledger entry {index}" + (" (pruned)" if rows else ""))
+        return row_entry(rows[0])
 
     def last(self, kind: str | None = None) -> LedgerEntry | None:
         """The last entry (of ``kind`` if given), or None."""
-        where, params = ("", ()) if kind is None else ("WHERE kind = ?", (kind,))
-        rows = self._fetch(f"SELECT {COLUMNS} FROM entries {where} ORDER BY idx DESC LIMIT 1",
-                           params)
-        return _row_entry(rows[0]) if rows else None
+        where, params = ("", ()) if kind is None else ("AND kind = ?", (kind,))
+        rows = self._fetch(f"SELECT {COLUMNS} FROM entries WHERE length(body) > 0 {where} "
+                           "ORDER BY idx DESC LIMIT 1", params)
+        return row_entry(rows[0]) if rows else None
 
     def _fetch(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -482,13 +496,3 @@ class Ledger:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-
-def read_entries(path: Path) -> list[LedgerEntry]:
-    """Every entry of the ledger at ``path``, read-only in one snapshot (verify it first)."""
-    conn = connect(path, "ro")
-    try:
-        rows = conn.execute(f"SELECT {COLUMNS} FROM entries ORDER BY idx").fetchall()
-    finally:
-        conn.close()
-    return [_row_entry(row) for row in rows]

@@ -10,6 +10,14 @@ owner signs it.  Two signed records sit in the ledger's ``meta`` table:
   below the mark is found by the full verification (:func:`verify_ledger`, run by ``p2pfed
   ledger verify``), never by the incremental one.
 
+Compaction (bounded storage) *prunes* entries: their body is emptied, their index, kind,
+timestamp, links, hash and signature stay, so the chain still verifies link by link and
+signature by signature.  Each compaction appends a signed ``compaction`` entry naming the
+indexes it pruned (as ranges) and a digest over their ``(index, hash)`` pairs
+(:func:`pruned_digest`).  A full verification (:class:`PruneAudit`) then checks that every
+empty body was pruned by such an entry and that the entries it names are the ones it pruned:
+a body removed by anyone else is found.
+
 Everything here is pure (bodies or rows in, bytes or reasons out) but :func:`verify_ledger`,
 which opens the file read-only.
 """
@@ -25,6 +33,7 @@ from typing import Any
 from gossip.envelope import digest, packb, unpackb
 from gossip.errors import LocalError, MalformedMessageError
 from gossip.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, verify_signature
+from p2pfed.kinds import COMPACTION
 
 FORMAT = 1
 HASH_BYTES = 32
@@ -138,6 +147,62 @@ def bad(entries: int, index: int | None, reason: str, checked: int = 0) -> Verif
     return VerifyReport(False, entries, index, reason, checked)
 
 
+PRUNED = b""
+COMPACTION_DOMAIN = b"p2pfed/v1/ledger-compaction\0"
+
+
+def ranges_of(indexes: Iterable[int]) -> list[list[int]]:
+    """Sorted indexes as ``[start, end)`` runs."""
+    runs: list[list[int]] = []
+    for i in sorted(set(indexes)):
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
+
+
+def pruned_digest(pairs: Iterable[tuple[int, bytes]]) -> bytes:
+    """What a compaction entry commits to: its pruned entries' indexes and hashes, in order."""
+    return digest(COMPACTION_DOMAIN + b"".join(i.to_bytes(8, "big") + h for i, h in pairs))
+
+
+class PruneAudit:
+    """Full verification's account of pruned entries: each one pruned by a compaction entry."""
+
+    def __init__(self) -> None:
+        self.pruned: dict[int, bytes] = {}
+        self.claims: list[tuple[int, Any]] = []
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        """A row that verified."""
+        idx, kind, _ts, body, _prev, h, _sig = row
+        if body == PRUNED:
+            self.pruned[idx] = bytes(h)
+        elif kind == COMPACTION:
+            self.claims.append((idx, unpackb(body, max_bytes=MAX_BODY_BYTES)))
+
+    def problem(self) -> tuple[int, str] | None:
+        """The first pruned entry no compaction accounts for, or a compaction whose claim does
+        not hold (index, reason); None when every pruned body is accounted for."""
+        covered: set[int] = set()
+        for index, body in self.claims:
+            runs, claimed = body.get("ranges"), body.get("digest")
+            try:
+                idxs = [i for start, end in runs for i in range(start, end)]
+            except (TypeError, ValueError):
+                return index, "compaction entry has malformed ranges"
+            if any(i >= index or i not in self.pruned or i in covered for i in idxs):
+                return index, "compaction entry names entries that were not pruned before it"
+            if pruned_digest((i, self.pruned[i]) for i in idxs) != claimed:
+                return index, "pruned entries do not match their compaction entry"
+            covered.update(idxs)
+        stray = sorted(set(self.pruned) - covered)
+        if stray:
+            return stray[0], "body removed without a compaction entry accounting for it"
+        return None
+
+
 def check_row(row: tuple[Any, ...], expected: int, prev: bytes, key: bytes) -> str | None:
     """Why the row stored for index ``expected`` is bad, or None when it verifies."""
     idx, kind, ts, body, prev_hash, h, sig = row
@@ -153,6 +218,10 @@ def check_row(row: tuple[Any, ...], expected: int, prev: bytes, key: bytes) -> s
         return "has fields of the wrong type or size"
     if prev_hash != prev:
         return "does not link to the previous entry (entries reordered, replaced or removed)"
+    if body == PRUNED:  # (its compaction entry accounts for it: see PruneAudit)
+        if idx == 0:
+            return "is the 'open' entry, which is never pruned"
+        return None if verify_signature(key, h, sig) else "signature does not verify"
     if entry_hash(idx, kind, ts, body, prev_hash) != h:
         return "content does not match its hash (kind, timestamp or body edited)"
     if not verify_signature(key, h, sig):
@@ -169,16 +238,18 @@ def check_row(row: tuple[Any, ...], expected: int, prev: bytes, key: bytes) -> s
 
 
 def check_rows(rows: Iterable[tuple[Any, ...]], count: int, prev: bytes,
-               key: bytes) -> tuple[int, bytes, str | None]:
+               key: bytes, audit: PruneAudit | None = None) -> tuple[int, bytes, str | None]:
     """Check rows that should continue a chain of ``count`` entries ending in ``prev``.
 
     Returns the new count and last hash, and the reason the first bad row is bad (None when
-    every row verified).
+    every row verified).  ``audit`` collects pruned entries and compactions.
     """
     for row in rows:
         reason = check_row(row, count, prev, key)
         if reason is not None:
             return count, prev, f"entry {count} {reason}"
+        if audit is not None:
+            audit.add(row)
         prev = bytes(row[5])
         count += 1
     return count, prev, None
@@ -199,9 +270,13 @@ def verify_connection(conn: sqlite3.Connection, public_key: bytes | None) -> Ver
         return bad(0, None, "the ledger belongs to another identity than the given key")
     key = owner if public_key is None else public_key
     rows = conn.execute(f"SELECT {COLUMNS} FROM entries ORDER BY idx")
-    count, prev, reason = check_rows(rows, 0, ZERO_HASH, key)
+    audit = PruneAudit()
+    count, prev, reason = check_rows(rows, 0, ZERO_HASH, key, audit)
     if reason is not None:
         return bad(count, count, reason, count + 1)
+    pruned = audit.problem()
+    if pruned is not None:
+        return bad(pruned[0], pruned[0], f"entry {pruned[0]}: {pruned[1]}", count)
     signed = signed_pair(meta.get("head"), key, HEAD_DOMAIN)
     if isinstance(signed, str):
         return bad(count, count, f"{signed}; entries from {count} on may have been cut off",

@@ -14,28 +14,39 @@ mixing graph) could have influenced it.  To forget member ``T`` a node
    ``stride``-th round trains, its update rescaled to the size of the stored updates it stands
    for (FedEraser's calibration), and the rounds between only mix.
 
-The node plans and applies this (:mod:`p2pfed.node._unlearning`, the planner; the re-run in
-:mod:`p2pfed.node._replay`; restarts in :mod:`p2pfed.node._restore`).  This module, free of
-torch so that the CLI stays quick, holds the ledger's vocabulary for it and the read-only
-queries over a ledger: :func:`latest_clean_checkpoints` (what to export or restart from),
+The node plans and applies this (:mod:`p2pfed.node._unlearning`, the planner;
+:mod:`p2pfed.node._forgetting`, its application; the re-run in :mod:`p2pfed.node._replay`;
+restarts in :mod:`p2pfed.node._restore`).  This module, free of torch so that the CLI stays
+quick, holds the read-only queries over a ledger (its records read through
+:mod:`p2pfed.journal`): :func:`latest_clean_checkpoints` (what to export or restart from),
 :func:`unlearning_status` and :func:`check_unlearning`, the audit that ``p2pfed ledger verify``
 runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from p2pfed import kinds
+from p2pfed.journal import (
+    Checkpoint,
+    Contribution,
+    Forget,
+    LocalUpdate,
+    Mix,
+    Record,
+    SchemaError,
+    Unlearned,
+    decode,
+    read,
+)
 from p2pfed.ledger import LedgerEntry
 
 FORGET_ENTRY = kinds.FORGET
 UNLEARNED_ENTRY = kinds.UNLEARNED
 #: fast mode: one calibration training stands for this many rounds
 FAST_STRIDE = 4
-#: entry kinds whose body carries the lineage of a state
-STATE_KINDS = ("local-update", "mix", "checkpoint", "contribution")
 
 
 def is_clean(lineage: Iterable[str], forgotten: Iterable[str]) -> bool:
@@ -44,16 +55,46 @@ def is_clean(lineage: Iterable[str], forgotten: Iterable[str]) -> bool:
 
 def latest_clean_checkpoints(
     entries: Iterable[LedgerEntry], forgotten: Iterable[str],
-) -> dict[str, tuple[int, dict[str, Any]]]:
-    """Per component, the last checkpoint (ledger index, body) free of every forgotten member:
-    the state to restart from or export, never one a forget request still has to undo."""
+) -> dict[str, tuple[int, Checkpoint]]:
+    """Per component, the last checkpoint (ledger index, record) free of every forgotten
+    member: the state to restart from or export, never one a forget request still has to
+    undo."""
     forgotten = set(forgotten)
-    latest: dict[str, tuple[int, dict[str, Any]]] = {}
-    for entry in entries:
-        body = entry.body
-        if entry.kind == "checkpoint" and is_clean(body.get("lineage", ()), forgotten):
-            latest[body["component"]] = (entry.index, body)
+    latest: dict[str, tuple[int, Checkpoint]] = {}
+    for ck in read(entries, Checkpoint):
+        if is_clean(ck.record.lineage, forgotten):
+            latest[ck.record.component] = (ck.index, ck.record)
     return latest
+
+
+def _records(entries: Iterable[LedgerEntry]) -> Iterator[tuple[int, Record]]:
+    """The entries that decode (``p2pfed ledger verify`` reports the others, see
+    :func:`p2pfed.journal.schema_problems`)."""
+    for entry in entries:
+        try:
+            yield entry.index, decode(entry)
+        except SchemaError:
+            continue
+
+
+def _state_problems(index: int, record: Record, forgotten: set[str]) -> list[str]:
+    """What a state-bearing record uses of the forgotten members."""
+    if not isinstance(record, LocalUpdate | Mix | Checkpoint | Contribution):
+        return []
+    problems = []
+    tainted = set(record.lineage) & forgotten
+    round_ = getattr(record, "round", None)
+    if tainted:
+        problems.append(f"entry {index} ({record.KIND} of {record.component} round {round_}): "
+                        f"lineage holds forgotten {sorted(tainted)}")
+    if isinstance(record, Contribution) and record.sender in forgotten:
+        problems.append(f"entry {index}: contribution from forgotten {record.sender}")
+    if isinstance(record, Mix):
+        used = {i.peer for i in record.inputs} & forgotten
+        if used:
+            problems.append(f"entry {index}: mix of {record.component} round {round_} uses "
+                            f"forgotten {sorted(used)}")
+    return problems
 
 
 def check_unlearning(entries: Iterable[LedgerEntry], owner: str | None = None) -> list[str]:
@@ -66,43 +107,28 @@ def check_unlearning(entries: Iterable[LedgerEntry], owner: str | None = None) -
     """
     problems: list[str] = []
     forgotten: dict[str, int] = {}
-    for entry in entries:
-        body = entry.body
-        if entry.kind == FORGET_ENTRY:
-            if body["target"] != owner:
-                forgotten.setdefault(body["target"], entry.index)
-        elif entry.kind == UNLEARNED_ENTRY:
-            if body.get("target") not in forgotten and body.get("target") != owner:
-                problems.append(f"entry {entry.index}: unlearning of {body.get('target')} "
-                                "without a forget entry before it")
-        elif entry.kind in STATE_KINDS and forgotten:
-            tainted = set(body.get("lineage", ())) & set(forgotten)
-            if tainted:
-                problems.append(f"entry {entry.index} ({entry.kind} of "
-                                f"{body.get('component')} round {body.get('round')}): lineage "
-                                f"holds forgotten {sorted(tainted)}")
-            if entry.kind == "contribution" and body.get("sender") in forgotten:
-                problems.append(f"entry {entry.index}: contribution from forgotten "
-                                f"{body['sender']}")
-            if entry.kind == "mix":
-                used = {i[0] for i in body.get("inputs", ())} & set(forgotten)
-                if used:
-                    problems.append(f"entry {entry.index}: mix of {body.get('component')} round "
-                                    f"{body.get('round')} uses forgotten {sorted(used)}")
+    for index, record in _records(entries):
+        if isinstance(record, Forget):
+            if record.target != owner:
+                forgotten.setdefault(record.target, index)
+        elif isinstance(record, Unlearned):
+            if record.target not in forgotten and record.target != owner:
+                problems.append(f"entry {index}: unlearning of {record.target} without a "
+                                "forget entry before it")
+        elif forgotten:
+            problems += _state_problems(index, record, set(forgotten))
     return problems
 
 
 def unlearning_status(entries: Iterable[LedgerEntry]) -> list[dict[str, Any]]:
     """Per forgotten member: mode, what was rolled back, and whether it is done."""
     out: dict[str, dict[str, Any]] = {}
-    for entry in entries:
-        body = entry.body
-        if entry.kind == FORGET_ENTRY:
-            out[body["target"]] = {
-                "target": body["target"], "mode": body["mode"], "done": False,
-                "rolled_back": body["influenced"], "untouched": body["untouched"],
-                "rerun": sorted(body["components"]),
-                "from_round": body["start"], "epoch": body["epoch"]}
-        elif entry.kind == UNLEARNED_ENTRY and body.get("target") in out:
-            out[body["target"]]["done"] = True
+    for _index, r in _records(entries):
+        if isinstance(r, Forget):
+            out[r.target] = {
+                "target": r.target, "mode": r.mode, "done": False,
+                "rolled_back": list(r.influenced), "untouched": list(r.untouched),
+                "rerun": sorted(r.components), "from_round": r.start, "epoch": r.epoch}
+        elif isinstance(r, Unlearned) and r.target in out:
+            out[r.target]["done"] = True
     return list(out.values())

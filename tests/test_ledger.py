@@ -15,7 +15,8 @@ from gossip.envelope import digest, packb
 from gossip.errors import LedgerIntegrityError, LocalError, StorageError
 from gossip.identity import Identity, verify_signature
 from p2pfed.home import DiskFullError, MissingStateError
-from p2pfed.ledger import CHECKPOINT, CONTRIBUTION, MIX, OPEN, Ledger, verify_ledger
+from p2pfed.kinds import CHECKPOINT, CONTRIBUTION, MIX
+from p2pfed.ledger import OPEN, Ledger, verify_ledger
 
 
 @pytest.fixture

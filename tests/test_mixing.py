@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import networkx as nx
 import pytest
@@ -27,12 +28,12 @@ def t(*xs: float) -> torch.Tensor:
     return torch.tensor(xs, dtype=torch.float64)
 
 
-def node_with(value: float, rule: str) -> Node:
+def node_with(value: float, rule: str, **config: Any) -> Node:
     ident = Identity.generate()
     comp = FlatComponent.from_params(ComponentSpec.from_name("backbone"),
                                      {"w": torch.full((4,), value, dtype=torch.float64)})
     return Node(ident, FED, {"backbone": comp}, Ledger.open(None, ident), BlobStore(None),
-                NodeConfig(round_timeout_ms=1000, robust={"*": rule}))
+                NodeConfig(round_timeout_ms=1000, robust={"*": rule}, **config))
 
 
 def triangle(nodes: list[Node]) -> None:

@@ -286,7 +286,7 @@ def _checkpointing_node(tmp_path: Path, ident: Identity | None = None,
 def _checkpoint_at(node: Node, round_: int, fill: float) -> bytes:
     value(node).fill_(fill)
     node.fast_forward(round_)
-    return bytes(node.checkpoint(round_)["backbone"]["digest"])
+    return node.checkpoint(round_)["backbone"].digest
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_newest_clean_one(

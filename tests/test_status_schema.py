@@ -7,7 +7,6 @@ validated in ``tests/test_daemon.py``; here, the node's part as the one builder 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -138,8 +137,7 @@ def test_the_node_status_fits_the_component_schema(rule: str) -> None:
 def test_a_privacy_status_fits_the_schema() -> None:
     schema = load_schema()
     policy = Policy(clip=1.0, sigma=1.0, delta=1e-5, budget=8.0)
-    node = node_with(1.0, "mh")
-    node.config = dataclasses.replace(node.config, privacy={"backbone": policy})
+    node = node_with(1.0, "mh", privacy={"backbone": policy})
     privacy = status_of(node)["components"]["backbone"]["privacy"]
     assert privacy is not None and privacy["releases"] == 0
     assert errors(privacy, {"$ref": "#/$defs/privacy", "$defs": schema["$defs"]}) == []

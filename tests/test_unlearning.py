@@ -20,6 +20,7 @@ from p2pfed.blobs import BlobStore
 from p2pfed.components import FlatComponent
 from p2pfed.federated import FORGET_RECORD_ENTRY as FORGET_RECORD
 from p2pfed.federated import FederatedNode
+from p2pfed.journal import Checkpoint, Stored
 from p2pfed.ledger import Ledger, LedgerEntry
 from p2pfed.node import Node, NodeConfig, status_of
 from p2pfed.node._restore import restore_candidates
@@ -338,9 +339,9 @@ def test_restart_and_export_never_take_a_checkpoint_a_forget_must_undo() -> None
     target = nodes[-1].peer_id
     entries = list(nodes[0].ledger.entries("checkpoint"))
     latest = latest_clean_checkpoints(entries, set())
-    assert latest["backbone"][1]["round"] == 3
+    assert latest["backbone"][1].round == 3
     clean = latest_clean_checkpoints(entries, {target})  # only the starting state is free of it
-    assert clean["backbone"][1]["round"] == 0 and target not in clean["backbone"][1]["lineage"]
+    assert clean["backbone"][1].round == 0 and target not in clean["backbone"][1].lineage
 
 
 def test_clipped_gossip_keeps_its_radius_in_checkpoints_for_restarts_and_rollbacks(
@@ -365,15 +366,13 @@ def test_clipped_gossip_keeps_its_radius_in_checkpoints_for_restarts_and_rollbac
 
 
 def test_restore_candidates_are_clean_checkpoints_newest_first() -> None:
-    def cp(index: int, component: str, lineage: list[str]) -> LedgerEntry:
-        return LedgerEntry(index, "checkpoint", 0, {"component": component, "round": index,
-                                                    "lineage": lineage}, b"", b"", b"")
+    def cp(index: int, component: str, lineage: list[str]) -> Stored[Checkpoint]:
+        return Stored(index, 0, Checkpoint(component, index, bytes(32), tuple(lineage)))
 
     newest_first = [cp(9, "backbone", ["a", "t"]), cp(8, "head.topic", ["a"]),
-                    LedgerEntry(7, "mix", 0, {"component": "backbone"}, b"", b"", b""),
                     cp(6, "backbone", ["a"]), cp(5, "other", []), cp(4, "backbone", [])]
     got = list(restore_candidates(newest_first, {"t"}, ["backbone", "head.topic"]))
-    assert [(i, b["component"]) for i, b in got] == [
+    assert [(c.index, c.record.component) for c in got] == [
         (8, "head.topic"), (6, "backbone"), (4, "backbone")]  # 9 holds forgotten t
     lazy = restore_candidates(iter(newest_first), set(), ["backbone"])
-    assert next(lazy)[0] == 9  # a generator: the caller stops reading when it has enough
+    assert next(lazy).index == 9  # a generator: the caller stops reading when it has enough

@@ -35,12 +35,34 @@ from p2pfed.node._records import (
     RoundCompleted,
     Train,
 )
+from p2pfed.node._retention import RetentionPolicy
 from p2pfed.node._state import HISTORY, TRANSITIONS, Event, Phase
 from p2pfed.node._status import component_status, status_of
 
 __all__ = [
-    "ANNOUNCE", "EARLY", "HISTORY", "MAX_NOISE", "ROUND_WINDOW", "TRANSITIONS", "Action",
-    "Announce", "Announcement", "ApplyForget", "Broadcast", "Connect", "Event", "Fetch",
-    "ForgetApplied", "Mixed", "Node", "NodeConfig", "PeerRejected", "Phase", "RoundCompleted",
-    "Train", "component_status", "status_of",
+    "ANNOUNCE",
+    "EARLY",
+    "HISTORY",
+    "MAX_NOISE",
+    "ROUND_WINDOW",
+    "TRANSITIONS",
+    "Action",
+    "Announce",
+    "Announcement",
+    "ApplyForget",
+    "Broadcast",
+    "Connect",
+    "Event",
+    "Fetch",
+    "ForgetApplied",
+    "Mixed",
+    "Node",
+    "NodeConfig",
+    "PeerRejected",
+    "Phase",
+    "RetentionPolicy",
+    "RoundCompleted",
+    "Train",
+    "component_status",
+    "status_of",
 ]

@@ -9,22 +9,12 @@ neighbours' clean updates and, in fast mode, this node's own updates.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from p2pfed.journal import Checkpoint, Contribution
 from p2pfed.unlearning import FAST_STRIDE
-
-
-@dataclass(frozen=True)
-class Contribution:
-    """A neighbour's update this node received: enough to mix it again without a fetch."""
-
-    digest: bytes
-    lineage: tuple[str, ...]
-    noise: float = 0.0  # the noise std its announcement declared (noise-aware mixing)
 
 
 @dataclass
@@ -36,14 +26,15 @@ class Replay:
     start: int
     until: int
     forget_index: int  # the ledger index of the forget entry
-    #: clean neighbour updates kept from before the request: (round, peer) -> contribution
+    #: clean neighbour updates kept from before the request (the ledger's records of them:
+    #: enough to mix them again without a fetch): (round, peer) -> contribution
     history: dict[tuple[int, str], Contribution] = field(default_factory=dict)
     #: fast mode: per round, digests of this node's own state before and after its training
     updates: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     stride: int = FAST_STRIDE
     #: a component the member never influenced, re-run only because an influenced one is
     #: trained through it: its checkpoint from before the request, put back when done
-    keep: Mapping[str, Any] | None = None
+    keep: Checkpoint | None = None
 
     def trains_at(self, round_: int) -> bool:
         return self.mode == "exact" or (round_ - self.start) % self.stride == 0

@@ -1,7 +1,9 @@
 """A component's round: its phases, the table of transitions, and what a round holds.
 
 Everything that moves a component's round lives here (h11's ``_state.py``): the node calls
-:func:`transition` with an :class:`Event`; a move the table does not list is a bug.
+:func:`transition` with an :class:`Event` (a move the table does not list is a bug), or the
+moves built on it: :func:`begin` (the round limit and pacing), :func:`advance` (a round
+mixed), :func:`jump` (catching up) and :func:`due` (what a deadline does).
 """
 
 from __future__ import annotations
@@ -75,13 +77,10 @@ class ComponentRound:
     weight_deps: frozenset[str] = frozenset()
     replay: Replay | None = None
     trained: bool = False  # this round's update includes local training
-    releases: int = 0  # differentially private updates released so far
     #: the state before this round's training, when calibration or privacy needs it
     origin: torch.Tensor | None = None
-    released: bool = False  # this round's update is a private release
     noise: float = 0.0  # the noise std this round's announcement declared
     memory: Memory = field(default_factory=Memory)  # what the mixing rule remembers
-    exhausted: bool = False  # the privacy budget allows no more releases
     start_digest: bytes = b""  # the state before this round's training (kept for fast mode)
 
     @property
@@ -96,3 +95,53 @@ def transition(state: ComponentRound, event: Event) -> None:
         state.phase = TRANSITIONS[(state.phase, event)]
     except KeyError:
         raise AssertionError(f"no transition from {state.phase} on {event}") from None
+
+
+def begin(state: ComponentRound, limit: int | None, now_ms: int, interval_ms: int) -> bool:
+    """Start the next round unless the round limit is reached (the component pauses) or the
+    round is paced to start later (``tick`` starts it); True when it started."""
+    if limit is not None and state.round >= limit:
+        transition(state, Event.LIMIT)
+        return False
+    if state.start_at_ms is not None and now_ms < state.start_at_ms:
+        return False
+    state.start_at_ms = now_ms + interval_ms if interval_ms > 0 else None
+    transition(state, Event.START)
+    return True
+
+
+def advance(state: ComponentRound) -> None:
+    """The round is mixed: on to the next (what arrived for later rounds is kept)."""
+    state.inbox = {k: v for k, v in state.inbox.items() if k[0] > state.round}
+    state.round += 1
+    state.completed += 1
+    state.deadline_ms = None
+    transition(state, Event.COMPLETE)
+
+
+def jump(state: ComponentRound, round_: int) -> None:
+    """Catch up: neighbours are well ahead (a restart, a cut link); drop this round."""
+    state.inbox = {k: v for k, v in state.inbox.items() if k[0] >= round_}
+    state.round, state.deadline_ms, state.start_at_ms = round_, None, None
+    if state.phase is Phase.COLLECTING:
+        transition(state, Event.ABANDON)
+
+
+def due(state: ComponentRound, now_ms: int) -> Event | None:
+    """What time alone does to ``state`` at ``now_ms``: a paced round may start, a collecting
+    round's deadline has passed (it completes with what came), or nothing."""
+    if state.phase is Phase.IDLE and state.start_at_ms is not None and now_ms >= state.start_at_ms:
+        return Event.START
+    if (state.phase is Phase.COLLECTING and state.deadline_ms is not None
+            and now_ms >= state.deadline_ms):
+        return Event.COMPLETE
+    return None
+
+
+def fast_forward(state: ComponentRound, round_: int) -> None:
+    """A paused component moves to ``round_`` (a member rejoining a running federation)."""
+    if state.phase not in (Phase.PAUSED, Phase.IDLE):
+        raise AssertionError("fast_forward needs every component paused")
+    if round_ > state.round:
+        state.round = round_
+        state.inbox.clear()

@@ -25,4 +25,5 @@ def status_of(node: Node) -> dict[str, Any]:
         "peer_id": node.peer_id,
         "components": {name: component_status(node, name) for name in sorted(node.components)},
         "rejected": dict(node.rejected),
+        "storage": node.storage(),
     }

@@ -9,9 +9,7 @@ planned here and applied by :meth:`p2pfed.node.Node.forget`:
 * :func:`plan_replay`: what a component re-running rounds takes from the ledger (the
   neighbours' clean updates, and in fast mode this node's own updates before the request);
 * :func:`plan_resume`: after a restart, which components roll back again and which re-run;
-* :func:`unlearned_entry`: the ledger entry that closes an unlearning.
-
-Nothing here touches a component's state: functions read ledger entries (and stored payloads)
+Nothing here touches a component's state: functions read ledger records (and stored payloads)
 and return values.
 """
 
@@ -19,16 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from p2pfed.blobs import BlobStore
-from p2pfed.codec import decode_payload
 from p2pfed.components import FlatLayout
-from p2pfed.ledger import LedgerEntry
-from p2pfed.mixing import Memory
-from p2pfed.node._replay import Contribution, Replay
+from p2pfed.journal import Checkpoint, Contribution, Forget, LocalUpdate, Rerun, Stored
+from p2pfed.node._journal import Journal
+from p2pfed.node._replay import Replay
 from p2pfed.unlearning import FAST_STRIDE, is_clean
 
 MODES = ("exact", "fast")
@@ -36,23 +31,22 @@ MODES = ("exact", "fast")
 
 # ---------------------------------------------------------------- ledger queries
 def rollback_round(
-    entries: Iterable[LedgerEntry], rounds: Mapping[str, int], forgotten: Iterable[str],
-) -> tuple[int, dict[str, dict[str, Any]]] | None:
+    checkpoints: Iterable[Stored[Checkpoint]], rounds: Mapping[str, int],
+    forgotten: Iterable[str],
+) -> tuple[int, dict[str, Checkpoint]] | None:
     """The latest round at which every component in ``rounds`` has a clean checkpoint.
 
     ``rounds`` maps each component to roll back to its current round (a checkpoint after it is
-    not a candidate).  Returns that round and, per component, the checkpoint entry's body (the
-    latest one at that round), or None when there is no common clean round.
+    not a candidate).  Returns that round and, per component, the checkpoint (the latest one at
+    that round), or None when there is no common clean round.
     """
     forgotten = set(forgotten)
-    found: dict[str, dict[int, dict[str, Any]]] = {c: {} for c in rounds}
-    for entry in entries:
-        if entry.kind != "checkpoint":
-            continue
-        body = entry.body
-        c = body.get("component")
-        if c in found and body["round"] <= rounds[c] and is_clean(body["lineage"], forgotten):
-            found[c][body["round"]] = body
+    found: dict[str, dict[int, Checkpoint]] = {c: {} for c in rounds}
+    for entry in checkpoints:
+        ck = entry.record
+        if (ck.component in found and ck.round <= rounds[ck.component]
+                and is_clean(ck.lineage, forgotten)):
+            found[ck.component][ck.round] = ck
     common = set.intersection(*(set(v) for v in found.values())) if found else set()
     if not common:
         return None
@@ -61,7 +55,7 @@ def rollback_round(
 
 
 def contributions(
-    entries: Iterable[LedgerEntry], component: str, start: int, until: int,
+    entries: Iterable[Stored[Contribution]], component: str, start: int, until: int,
     forgotten: Iterable[str],
 ) -> dict[tuple[int, str], Contribution]:
     """Clean neighbour updates of ``component`` received for rounds ``start .. until-1``.
@@ -72,29 +66,24 @@ def contributions(
     forgotten = set(forgotten)
     out: dict[tuple[int, str], Contribution] = {}
     for entry in entries:
-        body = entry.body
-        if entry.kind != "contribution" or body.get("component") != component:
-            continue
-        rnd, sender = body["round"], body["sender"]
-        if start <= rnd < until and sender not in forgotten and is_clean(body["lineage"],
-                                                                           forgotten):
-            out[(rnd, sender)] = Contribution(body["digest"], tuple(body["lineage"]),
-                                              float(body.get("noise", 0.0)))
+        c = entry.record
+        if (c.component == component and start <= c.round < until
+                and c.sender not in forgotten and is_clean(c.lineage, forgotten)):
+            out[(c.round, c.sender)] = c
     return out
 
 
 def own_updates(
-    entries: Iterable[LedgerEntry], component: str, start: int, until: int, before: int,
+    entries: Iterable[Stored[LocalUpdate]], component: str, start: int, until: int, before: int,
 ) -> dict[int, tuple[bytes, bytes]]:
     """Per round, (state before training, state after) digests of this node's own updates."""
     out: dict[int, tuple[bytes, bytes]] = {}
     for entry in entries:
         if entry.index >= before:
             break
-        body = entry.body
-        if (entry.kind == "local-update" and body.get("component") == component
-                and start <= body["round"] < until and body.get("start")):
-            out[body["round"]] = (body["start"], body["digest"])
+        u = entry.record
+        if u.component == component and start <= u.round < until and u.start:
+            out[u.round] = (u.start, u.digest)
     return out
 
 
@@ -113,8 +102,8 @@ class ForgetPlan:
     rounds: Mapping[str, int]
     #: the round rolled back to (None: no common clean checkpoint, the request fails)
     start: int | None
-    #: per re-run component, the checkpoint entry's body to roll back to
-    checkpoints: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: per re-run component, the checkpoint to roll back to
+    checkpoints: Mapping[str, Checkpoint] = field(default_factory=dict)
 
     @property
     def feasible(self) -> bool:
@@ -143,11 +132,11 @@ def rerun_of(influenced: Iterable[str], trains: Collection[str],
 def plan_forget(
     target: str, mode: str, *, self_id: str, lineages: Mapping[str, Collection[str]],
     rounds: Mapping[str, int], trains: Collection[str],
-    forward_deps: Mapping[str, Iterable[str]], checkpoints: Iterable[LedgerEntry],
+    forward_deps: Mapping[str, Iterable[str]], checkpoints: Iterable[Stored[Checkpoint]],
     forgotten: Iterable[str],
 ) -> ForgetPlan:
     """Plan the forgetting of ``target`` from the components' lineages and current rounds and
-    the ledger's ``checkpoint`` entries (``forgotten``: the members forgotten before).
+    the ledger's ``checkpoint`` records (``forgotten``: the members forgotten before).
 
     Forgetting this node itself (``self_id``) rolls nothing back: it leaves the mixing."""
     influenced = frozenset(c for c, lineage in lineages.items()
@@ -160,36 +149,27 @@ def plan_forget(
     return ForgetPlan(target, mode, influenced, rerun, until, found[0], found[1])
 
 
-def forget_entry(plan: ForgetPlan, epoch: int, keep: Mapping[str, Mapping[str, Any]],
-                 components: Iterable[str]) -> dict[str, Any]:
-    """The body of the durable ``forget`` ledger entry for a feasible ``plan`` (``keep``: the
-    checkpoints of the components re-run only to feed the others)."""
+def forget_record(plan: ForgetPlan, epoch: int, keep: Mapping[str, Checkpoint],
+                  components: Iterable[str]) -> Forget:
+    """The durable ``forget`` record for a feasible ``plan`` (``keep``: the checkpoints of the
+    components re-run only to feed the others)."""
+    assert plan.start is not None
     ck = plan.checkpoints
-    return {
-        "target": plan.target, "mode": plan.mode, "epoch": epoch, "start": plan.start,
-        "components": {c: {"until": plan.rounds[c], "checkpoint": ck[c]["digest"],
-                           "lineage": ck[c]["lineage"], **Memory.from_record(ck[c]).to_record(),
-                           **({"keep": keep[c]} if c in keep else {})}
-                       for c in sorted(plan.rerun)},
-        "influenced": sorted(plan.influenced),
-        "untouched": sorted(set(components) - plan.influenced),
-    }
-
-
-def unlearned_entry(forget: Mapping[str, Any]) -> dict[str, Any]:
-    """The body of the ``unlearned`` entry that closes the unlearning ``forget`` began."""
-    return {"target": forget["target"], "mode": forget["mode"], "epoch": forget["epoch"],
-            "rolled_back": forget["influenced"], "untouched": forget["untouched"],
-            "from_round": forget["start"]}
+    return Forget(
+        plan.target, plan.mode, epoch, plan.start,
+        {c: Rerun(plan.rounds[c], ck[c].digest, ck[c].lineage, ck[c].memory, keep.get(c))
+         for c in sorted(plan.rerun)},
+        tuple(sorted(plan.influenced)), tuple(sorted(set(components) - plan.influenced)))
 
 
 # ---------------------------------------------------------------- re-running rounds
-def plan_replay(contributions_: Iterable[LedgerEntry], updates: Iterable[LedgerEntry] | None,
+def plan_replay(contributions_: Iterable[Stored[Contribution]],
+                updates: Iterable[Stored[LocalUpdate]] | None,
                 name: str, target: str, mode: str, start: int, until: int, forget_index: int,
                 *, forgotten: Iterable[str], stride: int = FAST_STRIDE,
-                keep: Mapping[str, Any] | None = None) -> Replay:
+                keep: Checkpoint | None = None) -> Replay:
     """The re-run of ``name``'s rounds ``start .. until-1``: the clean neighbour updates from
-    the ledger's ``contribution`` entries and, when ``updates`` (``local-update`` entries) are
+    the ledger's ``contribution`` records and, when ``updates`` (``local-update`` records) are
     given (fast mode, a trained component), this node's own updates before the request."""
     replay = Replay(target, mode, start, until, forget_index, keep=keep, stride=stride)
     replay.history = contributions(contributions_, name, start, until, forgotten)
@@ -198,20 +178,13 @@ def plan_replay(contributions_: Iterable[LedgerEntry], updates: Iterable[LedgerE
     return replay
 
 
-def stored_state(blobs: BlobStore, name: str, dig: bytes, layout: FlatLayout,
-                 max_bytes: int) -> torch.Tensor:
-    """The state ``name`` had in the payload stored under ``dig``."""
-    return decode_payload(blobs.get(dig), max_bytes=max_bytes, expected_component=name,
-                          expected_layout=layout).flat
-
-
-def stored_update(blobs: BlobStore, name: str, replay: Replay, round_: int, layout: FlatLayout,
-                  max_bytes: int) -> torch.Tensor | None:
+def stored_update(journal: Journal, name: str, replay: Replay, round_: int,
+                  layout: FlatLayout) -> torch.Tensor | None:
     """This node's own training update of ``round_`` as it was made before the request."""
     kept = replay.updates.get(round_)
     if kept is None:
         return None
-    before, after = (stored_state(blobs, name, d, layout, max_bytes) for d in kept)
+    before, after = (journal.state(name, d, layout) for d in kept)
     return after - before
 
 
@@ -222,27 +195,27 @@ class ResumeStep:
 
     name: str
     #: the checkpoint to roll back to again (None: one made since the request was loaded)
-    rollback: Mapping[str, Any] | None
+    rollback: Checkpoint | None
     #: the round its re-run goes to (None: the re-run is over)
     until: int | None
-    keep: Mapping[str, Any] | None = None
+    keep: Checkpoint | None = None
 
 
-def plan_resume(index: int, forget: Mapping[str, Any],
-                latest: Mapping[str, tuple[int, Mapping[str, Any]]],
+def plan_resume(forget: Stored[Forget], latest: Mapping[str, Stored[Checkpoint]],
                 components: Collection[str]) -> list[ResumeStep]:
-    """How to carry on the unlearning of the ``forget`` entry at ledger ``index``, given the
-    checkpoint each component was restored from (``latest``: name -> (ledger index, body))."""
+    """How to carry on the unlearning ``forget`` began, given the checkpoint each component
+    was restored from (``latest``)."""
     steps = []
-    for name, plan in sorted(forget["components"].items()):
+    for name, rerun in sorted(forget.record.components.items()):
         if name not in components:
             continue
-        ck_index, ck = latest.get(name, (-1, {}))
+        ck = latest.get(name)
         rollback = None
-        if ck_index < index:  # no checkpoint since the request: roll back again
-            rollback = {"digest": plan["checkpoint"], "round": forget["start"],
-                        "lineage": plan["lineage"], **Memory.from_record(plan).to_record()}
-        round_ = (rollback or ck)["round"]
-        steps.append(ResumeStep(name, rollback, plan["until"] if round_ < plan["until"] else None,
-                                plan.get("keep")))
+        if ck is not None and ck.index > forget.index:
+            round_ = ck.record.round  # checkpointed during the re-run: it goes on from there
+        else:  # no checkpoint since the request: roll back again
+            rollback = rerun.rollback(name, forget.record.start)
+            round_ = rollback.round
+        steps.append(ResumeStep(name, rollback, rerun.until if round_ < rerun.until else None,
+                                rerun.keep))
     return steps

@@ -1,0 +1,207 @@
+"""The records of membership, unlearning and the ledger itself."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from p2pfed import kinds
+from p2pfed.journal._base import Record, SchemaError, _field, _floats, _strs
+from p2pfed.journal._rounds import Checkpoint
+from p2pfed.ledger_verify import OPEN
+
+
+@dataclass(frozen=True)
+class _Signed(Record):
+    """A signed record as it arrived (its bytes; :mod:`gossip.records` reads them)."""
+
+    record: bytes
+
+    def fields(self) -> dict[str, Any]:
+        return {"record": self.record}
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> Record:
+        return cls(_field(body, "record", bytes))
+
+
+@dataclass(frozen=True)
+class Membership(_Signed):
+    """A signed membership record (genesis aside): a join, an admission or a leave."""
+
+    KIND: ClassVar[str] = kinds.MEMBERSHIP
+
+
+@dataclass(frozen=True)
+class JoinRequest(_Signed):
+    """The newcomer's own join, kept until a member admits it."""
+
+    KIND: ClassVar[str] = kinds.JOIN_REQUEST
+
+
+@dataclass(frozen=True)
+class ForgetRecord(_Signed):
+    """A signed request to forget a member, as received or made."""
+
+    KIND: ClassVar[str] = kinds.FORGET_RECORD
+
+
+
+@dataclass(frozen=True)
+class Rerun:
+    """One component of a forget: the checkpoint it rolls back to and the round it re-runs
+    to (``keep``: its present state, put back when it is re-run only to feed the others)."""
+
+    until: int
+    checkpoint: bytes
+    lineage: tuple[str, ...]
+    memory: Mapping[str, float] = field(default_factory=dict)
+    keep: Checkpoint | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        keep = {"keep": self.keep.fields()} if self.keep is not None else {}
+        return {"until": self.until, "checkpoint": self.checkpoint,
+                "lineage": list(self.lineage), **self.memory, **keep}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Rerun:
+        keep = _field(body, "keep", dict, None)
+        return cls(_field(body, "until", int), _field(body, "checkpoint", bytes),
+                   _strs(body, "lineage", ()),
+                   _floats(body, ("until", "checkpoint", "lineage", "keep")),
+                   Checkpoint.from_fields(keep) if keep is not None else None)
+
+    def rollback(self, component: str, start: int) -> Checkpoint:
+        """The checkpoint this component rolls back to."""
+        return Checkpoint(component, start, self.checkpoint, self.lineage, self.memory)
+
+
+@dataclass(frozen=True)
+class Forget(Record):
+    """A forget request applied: what it rolls back (durable, before any rollback)."""
+
+    KIND: ClassVar[str] = kinds.FORGET
+    target: str
+    mode: str
+    epoch: int
+    start: int  # the round rolled back to
+    components: Mapping[str, Rerun]
+    influenced: tuple[str, ...]
+    untouched: tuple[str, ...]
+
+    def fields(self) -> dict[str, Any]:
+        return {"target": self.target, "mode": self.mode, "epoch": self.epoch,
+                "start": self.start,
+                "components": {c: r.to_body() for c, r in sorted(self.components.items())},
+                "influenced": list(self.influenced), "untouched": list(self.untouched)}
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> Forget:
+        comps = _field(body, "components", dict)
+        if not all(isinstance(c, str) and isinstance(r, dict) for c, r in comps.items()):
+            raise SchemaError("field 'components' is not a map of component to re-run")
+        return cls(_field(body, "target", str), _field(body, "mode", str),
+                   _field(body, "epoch", int), _field(body, "start", int),
+                   {c: Rerun.from_body(r) for c, r in comps.items()},
+                   _strs(body, "influenced"), _strs(body, "untouched"))
+
+
+@dataclass(frozen=True)
+class Unlearned(Record):
+    """The re-run a :class:`Forget` began is finished."""
+
+    KIND: ClassVar[str] = kinds.UNLEARNED
+    target: str
+    mode: str
+    epoch: int
+    rolled_back: tuple[str, ...]
+    untouched: tuple[str, ...]
+    from_round: int
+
+    @classmethod
+    def closing(cls, forget: Forget) -> Unlearned:
+        return cls(forget.target, forget.mode, forget.epoch, forget.influenced,
+                   forget.untouched, forget.start)
+
+    def fields(self) -> dict[str, Any]:
+        return {"target": self.target, "mode": self.mode, "epoch": self.epoch,
+                "rolled_back": list(self.rolled_back), "untouched": list(self.untouched),
+                "from_round": self.from_round}
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> Unlearned:
+        return cls(_field(body, "target", str), _field(body, "mode", str),
+                   _field(body, "epoch", int), _strs(body, "rolled_back"),
+                   _strs(body, "untouched"), _field(body, "from_round", int))
+
+
+@dataclass(frozen=True)
+class ForgetFailed(Record):
+    """A forget request that could not be applied (no clean checkpoint)."""
+
+    KIND: ClassVar[str] = kinds.FORGET_FAILED
+    target: str
+    mode: str
+    components: tuple[str, ...]
+
+    def fields(self) -> dict[str, Any]:
+        return {"target": self.target, "mode": self.mode, "components": list(self.components)}
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> ForgetFailed:
+        return cls(_field(body, "target", str), _field(body, "mode", str),
+                   _strs(body, "components"))
+
+
+@dataclass(frozen=True)
+class Opened(Record):
+    """Entry 0, written by the ledger itself: whose ledger this is."""
+
+    KIND: ClassVar[str] = OPEN
+    owner: bytes
+    peer_id: str
+    format: int
+
+    def fields(self) -> dict[str, Any]:
+        return {"owner": self.owner, "peer_id": self.peer_id, "format": self.format}
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> Opened:
+        return cls(_field(body, "owner", bytes), _field(body, "peer_id", str),
+                   _field(body, "format", int))
+
+
+#: every kind of entry, and its record type
+
+
+@dataclass(frozen=True)
+class Compaction(Record):
+    """Entries pruned to keep storage bounded (written by the ledger, which checks the
+    ranges and digest: see :mod:`p2pfed.ledger_verify`), and why."""
+
+    KIND: ClassVar[str] = kinds.COMPACTION
+    ranges: tuple[tuple[int, int], ...]  # the pruned indexes, as [start, end) runs
+    count: int
+    digest: bytes
+    #: the rounds of history kept for exact unlearning, per component the oldest round a
+    #: forget can roll back to, and the blobs deleted with the entries
+    horizon: int = 0
+    oldest: Mapping[str, int] = field(default_factory=dict)
+    blobs: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        return {"ranges": [list(r) for r in self.ranges], "count": self.count,
+                "digest": self.digest, "horizon": self.horizon, "oldest": dict(self.oldest),
+                "blobs": self.blobs}
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> Compaction:
+        runs = _field(body, "ranges", (list, tuple))
+        if not all(isinstance(r, list | tuple) and len(r) == 2
+                   and all(isinstance(i, int) for i in r) for r in runs):
+            raise SchemaError("field 'ranges' is not a list of [start, end) runs")
+        oldest = _field(body, "oldest", dict, {})
+        return cls(tuple((r[0], r[1]) for r in runs), _field(body, "count", int),
+                   _field(body, "digest", bytes), _field(body, "horizon", int, 0),
+                   {str(k): int(v) for k, v in oldest.items()}, _field(body, "blobs", int, 0))

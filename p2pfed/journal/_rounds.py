@@ -1,0 +1,190 @@
+"""The records of a node's rounds: its own updates, its neighbours', the mixes, checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from p2pfed import kinds
+from p2pfed.journal._base import _VERSION, Record, SchemaError, _field, _floats, _strs
+
+
+@dataclass(frozen=True)
+class PrivacySpent:
+    """What a private release has spent so far (part of :class:`LocalUpdate`)."""
+
+    releases: int
+    epsilon: float
+    delta: float
+    sigma: float
+    clip: float
+    released: bool  # this update is a release (not a round that only mixed)
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> PrivacySpent:
+        return cls(_field(body, "releases", int), _field(body, "epsilon", float),
+                   _field(body, "delta", float), _field(body, "sigma", float),
+                   _field(body, "clip", float), _field(body, "released", bool, False))
+
+    def to_body(self) -> dict[str, Any]:
+        return {"releases": self.releases, "epsilon": self.epsilon, "delta": self.delta,
+                "sigma": self.sigma, "clip": self.clip, "released": self.released}
+
+
+@dataclass(frozen=True)
+class LocalUpdate(Record):
+    """This node's state of a round before it is announced (durable: precedes the send)."""
+
+    KIND: ClassVar[str] = kinds.LOCAL_UPDATE
+    component: str
+    round: int
+    digest: bytes  # the payload announced
+    trained: bool  # the update includes local training
+    start: bytes  # the state before training (b"": not kept)
+    lineage: tuple[str, ...]
+    epoch: int
+    dp: PrivacySpent | None = None
+
+    def fields(self) -> dict[str, Any]:
+        out = {"component": self.component, "round": self.round, "digest": self.digest,
+               "trained": self.trained, "start": self.start, "lineage": list(self.lineage),
+               "epoch": self.epoch}
+        return out | ({"dp": self.dp.to_body()} if self.dp is not None else {})
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> LocalUpdate:
+        dp = _field(body, "dp", dict, None)
+        return cls(_field(body, "component", str), _field(body, "round", int),
+                   _field(body, "digest", bytes), _field(body, "trained", bool, False),
+                   _field(body, "start", bytes, b""), _strs(body, "lineage"),
+                   _field(body, "epoch", int, 0),
+                   PrivacySpent.from_body(dp) if dp is not None else None)
+
+
+@dataclass(frozen=True)
+class Contribution(Record):
+    """A neighbour's update, fetched, checked and kept for a round (``kept``: taken from this
+    node's own store during an unlearning re-run)."""
+
+    KIND: ClassVar[str] = kinds.CONTRIBUTION
+    sender: str
+    component: str
+    round: int
+    digest: bytes
+    weight: float
+    lineage: tuple[str, ...]
+    noise: float = 0.0  # the noise std its announcement declared
+    kept: bool = False
+
+    def fields(self) -> dict[str, Any]:
+        out = {"sender": self.sender, "component": self.component, "round": self.round,
+               "digest": self.digest, "weight": self.weight, "lineage": list(self.lineage),
+               "noise": self.noise}
+        return out | ({"kept": True} if self.kept else {})
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> Contribution:
+        return cls(_field(body, "sender", str), _field(body, "component", str),
+                   _field(body, "round", int), _field(body, "digest", bytes),
+                   _field(body, "weight", float), _strs(body, "lineage"),
+                   _field(body, "noise", float, 0.0), _field(body, "kept", bool, False))
+
+
+@dataclass(frozen=True)
+class MixInputRef:
+    """One neighbour's update in a mix: who, with what weight, which payload."""
+
+    peer: str
+    weight: float
+    digest: bytes
+
+
+_MIX_FIELDS = ("component", "round", "self_weight", "inputs", "missing", "lineage", "epoch",
+               "rule")
+
+
+@dataclass(frozen=True)
+class Mix(Record):
+    """One round's mix: weights, inputs, what was missing, the rule and what it decided."""
+
+    KIND: ClassVar[str] = kinds.MIX
+    component: str
+    round: int
+    self_weight: float
+    inputs: tuple[MixInputRef, ...]
+    missing: tuple[str, ...]
+    lineage: tuple[str, ...]
+    epoch: int
+    rule: str
+    #: the rule's own audit fields (clipped gossip's radius, trimmed members, noise ...)
+    audit: Mapping[str, Any] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        return {"component": self.component, "round": self.round,
+                "self_weight": self.self_weight,
+                "inputs": [[i.peer, i.weight, i.digest] for i in self.inputs],
+                "missing": list(self.missing), "lineage": list(self.lineage),
+                "epoch": self.epoch, "rule": self.rule, **self.audit}
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> Mix:
+        inputs = []
+        for item in _field(body, "inputs", (list, tuple)):
+            if (not isinstance(item, list | tuple) or len(item) != 3
+                    or not isinstance(item[0], str) or not isinstance(item[2], bytes)
+                    or not isinstance(item[1], int | float)):
+                raise SchemaError("field 'inputs' holds an item other than [peer, weight, "
+                                  "digest]")
+            inputs.append(MixInputRef(item[0], float(item[1]), item[2]))
+        return cls(_field(body, "component", str), _field(body, "round", int),
+                   _field(body, "self_weight", float), tuple(inputs), _strs(body, "missing"),
+                   _strs(body, "lineage"), _field(body, "epoch", int, 0),
+                   _field(body, "rule", str, "mh"),
+                   {k: v for k, v in body.items() if k not in _MIX_FIELDS and k != _VERSION})
+
+
+_CHECKPOINT_FIELDS = ("component", "round", "digest", "lineage")
+
+
+@dataclass(frozen=True)
+class Checkpoint(Record):
+    """A component's state stored as a blob: the start of round ``round``."""
+
+    KIND: ClassVar[str] = kinds.CHECKPOINT
+    component: str
+    round: int
+    digest: bytes  # of the safetensors blob
+    lineage: tuple[str, ...]
+    #: what the mixing rule remembers (:class:`p2pfed.mixing.Memory`'s fields)
+    memory: Mapping[str, float] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        return {"component": self.component, "round": self.round, "digest": self.digest,
+                "lineage": list(self.lineage), **self.memory}
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> Checkpoint:
+        return cls(_field(body, "component", str), _field(body, "round", int),
+                   _field(body, "digest", bytes), _strs(body, "lineage", ()),
+                   _floats(body, _CHECKPOINT_FIELDS))
+
+
+@dataclass(frozen=True)
+class CatchUp(Record):
+    """A jump to a neighbour's later round."""
+
+    KIND: ClassVar[str] = kinds.CATCH_UP
+    component: str
+    from_round: int
+    to_round: int
+
+    def fields(self) -> dict[str, Any]:
+        return {"component": self.component, "from": self.from_round, "to": self.to_round}
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> CatchUp:
+        return cls(_field(body, "component", str), _field(body, "from", int),
+                   _field(body, "to", int))
+
+

@@ -1,0 +1,41 @@
+"""How a node runs: round timing, what it trains, keeps and checkpoints, privacy, mixing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from p2pfed.node._retention import RetentionPolicy
+from p2pfed.privacy import Policy
+from p2pfed.unlearning import FAST_STRIDE
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    round_timeout_ms: int = 30_000
+    #: a new round starts no sooner than this after the previous one started (0: at once)
+    round_interval_ms: int = 0
+    max_payload_bytes: int = 1 << 30
+    max_skew_ms: int = 5 * 60 * 1000
+    #: components this node trains locally (others are only mixed)
+    trains: frozenset[str] = frozenset()
+    #: keep every mixed-in payload in the blob store (needed for unlearning)
+    keep_payloads: bool = True
+    #: checkpoint each component every this many rounds (0: only when asked)
+    checkpoint_every: int = 0
+    #: per trained component, the other components in the forward passes that train it: its
+    #: local update inherits their lineage (a head trained on a tainted encoder is tainted)
+    forward_deps: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    #: fast unlearning trains one round in this many (the others re-apply stored updates)
+    fast_stride: int = FAST_STRIDE
+    #: differential privacy per trained component: clip and noise every released update
+    privacy: Mapping[str, Policy] = field(default_factory=dict)
+    #: seeds the DP noise (the daemon draws it from the OS at each start; simulations derive
+    #: it from their seed)
+    noise_seed: int = 0
+    #: return a :class:`Mixed` action, with a copy of the state, after each mix (simulations)
+    report_mixes: bool = False
+    #: mixing rule per component (a name in the :mod:`p2pfed.mixing` registry); "*" for the rest
+    robust: Mapping[str, str] = field(default_factory=dict)
+    #: what history is kept (the unlearning horizon) and the byte budget (None: everything)
+    retention: RetentionPolicy | None = None

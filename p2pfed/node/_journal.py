@@ -1,0 +1,84 @@
+"""The node's one port to its disk: typed ledger records and the blob store.
+
+Nothing else in the node reads or writes the ledger or the blob store.  Records are
+:mod:`p2pfed.journal`'s (one per entry kind, with its schema version); states go to the blob
+store as payloads (what neighbours fetch) or as safetensors (checkpoints).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from p2pfed.blobs import BlobStore
+from p2pfed.codec import decode_payload, encode_payload
+from p2pfed.components import FlatLayout
+from p2pfed.journal import R, Record, Stored, stored, write
+from p2pfed.ledger import Ledger, LedgerEntry
+
+
+class Journal:
+    """A node's ledger and blob store, spoken to in records and states."""
+
+    def __init__(self, ledger: Ledger, blobs: BlobStore, max_payload_bytes: int) -> None:
+        self.ledger = ledger
+        self.blobs = blobs
+        self.max_payload_bytes = max_payload_bytes
+
+    # ---------------------------------------------------------------- the ledger
+    def write(self, record: Record, now_ms: int, *, durable: bool = False) -> int:
+        """Append ``record``; its ledger index.  ``durable`` before anything it names is sent
+        or acted on (the commit is on disk when this returns)."""
+        return write(self.ledger, record, now_ms, durable=durable).index
+
+    def read(self, kind: type[R], *, reverse: bool = False) -> Iterator[Stored[R]]:
+        """The records of ``kind``, oldest first (``reverse``: newest first; stop early to read
+        only the end of a long ledger)."""
+        for entry in self.ledger.entries(kind.KIND, reverse=reverse):
+            yield stored(entry, kind)
+
+    def compact(self, indexes: Iterable[int], now_ms: int,
+                extra: Mapping[str, Any]) -> LedgerEntry | None:
+        """Prune the entries at ``indexes``, accounted for by a signed ``compaction`` entry."""
+        return self.ledger.compact(indexes, now_ms, extra)
+
+    def bytes_used(self) -> int:
+        """The ledger's and the blob store's bytes (on disk, or held in memory)."""
+        return self.ledger.nbytes() + self.blobs.nbytes()
+
+    # ---------------------------------------------------------------- the blob store
+    def blob_digests(self) -> list[bytes]:
+        return list(self.blobs.digests())
+
+    def delete_blobs(self, digests: Iterable[bytes]) -> None:
+        for dig in digests:
+            self.blobs.delete(dig)
+
+    def put_state(self, name: str, round_: int, flat: torch.Tensor,
+                  layout: FlatLayout) -> tuple[bytes, int]:
+        """Store ``flat`` as ``name``'s payload of ``round_``; its digest and size."""
+        data = bytes(encode_payload(name, round_, flat, layout))
+        return self.blobs.put(data), len(data)
+
+    def put_payload(self, data: bytes) -> bytes:
+        """Keep a neighbour's payload (already checked against its announcement)."""
+        return self.blobs.put(data)
+
+    def payload(self, dig: bytes) -> bytes | None:
+        """The payload stored under ``dig`` (None: not kept)."""
+        return self.blobs.get(dig) if self.blobs.has(dig) else None
+
+    def state(self, name: str, dig: bytes, layout: FlatLayout) -> torch.Tensor:
+        """The state of ``name`` in the payload stored under ``dig``."""
+        return decode_payload(self.blobs.get(dig), max_bytes=self.max_payload_bytes,
+                              expected_component=name, expected_layout=layout).flat
+
+    def put_tensor(self, name: str, round_: int, flat: torch.Tensor) -> bytes:
+        """Store a checkpoint's state as safetensors; its digest."""
+        return self.blobs.put_tensors({"flat": flat}, {"component": name, "round": str(round_)})
+
+    def tensor(self, dig: bytes) -> torch.Tensor:
+        """A checkpoint's state."""
+        return self.blobs.get_tensors(dig)["flat"]

@@ -1,0 +1,106 @@
+"""A component's place in the overlay and its mix at the end of a round.
+
+* :func:`placement`: from the overlay and the holders of a component, this node's mixing
+  weights (Metropolis–Hastings on the holders' subgraph), its neighbours and the members its
+  weights depend on (:func:`place_all`: for every component);
+* :func:`mix_round`: the neighbours' updates that came in time, mixed into the component by
+  its rule (:mod:`p2pfed.mixing`, which the node never looks inside); the ``mix`` record says
+  what was used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+
+from p2pfed.consensus import effective_weights, metropolis_hastings_weights
+from p2pfed.journal import Mix, MixInputRef
+from p2pfed.mixing import MixingRule, MixInput, Neighbour
+from p2pfed.node._state import ComponentRound, Received
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a component sits in the overlay, for this node."""
+
+    weights: dict[str, float]  # this node's Metropolis–Hastings row (itself included)
+    neighbours: tuple[str, ...]
+    #: members whose presence shapes the weights (within two hops)
+    weight_deps: frozenset[str]
+
+
+def placement(graph: nx.Graph, holders: Iterable[str], self_id: str) -> Placement:
+    """This node's weights for a component held by ``holders`` over ``graph``."""
+    sub = graph.subgraph(n for n in {*holders, self_id} if n in graph)
+    if self_id not in sub:
+        return Placement({self_id: 1.0}, (), frozenset())
+    row = dict(metropolis_hastings_weights(sub, sub.nodes)[self_id])
+    # A weight w_ij depends on the degrees of i and j: on every holder within two hops.
+    deps = frozenset(nx.single_source_shortest_path_length(sub, self_id, cutoff=2))
+    return Placement(row, tuple(sorted(p for p in row if p != self_id)), deps)
+
+
+def place_all(states: Mapping[str, ComponentRound], graph: nx.Graph,
+              holders: Mapping[str, Iterable[str]], forgotten: Collection[str],
+              self_id: str) -> tuple[nx.Graph, dict[str, frozenset[str]]]:
+    """Place every component (forgotten members left out; a node itself forgotten mixes no
+    more); the overlay and holders kept."""
+    graph = graph.copy()
+    graph.remove_nodes_from(forgotten)
+    if self_id in forgotten:
+        graph = nx.Graph()
+    kept = {c: frozenset(h) - set(forgotten) for c, h in holders.items()}
+    for name, st in states.items():
+        place = placement(graph, kept.get(name, ()), self_id)
+        st.weights, st.neighbours, st.weight_deps = (place.weights, place.neighbours,
+                                                     place.weight_deps)
+    return graph, kept
+
+
+@dataclass(frozen=True)
+class MixOutcome:
+    record: Mix
+    present: tuple[str, ...]  # the neighbours whose updates were mixed
+    missing: tuple[str, ...]  # those whose updates did not come in time
+
+
+def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,
+              epoch: int) -> MixOutcome:
+    """Mix the updates of round ``st.round`` that arrived into ``st`` (state, memory,
+    lineage, disagreement history)."""
+    present = {p: rec for (r, p), rec in st.inbox.items()
+               if r == st.round and rec.flat is not None and p in st.neighbours}
+    self_w, terms = effective_weights(self_id, st.weights, present.keys())
+    if st.scratch is None:
+        st.scratch = torch.empty_like(st.comp.flat)
+    if present:
+        st.disagreement.append(disagreement(st.comp.flat, [r.flat for r in present.values()]))
+    neighbours = tuple(_neighbour(p, w, present[p]) for p, w in terms)
+    mixed = rule.mix(MixInput(st.comp.flat, self_w, neighbours, st.memory,
+                              own_noise=st.noise, scratch=st.scratch))
+    st.comp.flat.copy_(mixed.state)
+    st.memory = mixed.memory
+    for rec in present.values():
+        st.lineage.update(rec.announcement.lineage)
+    st.lineage.update(st.weight_deps)
+    missing = tuple(p for p in st.neighbours if p not in present)
+    inputs = tuple(MixInputRef(n.peer, w, present[n.peer].announcement.digest)
+                   for n, w in zip(neighbours, mixed.weights, strict=True))
+    record = Mix(name, st.round, mixed.self_weight, inputs, missing, tuple(sorted(st.lineage)),
+                 epoch, rule.name, mixed.audit)
+    return MixOutcome(record, tuple(sorted(present)), missing)
+
+
+def _neighbour(peer: str, weight: float, rec: Received) -> Neighbour:
+    assert rec.flat is not None
+    return Neighbour(peer, weight, rec.flat, rec.announcement.noise)
+
+
+def disagreement(own: torch.Tensor, others: list[torch.Tensor | None]) -> float:
+    """Largest ‖x_j − x_i‖ / ‖x_i‖ over the neighbours' updates (a local consensus distance)."""
+    scale = max(float(torch.linalg.vector_norm(own)), 1e-30)
+    dists = [float(torch.linalg.vector_norm(o - own)) for o in others if o is not None]
+    return max(dists, default=0.0) / scale
