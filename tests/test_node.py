@@ -358,3 +358,54 @@ def test_a_node_reports_its_mixed_states_only_when_asked() -> None:
     assert isinstance(m, Mixed) and (m.component, m.round, m.epoch) == ("backbone", 0, 0)
     assert torch.equal(m.state, value(nodes[0]))
     assert m.state.data_ptr() != value(nodes[0]).data_ptr()  # a copy: training may go on
+
+
+# ---------------------------------------------------------------- missed announcements
+def test_a_neighbour_that_missed_the_announcement_gets_it_when_heard_from_again() -> None:
+    a, b = make_node(0.0), make_node(4.0)
+    wire([a, b], [(0, 1)])
+    a.set_round_limit(1, 0)
+    lost = [x for x in a.start(0) if isinstance(x, Announce)]
+    assert lost and lost[0].recipients == (b.peer_id,)
+    assert a.send_failed(b.peer_id, lost[0].data, 0) == []  # b was restarting
+    b.set_round_limit(1, 0)
+    # b's own announcement reaches a, which sends b its round again (sealed afresh)
+    deliver([a, b], [(b.peer_id, x) for x in b.start(10)], now=10)
+    assert a.round_of("backbone") == b.round_of("backbone") == 1  # no deadline waited out
+    assert torch.equal(value(a), torch.full((4,), 2.0, dtype=torch.float64))
+    assert torch.equal(value(a), value(b))
+    assert not a.rejected and not b.rejected  # (a replayed envelope would have been)
+
+
+def test_a_new_neighbour_gets_the_current_announcement_and_others_get_nothing_twice() -> None:
+    a, b, c = make_node(0.0), make_node(3.0), make_node(6.0)
+    wire([a, b, c], [(0, 1)])
+    for n in (a, b, c):
+        n.set_round_limit(1, 0)
+    first = [(a.peer_id, x) for x in a.start(0)]
+    wire([a, b, c], [(0, 1), (0, 2)])  # c joins as a's neighbour after a announced
+    assert all(isinstance(x, Announce) and c.peer_id not in x.recipients for _p, x in first)
+    again = a.receive(c.peer_id, _announcement_of(c), 5)
+    assert [x.recipients for x in again if isinstance(x, Announce)] == [(c.peer_id,)]
+    assert not [x for x in a.receive(b.peer_id, _announcement_of(b), 6)
+                if isinstance(x, Announce)]  # b got it the first time
+
+
+def _announcement_of(node: Node) -> bytes:
+    sent = [x for x in node.start(0) if isinstance(x, Announce)]
+    return sent[0].data
+
+
+def test_a_lone_component_waits_a_round_timeout_between_rounds_and_never_recurses() -> None:
+    alone = make_node(1.0)
+    g = nx.Graph()
+    g.add_node(alone.peer_id)
+    alone.set_topology(g, {})
+    # no neighbour: the first round mixes alone at once ...
+    assert [(type(x), x.round) for x in alone.start(0)] == [(RoundCompleted, 0)]
+    assert alone.round_of("backbone") == 1
+    assert alone.next_deadline() == TIMEOUT  # ... and the next waits a round timeout
+    alone.tick(TIMEOUT - 1)
+    assert alone.round_of("backbone") == 1
+    alone.tick(TIMEOUT)
+    assert alone.round_of("backbone") == 2

@@ -85,16 +85,22 @@ def _private_node(home: Path | None, policy: Policy, boot: int = 0, dim: int = 6
 
 
 def _train_rounds(node: Node, rounds: int, step: float) -> list[object]:
-    """Run ``rounds`` rounds alone, each local training adding ``step`` to every value."""
-    actions = list(node.set_round_limit(node.round_of("encoder.text") + rounds, 0))
-    actions += node.start(0)
+    """Run ``rounds`` rounds alone, each local training adding ``step`` to every value (a lone
+    round starts a round timeout after the one before: time moves on when all is quiet)."""
+    now = node.next_deadline() or 0
+    actions = list(node.set_round_limit(node.round_of("encoder.text") + rounds, now))
+    actions += node.start(now)
     out: list[object] = []
-    while actions:
+    while actions or not node.idle():
+        if not actions:
+            now = max(now, node.next_deadline() or now)
+            actions += node.tick(now)
+            continue
         action = actions.pop(0)
         out.append(action)
         if isinstance(action, Train):
             node.components["encoder.text"].flat.add_(step)
-            actions += node.local_update_done(action.component, action.round, 0)
+            actions += node.local_update_done(action.component, action.round, now)
     return out
 
 
@@ -129,7 +135,7 @@ def test_announcements_declare_the_noise_and_the_ledger_the_epsilon() -> None:
     node.set_topology(nx.Graph([(node.peer_id, other)]),
                       {"encoder.text": [node.peer_id, other]})
     sent = [a for a in _train_rounds(node, 1, step=0.1) if isinstance(a, Announce)]
-    env = open_envelope(sent[0].data, federation_id=FED, now_ms=0, max_skew_ms=1000)
+    env = open_envelope(sent[0].data, federation_id=FED, now_ms=0, max_skew_ms=1 << 40)
     ann = Announcement.from_body(env.body)
     assert ann.noise == pytest.approx(policy.noise_std)
 

@@ -356,9 +356,9 @@ def test_clipped_gossip_keeps_its_radius_in_checkpoints_for_restarts_and_rollbac
     mixes = _kinds(middle, "mix")
     assert radius > 0 and [m.body["radius"] for m in mixes][-1] == radius
     assert _kinds(middle, "checkpoint")[-1].body["radius"] == radius
+    assert status_of(middle)["components"]["backbone"]["mixing"] == "clipped"
     for n in nodes:
         n.ledger.close()
-    assert status_of(middle)["components"]["backbone"]["mixing"] == "clipped"
     again = _path_nodes(3, tmp_path, values=[0.0, 1.0, 3.0], rule="clipped", boot=1)[1]
     assert again._states["backbone"].radius == 0.0
     assert again.restore() == {"backbone": 4}

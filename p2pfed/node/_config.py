@@ -15,6 +15,9 @@ class NodeConfig:
     round_timeout_ms: int = 30_000
     #: a new round starts no sooner than this after the previous one started (0: at once)
     round_interval_ms: int = 0
+    #: ... and no sooner than this when the component has no neighbour (None: the round
+    #: timeout): a node alone neither spins nor starves its networking with lone rounds
+    lone_interval_ms: int | None = None
     max_payload_bytes: int = 1 << 30
     max_skew_ms: int = 5 * 60 * 1000
     #: components this node trains locally (others are only mixed)
@@ -39,3 +42,11 @@ class NodeConfig:
     robust: Mapping[str, str] = field(default_factory=dict)
     #: what history is kept (the unlearning horizon) and the byte budget (None: everything)
     retention: RetentionPolicy | None = None
+
+    def interval(self, *, alone: bool) -> int:
+        """How long after a round's start the next may start; for a component with no
+        neighbour at least :attr:`lone_interval_ms` (by default the round timeout)."""
+        if not alone:
+            return self.round_interval_ms
+        lone = self.round_timeout_ms if self.lone_interval_ms is None else self.lone_interval_ms
+        return max(self.round_interval_ms, lone)

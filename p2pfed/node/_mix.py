@@ -45,19 +45,21 @@ def placement(graph: nx.Graph, holders: Iterable[str], self_id: str) -> Placemen
 
 def place_all(states: Mapping[str, ComponentRound], graph: nx.Graph,
               holders: Mapping[str, Iterable[str]], forgotten: Collection[str],
-              self_id: str) -> tuple[nx.Graph, dict[str, frozenset[str]]]:
+              self_id: str) -> tuple[nx.Graph, dict[str, frozenset[str]], dict[str, set[str]]]:
     """Place every component (forgotten members left out; a node itself forgotten mixes no
-    more); the overlay and holders kept."""
+    more); the overlay and holders kept, and per component its new neighbours."""
     graph = graph.copy()
     graph.remove_nodes_from(forgotten)
     if self_id in forgotten:
         graph = nx.Graph()
     kept = {c: frozenset(h) - set(forgotten) for c, h in holders.items()}
+    new: dict[str, set[str]] = {}
     for name, st in states.items():
         place = placement(graph, kept.get(name, ()), self_id)
+        new[name] = set(place.neighbours) - set(st.neighbours)
         st.weights, st.neighbours, st.weight_deps = (place.weights, place.neighbours,
                                                      place.weight_deps)
-    return graph, kept
+    return graph, kept, new
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import networkx as nx
 import torch
 
-from gossip.envelope import Envelope, ReplayGuard, Sequencer, open_envelope, seal
+from gossip.envelope import Envelope, ReplayGuard, Sequencer, open_envelope
 from gossip.errors import MalformedMessageError, NotAMemberError, RemoteError
 from gossip.identity import Identity
 from p2pfed.blobs import BlobStore
@@ -26,6 +26,7 @@ from p2pfed.components import FlatComponent
 from p2pfed.journal import CatchUp, Checkpoint, Contribution, LocalUpdate
 from p2pfed.ledger import Ledger
 from p2pfed.mixing import DEFAULT_RULE, MixingRule, rule
+from p2pfed.node._announcer import Announcer
 from p2pfed.node._config import NodeConfig
 from p2pfed.node._forgetting import EARLY, Forgetting
 from p2pfed.node._inbound import announcement_of, check_size, fetch_of, payload_state
@@ -35,7 +36,6 @@ from p2pfed.node._privacy import Noise, PrivacyAccount
 from p2pfed.node._records import (
     ANNOUNCE,
     Action,
-    Announce,
     Announcement,
     ForgetApplied,
     Mixed,
@@ -52,10 +52,12 @@ from p2pfed.node._state import (
     Phase,
     Received,
     advance,
+    all_in,
     begin,
     due,
     fast_forward,
     jump,
+    repace,
     transition,
 )
 from p2pfed.node._unlearning import MODES
@@ -78,6 +80,7 @@ class Node:
         self.ledger, self.blobs = ledger, blobs
         self._journal = Journal(ledger, blobs, cfg.max_payload_bytes)
         self._seq = sequencer or Sequencer()
+        self._announcer = Announcer(identity, federation_id, self._seq)
         self._replay = ReplayGuard()
         self._states = {name: ComponentRound(comp) for name, comp in components.items()}
         for st in self._states.values():
@@ -170,8 +173,11 @@ class Node:
         call at any time, e.g. when a member joins or leaves or a link fails.  Forgotten members
         are left out.
         """
-        self._graph, self._holders = place_all(self._states, graph, holders,
-                                               self._forgetting.forgotten, self.peer_id)
+        self._graph, self._holders, new = place_all(self._states, graph, holders,
+                                                    self._forgetting.forgotten, self.peer_id)
+        self._announcer.joined(new)  # (they never got the current announcements)
+        for st in self._states.values():  # (a lone component waits longer between rounds)
+            repace(st, self.config.interval(alone=not st.neighbours))
 
     def set_round_limit(self, limit: int | None, now_ms: int) -> list[Action]:
         """Stop starting rounds at ``limit`` (None: no limit); resumes paused components."""
@@ -190,12 +196,9 @@ class Node:
             components if components is not None else self._states, now_ms)
 
     def restore(self) -> dict[str, int]:
-        """Load each component's latest checkpoint from the ledger (before ``start``).
-
-        Forget requests in the ledger are applied again: their members stay out, a checkpoint
-        holding their influence is never loaded, and an unlearning cut short by a stop resumes
-        where its last checkpoint left it (or from its rollback point).
-        """
+        """Load each component's latest checkpoint from the ledger (before ``start``); forget
+        requests in it are applied again (their members stay out, a checkpoint holding their
+        influence is never loaded, an unlearning cut short resumes)."""
         unfinished = self._forgetting.restore()
         latest = restore_states(self._journal, self._states, self._forgetting.forgotten,
                                 self.peer_id, self._privacy)
@@ -217,14 +220,10 @@ class Node:
         return (st.round, st.replay.until) if st.replay is not None else None
 
     def forget(self, target: str, mode: str, now_ms: int) -> list[Action]:
-        """Remove ``target``'s influence from every component it reached (once per target).
-
-        Components whose lineage holds ``target`` (with the components their training reads)
-        roll back to the latest common checkpoint free of it and re-run the rounds since, in
-        ``mode`` ("exact" or "fast"); the others are not touched.  The request is recorded
-        durably first, so a node stopped half-way resumes it on restart.  In a driver with a
-        training thread, call this with training paused.
-        """
+        """Remove ``target``'s influence from every component it reached, once: those whose
+        lineage holds it (and those their training reads) roll back to the latest common
+        checkpoint free of it and re-run the rounds since in ``mode`` ("exact" or "fast").
+        Recorded durably first (a restart resumes it).  Call with training paused."""
         if mode not in MODES:
             raise ValueError(f"unknown unlearning mode {mode!r}")
         forgetting = self._forgetting
@@ -316,6 +315,11 @@ class Node:
                  self.peer_id[-8:], component, round_, peer[-8:], reason)
         return []
 
+    def send_failed(self, peer: str, data: bytes, now_ms: int) -> list[Action]:
+        """The driver could not deliver ``data`` to ``peer``: resent when it is back."""
+        self._announcer.failed(peer, data)
+        return []
+
     def serve_payload(self, dig: bytes) -> bytes | None:
         """Answer a neighbour's fetch by digest (None when unknown)."""
         return self._journal.payload(dig)
@@ -337,7 +341,7 @@ class Node:
     def _start_round(self, name: str, now_ms: int) -> list[Action]:
         st = self._states[name]
         limit = st.round if self._retention.full else self._round_limit
-        if not begin(st, limit, now_ms, self.config.round_interval_ms):
+        if not begin(st, limit, now_ms, self.config.interval(alone=not st.neighbours)):
             return []
         replay, account = st.replay, self._privacy.get(name)
         trains = name in self.config.trains and (replay is None or replay.trains_at(st.round))
@@ -371,11 +375,7 @@ class Node:
                             now_ms, durable=True)
         ann = Announcement(name, st.round, st.own_digest, size,
                            len(st.neighbours), lineage, st.noise, self.epoch)
-        env = seal(self.identity, kind=ANNOUNCE, federation_id=self.federation_id,
-                   seq=self._seq.next(), timestamp_ms=now_ms, body=ann.to_body())
-        actions: list[Action] = []
-        if st.neighbours:
-            actions.append(Announce(st.neighbours, env.to_bytes()))
+        actions = self._announcer.announce(ann, st.neighbours, now_ms)
         if st.replay is not None:
             self._forgetting.feed(name, st, self.epoch, now_ms)
         # Announcements that arrived early for this round can now be fetched.
@@ -394,8 +394,13 @@ class Node:
                             max_skew_ms=self.config.max_skew_ms)
         if env.sender_id != peer:
             raise NotAMemberError(f"envelope from {env.sender_id} relayed by {peer}", peer=peer)
+        back = self._announcer.resend(peer, now_ms)  # heard from: what it missed
         if env.kind != ANNOUNCE:
-            return self._other_record(peer, env, now_ms)
+            return back + self._other_record(peer, env, now_ms)
+        return back + self._announcement(peer, env, data, now_ms)
+
+    def _announcement(self, peer: str, env: Envelope, data: bytes,
+                      now_ms: int) -> list[Action]:
         ann, st = announcement_of(peer, env, self._states)
         if ann.epoch != self.epoch:
             if ann.epoch > self.epoch:  # the sender applied a forget we have not seen yet
@@ -443,11 +448,7 @@ class Node:
         return self._maybe_complete(name, now_ms)
 
     def _maybe_complete(self, name: str, now_ms: int) -> list[Action]:
-        st = self._states[name]
-        if st.phase is not Phase.COLLECTING:
-            return []
-        have = {p for (r, p), rec in st.inbox.items() if r == st.round and rec.flat is not None}
-        return self._complete_round(name, now_ms) if have.issuperset(st.neighbours) else []
+        return self._complete_round(name, now_ms) if all_in(self._states[name]) else []
 
     def _complete_round(self, name: str, now_ms: int) -> list[Action]:
         st = self._states[name]

@@ -63,6 +63,7 @@ class ComponentRound:
     round: int = 0
     deadline_ms: int | None = None
     start_at_ms: int | None = None  # earliest start of the next round (round pacing)
+    started_ms: int | None = None  # when the current (or last) round started
     weights: dict[str, float] = field(default_factory=dict)  # MH row (self included)
     neighbours: tuple[str, ...] = ()
     # (round, peer) -> announcement and payload
@@ -106,8 +107,16 @@ def begin(state: ComponentRound, limit: int | None, now_ms: int, interval_ms: in
     if state.start_at_ms is not None and now_ms < state.start_at_ms:
         return False
     state.start_at_ms = now_ms + interval_ms if interval_ms > 0 else None
+    state.started_ms = now_ms
     transition(state, Event.START)
     return True
+
+
+def repace(state: ComponentRound, interval_ms: int) -> None:
+    """The pace changed (a lone component got a neighbour, or lost its last): a waiting
+    round may start ``interval_ms`` after the last one started."""
+    if state.phase is Phase.IDLE and state.start_at_ms is not None and state.started_ms is not None:
+        state.start_at_ms = state.started_ms + interval_ms
 
 
 def advance(state: ComponentRound) -> None:
@@ -145,3 +154,11 @@ def fast_forward(state: ComponentRound, round_: int) -> None:
     if round_ > state.round:
         state.round = round_
         state.inbox.clear()
+
+
+def all_in(state: ComponentRound) -> bool:
+    """A collecting round has every neighbour's update of its round."""
+    if state.phase is not Phase.COLLECTING:
+        return False
+    have = {p for (r, p), rec in state.inbox.items() if r == state.round and rec.flat is not None}
+    return have.issuperset(state.neighbours)

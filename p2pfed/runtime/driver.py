@@ -189,6 +189,7 @@ class NodeDriver:
             await self.transport.send(peer, data)
         except RemoteError as exc:
             log.info("send to %s failed: %s", peer[-8:], exc)
+            self.call(self.node.send_failed, peer, data)  # (sent again when it is back)
 
     async def _broadcast(self, data: bytes) -> None:
         try:
