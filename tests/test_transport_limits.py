@@ -461,7 +461,8 @@ async def test_a_stalled_payload_request_is_dropped_in_seconds() -> None:
                     pass
                 raise EOFError
             assert trio.current_time() - start < FAST.request_timeout_s + 1.5
-            assert victim._guard.slots.open(member=True) == 0
+            # the server releases the slot right after its reset (which the client may see first)
+            await eventually(lambda: victim._guard.slots.open(member=True) == 0)
             assert victim.stats.strikes == 0  # a slow member is not a hostile one
             assert await member.fetch(victim.peer_id, bytes(32), 10) == b"x"
 

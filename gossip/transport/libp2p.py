@@ -5,7 +5,8 @@ Wire protocols, all over Noise-encrypted Yamux streams (never Mplex):
 * ``/p2pfed/control/1`` and ``/p2pfed/payload/1``, one message or fetch per stream (see
   :mod:`gossip.transport.wire`).
 * GossipSub on one topic per transport (strict signing, a validator that refuses records over
-  64 KiB and those the record validator refuses) for small signed records to every member.
+  64 KiB and those the record validator refuses) for small signed records to every member
+  (:mod:`gossip.transport.topic`).
 
 Trust boundary: with a peer policy set (:meth:`Libp2pTransport.set_peer_policy`), strangers may
 open a connection and send control messages within a small budget of their own (a joiner sends
@@ -16,10 +17,11 @@ enforces the receive windows py-libp2p only logs), log lines per peer.  Peers th
 violating the protocols are disconnected and refused for a while (:mod:`gossip.transport.guard`).
 
 Failure boundaries: py-libp2p raises a wide variety of exceptions, some as exception groups,
-so every call into it is wrapped here.  A failed exchange with a peer becomes a
-:class:`~gossip.errors.PeerUnreachableError` (or :class:`~gossip.errors.OversizedMessageError`)
-for that peer; a misbehaving remote is logged (a few lines per peer), counted and dropped;
-neither ever stops the host.  ``trio.Cancelled`` always propagates.
+so every call into it is wrapped (here and in :mod:`gossip.transport.links`).  A failed
+exchange with a peer becomes a :class:`~gossip.errors.PeerUnreachableError` (or
+:class:`~gossip.errors.OversizedMessageError`) for that peer; a misbehaving remote is logged (a
+few lines per peer), counted and dropped; neither ever stops the host.  ``trio.Cancelled``
+always propagates.
 
 LAN discovery (``mdns=True``): py-libp2p's mDNS announces the host and listens on every
 interface (zeroconf's threads; it cannot be bound to one).  A member it finds is wanted at the
@@ -42,10 +44,6 @@ from typing import TYPE_CHECKING, Any, Self
 
 import multiaddr
 import trio
-from libp2p.custom_types import TProtocol
-from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
-from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12
 from libp2p.tools.anyio_service import background_trio_service
 
 from gossip.errors import LocalError, OversizedMessageError, PeerUnreachableError
@@ -56,14 +54,15 @@ from gossip.transport.framing import encode_frame
 from gossip.transport.guard import PeerGuard
 from gossip.transport.host import libp2p_key_pair, mdns_discovery, new_libp2p_host, sole_exception
 from gossip.transport.limits import Limits, TransportStats
+from gossip.transport.links import PeerLinks
 from gossip.transport.pubsub_guard import MembersOnlyGossipSub, MembersOnlyPubsub
+from gossip.transport.topic import RecordTopic
 from gossip.transport.wire import (
     CONTROL_PROTOCOL,
     KEY_BYTES,
     MAX_CONTROL_BYTES,
     PAYLOAD_PROTOCOL,
     Handlers,
-    Stream,
     fetch_payload,
     send_control,
 )
@@ -79,17 +78,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
-#: Best-effort time given to closing a peer's connections, or the host's.
-DISCONNECT_S = CLOSE_S = 5.0
+#: Best-effort time given to closing the host.
+CLOSE_S = 5.0
 #: Bounds on starting the host, and on stopping it (closing it included).
 STARTUP_S, STOP_S = 30.0, 10.0
-
-
-def _peer_id(peer: str) -> ID:
-    try:
-        return ID.from_base58(peer)
-    except Exception as exc:  # base58 and multihash raise assorted errors
-        raise PeerUnreachableError(f"not a peer id: {peer!r}", peer=peer) from exc
 
 
 class Libp2pTransport:
@@ -122,13 +114,13 @@ class Libp2pTransport:
             inbox_size
         )
         self._server: PayloadServer | None = None
-        self._host: Any = None
-        self._pubsub: MembersOnlyPubsub | None = None
+        self._links = PeerLinks(limits)
+        self._topic = RecordTopic(topic, identity.peer_id, self._guard, limits, self.stats,
+                                  deliver=self._deliver)
         self._nursery: trio.Nursery | None = None
-        self._outbound: dict[str, trio.CapacityLimiter] = {}
         self._dialer = Dialer(identity.peer_id, limits, self.stats, random.Random(seed),
-                              connect=self._connect, connected=self.connected_peers,
-                              remember=self._remember, banned=self._guard.banned)
+                              connect=self._links.connect, connected=self.connected_peers,
+                              remember=self._links.remember, banned=self._guard.banned)
         self._context: contextlib.AbstractAsyncContextManager[Self] | None = None
         self._active = False
 
@@ -202,7 +194,7 @@ class Libp2pTransport:
         frame = encode_frame(data, MAX_CONTROL_BYTES)
         try:
             with trio.fail_after(self.limits.control_timeout_s):
-                async with self._stream(peer, CONTROL_PROTOCOL) as stream:
+                async with self._links.stream(peer, CONTROL_PROTOCOL) as stream:
                     await send_control(stream, frame)
         except PeerUnreachableError:
             raise
@@ -227,7 +219,7 @@ class Libp2pTransport:
             raise ValueError("max_bytes must be non-negative")
         try:
             with trio.fail_after(self.limits.fetch_timeout_s):
-                async with self._stream(peer, PAYLOAD_PROTOCOL) as stream:
+                async with self._links.stream(peer, PAYLOAD_PROTOCOL) as stream:
                     buf = await fetch_payload(stream, key, max_bytes)
         except (PeerUnreachableError, OversizedMessageError):
             raise
@@ -239,18 +231,7 @@ class Libp2pTransport:
 
     async def broadcast(self, data: bytes) -> None:
         """Publish a small record on the topic (GossipSub, signed by the host key)."""
-        if len(data) > MAX_CONTROL_BYTES:
-            raise OversizedMessageError(
-                f"record of {len(data)} bytes exceeds the cap of {MAX_CONTROL_BYTES}"
-            )
-        pubsub = self._pubsub
-        if pubsub is None:
-            raise PeerUnreachableError("cannot broadcast: the host is not running")
-        try:
-            await pubsub.publish(self.topic, data)
-        except Exception as exc:
-            raise PeerUnreachableError(f"publish failed: {exc!r}") from exc
-        self.stats.broadcasts_sent += 1
+        await self._topic.publish(data)
 
     # ----------------------------------------------------------------------- peers
     async def connect(self, addr: str, *, timeout_s: float | None = None) -> str:
@@ -259,7 +240,7 @@ class Libp2pTransport:
             peer, base = split_p2p_addr(addr)
         except ValueError as exc:
             raise PeerUnreachableError(str(exc)) from exc
-        await self._connect(peer, (base,), timeout_s or self.limits.connect_timeout_s)
+        await self._links.connect(peer, (base,), timeout_s or self.limits.connect_timeout_s)
         return peer
 
     def want_peer(self, peer: str, addrs: Sequence[str]) -> None:
@@ -283,6 +264,15 @@ class Libp2pTransport:
     @property
     def _wanted(self) -> dict[str, tuple[str, ...]]:
         return self._dialer.wanted
+
+    @property
+    def _host(self) -> Any:
+        """py-libp2p's host while running, else None (tests reach into it)."""
+        return self._links.host
+
+    @property
+    def _pubsub(self) -> MembersOnlyPubsub | None:
+        return self._topic.pubsub
 
     # ----------------------------------------------------------------------- running
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -336,12 +326,12 @@ class Libp2pTransport:
                         await pubsub.wait_until_ready()
                         subscription = await pubsub.subscribe(self.topic)
                         async with trio.open_nursery() as nursery:
-                            self._host, self._pubsub, self._nursery = host, pubsub, nursery
-                            self._guard.on_ban = self._on_ban
+                            self._links.host, self._topic.pubsub = host, pubsub
+                            self._nursery, self._guard.on_ban = nursery, self._on_ban
                             for peer, wanted in self._dialer.wanted.items():
-                                self._remember(peer, wanted)
-                            nursery.start_soon(self._receive_records, subscription)
-                            nursery.start_soon(self._dialer.run, self._sync_members)
+                                self._links.remember(peer, wanted)
+                            nursery.start_soon(self._topic.receive, subscription)
+                            nursery.start_soon(self._dialer.run, self._topic.sync_members)
                             with self._discovery():
                                 log.info("libp2p host %s listening on %s",
                                          self.peer_id, ", ".join(self.listen_addrs()))
@@ -352,7 +342,8 @@ class Libp2pTransport:
                             shield.deadline = trio.current_time() + STOP_S
                             nursery.cancel_scope.cancel()
                 finally:
-                    self._host = self._pubsub = self._nursery = self._guard.on_ban = None
+                    self._links.host = self._topic.pubsub = None
+                    self._nursery = self._guard.on_ban = None
                     with trio.move_on_after(CLOSE_S):
                         try:
                             await host.close()  # inside host.run(), or the sockets leak
@@ -368,18 +359,7 @@ class Libp2pTransport:
                             deliver=self._deliver, lookup=self._lookup)
         host.set_stream_handler(CONTROL_PROTOCOL, handlers.on_control)
         host.set_stream_handler(PAYLOAD_PROTOCOL, handlers.on_payload)
-        router = MembersOnlyGossipSub(
-            is_member=self._is_member_id,
-            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
-            degree=6, degree_low=4, degree_high=12, heartbeat_interval=1,
-            max_messages_per_topic_per_second=self.limits.max_records_per_second,
-            # all members may share one address (a lab, or loopback): no IP diversity rule
-            eclipse_protection_enabled=False,
-        )
-        pubsub = MembersOnlyPubsub(host, router, strict_signing=True,
-                                   allowed_topics=[self.topic],
-                                   on_stranger_record=self._stranger_record)
-        pubsub.set_topic_validator(self.topic, self._validate_record, False)
+        pubsub, router = self._topic.new_pubsub(host)
         return host, pubsub, router
 
     @asynccontextmanager
@@ -409,57 +389,6 @@ class Libp2pTransport:
         return await context.__aexit__(*exc_info)
 
     # ----------------------------------------------------------------------- internals
-    @asynccontextmanager
-    async def _stream(self, peer: str, protocol: TProtocol) -> AsyncIterator[Stream]:
-        """A new stream to ``peer`` (dialing if needed): closed on success, reset on error.
-
-        At most ``outbound_streams_per_peer`` at once, so a burst waits its turn rather than
-        running into the peer's cap of inbound streams.
-        """
-        host = self._host
-        if host is None:
-            raise PeerUnreachableError("the host is not running", peer=peer)
-        turns = self._outbound.setdefault(
-            peer, trio.CapacityLimiter(self.limits.outbound_streams_per_peer))
-        try:
-            async with turns:
-                stream = Stream(await host.new_stream(_peer_id(peer), [protocol]))
-                ok = False
-                try:
-                    yield stream
-                    ok = True
-                finally:
-                    await (stream.close() if ok else stream.reset())
-        finally:
-            if turns.borrowed_tokens == 0 and turns.statistics().tasks_waiting == 0:
-                self._outbound.pop(peer, None)
-
-    async def _connect(self, peer: str, addrs: tuple[str, ...], timeout_s: float) -> None:
-        host = self._host
-        if host is None:
-            raise PeerUnreachableError("the host is not running", peer=peer)
-        try:
-            info = PeerInfo(_peer_id(peer), [multiaddr.Multiaddr(a) for a in addrs])
-            # the swarm refuses to redial a peer for 60 s after a failure ("negative
-            # cache"); the backoff here decides when to try again
-            host.get_network().unblock_peer(info.peer_id)
-            with trio.fail_after(timeout_s):
-                await host.connect(info)
-        except PeerUnreachableError:
-            raise
-        except Exception as exc:  # dial errors arrive as exception groups, among others
-            raise PeerUnreachableError(f"cannot connect to {peer}: {exc!r}", peer=peer) from exc
-
-    def _remember(self, peer: str, addrs: tuple[str, ...]) -> None:
-        """Put a wanted peer's addresses in the peerstore, so a stream to it can dial."""
-        if self._host is None or not addrs:
-            return
-        try:
-            maddrs = [multiaddr.Multiaddr(a) for a in addrs]
-            self._host.get_peerstore().add_addrs(_peer_id(peer), maddrs, 0)  # 0: permanent
-        except Exception as exc:  # bad address or peer id, from an invite or a record
-            log.warning("ignoring the addresses of %s: %r", peer, exc)
-
     def _deliver(self, peer: str, data: bytes) -> bool:
         try:
             self._send_inbox.send_nowait((peer, data))
@@ -473,60 +402,11 @@ class Libp2pTransport:
         server = self._server
         return None if server is None else server(key)
 
-    def _is_member_id(self, peer: ID) -> bool:
-        return self._guard.is_member(str(peer))
-
-    def _validate_record(self, forwarder: ID, msg: Any) -> bool:
-        """GossipSub's topic validator: nothing it refuses is delivered or relayed."""
-        data = bytes(msg.data)
-        if len(data) > MAX_CONTROL_BYTES:
-            self.stats.records_rejected += 1
-            self._guard.strike(str(forwarder), "sent an oversized record")
-            return False
-        if str(forwarder) == self.peer_id:
-            return True  # this node's own publication
-        try:
-            origin = str(ID(msg.from_id))
-        except Exception:  # strict signing makes this unreachable; be safe
-            self.stats.records_rejected += 1
-            return False
-        return self._guard.accept_record(str(forwarder), origin, data)
-
-    def _stranger_record(self, forwarder: ID) -> None:
-        self.stats.records_rejected += 1
-        self._guard.strike(str(forwarder), "forwarded a record, not being a member")
-
     def _on_ban(self, peer: str) -> None:
         """The guard banned ``peer``: close its connections (new ones are refused)."""
         if self._nursery is not None:
-            self._nursery.start_soon(self._disconnect, peer)
+            self._nursery.start_soon(self._links.disconnect, peer)
         self._dialer.wake()
-
-    async def _disconnect(self, peer: str) -> None:
-        host = self._host
-        if host is None:
-            return
-        with trio.move_on_after(DISCONNECT_S):
-            try:
-                await host.disconnect(_peer_id(peer))
-            except Exception as exc:  # the connection may be closing already
-                log.debug("disconnecting %s failed: %r", peer, exc)
-
-    async def _receive_records(self, subscription: Any) -> None:
-        while True:
-            msg = await subscription.get()
-            try:
-                origin = str(ID(msg.from_id))
-            except Exception:  # strict signing makes this unreachable; be safe
-                self.stats.rejected += 1
-                continue
-            if origin != self.peer_id and self._deliver(origin, bytes(msg.data)):
-                self.stats.broadcasts_received += 1
-
-    def _sync_members(self) -> None:
-        """Each dial round: new members get a pubsub stream, former ones lose theirs."""
-        if self._pubsub is not None and self._guard.has_policy:
-            self._pubsub.sync_members()
 
     @contextlib.contextmanager
     def _discovery(self) -> Iterator[None]:

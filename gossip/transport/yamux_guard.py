@@ -35,9 +35,15 @@ from typing import Any, NoReturn, Protocol, SupportsIndex, cast
 import trio
 from libp2p.abc import IMuxedConn, IMuxedStream, ISecureConn
 from libp2p.custom_types import TProtocol
+from libp2p.io.exceptions import IncompleteReadError
 from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.protocol_muxer.multiselect import DEFAULT_NEGOTIATE_TIMEOUT
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as NOISE_MAX_PLAINTEXT
+from libp2p.security.noise.io import SIZE_NOISE_MESSAGE_LEN as NOISE_LENGTH_BYTES
+from libp2p.security.noise.io import NoiseTransportReadWriter
+from libp2p.security.secure_session import SecureSession
+from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.yamux.yamux import (
     DEFAULT_WINDOW_SIZE,
@@ -48,12 +54,19 @@ from libp2p.stream_muxer.yamux.yamux import (
     YAMUX_HEADER_FORMAT,
     Yamux,
     YamuxStream,
+    _yamux_data_read_timeout,
 )
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 
 #: Hard cap of one stream's receive buffer, whatever the window says (honest peers stay within
 #: the largest window, 16 MiB, plus one read).
 MAX_STREAM_BUFFER = 2 * MAX_WINDOW_SIZE
+#: Ciphertext read from the socket at once on a Noise connection.
+READ_AHEAD = 256 * 1024
+#: Largest DATA frame sent (py-libp2p sends 64 KiB; any size within the peer's window is valid).
+MAX_DATA_FRAME = 1 << 20
+#: How long a writer waits for the peer to open its window (py-libp2p's value).
+WINDOW_WAIT_S = 5.0
 
 
 class MuxGuard(Protocol):
@@ -91,6 +104,13 @@ class _StreamBuffer(bytearray):
         super().__init__(initial)
         self._conn, self._stream_id = conn, stream_id
 
+    def __getitem__(self, index: Any) -> Any:
+        # the library copies a slice twice (``bytes(buffer[:n])``): a bytes slice is copied once
+        if isinstance(index, slice):
+            with memoryview(self) as view:
+                return bytes(view[index])
+        return super().__getitem__(index)
+
     def extend(self, data: Iterable[SupportsIndex], /) -> None:
         size = len(data) if isinstance(data, Sized) else 0
         if self._conn.admit_data(self._stream_id, len(self), size):
@@ -98,23 +118,113 @@ class _StreamBuffer(bytearray):
 
 
 class _HeaderTap:
-    """The secured connection as Yamux reads it, remembering the last frame header read.
+    """The secured connection as Yamux reads and writes it.
 
-    Yamux reads a frame's 12-byte header, then (for DATA) its body through ``_read_data_body``;
-    everything read outside a body is a header, so the last 12 bytes read outside one are the
-    header of the frame whose body is about to be read.
+    Remembers the last frame header read: Yamux reads a frame's 12-byte header, then (for DATA)
+    its body through ``_read_data_body``; everything read outside a body is a header, so the
+    last 12 bytes read outside one are the header of the frame whose body is about to be read.
+
+    Over Noise it also replaces py-libp2p's per-message path (two socket reads per Noise
+    message, five copies): ciphertext is read ahead in chunks of ``READ_AHEAD`` and decrypted
+    one message at a time as Yamux asks for bytes, with the same Noise cipher states, so what
+    is buffered is bounded by one chunk, one message and one read.  A write is encrypted into
+    as few Noise messages as the 65,519-byte limit allows and sent with one socket write.
     """
 
     def __init__(self, inner: ISecureConn) -> None:
         self._inner = inner
         self.header = b""
         self.in_body = False
+        self._noise: NoiseTransportReadWriter | None = None
+        if isinstance(inner, SecureSession) and isinstance(inner.conn, NoiseTransportReadWriter):
+            self._noise = inner.conn
+            self._raw = inner.conn.read_writer.read_write_closer
+            # what the session decrypted during muxer negotiation and Yamux has not read yet
+            self._plain = bytearray(inner._drain(None))
+            self._cipher = bytearray()
+            self._pos = 0
 
     async def read(self, n: int | None = None) -> bytes:
-        data: bytes = await self._inner.read(n)
+        data = await (self._inner.read(n) if self._noise is None else self._read_noise(n))
         if not self.in_body:
             self.header = (self.header + data)[-HEADER_SIZE:]
         return data
+
+    async def write(self, data: bytes) -> None:
+        noise = self._noise
+        if noise is None:
+            await self._inner.write(data)
+            return
+        if len(data) <= NOISE_MAX_PLAINTEXT:
+            message = noise.encrypt(data if type(data) is bytes else bytes(data))
+            await self._raw.write(len(message).to_bytes(2, "big") + message)
+            return
+        view = memoryview(data)
+        parts: list[bytes] = []
+        for start in range(0, len(view), NOISE_MAX_PLAINTEXT):
+            message = noise.encrypt(bytes(view[start : start + NOISE_MAX_PLAINTEXT]))
+            parts += (len(message).to_bytes(2, "big"), message)
+        await self._raw.write(b"".join(parts))
+
+    async def read_body(self, length: int) -> bytes | bytearray | None:
+        """Exactly ``length`` bytes of a DATA frame's body, or None off the Noise path.
+
+        A frame written by a peer like this one fills whole Noise messages, so the buffer is
+        handed over as it is, without a copy.  Raises IncompleteReadError at end of stream.
+        """
+        if self._noise is None:
+            return None
+        while len(self._plain) < length:
+            if not await self._decrypt_one():
+                raise IncompleteReadError(
+                    f"connection closed in a frame body of {length} bytes",
+                    expected_bytes=length, received_bytes=len(self._plain))
+        plain = self._plain
+        if len(plain) == length:
+            self._plain = bytearray()
+            return plain
+        with memoryview(plain) as view:
+            body = bytes(view[:length])
+        del plain[:length]
+        return body
+
+    async def _read_noise(self, n: int | None) -> bytes:
+        """Up to ``n`` plaintext bytes (all buffered, or one message, for None); b"" at EOF."""
+        plain = self._plain
+        want = 1 if n is None or n < 0 else n
+        while len(plain) < want and await self._decrypt_one():
+            pass
+        take = len(plain) if n is None or n < 0 else min(n, len(plain))
+        if take == len(plain):
+            self._plain = bytearray()
+            return bytes(plain)
+        with memoryview(plain) as view:
+            data = bytes(view[:take])
+        del plain[:take]
+        return data
+
+    async def _decrypt_one(self) -> bool:
+        """Decrypt the next Noise message into the plaintext buffer; False at end of stream."""
+        assert self._noise is not None
+        cipher = self._cipher
+        while True:
+            pos = self._pos
+            if len(cipher) - pos >= NOISE_LENGTH_BYTES:
+                end = pos + NOISE_LENGTH_BYTES + int.from_bytes(
+                    cipher[pos : pos + NOISE_LENGTH_BYTES], "big")
+                if len(cipher) >= end:
+                    with memoryview(cipher) as view:
+                        message = bytes(view[pos + NOISE_LENGTH_BYTES : end])
+                    self._pos = end
+                    self._plain += self._noise.decrypt(message)
+                    return True
+            if pos:
+                del cipher[:pos]
+                self._pos = 0
+            chunk = await self._raw.read(READ_AHEAD)
+            if not chunk:
+                return False
+            cipher += chunk
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -131,6 +241,67 @@ class _Buffers(dict[int, bytearray]):
         if not isinstance(buffer, _StreamBuffer):
             buffer = _StreamBuffer(self._conn, stream_id, buffer)
         super().__setitem__(stream_id, buffer)
+
+
+class GuardedYamuxStream(YamuxStream):
+    """A Yamux stream that sends large DATA frames and wakes its writer on window updates.
+
+    py-libp2p sends at most 64 KiB per DATA frame and, out of window, polls every 10 ms; the
+    Yamux spec allows any frame within the peer's receive window, so a bulk write here costs
+    one frame (and one socket write) per ``MAX_DATA_FRAME`` and resumes as soon as a window
+    update arrives.  py-libp2p builds its streams itself: :meth:`adopt` converts one.
+    """
+
+    _window_grew: trio.Event
+
+    @classmethod
+    def adopt(cls, stream: YamuxStream) -> GuardedYamuxStream:
+        stream.__class__ = cls
+        adopted = cast(GuardedYamuxStream, stream)
+        adopted._window_grew = trio.Event()
+        return adopted
+
+    # the library sets ``send_window`` when a window update arrives: a data descriptor over
+    # the instance's own attribute, so the writer waiting for room is woken
+    @property
+    def send_window(self) -> int:
+        return cast(int, self.__dict__["send_window"])
+
+    @send_window.setter
+    def send_window(self, value: int) -> None:
+        grew = value > self.__dict__.get("send_window", 0)
+        self.__dict__["send_window"] = value
+        if grew and "_window_grew" in self.__dict__:
+            self._window_grew.set()
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data).cast("B")
+        total, sent = len(view), 0
+        while sent < total:
+            frame: bytes | None = None
+            async with self.rw_lock.write_lock():
+                if self.send_closed:
+                    raise MuxedStreamError("Stream is closed for sending")
+                async with self.window_lock:
+                    if self.closed:
+                        raise MuxedStreamError("Stream is closed")
+                    size = min(self.send_window, MAX_DATA_FRAME, total - sent)
+                    if size > 0:
+                        self.send_window -= size
+                        frame = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0,
+                                            self.stream_id, size) + view[sent : sent + size]
+                    else:
+                        self._window_grew = trio.Event()
+            if frame is None:
+                self._zero_window_waits += 1
+                with trio.move_on_after(WINDOW_WAIT_S):
+                    await self._window_grew.wait()
+                if self.send_window <= 0 and not self.closed:
+                    raise MuxedStreamError(
+                        f"Timed out waiting for window update after {WINDOW_WAIT_S} seconds.")
+                continue
+            await self.conn._write_frame(frame)
+            sent += size
 
 
 class GuardedYamux(Yamux):
@@ -152,6 +323,10 @@ class GuardedYamux(Yamux):
             self._overrun(stream_id, length - room)
         self._tap.in_body = True
         try:
+            with trio.fail_after(_yamux_data_read_timeout()):
+                body = await self._tap.read_body(length)
+            if body is not None:
+                return cast(bytes, body)  # a bytearray is as good to the library
             return await super()._read_data_body(length)
         finally:
             self._tap.in_body = False
@@ -186,6 +361,9 @@ class GuardedYamux(Yamux):
         _quiet_next_abort(peer)
         raise WindowOverrun(f"{peer} wrote {excess} bytes past the window of stream {stream_id}")
 
+    async def open_stream(self) -> YamuxStream:
+        return GuardedYamuxStream.adopt(await super().open_stream())
+
     async def accept_stream(self) -> IMuxedStream:
         """The next inbound stream; those beyond the connection's cap are reset unread."""
         while True:
@@ -193,6 +371,8 @@ class GuardedYamux(Yamux):
             peer = str(self.peer_id)
             inbound = sum(1 for s in self.streams.values() if not s.is_initiator)
             if inbound <= self._guard.stream_cap(peer):
+                if isinstance(stream, YamuxStream):
+                    GuardedYamuxStream.adopt(stream)
                 return stream
             self._guard.stream_refused(peer)
             await stream.reset()
