@@ -160,8 +160,15 @@ def make_activity_traces(
     rng = np.random.default_rng(seed)
     rng.shuffle(labels)
     labels = labels.astype(np.int64)
+    traces = _activity_series(labels, rng)
+    notes = [_activity_note(label, rng) for label in labels.tolist()]
+    return traces, notes, labels
 
-    steps = ACTIVITY_STEPS
+
+def _activity_series(labels: npt.NDArray[np.int64], rng: np.random.Generator,
+                     ) -> npt.NDArray[np.float32]:
+    """The traces of :func:`make_activity_traces`, vectorised over students (its draws 2–8)."""
+    n, steps = len(labels), ACTIVITY_STEPS
     engaged = labels == 0
     base = np.where(engaged, rng.uniform(0.6, 0.95, n), rng.uniform(0.55, 0.9, n))
     decline = np.where(engaged, 0.0, rng.uniform(0.35, 0.7, n))
@@ -175,23 +182,23 @@ def make_activity_traces(
     hours = np.maximum(0.0, 1.5 * level + rng.normal(0.0, 0.3, (n, steps)))
     submissions = rng.binomial(1, level)
     posts = rng.poisson(1.2 * level)
-    traces = np.stack([logins, hours, submissions, posts], axis=-1).astype(np.float32)
+    return np.stack([logins, hours, submissions, posts], axis=-1).astype(np.float32)
 
-    notes: list[str] = []
-    for label in labels.tolist():
-        r = rng.random()
-        if label == 0:
-            academic = r < 0.5
-        elif label == 1:
-            academic = r < 0.9
-        else:
-            academic = r >= 0.9
-        pool = _CONCERN_ACADEMIC if academic else _CONCERN_WELLBEING
-        concern = pool[int(rng.integers(len(pool)))]
-        neutral = _NEUTRAL[int(rng.integers(len(_NEUTRAL)))]
-        parts = [concern, neutral] if rng.random() < 0.5 else [neutral, concern]
-        notes.append("; ".join(parts))
-    return traces, notes, labels
+
+def _activity_note(label: int, rng: np.random.Generator) -> str:
+    """One student's note of :func:`make_activity_traces` (four draws, in this order)."""
+    r = rng.random()
+    if label == 0:
+        academic = r < 0.5
+    elif label == 1:
+        academic = r < 0.9
+    else:
+        academic = r >= 0.9
+    pool = _CONCERN_ACADEMIC if academic else _CONCERN_WELLBEING
+    concern = pool[int(rng.integers(len(pool)))]
+    neutral = _NEUTRAL[int(rng.integers(len(_NEUTRAL)))]
+    parts = [concern, neutral] if rng.random() < 0.5 else [neutral, concern]
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,26 +385,7 @@ def load_csv_series(path: Path | str) -> Dataset:
             width = len(row)
         elif len(row) != width:
             raise ConfigError(f"{where}: expected {width} columns, got {len(row)}")
-        sample_id = row[0].strip()
-        try:
-            step = int(row[1])
-        except ValueError as exc:
-            raise ConfigError(f"{where}: step {row[1]!r} is not an integer") from exc
-        features: list[float] = []
-        for col, cell in enumerate(row[2:-1], start=3):
-            try:
-                value = float(cell)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: column {col}: {cell!r} is not a number") from exc
-            if not np.isfinite(value):
-                raise ConfigError(f"{where}: column {col}: {cell!r} is not finite")
-            features.append(value)
-        try:
-            label = int(row[-1])
-        except ValueError as exc:
-            raise ConfigError(f"{where}: label {row[-1]!r} is not an integer") from exc
-        if label < 0:
-            raise ConfigError(f"{where}: label must be non-negative, got {label}")
+        sample_id, step, features, label = _series_row(row, where)
         if sample_id not in samples:
             samples[sample_id] = []
             sample_label[sample_id] = label
@@ -410,6 +398,37 @@ def load_csv_series(path: Path | str) -> Dataset:
         if any(s == step for s, _ in samples[sample_id]):
             raise ConfigError(f"{where}: sample {sample_id!r} repeats step {step}")
         samples[sample_id].append((step, features))
+    return _series_dataset(path, samples, sample_label, first_line)
+
+
+def _series_row(row: list[str], where: str) -> tuple[str, int, list[float], int]:
+    """One CSV row of :func:`load_csv_series`: sample id, step, features, label."""
+    sample_id = row[0].strip()
+    try:
+        step = int(row[1])
+    except ValueError as exc:
+        raise ConfigError(f"{where}: step {row[1]!r} is not an integer") from exc
+    features: list[float] = []
+    for col, cell in enumerate(row[2:-1], start=3):
+        try:
+            value = float(cell)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: column {col}: {cell!r} is not a number") from exc
+        if not np.isfinite(value):
+            raise ConfigError(f"{where}: column {col}: {cell!r} is not finite")
+        features.append(value)
+    try:
+        label = int(row[-1])
+    except ValueError as exc:
+        raise ConfigError(f"{where}: label {row[-1]!r} is not an integer") from exc
+    if label < 0:
+        raise ConfigError(f"{where}: label must be non-negative, got {label}")
+    return sample_id, step, features, label
+
+
+def _series_dataset(path: Path, samples: dict[str, list[tuple[int, list[float]]]],
+                    sample_label: dict[str, int], first_line: dict[str, int]) -> Dataset:
+    """The samples of :func:`load_csv_series`, each ordered by step, as one Dataset."""
     if not samples:
         raise ConfigError(f"{path}: no samples")
     ids = list(samples)

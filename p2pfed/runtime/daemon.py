@@ -45,12 +45,18 @@ from p2pfed.home import (
 )
 from p2pfed.ledger import Ledger, VerifyReport
 from p2pfed.node import NodeConfig
+from p2pfed.node._retention import RetentionPolicy
 from p2pfed.runtime.control import SOCKET_NAME, serve_control
 from p2pfed.runtime.driver import NodeDriver
 from p2pfed.runtime.systemd import Notifier
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
+
+    from gossip.membership import MembershipView
+    from gossip.transport.libp2p import Libp2pTransport
+    from p2pfed.model.train import LocalTrainer
+    from p2pfed.runtime.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +102,7 @@ def node_config(cfg: Config, trains: frozenset[str],
         privacy=cfg.privacy.policies(trains),
         robust=cfg.mixing.rules(),
         noise_seed=secrets.randbits(63),
+        retention=RetentionPolicy(cfg.storage.unlearn_horizon_rounds, cfg.storage.max_bytes),
     )
 
 
@@ -108,8 +115,6 @@ class Daemon:
     metrics_port: int | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from gossip.transport.libp2p import Libp2pTransport
-
         identity = load_identity(self.home / KEY_FILE)
         ledger_path = self.home / LEDGER_FILE
         store = FederationStore(self.home)
@@ -118,87 +123,89 @@ class Daemon:
             raise MissingStateError(missing_ledger_message(self.home, ledger_path))
         self.started_ms = wall_clock_ms()
         with Ledger.open(ledger_path, identity, create=not member) as ledger:
-            report = await trio.to_thread.run_sync(ledger.verify_new)
-            if not report.ok:
-                raise StorageError(
-                    f"ledger check failed at entry {report.first_bad_index}: {report.reason}; "
-                    "refusing to start (see 'p2pfed ledger verify')"
-                )
-            log.info("ledger: %d entries, %d verified since the last start", len(ledger),
-                     report.checked)
+            await _verify_at_start(ledger)
             view = store.view(ledger)
-            me = view.members().get(identity.public_key)
-            holds = sorted(me.modules) if me else list(self.config.components.hold)
-            cfg = self.config
-            trainer = None
-            if cfg.model.kind == "m3t":
-                from p2pfed.model.local import build_trainer
-
-                # reads and pre-encodes the local data: off the event loop
-                trainer = await trio.to_thread.run_sync(
-                    build_trainer, cfg, holds, view.federation_id, identity.public_key,
-                    self.home)
-                components = trainer.components()
-                trains = frozenset(trainer.trainable())
-                deps = trainer.model.spec.forward_deps(holds)
-            else:
-                components = initial_components(identity, holds, cfg.components.dim)
-                trains, deps = frozenset(), {}
-            node = FederatedNode(
-                identity, view.federation_id, components,
-                ledger, BlobStore(self.home / BLOBS_DIR),
-                node_config(cfg, trains, deps, view.genesis.round_period_ms),
-                Sequencer(_boot_epoch(self.home)),
-                view=view, degree=cfg.overlay.degree,
-            )
-            restored = node.restore()
-            if restored:
-                log.info("resumed from checkpoints: %s", restored)
-            transport = Libp2pTransport(
-                identity,
-                listen_addrs=list(cfg.node.listen),
-                topic=f"/p2pfed/{view.federation_id.hex()}/records",
-                mdns=cfg.node.mdns,
-            )
-            # the trust boundary: strangers get a join request's worth of the wire, no more
-            transport.set_peer_policy(node.serves)
-            transport.set_record_validator(
-                lambda origin, data: node.accepts_broadcast(origin, data, wall_clock_ms()))
+            node, trainer = await self._load_node(identity, ledger, view)
+            transport = _new_transport(identity, node, self.config)
             async with trio.open_nursery() as nursery:
-                await nursery.start(transport.run)
-                driver = NodeDriver(node, transport, clock_ms=wall_clock_ms,
-                                    trainer=trainer.run if trainer is not None else None)
-                handlers = self._handlers(node, transport, driver, identity)
-                await nursery.start(serve_control, self.home / SOCKET_NAME, handlers)
-                await nursery.start(driver.run)
-                nursery.start_soon(self._verify_loop, ledger)
-                metrics = None
-                if cfg.metrics.enabled:
-                    from p2pfed.runtime.metrics import MetricsServer
-
-                    metrics = MetricsServer(node, lambda: len(transport.connected_peers()),
-                                            cfg.metrics.address, cfg.metrics.port)
-                    self.metrics_port = metrics.port
-                bootstrap = store.bootstrap()
-                if bootstrap:
-                    peers = transport.add_bootstrap(bootstrap)
-                    driver.call(node.introduce, peers)
-                state = "member of" if node.is_member() else "asking to join"
-                self.notifier.ready(f"{state} {view.genesis.name}; "
-                                    f"listening on {', '.join(transport.listen_addrs())}")
-                nursery.start_soon(self.notifier.watchdog_loop)
-                task_status.started()
-                try:
-                    await self._wait_for_stop(node, driver)
-                finally:
-                    if metrics is not None:
-                        metrics.close()
-                self.notifier.stopping()
-                async with driver.training_paused():  # a training thread may be mid-step
-                    node.checkpoint(wall_clock_ms())
-                _log_problem(ledger.verify_new())  # so that the next start has little to do
+                await self._serve(nursery, node, transport, trainer, store, task_status)
                 nursery.cancel_scope.cancel()
         log.info("stopped cleanly")
+
+    async def _load_node(self, identity: Identity, ledger: Ledger,
+                         view: MembershipView) -> tuple[FederatedNode, LocalTrainer | None]:
+        """The node over the ledger, its components (and trainer) resumed from checkpoints."""
+        me = view.members().get(identity.public_key)
+        holds = sorted(me.modules) if me else list(self.config.components.hold)
+        cfg = self.config
+        trainer = None
+        if cfg.model.kind == "m3t":
+            from p2pfed.model.local import build_trainer
+
+            # reads and pre-encodes the local data: off the event loop
+            trainer = await trio.to_thread.run_sync(
+                build_trainer, cfg, holds, view.federation_id, identity.public_key,
+                self.home)
+            components = trainer.components()
+            trains = frozenset(trainer.trainable())
+            deps = trainer.model.spec.forward_deps(holds)
+        else:
+            components = initial_components(identity, holds, cfg.components.dim)
+            trains, deps = frozenset(), {}
+        node = FederatedNode(
+            identity, view.federation_id, components,
+            ledger, BlobStore(self.home / BLOBS_DIR),
+            node_config(cfg, trains, deps, view.genesis.round_period_ms),
+            Sequencer(_boot_epoch(self.home)),
+            view=view, degree=cfg.overlay.degree,
+        )
+        restored = node.restore()
+        if restored:
+            log.info("resumed from checkpoints: %s", restored)
+        return node, trainer
+
+    async def _serve(self, nursery: trio.Nursery, node: FederatedNode, transport: Any,
+                     trainer: LocalTrainer | None, store: FederationStore,
+                     task_status: TaskStatus[None]) -> None:
+        """Start the host, control socket, driver and helpers; READY=1; run until a signal,
+        then checkpoint and verify (the caller cancels what is left)."""
+        await nursery.start(transport.run)
+        driver = NodeDriver(node, transport, clock_ms=wall_clock_ms,
+                            trainer=trainer.run if trainer is not None else None)
+        handlers = self._handlers(node, transport, driver, node.identity)
+        await nursery.start(serve_control, self.home / SOCKET_NAME, handlers)
+        await nursery.start(driver.run)
+        nursery.start_soon(self._verify_loop, node.ledger)
+        metrics = self._start_metrics(node, transport)
+        bootstrap = store.bootstrap()
+        if bootstrap:
+            peers = transport.add_bootstrap(bootstrap)
+            driver.call(node.introduce, peers)
+        state = "member of" if node.is_member() else "asking to join"
+        self.notifier.ready(f"{state} {node.view.genesis.name}; "
+                            f"listening on {', '.join(transport.listen_addrs())}")
+        nursery.start_soon(self.notifier.watchdog_loop)
+        task_status.started()
+        try:
+            await self._wait_for_stop(node, driver)
+        finally:
+            if metrics is not None:
+                metrics.close()
+        self.notifier.stopping()
+        async with driver.training_paused():  # a training thread may be mid-step
+            node.checkpoint(wall_clock_ms())
+        _log_problem(node.ledger.verify_new())  # so that the next start has little to do
+
+    def _start_metrics(self, node: FederatedNode, transport: Any) -> MetricsServer | None:
+        if not self.config.metrics.enabled:
+            return None
+        from p2pfed.runtime.metrics import MetricsServer
+
+        cfg = self.config.metrics
+        metrics = MetricsServer(node, lambda: len(transport.connected_peers()),
+                                cfg.address, cfg.port)
+        self.metrics_port = metrics.port
+        return metrics
 
     async def _verify_loop(self, ledger: Ledger) -> None:
         """Verify the entries appended since the last check, read back from the file."""
@@ -276,6 +283,35 @@ def missing_ledger_message(home: Path, ledger_path: Path) -> str:
         f"to start over on purpose, move {home / 'federation'} aside and join again with a "
         "new invite ('p2pfed join TOKEN')."
     )
+
+
+async def _verify_at_start(ledger: Ledger) -> None:
+    """Verify the entries appended since the last verification; refuse to start on a bad one."""
+    report = await trio.to_thread.run_sync(ledger.verify_new)
+    if not report.ok:
+        raise StorageError(
+            f"ledger check failed at entry {report.first_bad_index}: {report.reason}; "
+            "refusing to start (see 'p2pfed ledger verify')"
+        )
+    log.info("ledger: %d entries, %d verified since the last start", len(ledger),
+             report.checked)
+
+
+def _new_transport(identity: Identity, node: FederatedNode, cfg: Config) -> Libp2pTransport:
+    """The libp2p host on the federation's topic, behind the node's trust boundary."""
+    from gossip.transport.libp2p import Libp2pTransport
+
+    transport = Libp2pTransport(
+        identity,
+        listen_addrs=list(cfg.node.listen),
+        topic=f"/p2pfed/{node.federation_id.hex()}/records",
+        mdns=cfg.node.mdns,
+    )
+    # the trust boundary: strangers get a join request's worth of the wire, no more
+    transport.set_peer_policy(node.serves)
+    transport.set_record_validator(
+        lambda origin, data: node.accepts_broadcast(origin, data, wall_clock_ms()))
+    return transport
 
 
 def _boot_epoch(home: Path) -> int:
