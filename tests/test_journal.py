@@ -3,22 +3,16 @@ body that is not what its kind says is named, never half-read."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
 import pytest
-import torch
 
-from gossip.envelope import Sequencer
-from gossip.identity import Identity, load_identity
+from gossip.identity import load_identity
 from p2pfed import exitcodes, journal, kinds
-from p2pfed.blobs import BlobStore
 from p2pfed.cli import main
-from p2pfed.components import ComponentSpec, FlatComponent
 from p2pfed.journal import (
     SCHEMA,
     CatchUp,
@@ -40,9 +34,9 @@ from p2pfed.journal import (
     Unlearned,
 )
 from p2pfed.ledger import Ledger, LedgerEntry, read_entries, verify_ledger
-from p2pfed.node import Node, NodeConfig, Train
-from p2pfed.privacy import Policy
+from p2pfed.node import Train
 from p2pfed.unlearning import check_unlearning
+from tests.fixtures.make_ledger_v0 import dp_node, restored, sim_node
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ledger_v0"
 D = bytes(range(32))
@@ -106,38 +100,6 @@ def _copy(tmp_path: Path) -> Path:
     return tmp_path / "v0"
 
 
-def _restored(node: Node) -> dict[str, object]:
-    rounds = node.restore()
-    return {"rounds": rounds, "forgotten": sorted(node.forgotten()),
-            "sha256": {n: hashlib.sha256(c.flat.numpy().tobytes()).hexdigest()
-                       for n, c in sorted(node.components.items())},
-            "privacy": {n: node.privacy_of(n) for n in sorted(node.components)}}
-
-
-def _sim_node(home: Path) -> Node:
-    ident = load_identity(home / "identity.key")
-    comps = {n: FlatComponent.from_params(ComponentSpec.from_name(n),
-                                          {"weight": torch.zeros(4, dtype=torch.float64)})
-             for n in ("backbone", "head.grade")}
-    return Node(ident, b"P" * 32, comps, Ledger.open(home / "ledger.sqlite3", ident),
-                BlobStore(home / "blobs"), NodeConfig(robust={"*": "clipped"}))
-
-
-def _dp_node(home: Path) -> Node:
-    ident = Identity.from_seed(b"p" * 32)
-    comp = FlatComponent.from_params(ComponentSpec.from_name("encoder.text"),
-                                     {"w": torch.zeros(8, dtype=torch.float64)})
-    node = Node(ident, b"P" * 32, {"encoder.text": comp},
-                Ledger.open(home / "ledger.sqlite3", ident), BlobStore(home / "blobs"),
-                NodeConfig(trains=frozenset({"encoder.text"}), checkpoint_every=1,
-                           privacy={"encoder.text": Policy(clip=1.0, sigma=2.0)},
-                           noise_seed=3), Sequencer(2))
-    alone = nx.Graph()
-    alone.add_node(ident.peer_id)
-    node.set_topology(alone, {})
-    return node
-
-
 def test_ledgers_written_before_the_schema_version_verify_read_and_restore(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = _copy(tmp_path)
@@ -155,9 +117,9 @@ def test_ledgers_written_before_the_schema_version_verify_read_and_restore(
     sim = read_entries(root / "sim" / "ledger.sqlite3")
     assert {e.kind for e in sim} >= {kinds.FORGET, kinds.UNLEARNED, kinds.MIX, kinds.CHECKPOINT}
     assert check_unlearning(sim) == []
-    assert _restored(_sim_node(root / "sim")) == expected["sim"]
-    dp = _dp_node(root / "dp")
-    assert _restored(dp) == expected["dp"]
+    assert restored(sim_node(root / "sim", {"backbone": 4, "head.grade": 4})) == expected["sim"]
+    dp = dp_node(root / "dp", 2)
+    assert restored(dp) == expected["dp"]
     # and the restored node goes on, writing versioned entries after the old ones
     actions = dp.set_round_limit(4, 0) + dp.start(0)
     while actions:
