@@ -78,12 +78,17 @@ class BlobStore:
         return self.root / hexd[:2] / hexd
 
     # ------------------------------------------------------------------ bytes
-    def put(self, data: bytes | bytearray | memoryview) -> bytes:
-        """Store ``data`` and return its digest.  Idempotent; atomic on disk."""
+    def put(self, data: bytes | bytearray | memoryview, *, key: bytes | None = None,
+            durable: bool = True) -> bytes:
+        """Store ``data`` and return its digest.  Idempotent; atomic on disk.
+
+        ``key``: its digest, when the caller has just checked it (not computed again).
+        ``durable=False``: no fsync (for data a durable ledger entry names by digest: a power
+        cut may lose the file, never leave a wrong one; reads re-check the digest)."""
         size = memoryview(data).nbytes
         if size > self.max_bytes:
             raise StorageError(f"blob of {size} bytes exceeds the cap of {self.max_bytes} bytes")
-        key = digest(data)
+        key = digest(data) if key is None else key
         if self.root is None:
             if key not in self._memory:
                 self._memory[key] = bytes(data)
@@ -96,10 +101,10 @@ class BlobStore:
             pass
         except OSError as exc:
             raise storage_error(exc, f"cannot stat blob file {target}") from exc
-        self._write(target, data)
+        self._write(target, data, self.fsync and durable)
         return key
 
-    def _write(self, target: Path, data: bytes | bytearray | memoryview) -> None:
+    def _write(self, target: Path, data: bytes | bytearray | memoryview, sync: bool) -> None:
         directory = target.parent
         tmp: str | None = None
         try:
@@ -113,11 +118,11 @@ class BlobStore:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                if self.fsync:
+                if sync:
                     os.fsync(f.fileno())
             os.replace(tmp, target)
             tmp = None
-            if self.fsync:
+            if sync:
                 fsync_dir(directory)
         except OSError as exc:
             raise storage_error(exc, f"cannot write blob file {target}") from exc

@@ -39,6 +39,21 @@ def _node_key(node: Hashable) -> str:
     return str(node)
 
 
+def metropolis_hastings_row(graph: nx.Graph, holders: Collection[N], node: N) -> dict[N, float]:
+    """``node``'s row of :func:`metropolis_hastings_weights` (the same numbers), from its
+    neighbours' degrees alone: O(degree²), whatever the size of the graph."""
+    if graph.is_directed():
+        raise ConfigError("mixing weights need an undirected overlay graph")
+
+    def held(n: N) -> list[N]:
+        adjacent = graph.adj[n] if n in graph else {}
+        return sorted((m for m in adjacent if m in holders and m != n), key=_node_key)
+
+    mine = held(node)
+    row = {other: 1.0 / (1 + max(len(mine), len(held(other)))) for other in mine}
+    return {node: 1.0 - math.fsum(row.values()), **row}
+
+
 def metropolis_hastings_weights(graph: nx.Graph, holders: Iterable[N]) -> dict[N, dict[N, float]]:
     """Metropolis–Hastings weights on the subgraph of ``graph`` induced by ``holders``.
 

@@ -15,6 +15,7 @@ from p2pfed.consensus import (
     consensus_distance,
     effective_weights,
     mean_vector,
+    metropolis_hastings_row,
     metropolis_hastings_weights,
     mix_into,
     mixing_report,
@@ -250,3 +251,16 @@ def test_consensus_distance_and_mean_against_numpy() -> None:
         consensus_distance([])
     with pytest.raises(LocalError):
         mean_vector([torch.ones(2), torch.ones(3)])
+
+
+def test_one_row_is_the_full_matrix_row_for_any_holder_set() -> None:
+    import random
+
+    rng = random.Random(7)
+    for n in (2, 9, 40):
+        graph = nx.random_regular_graph(4, n, seed=n) if n > 4 else nx.complete_graph(n)
+        holders = {v for v in graph if rng.random() < 0.7} | {0}
+        full = metropolis_hastings_weights(graph, holders)
+        for node in holders:
+            assert metropolis_hastings_row(graph, holders, node) == full[node]
+            assert list(metropolis_hastings_row(graph, holders, node)) == list(full[node])

@@ -7,6 +7,7 @@ store as payloads (what neighbours fetch) or as safetensors (checkpoints).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -22,10 +23,14 @@ from p2pfed.ledger import Ledger, LedgerEntry
 class Journal:
     """A node's ledger and blob store, spoken to in records and states."""
 
-    def __init__(self, ledger: Ledger, blobs: BlobStore, max_payload_bytes: int) -> None:
+    def __init__(self, ledger: Ledger, blobs: BlobStore, max_payload_bytes: int,
+                 components: int = 1) -> None:
         self.ledger = ledger
         self.blobs = blobs
         self.max_payload_bytes = max_payload_bytes
+        #: this node's latest payloads (two per component: this round's and the last)
+        self._served: OrderedDict[bytes, bytes] = OrderedDict()
+        self._serve_max = 2 * max(1, components)
 
     # ---------------------------------------------------------------- the ledger
     def write(self, record: Record, now_ms: int, *, durable: bool = False) -> int:
@@ -58,16 +63,24 @@ class Journal:
 
     def put_state(self, name: str, round_: int, flat: torch.Tensor,
                   layout: FlatLayout) -> tuple[bytes, int]:
-        """Store ``flat`` as ``name``'s payload of ``round_``; its digest and size."""
+        """Store ``flat`` as ``name``'s payload of ``round_``; its digest and size.  Not
+        fsynced: the durable ledger entry that names it follows, and a lost file is found by
+        its digest.  The last few are also kept in memory, to serve neighbours' fetches."""
         data = bytes(encode_payload(name, round_, flat, layout))
-        return self.blobs.put(data), len(data)
+        dig = self.blobs.put(data, durable=False)
+        self._served[dig] = data
+        while len(self._served) > self._serve_max:
+            self._served.popitem(last=False)
+        return dig, len(data)
 
-    def put_payload(self, data: bytes) -> bytes:
-        """Keep a neighbour's payload (already checked against its announcement)."""
-        return self.blobs.put(data)
+    def put_payload(self, data: bytes, dig: bytes) -> None:
+        """Keep a neighbour's payload, just checked against its announced digest ``dig``."""
+        self.blobs.put(data, key=dig, durable=False)
 
     def payload(self, dig: bytes) -> bytes | None:
         """The payload stored under ``dig`` (None: not kept)."""
+        if dig in self._served:
+            return self._served[dig]
         return self.blobs.get(dig) if self.blobs.has(dig) else None
 
     def state(self, name: str, dig: bytes, layout: FlatLayout) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import networkx as nx
 import torch
 
-from p2pfed.consensus import effective_weights, metropolis_hastings_weights
+from p2pfed.consensus import effective_weights, metropolis_hastings_row
 from p2pfed.journal import Mix, MixInputRef
 from p2pfed.mixing import MixingRule, MixInput, Neighbour
 from p2pfed.node._state import ComponentRound, Received
@@ -34,13 +34,14 @@ class Placement:
 
 def placement(graph: nx.Graph, holders: Iterable[str], self_id: str) -> Placement:
     """This node's weights for a component held by ``holders`` over ``graph``."""
-    sub = graph.subgraph(n for n in {*holders, self_id} if n in graph)
-    if self_id not in sub:
+    members = {n for n in {*holders, self_id} if n in graph}
+    if self_id not in members:
         return Placement({self_id: 1.0}, (), frozenset())
-    row = dict(metropolis_hastings_weights(sub, sub.nodes)[self_id])
+    row = metropolis_hastings_row(graph, members, self_id)
     # A weight w_ij depends on the degrees of i and j: on every holder within two hops.
-    deps = frozenset(nx.single_source_shortest_path_length(sub, self_id, cutoff=2))
-    return Placement(row, tuple(sorted(p for p in row if p != self_id)), deps)
+    near = {m for p in row for m in graph.adj[p] if m in members}
+    return Placement(row, tuple(sorted(p for p in row if p != self_id)),
+                     frozenset(row.keys() | near))
 
 
 def place_all(states: Mapping[str, ComponentRound], graph: nx.Graph,
@@ -48,10 +49,11 @@ def place_all(states: Mapping[str, ComponentRound], graph: nx.Graph,
               self_id: str) -> tuple[nx.Graph, dict[str, frozenset[str]], dict[str, set[str]]]:
     """Place every component (forgotten members left out; a node itself forgotten mixes no
     more); the overlay and holders kept, and per component its new neighbours."""
-    graph = graph.copy()
-    graph.remove_nodes_from(forgotten)
     if self_id in forgotten:
         graph = nx.Graph()
+    elif any(n in graph for n in forgotten):  # (else the caller's graph is used as it is)
+        graph = graph.copy()
+        graph.remove_nodes_from(forgotten)
     kept = {c: frozenset(h) - set(forgotten) for c, h in holders.items()}
     new: dict[str, set[str]] = {}
     for name, st in states.items():
@@ -79,7 +81,8 @@ def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,
     if st.scratch is None:
         st.scratch = torch.empty_like(st.comp.flat)
     if present:
-        st.disagreement.append(disagreement(st.comp.flat, [r.flat for r in present.values()]))
+        st.disagreement.append(disagreement(st.comp.flat, [r.flat for r in present.values()],
+                                            st.scratch))
     neighbours = tuple(_neighbour(p, w, present[p]) for p, w in terms)
     mixed = rule.mix(MixInput(st.comp.flat, self_w, neighbours, st.memory,
                               own_noise=st.noise, scratch=st.scratch))
@@ -101,8 +104,11 @@ def _neighbour(peer: str, weight: float, rec: Received) -> Neighbour:
     return Neighbour(peer, weight, rec.flat, rec.announcement.noise)
 
 
-def disagreement(own: torch.Tensor, others: list[torch.Tensor | None]) -> float:
-    """Largest ‖x_j − x_i‖ / ‖x_i‖ over the neighbours' updates (a local consensus distance)."""
+def disagreement(own: torch.Tensor, others: list[torch.Tensor | None],
+                 scratch: torch.Tensor | None = None) -> float:
+    """Largest ‖x_j − x_i‖ / ‖x_i‖ over the neighbours' updates (a local consensus distance;
+    the differences go into ``scratch`` when given, instead of a new tensor each)."""
     scale = max(float(torch.linalg.vector_norm(own)), 1e-30)
-    dists = [float(torch.linalg.vector_norm(o - own)) for o in others if o is not None]
+    dists = [float(torch.linalg.vector_norm(torch.sub(o, own, out=scratch)))
+             for o in others if o is not None]
     return max(dists, default=0.0) / scale

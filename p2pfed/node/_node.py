@@ -78,7 +78,7 @@ class Node:
         self.identity, self.peer_id, self.federation_id = identity, identity.peer_id, federation_id
         self.config = cfg = config or NodeConfig()
         self.ledger, self.blobs = ledger, blobs
-        self._journal = Journal(ledger, blobs, cfg.max_payload_bytes)
+        self._journal = Journal(ledger, blobs, cfg.max_payload_bytes, len(components))
         self._seq = sequencer or Sequencer()
         self._announcer = Announcer(identity, federation_id, self._seq)
         self._replay = ReplayGuard()
@@ -439,7 +439,7 @@ class Node:
         if st is None or flat is None:
             return []
         if self.config.keep_payloads:
-            self._journal.put_payload(data)
+            self._journal.put_payload(data, dig)
         rec = st.inbox[(round_, peer)]
         rec.flat = flat
         ann = rec.announcement

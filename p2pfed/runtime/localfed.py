@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
+from p2pfed.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class LocalFederation:
     base: Path
     interval_s: float = 1.0
     timeout_s: float = 4.0
+    #: parameters of the component (None: the config's default)
+    dim: int | None = None
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: list[int] = field(default_factory=list)
 
@@ -69,6 +72,10 @@ class LocalFederation:
             self.cli("init", "--home", str(self.home(i)),
                      "--listen", f"/ip4/127.0.0.1/tcp/{self.ports[i]}", "--hold", COMPONENT,
                      "--interval", str(self.interval_s), "--timeout", str(self.timeout_s))
+            if self.dim is not None:
+                path = self.home(i) / "p2pfed.toml"
+                config = Config.from_toml(path).with_overrides(components__dim=self.dim)
+                path.write_text(config.to_toml())
         self.cli("federation", "create", "local", "--home", str(self.home(0)),
                  "--round-period", str(self.interval_s))
         self.start(0)
