@@ -13,6 +13,7 @@ holds what a node writes over many rounds, then starts the real daemon on it.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import resource
@@ -326,3 +327,94 @@ def run_ledger_bench(entries: int = 100_000, *, statuses: int = 3) -> dict[str, 
         results[f"status_s_{tag}"] = status
         results[f"status_client_s_{tag}"] = client
     return results
+
+
+# ---------------------------------------------------------------------------- the simulator
+#: (nodes, rounds) of ``bench --sim``: a random 4-regular graph, one component of SIM_PARAMS
+SIM_SIZES = ((100, 20), (1000, 20))
+SIM_PARAMS = 100_000
+#: ``bench --sim --quick``: small enough for a test
+SIM_QUICK_SIZES = ((16, 4), (24, 4))
+SIM_QUICK_PARAMS = 1_000
+SIM_DEGREE = 4
+SIM_GRAPH_SEED = 3
+
+
+def sim_scale_run(nodes: int, rounds: int, params: int, seed: int = 0) -> dict[str, Any]:
+    """One consensus simulation on a random 4-regular graph of ``nodes`` nodes, in this process:
+    its CPU per node-round (the run, not the set-up), this process's peak RSS and the consensus
+    distance per round (the same seed gives the same numbers)."""
+    from p2pfed.sim.simulator import SimConfig, Simulation
+    from p2pfed.sim.topology import parse_topology
+
+    topology = parse_topology({
+        "name": f"random-regular-{nodes}",
+        "graph": {"kind": "random-regular", "n": nodes, "d": SIM_DEGREE, "seed": SIM_GRAPH_SEED},
+        "components": {"backbone": "all"},
+    })
+    rss_start = _peak_rss_mb()
+    cpu = time.process_time()
+    sim = Simulation(SimConfig(topology, rounds=rounds, seed=seed, dim=params))
+    setup = time.process_time() - cpu
+    cpu = time.process_time()
+    report = sim.run()
+    run = time.process_time() - cpu
+    return {
+        "nodes": nodes,
+        "rounds": rounds,
+        "params": params,
+        "seed": seed,
+        "sim_node_round_ms": 1000 * run / (nodes * rounds),
+        "sim_peak_rss_mb": _peak_rss_mb(),
+        "sim_start_rss_mb": rss_start,
+        "sim_setup_s": setup,
+        "sim_trace_peak_states": sim.trace.peak_states,
+        "consensus_distance": report["components"]["backbone"]["consensus_distance"],
+        "messages": report["network"]["messages"],
+        "fetch_bytes": report["network"]["fetch_bytes"],
+    }
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (kilobytes on Linux)
+
+
+def run_sim_bench(*, quick: bool = False, sizes: Sequence[tuple[int, int]] | None = None,
+                  params: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """``bench --sim``: :func:`sim_scale_run` for each size, each in a fresh child process so
+    that each peak RSS is its own.  ``sim_node_round_ms`` and ``sim_peak_rss_mb`` at the top
+    are the largest size's; ``sim_sizes`` holds every size's figures."""
+    sizes = sizes or (SIM_QUICK_SIZES if quick else SIM_SIZES)
+    params = params or (SIM_QUICK_PARAMS if quick else SIM_PARAMS)
+    runs = []
+    for nodes, rounds in sizes:
+        logger.info("bench: simulating %d nodes x %d rounds x %d parameters",
+                    nodes, rounds, params)
+        argv = [sys.executable, "-m", "p2pfed.bench", "--sim-child",
+                str(nodes), str(rounds), str(params), str(seed)]
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"simulation of {nodes} nodes failed: {done.stderr[-2000:]}")
+        runs.append(json.loads(done.stdout))
+    largest = runs[-1]
+    return {"sim_node_round_ms": largest["sim_node_round_ms"],
+            "sim_peak_rss_mb": largest["sim_peak_rss_mb"],
+            "sim_sizes": runs}
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m p2pfed.bench --sim-child NODES ROUNDS PARAMS SEED``: one size of
+    :func:`run_sim_bench`, its figures as JSON on stdout."""
+    if len(argv) != 5 or argv[0] != "--sim-child":
+        print("usage: python -m p2pfed.bench --sim-child NODES ROUNDS PARAMS SEED",
+              file=sys.stderr)
+        return 2
+    nodes, rounds, params, seed = (int(a) for a in argv[1:])
+    torch.set_num_threads(1)  # (CPU per node-round, not per core; the numbers need a fixed count)
+    json.dump(sim_scale_run(nodes, rounds, params, seed), sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -6,21 +6,24 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from gossip.errors import ConfigError, KeyFileError, LocalError, P2PFedError
-from p2pfed import cli_daemon, exitcodes
+from gossip.errors import ConfigError, KeyFileError, P2PFedError
+from p2pfed import cli_bench, cli_daemon, exitcodes
+from p2pfed.cli_bench import write_json as _write_json
 from p2pfed.home import is_disk_full, storage_error
+
+if TYPE_CHECKING:  # (the simulator loads torch: imported only to simulate)
+    from p2pfed.sim.config import SimConfig
 
 app = typer.Typer(
     name="p2pfed",
@@ -56,14 +59,6 @@ def _root(
     if not isinstance(level, int):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise LocalError(f"cannot write {path}: {exc.strerror}") from exc
 
 
 # ------------------------------------------------------------------------------- simulate
@@ -110,15 +105,26 @@ def simulate(
         help="Aggregation at honest nodes: mh, clipped, trimmed-mean or noise-aware.")] = "mh",
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from p2pfed.sim.simulator import plot_report
 
-    from p2pfed.sim.simulator import WORKLOADS, SimConfig, plot_report, simulate
+    config = _sim_config(topology, workload=workload, rounds=rounds, quick=quick, seed=seed,
+                         home=home, dim=dim, unlearn=unlearn, mode=mode, dp_sigma=dp_sigma,
+                         dp_clip=dp_clip, dp_delta=dp_delta, dp_budget=dp_budget,
+                         dp_noisy=dp_noisy, attack=attack, robust=robust)
+    report = _simulate_with_progress(config, quiet)
+    if json_path is not None:
+        _write_json(json_path, report)
+    if plot is not None:
+        plot_report(report, plot)
+    _print_sim_summary(report)
+
+
+def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: bool, seed: int,
+                home: Path | None, dim: int, unlearn: str | None, mode: str,
+                dp_sigma: float | None, dp_clip: float, dp_delta: float, dp_budget: float,
+                dp_noisy: str | None, attack: str | None, robust: str) -> SimConfig:
+    """The simulation ``simulate``'s options ask for (BadParameter for a malformed one)."""
+    from p2pfed.sim.simulator import WORKLOADS, SimConfig
     from p2pfed.sim.topology import load_topology
 
     if workload not in WORKLOADS:
@@ -145,25 +151,35 @@ def simulate(
         from p2pfed.sim.education import FULL, QUICK
 
         rounds = (QUICK if quick else FULL).rounds if workload == "education" else 200
+    return SimConfig(topo, workload=workload, rounds=rounds, seed=seed, home=home, dim=dim,
+                     quick=quick, unlearn=target, unlearn_mode=mode, dp=dp, dp_noisy=noisy,
+                     attack=attackers, robust=robust)
+
+
+def _simulate_with_progress(config: SimConfig, quiet: bool) -> dict[str, Any]:
+    """Run the simulation with a progress bar on stderr (none if ``quiet``)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from p2pfed.sim.simulator import simulate as run_simulation
+
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=err, disable=quiet, transient=True,
     )
     with progress:
-        task = progress.add_task(f"{topo.name}: rounds", total=rounds)
+        task = progress.add_task(f"{config.topology.name}: rounds", total=config.rounds)
 
         def update(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        report = simulate(SimConfig(topo, workload=workload, rounds=rounds, seed=seed,
-                                    home=home, dim=dim, progress=update, quick=quick,
-                                    unlearn=target, unlearn_mode=mode, dp=dp,
-                                    dp_noisy=noisy, attack=attackers, robust=robust))
-    if json_path is not None:
-        _write_json(json_path, report)
-    if plot is not None:
-        plot_report(report, plot)
-    _print_sim_summary(report)
+        config.progress = update
+        return run_simulation(config)
 
 
 def _parse_noisy(value: str) -> tuple[int, float]:
@@ -263,6 +279,7 @@ def ledger_verify(
     """Check the ledger's hash chain, signatures and head; name the first bad entry."""
     from gossip.identity import load_identity, peer_id_from_public_key
     from p2pfed.home import resolve_home
+    from p2pfed.journal import schema_problems
     from p2pfed.ledger import read_entries, verify_ledger
     from p2pfed.unlearning import FORGET_ENTRY, check_unlearning
 
@@ -280,17 +297,21 @@ def ledger_verify(
     report = verify_ledger(path, public_key)
     owner = peer_id_from_public_key(public_key) if public_key is not None else None
     entries = read_entries(path) if report.ok else []
+    unreadable = schema_problems(entries)
     problems = check_unlearning(entries, owner)
     forgotten = sum(e.kind == FORGET_ENTRY for e in entries)
     if as_json:
-        out.print_json(data={"ok": report.ok and not problems, "entries": report.entries,
+        out.print_json(data={"ok": report.ok and not problems and not unreadable,
+                             "entries": report.entries,
                              "first_bad_index": report.first_bad_index, "reason": report.reason,
-                             "unlearning_problems": problems})
+                             "schema_problems": unreadable, "unlearning_problems": problems})
     elif not report.ok:
         where = (f"at entry {report.first_bad_index}" if report.first_bad_index is not None
                  else "(no readable entries)")
         err.print(f"[red]ledger broken {where}[/red]: {report.reason}")
-    elif problems:
+    elif problems or unreadable:
+        for problem in unreadable:
+            err.print(f"[red]entry not readable[/red]: {problem}")
         for problem in problems:
             err.print(f"[red]unlearning not kept[/red]: {problem}")
     else:
@@ -298,7 +319,7 @@ def ledger_verify(
                      if forgotten else "")
         out.print(f"[green]ok[/green]: {report.entries} entries, chain and signatures "
                   f"intact{unlearned}")
-    if not report.ok or problems:
+    if not report.ok or problems or unreadable:
         raise CommandFailedError(exitcodes.LEDGER_BROKEN)
 
 
@@ -325,44 +346,8 @@ def privacy_epsilon(
 
 
 # ------------------------------------------------------------------------------- bench
-@app.command()
-def bench(
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
-    quick: Annotated[
-        bool, typer.Option(help="Small sizes (a smoke run, not a measurement).")
-    ] = False,
-) -> None:
-    """Measure memory bandwidth, mixing, payload codec, digests, signatures, the network and
-    the daemon at a long ledger.
-
-    The network part streams a 64 MB payload over libp2p (TCP, Noise, Yamux) between two
-    processes on 127.0.0.1, and the same bytes over a plain TCP socket, in the same run.  The
-    ledger part builds a ledger of 100,000 entries (2,000 with --quick) and starts the daemon
-    on it: start-up to READY, CPU of one status, and a full verification for comparison.
-    ``cli_start_s`` is the CPU of ``python -m p2pfed --help`` (median of 5 runs; 3 with --quick).
-    """
-    from p2pfed.bench import cli_start_seconds, run_bench, run_ledger_bench
-    from p2pfed.bench_net import run_net_bench
-
-    sizes = {"memcpy_mb": 16, "mix_params": 1_000_000, "repeats": 2} if quick else {}
-    results: dict[str, float] = dict(run_bench(**sizes))
-    results.update(run_net_bench(size_mb=4 if quick else 64, repeats=2 if quick else 3))
-    results.update(run_ledger_bench(2_000 if quick else 100_000))
-    results["cli_start_s"] = cli_start_seconds(3 if quick else 5)
-    if json_path is not None:
-        _write_json(json_path, results)
-    table = Table(title="p2pfed bench")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in results.items():
-        whole = isinstance(value, int) or float(value).is_integer()
-        small = abs(value) < 1 and not whole  # e.g. a status in fractions of a millisecond
-        table.add_row(key, f"{value:,.0f}" if whole else f"{value:.3g}" if small
-                      else f"{value:,.2f}")
-    out.print(table)
-
-
 cli_daemon.register(app)
+cli_bench.register(app)
 
 
 # ------------------------------------------------------------------------------- entry point

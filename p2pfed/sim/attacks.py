@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from gossip.envelope import digest
 from p2pfed.node import Node
 
 #: what a Byzantine node sends: its state negated; its state plus N(0, 1) noise; "a little is
@@ -29,13 +30,17 @@ Forgery = Callable[[str, int, torch.Tensor], torch.Tensor]
 def forgery(kind: str, seed: int,
             honest: Callable[[str], list[torch.Tensor]]) -> Forgery:
     """The update an attacker of ``kind`` sends; ``honest(component)`` gives the states of its
-    honest neighbours (what "a little is enough" and inner product manipulation read)."""
-    gen = torch.Generator().manual_seed(seed)
+    honest neighbours (what "a little is enough" and inner product manipulation read).
+
+    The Gaussian noise is drawn from a generator seeded by ``seed``, the component and the
+    round, not from one stream: the order in which a node's components start their rounds
+    depends on trio's scheduler (which is randomized), and must not change the numbers."""
 
     def send(component: str, round_: int, state: torch.Tensor) -> torch.Tensor:
         if kind == "sign-flip":
             return -state
         if kind == "gaussian":
+            gen = torch.Generator().manual_seed(_noise_seed(seed, component, round_))
             return state + torch.randn(state.shape, generator=gen, dtype=state.dtype)
         states = honest(component)
         if not states:
@@ -48,6 +53,11 @@ def forgery(kind: str, seed: int,
         return -IPM_EPSILON * mean  # ipm
 
     return send
+
+
+def _noise_seed(seed: int, component: str, round_: int) -> int:
+    return int.from_bytes(digest(f"p2pfed-sim-attack/{seed}/{component}/{round_}".encode())[:7],
+                          "little")
 
 
 class ByzantineNode(Node):

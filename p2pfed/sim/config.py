@@ -1,0 +1,86 @@
+"""What a simulation runs: :class:`SimConfig`, and the checks it must pass before any node starts.
+
+The checks raise :class:`~gossip.errors.ConfigError` for a setting that names something the
+topology or the code does not have (a node, a mixing rule, an attack) or a count out of range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gossip.errors import ConfigError
+from p2pfed import mixing
+from p2pfed.node import RetentionPolicy
+from p2pfed.privacy import Policy
+from p2pfed.sim.attacks import ATTACKS
+from p2pfed.sim.education import EducationSettings
+from p2pfed.sim.topology import Topology
+
+WORKLOADS = ("consensus", "education")
+
+
+@dataclass
+class SimConfig:
+    topology: Topology
+    workload: str = "consensus"
+    rounds: int = 100
+    seed: int = 0
+    home: Path | None = None
+    #: parameters per component in the consensus workload
+    dim: int = 32
+    round_timeout_ms: int = 10_000
+    progress: Callable[[int, int], None] | None = None
+    #: education workload: the quick settings (a few minutes) instead of the full ones
+    quick: bool = False
+    education: EducationSettings | None = None
+    #: (node, round): run with the node, ask to forget it once ``round`` rounds are done, and
+    #: compare with the same federation run without it from the start
+    unlearn: tuple[str, int] | None = None
+    unlearn_mode: str = "exact"
+    #: nodes left out from the start (the run an unlearning is compared with)
+    absent: frozenset[str] = frozenset()
+    #: education: also train the local-only and centralized baselines
+    baselines: bool = True
+    #: differential privacy for every trained component (education)
+    dp: Policy | None = None
+    #: (count, sigma): that many evenly spaced nodes add more noise, multiplier sigma instead of
+    #: ``dp``'s (heterogeneous budgets; needs ``dp``)
+    dp_noisy: tuple[int, float] | None = None
+    #: (kind, count): that many evenly spaced nodes are Byzantine (see ATTACKS)
+    attack: tuple[str, int] | None = None
+    #: the mixing rule of every component at the honest nodes (a name in p2pfed.mixing)
+    robust: str = "mh"
+    #: checkpoint every this many rounds (0: only at the start), and what history each node
+    #: keeps (None: everything; see p2pfed.node._retention)
+    checkpoint_every: int = 0
+    retention: RetentionPolicy | None = None
+
+
+def check_config(config: SimConfig) -> None:
+    """Raise ValueError for an unknown workload, ConfigError for any other bad setting."""
+    if config.workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {config.workload!r}")
+    nodes = config.topology.nodes
+    unknown = sorted(config.absent - set(nodes))
+    if config.unlearn is not None and config.unlearn[0] not in nodes:
+        unknown.append(config.unlearn[0])
+    if unknown:
+        raise ConfigError(f"no node {', '.join(unknown)} in topology "
+                          f"{config.topology.name}")
+    if config.robust not in mixing.names():
+        raise ConfigError(f"unknown aggregation rule {config.robust!r}; "
+                          f"choose from {', '.join(mixing.names())}")
+    if config.dp_noisy is not None:
+        count, sigma = config.dp_noisy
+        if config.dp is None or not 0 < count < len(nodes) or not (
+                math.isfinite(sigma) and sigma > 0.0):
+            raise ConfigError(f"bad noisy nodes {count}:{sigma}: needs a DP level, a count "
+                              f"in 1..{len(nodes) - 1} and a sigma > 0")
+    if config.attack is not None:
+        kind, count = config.attack
+        if kind not in ATTACKS or not 0 < count < len(nodes):
+            raise ConfigError(f"bad attack {kind}:{count}; kinds: {', '.join(ATTACKS)}, "
+                              f"count in 1..{len(nodes) - 1}")

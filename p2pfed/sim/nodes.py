@@ -1,0 +1,131 @@
+"""Building the simulated nodes: identities from the seed, storage, starting states, roles.
+
+Every simulated node is a real :class:`~p2pfed.node.Node` (or, for an attacker, a
+:class:`~p2pfed.sim.attacks.ByzantineNode`) with its own ledger and blob store, in memory or
+under ``SimConfig.home``.  Identities, starting values and noise seeds are derived from the seed
+and the node's name, so the same seed builds the same federation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import trio
+
+from gossip.catalog import ComponentSpec
+from gossip.envelope import digest
+from gossip.identity import Identity, create_identity
+from p2pfed.blobs import BlobStore
+from p2pfed.components import FlatComponent
+from p2pfed.ledger import Ledger
+from p2pfed.model.train import LocalTrainer
+from p2pfed.node import Node, NodeConfig
+from p2pfed.privacy import Policy
+from p2pfed.runtime.driver import NodeDriver
+from p2pfed.sim.attacks import ByzantineNode, forgery
+from p2pfed.sim.config import SimConfig
+from p2pfed.sim.topology import Topology
+
+
+@dataclass
+class SimNode:
+    """A simulated node, its storage, and its driver while it runs."""
+
+    name: str
+    identity: Identity
+    node: Node
+    ledger: Ledger
+    driver: NodeDriver | None = None
+    scope: trio.CancelScope | None = None
+    live: bool = False
+
+
+@dataclass(frozen=True)
+class NodeStart:
+    """What a node starts with: its components, those it trains and their forward dependencies."""
+
+    components: dict[str, FlatComponent]
+    trains: frozenset[str] = frozenset()
+    forward_deps: dict[str, frozenset[str]] = field(default_factory=dict)
+
+
+def sim_identity(seed: int, name: str) -> Identity:
+    """A deterministic identity for a simulated node (never use this for a real node)."""
+    return Identity.from_seed(digest(f"p2pfed-sim/{seed}/{name}".encode()))
+
+
+def sim_federation_id(topology: Topology, seed: int) -> bytes:
+    return digest(f"p2pfed-sim-federation/{topology.name}/{seed}".encode())
+
+
+def initial_values(seed: int, node_index: int, comp_index: int, dim: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + node_index * 1009 + comp_index)
+    return torch.randn(dim, generator=gen, dtype=torch.float64)
+
+
+def spaced(nodes: Sequence[str], count: int) -> list[str]:
+    """``count`` nodes evenly spaced in ``nodes``' order (the first among them), sorted."""
+    return sorted({nodes[i * len(nodes) // count] for i in range(count)})
+
+
+def node_start(cfg: SimConfig, index: int, name: str, trainer: LocalTrainer | None) -> NodeStart:
+    """The trainer's components (education), or else each held component's random values."""
+    if trainer is not None:
+        return NodeStart(trainer.components(), frozenset(trainer.trainable()),
+                         trainer.model.spec.forward_deps(trainer.model.held))
+    components: dict[str, FlatComponent] = {}
+    holders = cfg.topology.holders
+    for ci, comp in enumerate(sorted(holders)):
+        if name in holders[comp]:
+            components[comp] = FlatComponent.from_params(
+                ComponentSpec.from_name(comp),
+                {"weight": initial_values(cfg.seed, index, ci, cfg.dim)})
+    return NodeStart(components)
+
+
+def _storage(cfg: SimConfig, name: str, identity: Identity) -> tuple[Ledger, BlobStore]:
+    home = cfg.home / name if cfg.home is not None else None
+    if home is not None:
+        home.mkdir(parents=True, exist_ok=True)
+        key = home / "identity.key"
+        if not key.exists():
+            create_identity(key, identity)
+    ledger = Ledger.open(home / "ledger.sqlite3" if home else None, identity)
+    return ledger, BlobStore(home / "blobs" if home else None)
+
+
+def _policy(cfg: SimConfig, noisy: bool) -> Policy:
+    assert cfg.dp is not None
+    if cfg.dp_noisy is not None and noisy:
+        return dataclasses.replace(cfg.dp, sigma=cfg.dp_noisy[1])
+    return cfg.dp
+
+
+def build_node(cfg: SimConfig, name: str, federation_id: bytes, start: NodeStart, *,
+               byzantine: bool, noisy: bool,
+               honest: Callable[[str], list[torch.Tensor]]) -> SimNode:
+    """Node ``name`` with its storage; a Byzantine one forges its updates (``honest(component)``
+    gives its honest neighbours' states), except a label flipper, which only has bad data."""
+    identity = sim_identity(cfg.seed, name)
+    ledger, blobs = _storage(cfg, name, identity)
+    config = NodeConfig(
+        round_timeout_ms=cfg.round_timeout_ms, trains=start.trains,
+        forward_deps=start.forward_deps,
+        privacy={c: _policy(cfg, noisy) for c in start.trains} if cfg.dp is not None else {},
+        noise_seed=int.from_bytes(digest(f"{cfg.seed}/{name}".encode())[:7], "little"),
+        robust={} if byzantine else {"*": cfg.robust},
+        checkpoint_every=cfg.checkpoint_every, retention=cfg.retention,
+        report_mixes=True)  # (the trace records each mixed state)
+    node: Node
+    if byzantine and cfg.attack and cfg.attack[0] != "label-flip":
+        # (seeded by the node's name: two attackers never send the same noise)
+        send = forgery(cfg.attack[0], int.from_bytes(
+            digest(f"{cfg.seed}/attack/{name}".encode())[:7], "little"), honest)
+        node = ByzantineNode(identity, federation_id, start.components, ledger, blobs, config,
+                             send=send)
+    else:
+        node = Node(identity, federation_id, start.components, ledger, blobs, config)
+    return SimNode(name, identity, node, ledger)

@@ -1,0 +1,316 @@
+"""Runs every node of a topology in one process, over the memory transport, on trio's MockClock.
+
+The nodes are the real :class:`~p2pfed.node.Node` objects driven by the real
+:class:`~p2pfed.runtime.driver.NodeDriver`; only the transport (memory) and the clock (mock)
+differ from the daemon.  Identities are derived from the seed, so the same seed gives the same
+peer ids, the same summation order and therefore the same numbers.
+
+:class:`Simulation` owns the scenario: rounds run freely up to the next pause point (a churn
+event, the unlearning request, or every round in the lockstep education workload); there every
+node waits, the events apply, and the next stretch starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import networkx as nx
+import torch
+import trio
+import trio.testing
+
+from gossip.transport.memory import MemoryNetwork
+from p2pfed.journal import Forget, read
+from p2pfed.model.train import LocalTrainer, TrainRequest
+from p2pfed.node import Mixed
+from p2pfed.runtime.driver import NodeDriver
+from p2pfed.sim.config import SimConfig, check_config
+from p2pfed.sim.education import FULL, QUICK, EducationWorkload
+from p2pfed.sim.nodes import SimNode, build_node, node_start, sim_federation_id, spaced
+from p2pfed.sim.report import build_report, task_report
+from p2pfed.sim.topology import ChurnEvent
+from p2pfed.sim.trace import Trace
+
+if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own types
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+
+def pause_rounds(config: SimConfig, education: bool) -> list[int]:
+    """The rounds before which every node pauses (the last stretch ends at ``config.rounds``)."""
+    stops = sorted({e.round for e in config.topology.churn if 0 < e.round < config.rounds})
+    if education:
+        stops = list(range(1, config.rounds))  # lockstep: train, exchange, mix, repeat
+    if config.unlearn is not None and 0 < config.unlearn[1] < config.rounds:
+        stops = sorted({*stops, config.unlearn[1]})
+    return stops
+
+
+class Simulation:
+    def __init__(self, config: SimConfig, edu: EducationWorkload | None = None) -> None:
+        check_config(config)
+        self.config = config
+        self.topo = config.topology
+        self.network = MemoryNetwork()
+        self.trace = Trace(self.topo.holders)
+        #: nothing settles before the unlearning: its re-run replaces the rounds before it
+        self.trace.hold = config.unlearn is not None
+        self.federation_id = sim_federation_id(self.topo, config.seed)
+        self.nodes: dict[str, SimNode] = {}
+        self.by_peer: dict[str, str] = {}
+        self._progress = trio.Event()
+        self._graph = self.topo.graph.copy()
+        self._absent = set(self.topo.initially_absent()) | config.absent
+        self.edu = edu
+        self.trainers: dict[str, LocalTrainer] = {}
+        if config.workload == "education" and edu is None:
+            settings = config.education or (QUICK if config.quick else FULL)
+            settings = dataclasses.replace(settings, rounds=config.rounds)
+            self.edu = EducationWorkload(self.topo, config.seed, settings,
+                                         backdoor=config.unlearn[0] if config.unlearn else None)
+        #: node-rounds of work per phase ("run", "unlearn"): training, or mixing when the
+        #: workload does not train
+        self._phase = "run"
+        self.work: dict[str, set[tuple[str, int, int]]] = {"run": set(), "unlearn": set()}
+        self.unlearning: dict[str, Any] = {}
+        self._forgotten: str | None = None
+        #: per node, the components its unlearning rolled back (after run())
+        self.rolled_back: dict[str, list[str]] = {}
+        #: Byzantine nodes, evenly spaced in the node order
+        self.byzantine = spaced(self.topo.nodes, config.attack[1] if config.attack else 0)
+        #: nodes that add the larger DP noise
+        self.noisy = spaced(self.topo.nodes, config.dp_noisy[0] if config.dp_noisy else 0)
+        if self.edu is not None and config.attack and config.attack[0] == "label-flip":
+            for name in self.byzantine:
+                self.edu.flip_labels(name)
+        for index, name in enumerate(self.topo.nodes):
+            self.nodes[name] = self._make_node(index, name)
+
+    # ---------------------------------------------------------------- set-up
+    def _make_node(self, index: int, name: str) -> SimNode:
+        trainer = None
+        if self.edu is not None:
+            trainer = self.trainers[name] = self.edu.trainer(name, index)
+        start = node_start(self.config, index, name, trainer)
+        for comp, flat in start.components.items():
+            self.trace.record_initial(comp, name, flat.flat)
+        sn = build_node(self.config, name, self.federation_id, start,
+                        byzantine=name in self.byzantine, noisy=name in self.noisy,
+                        honest=lambda component: self._honest_states(name, component))
+        self.by_peer[sn.identity.peer_id] = name
+        return sn
+
+    def _honest_states(self, name: str, component: str) -> list[torch.Tensor]:
+        """The states of ``name``'s honest neighbours that hold ``component`` (what some
+        attackers read)."""
+        return [self.nodes[n].node.components[component].flat
+                for n in self._graph.neighbors(name)
+                if n not in self.byzantine and component in self.nodes[n].node.components]
+
+    def _observe(self, name: str, actions: Sequence[object]) -> None:
+        """Every batch of a node's actions: record its mixed states, wake the run loop."""
+        for action in actions:
+            if isinstance(action, Mixed):
+                if self.edu is None:
+                    self.work[self._phase].add((name, action.epoch, action.round))
+                if self.trace.record(action.component, action.round, name, action.state):
+                    self.trace.settle(action.component, self._live_names())
+        self._progress.set()
+
+    def _live_names(self) -> list[str]:
+        return [n for n, sn in self.nodes.items() if sn.live]
+
+    def _peer(self, name: str) -> str:
+        return self.nodes[name].identity.peer_id
+
+    def _push_topology(self) -> None:
+        """Give every live node the current overlay and holder sets (instant membership gossip)."""
+        live = {n for n, sn in self.nodes.items() if sn.live}
+        sub = self._graph.subgraph(live)
+        graph = nx.relabel_nodes(nx.Graph(sub), {n: self._peer(n) for n in sub.nodes})
+        holders = {
+            c: [self._peer(n) for n in hs if n in live] for c, hs in self.topo.holders.items()
+        }
+        for sn in self.nodes.values():
+            if sn.live:
+                sn.node.set_topology(graph, holders)
+
+    # ---------------------------------------------------------------- running
+    async def _run_node(self, sn: SimNode, *, task_status: TaskStatus[None]) -> None:
+        transport = self.network.attach(sn.identity.peer_id)
+        trainer = self.trainers.get(sn.name)
+
+        def train(request: TrainRequest) -> None:
+            assert trainer is not None
+            if not math.isnan(trainer.run(request)):
+                self.work[self._phase].add((sn.name, request.epoch, request.round))
+
+        sn.driver = NodeDriver(sn.node, transport,
+                               on_actions=lambda actions: self._observe(sn.name, actions),
+                               trainer=train if trainer is not None else None,
+                               train_inline=True)
+        with trio.CancelScope() as scope:
+            sn.scope = scope
+            await sn.driver.run(task_status=task_status)
+
+    async def _start(self, nursery: trio.Nursery, sn: SimNode) -> None:
+        sn.live = True
+        await nursery.start(self._run_node, sn)
+
+    def _stop(self, sn: SimNode) -> None:
+        sn.live = False
+        if sn.scope is not None:
+            sn.scope.cancel()
+        self.network.detach(sn.identity.peer_id)
+
+    def _apply(self, event: ChurnEvent, now_round: int) -> list[SimNode]:
+        """Apply one churn event; returns nodes to (re)start."""
+        to_start: list[SimNode] = []
+        if event.action == "leave":
+            sn = self.nodes[event.node]
+            if sn.live:
+                self._stop(sn)
+        elif event.action == "join":
+            sn = self.nodes[event.node]
+            if not sn.live and event.node not in self.config.absent | self.forgotten():
+                sn.node.fast_forward(now_round)
+                to_start.append(sn)
+        elif event.action == "fail-link":
+            a, b = event.link
+            self._graph.remove_edge(a, b)
+            self.network.fail_link(self._peer(a), self._peer(b))
+        elif event.action == "restore-link":
+            a, b = event.link
+            self._graph.add_edge(a, b)
+            self.network.restore_link(self._peer(a), self._peer(b))
+        log.info("round %d: %s %s%s", now_round, event.action, event.node, event.link)
+        return to_start
+
+    async def _main(self) -> None:
+        cfg = self.config
+        async with trio.open_nursery() as nursery:
+            for name, sn in self.nodes.items():
+                if name not in self._absent:
+                    sn.live = True
+            self._push_topology()
+            for sn in self.nodes.values():
+                if sn.live:
+                    sn.node.set_round_limit(0, 0)
+                    await self._start(nursery, sn)
+            done = 0
+            for limit in [*pause_rounds(cfg, self.edu is not None), cfg.rounds]:
+                # rounds before `limit` run freely; then everyone pauses for the churn events
+                for sn in self.nodes.values():
+                    if sn.live and sn.driver is not None:
+                        sn.driver.call(sn.node.set_round_limit, limit)
+                await self._report_progress_until(limit, done)
+                done = limit
+                if cfg.unlearn is not None and cfg.unlearn[1] == limit:
+                    await self._unlearn(*cfg.unlearn)
+                await self._churn(nursery, limit)
+            for sn in self.nodes.values():
+                if sn.live:
+                    self._stop(sn)
+            nursery.cancel_scope.cancel()
+
+    async def _churn(self, nursery: trio.Nursery, limit: int) -> None:
+        """Apply the churn events of round ``limit`` (none at the end of the run)."""
+        restart: list[SimNode] = []
+        events = [e for e in self.topo.churn if e.round == limit and limit < self.config.rounds]
+        if not events:
+            return  # (every node recomputes its placement on a push: O(nodes) each)
+        for event in events:
+            restart += self._apply(event, limit)
+        for sn in restart:
+            sn.live = True
+        self._push_topology()
+        for sn in restart:
+            sn.node.set_round_limit(limit, 0)
+            await self._start(nursery, sn)
+
+    def forgotten(self) -> set[str]:
+        return {self._forgotten} if self._forgotten is not None else set()
+
+    async def _unlearn(self, name: str, round_: int) -> None:
+        """The member ``name`` leaves and every node forgets it, in lockstep (exact replay)."""
+        live = [sn for sn in self.nodes.values() if sn.live and sn.name != name]
+        if self.edu is not None and self.edu.triggered is not None:
+            self.unlearning["backdoor_success_before"] = self.edu.backdoor_success(
+                {sn.name: self.trainers[sn.name] for sn in live})
+        self._forgotten = name
+        if self.nodes[name].live:
+            self._stop(self.nodes[name])
+        self._push_topology()
+        self._phase = "unlearn"
+        self.unlearning["requested_at_round"] = round_
+        target = self._peer(name)
+        for sn in live:
+            assert sn.driver is not None
+            sn.driver.call(sn.node.forget, target, self.config.unlearn_mode)
+        replays = [sn.node.replaying(c) for sn in live for c in sn.node.components]
+        first = min((r[0] for r in replays if r is not None), default=round_)
+        for limit in range(first + 1, round_ + 1):
+            for sn in live:
+                assert sn.driver is not None
+                sn.driver.call(sn.node.set_round_limit, limit)
+            await self._report_progress_until(limit, limit - 1)
+        self._phase = "run"
+        unfinished = [sn.name for sn in live if sn.node.unlearning()]
+        if unfinished:
+            raise AssertionError(f"unlearning did not finish at {unfinished}")
+        self.trace.hold = False
+        self.trace.settle_all(self._live_names())
+
+    async def _report_progress_until(self, limit: int, done: int) -> None:
+        progress = self.config.progress
+        while True:
+            live = [sn.node for sn in self.nodes.values() if sn.live]
+            if progress is not None and live:
+                current = min(min((n.round_of(c) for c in n.components), default=limit)
+                              for n in live)
+                progress(max(current, done), self.config.rounds)
+            if all(n.idle() for n in live):
+                self.trace.settle_all(self._live_names())
+                return
+            self._progress = trio.Event()
+            await self._progress.wait()
+
+    def run(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.trace.begin({c: [h for h in hs if h not in self._absent]
+                          for c, hs in self.topo.holders.items()})
+        trio.run(self._main, clock=trio.testing.MockClock(autojump_threshold=0))
+        self.trace.hold = False
+        self.trace.settle_all()
+        for sn in self.nodes.values():
+            for entry in read(sn.node.ledger.entries(Forget.KIND), Forget):
+                self.rolled_back[sn.name] = list(entry.record.influenced)
+        tasks = None
+        if self.edu is not None:
+            tasks = task_report(self.edu, self.topo, self.final_trainers(),
+                                self.config.baselines)
+        report = build_report(self.config, self.trace, absent=self._absent,
+                              network=self.network, noisy=self.noisy,
+                              nodes={name: sn.node for name, sn in self.nodes.items()},
+                              wall_s=time.perf_counter() - start)
+        for sn in self.nodes.values():  # (the report reads each node's storage status)
+            sn.ledger.close()
+        if tasks is not None:
+            report["tasks"] = tasks
+        return report
+
+    def final_trainers(self) -> dict[str, LocalTrainer]:
+        """The trainers of the nodes that end the run as members (not left out, not forgotten)."""
+        gone = self.config.absent | self.forgotten()
+        return {n: t for n, t in self.trainers.items() if n not in gone}
+
+    def final_states(self) -> dict[tuple[str, str], torch.Tensor]:
+        gone = self.config.absent | self.forgotten()
+        return {(n, c): flat.flat for n, sn in self.nodes.items() if n not in gone
+                for c, flat in sn.node.components.items()}
