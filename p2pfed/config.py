@@ -87,6 +87,10 @@ class NodeSection:
     listen: tuple[str, ...] = DEFAULT_LISTEN
     announce: tuple[str, ...] = ()
     mdns: bool = False
+    #: carry payloads over a TCP port of their own, keyed through libp2p (see security.md)
+    bulk: bool = True
+    #: that port (0: one the system picks; a fixed one for firewalls)
+    bulk_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -269,6 +273,8 @@ class Config:
             raise ConfigError("storage.unlearn_horizon_rounds and storage.max_bytes must be >= 0")
         if not 1 <= self.overlay.degree <= 64:
             raise ConfigError("overlay.degree must be between 1 and 64")
+        if not 0 <= self.node.bulk_port < 65536:
+            raise ConfigError("node.bulk_port must be a TCP port, or 0 for one the system picks")
         if not 0 < self.metrics.port < 65536:
             raise ConfigError("metrics.port must be a TCP port")
         if not self.node.listen:

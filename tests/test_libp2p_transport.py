@@ -5,6 +5,7 @@ Few tests, each bounded by ``trio.fail_after``: every connection costs a Noise h
 
 from __future__ import annotations
 
+import mmap
 import random
 import socket
 import struct
@@ -114,8 +115,11 @@ async def test_control_fetch_and_refusals() -> None:
             assert await a.incoming.receive() == (b.peer_id, b"hello a")
 
             got = await a.fetch_buffer(b.peer_id, key, 8 << 20)
-            assert isinstance(got, bytearray)
-            assert got == blob
+            assert isinstance(got, mmap.mmap)  # over the bulk channel, populated at once
+            assert bytes(got) == blob
+            assert a.stats.bulk_fetches == 1
+            # the server counts once its sending thread is back, maybe after the client is done
+            await eventually(lambda: b.stats.bulk_served == 1)
             with pytest.raises(PeerUnreachableError, match="does not have"):
                 await a.fetch(b.peer_id, b"\xff" * 32, 8 << 20)
             with pytest.raises(OversizedMessageError):

@@ -16,10 +16,18 @@ from libp2p.peer.id import ID
 
 from gossip.envelope import digest
 from gossip.errors import PeerUnreachableError
+from gossip.identity import Identity
+from gossip.transport.libp2p import Libp2pTransport
 from gossip.transport.yamux_guard import MAX_DATA_FRAME, GuardedYamux
-from tests.test_transport_limits import hosts, transport
+from tests.test_transport_limits import FAST, TOPIC, hosts
 
 pytestmark = pytest.mark.network
+
+
+def transport() -> Libp2pTransport:
+    """Payloads over ``/p2pfed/payload/1``: the bulk channel would bypass the path under test."""
+    return Libp2pTransport(Identity.generate(), topic=TOPIC,
+                           listen_addrs=["/ip4/127.0.0.1/tcp/0"], seed=7, limits=FAST, bulk=False)
 
 
 def muxed_conns(t: Any, peer: str) -> list[GuardedYamux]:

@@ -4,6 +4,10 @@ Wire protocols, all over Noise-encrypted Yamux streams (never Mplex):
 
 * ``/p2pfed/control/1`` and ``/p2pfed/payload/1``, one message or fetch per stream (see
   :mod:`gossip.transport.wire`).
+* ``/p2pfed/bulk/1`` (``bulk=True``, the default): a fetch asks over libp2p for a one-time
+  ticket, then takes the payload in AES-GCM records from a TCP port of the server's own, keyed
+  through the Noise-authenticated exchange (see :mod:`gossip.transport.bulk`); when that
+  channel cannot be used the fetch falls back to ``/p2pfed/payload/1``.
 * GossipSub on one topic per transport (strict signing, a validator that refuses records over
   64 KiB and those the record validator refuses) for small signed records to every member
   (:mod:`gossip.transport.topic`).
@@ -49,6 +53,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from gossip.errors import LocalError, OversizedMessageError, PeerUnreachableError
 from gossip.identity import Identity
 from gossip.transport.base import PayloadServer, PeerPolicy, RecordValidator
+from gossip.transport.bulk import BULK_PROTOCOL, BulkClient, BulkServer, bind_host
+from gossip.transport.bulk_io import PayloadBuffer
 from gossip.transport.dialer import Dialer, backoff_delay, split_p2p_addr
 from gossip.transport.framing import encode_frame
 from gossip.transport.guard import PeerGuard
@@ -71,7 +77,8 @@ if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own
     from trio_typing import TaskStatus
 
 __all__ = [
-    "CONTROL_PROTOCOL", "MAX_CONTROL_BYTES", "PAYLOAD_PROTOCOL", "Libp2pTransport", "Limits",
+    "BULK_PROTOCOL", "CONTROL_PROTOCOL", "MAX_CONTROL_BYTES", "PAYLOAD_PROTOCOL",
+    "Libp2pTransport", "Limits",
     "TransportStats", "backoff_delay", "libp2p_key_pair", "split_p2p_addr",
 ]
 
@@ -88,6 +95,8 @@ class Libp2pTransport:
     """One node's libp2p host.
 
     Run it with ``await nursery.start(transport.run)`` or ``async with transport:``.
+    ``bulk`` serves and fetches payloads over the bulk channel (TCP on the host of the first
+    listen address, at ``bulk_port``; 0: chosen by the OS), falling back to the libp2p stream.
     """
 
     def __init__(
@@ -100,6 +109,8 @@ class Libp2pTransport:
         seed: int | None = None,
         mdns: bool = False,
         limits: Limits | None = None,
+        bulk: bool = True,
+        bulk_port: int = 0,
     ) -> None:
         self.identity = identity
         self.topic = topic
@@ -123,6 +134,12 @@ class Libp2pTransport:
                               remember=self._links.remember, banned=self._guard.banned)
         self._context: contextlib.AbstractAsyncContextManager[Self] | None = None
         self._active = False
+        bulk_host = bind_host(self._listen) if bulk else None
+        self._bulk = None if bulk_host is None else BulkServer(
+            identity.peer_id, self._guard, limits, self.stats, self._lookup,
+            host=bulk_host, port=bulk_port)
+        self._bulk_client = None if self._bulk is None else BulkClient(
+            identity.peer_id, self._links, self._guard, limits, self.stats)
 
     # ----------------------------------------------------------------------- interface
     @property
@@ -206,8 +223,10 @@ class Libp2pTransport:
         """Fetch a payload by key (see :meth:`fetch_buffer`, which avoids the final copy)."""
         return bytes(await self.fetch_buffer(peer, key, max_bytes))
 
-    async def fetch_buffer(self, peer: str, key: bytes, max_bytes: int) -> bytearray:
+    async def fetch_buffer(self, peer: str, key: bytes, max_bytes: int) -> PayloadBuffer:
         """Fetch a payload into one preallocated buffer, for zero-copy decoding.
+
+        The buffer is a bytearray, or (from the bulk channel, 1 MiB and up) an anonymous mmap.
 
         Raises OversizedMessageError when the payload is larger than ``max_bytes`` (checked
         before the body is read) and PeerUnreachableError for anything else that goes wrong:
@@ -219,8 +238,7 @@ class Libp2pTransport:
             raise ValueError("max_bytes must be non-negative")
         try:
             with trio.fail_after(self.limits.fetch_timeout_s):
-                async with self._links.stream(peer, PAYLOAD_PROTOCOL) as stream:
-                    buf = await fetch_payload(stream, key, max_bytes)
+                buf = await self._fetch(peer, key, max_bytes)
         except (PeerUnreachableError, OversizedMessageError):
             raise
         except Exception as exc:  # truncated stream, libp2p errors, timeout
@@ -228,6 +246,15 @@ class Libp2pTransport:
         self.stats.fetches += 1
         self.stats.fetch_bytes += len(buf)
         return buf
+
+    async def _fetch(self, peer: str, key: bytes, max_bytes: int) -> PayloadBuffer:
+        """Over the bulk channel if it can be used, else over ``/p2pfed/payload/1``."""
+        if self._bulk_client is not None:
+            buf = await self._bulk_client.fetch(peer, key, max_bytes)
+            if buf is not None:
+                return buf
+        async with self._links.stream(peer, PAYLOAD_PROTOCOL) as stream:
+            return await fetch_payload(stream, key, max_bytes)
 
     async def broadcast(self, data: bytes) -> None:
         """Publish a small record on the topic (GossipSub, signed by the host key)."""
@@ -326,6 +353,8 @@ class Libp2pTransport:
                         await pubsub.wait_until_ready()
                         subscription = await pubsub.subscribe(self.topic)
                         async with trio.open_nursery() as nursery:
+                            if self._bulk is not None:
+                                await nursery.start(self._bulk.run)
                             self._links.host, self._topic.pubsub = host, pubsub
                             self._nursery, self._guard.on_ban = nursery, self._on_ban
                             for peer, wanted in self._dialer.wanted.items():
@@ -353,12 +382,14 @@ class Libp2pTransport:
             raise LocalError(f"the libp2p host did not start within {STARTUP_S:.0f} s")
 
     def _new_host(self) -> tuple[Any, MembersOnlyPubsub, MembersOnlyGossipSub]:
-        """A host with the guarded muxer, the two protocols and members-only GossipSub."""
+        """A host with the guarded muxer, the stream protocols and members-only GossipSub."""
         host = new_libp2p_host(self.identity, self._listen, mdns=self._mdns, guard=self._guard)
         handlers = Handlers(self._guard, self.limits, self.stats,
                             deliver=self._deliver, lookup=self._lookup)
         host.set_stream_handler(CONTROL_PROTOCOL, handlers.on_control)
         host.set_stream_handler(PAYLOAD_PROTOCOL, handlers.on_payload)
+        if self._bulk is not None:
+            host.set_stream_handler(BULK_PROTOCOL, self._bulk.on_request)
         pubsub, router = self._topic.new_pubsub(host)
         return host, pubsub, router
 

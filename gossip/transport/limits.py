@@ -67,6 +67,22 @@ class Limits:
     write_chunk: int = 4 << 20
     #: GossipSub: the most records a peer may forward on the topic per second.
     max_records_per_second: float = 50.0
+    #: Bulk channel (:mod:`gossip.transport.bulk`): a ticket is good once, for this long
+    bulk_ticket_ttl_s: float = 10.0
+    #: outstanding tickets per member and in total (more: the fetch uses the libp2p stream)
+    bulk_tickets_per_peer: int = 4
+    bulk_tickets_total: int = 64
+    #: payload bytes outstanding tickets keep in memory (past it, a ticket keeps none and the
+    #: payload is looked up again, and checked, when the ticket is redeemed)
+    bulk_ticket_bytes: int = 256 << 20
+    #: open connections to the bulk port, from one IP address and in total (before and after
+    #: their ticket is checked; a transfer also takes one of the member's stream slots)
+    bulk_connections_per_ip: int = 8
+    bulk_connections_total: int = 32
+    #: after the bulk channel failed with a peer, fetch from it over the libp2p stream this long
+    bulk_retry_s: float = 60.0
+    #: a client's bound on connecting to a bulk port (a firewall may drop it: fall back soon)
+    bulk_connect_timeout_s: float = 3.0
 
 
 @dataclass
@@ -102,6 +118,13 @@ class TransportStats:
     log_lines_suppressed: int = 0
     #: times one peer id was connected from two places at once (a copied home running)
     duplicate_identity: int = 0
+    #: payloads fetched (and served) over the bulk channel; also counted in fetches (served)
+    bulk_fetches: int = 0
+    bulk_served: int = 0
+    #: fetches that fell back to the libp2p stream (no bulk channel with that peer)
+    bulk_fallbacks: int = 0
+    #: bulk connections closed unserved: unknown, used, expired or unproven ticket, over a cap
+    bulk_refused: int = 0
 
 
 @dataclass(frozen=True)

@@ -306,6 +306,8 @@ def _new_transport(identity: Identity, node: FederatedNode, cfg: Config) -> Libp
         listen_addrs=list(cfg.node.listen),
         topic=f"/p2pfed/{node.federation_id.hex()}/records",
         mdns=cfg.node.mdns,
+        bulk=cfg.node.bulk,
+        bulk_port=cfg.node.bulk_port,
     )
     # the trust boundary: strangers get a join request's worth of the wire, no more
     transport.set_peer_policy(node.serves)
