@@ -103,7 +103,9 @@ def kept_digests(journal: Journal, states: Mapping[str, ComponentRound],
     keep |= {e.record.digest for e in journal.read(Checkpoint) if e.index not in pruned}
     keep |= {e.record.digest for e in journal.read(Contribution) if e.index not in pruned}
     for update in journal.read(LocalUpdate):
-        if update.index not in pruned:
+        # (fast unlearning re-applies trained updates; an untrained round's state is what the
+        # re-run recomputes, and the neighbours keep what they took of it)
+        if update.index not in pruned and update.record.trained:
             keep |= {update.record.digest, update.record.start} - {b""}
     done = {e.record.target for e in journal.read(Unlearned)}
     for forget in journal.read(Forget):
