@@ -23,6 +23,7 @@ from p2pfed.cli_bench import write_json as _write_json
 from p2pfed.home import is_disk_full, storage_error
 
 if TYPE_CHECKING:  # (the simulator loads torch: imported only to simulate)
+    from p2pfed.node import RetentionPolicy
     from p2pfed.sim.config import SimConfig
 
 app = typer.Typer(
@@ -103,6 +104,10 @@ def simulate(
                                    "label-flip (compared with a run without them).")] = None,
     robust: Annotated[str, typer.Option(
         help="Aggregation at honest nodes: mh, clipped, trimmed-mean or noise-aware.")] = "mh",
+    storage: Annotated[str | None, typer.Option(
+        metavar="HORIZON:MB", help="Keep HORIZON rounds of history and at most MB megabytes per "
+                                   "node (checkpoints every 5 rounds); the report gains storage.")]
+    = None,
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import plot_report
@@ -110,7 +115,7 @@ def simulate(
     config = _sim_config(topology, workload=workload, rounds=rounds, quick=quick, seed=seed,
                          home=home, dim=dim, unlearn=unlearn, mode=mode, dp_sigma=dp_sigma,
                          dp_clip=dp_clip, dp_delta=dp_delta, dp_budget=dp_budget,
-                         dp_noisy=dp_noisy, attack=attack, robust=robust)
+                         dp_noisy=dp_noisy, attack=attack, robust=robust, storage=storage)
     report = _simulate_with_progress(config, quiet)
     if json_path is not None:
         _write_json(json_path, report)
@@ -122,7 +127,8 @@ def simulate(
 def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: bool, seed: int,
                 home: Path | None, dim: int, unlearn: str | None, mode: str,
                 dp_sigma: float | None, dp_clip: float, dp_delta: float, dp_budget: float,
-                dp_noisy: str | None, attack: str | None, robust: str) -> SimConfig:
+                dp_noisy: str | None, attack: str | None, robust: str,
+                storage: str | None = None) -> SimConfig:
     """The simulation ``simulate``'s options ask for (BadParameter for a malformed one)."""
     from p2pfed.sim.simulator import WORKLOADS, SimConfig
     from p2pfed.sim.topology import load_topology
@@ -151,9 +157,11 @@ def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: boo
         from p2pfed.sim.education import FULL, QUICK
 
         rounds = (QUICK if quick else FULL).rounds if workload == "education" else 200
+    retention = _parse_storage(storage) if storage is not None else None
     return SimConfig(topo, workload=workload, rounds=rounds, seed=seed, home=home, dim=dim,
                      quick=quick, unlearn=target, unlearn_mode=mode, dp=dp, dp_noisy=noisy,
-                     attack=attackers, robust=robust)
+                     attack=attackers, robust=robust, retention=retention,
+                     checkpoint_every=5 if retention is not None else 0)
 
 
 def _simulate_with_progress(config: SimConfig, quiet: bool) -> dict[str, Any]:
@@ -199,6 +207,16 @@ def _parse_attack(value: str) -> tuple[str, int]:
     if not sep or not kind or not count.isdigit():
         raise typer.BadParameter(f"expected KIND:COUNT, got {value!r}", param_hint="--attack")
     return kind, int(count)
+
+
+def _parse_storage(value: str) -> RetentionPolicy:
+    from p2pfed.node import RetentionPolicy
+
+    horizon, sep, mb = value.partition(":")
+    if not sep or not horizon.isdigit() or not mb.isdigit() or int(horizon) < 1:
+        raise typer.BadParameter(f"expected HORIZON:MB with HORIZON >= 1, got {value!r}",
+                                 param_hint="--storage")
+    return RetentionPolicy(int(horizon), int(mb) * 1_000_000)
 
 
 def _parse_unlearn(value: str) -> tuple[str, int]:

@@ -161,3 +161,15 @@ def test_the_founders_round_interval_is_the_federations_period(tmp_path: Path) -
         assert main(["init", "--home", str(home), "--interval", interval]) == 0
         assert main(["federation", "create", "net", "--home", str(home), *extra]) == 0
         assert FederationStore(home).genesis().round_period_ms == period
+
+
+def test_simulate_with_a_storage_budget_reports_what_each_node_kept(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    assert main(["simulate", str(TOPOLOGIES / "ring-16.toml"), "--rounds", "30", "--dim", "1000",
+                 "--storage", "5:1", "--json", str(out), "-q"]) == exitcodes.OK
+    storage = json.loads(out.read_text())["storage"]
+    assert 0 < storage["peak_bytes"] <= 1_000_000  # 1 MB a node, never exceeded
+    for node in storage["final"].values():
+        assert node["horizon_rounds"] == 5 and node["oldest_round"] == 25 and not node["full"]
+    assert main(["simulate", str(TOPOLOGIES / "ring-16.toml"), "--storage", "5"]) == \
+        exitcodes.USAGE

@@ -35,8 +35,10 @@ EPSILON = 1e-6
 
 
 def build_report(config: SimConfig, trace: Trace, *, absent: set[str], network: MemoryNetwork,
-                 nodes: Mapping[str, Node], noisy: list[str], wall_s: float) -> dict[str, Any]:
-    """The report of a finished run; ``absent``: the nodes left out at the start."""
+                 nodes: Mapping[str, Node], noisy: list[str], wall_s: float,
+                 storage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report of a finished run; ``absent``: the nodes left out at the start;
+    ``storage``: what the nodes kept, with a retention policy."""
     topo = config.topology
     comps: dict[str, Any] = {}
     for comp, holders in sorted(topo.holders.items()):
@@ -61,6 +63,7 @@ def build_report(config: SimConfig, trace: Trace, *, absent: set[str], network: 
         },
         "rejected": {name: st["rejected"] for name, st in status.items() if st["rejected"]},
         **({"noisy": noisy} if noisy else {}),
+        **({"storage": storage} if storage is not None else {}),
         "privacy": {
             name: {c: p for c, cs in status[name]["components"].items()
                    if (p := cs["privacy"]) is not None}

@@ -82,6 +82,8 @@ class Simulation:
         self._forgotten: str | None = None
         #: per node, the components its unlearning rolled back (after run())
         self.rolled_back: dict[str, list[str]] = {}
+        #: per node, the most bytes its ledger and blobs held after a round (with retention)
+        self.peak_bytes: dict[str, int] = {}
         #: Byzantine nodes, evenly spaced in the node order
         self.byzantine = spaced(self.topo.nodes, config.attack[1] if config.attack else 0)
         #: nodes that add the larger DP noise
@@ -121,6 +123,9 @@ class Simulation:
                     self.work[self._phase].add((name, action.epoch, action.round))
                 if self.trace.record(action.component, action.round, name, action.state):
                     self.trace.settle(action.component, self._live_names())
+                if self.config.retention is not None:  # (the peak: just before a pruning)
+                    used = self.nodes[name].node.storage()["bytes"]
+                    self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), used)
         self._progress.set()
 
     def _live_names(self) -> list[str]:
@@ -295,7 +300,11 @@ class Simulation:
         if self.edu is not None:
             tasks = task_report(self.edu, self.topo, self.final_trainers(),
                                 self.config.baselines)
-        report = build_report(self.config, self.trace, absent=self._absent,
+        storage = None if self.config.retention is None else {
+            "peak_bytes": max(self.peak_bytes.values(), default=0),
+            "peak_bytes_per_node": dict(sorted(self.peak_bytes.items())),
+            "final": {n: sn.node.storage() for n, sn in sorted(self.nodes.items())}}
+        report = build_report(self.config, self.trace, absent=self._absent, storage=storage,
                               network=self.network, noisy=self.noisy,
                               nodes={name: sn.node for name, sn in self.nodes.items()},
                               wall_s=time.perf_counter() - start)
