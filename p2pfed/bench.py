@@ -338,12 +338,15 @@ SIM_QUICK_SIZES = ((16, 4), (24, 4))
 SIM_QUICK_PARAMS = 1_000
 SIM_DEGREE = 4
 SIM_GRAPH_SEED = 3
+SIM_HORIZON = 1  # rounds of history kept (see p2pfed.node._retention)
+SIM_CHECKPOINT_EVERY = 2
 
 
 def sim_scale_run(nodes: int, rounds: int, params: int, seed: int = 0) -> dict[str, Any]:
     """One consensus simulation on a random 4-regular graph of ``nodes`` nodes, in this process:
     its CPU per node-round (the run, not the set-up), this process's peak RSS and the consensus
     distance per round (the same seed gives the same numbers)."""
+    from p2pfed.node import RetentionPolicy
     from p2pfed.sim.simulator import SimConfig, Simulation
     from p2pfed.sim.topology import parse_topology
 
@@ -354,7 +357,11 @@ def sim_scale_run(nodes: int, rounds: int, params: int, seed: int = 0) -> dict[s
     })
     rss_start = _peak_rss_mb()
     cpu = time.process_time()
-    sim = Simulation(SimConfig(topology, rounds=rounds, seed=seed, dim=params))
+    # memory is bounded by what the nodes keep, not by the rounds: the shortest unlearning
+    # horizon (each node keeps the updates since its last checkpoint but one)
+    sim = Simulation(SimConfig(topology, rounds=rounds, seed=seed, dim=params,
+                               checkpoint_every=SIM_CHECKPOINT_EVERY,
+                               retention=RetentionPolicy(SIM_HORIZON)))
     setup = time.process_time() - cpu
     cpu = time.process_time()
     report = sim.run()
