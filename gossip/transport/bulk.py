@@ -37,7 +37,6 @@ from gossip.errors import (
     MalformedMessageError,
     OversizedMessageError,
     PeerUnreachableError,
-    RemoteError,
     TamperedMessageError,
 )
 from gossip.transport.bulk_io import (
@@ -64,7 +63,7 @@ from gossip.transport.framing import read_exact
 from gossip.transport.guard import PeerGuard
 from gossip.transport.limits import Limits, TransportStats
 from gossip.transport.links import PeerLinks
-from gossip.transport.wire import CLEANUP_S, Stream
+from gossip.transport.wire import CLEANUP_S, Stream, serve_one_request
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -133,32 +132,12 @@ class BulkServer:
     # ----------------------------------------------------------------- the ticket request
     async def on_request(self, raw: Any) -> None:
         """``/p2pfed/bulk/1``: one request, one answer, members only."""
-        stream = Stream(raw)
-        peer = stream.peer
-        slot = self.guard.admit_stream(peer, stream.remote_ip, members_only=True)
-        if slot is None:
-            await stream.reset()
-            return
-        ended = False
-        try:
+        async def respond(stream: Stream, request: bytes) -> None:
             with trio.fail_after(self.limits.request_timeout_s):
-                request = await read_exact(stream, REQUEST.size)
-                await stream.write(self._answer(peer, *REQUEST.unpack(request)))
-                await stream.close_write()
-            with trio.move_on_after(self.limits.request_timeout_s):
-                if await stream.read(1):
-                    raise MalformedMessageError("sent more than one request")
-                ended = True
-        except RemoteError as exc:  # short request, or bytes after it
-            self.stats.rejected += 1
-            self.guard.strike(peer, f"sent a bad bulk request: {exc}")
-        except trio.TooSlowError:
-            self.guard.log(peer, logging.DEBUG, "%s was too slow with a bulk request", peer)
-        except Exception as exc:  # the client went away
-            log.debug("bulk request stream of %s failed: %r", peer, exc)
-        finally:
-            await (stream.close() if ended else stream.reset())
-            self.guard.release(slot)
+                await stream.write(self._answer(stream.peer, *REQUEST.unpack(request)))
+
+        await serve_one_request(Stream(raw), self.guard, self.limits, self.stats, REQUEST.size,
+                                respond, "bulk")
 
     def _answer(self, peer: str, digest: bytes, max_bytes: int, client_rand: bytes) -> bytes:
         data = self._serve(digest)

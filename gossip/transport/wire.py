@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -169,34 +169,13 @@ class Handlers:
             self.guard.release(slot)
 
     async def on_payload(self, raw: Any) -> None:
-        stream = Stream(raw)
-        peer = stream.peer
-        slot = self.guard.admit_stream(peer, stream.remote_ip, members_only=True)
-        if slot is None:
-            await stream.reset()
-            return
-        ended = False
-        try:
-            with trio.fail_after(self.limits.request_timeout_s):
-                request = await read_exact(stream, PAYLOAD_REQUEST.size)
+        async def respond(stream: Stream, request: bytes) -> None:
             key, max_bytes = PAYLOAD_REQUEST.unpack(request)
             with trio.fail_after(self.limits.fetch_timeout_s):
                 await self._answer(stream, key, max_bytes)
-                await stream.close_write()
-            with trio.move_on_after(self.limits.request_timeout_s):
-                if await stream.read(1):
-                    raise MalformedMessageError("sent more than one request")
-                ended = True  # the client closed: the stream is done both ways
-        except RemoteError as exc:  # short request, or bytes after it
-            self.stats.rejected += 1
-            self.guard.strike(peer, f"sent a bad payload request: {exc}")
-        except trio.TooSlowError:
-            self._stalled(peer, slot.member, "a payload")
-        except Exception as exc:  # the client went away
-            log.debug("payload stream to %s failed: %r", peer, exc)
-        finally:
-            await (stream.close() if ended else stream.reset())
-            self.guard.release(slot)
+
+        await serve_one_request(Stream(raw), self.guard, self.limits, self.stats,
+                                PAYLOAD_REQUEST.size, respond, "payload")
 
     async def _answer(self, stream: Stream, key: bytes, max_bytes: int) -> None:
         data = self._serve(key)
@@ -226,3 +205,42 @@ class Handlers:
             self.guard.log(peer, logging.DEBUG, "%s was too slow with %s", peer, what)
         else:
             self.guard.strike(peer, f"stalled {what}")
+
+
+async def serve_one_request(stream: Stream, guard: PeerGuard, limits: Limits,
+                            stats: TransportStats, size: int,
+                            respond: Callable[[Stream, bytes], Awaitable[None]],
+                            what: str) -> None:
+    """A members-only stream that carries one request of ``size`` bytes and its answer
+    (``respond`` writes it): a stream slot first, the request within ``request_timeout_s``,
+    then the client's end of stream; anything more is a strike, a stall a strike for a
+    stranger (a member's is logged), a vanished client nothing."""
+    peer = stream.peer
+    slot = guard.admit_stream(peer, stream.remote_ip, members_only=True)
+    if slot is None:
+        await stream.reset()
+        return
+    ended = False
+    try:
+        with trio.fail_after(limits.request_timeout_s):
+            request = await read_exact(stream, size)
+        await respond(stream, bytes(request))
+        with trio.fail_after(limits.request_timeout_s):
+            await stream.close_write()
+        with trio.move_on_after(limits.request_timeout_s):
+            if await stream.read(1):
+                raise MalformedMessageError("sent more than one request")
+            ended = True  # the client closed: the stream is done both ways
+    except RemoteError as exc:  # short request, or bytes after it
+        stats.rejected += 1
+        guard.strike(peer, f"sent a bad {what} request: {exc}")
+    except trio.TooSlowError:
+        if slot.member:
+            guard.log(peer, logging.DEBUG, "%s was too slow with a %s", peer, what)
+        else:
+            guard.strike(peer, f"stalled a {what}")
+    except Exception as exc:  # the client went away
+        log.debug("%s stream of %s failed: %r", what, peer, exc)
+    finally:
+        await (stream.close() if ended else stream.reset())
+        guard.release(slot)
