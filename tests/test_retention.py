@@ -106,12 +106,15 @@ def test_a_long_run_keeps_a_bounded_history_that_verifies(tmp_path: Path) -> Non
     for (entries_20, blobs_20), (entries_60, blobs_60) in zip(at_20, at_60, strict=True):
         assert entries_60 <= entries_20
         assert blobs_60 <= blobs_20
-    for n in nodes:
+    for i, n in enumerate(nodes):
         compactions = list(n.ledger.entries(kinds.COMPACTION))
         assert compactions and compactions[-1].body["oldest"] == {"backbone": 54}  # (60 - 6)
-        assert n.round_of("backbone") == 60
+        assert n.round_of("backbone") == 60 and n.storage()["oldest_round"] == 54
         n.ledger.close()
-        assert verify_ledger(tmp_path / str(nodes.index(n)) / "ledger.sqlite3").ok
+        assert verify_ledger(tmp_path / str(i) / "ledger.sqlite3").ok
+        again = _node(i, tmp_path, horizon=6)  # a restart knows what is still forgettable
+        assert again.storage()["oldest_round"] == 54
+        again.ledger.close()
 
 
 def test_exact_unlearning_inside_the_horizon_is_bit_identical_and_beyond_it_refused() -> None:

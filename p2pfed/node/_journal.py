@@ -38,6 +38,11 @@ class Journal:
         or acted on (the commit is on disk when this returns)."""
         return write(self.ledger, record, now_ms, durable=durable).index
 
+    def last(self, kind: type[R]) -> Stored[R] | None:
+        """The newest record of ``kind``, if any."""
+        entry = self.ledger.last(kind.KIND)
+        return stored(entry, kind) if entry is not None else None
+
     def read(self, kind: type[R], *, reverse: bool = False) -> Iterator[Stored[R]]:
         """The records of ``kind``, oldest first (``reverse``: newest first; stop early to read
         only the end of a long ledger)."""

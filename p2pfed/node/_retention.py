@@ -126,8 +126,11 @@ class Retention:
         self._journal = journal
         self._states = states
         self._who = who
-        #: the oldest round a forget can roll back to (None: nothing pruned yet)
-        self.oldest: int | None = None
+        #: the oldest round a forget can roll back to (None: nothing pruned yet), as the
+        #: last compaction (before a restart, too) left it
+        last = journal.last(Compaction)
+        self.oldest: int | None = (min(last.record.oldest.values())
+                                   if last is not None and last.record.oldest else None)
         self.full = False  # over max_bytes even after pruning: no new rounds
 
     def bytes_used(self) -> int:
