@@ -52,9 +52,9 @@ from p2pfed.ledger_verify import (
     MAX_BODY_BYTES,
     MAX_KIND_CHARS,
     OPEN,
-    PRUNED,
     VERIFIED_DOMAIN,
     ZERO_HASH,
+    Gaps,
     VerifyReport,
     bad,
     chain_message,
@@ -63,9 +63,10 @@ from p2pfed.ledger_verify import (
     check_rows,
     connect,
     entry_hash,
+    gaps_digest,
     head_problem,
-    pruned_digest,
-    ranges_of,
+    merge_gaps,
+    read_gaps,
     signed_pair,
     verify_connection,
     verify_ledger,
@@ -254,9 +255,9 @@ class Ledger:
         return self.append_many([(kind, body, timestamp_ms)], durable=durable)[0]
 
     def append_many(self, items: Iterable[tuple[str, Mapping[str, Any], int]], *,
-                    durable: bool = False, prune: Sequence[int] = ()) -> list[LedgerEntry]:
+                    durable: bool = False, delete: Sequence[int] = ()) -> list[LedgerEntry]:
         """Append ``(kind, body, timestamp_ms)`` entries in one transaction: all or none
-        (with ``prune``, the bodies of those entries are emptied in it: see :meth:`compact`)."""
+        (with ``delete``, those entries are deleted in it: see :meth:`compact`)."""
         encoded = [check_entry(kind, body, ts) for kind, body, ts in items]
         out: list[LedgerEntry] = []
         with self._lock:
@@ -277,8 +278,8 @@ class Ledger:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._conn.executemany(
                     f"INSERT INTO entries ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                self._conn.executemany("UPDATE entries SET body = ? WHERE idx = ?",
-                                       [(PRUNED, i) for i in prune])
+                self._conn.executemany("DELETE FROM entries WHERE idx = ?",
+                                       [(i,) for i in delete])
                 self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('head', ?)",
                                    (packb([index, prev, head_sig]),))
                 self._conn.execute("COMMIT")
@@ -291,34 +292,34 @@ class Ledger:
 
     def compact(self, indexes: Iterable[int], timestamp_ms: int,
                 extra: Mapping[str, Any]) -> LedgerEntry | None:
-        """Prune the entries at ``indexes`` (their bodies; never entry 0 or one pruned before)
-        and append the signed ``compaction`` entry that accounts for them (with ``extra``
-        fields), durably, in one transaction.  None when there is nothing to prune.
-
-        The new compaction entry accounts for every entry pruned so far and prunes the one
-        before it, so a ledger holds one, whatever the number of compactions."""
-        wanted = sorted(set(indexes) - {0})
-        new = self._hashes(wanted)
-        if not new:
+        """Delete the entries at ``indexes`` (never entry 0) with the compaction entry before,
+        and append the signed ``compaction`` entry that names every run deleted so far (with
+        ``extra`` fields; see ledger_verify), durably, in one transaction.  None when none of
+        them is left to delete."""
+        found = self._hashes(sorted(set(indexes) - {0}))
+        if not found:
             return None
-        earlier = [int(r[0]) for r in self._fetch(
-            "SELECT idx FROM entries WHERE kind = ? AND length(body) > 0", (COMPACTION,))]
-        new = sorted(new + self._hashes(earlier))
-        pairs = sorted(new + [(int(i), bytes(h)) for i, h in self._fetch(
-            "SELECT idx, entry_hash FROM entries WHERE length(body) = 0", ())])
-        body = {**extra, "ranges": ranges_of(i for i, _h in pairs), "count": len(pairs),
-                "digest": pruned_digest(pairs)}
+        with self._lock:
+            old = read_gaps(self._conn)
+        if isinstance(old, str):
+            raise LedgerIntegrityError(len(self), old)
+        earlier = self._hashes([int(r[0]) for r in self._fetch(
+            "SELECT idx FROM entries WHERE kind = ?", (COMPACTION,))])
+        hashes = dict(found + earlier)
+        gaps = merge_gaps(old, hashes)
+        body = {**extra, "gaps": [[a, b, h] for a, (b, h) in sorted(gaps.items())],
+                "count": sum(b - a for a, (b, _h) in gaps.items()), "digest": gaps_digest(gaps)}
         return self.append_many([(COMPACTION, body, timestamp_ms)], durable=True,
-                                prune=[i for i, _h in new])[0]
+                                delete=sorted(hashes))[0]
 
     def _hashes(self, indexes: Sequence[int]) -> list[tuple[int, bytes]]:
-        """(index, hash) of the entries at ``indexes`` not pruned yet."""
+        """(index, hash) of the entries at ``indexes`` still stored."""
         found: list[tuple[int, bytes]] = []
         for start in range(0, len(indexes), _BATCH):
             chunk = indexes[start:start + _BATCH]
             found += [(int(i), bytes(h)) for i, h in self._fetch(
-                "SELECT idx, entry_hash FROM entries WHERE length(body) > 0 AND idx IN "
-                f"({','.join('?' * len(chunk))})", tuple(chunk))]
+                f"SELECT idx, entry_hash FROM entries WHERE idx IN ({','.join('?' * len(chunk))})",
+                tuple(chunk))]
         return found
 
     def _set_sync(self, mode: str) -> None:
@@ -338,14 +339,10 @@ class Ledger:
         return self._problem
 
     def verify_new(self) -> VerifyReport:
-        """Verify the entries after the verified mark and the signed head; advance the mark.
-
-        Costs the entries appended since the last verification (everything for a ledger that
-        was never verified), never the whole history: an edit below the mark is left to
-        :func:`verify_ledger`.  The mark is stored signed, so the next start-up starts there.
-        Reads in batches, letting appends in between; never raises on a bad entry (the report
-        says what is wrong and :attr:`problem` keeps it).
-        """
+        """Verify the entries after the verified mark and the signed head; advance the (signed)
+        mark.  Costs what was appended since, never the whole history (an edit below the mark
+        is left to :func:`verify_ledger`); reads in batches, letting appends in between; never
+        raises on a bad entry (the report, and :attr:`problem`, say what is wrong)."""
         key = self._identity.public_key
         checked = 0
         while True:
@@ -355,17 +352,18 @@ class Ledger:
                     return self._problem
                 start, prev = self._verified
                 try:
-                    anchor = self._check_anchor(key)
+                    gaps = read_gaps(self._conn)
+                    anchor = gaps if isinstance(gaps, str) else self._check_anchor(key, gaps)
                     rows = self._conn.execute(
                         f"SELECT {COLUMNS} FROM entries WHERE idx >= ? ORDER BY idx "
                         f"LIMIT {_BATCH}", (start,)).fetchall()
                 except sqlite3.Error as exc:
                     raise storage_error(exc, f"cannot read ledger {self.path}") from exc
-                if anchor is not None:  # the mark no longer vouches for anything
+                if anchor is not None or isinstance(gaps, str):  # the mark vouches for nothing
                     self._verified = (0, ZERO_HASH)
-                    self._problem = bad(start - 1, start - 1, anchor, checked + 1)
+                    self._problem = bad(start - 1, start - 1, str(anchor), checked + 1)
                     return self._problem
-                count, prev, reason = check_rows(rows, start, prev, key)
+                count, prev, reason = check_rows(rows, start, prev, key, gaps)
                 self._verified = (count, prev)
                 checked += count - start
                 if reason is not None:
@@ -375,15 +373,20 @@ class Ledger:
                     continue
                 return self._finish_verify(count, prev, checked)
 
-    def _check_anchor(self, key: bytes) -> str | None:
-        """Re-check the entry under a stored mark once (its own hash and signature)."""
+    def _check_anchor(self, key: bytes, gaps: Gaps) -> str | None:
+        """Re-check the entry under a stored mark once (its own hash and signature; when a
+        compaction deleted it since, the run that holds it must end with the marked hash)."""
         if self._anchored:
             return None
         count, prev = self._verified
         row = self._conn.execute(f"SELECT {COLUMNS} FROM entries WHERE idx = ?",
                                  (count - 1,)).fetchone()
         if row is None:
-            return f"entry {count - 1} (the last verified one) is missing"
+            run = next(((b, h) for a, (b, h) in gaps.items() if a <= count - 1 < b), None)
+            if run is None or (run[0] == count and run[1] != prev):
+                return f"entry {count - 1} (the last verified one) is missing"
+            self._anchored = True
+            return None
         if row[5] != prev:
             return f"entry {count - 1} is not the one verified before (replaced)"
         reason = check_row(row, count - 1, row[4], key)
@@ -436,12 +439,9 @@ class Ledger:
 
     def entries(self, kind: str | None = None, start: int = 0, *,
                 reverse: bool = False) -> Iterator[LedgerEntry]:
-        """Entries with index >= ``start`` (of ``kind`` if given), in order, read in batches.
-
-        ``reverse=True`` yields the newest first (down to ``start``): stop early to read only
-        the end of a long ledger.
-        """
-        kind_clause = (" AND kind = ?" if kind is not None else "") + " AND length(body) > 0"
+        """Entries with index >= ``start`` (of ``kind`` if given), in order, read in batches;
+        ``reverse=True``: newest first (stop early to read only the end of a long ledger)."""
+        kind_clause = " AND kind = ?" if kind is not None else ""
         if reverse:
             query = (f"SELECT {COLUMNS} FROM entries WHERE idx >= ? AND idx <= ?{kind_clause} "
                      f"ORDER BY idx DESC LIMIT {_BATCH}")
@@ -460,15 +460,15 @@ class Ledger:
 
     def get(self, index: int) -> LedgerEntry:
         rows = self._fetch(f"SELECT {COLUMNS} FROM entries WHERE idx = ?", (index,))
-        if not rows or rows[0][3] == PRUNED:
-            raise IndexError(f"no ledger entry {index}" + (" (pruned)" if rows else ""))
+        if not rows:
+            raise IndexError(f"no ledger entry {index} (never written, or compacted)")
         return row_entry(rows[0])
 
     def last(self, kind: str | None = None) -> LedgerEntry | None:
         """The last entry (of ``kind`` if given), or None."""
-        where, params = ("", ()) if kind is None else ("AND kind = ?", (kind,))
-        rows = self._fetch(f"SELECT {COLUMNS} FROM entries WHERE length(body) > 0 {where} "
-                           "ORDER BY idx DESC LIMIT 1", params)
+        where, params = ("", ()) if kind is None else ("WHERE kind = ?", (kind,))
+        rows = self._fetch(f"SELECT {COLUMNS} FROM entries {where} ORDER BY idx DESC LIMIT 1",
+                           params)
         return row_entry(rows[0]) if rows else None
 
     def _fetch(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:

@@ -1,8 +1,5 @@
-"""A ledger entry as read back, and reading a ledger file read-only.
-
-Pruned entries (see :mod:`p2pfed.ledger_verify`: compaction empties their bodies) are never
-read back: they are gone but for their place in the chain.
-"""
+"""A ledger entry as read back, and reading a ledger file read-only (entries a compaction
+deleted are gone: see :mod:`p2pfed.ledger_verify`)."""
 
 from __future__ import annotations
 

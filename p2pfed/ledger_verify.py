@@ -10,13 +10,13 @@ owner signs it.  Two signed records sit in the ledger's ``meta`` table:
   below the mark is found by the full verification (:func:`verify_ledger`, run by ``p2pfed
   ledger verify``), never by the incremental one.
 
-Compaction (bounded storage) *prunes* entries: their body is emptied, their index, kind,
-timestamp, links, hash and signature stay, so the chain still verifies link by link and
-signature by signature.  Each compaction appends a signed ``compaction`` entry naming the
-indexes it pruned (as ranges) and a digest over their ``(index, hash)`` pairs
-(:func:`pruned_digest`).  A full verification (:class:`PruneAudit`) then checks that every
-empty body was pruned by such an entry and that the entries it names are the ones it pruned:
-a body removed by anyone else is found.
+Compaction (bounded storage) *deletes* runs of old entries.  The signed ``compaction`` entry
+that does it names every run deleted so far, ``[start, end)``, with the hash of the run's last
+entry, and a digest over those (:func:`gaps_digest`); each compaction supersedes the one before
+(which it deletes too), so a ledger holds one.  Verification reads that entry first
+(:func:`read_gaps`) and steps over each run: the entry after a run must link to the run's last
+hash, which that entry's own signed hash vouches for.  An entry deleted by anything else is
+missing, and named.
 
 Everything here is pure (bodies or rows in, bytes or reasons out) but :func:`verify_ledger`,
 which opens the file read-only.
@@ -147,11 +147,13 @@ def bad(entries: int, index: int | None, reason: str, checked: int = 0) -> Verif
     return VerifyReport(False, entries, index, reason, checked)
 
 
-PRUNED = b""
 COMPACTION_DOMAIN = b"p2pfed/v1/ledger-compaction\0"
 
+#: runs of deleted entries: start -> (end, hash of the entry at end - 1)
+Gaps = dict[int, tuple[int, bytes]]
 
-def ranges_of(indexes: Iterable[int]) -> list[list[int]]:
+
+def runs_of(indexes: Iterable[int]) -> list[tuple[int, int]]:
     """Sorted indexes as ``[start, end)`` runs."""
     runs: list[list[int]] = []
     for i in sorted(set(indexes)):
@@ -159,48 +161,54 @@ def ranges_of(indexes: Iterable[int]) -> list[list[int]]:
             runs[-1][1] = i + 1
         else:
             runs.append([i, i + 1])
-    return runs
+    return [(a, b) for a, b in runs]
 
 
-def pruned_digest(pairs: Iterable[tuple[int, bytes]]) -> bytes:
-    """What a compaction entry commits to: its pruned entries' indexes and hashes, in order."""
-    return digest(COMPACTION_DOMAIN + b"".join(i.to_bytes(8, "big") + h for i, h in pairs))
+def merge_gaps(old: Gaps, hashes: Mapping[int, bytes]) -> Gaps:
+    """The runs deleted so far (``old``) and the entries deleted now (index -> hash), as runs
+    with the hash each ends with."""
+    ends = {end: last for end, last in old.values()}
+    deleted = set(hashes) | {i for a, (b, _h) in old.items() for i in range(a, b)}
+    return {a: (b, hashes[b - 1] if b - 1 in hashes else ends[b]) for a, b in runs_of(deleted)}
 
 
-class PruneAudit:
-    """Full verification's account of pruned entries: each one pruned by a compaction entry."""
+def gaps_digest(gaps: Gaps) -> bytes:
+    """What a compaction entry commits to: each deleted run and the hash it ends with."""
+    return digest(COMPACTION_DOMAIN + b"".join(
+        a.to_bytes(8, "big") + b.to_bytes(8, "big") + h for a, (b, h) in sorted(gaps.items())))
 
-    def __init__(self) -> None:
-        self.pruned: dict[int, bytes] = {}
-        self.claims: list[tuple[int, Any]] = []
 
-    def add(self, row: tuple[Any, ...]) -> None:
-        """A row that verified."""
-        idx, kind, _ts, body, _prev, h, _sig = row
-        if body == PRUNED:
-            self.pruned[idx] = bytes(h)
-        elif kind == COMPACTION:
-            self.claims.append((idx, unpackb(body, max_bytes=MAX_BODY_BYTES)))
+def gaps_of(index: int, body: Any) -> Gaps | str:
+    """The runs a compaction entry (at ``index``) says were deleted, or why it says nothing
+    sound."""
+    runs = body.get("gaps") if isinstance(body, dict) else None
+    if not isinstance(runs, list):
+        return f"entry {index} (compaction) has no list of deleted runs"
+    gaps: Gaps = {}
+    last_end = 1  # (entry 0, the 'open' entry, is never deleted)
+    for run in runs:
+        if not (isinstance(run, list) and len(run) == 3 and all(isinstance(v, int) for v in run[:2])
+                and isinstance(run[2], bytes) and len(run[2]) == HASH_BYTES
+                and last_end <= run[0] < run[1] <= index):
+            return f"entry {index} (compaction) names a malformed or overlapping run"
+        gaps[run[0]] = (run[1], run[2])
+        last_end = run[1]
+    if gaps_digest(gaps) != body.get("digest"):
+        return f"entry {index} (compaction) does not match its own digest"
+    return gaps
 
-    def problem(self) -> tuple[int, str] | None:
-        """The first pruned entry no compaction accounts for, or a compaction whose claim does
-        not hold (index, reason); None when every pruned body is accounted for."""
-        covered: set[int] = set()
-        for index, body in self.claims:
-            runs, claimed = body.get("ranges"), body.get("digest")
-            try:
-                idxs = [i for start, end in runs for i in range(start, end)]
-            except (TypeError, ValueError):
-                return index, "compaction entry has malformed ranges"
-            if any(i >= index or i not in self.pruned or i in covered for i in idxs):
-                return index, "compaction entry names entries that were not pruned before it"
-            if pruned_digest((i, self.pruned[i]) for i in idxs) != claimed:
-                return index, "pruned entries do not match their compaction entry"
-            covered.update(idxs)
-        stray = sorted(set(self.pruned) - covered)
-        if stray:
-            return stray[0], "body removed without a compaction entry accounting for it"
-        return None
+
+def read_gaps(conn: sqlite3.Connection) -> Gaps | str:
+    """The deleted runs the ledger's (one) compaction entry names; empty without one."""
+    row = conn.execute("SELECT idx, body FROM entries WHERE kind = ? ORDER BY idx DESC LIMIT 1",
+                       (COMPACTION,)).fetchone()
+    if row is None:
+        return {}
+    try:
+        body = unpackb(bytes(row[1]), max_bytes=MAX_BODY_BYTES)
+    except MalformedMessageError:
+        return f"entry {row[0]} (compaction) is not valid msgpack"
+    return gaps_of(int(row[0]), body)
 
 
 def check_row(row: tuple[Any, ...], expected: int, prev: bytes, key: bytes) -> str | None:
@@ -218,10 +226,6 @@ def check_row(row: tuple[Any, ...], expected: int, prev: bytes, key: bytes) -> s
         return "has fields of the wrong type or size"
     if prev_hash != prev:
         return "does not link to the previous entry (entries reordered, replaced or removed)"
-    if body == PRUNED:  # (its compaction entry accounts for it: see PruneAudit)
-        if idx == 0:
-            return "is the 'open' entry, which is never pruned"
-        return None if verify_signature(key, h, sig) else "signature does not verify"
     if entry_hash(idx, kind, ts, body, prev_hash) != h:
         return "content does not match its hash (kind, timestamp or body edited)"
     if not verify_signature(key, h, sig):
@@ -238,20 +242,27 @@ def check_row(row: tuple[Any, ...], expected: int, prev: bytes, key: bytes) -> s
 
 
 def check_rows(rows: Iterable[tuple[Any, ...]], count: int, prev: bytes,
-               key: bytes, audit: PruneAudit | None = None) -> tuple[int, bytes, str | None]:
-    """Check rows that should continue a chain of ``count`` entries ending in ``prev``.
+               key: bytes, gaps: Gaps | None = None) -> tuple[int, bytes, str | None]:
+    """Check rows that should continue a chain of ``count`` entries ending in ``prev``,
+    stepping over the runs ``gaps`` says were deleted.
 
     Returns the new count and last hash, and the reason the first bad row is bad (None when
-    every row verified).  ``audit`` collects pruned entries and compactions.
+    every row verified).
     """
+    gaps = gaps or {}
+    for start, (end, last) in gaps.items():
+        if start < count < end:  # (verified up to inside a run deleted since)
+            count, prev = end, last
     for row in rows:
+        while count in gaps:
+            count, prev = gaps[count]
         reason = check_row(row, count, prev, key)
         if reason is not None:
             return count, prev, f"entry {count} {reason}"
-        if audit is not None:
-            audit.add(row)
         prev = bytes(row[5])
         count += 1
+    while count in gaps:  # (a run at the end of what was read: the rest comes later)
+        count, prev = gaps[count]
     return count, prev, None
 
 
@@ -269,14 +280,13 @@ def verify_connection(conn: sqlite3.Connection, public_key: bytes | None) -> Ver
     if public_key is not None and owner != public_key:
         return bad(0, None, "the ledger belongs to another identity than the given key")
     key = owner if public_key is None else public_key
+    gaps = read_gaps(conn)
+    if isinstance(gaps, str):
+        return bad(0, None, gaps)
     rows = conn.execute(f"SELECT {COLUMNS} FROM entries ORDER BY idx")
-    audit = PruneAudit()
-    count, prev, reason = check_rows(rows, 0, ZERO_HASH, key, audit)
+    count, prev, reason = check_rows(rows, 0, ZERO_HASH, key, gaps)
     if reason is not None:
         return bad(count, count, reason, count + 1)
-    pruned = audit.problem()
-    if pruned is not None:
-        return bad(pruned[0], pruned[0], f"entry {pruned[0]}: {pruned[1]}", count)
     signed = signed_pair(meta.get("head"), key, HEAD_DOMAIN)
     if isinstance(signed, str):
         return bad(count, count, f"{signed}; entries from {count} on may have been cut off",

@@ -54,7 +54,7 @@ SAMPLES: list[Record] = [
            ("backbone",), ("head.grade",)),
     Unlearned("t", "fast", 2, ("backbone",), (), 0),
     ForgetFailed("t", "exact", ("backbone",)),
-    Compaction(((3, 6), (9, 10)), 4, D, 200, {"backbone": 40}, 12),
+    Compaction(((3, 6, D), (9, 10, D)), 4, D, 200, {"backbone": 40}, 12),
 ]
 
 

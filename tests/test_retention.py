@@ -32,37 +32,47 @@ def _ledger(path: Path, n: int) -> Ledger:
     return ledger
 
 
-def test_pruned_entries_are_gone_but_the_chain_and_its_account_verify(tmp_path: Path) -> None:
+def test_compacted_entries_are_gone_and_the_chain_still_verifies(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
-    ledger = _ledger(path, 20)
+    ledger = _ledger(path, 20)  # entries 1..20 after the 'open' entry
+    ledger.verify_new()  # (a verified mark at 21, below what is compacted next)
     entry = ledger.compact([3, 4, 5, 9, 0], 100, {"why": "test"})
     assert entry is not None and entry.kind == kinds.COMPACTION
-    assert entry.body["ranges"] == [[3, 6], [9, 10]] and entry.body["count"] == 4
-    assert ledger.compact([3, 4], 101, {}) is None  # pruned already: nothing to do
+    assert [g[:2] for g in entry.body["gaps"]] == [[3, 6], [9, 10]] and entry.body["count"] == 4
+    assert ledger.compact([3, 4], 101, {}) is None  # deleted already: nothing to do
     left = [e.index for e in ledger.entries()]
     assert 3 not in left and 9 not in left and 0 in left and len(left) == 18
-    # a second compaction accounts for the first one's entries and prunes it: one remains
-    again = ledger.compact([12], 102, {})
-    assert again is not None and again.body["ranges"] == [[3, 6], [9, 10], [12, 13], [21, 22]]
+    # a second compaction names every run so far and deletes the first: one remains
+    again = ledger.compact([12, 20], 102, {})
+    assert again is not None
+    assert [g[:2] for g in again.body["gaps"]] == [[3, 6], [9, 10], [12, 13], [20, 22]]
     assert [e.index for e in ledger.entries(kinds.COMPACTION)] == [again.index]
-    ledger.append("mix", {"after": True}, timestamp_ms=102)
+    ledger.append("mix", {"after": True}, timestamp_ms=103)
     assert ledger.verify().ok and ledger.verify_new().ok
     ledger.close()
     assert verify_ledger(path).ok
+    reopened = Ledger.open(path, Identity.from_seed(b"L" * 32))  # start-up's incremental check
+    assert reopened.verify_new().ok and len(reopened) == again.index + 2
+    reopened.close()
 
 
-def test_a_body_removed_without_its_compaction_entry_is_found(tmp_path: Path) -> None:
+def test_an_entry_deleted_without_its_compaction_entry_is_found(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     ledger = _ledger(path, 12)
     ledger.compact([2, 3], 100, {})
     ledger.close()
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE entries SET body = x'' WHERE idx = 7")  # evidence quietly removed
+    conn.execute("DELETE FROM entries WHERE idx = 7")  # evidence quietly removed
     conn.commit()
     conn.close()
     report = verify_ledger(path)
-    assert not report.ok and report.first_bad_index == 7
-    assert "without a compaction entry" in report.reason
+    assert not report.ok and report.first_bad_index == 7 and "missing" in report.reason
+    conn = sqlite3.connect(path)  # without the compaction entry, the runs it named are missing
+    conn.execute("DELETE FROM entries WHERE kind = 'compaction'")
+    conn.commit()
+    conn.close()
+    report = verify_ledger(path)
+    assert not report.ok and report.first_bad_index == 2  # (the runs it named are missing now)
 
 
 # ---------------------------------------------------------------- the horizon

@@ -177,11 +177,12 @@ class Opened(Record):
 
 @dataclass(frozen=True)
 class Compaction(Record):
-    """Entries pruned to keep storage bounded (written by the ledger, which checks the
-    ranges and digest: see :mod:`p2pfed.ledger_verify`), and why."""
+    """Old entries deleted to keep storage bounded (written by the ledger, which checks the
+    runs and digest: see :mod:`p2pfed.ledger_verify`), and why."""
 
     KIND: ClassVar[str] = kinds.COMPACTION
-    ranges: tuple[tuple[int, int], ...]  # the pruned indexes, as [start, end) runs
+    #: every run deleted so far: [start, end) and the hash of the entry at end - 1
+    gaps: tuple[tuple[int, int, bytes], ...]
     count: int
     digest: bytes
     #: the rounds of history kept for exact unlearning, per component the oldest round a
@@ -191,17 +192,19 @@ class Compaction(Record):
     blobs: int = 0
 
     def fields(self) -> dict[str, Any]:
-        return {"ranges": [list(r) for r in self.ranges], "count": self.count,
+        return {"gaps": [list(g) for g in self.gaps], "count": self.count,
                 "digest": self.digest, "horizon": self.horizon, "oldest": dict(self.oldest),
                 "blobs": self.blobs}
 
     @classmethod
     def from_fields(cls, body: Mapping[str, Any]) -> Compaction:
-        runs = _field(body, "ranges", (list, tuple))
-        if not all(isinstance(r, list | tuple) and len(r) == 2
-                   and all(isinstance(i, int) for i in r) for r in runs):
-            raise SchemaError("field 'ranges' is not a list of [start, end) runs")
+        runs = _field(body, "gaps", (list, tuple))
+        if not all(isinstance(r, list | tuple) and len(r) == 3 and isinstance(r[0], int)
+                   and isinstance(r[1], int) and isinstance(r[2], bytes) for r in runs):
+            raise SchemaError("field 'gaps' is not a list of [start, end, last hash] runs")
         oldest = _field(body, "oldest", dict, {})
-        return cls(tuple((r[0], r[1]) for r in runs), _field(body, "count", int),
+        if not all(isinstance(k, str) and isinstance(v, int) for k, v in oldest.items()):
+            raise SchemaError("field 'oldest' is not a map of component to round")
+        return cls(tuple((r[0], r[1], r[2]) for r in runs), _field(body, "count", int),
                    _field(body, "digest", bytes), _field(body, "horizon", int, 0),
-                   {str(k): int(v) for k, v in oldest.items()}, _field(body, "blobs", int, 0))
+                   dict(oldest), _field(body, "blobs", int, 0))

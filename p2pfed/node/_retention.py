@@ -7,8 +7,8 @@ update since.  With a horizon of ``H`` rounds, at each checkpoint the node:
 
 1. finds the *base*: the newest round ``B`` at which every component has a checkpoint and
    ``B <= round - H`` (for the component furthest behind);
-2. prunes (:meth:`p2pfed.ledger.Ledger.compact`: bodies emptied, a signed ``compaction`` entry
-   accounts for them) the checkpoints older than ``B`` and the entries of the rounds before
+2. prunes (:meth:`p2pfed.ledger.Ledger.compact`: deleted, the signed ``compaction`` entry
+   names the runs) the checkpoints older than ``B`` and the entries of the rounds before
    each component's checkpoint at ``B`` (its local updates, contributions, mixes, catch-ups);
    membership, forget and unlearning entries are never pruned;
 3. deletes the blobs no kept entry (or the rounds in progress) names.
