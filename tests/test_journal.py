@@ -97,6 +97,8 @@ def test_a_bad_body_names_its_entry_and_field_and_a_newer_one_asks_for_an_upgrad
 def _copy(tmp_path: Path) -> Path:
     """The fixture, copied (opening a ledger may write its verified mark)."""
     shutil.copytree(FIXTURE, tmp_path / "v0")
+    for key in (tmp_path / "v0").glob("*/identity.key"):
+        key.chmod(0o600)  # (git keeps no file modes: a fresh clone has it readable by all)
     return tmp_path / "v0"
 
 
