@@ -199,6 +199,8 @@ def status(
         table.add_row(name, str(c["round"]), c["phase"], str(len(c["neighbours"])),
                       f"{hist[-1]:.2e}" if hist else "—")
     out.print(table)
+    if "storage" in st:
+        out.print(storage_line(st["storage"]))
     for u in st.get("unlearning", []):
         if u["done"]:
             state = "done"
@@ -207,6 +209,21 @@ def status(
                                               in sorted(u["replaying"].items()))
         out.print(f"forgetting {u['target']} ({u['mode']}, from round {u['from_round']}): "
                   f"{state}; rolled back {', '.join(u['rolled_back']) or 'nothing'}")
+
+
+def storage_line(storage: dict[str, Any]) -> str:
+    """``status``'s storage, in words."""
+    used = f"storage {storage['bytes'] / 1e6:,.1f} MB"
+    if storage["max_bytes"]:
+        used += f" of {storage['max_bytes'] / 1e6:,.1f} MB"
+    if storage["full"]:
+        used += " [red]FULL: no new rounds start[/red] (raise max_bytes, or lower the horizon)"
+    if not storage["horizon_rounds"]:
+        return used + "; all history kept"
+    since = (f"back to round {storage['oldest_round']}" if storage["oldest_round"] is not None
+             else "back to the first checkpoint (nothing pruned yet)")
+    return (f"{used}; history kept for {storage['horizon_rounds']} rounds: a member can be "
+            f"forgotten exactly {since}")
 
 
 def peers(

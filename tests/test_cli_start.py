@@ -153,3 +153,15 @@ def test_ledger_kinds_have_one_definition() -> None:
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if bare.search(p.read_text())]
     assert offenders == []
+
+
+def test_status_says_how_much_storage_is_used_and_how_far_back_a_forget_reaches() -> None:
+    from p2pfed.cli_daemon import storage_line
+
+    line = storage_line({"bytes": 28_100_000, "max_bytes": 50_000_000, "horizon_rounds": 100,
+                         "oldest_round": 1995, "full": False})
+    assert line == ("storage 28.1 MB of 50.0 MB; history kept for 100 rounds: a member can be "
+                    "forgotten exactly back to round 1995")
+    full = storage_line({"bytes": 2_000_000, "max_bytes": 1_000_000, "horizon_rounds": None,
+                         "oldest_round": None, "full": True})
+    assert "FULL: no new rounds start" in full and full.endswith("all history kept")
