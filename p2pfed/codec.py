@@ -63,6 +63,10 @@ class DecodedPayload:
     flat: torch.Tensor
 
 
+#: what a payload arrives in: bytes, or a buffer of the receiver's own (decoded in place)
+Buffer = bytes | bytearray | memoryview
+
+
 def _align(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 

@@ -20,6 +20,9 @@ PeerPolicy = Callable[[str], bool]
 RecordValidator = Callable[[str, bytes], bool]
 
 
+#: a fetched payload: bytes, or a buffer the caller owns (a bytearray, an mmap's memoryview)
+Payload = bytes | bytearray | memoryview
+
 class Transport(Protocol):
     """A node's view of the network."""
 
@@ -65,6 +68,7 @@ class Transport(Protocol):
         """Publish a small signed record to every member (GossipSub on the network)."""
         ...
 
-    async def fetch(self, peer: str, key: bytes, max_bytes: int) -> bytes:
-        """Fetch a payload by key; raises PeerUnreachableError or OversizedMessageError."""
+    async def fetch(self, peer: str, key: bytes, max_bytes: int) -> Payload:
+        """Fetch a payload by key; raises PeerUnreachableError or OversizedMessageError.  The
+        bytes may be a writable buffer of the caller's own (decoded in place, no copy)."""
         ...

@@ -52,7 +52,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from gossip.errors import LocalError, OversizedMessageError, PeerUnreachableError
 from gossip.identity import Identity
-from gossip.transport.base import PayloadServer, PeerPolicy, RecordValidator
+from gossip.transport.base import Payload, PayloadServer, PeerPolicy, RecordValidator
 from gossip.transport.bulk import BULK_PROTOCOL, BulkClient, BulkServer, bind_host
 from gossip.transport.bulk_io import PayloadBuffer
 from gossip.transport.dialer import Dialer, backoff_delay, split_p2p_addr
@@ -219,9 +219,11 @@ class Libp2pTransport:
             raise PeerUnreachableError(f"cannot send to {peer}: {exc!r}", peer=peer) from exc
         self.stats.sent += 1
 
-    async def fetch(self, peer: str, key: bytes, max_bytes: int) -> bytes:
-        """Fetch a payload by key (see :meth:`fetch_buffer`, which avoids the final copy)."""
-        return bytes(await self.fetch_buffer(peer, key, max_bytes))
+    async def fetch(self, peer: str, key: bytes, max_bytes: int) -> Payload:
+        """Fetch a payload by key into a buffer of its own (:meth:`fetch_buffer`): no copy,
+        and the caller may decode it in place."""
+        buf = await self.fetch_buffer(peer, key, max_bytes)
+        return buf if isinstance(buf, bytearray) else memoryview(buf)
 
     async def fetch_buffer(self, peer: str, key: bytes, max_bytes: int) -> PayloadBuffer:
         """Fetch a payload into one preallocated buffer, for zero-copy decoding.

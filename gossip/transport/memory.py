@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import trio
 
 from gossip.errors import OversizedMessageError, PeerUnreachableError
-from gossip.transport.base import PayloadServer, PeerPolicy, RecordValidator
+from gossip.transport.base import Payload, PayloadServer, PeerPolicy, RecordValidator
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class MemoryTransport:
                 self._network.stats.message_bytes += len(data)
                 target._deliver(self._peer_id, data)
 
-    async def fetch(self, peer: str, key: bytes, max_bytes: int) -> bytes:
+    async def fetch(self, peer: str, key: bytes, max_bytes: int) -> Payload:
         target = self._network._route(self._peer_id, peer)
         if self._network.latency_s:
             await trio.sleep(2 * self._network.latency_s)

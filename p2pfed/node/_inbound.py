@@ -13,7 +13,7 @@ import torch
 
 from gossip.envelope import Envelope, digest
 from gossip.errors import BadPayloadError, NotAMemberError
-from p2pfed.codec import decode_payload
+from p2pfed.codec import Buffer, decode_payload
 from p2pfed.node._records import Announcement, Fetch
 from p2pfed.node._state import ComponentRound
 
@@ -41,7 +41,7 @@ def check_size(ann: Announcement, max_bytes: int) -> None:
         raise BadPayloadError(f"announced payload of {ann.size} bytes is over the cap")
 
 
-def payload_state(peer: str, name: str, round_: int, dig: bytes, data: bytes,
+def payload_state(peer: str, name: str, round_: int, dig: bytes, data: Buffer,
                   st: ComponentRound | None, max_bytes: int) -> torch.Tensor | None:
     """The state in a payload fetched for ``st``, once it is what its announcement said: the
     digest, the size, the component's layout and the round (None: it came after its round

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from p2pfed.blobs import BlobStore
-from p2pfed.codec import decode_payload, encode_payload
+from p2pfed.codec import Buffer, decode_payload, encode_payload
 from p2pfed.components import FlatLayout
 from p2pfed.journal import R, Record, Stored, stored, write
 from p2pfed.ledger import Ledger, LedgerEntry
@@ -78,7 +78,7 @@ class Journal:
             self._served.popitem(last=False)
         return dig, len(data)
 
-    def put_payload(self, data: bytes, dig: bytes) -> None:
+    def put_payload(self, data: Buffer, dig: bytes) -> None:
         """Keep a neighbour's payload, just checked against its announced digest ``dig``."""
         self.blobs.put(data, key=dig, durable=False)
 

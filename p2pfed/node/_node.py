@@ -22,6 +22,7 @@ from gossip.envelope import Envelope, ReplayGuard, Sequencer, open_envelope
 from gossip.errors import MalformedMessageError, NotAMemberError, RemoteError
 from gossip.identity import Identity
 from p2pfed.blobs import BlobStore
+from p2pfed.codec import Buffer
 from p2pfed.components import FlatComponent
 from p2pfed.journal import CatchUp, Checkpoint, Contribution, LocalUpdate
 from p2pfed.ledger import Ledger
@@ -302,7 +303,7 @@ class Node:
         """A control message arrived from ``peer``.  Bad input is rejected per peer."""
         return self._guarded(peer, self._receive, peer, data, now_ms)
 
-    def payload_received(self, peer: str, component: str, round_: int, dig: bytes, data: bytes,
+    def payload_received(self, peer: str, component: str, round_: int, dig: bytes, data: Buffer,
                          now_ms: int) -> list[Action]:
         """A payload fetched from ``peer`` for ``component``'s ``round_``."""
         return self._guarded(peer, self._payload_received, peer, component, round_, dig, data,
@@ -432,7 +433,7 @@ class Node:
         jump(st, round_)
         return self._start_round(name, now_ms)
 
-    def _payload_received(self, peer: str, name: str, round_: int, dig: bytes, data: bytes,
+    def _payload_received(self, peer: str, name: str, round_: int, dig: bytes, data: Buffer,
                           now_ms: int) -> list[Action]:
         st = self._states.get(name)
         flat = payload_state(peer, name, round_, dig, data, st, self.config.max_payload_bytes)
