@@ -71,12 +71,22 @@ def base_round(checkpoints: Iterable[Stored[Checkpoint]], rounds: Mapping[str, i
     return max(common) if common else None
 
 
-def prunable(journal: Journal, base: int, components: Iterable[str]) -> list[int]:
+@dataclass(frozen=True)
+class Window:
+    """The entries a compaction decides about, read from the ledger once."""
+
+    checkpoints: list[Stored[Checkpoint]]
+    updates: list[Stored[LocalUpdate]]
+    contributions: list[Stored[Contribution]]
+
+
+def prunable(journal: Journal, window: Window, base: int, components: Iterable[str]
+             ) -> list[int]:
     """The ledger indexes to prune for a base round ``base``."""
     components = set(components)
     cutoff: dict[str, int] = {}
     prune = []
-    for ck in journal.read(Checkpoint):
+    for ck in window.checkpoints:
         c = ck.record
         if c.component not in components:
             continue
@@ -84,25 +94,26 @@ def prunable(journal: Journal, base: int, components: Iterable[str]) -> list[int
             prune.append(ck.index)
         elif c.round == base:
             cutoff[c.component] = ck.index  # (the newest checkpoint at the base round)
+
     def before(entry: Stored[LocalUpdate] | Stored[Contribution] | Stored[Mix]
                | Stored[CatchUp]) -> bool:
         return entry.index < cutoff.get(entry.record.component, -1)
 
-    prune += [e.index for e in journal.read(LocalUpdate) if before(e)]
-    prune += [e.index for e in journal.read(Contribution) if before(e)]
+    prune += [e.index for e in window.updates if before(e)]
+    prune += [e.index for e in window.contributions if before(e)]
     prune += [e.index for e in journal.read(Mix) if before(e)]
     prune += [e.index for e in journal.read(CatchUp) if before(e)]
     return prune
 
 
-def kept_digests(journal: Journal, states: Mapping[str, ComponentRound],
+def kept_digests(journal: Journal, window: Window, states: Mapping[str, ComponentRound],
                  pruned: Collection[int]) -> set[bytes]:
     """The blobs that the entries kept (all but ``pruned``), unfinished unlearnings and the
     rounds in progress name."""
     keep = {d for st in states.values() for d in (st.own_digest, st.start_digest) if d}
-    keep |= {e.record.digest for e in journal.read(Checkpoint) if e.index not in pruned}
-    keep |= {e.record.digest for e in journal.read(Contribution) if e.index not in pruned}
-    for update in journal.read(LocalUpdate):
+    keep |= {e.record.digest for e in window.checkpoints if e.index not in pruned}
+    keep |= {e.record.digest for e in window.contributions if e.index not in pruned}
+    for update in window.updates:
         # (fast unlearning re-applies trained updates; an untrained round's state is what the
         # re-run recomputes, and the neighbours keep what they took of it)
         if update.index not in pruned and update.record.trained:
@@ -162,13 +173,16 @@ class Retention:
 
     def _prune(self, now_ms: int, horizon: int) -> Compaction | None:
         rounds = {c: st.round for c, st in self._states.items()}
-        base = base_round(self._journal.read(Checkpoint), rounds, horizon)
+        checkpoints = list(self._journal.read(Checkpoint))
+        base = base_round(checkpoints, rounds, horizon)
         step = max(1, horizon // 4)  # (one compaction entry per quarter horizon at most)
         if base is None or (self.oldest is not None and base < self.oldest + step):
             return None
-        indexes = prunable(self._journal, base, rounds)
+        window = Window(checkpoints, list(self._journal.read(LocalUpdate)),
+                        list(self._journal.read(Contribution)))
+        indexes = prunable(self._journal, window, base, rounds)
         pruned = set(indexes)
-        keep = kept_digests(self._journal, self._states, pruned)
+        keep = kept_digests(self._journal, window, self._states, pruned)
         unused = [d for d in self._journal.blob_digests() if d not in keep]
         # the record first, the blobs after: a stop in between leaves blobs the next
         # compaction deletes, never an entry naming a deleted blob
