@@ -1,22 +1,27 @@
 """What the simulator keeps of each round's states: the figures the report needs, not the states.
 
 A :class:`Trace` takes every node's state per component after each round (and before the
-first) and keeps them only until the round is *settled*: every live holder of the component has
-mixed it (or moved past it).  Then it computes the round's figures — the consensus distance
-‖X − mean‖_F over the nodes that reported, relative to the spread of the starting states, and
-how far the mean drifted from the starting mean — and drops the states.  So a run holds about
-one round of states at a time, however many rounds it has.
+first) and folds it into the round's running moments at once: a reference state (the first one
+reported), the sum of the differences from it and the sum of their squared norms.  The
+round's figures follow from those — the consensus distance ‖X − mean‖_F over the nodes that
+reported, relative to the spread of the starting states, and how far the mean drifted from the
+starting mean.  So an open round costs two state-sized arrays, however many nodes report, and a
+run of 1,000 nodes holds a few rounds' moments, not their states.
 
-The figures are computed exactly as from a stack of all the round's states in node-name order:
-each round's states are written straight into the rows of one matrix in that order (no copy
-per state kept, no stack made), so the numbers do not depend on when a round settles.
-While a round may still be re-run (an unlearning under way), :attr:`Trace.hold` keeps every
-round open.
+Differences from a reported state are of the size of the spread itself, so the sums lose no
+precision as the nodes converge (no mean of squares minus square of the mean on raw values).
+The states are folded in the order they are reported, which the seed fixes (the simulator runs
+on trio's MockClock): the same seed gives the same figures.
+
+While a round may still be re-run (an unlearning under way, :attr:`Trace.hold`), its states are
+kept, a re-run's replacing the first, and folded in node-name order when the round settles.  A
+round is *settled* when every live holder of the component has mixed it or moved past it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +36,42 @@ class RoundFigures:
     drift: float
 
 
+class _Moments:
+    """The running mean and spread of states, kept as differences from the first one."""
+
+    __slots__ = ("count", "ref", "squares", "total")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ref: np.ndarray | None = None
+        self.total: np.ndarray | None = None
+        self.squares = 0.0
+
+    def add(self, state: torch.Tensor, scratch: np.ndarray | None) -> None:
+        x = state.detach().reshape(-1).numpy()
+        if self.ref is None or self.total is None:
+            self.ref = x.astype(np.float64, copy=True)
+            self.total = np.zeros_like(self.ref)
+            self.count = 1
+            return
+        d = np.subtract(x, self.ref, out=scratch if scratch is not None
+                        and scratch.shape == self.ref.shape else None, dtype=np.float64)
+        self.total += d
+        self.squares += float(np.dot(d, d))
+        self.count += 1
+
+    def mean(self) -> np.ndarray:
+        assert self.ref is not None and self.total is not None
+        return self.ref + self.total / self.count
+
+    def spread(self) -> float:
+        """‖X − mean‖_F of the states added."""
+        if self.total is None:
+            return 0.0
+        return math.sqrt(max(self.squares - float(np.dot(self.total, self.total)) / self.count,
+                             0.0))
+
+
 @dataclass(frozen=True)
 class _Start:
     mean: np.ndarray
@@ -38,71 +79,83 @@ class _Start:
 
 
 class _OpenRound:
-    """One round's states, one row per possible reporter, in name order."""
+    """One round's moments, and its states by row while they may still be replaced."""
 
-    __slots__ = ("reported", "states")
+    __slots__ = ("held", "moments", "reported")
 
-    def __init__(self, rows: int, size: int) -> None:
-        self.states = np.empty((rows, size), dtype=np.float64)  # pages are touched as written
+    def __init__(self, rows: int) -> None:
+        self.moments = _Moments()
+        self.held: dict[int, torch.Tensor] = {}  # row -> state (hold mode)
         self.reported = np.zeros(rows, dtype=bool)
+
+    def arrays(self) -> int:
+        """State-sized arrays this round holds."""
+        return len(self.held) + (2 if self.moments.ref is not None else 0)
 
 
 class Trace:
-    """Per component, the figures of every settled round, and the states of the open ones."""
+    """Per component, the figures of every settled round, and the moments of the open ones."""
 
     def __init__(self, holders: Mapping[str, Collection[str]]) -> None:
         """``holders``: per component, every node that may report a state of it."""
-        #: the starting states per component and node, until :meth:`begin` (attackers and
-        #: tests read them before the run)
-        self.initial: dict[str, dict[str, np.ndarray]] = {}
         #: while true no round settles (its states may still be replaced by a re-run)
         self.hold = False
         self._rows = {comp: {name: i for i, name in enumerate(sorted(names))}
                       for comp, names in holders.items()}
+        self._initial: dict[str, _Moments] = {}
         self._start: dict[str, _Start] = {}
         self._open: dict[str, dict[int, _OpenRound]] = {}
         self._figures: dict[str, dict[int, RoundFigures]] = {}
         #: per component and node, the latest round it reported
         self._last: dict[str, dict[str, int]] = {}
-        #: the most states held at once (rows written), for the scale benchmark
+        self._scratch: dict[int, np.ndarray] = {}
+        #: the most state-sized arrays held at once, for the scale benchmark
         self.peak_states = 0
         self._held = 0
 
     # ---------------------------------------------------------------- recording
-    def record_initial(self, comp: str, name: str, state: torch.Tensor) -> None:
-        self.initial.setdefault(comp, {})[name] = (
-            state.detach().to(torch.float64).numpy().copy())
+    def record_initial(self, comp: str, state: torch.Tensor) -> None:
+        """Fold in a starting state of ``comp`` (of a holder present at the start)."""
+        moments = self._initial.setdefault(comp, _Moments())
+        moments.add(state, self._scratch_for(state))
 
-    def begin(self, holders: Mapping[str, Sequence[str]]) -> None:
-        """Fix each component's starting mean and spread over ``holders`` (the holders present
-        at the start, in node order), and drop the starting states."""
-        for comp, names in holders.items():
-            if not names:
-                continue
-            x0 = np.stack([self.initial[comp][h] for h in names])
-            mean0 = x0.mean(axis=0)
-            self._start[comp] = _Start(mean0, float(np.linalg.norm(x0 - mean0)) or 1.0)
-        self.initial = {}
+    def begin(self) -> None:
+        """Fix each component's starting mean and spread from the starting states folded in."""
+        for comp, moments in self._initial.items():
+            self._start[comp] = _Start(moments.mean(), moments.spread() or 1.0)
+        self._initial = {}
 
     def record(self, comp: str, round_: int, name: str, state: torch.Tensor) -> bool:
-        """Keep ``name``'s state of ``comp`` after ``round_``; True when it is the first state
-        of that round (a good moment to :meth:`settle`)."""
+        """Fold in ``name``'s state of ``comp`` after ``round_``; True when it is the first
+        state of that round (a good moment to :meth:`settle`)."""
         if round_ in self._figures.get(comp, {}):
             raise RuntimeError(f"{name} reported round {round_} of {comp}, already settled")
         rounds = self._open.setdefault(comp, {})
         opened = round_ not in rounds
         if opened:
-            rounds[round_] = _OpenRound(len(self._rows[comp]), state.numel())
+            rounds[round_] = _OpenRound(len(self._rows[comp]))
         row = self._rows[comp][name]
         open_round = rounds[round_]
-        torch.from_numpy(open_round.states[row]).copy_(state.detach().reshape(-1))
-        if not open_round.reported[row]:
-            open_round.reported[row] = True
-            self._held += 1
-            self.peak_states = max(self.peak_states, self._held)
+        before = open_round.arrays()
+        if self.hold:
+            open_round.held[row] = state.detach().reshape(-1).clone()
+        elif open_round.reported[row]:
+            raise RuntimeError(f"{name} reported round {round_} of {comp} twice")
+        else:
+            open_round.moments.add(state, self._scratch_for(state))
+        open_round.reported[row] = True
+        self._held += open_round.arrays() - before
+        self.peak_states = max(self.peak_states, self._held)
         last = self._last.setdefault(comp, {})
         last[name] = max(last.get(name, -1), round_)
         return opened
+
+    def _scratch_for(self, state: torch.Tensor) -> np.ndarray:
+        size = state.numel()
+        scratch = self._scratch.get(size)
+        if scratch is None:
+            scratch = self._scratch[size] = np.empty(size, dtype=np.float64)
+        return scratch
 
     # ---------------------------------------------------------------- settling
     def settle(self, comp: str, live: Collection[str]) -> None:
@@ -131,18 +184,14 @@ class Trace:
         start = self._start.get(comp)
         if start is None:
             raise ValueError(f"no holder of {comp} at the start")
-        reporters = np.flatnonzero(open_round.reported)
-        states = open_round.states
-        for k, row in enumerate(reporters):  # the stack of the reported states, in name order
-            if k != row:
-                states[k] = states[row]
-        x = states[: len(reporters)]
-        mean = x.mean(axis=0)
-        drift = float(np.abs(mean - start.mean).max())
-        x -= mean
-        distance = float(np.linalg.norm(x)) / start.scale
+        self._held -= open_round.arrays()
+        moments = open_round.moments
+        for row in sorted(open_round.held):  # (kept while a re-run could replace them)
+            state = open_round.held.pop(row)
+            moments.add(state, self._scratch_for(state))
+        drift = float(np.abs(moments.mean() - start.mean).max())
+        distance = moments.spread() / start.scale
         self._figures.setdefault(comp, {})[round_] = RoundFigures(distance, drift)
-        self._held -= len(reporters)
 
     # ---------------------------------------------------------------- reading
     def figures(self, comp: str) -> Mapping[int, RoundFigures]:
