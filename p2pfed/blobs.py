@@ -292,4 +292,4 @@ def _canonical_safetensors(raw: bytes) -> bytes:
     header["__metadata__"] = dict(sorted(meta.items()))
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
-    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
+    return b"".join((len(text).to_bytes(8, "little"), text, memoryview(raw)[8 + n :]))

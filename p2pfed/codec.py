@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import struct
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,14 @@ def _valid_name(name: str) -> bool:
     return 0 < len(name) <= MAX_NAME_CHARS and NAME_RE.match(name) is not None
 
 
+def _check_flat(flat: torch.Tensor, layout: FlatLayout) -> None:
+    if flat.dim() != 1 or flat.numel() != layout.numel or flat.dtype != layout.dtype:
+        raise LocalError(
+            f"tensor {tuple(flat.shape)} {flat.dtype} does not match the layout "
+            f"({layout.numel} x {layout.dtype})"
+        )
+
+
 def encoded_size(layout: FlatLayout, component: str, round: int) -> int:
     """Exact size in bytes of :func:`encode_payload`'s output for these arguments."""
     return _align(PREFIX_BYTES + len(_header(component, round, layout))) + layout.nbytes
@@ -104,11 +113,7 @@ def encode_payload(
     payload is written at its start and the returned memoryview is the used prefix of ``out``;
     the tensor data is copied exactly once.  Without ``out`` a new buffer is allocated.
     """
-    if flat.dim() != 1 or flat.numel() != layout.numel or flat.dtype != layout.dtype:
-        raise LocalError(
-            f"tensor {tuple(flat.shape)} {flat.dtype} does not match the layout "
-            f"({layout.numel} x {layout.dtype})"
-        )
+    _check_flat(flat, layout)
     header = _header(component, round, layout)
     data_offset = _align(PREFIX_BYTES + len(header))
     size = data_offset + layout.nbytes
@@ -131,19 +136,36 @@ def encode_payload(
     return view[:size]
 
 
+def encode_payload_bytes(component: str, round: int, flat: torch.Tensor,
+                         layout: FlatLayout) -> bytes:
+    """:func:`encode_payload` as a new immutable ``bytes``, the tensor data copied once (no
+    send buffer to reuse, no second copy to freeze one)."""
+    _check_flat(flat, layout)
+    header = _header(component, round, layout)
+    head = bytearray(_align(PREFIX_BYTES + len(header)))
+    PREFIX.pack_into(head, 0, MAGIC, VERSION, b"\0\0\0", len(header))
+    head[PREFIX_BYTES:PREFIX_BYTES + len(header)] = header
+    if not layout.nbytes:
+        return bytes(head)
+    return b"".join((head, tensor_bytes(flat.detach())))
+
+
 def decode_payload(
     data: bytes | bytearray | memoryview,
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     expected_component: str | None = None,
     expected_layout: FlatLayout | None = None,
+    shared: bool = False,
 ) -> DecodedPayload:
     """Validate and decode one payload, cheapest checks first.
 
     Order: size cap (:class:`OversizedMessageError`); magic, version, header and layout versus
     the byte length (:class:`MalformedMessageError`); expected component and layout, then
     non-finite values (:class:`BadPayloadError`).  ``flat`` is a zero-copy view of ``data`` when
-    ``data`` is writable (it then aliases the caller's buffer), otherwise a copy.
+    ``data`` is writable (it then aliases the caller's buffer), otherwise a copy — or, with
+    ``shared``, a view of the immutable ``data`` too, for a caller that only reads it (torch
+    has no read-only tensors: writing into it would change bytes others hold).
     """
     view = memoryview(data)
     if not view.c_contiguous:
@@ -176,7 +198,7 @@ def decode_payload(
         raise BadPayloadError(f"payload for {component!r}, expected {expected_component!r}")
     if expected_layout is not None and layout != expected_layout:
         raise BadPayloadError(f"payload layout for {component!r} differs from the expected one")
-    flat = _tensor_from(view, data_offset, layout)
+    flat = _tensor_from(view, data_offset, layout, shared)
     if not all_finite(flat):
         raise BadPayloadError(f"payload for {component!r} round {round} has NaN or Inf values")
     return DecodedPayload(component, round, layout, flat)
@@ -195,11 +217,15 @@ def _parse_header(raw: bytes) -> tuple[str, int, FlatLayout]:
     return component, round, FlatLayout.from_record(header["layout"])
 
 
-def _tensor_from(view: memoryview, offset: int, layout: FlatLayout) -> torch.Tensor:
+def _tensor_from(view: memoryview, offset: int, layout: FlatLayout, shared: bool) -> torch.Tensor:
     if layout.numel == 0:
         return torch.empty(0, dtype=layout.dtype)
     if not view.readonly:
         return torch.frombuffer(view, dtype=layout.dtype, count=layout.numel, offset=offset)
+    if shared:
+        with warnings.catch_warnings():  # (torch's once-only "buffer is not writable": known)
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(view, dtype=layout.dtype, count=layout.numel, offset=offset)
     flat = torch.empty(layout.numel, dtype=layout.dtype)
     dst = tensor_bytes(flat)
     dst[:] = view[offset : offset + layout.nbytes]

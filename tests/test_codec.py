@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import struct
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +25,7 @@ from p2pfed.codec import (
     PREFIX_BYTES,
     decode_payload,
     encode_payload,
+    encode_payload_bytes,
     encoded_size,
 )
 from p2pfed.components import FlatLayout
@@ -251,3 +253,18 @@ def test_fuzz_mutated_payloads_decode_or_raise_remote_errors(data: st.DataObject
         return
     assert decoded.flat.numel() == decoded.layout.numel
     assert bool(torch.isfinite(decoded.flat).all())
+
+
+def test_shared_decode_views_immutable_bytes_and_bytes_encoding_matches() -> None:
+    frozen = encode_payload_bytes(NAME, 3, _flat(), LAYOUT)
+    assert isinstance(frozen, bytes)
+    assert frozen == bytes(encode_payload(NAME, 3, _flat(), LAYOUT))
+    shared = decode_payload(frozen, shared=True)
+    assert torch.equal(shared.flat, _flat()) and shared.round == 3
+    # a view, not a copy: the tensor's data lies inside the immutable payload
+    base = np.frombuffer(frozen, dtype=np.uint8).ctypes.data
+    assert shared.flat.data_ptr() == base + len(frozen) - LAYOUT.nbytes
+    # without ``shared`` an immutable payload is still copied
+    assert decode_payload(frozen).flat.data_ptr() != decode_payload(frozen).flat.data_ptr()
+    empty = FlatLayout.from_shapes({"nothing": (0,)})
+    assert decode_payload(encode_payload_bytes(NAME, 0, torch.zeros(0), empty)).layout == empty

@@ -58,7 +58,7 @@ def payload_state(peer: str, name: str, round_: int, dig: bytes, data: Buffer,
     if digest(data) != dig:
         raise BadPayloadError("payload does not match the announced digest", peer=peer)
     decoded = decode_payload(data, max_bytes=max_bytes, expected_component=name,
-                             expected_layout=st.comp.layout)
+                             expected_layout=st.comp.layout, shared=True)  # (only read)
     if decoded.round != round_:
         raise BadPayloadError("payload is for another round", peer=peer)
     return decoded.flat

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from p2pfed.blobs import BlobStore
-from p2pfed.codec import Buffer, decode_payload, encode_payload
+from p2pfed.codec import Buffer, decode_payload, encode_payload_bytes
 from p2pfed.components import FlatLayout
 from p2pfed.journal import R, Record, Stored, stored, write
 from p2pfed.ledger import Ledger, LedgerEntry
@@ -71,7 +71,7 @@ class Journal:
         """Store ``flat`` as ``name``'s payload of ``round_``; its digest and size.  Not
         fsynced: the durable ledger entry that names it follows, and a lost file is found by
         its digest.  The last few are also kept in memory, to serve neighbours' fetches."""
-        data = bytes(encode_payload(name, round_, flat, layout))
+        data = encode_payload_bytes(name, round_, flat, layout)
         dig = self.blobs.put(data, durable=False)
         self._served[dig] = data
         while len(self._served) > self._serve_max:
@@ -91,7 +91,8 @@ class Journal:
     def state(self, name: str, dig: bytes, layout: FlatLayout) -> torch.Tensor:
         """The state of ``name`` in the payload stored under ``dig``."""
         return decode_payload(self.blobs.get(dig), max_bytes=self.max_payload_bytes,
-                              expected_component=name, expected_layout=layout).flat
+                              expected_component=name, expected_layout=layout,
+                              shared=True).flat  # (read only: replays mix it, never write)
 
     def put_tensor(self, name: str, round_: int, flat: torch.Tensor) -> bytes:
         """Store a checkpoint's state as safetensors; its digest."""
