@@ -340,6 +340,7 @@ SIM_DEGREE = 4
 SIM_GRAPH_SEED = 3
 SIM_HORIZON = 1  # rounds of history kept (see p2pfed.node._retention)
 SIM_CHECKPOINT_EVERY = 2
+SIM_DTYPE = "float32"  # (as a model's parameters: 400 KB a state at 100K)
 
 
 def sim_scale_run(nodes: int, rounds: int, params: int, seed: int = 0) -> dict[str, Any]:
@@ -359,7 +360,7 @@ def sim_scale_run(nodes: int, rounds: int, params: int, seed: int = 0) -> dict[s
     cpu = time.process_time()
     # memory is bounded by what the nodes keep, not by the rounds: the shortest unlearning
     # horizon (each node keeps the updates since its last checkpoint but one)
-    sim = Simulation(SimConfig(topology, rounds=rounds, seed=seed, dim=params,
+    sim = Simulation(SimConfig(topology, rounds=rounds, seed=seed, dim=params, dtype=SIM_DTYPE,
                                checkpoint_every=SIM_CHECKPOINT_EVERY,
                                retention=RetentionPolicy(SIM_HORIZON)))
     setup = time.process_time() - cpu
@@ -370,6 +371,7 @@ def sim_scale_run(nodes: int, rounds: int, params: int, seed: int = 0) -> dict[s
         "nodes": nodes,
         "rounds": rounds,
         "params": params,
+        "dtype": SIM_DTYPE,
         "seed": seed,
         "sim_node_round_ms": 1000 * run / (nodes * rounds),
         "sim_peak_rss_mb": _peak_rss_mb(),

@@ -82,6 +82,8 @@ def simulate(
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Plot consensus distance to a PNG.")] = None,
     dim: Annotated[int, typer.Option(min=1, max=1 << 24, help="Parameters per component.")] = 32,
+    dtype: Annotated[str, typer.Option(
+        help="Consensus workload: float64, or float32 as a model's parameters.")] = "float64",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     unlearn: Annotated[
         str | None,
@@ -113,8 +115,9 @@ def simulate(
     from p2pfed.sim.simulator import plot_report
 
     config = _sim_config(topology, workload=workload, rounds=rounds, quick=quick, seed=seed,
-                         home=home, dim=dim, unlearn=unlearn, mode=mode, dp_sigma=dp_sigma,
-                         dp_clip=dp_clip, dp_delta=dp_delta, dp_budget=dp_budget,
+                         home=home, dim=dim, dtype=dtype, unlearn=unlearn, mode=mode,
+                         dp_sigma=dp_sigma, dp_clip=dp_clip, dp_delta=dp_delta,
+                         dp_budget=dp_budget,
                          dp_noisy=dp_noisy, attack=attack, robust=robust, storage=storage)
     report = _simulate_with_progress(config, quiet)
     if json_path is not None:
@@ -126,6 +129,7 @@ def simulate(
 
 def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: bool, seed: int,
                 home: Path | None, dim: int, unlearn: str | None, mode: str,
+                dtype: str = "float64",
                 dp_sigma: float | None, dp_clip: float, dp_delta: float, dp_budget: float,
                 dp_noisy: str | None, attack: str | None, robust: str,
                 storage: str | None = None) -> SimConfig:
@@ -138,6 +142,11 @@ def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: boo
             f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}",
             param_hint="--workload",
         )
+    from p2pfed.sim.config import DTYPES
+
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"unknown type {dtype!r}; choose from {', '.join(DTYPES)}",
+                                 param_hint="--dtype")
     if mode not in ("exact", "fast"):
         raise typer.BadParameter(f"unknown mode {mode!r}; choose exact or fast",
                                  param_hint="--mode")
@@ -159,6 +168,7 @@ def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: boo
         rounds = (QUICK if quick else FULL).rounds if workload == "education" else 200
     retention = _parse_storage(storage) if storage is not None else None
     return SimConfig(topo, workload=workload, rounds=rounds, seed=seed, home=home, dim=dim,
+                     dtype=dtype,
                      quick=quick, unlearn=target, unlearn_mode=mode, dp=dp, dp_noisy=noisy,
                      attack=attackers, robust=robust, retention=retention,
                      checkpoint_every=5 if retention is not None else 0)

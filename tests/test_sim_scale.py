@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from p2pfed.bench import SIM_QUICK_SIZES, run_sim_bench, sim_scale_run
 from p2pfed.cli import app
 
-SIZE_KEYS = {"nodes", "rounds", "params", "seed", "sim_node_round_ms", "sim_peak_rss_mb",
-             "sim_start_rss_mb", "sim_setup_s", "sim_trace_peak_states", "consensus_distance",
-             "messages", "fetch_bytes"}
+SIZE_KEYS = {"nodes", "rounds", "params", "dtype", "seed", "sim_node_round_ms",
+             "sim_peak_rss_mb", "sim_start_rss_mb", "sim_setup_s", "sim_trace_peak_states",
+             "consensus_distance", "messages", "fetch_bytes"}
 
 
 def test_quick_sim_bench_reports_each_size_and_repeats_with_the_seed(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from gossip.errors import ConfigError
 from p2pfed import mixing
 from p2pfed.node import RetentionPolicy
@@ -20,6 +22,8 @@ from p2pfed.sim.education import EducationSettings
 from p2pfed.sim.topology import Topology
 
 WORKLOADS = ("consensus", "education")
+#: the consensus workload's parameter types
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 @dataclass
@@ -31,6 +35,8 @@ class SimConfig:
     home: Path | None = None
     #: parameters per component in the consensus workload
     dim: int = 32
+    #: consensus workload: the parameters' type (float32 as a model's; float64 by default)
+    dtype: str = "float64"
     round_timeout_ms: int = 10_000
     progress: Callable[[int, int], None] | None = None
     #: education workload: the quick settings (a few minutes) instead of the full ones
@@ -70,6 +76,9 @@ def check_config(config: SimConfig) -> None:
     if unknown:
         raise ConfigError(f"no node {', '.join(unknown)} in topology "
                           f"{config.topology.name}")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"unknown parameter type {config.dtype!r}; "
+                          f"choose from {', '.join(DTYPES)}")
     if config.robust not in mixing.names():
         raise ConfigError(f"unknown aggregation rule {config.robust!r}; "
                           f"choose from {', '.join(mixing.names())}")

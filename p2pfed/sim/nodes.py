@@ -26,7 +26,7 @@ from p2pfed.node import Node, NodeConfig
 from p2pfed.privacy import Policy
 from p2pfed.runtime.driver import NodeDriver
 from p2pfed.sim.attacks import ByzantineNode, forgery
-from p2pfed.sim.config import SimConfig
+from p2pfed.sim.config import DTYPES, SimConfig
 from p2pfed.sim.topology import Topology
 
 
@@ -61,9 +61,11 @@ def sim_federation_id(topology: Topology, seed: int) -> bytes:
     return digest(f"p2pfed-sim-federation/{topology.name}/{seed}".encode())
 
 
-def initial_values(seed: int, node_index: int, comp_index: int, dim: int) -> torch.Tensor:
+def initial_values(seed: int, node_index: int, comp_index: int, dim: int,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A node's starting values of a component (float32: the float64 draw, rounded)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + node_index * 1009 + comp_index)
-    return torch.randn(dim, generator=gen, dtype=torch.float64)
+    return torch.randn(dim, generator=gen, dtype=torch.float64).to(dtype)
 
 
 def spaced(nodes: Sequence[str], count: int) -> list[str]:
@@ -82,7 +84,7 @@ def node_start(cfg: SimConfig, index: int, name: str, trainer: LocalTrainer | No
         if name in holders[comp]:
             components[comp] = FlatComponent.from_params(
                 ComponentSpec.from_name(comp),
-                {"weight": initial_values(cfg.seed, index, ci, cfg.dim)})
+                {"weight": initial_values(cfg.seed, index, ci, cfg.dim, DTYPES[cfg.dtype])})
     return NodeStart(components)
 
 
