@@ -34,6 +34,7 @@ from gossip.identity import Identity, verify_signature
 from p2pfed.codec import decode_payload, encode_payload, encoded_size
 from p2pfed.components import FlatLayout
 from p2pfed.consensus import mix_into
+from p2pfed.lineage import Lineage
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def _round_entries(name: str, rnd: int, peers: list[str]) -> list[tuple[str, dic
     """What a node training and mixing ``name`` writes in one round (checkpoints aside)."""
     from p2pfed.journal import Contribution, LocalUpdate, Mix, MixInputRef, Record
 
-    state, lineage = digest(b"%d" % rnd), tuple(sorted(peers))
+    state, lineage = digest(b"%d" % rnd), Lineage.of(peers)
     records: list[Record] = [LocalUpdate(name, rnd, state, True, digest(state), lineage, 0)]
     records += [Contribution(p, name, rnd, digest(p.encode() + state), 0.2, lineage)
                 for p in peers]
@@ -247,7 +248,7 @@ def build_bench_home(home: Path, entries: int, *, neighbours: int = 4) -> Any:
                     flat = torch.full((config.components.dim,), float(rnd))
                     key = blobs.put_tensors({"flat": flat}, {"component": name,
                                                              "round": str(rnd)})
-                    ck = Checkpoint(name, rnd, key, tuple(sorted(peers)), {"radius": 0.0})
+                    ck = Checkpoint(name, rnd, key, Lineage.of(peers), {"radius": 0.0})
                     pending.append((ck.KIND, ck.to_body(), rnd))
             if len(pending) >= _APPEND_BATCH:
                 ledger.append_many(pending)

@@ -42,6 +42,7 @@ from p2pfed.journal import (
     read,
 )
 from p2pfed.ledger import LedgerEntry
+from p2pfed.lineage import Lineage
 
 FORGET_ENTRY = kinds.FORGET
 UNLEARNED_ENTRY = kinds.UNLEARNED
@@ -49,8 +50,9 @@ UNLEARNED_ENTRY = kinds.UNLEARNED
 FAST_STRIDE = 4
 
 
-def is_clean(lineage: Iterable[str], forgotten: Iterable[str]) -> bool:
-    return not set(lineage) & set(forgotten)
+def is_clean(lineage: Lineage, forgotten: Iterable[str]) -> bool:
+    """True when ``lineage`` names none of ``forgotten``."""
+    return not any(f in lineage for f in forgotten)
 
 
 def latest_clean_checkpoints(
@@ -82,7 +84,7 @@ def _state_problems(index: int, record: Record, forgotten: set[str]) -> list[str
     if not isinstance(record, LocalUpdate | Mix | Checkpoint | Contribution):
         return []
     problems = []
-    tainted = set(record.lineage) & forgotten
+    tainted = {f for f in forgotten if f in record.lineage}
     round_ = getattr(record, "round", None)
     if tainted:
         problems.append(f"entry {index} ({record.KIND} of {record.component} round {round_}): "

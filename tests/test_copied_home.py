@@ -23,6 +23,7 @@ from p2pfed.blobs import BlobStore
 from p2pfed.components import FlatComponent
 from p2pfed.federated import MEMBERSHIP_ENTRY, FederatedNode, load_view_from_ledger
 from p2pfed.ledger import Ledger
+from p2pfed.lineage import Lineage
 from p2pfed.node import ANNOUNCE, Announcement, NodeConfig
 from p2pfed.runtime.driver import NodeDriver
 from tests.test_federated import build, start_federation
@@ -47,7 +48,7 @@ async def test_the_real_member_is_mixed_again_after_its_copy_stops(
             now = int(trio.current_time() * 1000)
             for node, driver in zip(nodes[:3], drivers[:3], strict=True):
                 ann = Announcement("backbone", node.round_of("backbone"), b"c" * 32, 64, 3,
-                                   (real.peer_id,))
+                                   Lineage.of([real.peer_id]))
                 env = seal(real.identity, kind=ANNOUNCE, federation_id=real.federation_id,
                            seq=copy_seq.next(), timestamp_ms=now, body=ann.to_body())
                 driver.call(node.receive, real.peer_id, env.to_bytes())

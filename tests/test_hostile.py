@@ -14,6 +14,7 @@ from gossip.membership import Join, make_join
 from gossip.transport.memory import MemoryNetwork
 from p2pfed.codec import encode_payload
 from p2pfed.federated import RECORDS
+from p2pfed.lineage import Lineage
 from p2pfed.model.train import TrainRequest
 from p2pfed.node import ANNOUNCE, Announcement, Fetch, PeerRejected, RoundCompleted
 from p2pfed.runtime.driver import NodeDriver
@@ -36,7 +37,7 @@ def test_outsider_forged_and_replayed_records_are_refused() -> None:
     a.receive(b.peer_id, _bundle(b.identity, b.federation_id, list(b.view.records())), 0)
     members_before = a.members()
     outsider = Identity.generate()
-    ann = Announcement("backbone", 0, b"d" * 32, 10, 1, (outsider.peer_id,))
+    ann = Announcement("backbone", 0, b"d" * 32, 10, 1, Lineage.of([outsider.peer_id]))
     env = seal(outsider, kind=ANNOUNCE, federation_id=a.federation_id, seq=1, timestamp_ms=0,
                body=ann.to_body()).to_bytes()
     assert _codes(a.receive(outsider.peer_id, env, 0)) == ["not-a-member"]
@@ -65,7 +66,7 @@ def test_oversized_and_mismatched_payloads_are_refused_and_the_round_finishes() 
     a.receive(b.peer_id, _bundle(b.identity, b.federation_id, list(b.view.records())), 0)
     b.receive(a.peer_id, _bundle(a.identity, a.federation_id, list(a.view.records())), 0)
     a.tick(1000)  # the next (paced) round starts, now with b as neighbour
-    huge = Announcement("backbone", a.round_of("backbone"), b"d" * 32, 1 << 40, 1, ())
+    huge = Announcement("backbone", a.round_of("backbone"), b"d" * 32, 1 << 40, 1, Lineage())
     env = seal(b.identity, kind=ANNOUNCE, federation_id=a.federation_id, seq=50,
                timestamp_ms=0, body=huge.to_body()).to_bytes()
     assert _codes(a.receive(b.peer_id, env, 0)) == ["bad-payload"]
@@ -74,7 +75,7 @@ def test_oversized_and_mismatched_payloads_are_refused_and_the_round_finishes() 
                                    b.components["backbone"].layout))
     from gossip.envelope import digest
 
-    ann = Announcement("backbone", rnd, digest(payload), len(payload), 1, (b.peer_id,))
+    ann = Announcement("backbone", rnd, digest(payload), len(payload), 1, Lineage.of([b.peer_id]))
     env = seal(b.identity, kind=ANNOUNCE, federation_id=a.federation_id, seq=51,
                timestamp_ms=0, body=ann.to_body()).to_bytes()
     fetch = next(x for x in a.receive(b.peer_id, env, 0) if isinstance(x, Fetch))
@@ -96,8 +97,8 @@ def test_an_announcement_declaring_impossible_noise_is_refused(noise: float) -> 
         n.start(0)
     a.receive(b.peer_id, _bundle(b.identity, b.federation_id, list(b.view.records())), 0)
     a.tick(1000)
-    ann = Announcement("backbone", a.round_of("backbone"), b"d" * 32, 10, 1, (b.peer_id,),
-                       noise=noise)
+    ann = Announcement("backbone", a.round_of("backbone"), b"d" * 32, 10, 1,
+                       Lineage.of([b.peer_id]), noise=noise)
     env = seal(b.identity, kind=ANNOUNCE, federation_id=a.federation_id, seq=50,
                timestamp_ms=0, body=ann.to_body()).to_bytes()
     assert _codes(a.receive(b.peer_id, env, 0)) == ["malformed"]

@@ -34,23 +34,26 @@ from p2pfed.journal import (
     Unlearned,
 )
 from p2pfed.ledger import Ledger, LedgerEntry, read_entries, verify_ledger
+from p2pfed.lineage import Lineage
 from p2pfed.node import Train
 from p2pfed.unlearning import check_unlearning
 from tests.fixtures.make_ledger_v0 import dp_node, restored, sim_node
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ledger_v0"
 D = bytes(range(32))
-ck = Checkpoint("backbone", 3, D, ("a", "b"), {"radius": 0.5})
+ck = Checkpoint("backbone", 3, D, Lineage.of(["a", "b"]), {"radius": 0.5})
 SAMPLES: list[Record] = [
-    LocalUpdate("backbone", 2, D, True, D, ("a",), 1, PrivacySpent(3, 1.5, 1e-5, 2.0, 1.0, True)),
-    LocalUpdate("head.grade", 0, D, False, b"", (), 0),
-    Contribution("peer", "backbone", 1, D, 0.25, ("peer",), 0.1, kept=True),
+    LocalUpdate("backbone", 2, D, True, D, Lineage.of(["a"]), 1,
+                PrivacySpent(3, 1.5, 1e-5, 2.0, 1.0, True)),
+    LocalUpdate("head.grade", 0, D, False, b"", Lineage(), 0),
+    Contribution("peer", "backbone", 1, D, 0.25, Lineage.of(["peer"]), 0.1, kept=True),
     Mix("backbone", 4, 0.5, (MixInputRef("p", 0.25, D), MixInputRef("q", 0.25, D)), ("r",),
-        ("p", "q"), 1, "clipped", {"radius": 1.5, "clipped": ["q"]}),
+        Lineage.of(["p", "q"]), 1, "clipped", {"radius": 1.5, "clipped": ["q"]}),
     ck,
     CatchUp("backbone", 2, 9),
     Membership(b"signed"), JoinRequest(b"join"), ForgetRecord(b"forget"),
-    Forget("t", "exact", 1, 0, {"backbone": Rerun(4, D, ("a",), {"radius": 0.0}, ck)},
+    Forget("t", "exact", 1, 0,
+           {"backbone": Rerun(4, D, Lineage.of(["a"]), {"radius": 0.0}, ck)},
            ("backbone",), ("head.grade",)),
     Unlearned("t", "fast", 2, ("backbone",), (), 0),
     ForgetFailed("t", "exact", ("backbone",)),
@@ -102,6 +105,16 @@ def _copy(tmp_path: Path) -> Path:
     return tmp_path / "v0"
 
 
+def _tagged(body: Any) -> Any:
+    """``body`` with every lineage (a list of peer ids before schema 2) as packed tags."""
+    if isinstance(body, dict):
+        return {k: Lineage.decode(v).packed if k == "lineage" else _tagged(v)
+                for k, v in body.items()}
+    if isinstance(body, list):
+        return [_tagged(v) for v in body]
+    return body
+
+
 def test_ledgers_written_before_the_schema_version_verify_read_and_restore(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = _copy(tmp_path)
@@ -111,9 +124,9 @@ def test_ledgers_written_before_the_schema_version_verify_read_and_restore(
         assert verify_ledger(path, load_identity(root / sub / "identity.key").public_key).ok
         entries = read_entries(path)
         assert journal.schema_problems(entries) == []
-        for entry in entries:  # every old body reads as a record and writes back the same
-            body = journal.decode(entry).to_body()
-            assert body.pop("v") == SCHEMA and body == entry.body
+        for entry in entries:  # every old body reads as a record and writes back the same,
+            body = journal.decode(entry).to_body()  # its members' peer ids as lineage tags
+            assert body.pop("v") == SCHEMA and body == _tagged(entry.body)
         assert main(["ledger", "verify", "--home", str(root / sub), "--json"]) == exitcodes.OK
         assert json.loads(capsys.readouterr().out)["schema_problems"] == []
     sim = read_entries(root / "sim" / "ledger.sqlite3")

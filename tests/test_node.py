@@ -24,6 +24,7 @@ from gossip.identity import Identity
 from p2pfed.blobs import BlobStore
 from p2pfed.components import FlatComponent
 from p2pfed.ledger import Ledger, LedgerEntry
+from p2pfed.lineage import Lineage
 from p2pfed.node import (
     ANNOUNCE,
     Announce,
@@ -101,7 +102,7 @@ def test_three_nodes_average_exactly_in_one_round() -> None:
         assert n.round_of("backbone") == 1
         assert n.phase_of("backbone") is Phase.PAUSED
         assert torch.allclose(value(n), torch.full((4,), 3.0, dtype=torch.float64))
-        assert n.lineage_of("backbone") == {m.peer_id for m in nodes}
+        assert n.lineage_of("backbone") == Lineage.of(m.peer_id for m in nodes)
 
 
 def test_path_uses_metropolis_hastings_weights() -> None:
@@ -161,7 +162,7 @@ def test_training_precedes_the_announcement() -> None:
 
 def _announce_from(sender: Node, comp: str = "backbone", rnd: int = 0, seq: int = 1,
                    digest: bytes = b"d" * 32) -> bytes:
-    ann = Announcement(comp, rnd, digest, 100, 1, (sender.peer_id,))
+    ann = Announcement(comp, rnd, digest, 100, 1, Lineage.of([sender.peer_id]))
     return seal(sender.identity, kind=ANNOUNCE, federation_id=FED, seq=seq, timestamp_ms=0,
                 body=ann.to_body()).to_bytes()
 
@@ -217,7 +218,7 @@ def test_a_node_far_behind_catches_up() -> None:
     a, b = make_node(0.0), make_node(4.0)
     wire([a, b], [(0, 1)])
     a.start(0)
-    ann = Announcement("backbone", 7, b"d" * 32, 100, 1, (b.peer_id,))
+    ann = Announcement("backbone", 7, b"d" * 32, 100, 1, Lineage.of([b.peer_id]))
     data = seal(b.identity, kind=ANNOUNCE, federation_id=FED, seq=1, timestamp_ms=0,
                 body=ann.to_body()).to_bytes()
     actions = a.receive(b.peer_id, data, 10)

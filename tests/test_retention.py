@@ -137,7 +137,7 @@ def test_exact_unlearning_inside_the_horizon_is_bit_identical_and_beyond_it_refu
     everyone = [*nodes, late]
     _wire(everyone)
     _run(everyone, 16)
-    assert all(n.lineage_of("backbone") >= {late.peer_id} for n in nodes)
+    assert all(n.shaped_by("backbone", late.peer_id) for n in nodes)
     actions: list[tuple[str, object]] = []
     for n in nodes:
         actions += [(n.peer_id, a) for a in n.forget(late.peer_id, "exact", 0)]

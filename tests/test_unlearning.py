@@ -22,6 +22,7 @@ from p2pfed.federated import FORGET_RECORD_ENTRY as FORGET_RECORD
 from p2pfed.federated import FederatedNode
 from p2pfed.journal import Checkpoint, Stored
 from p2pfed.ledger import Ledger, LedgerEntry
+from p2pfed.lineage import Lineage
 from p2pfed.node import Node, NodeConfig, status_of
 from p2pfed.node._restore import restore_candidates
 from p2pfed.sim.education import EducationSettings
@@ -208,7 +209,7 @@ def test_forgetting_twice_applies_once_and_stale_epochs_are_never_mixed() -> Non
     assert all(n.epoch == 1 for n in rest)
     _run(rest, 6)
     for n in rest:
-        assert nodes[-1].peer_id not in n.lineage_of("backbone")
+        assert not n.shaped_by("backbone", nodes[-1].peer_id)
         assert check_unlearning(n.ledger.entries()) == []
     # the forgotten member (still running, epoch 0) is not a neighbour any more
     actions = nodes[2].receive(nodes[3].peer_id, _stale_announcement(nodes[3]), 0)
@@ -219,7 +220,7 @@ def _stale_announcement(node: Node) -> bytes:
     from gossip.envelope import seal
     from p2pfed.node import ANNOUNCE, Announcement
 
-    ann = Announcement("backbone", 7, b"d" * 32, 10, 1, (node.peer_id,))
+    ann = Announcement("backbone", 7, b"d" * 32, 10, 1, Lineage.of([node.peer_id]))
     return seal(node.identity, kind=ANNOUNCE, federation_id=FED, seq=10**6, timestamp_ms=0,
                 body=ann.to_body()).to_bytes()
 
@@ -257,7 +258,7 @@ async def test_a_member_asks_to_be_forgotten_and_everyone_applies_it_once(
     async with trio.open_nursery() as nursery:
         drivers = await start_federation(nursery, nodes, net)
         await trio.sleep(20)
-        assert all(target.peer_id in n.lineage_of("backbone") for n in nodes[:3])
+        assert all(n.shaped_by("backbone", target.peer_id) for n in nodes[:3])
         drivers[3].call(target.request_forget, target.peer_id, "exact", "moving schools")
         await trio.sleep(30)
         # the same signed record again (a replay, or a relay's copy): nothing new happens
@@ -273,7 +274,7 @@ async def test_a_member_asks_to_be_forgotten_and_everyone_applies_it_once(
         assert len(list(n.ledger.entries(FORGET_RECORD))) == 1
         assert len(list(n.ledger.entries(FORGET_ENTRY))) == 1
         assert len(list(n.ledger.entries(UNLEARNED_ENTRY))) == 1
-        assert target.peer_id not in n.lineage_of("backbone")
+        assert not n.shaped_by("backbone", target.peer_id)
         assert check_unlearning(n.ledger.entries()) == []
         assert [u["done"] for u in n.status()["unlearning"]] == [True]
     assert before == [1, 1, 1]
@@ -367,7 +368,8 @@ def test_clipped_gossip_keeps_its_radius_in_checkpoints_for_restarts_and_rollbac
 
 def test_restore_candidates_are_clean_checkpoints_newest_first() -> None:
     def cp(index: int, component: str, lineage: list[str]) -> Stored[Checkpoint]:
-        return Stored(index, 0, Checkpoint(component, index, bytes(32), tuple(lineage)))
+        return Stored(index, 0, Checkpoint(component, index, bytes(32),
+                                           Lineage.of(lineage)))
 
     newest_first = [cp(9, "backbone", ["a", "t"]), cp(8, "head.topic", ["a"]),
                     cp(6, "backbone", ["a"]), cp(5, "other", []), cp(4, "backbone", [])]

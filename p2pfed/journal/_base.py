@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from gossip.errors import StorageError
+from p2pfed.lineage import Lineage
 
 #: the version of the entry bodies this code writes
-SCHEMA = 1
+SCHEMA = 2  # (2: lineages as packed member tags, p2pfed.lineage)
 _VERSION = "v"
 _MISSING: Any = object()
 
@@ -41,6 +42,15 @@ def _strs(body: Mapping[str, Any], key: str, default: Any = _MISSING) -> tuple[s
     if not all(isinstance(v, str) for v in value):
         raise SchemaError(f"field {key!r} holds a non-string")
     return tuple(value)
+
+
+def _lineage(body: Mapping[str, Any], key: str, default: Any = _MISSING) -> Lineage:
+    """A lineage field: packed tags, or (schema 0 and 1) a list of peer ids."""
+    value = _field(body, key, (bytes, list, tuple), default)
+    try:
+        return Lineage.decode(value)
+    except ValueError as exc:
+        raise SchemaError(f"field {key!r}: {exc}") from exc
 
 
 def _floats(body: Mapping[str, Any], skip: Iterable[str]) -> dict[str, float]:

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from p2pfed import kinds
-from p2pfed.journal._base import Record, SchemaError, _field, _floats, _strs
+from p2pfed.journal._base import Record, SchemaError, _field, _floats, _lineage, _strs
 from p2pfed.journal._rounds import Checkpoint
 from p2pfed.ledger_verify import OPEN
+from p2pfed.lineage import Lineage
 
 
 @dataclass(frozen=True)
@@ -55,20 +56,20 @@ class Rerun:
 
     until: int
     checkpoint: bytes
-    lineage: tuple[str, ...]
+    lineage: Lineage
     memory: Mapping[str, float] = field(default_factory=dict)
     keep: Checkpoint | None = None
 
     def to_body(self) -> dict[str, Any]:
         keep = {"keep": self.keep.fields()} if self.keep is not None else {}
         return {"until": self.until, "checkpoint": self.checkpoint,
-                "lineage": list(self.lineage), **self.memory, **keep}
+                "lineage": self.lineage.packed, **self.memory, **keep}
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Rerun:
         keep = _field(body, "keep", dict, None)
         return cls(_field(body, "until", int), _field(body, "checkpoint", bytes),
-                   _strs(body, "lineage", ()),
+                   _lineage(body, "lineage", b""),
                    _floats(body, ("until", "checkpoint", "lineage", "keep")),
                    Checkpoint.from_fields(keep) if keep is not None else None)
 

@@ -7,7 +7,16 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from p2pfed import kinds
-from p2pfed.journal._base import _VERSION, Record, SchemaError, _field, _floats, _strs
+from p2pfed.journal._base import (
+    _VERSION,
+    Record,
+    SchemaError,
+    _field,
+    _floats,
+    _lineage,
+    _strs,
+)
+from p2pfed.lineage import Lineage
 
 
 @dataclass(frozen=True)
@@ -42,13 +51,13 @@ class LocalUpdate(Record):
     digest: bytes  # the payload announced
     trained: bool  # the update includes local training
     start: bytes  # the state before training (b"": not kept)
-    lineage: tuple[str, ...]
+    lineage: Lineage
     epoch: int
     dp: PrivacySpent | None = None
 
     def fields(self) -> dict[str, Any]:
         out = {"component": self.component, "round": self.round, "digest": self.digest,
-               "trained": self.trained, "start": self.start, "lineage": list(self.lineage),
+               "trained": self.trained, "start": self.start, "lineage": self.lineage.packed,
                "epoch": self.epoch}
         return out | ({"dp": self.dp.to_body()} if self.dp is not None else {})
 
@@ -57,7 +66,7 @@ class LocalUpdate(Record):
         dp = _field(body, "dp", dict, None)
         return cls(_field(body, "component", str), _field(body, "round", int),
                    _field(body, "digest", bytes), _field(body, "trained", bool, False),
-                   _field(body, "start", bytes, b""), _strs(body, "lineage"),
+                   _field(body, "start", bytes, b""), _lineage(body, "lineage"),
                    _field(body, "epoch", int, 0),
                    PrivacySpent.from_body(dp) if dp is not None else None)
 
@@ -73,13 +82,13 @@ class Contribution(Record):
     round: int
     digest: bytes
     weight: float
-    lineage: tuple[str, ...]
+    lineage: Lineage
     noise: float = 0.0  # the noise std its announcement declared
     kept: bool = False
 
     def fields(self) -> dict[str, Any]:
         out = {"sender": self.sender, "component": self.component, "round": self.round,
-               "digest": self.digest, "weight": self.weight, "lineage": list(self.lineage),
+               "digest": self.digest, "weight": self.weight, "lineage": self.lineage.packed,
                "noise": self.noise}
         return out | ({"kept": True} if self.kept else {})
 
@@ -87,7 +96,7 @@ class Contribution(Record):
     def from_fields(cls, body: Mapping[str, Any]) -> Contribution:
         return cls(_field(body, "sender", str), _field(body, "component", str),
                    _field(body, "round", int), _field(body, "digest", bytes),
-                   _field(body, "weight", float), _strs(body, "lineage"),
+                   _field(body, "weight", float), _lineage(body, "lineage"),
                    _field(body, "noise", float, 0.0), _field(body, "kept", bool, False))
 
 
@@ -114,7 +123,7 @@ class Mix(Record):
     self_weight: float
     inputs: tuple[MixInputRef, ...]
     missing: tuple[str, ...]
-    lineage: tuple[str, ...]
+    lineage: Lineage
     epoch: int
     rule: str
     #: the rule's own audit fields (clipped gossip's radius, trimmed members, noise ...)
@@ -124,7 +133,7 @@ class Mix(Record):
         return {"component": self.component, "round": self.round,
                 "self_weight": self.self_weight,
                 "inputs": [[i.peer, i.weight, i.digest] for i in self.inputs],
-                "missing": list(self.missing), "lineage": list(self.lineage),
+                "missing": list(self.missing), "lineage": self.lineage.packed,
                 "epoch": self.epoch, "rule": self.rule, **self.audit}
 
     @classmethod
@@ -139,7 +148,7 @@ class Mix(Record):
             inputs.append(MixInputRef(item[0], float(item[1]), item[2]))
         return cls(_field(body, "component", str), _field(body, "round", int),
                    _field(body, "self_weight", float), tuple(inputs), _strs(body, "missing"),
-                   _strs(body, "lineage"), _field(body, "epoch", int, 0),
+                   _lineage(body, "lineage"), _field(body, "epoch", int, 0),
                    _field(body, "rule", str, "mh"),
                    {k: v for k, v in body.items() if k not in _MIX_FIELDS and k != _VERSION})
 
@@ -155,18 +164,18 @@ class Checkpoint(Record):
     component: str
     round: int
     digest: bytes  # of the safetensors blob
-    lineage: tuple[str, ...]
+    lineage: Lineage
     #: what the mixing rule remembers (:class:`p2pfed.mixing.Memory`'s fields)
     memory: Mapping[str, float] = field(default_factory=dict)
 
     def fields(self) -> dict[str, Any]:
         return {"component": self.component, "round": self.round, "digest": self.digest,
-                "lineage": list(self.lineage), **self.memory}
+                "lineage": self.lineage.packed, **self.memory}
 
     @classmethod
     def from_fields(cls, body: Mapping[str, Any]) -> Checkpoint:
         return cls(_field(body, "component", str), _field(body, "round", int),
-                   _field(body, "digest", bytes), _strs(body, "lineage", ()),
+                   _field(body, "digest", bytes), _lineage(body, "lineage", b""),
                    _floats(body, _CHECKPOINT_FIELDS))
 
 

@@ -25,6 +25,7 @@ from p2pfed.journal import (
     Stored,
     Unlearned,
 )
+from p2pfed.lineage import Lineage
 from p2pfed.mixing import Memory
 from p2pfed.node._journal import Journal
 from p2pfed.node._records import Announcement
@@ -197,7 +198,7 @@ class Forgetting:
             log.info("%s: re-run of %s ended %.3g away from its kept state; restoring it",
                      self._who(), name, float((kept - st.comp.flat).abs().max()))
         st.comp.load_(kept)
-        st.lineage = set(keep.lineage) | {self.self_id}
+        st.lineage = keep.lineage | Lineage.of([self.self_id])
         st.memory = Memory.from_record(keep.memory)
 
     def finish(self, target: str, now_ms: int) -> None:

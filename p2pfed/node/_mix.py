@@ -18,6 +18,7 @@ import torch
 
 from p2pfed.consensus import effective_weights, metropolis_hastings_row
 from p2pfed.journal import Mix, MixInputRef
+from p2pfed.lineage import Lineage
 from p2pfed.mixing import MixingRule, MixInput, Neighbour
 from p2pfed.node._state import ComponentRound, Received
 
@@ -59,8 +60,8 @@ def place_all(states: Mapping[str, ComponentRound], graph: nx.Graph,
     for name, st in states.items():
         place = placement(graph, kept.get(name, ()), self_id)
         new[name] = set(place.neighbours) - set(st.neighbours)
-        st.weights, st.neighbours, st.weight_deps = (place.weights, place.neighbours,
-                                                     place.weight_deps)
+        st.weights, st.neighbours = place.weights, place.neighbours
+        st.weight_deps = Lineage.of(place.weight_deps)
     return graph, kept, new
 
 
@@ -71,6 +72,22 @@ class MixOutcome:
     missing: tuple[str, ...]  # those whose updates did not come in time
 
 
+#: one work buffer per size and type for every node of the process: a mix runs start to end on
+#: the event loop's thread, so no two mixes share one at once (and a simulation of a thousand
+#: nodes keeps a few buffers, not one per node)
+_SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch_like(flat: torch.Tensor) -> torch.Tensor:
+    key = (flat.numel(), flat.dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        if len(_SCRATCH) >= 64:  # (bounded: a node has a handful of component sizes)
+            _SCRATCH.clear()
+        buf = _SCRATCH[key] = torch.empty_like(flat)
+    return buf
+
+
 def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,
               epoch: int) -> MixOutcome:
     """Mix the updates of round ``st.round`` that arrived into ``st`` (state, memory,
@@ -78,23 +95,21 @@ def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,
     present = {p: rec for (r, p), rec in st.inbox.items()
                if r == st.round and rec.flat is not None and p in st.neighbours}
     self_w, terms = effective_weights(self_id, st.weights, present.keys())
-    if st.scratch is None:
-        st.scratch = torch.empty_like(st.comp.flat)
+    scratch = _scratch_like(st.comp.flat)
     if present:
         st.disagreement.append(disagreement(st.comp.flat, [r.flat for r in present.values()],
-                                            st.scratch))
+                                            scratch))
     neighbours = tuple(_neighbour(p, w, present[p]) for p, w in terms)
     mixed = rule.mix(MixInput(st.comp.flat, self_w, neighbours, st.memory,
-                              own_noise=st.noise, scratch=st.scratch))
+                              own_noise=st.noise, scratch=scratch))
     st.comp.flat.copy_(mixed.state)
     st.memory = mixed.memory
-    for rec in present.values():
-        st.lineage.update(rec.announcement.lineage)
-    st.lineage.update(st.weight_deps)
+    st.lineage = st.lineage.union(*(rec.announcement.lineage for rec in present.values()),
+                                  st.weight_deps)
     missing = tuple(p for p in st.neighbours if p not in present)
     inputs = tuple(MixInputRef(n.peer, w, present[n.peer].announcement.digest)
                    for n, w in zip(neighbours, mixed.weights, strict=True))
-    record = Mix(name, st.round, mixed.self_weight, inputs, missing, tuple(sorted(st.lineage)),
+    record = Mix(name, st.round, mixed.self_weight, inputs, missing, st.lineage,
                  epoch, rule.name, mixed.audit)
     return MixOutcome(record, tuple(sorted(present)), missing)
 

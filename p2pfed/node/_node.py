@@ -26,6 +26,7 @@ from p2pfed.codec import Buffer
 from p2pfed.components import FlatComponent
 from p2pfed.journal import CatchUp, Checkpoint, Contribution, LocalUpdate
 from p2pfed.ledger import Ledger
+from p2pfed.lineage import Lineage
 from p2pfed.mixing import DEFAULT_RULE, MixingRule, rule
 from p2pfed.node._announcer import Announcer
 from p2pfed.node._config import NodeConfig
@@ -85,7 +86,7 @@ class Node:
         self._replay = ReplayGuard()
         self._states = {name: ComponentRound(comp) for name, comp in components.items()}
         for st in self._states.values():
-            st.lineage.add(self.peer_id)
+            st.lineage = Lineage.of([self.peer_id])
         #: how each component mixes (a registered :class:`~p2pfed.mixing.MixingRule`)
         self._rules: dict[str, MixingRule] = {n: rule(self.rule_of(n)) for n in self._states}
         noise = Noise(cfg.noise_seed)
@@ -122,8 +123,13 @@ class Node:
         st = self._states.get(component)
         return st is not None and st.phase is Phase.TRAINING and st.round == round_
 
-    def lineage_of(self, component: str) -> frozenset[str]:
-        return frozenset(self._states[component].lineage)
+    def lineage_of(self, component: str) -> Lineage:
+        """The members that may have shaped ``component``'s state (``peer_id in ...``)."""
+        return self._states[component].lineage
+
+    def shaped_by(self, component: str, peer_id: str) -> bool:
+        """May the member ``peer_id`` have shaped ``component``'s state?"""
+        return peer_id in self._states[component].lineage
 
     def neighbours_of(self, component: str) -> tuple[str, ...]:
         return self._states[component].neighbours
@@ -295,7 +301,7 @@ class Node:
             account.release(origin, st.comp.flat)
         for dep in sorted(self.config.forward_deps.get(component, ())):
             if dep in self._states:
-                st.lineage.update(self._states[dep].lineage)
+                st.lineage = st.lineage | self._states[dep].lineage
         transition(st, Event.TRAINED)
         return self._publish(component, now_ms)
 
@@ -369,7 +375,7 @@ class Node:
         st.own_digest, size = self._journal.put_state(name, st.round, state, st.comp.layout)
         account = self._privacy.get(name)
         spent, st.noise = account.published() if account is not None else (None, 0.0)
-        lineage = tuple(sorted(st.lineage))
+        lineage = st.lineage
         # The ledger entry (with the privacy spent so far) precedes the send and is durable.
         self._journal.write(LocalUpdate(name, st.round, st.own_digest, st.trained,
                                         st.start_digest, lineage, self.epoch, spent),

@@ -12,6 +12,7 @@ import torch
 
 from gossip.envelope import packb, unpackb
 from gossip.errors import MalformedMessageError, RemoteError
+from p2pfed.lineage import Lineage
 
 ANNOUNCE = "announce"
 
@@ -28,7 +29,7 @@ class Announcement:
     digest: bytes
     size: int
     degree: int
-    lineage: tuple[str, ...]
+    lineage: Lineage
     noise: float = 0.0
     #: how many forget requests the sender had applied: updates of an older epoch may carry a
     #: forgotten member's influence and are never mixed
@@ -37,7 +38,7 @@ class Announcement:
     def to_body(self) -> bytes:
         return packb(
             [self.component, self.round, self.digest, self.size, self.degree,
-             list(self.lineage), self.noise, self.epoch]
+             self.lineage.packed, self.noise, self.epoch]
         )
 
     @classmethod
@@ -52,13 +53,14 @@ class Announcement:
             and isinstance(dig, bytes) and len(dig) == 32
             and isinstance(size, int) and size > 0
             and isinstance(degree, int) and degree >= 0
-            and isinstance(lineage, list) and all(isinstance(x, str) for x in lineage)
             and isinstance(noise, int | float) and 0.0 <= noise <= MAX_NOISE
             and isinstance(epoch, int) and epoch >= 0
         )
         if not ok:
             raise MalformedMessageError("announcement fields have wrong types or ranges")
-        return cls(component, rnd, dig, size, degree, tuple(lineage), float(noise), epoch)
+        # (packed tags; an older peer sends its members' peer ids)
+        return cls(component, rnd, dig, size, degree, Lineage.decode_wire(lineage),
+                   float(noise), epoch)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from gossip.errors import StorageError
 from p2pfed.journal import Checkpoint, Forget, LocalUpdate, Stored, Unlearned
+from p2pfed.lineage import Lineage
 from p2pfed.mixing import Memory
 from p2pfed.node._journal import Journal
 from p2pfed.node._privacy import PrivacyAccount
@@ -32,14 +33,14 @@ log = logging.getLogger(__name__)
 def checkpoint_of(journal: Journal, name: str, st: ComponentRound) -> Checkpoint:
     """Store ``name``'s state; the ``checkpoint`` record that names it."""
     return Checkpoint(name, st.round, journal.put_tensor(name, st.round, st.comp.flat),
-                      tuple(sorted(st.lineage)), st.memory.to_record())
+                      st.lineage, st.memory.to_record())
 
 
 def load_checkpoint(st: ComponentRound, journal: Journal, ck: Checkpoint, self_id: str) -> None:
     """Put the state ``ck`` names back into ``st`` (its inbox is emptied)."""
     st.comp.load_(journal.tensor(ck.digest))
     st.round = ck.round
-    st.lineage = set(ck.lineage) | {self_id}
+    st.lineage = ck.lineage | Lineage.of([self_id])
     st.memory = Memory.from_record(ck.memory)
     st.inbox.clear()
 

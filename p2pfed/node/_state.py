@@ -15,6 +15,7 @@ from enum import Enum
 import torch
 
 from p2pfed.components import FlatComponent
+from p2pfed.lineage import Lineage
 from p2pfed.mixing import Memory
 from p2pfed.node._records import Announcement
 from p2pfed.node._replay import Replay
@@ -68,14 +69,13 @@ class ComponentRound:
     neighbours: tuple[str, ...] = ()
     # (round, peer) -> announcement and payload
     inbox: dict[tuple[int, str], Received] = field(default_factory=dict)
-    lineage: set[str] = field(default_factory=set)
+    lineage: Lineage = field(default_factory=Lineage)
     own_digest: bytes = b""
     #: per round mixed with neighbours, the largest relative distance to their updates
     disagreement: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
-    scratch: torch.Tensor | None = None
     completed: int = 0  # rounds mixed since this node started
     #: members whose presence shapes this node's mixing weights (within two hops)
-    weight_deps: frozenset[str] = frozenset()
+    weight_deps: Lineage = field(default_factory=Lineage)
     replay: Replay | None = None
     trained: bool = False  # this round's update includes local training
     #: the state before this round's training, when calibration or privacy needs it

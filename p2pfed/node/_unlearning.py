@@ -22,6 +22,7 @@ import torch
 
 from p2pfed.components import FlatLayout
 from p2pfed.journal import Checkpoint, Contribution, Forget, LocalUpdate, Rerun, Stored
+from p2pfed.lineage import Lineage
 from p2pfed.node._journal import Journal
 from p2pfed.node._replay import Replay
 from p2pfed.unlearning import FAST_STRIDE, is_clean
@@ -130,7 +131,7 @@ def rerun_of(influenced: Iterable[str], trains: Collection[str],
 
 
 def plan_forget(
-    target: str, mode: str, *, self_id: str, lineages: Mapping[str, Collection[str]],
+    target: str, mode: str, *, self_id: str, lineages: Mapping[str, Lineage],
     rounds: Mapping[str, int], trains: Collection[str],
     forward_deps: Mapping[str, Iterable[str]], checkpoints: Iterable[Stored[Checkpoint]],
     forgotten: Iterable[str],
