@@ -10,7 +10,9 @@ mark is verified in full once).
 While running, the daemon verifies the new entries every ``VERIFY_EVERY_S`` and ``status``
 reports what it found, from memory.  SIGTERM (or SIGINT) lets the current ledger write finish
 (writes are synchronous in the event loop), checkpoints every component, verifies what is left
-and exits 0.  A full disk at start-up is a ``DiskFullError`` (exit code 6), never a traceback.
+and exits 0.  A full disk is a ``DiskFullError`` (exit code 6), never a traceback: the daemon
+refuses to start when its disk cannot hold one more round, and stops when a round leaves too
+little room or a write fails for lack of space (:mod:`p2pfed.runtime.diskspace`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import logging
 import secrets
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,14 +42,23 @@ from p2pfed.home import (
     BLOBS_DIR,
     KEY_FILE,
     LEDGER_FILE,
+    DiskFullError,
     MissingStateError,
     is_disk_full,
     storage_error,
 )
 from p2pfed.ledger import Ledger, VerifyReport
-from p2pfed.node import NodeConfig
+from p2pfed.node import NodeConfig, RoundCompleted
 from p2pfed.node._retention import RetentionPolicy
 from p2pfed.runtime.control import SOCKET_NAME, serve_control
+from p2pfed.runtime.diskspace import (
+    NoRoomError,
+    disk_full_cause,
+    disk_full_message,
+    free_bytes,
+    round_bytes,
+    wal_room,
+)
 from p2pfed.runtime.driver import NodeDriver
 from p2pfed.runtime.systemd import Notifier
 
@@ -113,8 +125,36 @@ class Daemon:
     notifier: Notifier
     started_ms: int = 0
     metrics_port: int | None = None
+    #: the bytes one more round may write (known once the node is loaded)
+    round_bytes: int | None = None
+    _stop: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+    _ready: bool = field(default=False, init=False, repr=False)
+    #: why a full disk stopped the daemon (the line logged, and the error it exits with)
+    _full: str | None = field(default=None, init=False, repr=False)
+    #: a write failed inside a node call: its memory may be ahead of its ledger
+    _torn: bool = field(default=False, init=False, repr=False)
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until SIGTERM/SIGINT (or cancelled); raises :class:`DiskFullError` with one
+        clear line (a :class:`NoRoomError`) when its disk cannot hold one more round, at
+        start-up or later."""
+        self._stop, self._ready, self._full, self._torn = trio.Event(), False, None, False
+        try:
+            await self._run(task_status)
+        except (Exception, BaseExceptionGroup) as exc:  # (a group may hold a Cancelled)
+            cause = disk_full_cause(exc)
+            if cause is None:
+                raise
+            if isinstance(cause, NoRoomError):
+                raise cause from None
+            outcome = "stopped" if self._ready else "refusing to start"
+            raise NoRoomError(disk_full_message(self.home, self.round_bytes, outcome,
+                                                failed=True)) from cause
+        if self._full is not None:
+            raise NoRoomError(self._full)
+        log.info("stopped cleanly")
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
         identity = load_identity(self.home / KEY_FILE)
         ledger_path = self.home / LEDGER_FILE
         store = FederationStore(self.home)
@@ -126,11 +166,11 @@ class Daemon:
             await _verify_at_start(ledger)
             view = store.view(ledger)
             node, trainer = await self._load_node(identity, ledger, view)
+            self._check_room(node, "refusing to start")
             transport = _new_transport(identity, node, self.config)
             async with trio.open_nursery() as nursery:
                 await self._serve(nursery, node, transport, trainer, store, task_status)
                 nursery.cancel_scope.cancel()
-        log.info("stopped cleanly")
 
     async def _load_node(self, identity: Identity, ledger: Ledger,
                          view: MembershipView) -> tuple[FederatedNode, LocalTrainer | None]:
@@ -171,10 +211,11 @@ class Daemon:
         then checkpoint and verify (the caller cancels what is left)."""
         await nursery.start(transport.run)
         driver = NodeDriver(node, transport, clock_ms=wall_clock_ms,
-                            trainer=trainer.run if trainer is not None else None)
+                            trainer=trainer.run if trainer is not None else None,
+                            on_actions=self._room_after_rounds(node))
         handlers = self._handlers(node, transport, driver, node.identity)
         await nursery.start(serve_control, self.home / SOCKET_NAME, handlers)
-        await nursery.start(driver.run)
+        await nursery.start(self._drive, driver)
         nursery.start_soon(self._verify_loop, node.ledger)
         metrics = self._start_metrics(node, transport)
         bootstrap = store.bootstrap()
@@ -186,15 +227,75 @@ class Daemon:
                             f"listening on {', '.join(transport.listen_addrs())}")
         nursery.start_soon(self.notifier.watchdog_loop)
         task_status.started()
+        self._ready = True
         try:
-            await self._wait_for_stop(node, driver)
+            await self._wait_for_stop()
         finally:
             if metrics is not None:
                 metrics.close()
         self.notifier.stopping()
-        async with driver.training_paused():  # a training thread may be mid-step
-            node.checkpoint(wall_clock_ms())
-        _log_problem(node.ledger.verify_new())  # so that the next start has little to do
+        if self._torn:  # the ledger is whole, the node's memory may not be: no checkpoint
+            log.info("not checkpointing: a restart resumes from the last checkpoint in the "
+                     "ledger")
+            return
+        try:
+            async with driver.training_paused():  # a training thread may be mid-step
+                node.checkpoint(wall_clock_ms())
+            _log_problem(node.ledger.verify_new())  # so that the next start has little to do
+        except DiskFullError as exc:  # (each entry whole or absent: the last checkpoint holds)
+            self._disk_full(exc, torn=False)
+
+    # ---------------------------------------------------------------- a full disk
+    def _need(self, node: FederatedNode) -> int:
+        """The bytes one more round of ``node`` may write (see :func:`round_bytes`)."""
+        neighbours = max((len(node.neighbours_of(c)) for c in node.components), default=0)
+        self.round_bytes = round_bytes((c.flat.nbytes for c in node.components.values()),
+                                       max(neighbours, self.config.overlay.degree),
+                                       wal_room(self.home / LEDGER_FILE))
+        return self.round_bytes
+
+    def _check_room(self, node: FederatedNode, outcome: str) -> None:
+        """Refuse to start when the disk cannot hold one more round."""
+        if free_bytes(self.home) < self._need(node):
+            raise NoRoomError(disk_full_message(self.home, self.round_bytes, outcome,
+                                                failed=False))
+
+    def _room_after_rounds(self, node: FederatedNode) -> Callable[[Sequence[object]], None]:
+        """The driver's hook: after a round, stop the daemon if another would not fit."""
+        def check(actions: Sequence[object]) -> None:
+            if self._full is None and any(isinstance(a, RoundCompleted) for a in actions) \
+                    and free_bytes(self.home) < self._need(node):
+                self._full = disk_full_message(self.home, self.round_bytes,
+                                               "no new round starts, the daemon stops",
+                                               failed=False)
+                log.error("%s", self._full)
+                self._stop.set()
+        return check
+
+    def _disk_full(self, exc: BaseException, *, torn: bool) -> None:
+        """A write failed for lack of space: log it once and stop the daemon; ``torn``: it
+        failed inside a node call (each ledger entry is whole or absent, but the node's memory
+        may be ahead of its ledger, so it is not checkpointed)."""
+        self._torn = self._torn or torn
+        if self._full is None:
+            self._full = disk_full_message(self.home, self.round_bytes,
+                                           "rounds stopped, the daemon stops", failed=True)
+            log.error("%s", self._full)
+            log.debug("the write that failed: %s", exc)
+        self._stop.set()
+
+    async def _drive(self, driver: NodeDriver, *,
+                     task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the driver; once it has started, a full disk in any of its tasks (a round, a
+        neighbour's payload, a peer's record) stops the daemon instead of tearing it down."""
+        status = _Started(task_status)
+        try:
+            await driver.run(task_status=status)
+        except BaseExceptionGroup as group:
+            cause = disk_full_cause(group)
+            if cause is None or not status.done:
+                raise
+            self._disk_full(cause, torn=True)
 
     def _start_metrics(self, node: FederatedNode, transport: Any) -> MetricsServer | None:
         if not self.config.metrics.enabled:
@@ -211,12 +312,24 @@ class Daemon:
         """Verify the entries appended since the last check, read back from the file."""
         while ledger.problem is None:
             await trio.sleep(VERIFY_EVERY_S)
-            _log_problem(await trio.to_thread.run_sync(ledger.verify_new))
+            try:
+                _log_problem(await trio.to_thread.run_sync(ledger.verify_new))
+            except DiskFullError as exc:  # (the verified mark could not be written)
+                self._disk_full(exc, torn=False)
+                return
 
-    async def _wait_for_stop(self, node: FederatedNode, driver: NodeDriver) -> None:
+    async def _wait_for_stop(self) -> None:
+        """Return on SIGTERM or SIGINT, or once a full disk stops the daemon."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._signalled)
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _signalled(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("received %s: checkpointing and stopping", signal.Signals(signum).name)
+                self._stop.set()
                 return
 
     def _handlers(self, node: FederatedNode, transport: Any, driver: NodeDriver,
@@ -271,7 +384,32 @@ class Daemon:
                 await driver.deliver(node.leave, reason)
             return {"left": True}
 
-        return {"status": status, "peers": peers, "leave": leave, "unlearn": unlearn}
+        return {"status": status, "peers": peers, "leave": self._guarded(leave),
+                "unlearn": self._guarded(unlearn)}
+
+    def _guarded(self, handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+                 ) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+        """A control handler that drives the node: a full disk stops the daemon (the client
+        gets the error)."""
+        async def guarded(req: dict[str, Any]) -> dict[str, Any]:
+            try:
+                return await handler(req)
+            except DiskFullError as exc:
+                self._disk_full(exc, torn=True)
+                raise
+        return guarded
+
+
+class _Started:
+    """A task status that remembers whether the task has started."""
+
+    def __init__(self, inner: TaskStatus[None]) -> None:
+        self.inner = inner
+        self.done = False
+
+    def started(self, value: None = None) -> None:
+        self.done = True
+        self.inner.started(value)
 
 
 def missing_ledger_message(home: Path, ledger_path: Path) -> str:
