@@ -6,6 +6,7 @@ group or others can read or write it, like ssh refuses an unsafe private key.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     """The libp2p peer id (``12D3KooW...``) of an ed25519 public key."""
     if len(public_key) != PUBLIC_KEY_BYTES:
         raise ValueError(f"ed25519 public key must be {PUBLIC_KEY_BYTES} bytes")
+    return _peer_id(bytes(public_key))
+
+
+@functools.lru_cache(maxsize=4096)  # (base58 in Python; every envelope opened asks again)
+def _peer_id(public_key: bytes) -> str:
     raw = _MULTIHASH_IDENTITY + _LIBP2P_ED25519_PREFIX + public_key
     return base58.b58encode(raw).decode("ascii")
 

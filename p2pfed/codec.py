@@ -19,6 +19,7 @@ raises only :class:`~gossip.errors.RemoteError` subclasses for bad data.
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import sys
 import warnings
@@ -233,11 +234,16 @@ def _tensor_from(view: memoryview, offset: int, layout: FlatLayout, shared: bool
 
 
 def all_finite(flat: torch.Tensor) -> bool:
-    """True when no element is NaN or ±Inf (one reduction pass, no temporary buffer).
+    """True when no element is NaN or ±Inf (no temporary buffer).
 
-    ``aminmax`` propagates NaN, and an infinity is always the minimum or the maximum.
+    A finite sum means every element is finite (a NaN, or an infinity, makes the sum NaN or
+    infinite); otherwise ``aminmax`` tells an overflowing sum of finite values from a NaN or
+    an infinity (it propagates NaN, and an infinity is always the minimum or the maximum).
     """
     if flat.numel() == 0:
         return True
-    low, high = torch.aminmax(flat.detach().reshape(-1))
+    flat = flat.detach().reshape(-1)
+    if math.isfinite(float(flat.sum())):  # (a NaN or an infinity makes the sum one too)
+        return True
+    low, high = torch.aminmax(flat)  # (the sum overflowed, or there is one)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))

@@ -62,23 +62,26 @@ class Lineage:
         return cls(b"".join(sorted(set(tag_set))))
 
     @classmethod
-    def unpack(cls, blob: bytes) -> Lineage:
+    def unpack(cls, blob: bytes, *, trusted: bool = False) -> Lineage:
         """A lineage as written; :class:`ValueError` unless canonical (whole tags, strictly
-        increasing, at most :data:`MAX_MEMBERS`)."""
+        increasing, at most :data:`MAX_MEMBERS`).  ``trusted``: written by this node (a
+        signed ledger entry), so the order is not checked again."""
         if len(blob) % TAG_BYTES or len(blob) > MAX_MEMBERS * TAG_BYTES:
             raise ValueError(f"a lineage of {len(blob)} bytes is not whole {TAG_BYTES}-byte "
                              f"tags (at most {MAX_MEMBERS})")
+        if trusted:
+            return cls(bytes(blob))
         words = np.frombuffer(blob, dtype=_WORD)
         if words.size > 1 and not bool(np.all(words[1:] > words[:-1])):
             raise ValueError("lineage tags are not in strictly increasing order")
         return cls(bytes(blob))
 
     @classmethod
-    def decode(cls, value: object) -> Lineage:
+    def decode(cls, value: object, *, trusted: bool = False) -> Lineage:
         """A lineage as a record holds it: packed tags, or (before schema 2) a list of peer
-        ids (:class:`ValueError` for anything else)."""
+        ids (:class:`ValueError` for anything else; ``trusted``: see :meth:`unpack`)."""
         if isinstance(value, bytes):
-            return cls.unpack(value)
+            return cls.unpack(value, trusted=trusted)
         if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             if len(value) > MAX_MEMBERS:
                 raise ValueError(f"a lineage of {len(value)} members (at most {MAX_MEMBERS})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import struct
 
 import numpy as np
@@ -23,6 +24,7 @@ from p2pfed.codec import (
     ALIGNMENT,
     MAGIC,
     PREFIX_BYTES,
+    all_finite,
     decode_payload,
     encode_payload,
     encode_payload_bytes,
@@ -268,3 +270,14 @@ def test_shared_decode_views_immutable_bytes_and_bytes_encoding_matches() -> Non
     assert decode_payload(frozen).flat.data_ptr() != decode_payload(frozen).flat.data_ptr()
     empty = FlatLayout.from_shapes({"nothing": (0,)})
     assert decode_payload(encode_payload_bytes(NAME, 0, torch.zeros(0), empty)).layout == empty
+
+
+def test_finite_values_whose_sum_overflows_are_still_finite() -> None:
+    huge = torch.full((8,), 3e38)  # (float32: the sum is inf, every value is finite)
+    assert not math.isfinite(float(huge.sum())) and all_finite(huge)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        mixed = huge.clone()
+        mixed[3] = bad
+        assert not all_finite(mixed)
+    assert not all_finite(torch.tensor([float("inf"), float("-inf")]))  # (sum: NaN)
+    assert all_finite(torch.zeros(0))

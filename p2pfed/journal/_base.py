@@ -48,7 +48,7 @@ def _lineage(body: Mapping[str, Any], key: str, default: Any = _MISSING) -> Line
     """A lineage field: packed tags, or (schema 0 and 1) a list of peer ids."""
     value = _field(body, key, (bytes, list, tuple), default)
     try:
-        return Lineage.decode(value)
+        return Lineage.decode(value, trusted=True)  # (the node's own signed entries)
     except ValueError as exc:
         raise SchemaError(f"field {key!r}: {exc}") from exc
 
