@@ -49,7 +49,30 @@ MAX_KIND_CHARS = 64
 
 def digest(data: bytes | bytearray | memoryview) -> bytes:
     """The content digest used everywhere in p2pfed (SHA-256, hardware-accelerated here)."""
+    if type(data) is Digested:
+        return data.sha256
     return hashlib.sha256(data).digest()
+
+
+class Digested(bytes):
+    """Immutable bytes that carry their SHA-256, computed once when they are made.
+
+    A node's own payload is one: it is hashed for its announcement anyway, and every later
+    :func:`digest` of the same object (the blob store's, and in a simulation each receiver's
+    check, since the in-memory transport hands over the sender's object) reads it back.  The
+    content cannot change, so the digest read back is always the digest of the content; bytes
+    from the network are never Digested, and are hashed as they come.
+    """
+
+    sha256: bytes
+
+    def __new__(cls, data: bytes | bytearray | memoryview) -> Digested:
+        self = super().__new__(cls, data)
+        object.__setattr__(self, "sha256", hashlib.sha256(self).digest())
+        return self
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Digested bytes are immutable")
 
 
 def packb(obj: Any) -> bytes:

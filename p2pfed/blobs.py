@@ -90,8 +90,8 @@ class BlobStore:
             raise StorageError(f"blob of {size} bytes exceeds the cap of {self.max_bytes} bytes")
         key = digest(data) if key is None else key
         if self.root is None:
-            if key not in self._memory:
-                self._memory[key] = bytes(data)
+            if key not in self._memory:  # (bytes are kept as they are: immutable, shared)
+                self._memory[key] = data if isinstance(data, bytes) else bytes(data)
             return key
         target = self.path(key)
         try:

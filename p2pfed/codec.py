@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from gossip.catalog import MAX_NAME_CHARS, NAME_RE
-from gossip.envelope import packb, unpackb
+from gossip.envelope import Digested, packb, unpackb
 from gossip.errors import (
     BadPayloadError,
     LocalError,
@@ -138,17 +138,17 @@ def encode_payload(
 
 
 def encode_payload_bytes(component: str, round: int, flat: torch.Tensor,
-                         layout: FlatLayout) -> bytes:
-    """:func:`encode_payload` as a new immutable ``bytes``, the tensor data copied once (no
-    send buffer to reuse, no second copy to freeze one)."""
+                         layout: FlatLayout) -> Digested:
+    """:func:`encode_payload` as new immutable bytes that carry their digest (computed here,
+    once: :class:`~gossip.envelope.Digested`)."""
     _check_flat(flat, layout)
     header = _header(component, round, layout)
     head = bytearray(_align(PREFIX_BYTES + len(header)))
     PREFIX.pack_into(head, 0, MAGIC, VERSION, b"\0\0\0", len(header))
     head[PREFIX_BYTES:PREFIX_BYTES + len(header)] = header
     if not layout.nbytes:
-        return bytes(head)
-    return b"".join((head, tensor_bytes(flat.detach())))
+        return Digested(head)
+    return Digested(b"".join((head, tensor_bytes(flat.detach()))))
 
 
 def decode_payload(

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gossip.envelope import packb
+from gossip.envelope import digest, packb
 from gossip.errors import (
     BadPayloadError,
     LocalError,
@@ -259,7 +259,7 @@ def test_fuzz_mutated_payloads_decode_or_raise_remote_errors(data: st.DataObject
 
 def test_shared_decode_views_immutable_bytes_and_bytes_encoding_matches() -> None:
     frozen = encode_payload_bytes(NAME, 3, _flat(), LAYOUT)
-    assert isinstance(frozen, bytes)
+    assert isinstance(frozen, bytes) and frozen.sha256 == digest(bytes(frozen))  # (made once)
     assert frozen == bytes(encode_payload(NAME, 3, _flat(), LAYOUT))
     shared = decode_payload(frozen, shared=True)
     assert torch.equal(shared.flat, _flat()) and shared.round == 3

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from gossip.envelope import (
     MAX_ENVELOPE_BYTES,
+    Digested,
     ReplayGuard,
     Sequencer,
+    digest,
     open_envelope,
     packb,
     seal,
@@ -184,3 +188,12 @@ def test_sequencer_increases_across_restarts() -> None:
     a = [first.next() for _ in range(3)]
     second = Sequencer(boot_epoch=2)
     assert a == sorted(a) and second.next() > a[-1]
+
+
+def test_digested_bytes_carry_their_digest_and_cannot_be_given_another() -> None:
+    data = Digested(b"payload" * 1000)
+    assert data == b"payload" * 1000 and isinstance(data, bytes)
+    assert digest(data) == hashlib.sha256(b"payload" * 1000).digest() == data.sha256
+    with pytest.raises(AttributeError):
+        data.sha256 = bytes(32)  # type: ignore[misc]
+    assert digest(bytearray(data)) == data.sha256  # (other buffers are hashed as they come)
