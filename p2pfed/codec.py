@@ -22,6 +22,7 @@ import logging
 import math
 import struct
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,9 @@ from gossip.errors import (
 from p2pfed.components import FlatLayout, tensor_bytes
 
 logger = logging.getLogger(__name__)
+
+#: per thread, the send buffer :func:`encode_payload_bytes` writes into
+_ENCODING = threading.local()
 
 MAGIC = b"P2PT"
 VERSION = 1
@@ -140,15 +144,14 @@ def encode_payload(
 def encode_payload_bytes(component: str, round: int, flat: torch.Tensor,
                          layout: FlatLayout) -> Digested:
     """:func:`encode_payload` as new immutable bytes that carry their digest (computed here,
-    once: :class:`~gossip.envelope.Digested`)."""
-    _check_flat(flat, layout)
-    header = _header(component, round, layout)
-    head = bytearray(_align(PREFIX_BYTES + len(header)))
-    PREFIX.pack_into(head, 0, MAGIC, VERSION, b"\0\0\0", len(header))
-    head[PREFIX_BYTES:PREFIX_BYTES + len(header)] = header
-    if not layout.nbytes:
-        return Digested(head)
-    return Digested(b"".join((head, tensor_bytes(flat.detach()))))
+    once: :class:`~gossip.envelope.Digested`).  It is written into a send buffer kept per
+    thread, then copied once into the bytes: no buffer of the payload's size is made and
+    dropped per call."""
+    size = encoded_size(layout, component, round)
+    buf: bytearray | None = getattr(_ENCODING, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _ENCODING.buf = bytearray(size)
+    return Digested(encode_payload(component, round, flat, layout, buf))
 
 
 def decode_payload(
