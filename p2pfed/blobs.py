@@ -25,7 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from gossip.envelope import DIGEST_BYTES, digest
-from gossip.errors import LocalError, StorageError
+from gossip.errors import LocalError, P2PFedError, StorageError
 from p2pfed.home import PRIVATE_DIR, PRIVATE_FILE, fsync_dir, make_private, storage_error
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,22 @@ class BlobStore:
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise StorageError(f"blob {key.hex()} has malformed safetensors metadata")
         return meta
+
+
+def read_state(store: BlobStore, key: bytes, max_bytes: int = DEFAULT_MAX_BLOB_BYTES
+               ) -> torch.Tensor:
+    """A checkpoint's flat state: a payload-format blob (:mod:`p2pfed.codec`, from ledger
+    schema 2), or a safetensors file with one tensor ``flat`` (before).  The tensor may be a
+    view of the stored bytes: read it, copy it, never write into it."""
+    from p2pfed.codec import MAGIC, decode_payload  # (the codec imports nothing from here)
+
+    data = store.get(key)
+    if data[:len(MAGIC)] == MAGIC:
+        try:
+            return decode_payload(data, max_bytes=max_bytes, shared=True).flat
+        except P2PFedError as exc:
+            raise StorageError(f"blob {key.hex()} is not a valid state: {exc}") from exc
+    return store.get_tensors(key)["flat"]
 
 
 def _is_shard(name: str) -> bool:

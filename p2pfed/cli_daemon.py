@@ -287,7 +287,7 @@ def export(
     home: HomeOpt = None,
 ) -> None:
     """Write a component's latest checkpoint: an adapter as a peft adapter, else safetensors."""
-    from p2pfed.blobs import BlobStore
+    from p2pfed.blobs import BlobStore, read_state
     from p2pfed.fedstore import FederationStore
     from p2pfed.home import BLOBS_DIR
     from p2pfed.journal import Checkpoint, Forget, read
@@ -305,7 +305,7 @@ def export(
             raise LocalError(f"{root} has no checkpoint of {component!r} "
                              f"(checkpointed: {', '.join(held) or 'nothing yet'})")
         federation_id = FederationStore(root).view(ledger).federation_id
-    flat = BlobStore(root / BLOBS_DIR).get_tensors(found[1].digest)["flat"]
+    flat = read_state(BlobStore(root / BLOBS_DIR), found[1].digest).clone()
     if config.model.kind == "m3t":
         from p2pfed.model.export import export_component
         from p2pfed.model.local import build_model

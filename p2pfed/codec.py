@@ -236,6 +236,17 @@ def _tensor_from(view: memoryview, offset: int, layout: FlatLayout, shared: bool
     return flat
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` hold the same bytes (unlike ``torch.equal``: -0.0 is not 0.0,
+    and a NaN equals itself)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a8, b8 = a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8)
+    if a8.numel() % 8 == 0:  # (wider words compare faster)
+        return torch.equal(a8.view(torch.int64), b8.view(torch.int64))
+    return torch.equal(a8, b8)
+
+
 def all_finite(flat: torch.Tensor) -> bool:
     """True when no element is NaN or ±Inf (no temporary buffer).
 

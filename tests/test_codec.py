@@ -29,6 +29,7 @@ from p2pfed.codec import (
     encode_payload,
     encode_payload_bytes,
     encoded_size,
+    same_bits,
 )
 from p2pfed.components import FlatLayout
 
@@ -281,3 +282,14 @@ def test_finite_values_whose_sum_overflows_are_still_finite() -> None:
         assert not all_finite(mixed)
     assert not all_finite(torch.tensor([float("inf"), float("-inf")]))  # (sum: NaN)
     assert all_finite(torch.zeros(0))
+
+
+def test_same_bits_compares_bytes_not_values() -> None:
+    x = torch.randn(10)
+    assert same_bits(x, x.clone()) and not same_bits(x, x + 1)
+    assert not same_bits(torch.zeros(3), -torch.zeros(3))  # (torch.equal says equal)
+    nan = torch.full((3,), float("nan"))
+    assert same_bits(nan, nan.clone())  # (torch.equal says not)
+    assert not same_bits(torch.zeros(3), torch.zeros(4)) and not same_bits(
+        torch.zeros(2), torch.zeros(2, dtype=torch.float64))
+    assert same_bits(torch.ones(3, dtype=torch.float16), torch.ones(3, dtype=torch.float16))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from gossip.identity import load_identity
 from p2pfed import exitcodes, journal, kinds
@@ -161,3 +162,30 @@ def test_ledger_verify_names_an_entry_whose_body_is_not_its_kind(
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] is False and result["first_bad_index"] is None
     assert result["schema_problems"] == [f"entry {index} (mix): no field 'inputs'"]
+
+
+def test_a_checkpoint_of_an_untrained_component_is_the_payload_it_announces_next() -> None:
+    from gossip.identity import Identity
+    from p2pfed.blobs import BlobStore
+    from p2pfed.components import FlatLayout
+    from p2pfed.node._journal import Journal
+
+    blobs = BlobStore(None)
+    port = Journal(Ledger.open(None, Identity.from_seed(bytes(32))), blobs, 1 << 30)
+    layout = FlatLayout.from_shapes({"w": (1000,)})
+    flat = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    ck = port.put_checkpoint("backbone", 4, flat, layout)
+    dig, _ = port.put_state("backbone", 4, flat, layout)
+    assert dig == ck and len(blobs) == 1  # one blob, and in memory one object
+    assert port.payload(dig) is blobs.get(dig)
+    assert torch.equal(port.tensor(ck), flat)
+    # a state changed since (trained, or noised for privacy) is a payload of its own
+    ck5 = port.put_checkpoint("backbone", 5, flat, layout)
+    assert port.put_state("backbone", 5, flat + 1, layout)[0] != ck5 and len(blobs) == 3
+    # bit for bit: -0.0 is not 0.0
+    zero = torch.zeros(1000)
+    ck6 = port.put_checkpoint("backbone", 6, zero, layout)
+    assert port.put_state("backbone", 6, -zero, layout)[0] != ck6
+    # a checkpoint written before schema 2 (safetensors) reads the same
+    old = blobs.put_tensors({"flat": flat}, {"component": "backbone", "round": "1"})
+    assert torch.equal(port.tensor(old), flat)

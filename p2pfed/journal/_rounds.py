@@ -163,7 +163,7 @@ class Checkpoint(Record):
     KIND: ClassVar[str] = kinds.CHECKPOINT
     component: str
     round: int
-    digest: bytes  # of the safetensors blob
+    digest: bytes  # of the state (payload format; safetensors before schema 2)
     lineage: Lineage
     #: what the mixing rule remembers (:class:`p2pfed.mixing.Memory`'s fields)
     memory: Mapping[str, float] = field(default_factory=dict)

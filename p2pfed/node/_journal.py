@@ -2,7 +2,10 @@
 
 Nothing else in the node reads or writes the ledger or the blob store.  Records are
 :mod:`p2pfed.journal`'s (one per entry kind, with its schema version); states go to the blob
-store as payloads (what neighbours fetch) or as safetensors (checkpoints).
+store in the payload format, both what neighbours fetch and checkpoints.  A checkpoint of a
+component that is not trained is the payload it announces next, byte for byte: stored once
+(and in memory, one object).  Checkpoints written before schema 2 are safetensors files and
+read the same way (:func:`p2pfed.blobs.read_state`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from typing import Any
 
 import torch
 
-from p2pfed.blobs import BlobStore
-from p2pfed.codec import Buffer, decode_payload, encode_payload_bytes
+from p2pfed.blobs import BlobStore, read_state
+from p2pfed.codec import Buffer, decode_payload, encode_payload_bytes, same_bits
 from p2pfed.components import FlatLayout
 from p2pfed.journal import R, Record, Stored, stored, write
 from p2pfed.ledger import Ledger, LedgerEntry
@@ -31,6 +34,8 @@ class Journal:
         #: this node's latest payloads (two per component: this round's and the last)
         self._served: OrderedDict[bytes, bytes] = OrderedDict()
         self._serve_max = 2 * max(1, components)
+        #: per component, the last checkpoint stored (round, bytes), until its payload is made
+        self._checkpoints: dict[str, tuple[int, bytes]] = {}
 
     # ---------------------------------------------------------------- the ledger
     def write(self, record: Record, now_ms: int, *, durable: bool = False) -> int:
@@ -71,7 +76,8 @@ class Journal:
         """Store ``flat`` as ``name``'s payload of ``round_``; its digest and size.  Not
         fsynced: the durable ledger entry that names it follows, and a lost file is found by
         its digest.  The last few are also kept in memory, to serve neighbours' fetches."""
-        data = encode_payload_bytes(name, round_, flat, layout)
+        data = self._checkpointed(name, round_, flat) or encode_payload_bytes(
+            name, round_, flat, layout)
         dig = self.blobs.put(data, durable=False)
         self._served[dig] = data
         while len(self._served) > self._serve_max:
@@ -94,10 +100,25 @@ class Journal:
                               expected_component=name, expected_layout=layout,
                               shared=True).flat  # (read only: replays mix it, never write)
 
-    def put_tensor(self, name: str, round_: int, flat: torch.Tensor) -> bytes:
-        """Store a checkpoint's state as safetensors; its digest."""
-        return self.blobs.put_tensors({"flat": flat}, {"component": name, "round": str(round_)})
+    def put_checkpoint(self, name: str, round_: int, flat: torch.Tensor,
+                       layout: FlatLayout) -> bytes:
+        """Store a checkpoint's state (the start of ``round_``), durably; its digest."""
+        data = encode_payload_bytes(name, round_, flat, layout)
+        dig = self.blobs.put(data)
+        self._checkpoints[name] = (round_, data)
+        return dig
+
+    def _checkpointed(self, name: str, round_: int, flat: torch.Tensor) -> bytes | None:
+        """The checkpoint just stored for ``name``'s ``round_``, when ``flat`` is its state
+        (then the payload of that round is those very bytes)."""
+        found = self._checkpoints.pop(name, None)
+        if found is None or found[0] != round_:
+            return None
+        data = found[1]
+        if not same_bits(flat, decode_payload(data, shared=True).flat):
+            return None
+        return data
 
     def tensor(self, dig: bytes) -> torch.Tensor:
-        """A checkpoint's state."""
-        return self.blobs.get_tensors(dig)["flat"]
+        """A checkpoint's state (read only: copy it into a component)."""
+        return read_state(self.blobs, dig, self.max_payload_bytes)

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 def checkpoint_of(journal: Journal, name: str, st: ComponentRound) -> Checkpoint:
     """Store ``name``'s state; the ``checkpoint`` record that names it."""
-    return Checkpoint(name, st.round, journal.put_tensor(name, st.round, st.comp.flat),
+    return Checkpoint(name, st.round,
+                      journal.put_checkpoint(name, st.round, st.comp.flat, st.comp.layout),
                       st.lineage, st.memory.to_record())
 
 
