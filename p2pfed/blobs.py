@@ -26,6 +26,7 @@ from safetensors.torch import save as st_save
 
 from gossip.envelope import DIGEST_BYTES, digest
 from gossip.errors import LocalError, P2PFedError, StorageError
+from p2pfed.codec import MAGIC, decode_payload
 from p2pfed.home import PRIVATE_DIR, PRIVATE_FILE, fsync_dir, make_private, storage_error
 
 log = logging.getLogger(__name__)
@@ -268,8 +269,6 @@ def read_state(store: BlobStore, key: bytes, max_bytes: int = DEFAULT_MAX_BLOB_B
     """A checkpoint's flat state: a payload-format blob (:mod:`p2pfed.codec`, from ledger
     schema 2), or a safetensors file with one tensor ``flat`` (before).  The tensor may be a
     view of the stored bytes: read it, copy it, never write into it."""
-    from p2pfed.codec import MAGIC, decode_payload  # (the codec imports nothing from here)
-
     data = store.get(key)
     if data[:len(MAGIC)] == MAGIC:
         try:

@@ -69,11 +69,10 @@ class Lineage:
         if len(blob) % TAG_BYTES or len(blob) > MAX_MEMBERS * TAG_BYTES:
             raise ValueError(f"a lineage of {len(blob)} bytes is not whole {TAG_BYTES}-byte "
                              f"tags (at most {MAX_MEMBERS})")
-        if trusted:
-            return cls(bytes(blob))
-        words = np.frombuffer(blob, dtype=_WORD)
-        if words.size > 1 and not bool(np.all(words[1:] > words[:-1])):
-            raise ValueError("lineage tags are not in strictly increasing order")
+        if not trusted:
+            words = np.frombuffer(blob, dtype=_WORD)
+            if words.size > 1 and not bool(np.all(words[1:] > words[:-1])):
+                raise ValueError("lineage tags are not in strictly increasing order")
         return cls(bytes(blob))
 
     @classmethod
@@ -126,9 +125,6 @@ class Lineage:
         value = np.frombuffer(key, dtype=_WORD)[0]
         at = int(np.searchsorted(words, value))
         return at < words.size and words[at] == value
-
-    def isdisjoint(self, tag_set: Iterable[bytes]) -> bool:
-        return not any(t in self for t in tag_set)
 
     def __iter__(self) -> Iterator[bytes]:
         p = self._packed
