@@ -69,7 +69,7 @@ def bench(
     else:
         sizes = {"memcpy_mb": 16, "mix_params": 1_000_000, "repeats": 2} if quick else {}
         report = dict(run_bench(**sizes))
-        report.update(run_net_bench(size_mb=4 if quick else 64, repeats=2 if quick else 3))
+        report.update(run_net_bench(size_mb=4 if quick else 64, repeats=2 if quick else 5))
         report.update(run_ledger_bench(2_000 if quick else 100_000))
         report["cli_start_s"] = cli_start_seconds(3 if quick else 5)
         _print_figures("p2pfed bench", report)
