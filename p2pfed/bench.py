@@ -31,7 +31,7 @@ import torch
 from gossip.catalog import ComponentKind, ComponentSpec
 from gossip.envelope import digest
 from gossip.identity import Identity, verify_signature
-from p2pfed.codec import decode_payload, encode_payload, encoded_size
+from p2pfed.codec import decode_payload, encode_payload, encode_payload_bytes, encoded_size
 from p2pfed.components import FlatLayout
 from p2pfed.consensus import mix_into
 from p2pfed.lineage import Lineage
@@ -234,6 +234,7 @@ def build_bench_home(home: Path, entries: int, *, neighbours: int = 4) -> Any:
     identity = create_identity(home / KEY_FILE)
     peers = [Identity.generate().peer_id for _ in range(neighbours)]
     blobs = BlobStore(home / BLOBS_DIR, fsync=False)
+    layout = FlatLayout.from_shapes({"flat": (config.components.dim,)})
     names = list(config.components.hold)
     with Ledger.open(home / LEDGER_FILE, identity, timestamp_ms=1) as ledger:
         create_federation(home, identity, ledger, name="bench", catalog=names, modules=names,
@@ -246,8 +247,7 @@ def build_bench_home(home: Path, entries: int, *, neighbours: int = 4) -> Any:
                 pending += [(k, b, rnd) for k, b in _round_entries(name, rnd, peers)]
                 if rnd % CHECKPOINT_EVERY == 0:
                     flat = torch.full((config.components.dim,), float(rnd))
-                    key = blobs.put_tensors({"flat": flat}, {"component": name,
-                                                             "round": str(rnd)})
+                    key = blobs.put(encode_payload_bytes(name, rnd, flat, layout))
                     ck = Checkpoint(name, rnd, key, Lineage.of(peers), {"radius": 0.0})
                     pending.append((ck.KIND, ck.to_body(), rnd))
             if len(pending) >= _APPEND_BATCH:

@@ -16,7 +16,7 @@ from p2pfed.bench import (
     run_bench,
     run_ledger_bench,
 )
-from p2pfed.blobs import BlobStore
+from p2pfed.blobs import BlobStore, read_state
 from p2pfed.ledger import Ledger, verify_ledger
 
 KEYS = {
@@ -63,7 +63,7 @@ def test_bench_home_holds_a_verifiable_ledger_of_a_nodes_kinds(tmp_path: Path) -
         kinds = {e.kind for e in ledger.entries()}
         last = ledger.last("checkpoint")
         assert last is not None
-        blob = BlobStore(home / "blobs").get_tensors(last.body["digest"])["flat"]
+        blob = read_state(BlobStore(home / "blobs"), last.body["digest"])  # (as a node reads it)
     assert {"local-update", "contribution", "mix", "checkpoint", "membership"} <= kinds
     assert blob.numel() == config.components.dim
 
