@@ -375,13 +375,12 @@ class Node:
         st.own_digest, size = self._journal.put_state(name, st.round, state, st.comp.layout)
         account = self._privacy.get(name)
         spent, st.noise = account.published() if account is not None else (None, 0.0)
-        lineage = st.lineage
         # The ledger entry (with the privacy spent so far) precedes the send and is durable.
         self._journal.write(LocalUpdate(name, st.round, st.own_digest, st.trained,
-                                        st.start_digest, lineage, self.epoch, spent),
+                                        st.start_digest, st.lineage, self.epoch, spent),
                             now_ms, durable=True)
         ann = Announcement(name, st.round, st.own_digest, size,
-                           len(st.neighbours), lineage, st.noise, self.epoch)
+                           len(st.neighbours), st.lineage, st.noise, self.epoch)
         actions = self._announcer.announce(ann, st.neighbours, now_ms)
         if st.replay is not None:
             self._forgetting.feed(name, st, self.epoch, now_ms)
