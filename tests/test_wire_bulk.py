@@ -27,7 +27,7 @@ from gossip.errors import (
     TamperedMessageError,
 )
 from gossip.identity import Identity
-from gossip.transport import bulk
+from gossip.transport import bulk, bulk_io
 from gossip.transport.bulk_proto import (
     HELLO,
     RECORD_BYTES,
@@ -122,6 +122,37 @@ def test_tickets_are_single_use_expire_and_are_capped() -> None:
     assert table.redeem(b"1", 10.0) is None  # expired
     assert table.redeem(b"nope", 3.0) is None
     assert len(table) == 1 and table.issue(b"6", ticket("c", 4.0), 4.0)
+
+
+BUDDYINFO = """\
+Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3
+Node 0, zone    DMA32     79     88     80     66     68     58     37     27      6      4    741
+Node 0, zone   Normal  34895  28057  11679   7644   5393   3340   1698    799    627    391   2695
+"""
+
+
+def test_free_huge_blocks_count_2_mib_blocks_of_every_zone(tmp_path: Any) -> None:
+    info = tmp_path / "buddyinfo"
+    info.write_text(BUDDYINFO)
+    # order 9 counts once, order 10 (4 MiB) twice
+    assert bulk_io.free_huge_blocks(str(info)) == (1 + 3 * 2) + (4 + 741 * 2) + (391 + 2695 * 2)
+    info.write_text("Node 0, zone Normal 1 2 3\nnot a line at all\n")
+    assert bulk_io.free_huge_blocks(str(info)) == 0
+    assert bulk_io.free_huge_blocks(str(tmp_path / "missing")) == 0
+
+
+@pytest.mark.parametrize("huge_blocks", [0, 1 << 20])
+def test_a_new_buffer_is_zeroed_writable_and_exactly_sized(
+        monkeypatch: pytest.MonkeyPatch, huge_blocks: int) -> None:
+    monkeypatch.setattr(bulk_io, "free_huge_blocks", lambda: huge_blocks)
+    for size in (0, 100, bulk_io.MMAP_MIN_BYTES, bulk_io.HUGE_MIN_BYTES + 4097):
+        buf = bulk_io.new_buffer(size)
+        view = memoryview(buf)
+        assert len(view) == size and not view.readonly and not any(view[:: 4093])
+        if size:
+            view[-1] = 7
+            assert buf[-1] == 7
+        view.release()
 
 
 # --------------------------------------------------------------------------- network

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,6 @@ from gossip.errors import (
     TamperedMessageError,
 )
 from gossip.transport.bulk_io import (
-    SOCKET_BUFFER_BYTES,
     PayloadBuffer,
     new_buffer,
     receive_records,
@@ -213,7 +211,6 @@ class BulkServer:
                 log.info("payload %s went away before its bulk transfer",
                          ticket.digest.hex()[:12])
                 return
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
             with trio.fail_after(self.limits.fetch_timeout_s):
                 await send_records(tcp, ticket.keys, ticket_id, memoryview(data),
                                    limiter=self._threads, idle_s=self.limits.fetch_timeout_s)
@@ -301,7 +298,6 @@ async def fetch_bulk(links: PeerLinks, me: str, peer: str, key: bytes, max_bytes
         raise BulkUnavailableError(f"cannot reach the bulk port {ip}:{port} of {peer}: {exc!r}",
                                    peer=peer) from exc
     async with tcp:
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
         try:
             await tcp.send_all(HELLO.pack(ticket_id, keys.proof(ticket_id)))
         except trio.BrokenResourceError as exc:  # refused at once
