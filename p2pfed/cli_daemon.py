@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gossip.errors import ConfigError, KeyFileError, LocalError
+from gossip.errors import KeyFileError, LocalError
 from gossip.identity import create_identity, load_identity
 from p2pfed.config import Config
 from p2pfed.home import CONFIG_FILE, KEY_FILE, LEDGER_FILE, resolve_home
@@ -281,55 +278,6 @@ def unlearn(
               "Follow it with 'p2pfed status'.")
 
 
-def export(
-    component: Annotated[str, typer.Argument(help="Component to export, e.g. encoder.text.lora.")],
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write into (created).")],
-    home: HomeOpt = None,
-) -> None:
-    """Write a component's latest checkpoint: an adapter as a peft adapter, else safetensors."""
-    from p2pfed.blobs import BlobStore, read_state
-    from p2pfed.fedstore import FederationStore
-    from p2pfed.home import BLOBS_DIR
-    from p2pfed.journal import Checkpoint, Forget, read
-    from p2pfed.ledger import Ledger
-    from p2pfed.unlearning import latest_clean_checkpoints
-
-    root, config = _load(home)
-    identity = load_identity(root / KEY_FILE)
-    with Ledger.open(root / LEDGER_FILE, identity, create=False) as ledger:
-        forgotten = {f.record.target for f in read(ledger.entries(Forget.KIND), Forget)}
-        checkpoints = list(ledger.entries(Checkpoint.KIND))
-        found = latest_clean_checkpoints(checkpoints, forgotten).get(component)
-        if found is None:
-            held = sorted({c.record.component for c in read(checkpoints, Checkpoint)})
-            raise LocalError(f"{root} has no checkpoint of {component!r} "
-                             f"(checkpointed: {', '.join(held) or 'nothing yet'})")
-        federation_id = FederationStore(root).view(ledger).federation_id
-    flat = read_state(BlobStore(root / BLOBS_DIR), found[1].digest).clone()
-    if config.model.kind == "m3t":
-        from p2pfed.model.export import export_component
-        from p2pfed.model.local import build_model
-        from p2pfed.model.tasks import task_by_name
-        from p2pfed.model.train import LocalTrainer
-
-        # a head is built with its pipeline (that is what holding it means); only it is written
-        parts = (task_by_name(component.removeprefix("head.")).pipeline()
-                 if component.startswith("head.") else [component])
-        model = build_model(config, parts, federation_id)
-
-        LocalTrainer(model, {}, node_seed=0).flats[component].load_(flat)
-        written = export_component(model, component, out_dir)
-    else:
-        from safetensors.torch import save_file
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{component}.safetensors"
-        save_file({"weight": flat.contiguous()}, str(path), metadata={"component": component})
-        written = [path]
-    out.print(f"exported {component} (round {found[1].round}) to {out_dir}: "
-              f"{', '.join(p.name for p in written)}")
-
-
 def local_federation(
     nodes: Annotated[int, typer.Option(min=2, max=16, help="Daemons to start.")] = 4,
     rounds: Annotated[int, typer.Option(min=1, max=1000, help="Rounds to wait for.")] = 3,
@@ -362,25 +310,6 @@ def local_federation(
         raise LocalError("a daemon did not stop cleanly")
 
 
-def service_install(
-    output: Annotated[Path, typer.Option(help="Where to write the unit.")]
-    = Path("/etc/systemd/system/p2pfed.service"),
-    exec_path: Annotated[str | None, typer.Option(help="p2pfed executable (absolute).")] = None,
-    watchdog: Annotated[int, typer.Option(min=1, max=3600, help="WatchdogSec.")] = 60,
-) -> None:
-    """Render the systemd unit (Type=notify, sandboxed, DynamicUser) and say what to run next."""
-    from p2pfed.runtime.service import install_unit
-
-    exe = exec_path or shutil.which("p2pfed") or os.path.abspath(sys.argv[0])
-    try:
-        path = install_unit(output, exe, watchdog)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    except OSError as exc:
-        raise LocalError(f"cannot write {output}: {exc.strerror} (try sudo, or --output)") from exc
-    out.print(f"wrote {path}\nnext: systemctl daemon-reload && systemctl enable --now p2pfed")
-
-
 def register(app: typer.Typer) -> None:
     app.command()(init)
     app.command()(invite)
@@ -390,11 +319,7 @@ def register(app: typer.Typer) -> None:
     app.command()(peers)
     app.command()(leave)
     app.command()(unlearn)
-    app.command()(export)
     app.command("local-federation")(local_federation)
     federation = typer.Typer(help="Create a federation.", no_args_is_help=True)
     federation.command("create")(federation_create)
     app.add_typer(federation, name="federation")
-    service = typer.Typer(help="Install the systemd unit.", no_args_is_help=True)
-    service.command("install")(service_install)
-    app.add_typer(service, name="service")
