@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gossip.errors import ConfigError, KeyFileError, P2PFedError
-from p2pfed import cli_bench, cli_daemon, cli_model, cli_service, exitcodes
+from p2pfed import cli_bench, cli_daemon, cli_localfed, cli_model, cli_service, exitcodes
 from p2pfed.cli_bench import write_json as _write_json
 from p2pfed.home import is_disk_full, storage_error
 
@@ -376,6 +376,7 @@ def privacy_epsilon(
 # ------------------------------------------------------------------------------- bench
 cli_daemon.register(app)
 cli_model.register(app)
+cli_localfed.register(app)
 cli_service.register(app)
 cli_bench.register(app)
 

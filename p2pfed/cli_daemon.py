@@ -278,38 +278,6 @@ def unlearn(
               "Follow it with 'p2pfed status'.")
 
 
-def local_federation(
-    nodes: Annotated[int, typer.Option(min=2, max=16, help="Daemons to start.")] = 4,
-    rounds: Annotated[int, typer.Option(min=1, max=1000, help="Rounds to wait for.")] = 3,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary here.")]
-    = None,
-    base: Annotated[Path | None, typer.Option(help="Folder for the homes (default: temp).")]
-    = None,
-    timeout: Annotated[float, typer.Option(min=10, help="Give up after this many seconds.")]
-    = 240.0,
-) -> None:
-    """Start N real daemons on 127.0.0.1 with the real CLI, wait for R rounds, report, stop."""
-    from p2pfed.runtime.localfed import run_local_federation
-
-    err.print(f"starting {nodes} daemons on 127.0.0.1 …")
-    summary = run_local_federation(nodes, rounds, base, timeout)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    table = Table("node", "peer id", "rounds", "peers", "ledger", "consensus distance",
-                  title=f"local federation: {nodes} daemons, {summary['wall_s']:.1f} s")
-    for i, n in enumerate(summary["nodes"]):
-        hist = n["consensus_distance"]
-        trend = f"{hist[0]:.2e} → {hist[-1]:.2e}" if hist else "—"
-        table.add_row(f"node-{i}", n["peer_id"][-12:], str(n["rounds_completed"]),
-                      str(n["peers"]), "ok" if n["ledger_ok"] else "BROKEN", trend)
-    out.print(table)
-    out.print(f"homes kept in {summary['base']} (each has daemon.log); daemons exited with "
-              f"{summary['exit_codes']}")
-    if any(code != 0 for code in summary["exit_codes"]):
-        raise LocalError("a daemon did not stop cleanly")
-
-
 def register(app: typer.Typer) -> None:
     app.command()(init)
     app.command()(invite)
@@ -319,7 +287,6 @@ def register(app: typer.Typer) -> None:
     app.command()(peers)
     app.command()(leave)
     app.command()(unlearn)
-    app.command("local-federation")(local_federation)
     federation = typer.Typer(help="Create a federation.", no_args_is_help=True)
     federation.command("create")(federation_create)
     app.add_typer(federation, name="federation")
