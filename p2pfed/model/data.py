@@ -37,6 +37,12 @@ InputArray = npt.NDArray[Any] | list[str]
 ACTIVITY_STEPS = 24
 ACTIVITY_FEATURES: tuple[str, ...] = ("logins", "hours_on_task", "submissions", "forum_posts")
 ACTIVITY_CLASSES: tuple[str, ...] = ("engaged", "at-risk", "burnout")
+#: the file each modality is read from: its ``[data.<task>.<modality>] kind`` and file suffix
+MODALITY_FILES: dict[str, tuple[str, str]] = {
+    "text": ("text-jsonl", ".jsonl"),
+    "image": ("image-npz", ".npz"),
+    "activity": ("series-csv", ".csv"),
+}
 
 
 @dataclass(frozen=True, eq=False)

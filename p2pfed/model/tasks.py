@@ -37,6 +37,13 @@ TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("engagement", ("activity", "text"), len(ACTIVITY_CLASSES), backbone=True),
 )
 
+#: what each class number of a task means (``labels[i]`` is class ``i``)
+LABELS: dict[str, tuple[str, ...]] = {
+    "digits": tuple(str(d) for d in range(10)),
+    "topic": TOPICS,
+    "engagement": ACTIVITY_CLASSES,
+}
+
 
 def task_by_name(name: str) -> TaskSpec:
     for task in TASKS:
