@@ -438,6 +438,13 @@ class MembershipView:
         """The members holding ``component``, sorted."""
         return sorted(pk for pk, m in self.members().items() if component in m.modules)
 
+    def leaves_of(self, public_key: bytes) -> list[tuple[int, int, bytes]]:
+        """The leave records about ``public_key``: (epoch, signed at, signer) each; the
+        signer is the member itself, or an admin who revoked it."""
+        return sorted((p.record.epoch, p.env.timestamp_ms, p.env.sender)
+                      for p in self._records.values()
+                      if isinstance(p.record, Leave) and p.member == public_key)
+
     def latest_epoch(self, public_key: bytes) -> int:
         """The highest epoch used by ``public_key`` in a join or leave (-1 when none)."""
         return max((p.record.epoch for p in self._records.values() if p.member == public_key),

@@ -10,12 +10,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from gossip.errors import KeyFileError, LocalError
+from gossip.errors import ConfigError, KeyFileError, LocalError
 from gossip.identity import create_identity, load_identity
 from p2pfed.config import Config
-from p2pfed.home import CONFIG_FILE, KEY_FILE, LEDGER_FILE, resolve_home
+from p2pfed.home import CONFIG_FILE, KEY_FILE, LEDGER_FILE, locked_home, resolve_home
 
 out = Console()
 err = Console(stderr=True)
@@ -46,12 +47,28 @@ def _addresses(config: Config, peer_id: str) -> list[str]:
 
 def init(
     home: HomeOpt = None,
-    listen: Annotated[list[str] | None, typer.Option(help="Listen multiaddr (repeat).")] = None,
-    announce: Annotated[list[str] | None, typer.Option(help="Address to advertise.")] = None,
-    hold: Annotated[list[str] | None, typer.Option(help="Component held (repeat).")] = None,
-    train: Annotated[list[str] | None, typer.Option(help="Component trained (repeat).")] = None,
-    interval: Annotated[float | None, typer.Option(help="Seconds between rounds.")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Round timeout in seconds.")] = None,
+    listen: Annotated[list[str] | None, typer.Option(
+        metavar="MULTIADDR",
+        help="Listen address, repeatable (default: /ip4/0.0.0.0/tcp/4001).")] = None,
+    announce: Annotated[list[str] | None, typer.Option(
+        metavar="MULTIADDR",
+        help="Address to advertise, repeatable (default: the listen addresses).")] = None,
+    hold: Annotated[list[str] | None, typer.Option(
+        metavar="COMPONENT", help="Component held, repeatable (default: backbone; with --data: "
+        "the tasks' pipelines).")] = None,
+    train: Annotated[list[str] | None, typer.Option(
+        metavar="COMPONENT", help="Component trained, repeatable (default: every held one "
+        "that local data trains).")] = None,
+    interval: Annotated[float | None, typer.Option(
+        help="Seconds between rounds (default: 5).")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="Round timeout in seconds (default: 20).")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="consensus (mixing only) or m3t (the model trained on local data; default: "
+        "consensus, or m3t with --data).")] = None,
+    data: Annotated[list[str] | None, typer.Option(
+        metavar="TASK:MODALITY:PATH", help="A local data file, repeatable (see 'p2pfed data "
+        "sample' and docs/data.md).")] = None,
 ) -> None:
     """Create this node's identity and p2pfed.toml."""
     root = resolve_home(home)
@@ -65,6 +82,13 @@ def init(
         components__train=tuple(train) if train else None,
         rounds__interval_s=interval, rounds__timeout_s=timeout,
     )
+    if model is not None or data:
+        from p2pfed.model.sources import with_model_data  # (loads torch: only when asked)
+
+        config = with_model_data(config, model=model or "m3t", data=data or [],
+                                 hold=tuple(hold) if hold else None)
+        if config.model.kind == "m3t" and config.data:  # accuracy in 'status' from the start
+            config = config.with_overrides(model__holdout=0.1)
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o700)
     identity = create_identity(key)
@@ -89,7 +113,18 @@ def federation_create(
     root, config = _load(home)
     identity = load_identity(root / KEY_FILE)
     catalog = list(component) if component else list(config.components.hold)
-    with Ledger.open(root / LEDGER_FILE, identity) as ledger:
+    if config.model.kind == "m3t":  # the catalogue and what this node holds: the model's
+        from p2pfed.model.local import model_spec
+
+        spec = model_spec(config, bytes(32))
+        spec.check_holdings(config.components.hold)
+        unknown = sorted(set(catalog) - set(spec.components()))
+        if unknown:
+            raise ConfigError(f"--component: not components of the m3t model: "
+                              f"{', '.join(unknown)} (its components: "
+                              f"{', '.join(spec.components())})")
+    with locked_home(root, "federation create"), \
+            Ledger.open(root / LEDGER_FILE, identity) as ledger:
         genesis = create_federation(
             root, identity, ledger, name=name, catalog=catalog,
             modules=list(config.components.hold), addresses=_addresses(config, identity.peer_id),
@@ -147,10 +182,14 @@ def join(
 
     root, config = _load(home)
     identity = load_identity(root / KEY_FILE)
-    with Ledger.open(root / LEDGER_FILE, identity) as ledger:
+    with locked_home(root, "join"), Ledger.open(root / LEDGER_FILE, identity) as ledger:
         parsed = join_federation(root, identity, ledger, token,
                                  modules=list(config.components.hold),
                                  addresses=_addresses(config, identity.peer_id), now_ms=_now_ms())
+    if parsed.already is not None:
+        out.print(f"nothing to do: {parsed.already} [bold]{escape(parsed.genesis.name)}[/bold]; "
+                  "no record was written")
+        return
     out.print(f"ready to join [bold]{parsed.genesis.name}[/bold] ({identity.peer_id}); "
               f"bootstrap peers: {len(parsed.invite.bootstrap)}. Start the daemon with "
               "'p2pfed run': a member admits this node when the daemon first reaches one")
@@ -187,15 +226,27 @@ def status(
     if as_json:
         print(json.dumps(st, indent=2))
         return
-    out.print(f"[bold]{st['peer_id']}[/bold] in {st['federation']} — {st['members']} members, "
+    fed = escape(st["federation"])
+    standing = st.get("standing", "member" if st["member"] else "joining")
+    where = {"member": f"member of {fed}", "joining": f"asking to join {fed}",
+             "left": f"left {fed}", "removed": f"removed from {fed} by an admin",
+             }.get(standing, f"not a member of {fed}")
+    out.print(f"[bold]{st['peer_id']}[/bold] {where} — {st['members']} members, "
               f"{st['peers']} connected, ledger {'ok' if st['ledger_ok'] else 'BROKEN'} "
               f"({st['ledger_entries']} entries), up {st['uptime_s']:.0f} s")
+    if st.get("forgotten"):
+        out.print("the federation has forgotten this node's data (an unlearning request)")
+    if st.get("rounds_halted"):
+        out.print("no new rounds start: this node is not a member (join again with a new "
+                  "invite: stop the daemon, 'p2pfed join TOKEN', start it)")
     table = Table("component", "round", "phase", "neighbours", "consensus distance")
     for name, c in st["components"].items():
         hist = c["consensus_distance"]
         table.add_row(name, str(c["round"]), c["phase"], str(len(c["neighbours"])),
                       f"{hist[-1]:.2e}" if hist else "—")
     out.print(table)
+    if st.get("training"):
+        out.print(training_table(st["training"]))
     if "storage" in st:
         out.print(storage_line(st["storage"]))
     for u in st.get("unlearning", []):
@@ -206,6 +257,20 @@ def status(
                                               in sorted(u["replaying"].items()))
         out.print(f"forgetting {u['target']} ({u['mode']}, from round {u['from_round']}): "
                   f"{state}; rolled back {', '.join(u['rolled_back']) or 'nothing'}")
+
+
+def training_table(training: dict[str, Any]) -> Table:
+    """``status``'s training: per task its last round's loss and the held-out accuracy."""
+    table = Table("task", "round", "training loss", "held-out accuracy", "examples",
+                  title="local training")
+    for task, t in sorted(training.items()):
+        acc = "—" if t["accuracy"] is None else f"{t['accuracy']:.3f}"
+        loss = "—" if t["loss"] is None else f"{t['loss']:.4f}"
+        table.add_row(task, str(t["round"]), loss, acc,
+                      f"{t['examples']} (+{t['heldout']} held out)")
+    if not any(t["heldout"] for t in training.values()):
+        table.caption = "no held-out examples: set [model] holdout = 0.1 to measure accuracy"
+    return table
 
 
 def storage_line(storage: dict[str, Any]) -> str:
@@ -259,9 +324,14 @@ def leave(
 ) -> None:
     """Sign and gossip a leave record; the others recompute their mixing weights."""
     _check_mode(mode)
-    _control(home, "leave", reason=reason, forget=forget, mode=mode)
+    result = _control(home, "leave", reason=reason, forget=forget, mode=mode)
+    if not result.get("left"):
+        out.print(f"nothing to do: this node is not a member ({result.get('standing', '?')}); "
+                  "no record was signed")
+        return
     told = "asked to forget our data and told" if forget else "told"
-    out.print(f"left the federation; the other members have been {told}. Stop the daemon now.")
+    out.print(f"left the federation; the other members have been {told}. The daemon runs no "
+              "more rounds: stop it now ('systemctl disable --now p2pfed', or Ctrl-C).")
 
 
 def unlearn(
@@ -273,6 +343,10 @@ def unlearn(
     """Ask the federation to forget PEER's data (only PEER itself or an admin may ask)."""
     _check_mode(mode)
     result = _control(home, "unlearn", peer=peer, mode=mode, reason=reason)
+    if result.get("already"):
+        out.print(f"nothing to do: {peer} is forgotten already (see 'p2pfed status'); no "
+                  "request was signed")
+        return
     out.print(f"asked to forget {peer} ({mode}); rolled back here: "
               f"{', '.join(result['rolled_back']) or 'nothing'}. "
               "Follow it with 'p2pfed status'.")

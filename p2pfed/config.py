@@ -19,6 +19,7 @@
     steps = 8                           # optimiser steps per round
     batch_size = 16
     lr = 0.01
+    holdout = 0.1                       # examples kept aside to measure accuracy (status)
 
     [data.topic.text]                   # a task's data, one table per modality
     kind = "text-jsonl"                 # text-jsonl | image-npz | series-csv
@@ -60,6 +61,7 @@
 
 from __future__ import annotations
 
+import socket
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
@@ -108,6 +110,9 @@ class ModelSection:
     steps: int = 8
     batch_size: int = 16
     lr: float = 0.01
+    #: share of each task's local examples kept aside, never trained on, to measure the
+    #: model's accuracy (``status``); 0: train on everything, no accuracy
+    holdout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -279,10 +284,17 @@ class Config:
             raise ConfigError("metrics.port must be a TCP port")
         if not self.node.listen:
             raise ConfigError("node.listen needs at least one address")
+        for addr in self.node.listen:
+            check_multiaddr(addr, "node.listen", announce=False)
+        for addr in self.node.announce:
+            check_multiaddr(addr, "node.announce", announce=True)
         if self.model.kind not in MODEL_KINDS:
             raise ConfigError(f"model.kind must be one of {', '.join(MODEL_KINDS)}")
         if self.model.steps < 1 or self.model.batch_size < 1 or not self.model.lr > 0:
             raise ConfigError("model.steps and model.batch_size must be >= 1, model.lr > 0")
+        if not 0 <= self.model.holdout < 1:
+            raise ConfigError("model.holdout must be in [0, 1) (0.1: a tenth of each task's "
+                              "examples is kept aside to measure accuracy)")
         if any(layer < 0 for layer in self.model.lora_layers):
             raise ConfigError("model.lora_layers must be layer indices (>= 0)")
         for where, rule in (("mixing.rule", self.mixing.rule),
@@ -340,6 +352,41 @@ class Config:
                 lines += [f"{_toml_key(c)} = {_toml_value(r)}" for c, r in self.mixing.components]
                 lines.append("")
         return "\n".join(lines)
+
+
+_LISTEN_HOSTS = ("ip4", "ip6")
+_ANNOUNCE_HOSTS = ("ip4", "ip6", "dns", "dns4", "dns6")
+
+
+def check_multiaddr(addr: str, where: str, *, announce: bool) -> None:
+    """ConfigError unless ``addr`` is a TCP multiaddr the daemon can listen on (``/ip4/A/tcp/P``
+    or ``/ip6/A/tcp/P``) or, for ``announce``, advertise (also ``/dns*/NAME/tcp/P``, with an
+    optional ``/p2p/ID``)."""
+    from multiaddr import Multiaddr
+
+    example = "e.g. /ip4/0.0.0.0/tcp/4001"
+    try:
+        names = [p.name for p in Multiaddr(addr).protocols()]
+    except Exception as exc:  # py-multiaddr's parse errors have no common base
+        reason = str(exc).split(" (string:")[0]
+        raise ConfigError(f"{where}: {addr!r} is not a multiaddr ({reason}); {example}") from None
+    hosts = _ANNOUNCE_HOSTS if announce else _LISTEN_HOSTS
+    tail = names[2:]
+    if len(names) < 2 or names[0] not in hosts or names[1] != "tcp" \
+            or tail not in ([], ["p2p"] if announce else []):
+        raise ConfigError(f"{where}: {addr!r} is not a TCP address this daemon can "
+                          f"{'advertise' if announce else 'listen on'}: "
+                          f"/{'|'.join(hosts)}/<host>/tcp/<port>; {example}")
+
+
+def tcp_endpoint(addr: str) -> tuple[str, int, socket.AddressFamily] | None:
+    """(host, port, family) of an ``/ip4/…/tcp/…`` or ``/ip6/…/tcp/…`` address, else None."""
+    parts = addr.split("/")
+    if len(parts) < 5 or parts[0] or parts[1] not in _LISTEN_HOSTS or parts[3] != "tcp" \
+            or not parts[4].isdigit():
+        return None
+    family = socket.AF_INET if parts[1] == "ip4" else socket.AF_INET6
+    return parts[2], int(parts[4]), family
 
 
 def read_toml(path: Path, label: str, missing: str) -> dict[str, Any]:

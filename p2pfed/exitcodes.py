@@ -10,7 +10,8 @@ from gossip.errors import (
     RemoteError,
     StorageError,
 )
-from p2pfed.home import MissingStateError
+from p2pfed.home import HomeInUseError, MissingStateError
+from p2pfed.runtime.ports import PortInUseError
 
 OK = 0
 FAILURE = 1  # any other P2PFedError
@@ -21,12 +22,15 @@ LEDGER_BROKEN = 5  # ledger verification found a bad entry
 STORAGE = 6  # ledger or blob store unreadable or unwritable (a full disk included)
 REMOTE = 7  # a peer refused or misbehaved and the command could not finish
 STATE_MISSING = 8  # a file the node's other state needs is gone (a member's ledger)
+IN_USE = 9  # another daemon holds the home, or another program a listen port
 INTERRUPTED = 130
 
 
 def for_error(exc: P2PFedError) -> int:
     """The exit code for an error that ended a command."""
     table: tuple[tuple[type[P2PFedError], int], ...] = (
+        (HomeInUseError, IN_USE),
+        (PortInUseError, IN_USE),
         (ConfigError, CONFIG),
         (KeyFileError, KEY_FILE),
         (LedgerIntegrityError, LEDGER_BROKEN),

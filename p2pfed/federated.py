@@ -106,6 +106,30 @@ class FederatedNode(Node):
     def is_member(self) -> bool:
         return self.identity.public_key in self.view.members()
 
+    def standing(self) -> str:
+        """Where this node stands: ``member``; ``joining`` (its join request waits for a
+        member to admit it); ``left`` (its own leave record); ``removed`` (an admin's); or
+        ``not a member`` (none of these: say, an admission that no longer counts)."""
+        me = self.identity.public_key
+        if me in self.view.members():
+            return "member"
+        if self._pending_join():
+            return "joining"
+        leaves = self.view.leaves_of(me)
+        if leaves:
+            return "left" if leaves[-1][2] == me else "removed"
+        return "not a member"
+
+    def forget_requested(self, peer_id: str) -> bool:
+        """Has a request to forget ``peer_id`` been made (here or by another member)?"""
+        return peer_id in self.forgotten() or any(
+            peer_id_from_public_key(r.target) == peer_id for r in self.forgets.requests())
+
+    def _pending_join(self) -> bool:
+        """A join request in the ledger that no membership record has overtaken yet."""
+        entry = self.ledger.last(JoinRequest.KIND)
+        return entry is not None and not self._stale(stored(entry, JoinRequest).record.record)
+
     def serves(self, peer: str) -> bool:
         """May ``peer`` use our streams and fetch our payloads: a member, not forgotten (and,
         while we are waiting to be admitted, the bootstrap members we asked)."""
@@ -140,6 +164,9 @@ class FederatedNode(Node):
             "federation": self.view.genesis.name,
             "federation_id": self.federation_id.hex(),
             "member": self.identity.public_key in members,
+            "standing": self.standing(),
+            "forgotten": self.peer_id in self.forgotten(),
+            "rounds_halted": self.halted,
             "members": len(members),
             "neighbours": self.overlay_neighbours(),
             "components": node["components"],
@@ -177,6 +204,8 @@ class FederatedNode(Node):
         target = keys.get(peer_id)
         if target is None:
             raise LocalError(f"{peer_id} has never been a member of this federation")
+        if self.forgets.get(target) is not None or peer_id in self.forgotten():
+            return []  # asked (and applied) already: a new request would change nothing
         try:
             forget = Forget(target, ForgetMode(mode),
                             max((self.round_of(c) for c in self.components), default=0), reason)
@@ -211,6 +240,12 @@ class FederatedNode(Node):
         return [ApplyForget(target, forget.mode.value)]
 
     def start(self, now_ms: int) -> list[Action]:
+        standing = self.standing()
+        if standing in ("left", "removed"):  # its rounds would serve no one
+            self.left = True
+            self.halt()
+            log.warning("this node has %s %s: it runs no rounds (join again with a new "
+                        "invite: 'p2pfed join TOKEN')", standing, self.view.genesis.name)
         actions = self._membership_changed()
         self._next_refresh = now_ms + REFRESH_MS
         return actions + self._own_bundle_broadcast(now_ms) + super().start(now_ms)
@@ -261,7 +296,10 @@ class FederatedNode(Node):
         return min(times) if times else None
 
     def leave(self, reason: str, now_ms: int) -> list[Action]:
-        """Sign a leave record, tell everyone, and stop mixing."""
+        """Sign a leave record, tell everyone, and stop mixing and starting rounds.  A node
+        that is not a member (it left already, or was never admitted) signs nothing."""
+        if not self.is_member():
+            return []
         me = self.identity.public_key
         epoch = max(self.view.latest_epoch(me), 0)
         env = make_leave(self.identity, self.federation_id, Leave(me, epoch, reason), now_ms,
@@ -270,6 +308,8 @@ class FederatedNode(Node):
         self._store(env.to_bytes(), now_ms)
         self.left = True
         self._next_refresh = None
+        self.halt()
+        log.info("left %s: no new rounds start", self.view.genesis.name)
         return self._spread([env.to_bytes()], now_ms) + self._membership_changed()
 
     # ---------------------------------------------------------------- internals
@@ -371,6 +411,10 @@ class FederatedNode(Node):
         self._member_ids = frozenset(m.peer_id for m in members.values())
         me = self.identity.public_key
         if me not in members:
+            if self._member_keys and not self.halted:  # it was a member: an admin removed it
+                log.warning("removed from %s by an admin: no new rounds start",
+                            self.view.genesis.name)
+                self.halt()
             self.set_topology(nx.Graph(), {})
             self._connected = ()
             return []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import os
 import secrets
@@ -37,7 +38,7 @@ from gossip.membership import (
 )
 from gossip.records import MAX_USES
 from p2pfed import kinds
-from p2pfed.journal import JoinRequest, Membership, read, write
+from p2pfed.journal import JoinRequest, Membership, read, stored, write
 from p2pfed.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -188,41 +189,62 @@ class ParsedInvite:
     invite: Invite
     invite_envelope: bytes
     ticket_seed: bytes
+    #: set by :func:`join_federation` when it had nothing to do: why ("already a member of")
+    already: str | None = None
+
+
+class InviteError(ConfigError):
+    """An invite token that cannot be used: damaged, forged, expired, or for another peer."""
+
+    code = "bad-invite"
 
 
 def parse_invite_token(token: str) -> ParsedInvite:
     """Decode and verify an invite token (signatures, admin, federation, ticket); not its
-    expiry."""
-    token = token.strip()
+    expiry.  Whitespace anywhere in it (an e-mail client's line breaks) is ignored."""
+    token = "".join(token.split())
     if not token.startswith(TOKEN_PREFIX) or len(token) > MAX_TOKEN_CHARS:
-        raise ConfigError(f"not a p2pfed invite token (it should start with {TOKEN_PREFIX})")
+        raise InviteError(f"not a p2pfed invite token (it should start with {TOKEN_PREFIX})")
     body = token[len(TOKEN_PREFIX):]
     try:
         raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         parts = unpackb(raw, max_bytes=len(raw))
     except (binascii.Error, ValueError, MalformedMessageError) as exc:
-        raise ConfigError(f"the invite token is damaged: {exc}") from exc
+        raise InviteError(f"the invite token is damaged: {exc}") from exc
     if not isinstance(parts, list) or len(parts) != 3 or not all(
             isinstance(p, bytes) for p in parts):
-        raise ConfigError("the invite token is damaged (or made by an older p2pfed: ask for a "
+        raise InviteError("the invite token is damaged (or made by an older p2pfed: ask for a "
                           "new one)")
     try:
         genesis, _ = open_genesis(parts[0])
         env = open_envelope(parts[1], federation_id=genesis.federation_id, now_ms=0,
                             max_skew_ms=1 << 62)
         if env.kind != INVITE or env.sender not in genesis.admins:
-            raise ConfigError("the invite is not signed by an admin of the federation")
+            raise InviteError("the invite is not signed by an admin of the federation")
         invite = Invite.from_body(env.body)
     except RemoteError as exc:
-        raise ConfigError(f"the invite token does not verify: {exc}") from exc
+        raise InviteError(f"the invite token does not verify: {exc}") from exc
     if invite.ticket:
         try:
             ticket = Identity.from_seed(parts[2])
         except (ValueError, TypeError) as exc:
-            raise ConfigError("the invite token's ticket is damaged") from exc
+            raise InviteError("the invite token's ticket is damaged") from exc
         if ticket.public_key != invite.ticket:
-            raise ConfigError("the invite token's ticket does not match its invite")
+            raise InviteError("the invite token's ticket does not match its invite")
     return ParsedInvite(genesis, parts[0], invite, parts[1], parts[2])
+
+
+def _join_pending(ledger: Ledger, view: MembershipView, me: bytes, invite: bytes) -> bool:
+    """Does the ledger hold a join request of ours, with this invite, that no membership
+    record overtook?  (A request with another invite is replaced: say, the first expired.)"""
+    entry = ledger.last(JoinRequest.KIND)
+    if entry is None:
+        return False
+    try:
+        join = Join.from_body(view.open(stored(entry, JoinRequest).record.record).body)
+    except RemoteError:
+        return False
+    return join.invite == invite and join.epoch > view.latest_epoch(me)
 
 
 def join_federation(
@@ -233,9 +255,9 @@ def join_federation(
     parsed = parse_invite_token(token)
     inv = parsed.invite
     if inv.invitee and inv.invitee != identity.public_key:
-        raise LocalError("this invite was issued to another peer id")
+        raise InviteError("this invite was issued to another peer id")
     if now_ms > inv.expires_ms:
-        raise LocalError("this invite has expired; ask for a new one")
+        raise InviteError("this invite has expired; ask for a new one")
     fid = parsed.genesis.federation_id
     epoch = 0
     store = FederationStore(home)
@@ -243,7 +265,13 @@ def join_federation(
     if rejoining:
         if store.genesis().federation_id != fid:
             raise LocalError(f"{home} already belongs to another federation")
-        epoch = store.view(ledger).latest_epoch(identity.public_key) + 1
+        view = store.view(ledger)
+        if view.is_member(identity.public_key):
+            return dataclasses.replace(parsed, already="already a member of")
+        if _join_pending(ledger, view, identity.public_key, parsed.invite_envelope):
+            return dataclasses.replace(
+                parsed, already="already asked (start the daemon: a member admits it) to join")
+        epoch = view.latest_epoch(identity.public_key) + 1
     seq = Sequencer(next_boot_epoch(home))
     proof = b""
     if inv.ticket:

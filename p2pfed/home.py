@@ -7,19 +7,24 @@ owner-only modes whatever the umask.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import sqlite3
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
-from gossip.errors import StorageError
+from gossip.errors import ConfigError, LocalError, StorageError
 
 ENV_VAR = "P2PFED_HOME"
 KEY_FILE = "identity.key"
 LEDGER_FILE = "ledger.sqlite3"
 CONFIG_FILE = "p2pfed.toml"
 BLOBS_DIR = "blobs"
+#: held (``flock``) by whatever writes the home: the daemon for its life, ``join`` for a moment
+LOCK_FILE = "daemon.lock"
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -37,6 +42,12 @@ class MissingStateError(StorageError):
     code = "state-missing"
 
 
+class HomeInUseError(LocalError):
+    """Another process (a daemon, most likely) holds the home's lock."""
+
+    code = "home-in-use"
+
+
 def default_home() -> Path:
     env = os.environ.get(ENV_VAR)
     if env:
@@ -47,7 +58,40 @@ def default_home() -> Path:
 
 
 def resolve_home(home: Path | None) -> Path:
-    return (home if home is not None else default_home()).expanduser()
+    """The home folder (it may not exist yet); ConfigError when the path is not a folder."""
+    root = (home if home is not None else default_home()).expanduser()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"the home {root} is a file, not a folder (see --home)")
+    return root
+
+
+@contextlib.contextmanager
+def locked_home(home: Path, command: str = "run") -> Iterator[None]:
+    """Hold ``home``'s lock for the block; :class:`HomeInUseError` at once if another process
+    holds it (the lock file names its pid and the ``p2pfed`` command it runs).
+
+    ``flock`` is released by the kernel when the holder exits, however it exits, so a crashed
+    daemon never leaves a stale lock; the file itself stays.
+    """
+    path = home / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
+    except OSError as exc:
+        raise storage_error(exc, f"cannot open {path}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HomeInUseError(_in_use_message(home, os.pread(fd, 64, 0))) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -67,6 +111,15 @@ def is_disk_full(exc: BaseException) -> bool:
         return (getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
                 or "database or disk is full" in str(exc))
     return False
+
+
+def _in_use_message(home: Path, held: bytes) -> str:
+    pid, _, command = held.decode("ascii", "replace").strip().partition(" ")
+    pid = f" (pid {pid})" if pid.isdigit() else ""
+    if command in ("", "run"):
+        return (f"a daemon is already running on {home}{pid}; stop it first "
+                "('systemctl stop p2pfed', or Ctrl-C where it runs)")
+    return f"'p2pfed {command}' is using {home}{pid}; try again when it is done"
 
 
 def storage_error(exc: OSError | sqlite3.Error, what: str) -> StorageError:

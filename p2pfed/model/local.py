@@ -11,11 +11,13 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from gossip.errors import ConfigError
 from p2pfed.config import Config
 from p2pfed.model.m3t import ENCODERS, TEXT, M3TModel, ModelSpec, TextEncoder
 from p2pfed.model.tasks import TASKS, load_task_data
-from p2pfed.model.train import LocalTrainer, TaskData
+from p2pfed.model.train import LocalTrainer, TaskData, seed_for
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,26 @@ def build_trainer(config: Config, holds: Sequence[str], federation_id: bytes,
                 raise ConfigError(f"[data.{name}.activity]: {width} features per step; the "
                                   f"model takes {model.spec.activity_features}")
         data[name] = TaskData(inputs, task.labels)
-        log.info("task %s: %d local samples", name, len(task.labels))
+    node_seed = int.from_bytes(node_key[:8], "little")
+    heldout: dict[str, TaskData] = {}
+    for name in sorted(data):
+        data[name], kept = split_holdout(data[name], config.model.holdout,
+                                         seed_for(node_seed, "holdout", name))
+        if len(kept):
+            heldout[name] = kept
+        log.info("task %s: %d local examples to train on, %d held out", name, len(data[name]),
+                 len(kept))
     only = frozenset(config.components.train) if config.components.train else None
-    return LocalTrainer(model, data, node_seed=int.from_bytes(node_key[:8], "little"),
+    return LocalTrainer(model, data, node_seed=node_seed,
                         steps=config.model.steps, batch_size=config.model.batch_size,
-                        lr=config.model.lr, only=only)
+                        lr=config.model.lr, only=only, heldout=heldout)
+
+
+def split_holdout(data: TaskData, share: float, seed: int) -> tuple[TaskData, TaskData]:
+    """(examples to train on, examples kept aside): ``share`` of them, drawn by ``seed``, at
+    most all but one (none when there are fewer than two)."""
+    count = min(round(share * len(data)), len(data) - 1) if len(data) > 1 else 0
+    if count == 0:
+        return data, data.subset(np.arange(0))
+    order = np.random.default_rng(seed).permutation(len(data))
+    return data.subset(np.sort(order[count:])), data.subset(np.sort(order[:count]))

@@ -103,6 +103,13 @@ class ModelSpec:
         return [t.name for t in self.tasks if set(t.pipeline()) <= set(held)]
 
     def check_holdings(self, held: Sequence[str]) -> None:
+        """ConfigError unless every component of ``held`` is one of the model's, each head
+        with the rest of its pipeline."""
+        unknown = sorted(set(held) - set(self.components()))
+        if unknown:
+            raise ConfigError(f"components.hold: not components of this model: "
+                              f"{', '.join(unknown)} (its components: "
+                              f"{', '.join(self.components())})")
         for c in held:
             if c.startswith("head."):
                 task = self.task(c.removeprefix("head."))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -107,6 +107,9 @@ class LocalTrainer:
     #: with a known number of rounds, the learning rate follows a cosine from ``lr`` down to
     #: nearly zero, so the last rounds mostly mix and the members end close to their consensus
     total_rounds: int | None = None
+    #: task -> examples kept aside (never trained on): each round that trains the task first
+    #: measures the model's accuracy on them
+    heldout: Mapping[str, TaskData] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.flats: dict[str, FlatComponent] = {}
@@ -118,6 +121,9 @@ class LocalTrainer:
             self.flats[name] = flat
         self._trained: dict[str, tuple[int, int]] = {}  # component -> (epoch, round) trained
         self._priors: dict[str, torch.Tensor] = {}
+        #: task -> what its last training round found (``status``); replaced whole, so the
+        #: event loop may read it while a training thread writes
+        self.progress: dict[str, dict[str, Any]] = {}
 
     def components(self) -> dict[str, FlatComponent]:
         return dict(self.flats)
@@ -171,7 +177,9 @@ class LocalTrainer:
         rngs = {t: np.random.default_rng(seed_for(self.node_seed, t, round_)) for t in tasks}
         opt = torch.optim.Adam(params, lr=self.lr_at(round_))
         losses = []
+        per_task: dict[str, list[float]] = {t: [] for t in tasks}
         try:
+            accuracy = self._heldout_accuracy(tasks)  # the model as the round begins
             for _ in range(self.steps):
                 opt.zero_grad(set_to_none=True)
                 loss = torch.zeros(())
@@ -183,7 +191,9 @@ class LocalTrainer:
                     logits = self.model.forward(task, batch)
                     if self.logit_adjust:
                         logits = logits + self._log_prior(task, logits.shape[-1])
-                    loss = loss + nn.functional.cross_entropy(logits, labels)
+                    task_loss = nn.functional.cross_entropy(logits, labels)
+                    per_task[task].append(float(task_loss.detach()))
+                    loss = loss + task_loss
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 losses.append(float(loss.detach()) / len(tasks))
@@ -192,7 +202,22 @@ class LocalTrainer:
                 p.requires_grad_(flag)
             for c in frozen:
                 self.flats[c].bind(self.model.parameters_of(c))  # back to the live buffers
+        for task in tasks:
+            self.progress[task] = {
+                "round": round_, "loss": float(np.mean(per_task[task])),
+                "examples": len(self.data[task]), "heldout": len(self.heldout.get(task, ())),
+                "accuracy": accuracy.get(task), "accuracy_round": round_ if task in accuracy
+                else None,
+            }
+            held = f", held-out accuracy {accuracy[task]:.3f}" if task in accuracy else ""
+            log.info("round %d: trained %s on %d examples of %s: loss %.4f%s", round_,
+                     ", ".join(group), len(self.data[task]), task,
+                     self.progress[task]["loss"], held)
         return float(np.mean(losses))
+
+    def _heldout_accuracy(self, tasks: Sequence[str]) -> dict[str, float]:
+        return {t: self.accuracy(t, self.heldout[t]) for t in tasks
+                if t in self.heldout and len(self.heldout[t])}
 
     def lr_at(self, round_: int) -> float:
         if not self.total_rounds:

@@ -98,6 +98,8 @@ class Node:
         self._graph: nx.Graph = nx.Graph()
         self._holders: dict[str, frozenset[str]] = {}
         self._round_limit: int | None = None
+        #: no new round starts (a member that left: its rounds would serve no one)
+        self.halted = False
         self._started = False
         self.rejected: dict[str, int] = {}  # messages refused, by error code
 
@@ -195,6 +197,10 @@ class Node:
                 transition(st, Event.RESUME)
                 actions += self._start_round(name, now_ms)
         return actions
+
+    def halt(self) -> None:
+        """Start no new round (a round under way completes, then its component pauses)."""
+        self.halted = True
 
     def checkpoint(self, now_ms: int,
                    components: Iterable[str] | None = None) -> dict[str, Checkpoint]:
@@ -347,7 +353,7 @@ class Node:
 
     def _start_round(self, name: str, now_ms: int) -> list[Action]:
         st = self._states[name]
-        limit = st.round if self._retention.full else self._round_limit
+        limit = st.round if self._retention.full or self.halted else self._round_limit
         if not begin(st, limit, now_ms, self.config.interval(alone=not st.neighbours)):
             return []
         replay, account = st.replay, self._privacy.get(name)

@@ -1,9 +1,11 @@
 """The daemon: one institution's node on the network, run by ``p2pfed run``.
 
-Start-up order is explicit (``nursery.start``): the key is loaded (and refused when others can
-read it), the ledger is opened (refused when a member's ledger is missing) and the entries
-appended since its last verification are verified, the federation and checkpoints are loaded,
-the libp2p host listens, the control socket answers — and only then is systemd told READY=1.
+Start-up order is explicit (``nursery.start``): the home's lock is taken (a second daemon on
+the same home is refused: :func:`p2pfed.home.locked_home`), the listen ports are checked free
+(:mod:`p2pfed.runtime.ports`), the key is loaded (and refused when others can read it), the
+ledger is opened (refused when a member's ledger is missing) and the entries appended since
+its last verification are verified, the federation and checkpoints are loaded, the libp2p host
+listens, the control socket answers — and only then is systemd told READY=1.
 Start-up reads only the recent end of the ledger (what follows the verified mark, the newest
 checkpoints), so it takes about as long at 100,000 entries as at 100 (a ledger from before the
 mark is verified in full once).
@@ -45,6 +47,7 @@ from p2pfed.home import (
     DiskFullError,
     MissingStateError,
     is_disk_full,
+    locked_home,
     storage_error,
 )
 from p2pfed.ledger import Ledger, VerifyReport
@@ -60,6 +63,7 @@ from p2pfed.runtime.diskspace import (
     wal_room,
 )
 from p2pfed.runtime.driver import NodeDriver
+from p2pfed.runtime.ports import check_listen_addresses
 from p2pfed.runtime.systemd import Notifier
 
 if TYPE_CHECKING:
@@ -140,7 +144,8 @@ class Daemon:
         start-up or later."""
         self._stop, self._ready, self._full, self._torn = trio.Event(), False, None, False
         try:
-            await self._run(task_status)
+            with locked_home(self.home):  # one daemon per home, for its whole life
+                await self._run(task_status)
         except (Exception, BaseExceptionGroup) as exc:  # (a group may hold a Cancelled)
             cause = disk_full_cause(exc)
             if cause is None:
@@ -155,6 +160,7 @@ class Daemon:
         log.info("stopped cleanly")
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
+        check_listen_addresses(self.config.node.listen)  # (py-libp2p would share a port)
         identity = load_identity(self.home / KEY_FILE)
         ledger_path = self.home / LEDGER_FILE
         store = FederationStore(self.home)
@@ -177,6 +183,12 @@ class Daemon:
         """The node over the ledger, its components (and trainer) resumed from checkpoints."""
         me = view.members().get(identity.public_key)
         holds = sorted(me.modules) if me else list(self.config.components.hold)
+        if me is not None and set(me.modules) != set(self.config.components.hold):
+            log.warning("components.hold in p2pfed.toml (%s) differs from what this node "
+                        "joined %s with (%s): the membership record counts; to hold other "
+                        "components, leave and join again with a new invite",
+                        ", ".join(sorted(self.config.components.hold)), view.genesis.name,
+                        ", ".join(holds))
         cfg = self.config
         trainer = None
         if cfg.model.kind == "m3t":
@@ -212,8 +224,8 @@ class Daemon:
         await nursery.start(transport.run)
         driver = NodeDriver(node, transport, clock_ms=wall_clock_ms,
                             trainer=trainer.run if trainer is not None else None,
-                            on_actions=self._room_after_rounds(node))
-        handlers = self._handlers(node, transport, driver, node.identity)
+                            on_actions=self._after_actions(node))
+        handlers = self._handlers(node, transport, driver, node.identity, trainer)
         await nursery.start(serve_control, self.home / SOCKET_NAME, handlers)
         await nursery.start(self._drive, driver)
         nursery.start_soon(self._verify_loop, node.ledger)
@@ -260,11 +272,18 @@ class Daemon:
             raise NoRoomError(disk_full_message(self.home, self.round_bytes, outcome,
                                                 failed=False))
 
-    def _room_after_rounds(self, node: FederatedNode) -> Callable[[Sequence[object]], None]:
-        """The driver's hook: after a round, stop the daemon if another would not fit."""
+    def _after_actions(self, node: FederatedNode) -> Callable[[Sequence[object]], None]:
+        """The driver's hook: a log line per completed round; then stop the daemon if another
+        round would not fit on the disk."""
         def check(actions: Sequence[object]) -> None:
-            if self._full is None and any(isinstance(a, RoundCompleted) for a in actions) \
-                    and free_bytes(self.home) < self._need(node):
+            done = [a for a in actions if isinstance(a, RoundCompleted)]
+            for a in done:
+                total = len(a.mixed_with) + len(a.missing)
+                late = f"; left out (late): {', '.join(p[-8:] for p in a.missing)}" \
+                    if a.missing else ""
+                log.info("round %d of %s done: mixed with %d of %d neighbour(s)%s", a.round,
+                         a.component, len(a.mixed_with), total, late)
+            if self._full is None and done and free_bytes(self.home) < self._need(node):
                 self._full = disk_full_message(self.home, self.round_bytes,
                                                "no new round starts, the daemon stops",
                                                failed=False)
@@ -333,7 +352,7 @@ class Daemon:
                 return
 
     def _handlers(self, node: FederatedNode, transport: Any, driver: NodeDriver,
-                  identity: Identity) -> dict[str, Any]:
+                  identity: Identity, trainer: LocalTrainer | None) -> dict[str, Any]:
         ledger = node.ledger
 
         async def status(_req: dict[str, Any]) -> dict[str, Any]:
@@ -352,6 +371,8 @@ class Daemon:
                 listen=transport.listen_addrs(),
                 uptime_s=(wall_clock_ms() - self.started_ms) / 1000,
             )
+            if trainer is not None:
+                st["training"] = dict(trainer.progress)
             return st
 
         async def peers(_req: dict[str, Any]) -> list[dict[str, Any]]:
@@ -367,6 +388,8 @@ class Daemon:
 
         async def unlearn(req: dict[str, Any]) -> dict[str, Any]:
             peer, mode = str(req.get("peer", "")), str(req.get("mode", "exact"))
+            if node.forget_requested(peer):  # a second request would change nothing
+                return {"already": True, "rolled_back": []}
             driver.call(node.request_forget, peer, mode, str(req.get("reason", ""))[:200])
             with trio.move_on_after(UNLEARN_WAIT_S):  # applied once the training thread lets go
                 await driver.wait_forgotten(peer)
@@ -374,6 +397,8 @@ class Daemon:
             return {"rolled_back": applied[0]["rolled_back"] if applied else []}
 
         async def leave(req: dict[str, Any]) -> dict[str, Any]:
+            if not node.is_member():  # left already (or never admitted): nothing to sign
+                return {"left": False, "standing": node.standing()}
             reason = str(req.get("reason", ""))[:200]
             if req.get("forget"):
                 await unlearn({"peer": node.peer_id, "mode": req.get("mode", "exact"),
@@ -382,7 +407,7 @@ class Daemon:
             # that the operator may stop us at once
             with trio.move_on_after(LEAVE_WAIT_S):
                 await driver.deliver(node.leave, reason)
-            return {"left": True}
+            return {"left": True, "standing": node.standing()}
 
         return {"status": status, "peers": peers, "leave": self._guarded(leave),
                 "unlearn": self._guarded(unlearn)}

@@ -36,6 +36,23 @@ from p2pfed.config import read_toml
 
 CHURN_ACTIONS = ("leave", "join", "fail-link", "restore-link")
 MAX_NODES = 4096
+#: what a topology file may hold: its tables' keys, and ``[graph]``'s per kind
+TOP_KEYS = frozenset({"name", "description", "graph", "components", "churn"})
+GRAPH_KEYS = {
+    "ring": {"n"}, "star": {"n"}, "complete": {"n"}, "torus": {"rows", "cols"},
+    "small-world": {"n", "k", "p", "seed"}, "random-regular": {"n", "d", "seed"},
+    "edges": {"nodes", "edges"}, "hierarchical": {"levels"},
+}
+LEVEL_KEYS = frozenset({"group", "count", "per_parent", "connect"})
+CHURN_KEYS = frozenset({"round", "action", "node", "link"})
+
+
+def _only(table: dict[str, Any], allowed: set[str] | frozenset[str], where: str) -> None:
+    """ConfigError naming the keys of ``table`` not in ``allowed`` (a typo, most likely)."""
+    unknown = set(table) - allowed
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s): {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(sorted(allowed))})")
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,8 @@ def _hierarchical(table: dict[str, Any]) -> tuple[nx.Graph, dict[str, str]]:
     for depth, level in enumerate(levels):
         if not isinstance(level, dict) or not isinstance(level.get("group"), str):
             raise ConfigError(f"graph.levels[{depth}] needs a 'group' name")
+        _only(level, LEVEL_KEYS - {"per_parent" if depth == 0 else "count"},
+              f"[[graph.levels]] {depth}")
         group = level["group"]
         count = _int(level, "count" if depth == 0 else "per_parent")
         connect = level.get("connect", "complete")
@@ -119,6 +138,9 @@ def _hierarchical(table: dict[str, Any]) -> tuple[nx.Graph, dict[str, str]]:
 
 def build_graph(table: dict[str, Any]) -> tuple[nx.Graph, dict[str, str]]:
     kind = table.get("kind")
+    if kind not in GRAPH_KEYS:
+        raise ConfigError(f"unknown graph kind {kind!r}; one of {', '.join(GRAPH_KEYS)}")
+    _only(table, GRAPH_KEYS[kind] | {"kind"}, f"[graph] of kind {kind}")
     seed = table.get("seed", 0)
     if not isinstance(seed, int):
         raise ConfigError("graph.seed must be an integer")
@@ -191,6 +213,7 @@ def _churn(items: Any, nodes: tuple[str, ...], graph: nx.Graph) -> tuple[ChurnEv
         where = f"churn[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{where} must be a table")
+        _only(item, CHURN_KEYS, where)
         rnd, action = item.get("round"), item.get("action")
         if not isinstance(rnd, int) or rnd < 0:
             raise ConfigError(f"{where}.round must be a non-negative integer")
@@ -210,6 +233,7 @@ def _churn(items: Any, nodes: tuple[str, ...], graph: nx.Graph) -> tuple[ChurnEv
 
 
 def parse_topology(data: dict[str, Any], default_name: str = "topology") -> Topology:
+    _only(data, TOP_KEYS, "the topology")
     graph_table = data.get("graph")
     if not isinstance(graph_table, dict):
         raise ConfigError("a topology needs a [graph] table")
