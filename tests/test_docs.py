@@ -170,3 +170,18 @@ def test_readme_setup_commands_are_makefile_targets() -> None:
     assert commands[:2] == ["demo", "test"], commands
     assert set(commands) <= makefile_targets()
     assert {"demo", "test"} <= makefile_targets()
+
+
+def test_exit_code_table_matches_exitcodes() -> None:
+    tree = ast.parse((ROOT / "p2pfed" / "exitcodes.py").read_text(encoding="utf-8"))
+    codes = {node.targets[0].id: node.value.value for node in tree.body
+             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+             and isinstance(node.value, ast.Constant) and isinstance(node.value.value, int)}
+    assert len(codes) > 5, "p2pfed/exitcodes.py's codes were not found"
+    text = OPERATING.read_text(encoding="utf-8")
+    start = text.index("\n## Exit codes\n")
+    table = text[start: text.index("\n## ", start + 1)]
+    documented = {int(n) for n in re.findall(r"^\| (\d+) \|", table, re.MULTILINE)}
+    assert documented == set(codes.values()), (
+        f"docs/operating.md's exit codes {sorted(documented)} != exitcodes.py's "
+        f"{sorted(codes.values())}")
