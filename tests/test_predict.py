@@ -131,10 +131,13 @@ def m3t_home(tmp_path: Path, task: str, *listen: str) -> tuple[Path, Path]:
     samples = tmp_path / "samples"
     assert main(["data", "sample", task, str(samples), "--count", "24"]) == 0
     home = tmp_path / "home"
+    data = [arg for spec in specs(task, samples) for arg in ("--data", spec)]
     assert main(["init", "--home", str(home), "--interval", "0.1", "--timeout", "1",
-                 *listen]) == 0
-    config = with_model_data(Config.from_toml(home / "p2pfed.toml"), model="m3t",
-                             data=specs(task, samples)).with_overrides(**TINY)
+                 *listen, *data]) == 0  # --data alone: the m3t model, a tenth held out
+    config = Config.from_toml(home / "p2pfed.toml")
+    assert config.model.kind == "m3t" and config.model.holdout == 0.1
+    assert set(config.data) == {task}
+    config = config.with_overrides(**TINY)  # (the bundled MiniLM is too slow for a test)
     (home / "p2pfed.toml").write_text(config.to_toml(), encoding="utf-8")
     assert main(["federation", "create", "school", "--home", str(home)]) == 0
     return home, samples
