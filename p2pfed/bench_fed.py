@@ -12,6 +12,7 @@ out as warm-up); its CPU is the daemons' user + system CPU over the measured rou
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -76,11 +77,16 @@ def run_federation_bench(quick: bool = False, base: Path | None = None) -> dict[
     started = time.monotonic()
     out: dict[str, Any] = {}
     sizes = {"10k": 10_000} if quick else {"100k": 100_000, "10m": 10_000_000}
-    for name, dim in sizes.items():
-        got = measure(dim, 3 if quick else 8, root / name, 20.0 if dim <= 100_000 else 60.0)
-        out[f"round_s_{name}"] = got["round_s"]
-        out[f"round_cpu_s_{name}"] = got["round_cpu_s"]
-        out[f"rounds_{name}"] = got["rounds"]
+    try:
+        for name, dim in sizes.items():
+            got = measure(dim, 3 if quick else 8, root / name,
+                          20.0 if dim <= 100_000 else 60.0)
+            out[f"round_s_{name}"] = got["round_s"]
+            out[f"round_cpu_s_{name}"] = got["round_cpu_s"]
+            out[f"rounds_{name}"] = got["rounds"]
+    finally:
+        if base is None:  # (the 10M homes hold about 9 GB of history: never leave them)
+            shutil.rmtree(root, ignore_errors=True)
     out["federation_wall_s"] = time.monotonic() - started
     return out
 

@@ -86,3 +86,35 @@ def test_cli_start_is_the_cpu_of_a_child_process() -> None:
     assert child_cpu_seconds(["status", "--home", "/nonexistent/p2pfed-home"]) > 0
     with pytest.raises(ValueError):
         cli_start_seconds(runs=0)
+
+
+def test_the_federation_bench_removes_the_homes_it_made(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    import tempfile
+
+    from p2pfed import bench_fed
+
+    made: list[Path] = []
+
+    def measure(dim: int, rounds: int, base: Path, timeout_s: float) -> dict[str, float]:
+        base.mkdir(parents=True)
+        (base / "ledger.sqlite3").write_bytes(b"x" * 1000)  # as a daemon's home would
+        made.append(base)
+        return {"round_s": 0.1, "round_cpu_s": 0.2, "rounds": float(rounds)}
+
+    monkeypatch.setattr(bench_fed, "measure", measure)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    out = bench_fed.run_federation_bench(quick=True)
+    assert out["round_s_10k"] == 0.1 and made and not made[0].parent.exists()
+    kept = tmp_path / "mine"
+    bench_fed.run_federation_bench(quick=True, base=kept)
+    assert (kept / "10k" / "ledger.sqlite3").exists()  # a folder the user named stays
+
+    def fails(dim: int, rounds: int, base: Path, timeout_s: float) -> dict[str, float]:
+        measure(dim, rounds, base, timeout_s)
+        raise RuntimeError("a daemon did not start")
+
+    monkeypatch.setattr(bench_fed, "measure", fails)
+    with pytest.raises(RuntimeError):
+        bench_fed.run_federation_bench(quick=True)
+    assert not made[-1].parent.exists()
