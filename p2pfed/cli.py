@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -15,11 +16,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from gossip.errors import ConfigError, KeyFileError, P2PFedError
+from gossip.errors import ConfigError, KeyFileError, P2PFedError, StorageError
 from p2pfed import cli_bench, cli_daemon, cli_localfed, cli_model, cli_service, exitcodes
 from p2pfed.cli_bench import write_json as _write_json
+from p2pfed.cli_help import PlainHelpGroup
 from p2pfed.home import is_disk_full, storage_error
 
 if TYPE_CHECKING:  # (the simulator loads torch: imported only to simulate)
@@ -32,6 +35,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=PlainHelpGroup,  # plain help for every command: flags, values, defaults
 )
 ledger_app = typer.Typer(help="Inspect and verify a node's ledger.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
@@ -71,16 +75,22 @@ def simulate(
     ] = "consensus",
     rounds: Annotated[
         int | None,
-        typer.Option(min=1, max=100_000, help="Rounds (200; education: 40 quick, else 48)."),
+        typer.Option(min=1, max=100_000,
+                     help="Rounds (default: 200; education: 40 with --quick, else 48)."),
     ] = None,
     quick: Annotated[bool, typer.Option(help="Education workload: the few-minute run.")]
     = False,
     seed: Annotated[int, typer.Option(min=0, help="Same seed, same numbers.")] = 0,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Write the report here (default: not written; a missing folder is "
+                       "created).")] = None,
     home: Annotated[
-        Path | None, typer.Option(help="Keep each node's identity and ledger in HOME/<node>/.")
+        Path | None, typer.Option(help="Keep each node's identity and ledger in HOME/<node>/ "
+                                       "(default: in memory only).")
     ] = None,
-    plot: Annotated[Path | None, typer.Option(help="Plot consensus distance to a PNG.")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        help="Write a PNG (default: none; a missing folder is created): consensus distance per "
+             "round, or for the education workload accuracy per round per task.")] = None,
     dim: Annotated[int, typer.Option(min=1, max=1 << 24, help="Parameters per component.")] = 32,
     dtype: Annotated[str, typer.Option(
         help="Consensus workload: float64, or float32 as a model's parameters.")] = "float64",
@@ -93,7 +103,8 @@ def simulate(
     ] = None,
     mode: Annotated[str, typer.Option(help="Unlearning mode: exact or fast.")] = "exact",
     dp_sigma: Annotated[float | None, typer.Option(
-        min=0.0, help="Education: DP noise multiplier for every trained component.")] = None,
+        min=0.0, help="Education: DP noise multiplier for every trained component "
+                      "(default: no DP).")] = None,
     dp_clip: Annotated[float, typer.Option(min=0.0, help="DP clipping norm.")] = 1.0,
     dp_delta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DP delta.")] = 1e-5,
     dp_budget: Annotated[float, typer.Option(min=0.0, help="ε cap per component (0: none).")]
@@ -114,6 +125,11 @@ def simulate(
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import plot_report
 
+    # (every argument is checked before the run: a bad path must not cost a finished run)
+    if json_path is not None:
+        _check_output(json_path, "--json")
+    if plot is not None:
+        _check_output(plot, "--plot")
     config = _sim_config(topology, workload=workload, rounds=rounds, quick=quick, seed=seed,
                          home=home, dim=dim, dtype=dtype, unlearn=unlearn, mode=mode,
                          dp_sigma=dp_sigma, dp_clip=dp_clip, dp_delta=dp_delta,
@@ -125,6 +141,25 @@ def simulate(
     if plot is not None:
         plot_report(report, plot)
     _print_sim_summary(report)
+    for what, path in (("report", json_path), ("plot", plot)):
+        if path is not None:
+            out.print(f"{what}: {path}")
+
+
+def _check_output(path: Path, option: str) -> None:
+    """Make sure ``path`` can be written once the run is done: its folder is created when
+    missing; BadParameter (exit 2) for a folder, or a place that cannot be written."""
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a folder; give a file name", param_hint=option)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot create the folder {folder}: {exc.strerror or exc}",
+                                 param_hint=option) from exc
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists()
+                                                     and not os.access(path, os.W_OK)):
+        raise typer.BadParameter(f"cannot write {path}: permission denied", param_hint=option)
 
 
 def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: bool, seed: int,
@@ -150,6 +185,11 @@ def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: boo
     if mode not in ("exact", "fast"):
         raise typer.BadParameter(f"unknown mode {mode!r}; choose exact or fast",
                                  param_hint="--mode")
+    from p2pfed.config import MIXING_RULES
+
+    if robust not in MIXING_RULES:
+        raise typer.BadParameter(f"unknown rule {robust!r}; choose from "
+                                 f"{', '.join(MIXING_RULES)}", param_hint="--robust")
     target = _parse_unlearn(unlearn) if unlearn is not None else None
     attackers = _parse_attack(attack) if attack is not None else None
     dp = None
@@ -161,6 +201,9 @@ def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: boo
     if noisy is not None and dp is None:
         raise typer.BadParameter("needs --dp-sigma (the other nodes' level)",
                                  param_hint="--dp-noisy")
+    if topology.is_dir():
+        raise typer.BadParameter(f"{topology} is a folder; give a topology file such as "
+                                 f"{topology / 'ring-16.toml'}", param_hint="TOPOLOGY")
     topo = load_topology(topology)
     if rounds is None:
         from p2pfed.sim.education import FULL, QUICK
@@ -190,14 +233,18 @@ def _simulate_with_progress(config: SimConfig, quiet: bool) -> dict[str, Any]:
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=err, disable=quiet, transient=True,
     )
+    rounds = f"{config.topology.name}: rounds"
     with progress:
-        task = progress.add_task(f"{config.topology.name}: rounds", total=config.rounds)
+        task = progress.add_task(rounds, total=config.rounds)
 
         def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+            progress.update(task, description=rounds, completed=done, total=total)
+
+        def phase(name: str, done: int, total: int) -> None:
+            progress.update(task, description=name, completed=done, total=total)
 
         config.progress = update
-        return run_simulation(config)
+        return run_simulation(config, on_phase=phase)
 
 
 def _parse_noisy(value: str) -> tuple[int, float]:
@@ -213,9 +260,14 @@ def _parse_noisy(value: str) -> tuple[int, float]:
 
 
 def _parse_attack(value: str) -> tuple[str, int]:
+    from p2pfed.sim.attacks import ATTACKS
+
     kind, sep, count = value.rpartition(":")
     if not sep or not kind or not count.isdigit():
         raise typer.BadParameter(f"expected KIND:COUNT, got {value!r}", param_hint="--attack")
+    if kind not in ATTACKS:
+        raise typer.BadParameter(f"unknown attack {kind!r}; choose from {', '.join(ATTACKS)}",
+                                 param_hint="--attack")
     return kind, int(count)
 
 
@@ -242,20 +294,37 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
 
 
 def _print_sim_summary(report: dict[str, Any]) -> None:
-    table = Table(
-        title=(f"{report['topology']}: {report['nodes']} nodes, {report['rounds']} rounds, "
-               f"seed {report['seed']}, {report['wall_s']:.1f} s"),
-    )
-    for col in ("component", "holders", "SLEM", "to 1e-6", "bound", "distance", "drift"):
-        table.add_column(col, justify="left" if col == "component" else "right", no_wrap=True)
-    for name, c in report["components"].items():
-        dist = c["consensus_distance"]
-        table.add_row(
-            name, str(c["holders"]), _fmt(c["slem"], ".4f"),
-            str(c["rounds_to_1e-6"] or "—"), str(c["bound_rounds_to_1e-6"] or "—"),
-            _fmt(dist[-1] if dist else None, ".2e"), _fmt(c["mean_drift"], ".1e"),
-        )
-    out.print(table)
+    title = (f"{report['topology']}: {report['nodes']} nodes, {report['rounds']} rounds, "
+             f"seed {report['seed']}, {report['wall_s']:.1f} s")
+    components = report["components"]
+    # a trained component's holders train apart between mixes: its consensus distance says
+    # nothing about quality (the JSON report keeps it); its tasks' accuracy does
+    trained = {n: c for n, c in components.items() if c.get("tasks")}
+    mixed = {n: c for n, c in components.items() if n not in trained}
+    if mixed:
+        table = Table(title=title)
+        for col in ("component", "holders", "SLEM", "to 1e-6", "bound", "distance", "drift"):
+            table.add_column(col, justify="left" if col == "component" else "right",
+                             no_wrap=True)
+        for name, c in mixed.items():
+            dist = c["consensus_distance"]
+            table.add_row(
+                name, str(c["holders"]), _fmt(c["slem"], ".4f"),
+                str(c["rounds_to_1e-6"] or "—"), str(c["bound_rounds_to_1e-6"] or "—"),
+                _fmt(dist[-1] if dist else None, ".2e"), _fmt(c["mean_drift"], ".1e"),
+            )
+        out.print(table)
+    if trained:
+        tasks = report.get("tasks", {})
+        table = Table(title=title if not mixed else "trained components")
+        for col in ("component", "holders", "SLEM", "trained for", "federated accuracy"):
+            table.add_column(col, justify="right" if col in ("holders", "SLEM") else "left")
+        for name, c in trained.items():
+            accs = ", ".join(f"{t} {tasks[t]['federated']:.3f}" for t in c["tasks"]
+                             if t in tasks)
+            table.add_row(name, str(c["holders"]), _fmt(c["slem"], ".4f"),
+                          ", ".join(c["tasks"]), accs or "—")
+        out.print(table)
     if "tasks" in report:
         tasks = Table(title="test accuracy, mean over the holders of each task")
         for col in ("task", "holders", "federated", "local only", "centralized"):
@@ -285,8 +354,13 @@ def _print_sim_summary(report: dict[str, Any]) -> None:
             elif isinstance(value, list):
                 table.add_row(key, ", ".join(value) or "—")
         out.print(table)
-    out.print("to 1e-6: rounds until the consensus distance fell below 1e-6 (— not yet)\n"
-              "bound: ⌈ln 1e-6 / ln SLEM⌉; drift: largest change of the holders' mean")
+    if mixed:
+        out.print("to 1e-6: rounds until the consensus distance fell below 1e-6 (— not yet)\n"
+                  "bound: ⌈ln 1e-6 / ln SLEM⌉; drift: largest change of the holders' mean")
+    if trained:
+        out.print("trained components: federated accuracy is the test accuracy of each task "
+                  "that trains the component, mean over the task's holders (SLEM: how fast "
+                  "its holders' mixing alone would agree)")
     net = report["network"]
     out.print(
         f"network: {net['messages']} signed announcements, {net['fetches']} payload fetches "
@@ -383,12 +457,18 @@ cli_bench.register(app)
 
 # ------------------------------------------------------------------------------- entry point
 def _as_p2pfed_error(exc: BaseException) -> P2PFedError | None:
-    """``exc`` as one of our errors: itself, or a full disk seen as a raw OSError/sqlite3 error
-    (the storage error); None for anything else."""
+    """``exc`` as one of our errors: itself, or a file that could not be read or written (a
+    raw OSError or sqlite3 error: the storage error, a full disk included); None for anything
+    else (a bug: its traceback is shown)."""
     if isinstance(exc, P2PFedError):
         return exc
     if isinstance(exc, OSError | sqlite3.Error) and is_disk_full(exc):
         return storage_error(exc, "a write failed")
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return StorageError(f"{where}{exc.strerror or exc}")
+    if isinstance(exc, sqlite3.Error):
+        return StorageError(f"a database file cannot be used: {exc}")
     return None
 
 
@@ -408,27 +488,29 @@ def _only_p2pfed_errors(group: BaseExceptionGroup[BaseException]) -> list[P2PFed
     return found or None
 
 
+def _print_error(error: P2PFedError) -> None:
+    """One line on stderr; the message is printed as it is (``[rounds]`` is not markup)."""
+    err.print(f"[red]error[/red]: {escape(str(error))}", soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting (for tests and embedding)."""
     try:
         result = app(args=argv, prog_name="p2pfed", standalone_mode=False)
     except CommandFailedError as exc:
         return exc.code
-    except P2PFedError as exc:
-        err.print(f"[red]error[/red]: {exc}")
-        return exitcodes.for_error(exc)
-    except (OSError, sqlite3.Error) as exc:  # a full disk wherever it was hit
+    except (P2PFedError, OSError, sqlite3.Error) as exc:  # (a full disk wherever it was hit)
         error = _as_p2pfed_error(exc)
         if error is None:
             raise
-        err.print(f"[red]error[/red]: {error}")
+        _print_error(error)
         return exitcodes.for_error(error)
     except BaseExceptionGroup as group:  # errors from inside the daemon's nurseries
         ours = _only_p2pfed_errors(group)
         if ours is None:
             raise
         for error in ours:
-            err.print(f"[red]error[/red]: {error}")
+            _print_error(error)
         return exitcodes.for_error(ours[0])
     except typer.Exit as exc:  # --help and friends
         return exc.exit_code

@@ -132,23 +132,27 @@ def test_storage_errors_have_their_exit_codes() -> None:
     assert exitcodes.for_error(LedgerIntegrityError(3, "edited")) == exitcodes.LEDGER_BROKEN
     codes = [exitcodes.OK, exitcodes.FAILURE, exitcodes.USAGE, exitcodes.CONFIG,
              exitcodes.KEY_FILE, exitcodes.LEDGER_BROKEN, exitcodes.STORAGE, exitcodes.REMOTE,
-             exitcodes.STATE_MISSING, exitcodes.INTERRUPTED]
+             exitcodes.STATE_MISSING, exitcodes.IN_USE, exitcodes.INTERRUPTED]
     assert len(set(codes)) == len(codes)
 
 
-def test_other_os_errors_are_not_taken_for_a_full_disk(monkeypatch: pytest.MonkeyPatch,
-                                                       tmp_path: Path) -> None:
+def test_other_os_errors_are_one_line_not_a_full_disk(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     from p2pfed.runtime.daemon import Daemon
 
     home = tmp_path / "home"
     assert main(["init", "--home", str(home)]) == 0
 
     async def fails(_self: Daemon, **_kwargs: object) -> None:
-        raise PermissionError(13, "Permission denied")
+        raise PermissionError(13, "Permission denied", str(home / "ledger.sqlite3"))
 
     monkeypatch.setattr(Daemon, "run", fails)
-    with pytest.raises(PermissionError):
-        main(["run", "--home", str(home)])
+    capsys.readouterr()
+    assert main(["run", "--home", str(home)]) == exitcodes.STORAGE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "ledger.sqlite3: Permission denied" in lines[0]
+    assert "full" not in lines[0]
 
 
 def test_the_founders_round_interval_is_the_federations_period(tmp_path: Path) -> None:

@@ -119,3 +119,84 @@ def test_a_topology_missing_a_task_is_refused() -> None:
                            "components": {"encoder.text.lora": "all", "head.topic": "all"}})
     with pytest.raises(ConfigError, match="no holders for tasks"):
         simulate(SimConfig(topo, workload="education", rounds=1, education=TINY))
+
+
+def test_the_report_has_an_accuracy_curve_for_each_task_and_baseline(
+        twice: tuple[Simulation, dict[str, Any], dict[str, Any], Path]) -> None:
+    _, report, _, _ = twice
+    for task in report["tasks"].values():
+        assert task["curve_rounds"] == list(range(1, TINY.rounds + 1))  # (3 rounds: each)
+        for kind in ("federated", "local_only", "centralized"):
+            curve = task[f"{kind}_curve"]
+            assert len(curve) == TINY.rounds and all(0.0 <= a <= 1.0 for a in curve)
+            assert curve[-1] == task[kind]  # the last round's is the final figure
+    assert report["components"]["head.topic"]["tasks"] == ["topic"]
+
+
+def test_the_education_plot_draws_accuracy_per_task(
+        twice: tuple[Simulation, dict[str, Any], dict[str, Any], Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from p2pfed.sim.report import plot_report
+
+    _, report, _, _ = twice
+    figures: list[Any] = []
+    monkeypatch.setattr(plt, "close", figures.append)  # (keep the figure to look at)
+    plot_report(report, tmp_path / "edu.png")
+    assert (tmp_path / "edu.png").read_bytes().startswith(b"\x89PNG")
+    axes = figures[0].axes
+    assert [ax.get_title().split(" (")[0] for ax in axes] == list(report["tasks"])
+    for ax, task in zip(axes, report["tasks"].values(), strict=True):
+        assert [list(line.get_ydata()) for line in ax.get_lines()] == [
+            task["federated_curve"], task["local_only_curve"], task["centralized_curve"]]
+        assert all(list(line.get_xdata()) == task["curve_rounds"] for line in ax.get_lines())
+    assert "accuracy" in axes[0].get_ylabel()
+
+
+def test_the_summary_shows_accuracy_not_consensus_for_trained_components(
+        twice: tuple[Simulation, dict[str, Any], dict[str, Any], Path],
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2pfed.cli import _print_sim_summary
+
+    monkeypatch.setenv("COLUMNS", "200")
+    _, report, _, _ = twice
+    _print_sim_summary(report)
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "component" in line)
+    assert "federated accuracy" in header and "trained for" in header
+    assert "distance" not in header and "drift" not in header
+    topic = next(line for line in out.splitlines() if line.strip("│ ").startswith("head.topic"))
+    assert f"topic {report['tasks']['topic']['federated']:.3f}" in topic
+
+
+def test_every_phase_reports_progress() -> None:
+    phases: dict[str, list[tuple[int, int]]] = {}
+    rounds: list[int] = []
+    config = _config(seed=4)
+    config.progress = lambda done, _total: rounds.append(done)
+    simulate(config, on_phase=lambda name, done, total: phases.setdefault(name, []).append(
+        (done, total)))
+    assert rounds[-1] == TINY.rounds
+    assert [p for p in phases if "baseline" in p] == ["local-only baseline: rounds",
+                                                     "centralized baseline: rounds"]
+    for name, steps in phases.items():
+        if "baseline" in name:
+            assert steps == [(r, TINY.rounds) for r in range(1, TINY.rounds + 1)], name
+    assert any("loading" in p for p in phases)
+
+
+@pytest.mark.parametrize(("rounds", "points", "measured"), [
+    (40, 8, [5, 10, 15, 20, 25, 30, 35, 40]),
+    (48, 8, [6, 12, 18, 24, 30, 36, 42, 48]),
+    (41, 8, [6, 12, 18, 24, 30, 36, 41]),
+    (3, 8, [1, 2, 3]),
+    (5, 1, [5]),
+])
+def test_the_accuracy_curve_is_measured_at_evenly_spaced_rounds_and_the_last(
+        rounds: int, points: int, measured: list[int]) -> None:
+    settings = EducationSettings(rounds=rounds, steps=1, curve_points=points)
+    assert settings.curve_rounds() == measured

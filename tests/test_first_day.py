@@ -400,3 +400,13 @@ def test_leave_and_unlearn_twice_on_a_running_daemon_and_status_after(
                      create=False) as ledger:
         kinds = [e.kind for e in ledger.entries()]
     assert kinds.count("forget-record") == 1
+
+
+@pytest.mark.parametrize("bad", [["--workload", "nope"], ["--robust", "nope"],
+                                 ["--attack", "nope:1"], ["--dtype", "float16"],
+                                 ["--mode", "nope"]])
+def test_every_bad_simulate_option_is_a_usage_error(
+        bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    topology = Path(__file__).resolve().parent.parent / "topologies" / "ring-16.toml"
+    assert main(["simulate", str(topology), "--rounds", "2", "-q", *bad]) == exitcodes.USAGE
+    assert f"Invalid value for {bad[0]}" in capsys.readouterr().err

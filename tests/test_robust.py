@@ -169,9 +169,9 @@ def test_attack_report_compares_the_honest_nodes_with_a_run_without_attackers() 
 
 @pytest.mark.parametrize(("args", "code"), [
     (["--attack", "sign-flip"], exitcodes.USAGE),
-    (["--attack", "teleport:2"], exitcodes.CONFIG),
-    (["--attack", "sign-flip:16"], exitcodes.CONFIG),
-    (["--robust", "krum"], exitcodes.CONFIG),
+    (["--attack", "teleport:2"], exitcodes.USAGE),  # no such kind: the argument is wrong
+    (["--attack", "sign-flip:16"], exitcodes.CONFIG),  # more than the topology allows
+    (["--robust", "krum"], exitcodes.USAGE),
 ])
 def test_bad_attack_arguments_are_refused(args: list[str], code: int) -> None:
     assert main(["simulate", str(TOPOLOGIES / "ring-chords-16.toml"), "--rounds", "2", "-q",

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,16 +98,34 @@ class LocalFederation:
             )
 
     def status(self, i: int) -> dict[str, Any] | None:
-        if i in self.procs and self.procs[i].poll() is not None:
-            return None
-        done = subprocess.run(
-            [sys.executable, "-m", "p2pfed", "status", "--json", "--home", str(self.home(i))],
-            capture_output=True, text=True, timeout=30, check=False, stdin=subprocess.DEVNULL,
-        )
-        if done.returncode != 0:
-            return None
-        result: dict[str, Any] = json.loads(done.stdout)
-        return result
+        return self.statuses([i])[0]
+
+    def statuses(self, which: list[int] | None = None) -> list[dict[str, Any] | None]:
+        """The status of each node in ``which`` (default: all), asked of all of them at once
+        (None: exited, or not answering)."""
+        asked: list[subprocess.Popen[str] | None] = []
+        for i in range(self.size) if which is None else which:
+            if i in self.procs and self.procs[i].poll() is not None:
+                asked.append(None)
+                continue
+            asked.append(subprocess.Popen(
+                [sys.executable, "-m", "p2pfed", "status", "--json", "--home", str(self.home(i))],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                text=True))
+        results: list[dict[str, Any] | None] = []
+        for proc in asked:
+            if proc is None:
+                results.append(None)
+                continue
+            try:
+                stdout, _ = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                results.append(None)
+                continue
+            results.append(json.loads(stdout) if proc.returncode == 0 else None)
+        return results
 
     def wait_for(self, cond: Any, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -143,6 +163,7 @@ def node_summary(st: dict[str, Any]) -> dict[str, Any]:
     return {
         "peer_id": st["peer_id"],
         "rounds_completed": st["rounds_completed"],
+        "rounds_since_membership_change": len(comp.get("consensus_distance", [])),
         "peers": st["peers"],
         "ledger_ok": st["ledger_ok"],
         "consensus_distance": comp.get("consensus_distance", []),
@@ -150,37 +171,72 @@ def node_summary(st: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_local_federation(nodes: int, rounds: int, base: Path | None = None,
-                         timeout_s: float = 240.0) -> dict[str, Any]:
-    """Start ``nodes`` daemons, wait for ``rounds`` mixing rounds everywhere, stop them."""
+                         timeout_s: float = 240.0, *, keep: bool = False,
+                         on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Start ``nodes`` daemons, wait until every one has mixed ``rounds`` rounds since it last
+    saw the membership change (the last join, as it learnt of it), stop them.
+
+    The daemons mix on their own clock: while the others start and join, and while they are
+    asked, they go on mixing, so each reports the rounds it really mixed
+    (``rounds_completed``, since it started; ``rounds_since_membership_change``, the rounds of
+    its consensus-distance history), at least ``rounds``.  The homes go in ``base``, never
+    deleted; without it in a temporary folder that is removed once the daemons stopped
+    cleanly, unless ``keep`` (after a failure it stays, for the daemons' logs).
+    ``on_step(text)`` hears of each step.
+    """
     if nodes < 2:
         raise LocalError("a federation needs at least 2 nodes")
+    step = on_step or (lambda _text: None)
     start = time.monotonic()
     root = base or Path(tempfile.mkdtemp(prefix="p2pfed-local-"))
     fed = LocalFederation(nodes, root)
     statuses: dict[int, dict[str, Any]] = {}
+    clean = False
     try:
-        fed.setup()
+        try:
+            step(f"setting up {nodes} homes in {root} (init, federation create, invite, join)")
+            fed.setup()
+            setup_s = time.monotonic() - start
+            step(f"{nodes} daemons started after {setup_s:.1f} s; waiting until each has mixed "
+                 f"{rounds} rounds since it saw the last member join")
 
-        def enough() -> bool:
-            for i in range(nodes):
-                st = fed.status(i)
-                if st is None:
-                    return False
-                statuses[i] = st
-            return all(
-                s["rounds_completed"] >= rounds and s["peers"] >= 1
-                and len(s["components"][COMPONENT]["consensus_distance"]) >= rounds
-                for s in statuses.values()
-            )
+            shown = [-1]  # (the last count told)
 
-        fed.wait_for(enough, max(10.0, timeout_s - (time.monotonic() - start)),
-                     f"{rounds} rounds on every node")
+            def enough() -> bool:
+                for i, st in enumerate(fed.statuses()):
+                    if st is None:
+                        return False
+                    statuses[i] = st
+                least = min(min(len(s["components"][COMPONENT]["consensus_distance"]), rounds)
+                            for s in statuses.values())
+                if least != shown[0]:
+                    shown[0] = least
+                    step(f"every node has mixed {least} of {rounds} rounds since the last join "
+                         f"({time.monotonic() - start:.0f} s)")
+                return all(
+                    s["rounds_completed"] >= rounds and s["peers"] >= 1
+                    and len(s["components"][COMPONENT]["consensus_distance"]) >= rounds
+                    for s in statuses.values()
+                )
+
+            fed.wait_for(enough, max(10.0, timeout_s - (time.monotonic() - start)),
+                         f"{rounds} rounds on every node")
+            wait_s = time.monotonic() - start - setup_s
+        finally:
+            step("stopping the daemons (SIGTERM)")
+            codes = fed.stop_all()
+        clean = all(code == 0 for code in codes.values())
     finally:
-        codes = fed.stop_all()
+        removed = base is None and not keep and clean
+        if removed:
+            shutil.rmtree(root, ignore_errors=True)
     return {
         "nodes": [node_summary(statuses[i]) for i in range(nodes)],
         "rounds": rounds,
         "exit_codes": [codes.get(i) for i in range(nodes)],
         "base": str(root),
+        "base_removed": removed,
+        "setup_s": setup_s,
+        "wait_s": wait_s,
         "wall_s": time.monotonic() - start,
     }

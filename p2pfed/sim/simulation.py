@@ -35,7 +35,7 @@ from p2pfed.runtime.driver import NodeDriver
 from p2pfed.sim.config import SimConfig, check_config
 from p2pfed.sim.education import FULL, QUICK, EducationWorkload
 from p2pfed.sim.nodes import SimNode, build_node, node_start, sim_federation_id, spaced
-from p2pfed.sim.report import build_report, task_report
+from p2pfed.sim.report import PhaseProgress, build_report, task_report
 from p2pfed.sim.topology import ChurnEvent
 from p2pfed.sim.trace import Trace
 
@@ -76,9 +76,15 @@ def seeded_scheduler(seed: int) -> Iterator[None]:
 
 
 class Simulation:
-    def __init__(self, config: SimConfig, edu: EducationWorkload | None = None) -> None:
+    def __init__(self, config: SimConfig, edu: EducationWorkload | None = None,
+                 on_phase: PhaseProgress | None = None, curve: bool = True) -> None:
+        """``on_phase(phase, done, total)`` hears of the phases that are not rounds of the run
+        (loading the education data; the baselines), for a progress display; ``curve``:
+        measure the education accuracy curve (a study's comparison run need not)."""
         check_config(config)
         self.config = config
+        self.on_phase = on_phase
+        self.curve = curve
         self.topo = config.topology
         self.network = MemoryNetwork()
         self.trace = Trace(self.topo.holders)
@@ -92,7 +98,12 @@ class Simulation:
         self._absent = set(self.topo.initially_absent()) | config.absent
         self.edu = edu
         self.trainers: dict[str, LocalTrainer] = {}
+        #: education: the members' mean test accuracy per task after each of the settings'
+        #: curve rounds
+        self.accuracy_curve: list[dict[str, float]] = []
         if config.workload == "education" and edu is None:
+            if on_phase is not None:
+                on_phase("education: loading data and models", 0, 1)
             settings = config.education or (QUICK if config.quick else FULL)
             settings = dataclasses.replace(settings, rounds=config.rounds)
             self.edu = EducationWorkload(self.topo, config.seed, settings,
@@ -243,6 +254,9 @@ class Simulation:
                 if cfg.unlearn is not None and cfg.unlearn[1] == limit:
                     await self._unlearn(*cfg.unlearn)
                 await self._churn(nursery, limit)
+                if self.curve and self.edu is not None \
+                        and limit in self.edu.settings.curve_rounds():
+                    self.accuracy_curve.append(self.edu.accuracy(self.final_trainers()))
             for sn in self.nodes.values():
                 if sn.live:
                     self._stop(sn)
@@ -323,7 +337,8 @@ class Simulation:
         tasks = None
         if self.edu is not None:
             tasks = task_report(self.edu, self.topo, self.final_trainers(),
-                                self.config.baselines)
+                                self.config.baselines,
+                                self.accuracy_curve if self.curve else None, self.on_phase)
         storage = None if self.config.retention is None else {
             "peak_bytes": max(self.peak_bytes.values(), default=0),
             "peak_bytes_per_node": dict(sorted(self.peak_bytes.items())),
@@ -336,6 +351,9 @@ class Simulation:
             sn.ledger.close()
         if tasks is not None:
             report["tasks"] = tasks
+        if self.edu is not None:  # (what each component is trained for: the summary's columns)
+            for comp, row in report["components"].items():
+                row["tasks"] = [t.name for t in self.edu.spec.tasks_using(comp)]
         return report
 
     def final_trainers(self) -> dict[str, LocalTrainer]:

@@ -24,12 +24,13 @@ import torch
 from gossip.errors import ConfigError
 from p2pfed.sim.config import WORKLOADS, SimConfig
 from p2pfed.sim.nodes import sim_federation_id, sim_identity
-from p2pfed.sim.report import EPSILON, plot_report
+from p2pfed.sim.report import EPSILON, PhaseProgress, plot_report
 from p2pfed.sim.simulation import Simulation
 
 __all__ = [
     "EPSILON",
     "WORKLOADS",
+    "PhaseProgress",
     "SimConfig",
     "Simulation",
     "plot_report",
@@ -39,23 +40,25 @@ __all__ = [
 ]
 
 
-def simulate(config: SimConfig) -> dict[str, Any]:
+def simulate(config: SimConfig, on_phase: PhaseProgress | None = None) -> dict[str, Any]:
     """Run a simulation and return its JSON-friendly report.
 
     With ``config.unlearn`` the report gains ``unlearning``: the run that forgets the node is
-    compared with the same federation run without it from the start.
+    compared with the same federation run without it from the start.  ``on_phase(phase, done,
+    total)`` hears of the phases that are not the run's rounds (``config.progress`` hears of
+    those): loading the education data, the baselines.
     """
     if config.unlearn is not None:
-        return _unlearning_study(config)
+        return _unlearning_study(config, on_phase)
     if config.attack is not None:
-        return _attack_study(config)
-    return Simulation(config).run()
+        return _attack_study(config, on_phase)
+    return Simulation(config, on_phase=on_phase).run()
 
 
-def _attack_study(config: SimConfig) -> dict[str, Any]:
+def _attack_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:
     """The attacked run, and the same seed and topology with the attackers left out (plain
     MH): what the honest nodes reach together, the best a defence can give them."""
-    sim = Simulation(dataclasses.replace(config, baselines=False))
+    sim = Simulation(dataclasses.replace(config, baselines=False), on_phase=on_phase)
     report = sim.run()
     kind, count = config.attack or ("", 0)
     report["attack"] = {"kind": kind, "count": count, "nodes": sim.byzantine,
@@ -64,7 +67,7 @@ def _attack_study(config: SimConfig) -> dict[str, Any]:
         return report
     clean = Simulation(dataclasses.replace(config, attack=None, robust="mh", baselines=False,
                                            progress=None, absent=frozenset(sim.byzantine)),
-                       edu=sim.edu)  # (the attackers' data, flipped or not, is unused)
+                       edu=sim.edu, curve=False)  # (the attackers' data, flipped or not, is unused)
     clean.run()
     honest = [n for n in sim.trainers if n not in sim.byzantine]
     report["honest_accuracy"] = sim.edu.accuracy({n: sim.trainers[n] for n in honest})
@@ -74,16 +77,16 @@ def _attack_study(config: SimConfig) -> dict[str, Any]:
     return report
 
 
-def _unlearning_study(config: SimConfig) -> dict[str, Any]:
+def _unlearning_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:
     """The run that forgets ``config.unlearn``'s node, and the run without it from the start."""
     name, round_ = config.unlearn or ("", 0)
     if not 0 < round_ <= config.rounds:
         raise ConfigError(f"the unlearning round must be in 1..{config.rounds}, not {round_}")
     config = dataclasses.replace(config, baselines=False)
-    sim = Simulation(config)
+    sim = Simulation(config, on_phase=on_phase)
     report = sim.run()
     retrain = Simulation(dataclasses.replace(config, unlearn=None, absent=frozenset({name}),
-                                             progress=None), edu=sim.edu)
+                                             progress=None), edu=sim.edu, curve=False)
     base = retrain.run()
     ours, theirs = sim.final_states(), retrain.final_states()
     diff = max(float((ours[k].to(torch.float64) - theirs[k].to(torch.float64)).abs().max())
