@@ -35,6 +35,7 @@ from gossip.identity import peer_id_from_public_key
 from gossip.membership import MAX_CREDENTIALS, Join, Leave, MembershipView, make_leave
 from gossip.overlay import holder_subgraph, overlay_graph
 from p2pfed import kinds
+from p2pfed.fedstore import pending_join
 from p2pfed.journal import ForgetRecord, JoinRequest, Membership, stored
 from p2pfed.node import Action, Announce, ApplyForget, Broadcast, Connect, Node
 from p2pfed.unlearning import FORGET_ENTRY, UNLEARNED_ENTRY, unlearning_status
@@ -113,7 +114,7 @@ class FederatedNode(Node):
         me = self.identity.public_key
         if me in self.view.members():
             return "member"
-        if self._pending_join():
+        if pending_join(self.ledger, self.view, me) is not None:
             return "joining"
         leaves = self.view.leaves_of(me)
         if leaves:
@@ -124,11 +125,6 @@ class FederatedNode(Node):
         """Has a request to forget ``peer_id`` been made (here or by another member)?"""
         return peer_id in self.forgotten() or any(
             peer_id_from_public_key(r.target) == peer_id for r in self.forgets.requests())
-
-    def _pending_join(self) -> bool:
-        """A join request in the ledger that no membership record has overtaken yet."""
-        entry = self.ledger.last(JoinRequest.KIND)
-        return entry is not None and not self._stale(stored(entry, JoinRequest).record.record)
 
     def serves(self, peer: str) -> bool:
         """May ``peer`` use our streams and fetch our payloads: a member, not forgotten (and,

@@ -234,17 +234,17 @@ def parse_invite_token(token: str) -> ParsedInvite:
     return ParsedInvite(genesis, parts[0], invite, parts[1], parts[2])
 
 
-def _join_pending(ledger: Ledger, view: MembershipView, me: bytes, invite: bytes) -> bool:
-    """Does the ledger hold a join request of ours, with this invite, that no membership
-    record overtook?  (A request with another invite is replaced: say, the first expired.)"""
+def pending_join(ledger: Ledger, view: MembershipView, me: bytes) -> Join | None:
+    """Our join request in the ledger (the newest) while no membership record about us has
+    overtaken it (an admission, or a leave since); None when there is none."""
     entry = ledger.last(JoinRequest.KIND)
     if entry is None:
-        return False
+        return None
     try:
         join = Join.from_body(view.open(stored(entry, JoinRequest).record.record).body)
     except RemoteError:
-        return False
-    return join.invite == invite and join.epoch > view.latest_epoch(me)
+        return None
+    return join if join.epoch > view.latest_epoch(me) else None
 
 
 def join_federation(
@@ -268,7 +268,9 @@ def join_federation(
         view = store.view(ledger)
         if view.is_member(identity.public_key):
             return dataclasses.replace(parsed, already="already a member of")
-        if _join_pending(ledger, view, identity.public_key, parsed.invite_envelope):
+        waiting = pending_join(ledger, view, identity.public_key)
+        if waiting is not None and waiting.invite == parsed.invite_envelope:
+            # (a request with another invite is replaced: say, the first one expired)
             return dataclasses.replace(
                 parsed, already="already asked (start the daemon: a member admits it) to join")
         epoch = view.latest_epoch(identity.public_key) + 1

@@ -35,6 +35,25 @@ def make_home(tmp_path: Path) -> Path:
     return home
 
 
+def run_daemon_rounds(home: Path, rounds: int) -> None:
+    """Run the home's daemon in this process until it has completed ``rounds`` rounds."""
+    daemon = Daemon(home, Config.from_toml(home / "p2pfed.toml"), Notifier({}))
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            with trio.fail_after(60):
+                while True:
+                    status = await trio.to_thread.run_sync(request, home / SOCKET_NAME,
+                                                           "status")
+                    if status["rounds_completed"] >= rounds:
+                        break
+                    await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+
+
 def fake_notify_socket(tmp_path: Path) -> tuple[socket.socket, dict[str, str]]:
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -162,21 +181,7 @@ def test_the_daemon_trains_the_model_its_config_names_and_export_loads_in_peft(
     config = Config.from_dict(data)
     (home / "p2pfed.toml").write_text(config.to_toml(), encoding="utf-8")
     assert main(["federation", "create", "school", "--home", str(home)]) == 0
-    daemon = Daemon(home, Config.from_toml(home / "p2pfed.toml"), Notifier({}))
-
-    async def scenario() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.run)
-            with trio.fail_after(60):
-                while True:
-                    status = await trio.to_thread.run_sync(request, home / SOCKET_NAME,
-                                                           "status")
-                    if status["rounds_completed"] >= 6:
-                        break
-                    await trio.sleep(0.2)
-            nursery.cancel_scope.cancel()
-
-    trio.run(scenario)
+    run_daemon_rounds(home, 6)
     from gossip.identity import load_identity
     from p2pfed.ledger import Ledger
 

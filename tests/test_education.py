@@ -160,7 +160,7 @@ def test_the_education_plot_draws_accuracy_per_task(
 def test_the_summary_shows_accuracy_not_consensus_for_trained_components(
         twice: tuple[Simulation, dict[str, Any], dict[str, Any], Path],
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from p2pfed.cli import _print_sim_summary
+    from p2pfed.cli_sim import _print_sim_summary
 
     monkeypatch.setenv("COLUMNS", "200")
     _, report, _, _ = twice

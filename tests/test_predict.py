@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import trio
 
 from gossip.errors import ConfigError
 from p2pfed import exitcodes
@@ -20,6 +19,7 @@ from p2pfed.model.data import MODALITY_FILES
 from p2pfed.model.samples import sample_path, write_samples
 from p2pfed.model.sources import data_sources, with_model_data
 from p2pfed.model.tasks import LABELS, TASKS, load_task_data, task_by_name
+from tests.test_daemon import run_daemon_rounds
 
 TINY = {"model__text_model": "tiny", "model__lora_layers": (1,), "model__steps": 2,
         "model__batch_size": 4}
@@ -155,28 +155,6 @@ def test_predict_before_any_checkpoint_says_so(tmp_path: Path,
     code = main(["predict", "topic", "--input", str(samples / "README.md"), "--home", str(home)])
     assert code == exitcodes.CONFIG
     assert "task topic reads text (.jsonl)" in " ".join(capsys.readouterr().err.split())
-
-
-def run_daemon_rounds(home: Path, rounds: int) -> None:
-    from p2pfed.runtime.control import SOCKET_NAME, request
-    from p2pfed.runtime.daemon import Daemon
-    from p2pfed.runtime.systemd import Notifier
-
-    daemon = Daemon(home, Config.from_toml(home / "p2pfed.toml"), Notifier({}))
-
-    async def scenario() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.run)
-            with trio.fail_after(60):
-                while True:
-                    status = await trio.to_thread.run_sync(request, home / SOCKET_NAME,
-                                                           "status")
-                    if status["rounds_completed"] >= rounds:
-                        break
-                    await trio.sleep(0.2)
-            nursery.cancel_scope.cancel()
-
-    trio.run(scenario)
 
 
 @pytest.mark.network

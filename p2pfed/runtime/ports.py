@@ -15,7 +15,7 @@ import socket
 from collections.abc import Iterable
 
 from gossip.errors import ConfigError, LocalError
-from p2pfed.config import tcp_endpoint
+from p2pfed.multiaddrs import tcp_endpoint
 
 __all__ = ["PortInUseError", "check_listen_addresses"]
 

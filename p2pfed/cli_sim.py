@@ -1,0 +1,328 @@
+"""``p2pfed simulate``: options, their checks and the summary (registered by :mod:`p2pfed.cli`).
+
+The simulator loads torch: it is imported only when a simulation runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from p2pfed.cli_bench import write_json as _write_json
+
+if TYPE_CHECKING:
+    from p2pfed.node import RetentionPolicy
+    from p2pfed.sim.config import SimConfig
+
+out = Console()
+err = Console(stderr=True)
+
+
+def simulate(
+    topology: Annotated[Path, typer.Argument(help="Topology file (topologies/*.toml).")],
+    workload: Annotated[
+        str, typer.Option(help="consensus (random values, mixing only) or education.")
+    ] = "consensus",
+    rounds: Annotated[
+        int | None,
+        typer.Option(min=1, max=100_000,
+                     help="Rounds (default: 200; education: 40 with --quick, else 48)."),
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="Education workload: the few-minute run.")]
+    = False,
+    seed: Annotated[int, typer.Option(min=0, help="Same seed, same numbers.")] = 0,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Write the report here (default: not written; a missing folder is "
+                       "created).")] = None,
+    home: Annotated[
+        Path | None, typer.Option(help="Keep each node's identity and ledger in HOME/<node>/ "
+                                       "(default: in memory only).")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(
+        help="Write a PNG (default: none; a missing folder is created): consensus distance per "
+             "round, or for the education workload accuracy per round per task.")] = None,
+    dim: Annotated[int, typer.Option(min=1, max=1 << 24, help="Parameters per component.")] = 32,
+    dtype: Annotated[str, typer.Option(
+        help="Consensus workload: float64, or float32 as a model's parameters.")] = "float64",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    unlearn: Annotated[
+        str | None,
+        typer.Option(metavar="NODE@ROUND",
+                     help="Forget NODE after ROUND rounds; compare with a run without it "
+                          "(education: NODE's topic data carries a backdoor)."),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="Unlearning mode: exact or fast.")] = "exact",
+    dp_sigma: Annotated[float | None, typer.Option(
+        min=0.0, help="Education: DP noise multiplier for every trained component "
+                      "(default: no DP).")] = None,
+    dp_clip: Annotated[float, typer.Option(min=0.0, help="DP clipping norm.")] = 1.0,
+    dp_delta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DP delta.")] = 1e-5,
+    dp_budget: Annotated[float, typer.Option(min=0.0, help="ε cap per component (0: none).")]
+    = 0.0,
+    dp_noisy: Annotated[str | None, typer.Option(
+        metavar="COUNT:SIGMA", help="COUNT evenly spaced nodes use noise multiplier SIGMA "
+                                    "instead (heterogeneous budgets; needs --dp-sigma).")] = None,
+    attack: Annotated[str | None, typer.Option(
+        metavar="KIND:COUNT", help="COUNT Byzantine nodes: sign-flip, gaussian, alie, ipm or "
+                                   "label-flip (compared with a run without them).")] = None,
+    robust: Annotated[str, typer.Option(
+        help="Aggregation at honest nodes: mh, clipped, trimmed-mean or noise-aware.")] = "mh",
+    storage: Annotated[str | None, typer.Option(
+        metavar="HORIZON:MB", help="Keep HORIZON rounds of history and at most MB megabytes per "
+                                   "node (checkpoints every 5 rounds); the report gains storage.")]
+    = None,
+) -> None:
+    """Run every node of TOPOLOGY in this process over the in-memory transport."""
+    from p2pfed.sim.simulator import plot_report
+
+    # (every argument is checked before the run: a bad path must not cost a finished run)
+    if json_path is not None:
+        _check_output(json_path, "--json")
+    if plot is not None:
+        _check_output(plot, "--plot")
+    config = _sim_config(topology, workload=workload, rounds=rounds, quick=quick, seed=seed,
+                         home=home, dim=dim, dtype=dtype, unlearn=unlearn, mode=mode,
+                         dp_sigma=dp_sigma, dp_clip=dp_clip, dp_delta=dp_delta,
+                         dp_budget=dp_budget,
+                         dp_noisy=dp_noisy, attack=attack, robust=robust, storage=storage)
+    report = _simulate_with_progress(config, quiet)
+    if json_path is not None:
+        _write_json(json_path, report)
+    if plot is not None:
+        plot_report(report, plot)
+    _print_sim_summary(report)
+    for what, path in (("report", json_path), ("plot", plot)):
+        if path is not None:
+            out.print(f"{what}: {path}")
+
+
+def _check_output(path: Path, option: str) -> None:
+    """Make sure ``path`` can be written once the run is done: its folder is created when
+    missing; BadParameter (exit 2) for a folder, or a place that cannot be written."""
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a folder; give a file name", param_hint=option)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot create the folder {folder}: {exc.strerror or exc}",
+                                 param_hint=option) from exc
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists()
+                                                     and not os.access(path, os.W_OK)):
+        raise typer.BadParameter(f"cannot write {path}: permission denied", param_hint=option)
+
+
+def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: bool, seed: int,
+                home: Path | None, dim: int, unlearn: str | None, mode: str,
+                dtype: str = "float64",
+                dp_sigma: float | None, dp_clip: float, dp_delta: float, dp_budget: float,
+                dp_noisy: str | None, attack: str | None, robust: str,
+                storage: str | None = None) -> SimConfig:
+    """The simulation ``simulate``'s options ask for (BadParameter for a malformed one)."""
+    from p2pfed.sim.simulator import WORKLOADS, SimConfig
+    from p2pfed.sim.topology import load_topology
+
+    if workload not in WORKLOADS:
+        raise typer.BadParameter(
+            f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}",
+            param_hint="--workload",
+        )
+    from p2pfed.sim.config import DTYPES
+
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"unknown type {dtype!r}; choose from {', '.join(DTYPES)}",
+                                 param_hint="--dtype")
+    if mode not in ("exact", "fast"):
+        raise typer.BadParameter(f"unknown mode {mode!r}; choose exact or fast",
+                                 param_hint="--mode")
+    from p2pfed.config import MIXING_RULES
+
+    if robust not in MIXING_RULES:
+        raise typer.BadParameter(f"unknown rule {robust!r}; choose from "
+                                 f"{', '.join(MIXING_RULES)}", param_hint="--robust")
+    target = _parse_unlearn(unlearn) if unlearn is not None else None
+    attackers = _parse_attack(attack) if attack is not None else None
+    dp = None
+    if dp_sigma is not None:
+        from p2pfed.privacy import Policy
+
+        dp = Policy(dp_clip, dp_sigma, dp_delta, 1.0, dp_budget)
+    noisy = _parse_noisy(dp_noisy) if dp_noisy is not None else None
+    if noisy is not None and dp is None:
+        raise typer.BadParameter("needs --dp-sigma (the other nodes' level)",
+                                 param_hint="--dp-noisy")
+    if topology.is_dir():
+        raise typer.BadParameter(f"{topology} is a folder; give a topology file such as "
+                                 f"{topology / 'ring-16.toml'}", param_hint="TOPOLOGY")
+    topo = load_topology(topology)
+    if rounds is None:
+        from p2pfed.sim.education import FULL, QUICK
+
+        rounds = (QUICK if quick else FULL).rounds if workload == "education" else 200
+    retention = _parse_storage(storage) if storage is not None else None
+    return SimConfig(topo, workload=workload, rounds=rounds, seed=seed, home=home, dim=dim,
+                     dtype=dtype,
+                     quick=quick, unlearn=target, unlearn_mode=mode, dp=dp, dp_noisy=noisy,
+                     attack=attackers, robust=robust, retention=retention,
+                     checkpoint_every=5 if retention is not None else 0)
+
+
+def _simulate_with_progress(config: SimConfig, quiet: bool) -> dict[str, Any]:
+    """Run the simulation with a progress bar on stderr (none if ``quiet``)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from p2pfed.sim.simulator import simulate as run_simulation
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=err, disable=quiet, transient=True,
+    )
+    rounds = f"{config.topology.name}: rounds"
+    with progress:
+        task = progress.add_task(rounds, total=config.rounds)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, description=rounds, completed=done, total=total)
+
+        def phase(name: str, done: int, total: int) -> None:
+            progress.update(task, description=name, completed=done, total=total)
+
+        config.progress = update
+        return run_simulation(config, on_phase=phase)
+
+
+def _parse_noisy(value: str) -> tuple[int, float]:
+    count, sep, sigma = value.partition(":")
+    try:
+        parsed = int(count), float(sigma)
+    except ValueError:
+        parsed = (0, -1.0)
+    if not sep or parsed[0] < 1 or not math.isfinite(parsed[1]) or parsed[1] <= 0:
+        raise typer.BadParameter(f"expected COUNT:SIGMA (a count ≥ 1, a sigma > 0), got "
+                                 f"{value!r}", param_hint="--dp-noisy")
+    return parsed
+
+
+def _parse_attack(value: str) -> tuple[str, int]:
+    from p2pfed.sim.attacks import ATTACKS
+
+    kind, sep, count = value.rpartition(":")
+    if not sep or not kind or not count.isdigit():
+        raise typer.BadParameter(f"expected KIND:COUNT, got {value!r}", param_hint="--attack")
+    if kind not in ATTACKS:
+        raise typer.BadParameter(f"unknown attack {kind!r}; choose from {', '.join(ATTACKS)}",
+                                 param_hint="--attack")
+    return kind, int(count)
+
+
+def _parse_storage(value: str) -> RetentionPolicy:
+    from p2pfed.node import RetentionPolicy
+
+    horizon, sep, mb = value.partition(":")
+    if not sep or not horizon.isdigit() or not mb.isdigit() or int(horizon) < 1:
+        raise typer.BadParameter(f"expected HORIZON:MB with HORIZON >= 1, got {value!r}",
+                                 param_hint="--storage")
+    return RetentionPolicy(int(horizon), int(mb) * 1_000_000)
+
+
+def _parse_unlearn(value: str) -> tuple[str, int]:
+    node, sep, rnd = value.rpartition("@")
+    if not sep or not node or not rnd.isdigit() or int(rnd) < 1:
+        raise typer.BadParameter(f"expected NODE@ROUND with ROUND >= 1, got {value!r}",
+                                 param_hint="--unlearn")
+    return node, int(rnd)
+
+
+def _fmt(value: float | None, spec: str = ".3g") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _print_sim_summary(report: dict[str, Any]) -> None:
+    title = (f"{report['topology']}: {report['nodes']} nodes, {report['rounds']} rounds, "
+             f"seed {report['seed']}, {report['wall_s']:.1f} s")
+    components = report["components"]
+    # a trained component's holders train apart between mixes: its consensus distance says
+    # nothing about quality (the JSON report keeps it); its tasks' accuracy does
+    trained = {n: c for n, c in components.items() if c.get("tasks")}
+    mixed = {n: c for n, c in components.items() if n not in trained}
+    if mixed:
+        table = Table(title=title)
+        for col in ("component", "holders", "SLEM", "to 1e-6", "bound", "distance", "drift"):
+            table.add_column(col, justify="left" if col == "component" else "right",
+                             no_wrap=True)
+        for name, c in mixed.items():
+            dist = c["consensus_distance"]
+            table.add_row(
+                name, str(c["holders"]), _fmt(c["slem"], ".4f"),
+                str(c["rounds_to_1e-6"] or "—"), str(c["bound_rounds_to_1e-6"] or "—"),
+                _fmt(dist[-1] if dist else None, ".2e"), _fmt(c["mean_drift"], ".1e"),
+            )
+        out.print(table)
+    if trained:
+        tasks = report.get("tasks", {})
+        table = Table(title=title if not mixed else "trained components")
+        for col in ("component", "holders", "SLEM", "trained for", "federated accuracy"):
+            table.add_column(col, justify="right" if col in ("holders", "SLEM") else "left")
+        for name, c in trained.items():
+            accs = ", ".join(f"{t} {tasks[t]['federated']:.3f}" for t in c["tasks"]
+                             if t in tasks)
+            table.add_row(name, str(c["holders"]), _fmt(c["slem"], ".4f"),
+                          ", ".join(c["tasks"]), accs or "—")
+        out.print(table)
+    if "tasks" in report:
+        tasks = Table(title="test accuracy, mean over the holders of each task")
+        for col in ("task", "holders", "federated", "local only", "centralized"):
+            tasks.add_column(col, justify="left" if col == "task" else "right")
+        for name, t in report["tasks"].items():
+            tasks.add_row(name, str(t["holders"]), f"{t['federated']:.3f}",
+                          _fmt(t.get("local_only"), ".3f"), _fmt(t.get("centralized"), ".3f"))
+        out.print(tasks)
+    if "honest_accuracy" in report:
+        a = report["attack"]
+        table = Table(title=f"{a['count']} × {a['kind']} ({', '.join(a['nodes'])}), "
+                            f"defence {a['robust']}: accuracy of the honest nodes")
+        for col in ("task", "attacked", "without attackers"):
+            table.add_column(col, justify="left" if col == "task" else "right")
+        for task, acc in report["honest_accuracy"].items():
+            table.add_row(task, f"{acc:.3f}", f"{report['honest_accuracy_fault_free'][task]:.3f}")
+        out.print(table)
+    if "unlearning" in report:
+        u = report["unlearning"]
+        table = Table(title=f"unlearning {u['node']} after round {u['requested_at_round']} "
+                            f"({u['mode']})")
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        for key, value in u.items():
+            if isinstance(value, float):
+                table.add_row(key, format(value, ".3g"))
+            elif isinstance(value, list):
+                table.add_row(key, ", ".join(value) or "—")
+        out.print(table)
+    if mixed:
+        out.print("to 1e-6: rounds until the consensus distance fell below 1e-6 (— not yet)\n"
+                  "bound: ⌈ln 1e-6 / ln SLEM⌉; drift: largest change of the holders' mean")
+    if trained:
+        out.print("trained components: federated accuracy is the test accuracy of each task "
+                  "that trains the component, mean over the task's holders (SLEM: how fast "
+                  "its holders' mixing alone would agree)")
+    net = report["network"]
+    out.print(
+        f"network: {net['messages']} signed announcements, {net['fetches']} payload fetches "
+        f"({net['fetch_bytes'] / 1e6:.1f} MB), {net['dropped']} dropped"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(simulate)
