@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 import sys
@@ -158,6 +159,12 @@ cli_bench.register(app)
 
 
 # ------------------------------------------------------------------------------- entry point
+#: what a file that cannot be read or written raises (a socket's errors are not among them: one
+#: that escapes is a bug, and keeps its traceback)
+_FILE_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR,
+                          errno.ENOTDIR, errno.EIO, errno.EEXIST, errno.ENAMETOOLONG})
+
+
 def _as_p2pfed_error(exc: BaseException) -> P2PFedError | None:
     """``exc`` as one of our errors: itself, or a file that could not be read or written (a
     raw OSError or sqlite3 error: the storage error, a full disk included); None for anything
@@ -166,7 +173,7 @@ def _as_p2pfed_error(exc: BaseException) -> P2PFedError | None:
         return exc
     if isinstance(exc, OSError | sqlite3.Error) and is_disk_full(exc):
         return storage_error(exc, "a write failed")
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError) and (exc.filename or exc.errno in _FILE_ERRNOS):
         where = f"{exc.filename}: " if exc.filename else ""
         return StorageError(f"{where}{exc.strerror or exc}")
     if isinstance(exc, sqlite3.Error):

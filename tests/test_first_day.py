@@ -410,3 +410,38 @@ def test_every_bad_simulate_option_is_a_usage_error(
     topology = Path(__file__).resolve().parent.parent / "topologies" / "ring-16.toml"
     assert main(["simulate", str(topology), "--rounds", "2", "-q", *bad]) == exitcodes.USAGE
     assert f"Invalid value for {bad[0]}" in capsys.readouterr().err
+
+
+def test_a_port_probe_error_is_one_config_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import socket
+
+    from p2pfed.runtime import ports
+
+    def no_ipv6(*_args: object, **_kwargs: object) -> socket.socket:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(ports.socket, "socket", no_ipv6)
+    with pytest.raises(ConfigError, match="this machine has no IPv6"):
+        ports.check_listen_addresses(["/ip6/::/tcp/4001"])
+    ports.check_listen_addresses(["/ip6/::/tcp/0"])  # (a port the system picks: not probed)
+
+
+def test_a_graph_kind_that_is_not_a_name_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown graph kind"):
+        parse_topology({"graph": {"kind": ["ring"], "n": 4}})
+
+
+def test_only_file_errors_become_one_line_a_socket_error_keeps_its_traceback(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from p2pfed.runtime.daemon import Daemon
+
+    home = tmp_path / "home"
+    init(home)
+
+    async def resets(_self: Daemon, **_kwargs: object) -> None:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(Daemon, "run", resets)
+    with pytest.raises(ConnectionResetError):  # a bug to report, not a storage problem
+        main(["run", "--home", str(home)])

@@ -17,7 +17,9 @@ from gossip.errors import LocalError
 from p2pfed.model.m3t import ENCODERS, TEXT, M3TModel, TextEncoder
 
 PROJECTION_FILE = "projection.safetensors"
+#: what peft's ``save_pretrained`` writes that an adapter's export names
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 README = "README.md"
 #: ``[model] text_model`` -> the base model an exported adapter names
 BASE_MODELS = {
@@ -40,7 +42,8 @@ def export_component(model: M3TModel, component: str, out: Path) -> list[Path]:
         proj = module.proj.state_dict()
         tensors = {f"proj.{k}": v.detach().contiguous() for k, v in proj.items()}
         save_file(tensors, str(out / PROJECTION_FILE))
-        return sorted(p for p in out.iterdir() if p.is_file())
+        written = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROJECTION_FILE)
+        return sorted(out / name for name in written if (out / name).is_file())
     path = out / f"{component}.safetensors"
     save_file({k: v.detach().contiguous() for k, v in model.parameters_of(component).items()},
               str(path), metadata={"component": component})

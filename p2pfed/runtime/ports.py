@@ -33,12 +33,12 @@ def check_listen_addresses(addrs: Iterable[str]) -> None:
         if endpoint is None or endpoint[1] == 0:
             continue
         host, port, family = endpoint
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind((host, port))
-            except OSError as exc:
-                raise _bind_error(addr, host, port, exc) from exc
+        except OSError as exc:
+            raise _bind_error(addr, host, port, exc) from exc
 
 
 def _bind_error(addr: str, host: str, port: int, exc: OSError) -> LocalError:
@@ -49,6 +49,9 @@ def _bind_error(addr: str, host: str, port: int, exc: OSError) -> LocalError:
     if exc.errno == errno.EADDRNOTAVAIL:
         return ConfigError(f"cannot listen on {addr}: {host} is not an address of this machine "
                            "(node.listen)")
+    if exc.errno == errno.EAFNOSUPPORT:
+        return ConfigError(f"cannot listen on {addr}: this machine has no "
+                           f"{'IPv6' if ':' in host else 'IPv4'} (node.listen)")
     if exc.errno == errno.EACCES:
         return ConfigError(f"cannot listen on {addr}: ports below 1024 need privileges "
                            "(node.listen)")

@@ -138,7 +138,7 @@ def _hierarchical(table: dict[str, Any]) -> tuple[nx.Graph, dict[str, str]]:
 
 def build_graph(table: dict[str, Any]) -> tuple[nx.Graph, dict[str, str]]:
     kind = table.get("kind")
-    if kind not in GRAPH_KEYS:
+    if not isinstance(kind, str) or kind not in GRAPH_KEYS:
         raise ConfigError(f"unknown graph kind {kind!r}; one of {', '.join(GRAPH_KEYS)}")
     _only(table, GRAPH_KEYS[kind] | {"kind"}, f"[graph] of kind {kind}")
     seed = table.get("seed", 0)
