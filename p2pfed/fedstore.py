@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import fcntl
 import logging
 import os
 import secrets
@@ -65,16 +66,26 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def next_boot_epoch(home: Path) -> int:
-    """Increment and persist the boot epoch (keeps sequence numbers rising across restarts)."""
+    """Increment and persist the boot epoch (keeps sequence numbers rising across restarts).
+
+    Serialised by a lock file of its own: the daemon's start, ``invite`` and ``join`` all draw
+    one, and ``invite`` runs beside the daemon (two at once must not draw the same epoch).
+    """
     path = home / BOOT_EPOCH_FILE
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / f".{BOOT_EPOCH_FILE}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        current = int(path.read_text().strip() or 0)
-    except FileNotFoundError:
-        current = 0
-    except ValueError as exc:
-        raise LocalError(f"{path} is corrupt; it should hold one integer") from exc
-    _write_atomic(path, f"{current + 1}\n".encode())
-    return current + 1
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and a rename: a moment
+        try:
+            current = int(path.read_text().strip() or 0)
+        except FileNotFoundError:
+            current = 0
+        except ValueError as exc:
+            raise LocalError(f"{path} is corrupt; it should hold one integer") from exc
+        _write_atomic(path, f"{current + 1}\n".encode())
+        return current + 1
+    finally:
+        os.close(fd)
 
 
 @dataclass

@@ -445,3 +445,22 @@ def test_only_file_errors_become_one_line_a_socket_error_keeps_its_traceback(
     monkeypatch.setattr(Daemon, "run", resets)
     with pytest.raises(ConnectionResetError):  # a bug to report, not a storage problem
         main(["run", "--home", str(home)])
+
+
+def test_boot_epochs_drawn_at_once_are_all_different(tmp_path: Path) -> None:
+    import threading
+
+    from p2pfed.fedstore import next_boot_epoch
+
+    drawn: list[int] = []
+
+    def draw() -> None:
+        for _ in range(25):
+            drawn.append(next_boot_epoch(tmp_path))  # (as invites beside the daemon do)
+
+    threads = [threading.Thread(target=draw) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(drawn) == list(range(1, 151))
