@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gossip.errors import ConfigError, KeyFileError, LocalError
+from gossip.errors import KeyFileError, LocalError
 from gossip.identity import create_identity, load_identity
 from p2pfed.config import Config
 from p2pfed.home import CONFIG_FILE, KEY_FILE, LEDGER_FILE, locked_home, resolve_home
@@ -118,11 +118,7 @@ def federation_create(
 
         spec = model_spec(config, bytes(32))
         spec.check_holdings(config.components.hold)
-        unknown = sorted(set(catalog) - set(spec.components()))
-        if unknown:
-            raise ConfigError(f"--component: not components of the m3t model: "
-                              f"{', '.join(unknown)} (its components: "
-                              f"{', '.join(spec.components())})")
+        spec.check_components(catalog, "--component")
     with locked_home(root, "federation create"), \
             Ledger.open(root / LEDGER_FILE, identity) as ledger:
         genesis = create_federation(

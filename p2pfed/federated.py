@@ -200,7 +200,7 @@ class FederatedNode(Node):
         target = keys.get(peer_id)
         if target is None:
             raise LocalError(f"{peer_id} has never been a member of this federation")
-        if self.forgets.get(target) is not None or peer_id in self.forgotten():
+        if self.forget_requested(peer_id):
             return []  # asked (and applied) already: a new request would change nothing
         try:
             forget = Forget(target, ForgetMode(mode),

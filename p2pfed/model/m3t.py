@@ -102,14 +102,17 @@ class ModelSpec:
         """Tasks whose whole pipeline this node holds."""
         return [t.name for t in self.tasks if set(t.pipeline()) <= set(held)]
 
+    def check_components(self, names: Sequence[str], where: str) -> None:
+        """ConfigError (naming ``where``) unless every one of ``names`` is the model's."""
+        unknown = sorted(set(names) - set(self.components()))
+        if unknown:
+            raise ConfigError(f"{where}: not components of this model: {', '.join(unknown)} "
+                              f"(its components: {', '.join(self.components())})")
+
     def check_holdings(self, held: Sequence[str]) -> None:
         """ConfigError unless every component of ``held`` is one of the model's, each head
         with the rest of its pipeline."""
-        unknown = sorted(set(held) - set(self.components()))
-        if unknown:
-            raise ConfigError(f"components.hold: not components of this model: "
-                              f"{', '.join(unknown)} (its components: "
-                              f"{', '.join(self.components())})")
+        self.check_components(held, "components.hold")
         for c in held:
             if c.startswith("head."):
                 task = self.task(c.removeprefix("head."))
@@ -117,8 +120,6 @@ class ModelSpec:
                 if missing:
                     raise ConfigError(
                         f"holding {c} needs the rest of its pipeline: {sorted(missing)}")
-            elif c not in self.components():
-                raise ConfigError(f"{c} is not a component of this model")
 
 
 # ---------------------------------------------------------------------------- text
