@@ -23,7 +23,7 @@ Adding a rule is one class and one registration::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -99,6 +99,69 @@ class MixResult:
     memory: Memory
     #: extra fields for the ledger's ``mix`` entry (what the rule decided, for audits)
     audit: Mapping[str, Any] = field(default_factory=dict)
+
+
+def staleness(age: int) -> float:
+    """``s(a) = 1 / (1 + a)``: the share of its weight a state ``age`` rounds old keeps."""
+    return 1.0 / (1 + age)
+
+
+def stale_weights(self_weight: float, own_age: int,
+                  neighbours: Sequence[tuple[float, int]]) -> tuple[float, list[float]]:
+    """This round's weights once stale states are down-weighted, before any rule runs.
+
+    ``self_weight`` and the ``(weight, age)`` pairs are this node's row for the round (the
+    Metropolis–Hastings weights, a missing neighbour's given to self: they sum to 1); an age
+    is the number of rounds since a state last took part in a mix (0, but after a catch-up).
+
+    *Why.*  A member that catches up from round ``r`` to ``r'`` (it was offline, or
+    restarted from a checkpoint) holds a state that missed ``a = r' - r`` mixes, while each
+    of those mixes pulled its neighbours' states towards each other.  Mixed at full weight,
+    the stale state pulls its neighbours back by ``w_ij`` of the distance it fell behind, and
+    it reaches them itself only at the pace of a fresh member.  We want the opposite: the
+    returning member moves quickly to its neighbours and barely moves them.
+
+    *The rule*, with ``s(a) = 1 / (1 + a)`` (:func:`staleness`):
+
+    1. a neighbour ``j`` that announced age ``a_j > 0`` gets ``w'_ij = w_ij · s(a_j)``; the
+       rest, ``w_ij · (1 - s(a_j))``, goes to self, as a missing neighbour's weight does (an
+       update ``a`` rounds old counts as the share ``s(a)`` of an update that came):
+       ``w'_ii = w_ii + Σ_j w_ij · (1 - s(a_j))``;
+    2. if this node's own age ``a_i > 0``, its self weight becomes ``w''_ii = w'_ii · s(a_i)``
+       and the mass removed, ``m = w'_ii · (1 - s(a_i))``, goes to the neighbours in
+       proportion to their weights: ``w''_ij = w'_ij · (1 + m / S)``, ``S = Σ_j w'_ij``
+       (no neighbour's update came, ``S = 0``: nowhere to move, self keeps its weight).
+
+    ``s`` is harmonic rather than geometric (``λ^a``, with λ the SLEM the rounds missed
+    contracted by) because a node knows its age but not the overlay's SLEM, and a geometric
+    share vanishes within a few rounds, which would shut a returning member out of its own
+    first mix.  With ``s(a) = 1 / (1 + a)`` a state one round stale keeps half its weight,
+    nine rounds stale a tenth; it is never zero, so the member still takes part.
+
+    *What holds.*  Step 1 moves weight from a neighbour to self, step 2 from self to the
+    neighbours: every weight stays in [0, 1] and the row still sums to 1, so the mix is a
+    convex combination (no state leaves the hull of the inputs, whatever age a peer claims).
+    The round's matrix is row-stochastic but no longer symmetric (a fresh node gives a
+    stale one less than the stale one gives it), so the network average moves towards the
+    fresh members' states: that is the point.  A node's age is 0 again after its first mix
+    that takes in a neighbour's update, so this happens once per catch-up; in every other
+    round the matrix is doubly stochastic and consensus converges as before.  ``s(0) = 1``:
+    with all ages 0 the weights come back untouched, bit for bit.
+
+    Returns the self weight and the neighbours' weights, in the order given.  The ``mix``
+    ledger record stores the weights the rule actually used (:class:`MixResult`), so these.
+    """
+    weights = [w if a == 0 else w * staleness(a) for w, a in neighbours]
+    if any(a for _, a in neighbours):
+        self_weight += sum(w - kept for (w, a), kept in zip(neighbours, weights, strict=True)
+                           if a)
+    total = sum(weights)
+    if own_age > 0 and total > 0.0:
+        moved = self_weight * (1.0 - staleness(own_age))
+        self_weight -= moved
+        scale = 1.0 + moved / total
+        weights = [w * scale for w in weights]
+    return self_weight, weights
 
 
 class MixingRule:

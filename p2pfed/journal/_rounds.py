@@ -85,19 +85,24 @@ class Contribution(Record):
     lineage: Lineage
     noise: float = 0.0  # the noise std its announcement declared
     kept: bool = False
+    #: the rounds its sender's state had missed (a catch-up; mixing down-weights it): written
+    #: only when above 0, so a re-run mixes it as the original round did
+    age: int = 0
 
     def fields(self) -> dict[str, Any]:
         out = {"sender": self.sender, "component": self.component, "round": self.round,
                "digest": self.digest, "weight": self.weight, "lineage": self.lineage.packed,
                "noise": self.noise}
-        return out | ({"kept": True} if self.kept else {})
+        return out | ({"kept": True} if self.kept else {}) | (
+            {"age": self.age} if self.age > 0 else {})
 
     @classmethod
     def from_fields(cls, body: Mapping[str, Any]) -> Contribution:
         return cls(_field(body, "sender", str), _field(body, "component", str),
                    _field(body, "round", int), _field(body, "digest", bytes),
                    _field(body, "weight", float), _lineage(body, "lineage"),
-                   _field(body, "noise", float, 0.0), _field(body, "kept", bool, False))
+                   _field(body, "noise", float, 0.0), _field(body, "kept", bool, False),
+                   _field(body, "age", int, 0))
 
 
 @dataclass(frozen=True)

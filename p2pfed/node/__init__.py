@@ -19,6 +19,7 @@ self.  Announcements for later rounds are buffered (a bounded window); older one
 """
 
 from p2pfed.node._node import EARLY, ROUND_WINDOW, Node, NodeConfig
+from p2pfed.node._participation import TrainHours
 from p2pfed.node._records import (
     ANNOUNCE,
     MAX_NOISE,
@@ -63,6 +64,7 @@ __all__ = [
     "RetentionPolicy",
     "RoundCompleted",
     "Train",
+    "TrainHours",
     "component_status",
     "status_of",
 ]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from gossip.errors import ConfigError
 from p2pfed.node._retention import RetentionPolicy
 from p2pfed.privacy import Policy
 from p2pfed.unlearning import FAST_STRIDE
@@ -42,6 +43,17 @@ class NodeConfig:
     robust: Mapping[str, str] = field(default_factory=dict)
     #: what history is kept (the unlearning horizon) and the byte budget (None: everything)
     retention: RetentionPolicy | None = None
+    #: the share of rounds this node trains in, in (0, 1]: a deterministic draw per (node,
+    #: round), the same for all its components (:mod:`p2pfed.node._participation`); in the
+    #: other rounds it publishes its current state and mixes, as for a component not trained
+    participation: float = 1.0
+    #: may this node train at ``now_ms`` (the time its driver passes in)?  None: at any time.
+    #: The daemon's ``[rounds] train_hours``; a simulation may pass its own
+    schedule: Callable[[int], bool] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.participation <= 1.0:
+            raise ConfigError(f"participation must be in (0, 1], not {self.participation!r}")
 
     def interval(self, *, alone: bool) -> int:
         """How long after a round's start the next may start; for a component with no

@@ -50,8 +50,10 @@ class Forgetting:
 
     def __init__(self, self_id: str, journal: Journal, states: Mapping[str, ComponentRound],
                  trains: Collection[str], forward_deps: Mapping[str, Iterable[str]],
-                 stride: int) -> None:
+                 stride: int, scheduled: bool = False) -> None:
         self.self_id = self_id
+        #: this node trains on a schedule: re-runs read which rounds it trained
+        self._scheduled = scheduled
         self._journal = journal
         self._states = states  # the node's components (this room moves them only as told)
         self._trains = frozenset(trains)
@@ -151,11 +153,13 @@ class Forgetting:
     def _begin_replay(self, st: ComponentRound, name: str, forget: Forget, until: int,
                       index: int, keep: Checkpoint | None) -> None:
         fast = forget.mode == "fast" and name in self._trains
+        scheduled = self._scheduled and name in self._trains
         st.replay = plan_replay(
             self._journal.read(Contribution),
             self._journal.read(LocalUpdate) if fast else None,
             name, forget.target, forget.mode, forget.start, until, index,
-            forgotten=self.forgotten, stride=self._stride, keep=keep)
+            forgotten=self.forgotten, stride=self._stride, keep=keep,
+            schedule=self._journal.read(LocalUpdate) if scheduled else None)
 
     def stored_update(self, name: str, st: ComponentRound) -> torch.Tensor | None:
         """This node's own training update of the round ``st`` re-runs, as it was made before
@@ -174,11 +178,11 @@ class Forgetting:
                 continue
             state = self._journal.state(name, kept.digest, st.comp.layout)
             ann = Announcement(name, st.round, kept.digest, 0, 0, kept.lineage,
-                               noise=kept.noise, epoch=epoch)
+                               noise=kept.noise, epoch=epoch, age=kept.age)
             st.inbox[(st.round, peer)] = Received(ann, state)
             self._journal.write(Contribution(peer, name, st.round, kept.digest,
                                              st.weights.get(peer, 0.0), kept.lineage,
-                                             kept.noise, kept=True), now_ms)
+                                             kept.noise, kept=True, age=kept.age), now_ms)
 
     def round_done(self, name: str, st: ComponentRound) -> str | None:
         """``st`` completed a round: when that ends its re-run, the target it was for."""

@@ -4,8 +4,11 @@
   weights (Metropolis–Hastings on the holders' subgraph), its neighbours and the members its
   weights depend on (:func:`place_all`: for every component);
 * :func:`mix_round`: the neighbours' updates that came in time, mixed into the component by
-  its rule (:mod:`p2pfed.mixing`, which the node never looks inside); the ``mix`` record says
-  what was used.
+  its rule (:mod:`p2pfed.mixing`, which the node never looks inside), after stale states
+  (this node's after a catch-up, a neighbour's that announced an age) are down-weighted by
+  :func:`~p2pfed.mixing.stale_weights`; the ``mix`` record says what was used: the weights
+  the rule returned, so those after down-weighting (``contribution`` records keep the
+  Metropolis–Hastings weight of the sender, as before).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from p2pfed.consensus import effective_weights, metropolis_hastings_row
 from p2pfed.journal import Mix, MixInputRef
 from p2pfed.lineage import Lineage
-from p2pfed.mixing import MixingRule, MixInput, Neighbour
+from p2pfed.mixing import MixingRule, MixInput, Neighbour, stale_weights
 from p2pfed.node._state import ComponentRound, Received
 
 
@@ -95,6 +98,10 @@ def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,
     present = {p: rec for (r, p), rec in st.inbox.items()
                if r == st.round and rec.flat is not None and p in st.neighbours}
     self_w, terms = effective_weights(self_id, st.weights, present.keys())
+    if st.age or any(rec.announcement.age for rec in present.values()):  # (stale states)
+        self_w, stale = stale_weights(self_w, st.age, [(w, present[p].announcement.age)
+                                                       for p, w in terms])
+        terms = [(p, w) for (p, _), w in zip(terms, stale, strict=True)]
     scratch = _scratch_like(st.comp.flat)
     if present:
         st.disagreement.append(disagreement(st.comp.flat, [r.flat for r in present.values()],
@@ -104,6 +111,8 @@ def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,
                               own_noise=st.noise, scratch=scratch))
     st.comp.flat.copy_(mixed.state)
     st.memory = mixed.memory
+    if present:  # (the state took part in a mix: it is fresh again)
+        st.age = 0
     st.lineage = st.lineage.union(*(rec.announcement.lineage for rec in present.values()),
                                   st.weight_deps)
     missing = tuple(p for p in st.neighbours if p not in present)

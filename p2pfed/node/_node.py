@@ -34,6 +34,7 @@ from p2pfed.node._forgetting import EARLY, Forgetting
 from p2pfed.node._inbound import announcement_of, check_size, fetch_of, payload_state
 from p2pfed.node._journal import Journal
 from p2pfed.node._mix import mix_round, place_all
+from p2pfed.node._participation import Participation
 from p2pfed.node._privacy import Noise, PrivacyAccount
 from p2pfed.node._records import (
     ANNOUNCE,
@@ -92,8 +93,9 @@ class Node:
         noise = Noise(cfg.noise_seed)
         self._privacy = {n: PrivacyAccount(n, p, noise) for n, p in cfg.privacy.items()
                          if n in self._states}
+        self._participation = Participation(self.peer_id, cfg.participation, cfg.schedule)
         self._forgetting = Forgetting(self.peer_id, self._journal, self._states, cfg.trains,
-                                      cfg.forward_deps, cfg.fast_stride)
+                                      cfg.forward_deps, cfg.fast_stride, cfg.schedule is not None)
         self._retention = Retention(cfg.retention, self._journal, self._states, self.peer_id[-8:])
         self._graph: nx.Graph = nx.Graph()
         self._holders: dict[str, frozenset[str]] = {}
@@ -358,6 +360,9 @@ class Node:
             return []
         replay, account = st.replay, self._privacy.get(name)
         trains = name in self.config.trains and (replay is None or replay.trains_at(st.round))
+        if trains:  # (this round may be one the node skips: a share, a schedule)
+            trains = self._participation.trains(st.round, now_ms,
+                                                replay.idle if replay is not None else None)
         if trains and account is not None:
             trains = account.may_release(self.peer_id[-8:])
         st.trained, st.start_digest = trains, b""
@@ -386,7 +391,7 @@ class Node:
                                         st.start_digest, st.lineage, self.epoch, spent),
                             now_ms, durable=True)
         ann = Announcement(name, st.round, st.own_digest, size,
-                           len(st.neighbours), st.lineage, st.noise, self.epoch)
+                           len(st.neighbours), st.lineage, st.noise, self.epoch, st.age)
         actions = self._announcer.announce(ann, st.neighbours, now_ms)
         if st.replay is not None:
             self._forgetting.feed(name, st, self.epoch, now_ms)
@@ -456,7 +461,7 @@ class Node:
         rec.flat = flat
         ann = rec.announcement
         self._journal.write(Contribution(peer, name, round_, dig, st.weights.get(peer, 0.0),
-                                         ann.lineage, ann.noise), now_ms)
+                                         ann.lineage, ann.noise, age=ann.age), now_ms)
         return self._maybe_complete(name, now_ms)
 
     def _maybe_complete(self, name: str, now_ms: int) -> list[Action]:

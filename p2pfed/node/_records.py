@@ -18,6 +18,8 @@ ANNOUNCE = "announce"
 
 #: the largest noise standard deviation an announcement may declare (also refuses inf)
 MAX_NOISE = 1e6
+#: the largest age an announcement may declare (it may not exceed its round either)
+MAX_AGE = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -34,19 +36,23 @@ class Announcement:
     #: how many forget requests the sender had applied: updates of an older epoch may carry a
     #: forgotten member's influence and are never mixed
     epoch: int = 0
+    #: rounds since the announced state last took part in a mix (0 but after a catch-up: see
+    #: :func:`p2pfed.mixing.stale_weights`); sent as a 9th element only when above 0, so an
+    #: announcement of a fresh state is the 8 elements older peers send and read
+    age: int = 0
 
     def to_body(self) -> bytes:
-        return packb(
-            [self.component, self.round, self.digest, self.size, self.degree,
-             self.lineage.packed, self.noise, self.epoch]
-        )
+        fields = [self.component, self.round, self.digest, self.size, self.degree,
+                  self.lineage.packed, self.noise, self.epoch]
+        return packb([*fields, self.age] if self.age > 0 else fields)
 
     @classmethod
     def from_body(cls, body: bytes) -> Announcement:
         obj = unpackb(body)
-        if not isinstance(obj, list) or len(obj) != 8:
-            raise MalformedMessageError("announcement must be an 8-element array")
-        component, rnd, dig, size, degree, lineage, noise, epoch = obj
+        if not isinstance(obj, list) or len(obj) not in (8, 9):
+            raise MalformedMessageError("announcement must be an 8- or 9-element array")
+        component, rnd, dig, size, degree, lineage, noise, epoch = obj[:8]
+        age = obj[8] if len(obj) == 9 else 0
         ok = (
             isinstance(component, str)
             and isinstance(rnd, int) and rnd >= 0
@@ -55,12 +61,13 @@ class Announcement:
             and isinstance(degree, int) and degree >= 0
             and isinstance(noise, int | float) and 0.0 <= noise <= MAX_NOISE
             and isinstance(epoch, int) and epoch >= 0
+            and type(age) is int and 0 <= age <= min(rnd, MAX_AGE)
         )
         if not ok:
             raise MalformedMessageError("announcement fields have wrong types or ranges")
         # (packed tags; an older peer sends its members' peer ids)
         return cls(component, rnd, dig, size, degree, Lineage.decode_wire(lineage),
-                   float(noise), epoch)
+                   float(noise), epoch, age)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,10 @@ class Replay:
     #: a component the member never influenced, re-run only because an influenced one is
     #: trained through it: its checkpoint from before the request, put back when done
     keep: Checkpoint | None = None
+    #: with a training schedule (``NodeConfig.schedule``): the rounds this node did not train
+    #: before the request (their ``local-update`` records), where the re-run does not train
+    #: either, whatever the clock says now
+    idle: set[int] = field(default_factory=set)
 
     def trains_at(self, round_: int) -> bool:
         return self.mode == "exact" or (round_ - self.start) % self.stride == 0

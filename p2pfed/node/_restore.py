@@ -44,6 +44,7 @@ def load_checkpoint(st: ComponentRound, journal: Journal, ck: Checkpoint, self_i
     st.lineage = ck.lineage | Lineage.of([self_id])
     st.memory = Memory.from_record(ck.memory)
     st.inbox.clear()
+    st.age = 0  # (ages are not checkpointed: a catch-up after a restart counts them again)
 
 
 def restore_candidates(

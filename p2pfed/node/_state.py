@@ -83,6 +83,9 @@ class ComponentRound:
     noise: float = 0.0  # the noise std this round's announcement declared
     memory: Memory = field(default_factory=Memory)  # what the mixing rule remembers
     start_digest: bytes = b""  # the state before this round's training (kept for fast mode)
+    #: rounds since this state last took part in a mix with a neighbour: a catch-up adds the
+    #: rounds it jumps over; a mix that takes in a neighbour's update sets it back to 0
+    age: int = 0
 
     @property
     def radius(self) -> float:
@@ -129,8 +132,10 @@ def advance(state: ComponentRound) -> None:
 
 
 def jump(state: ComponentRound, round_: int) -> None:
-    """Catch up: neighbours are well ahead (a restart, a cut link); drop this round."""
+    """Catch up: neighbours are well ahead (a restart, a cut link); drop this round.  The
+    state held is as many rounds older as are jumped over (its :attr:`~ComponentRound.age`)."""
     state.inbox = {k: v for k, v in state.inbox.items() if k[0] >= round_}
+    state.age += max(0, round_ - state.round)
     state.round, state.deadline_ms, state.start_at_ms = round_, None, None
     if state.phase is Phase.COLLECTING:
         transition(state, Event.ABANDON)

@@ -88,6 +88,20 @@ def own_updates(
     return out
 
 
+def idle_rounds(
+    entries: Iterable[Stored[LocalUpdate]], component: str, start: int, until: int, before: int,
+) -> set[int]:
+    """Rounds ``start .. until-1`` whose latest update before ``before`` was not trained."""
+    trained: dict[int, bool] = {}
+    for entry in entries:
+        if entry.index >= before:
+            break
+        u = entry.record
+        if u.component == component and start <= u.round < until:
+            trained[u.round] = u.trained
+    return {r for r, t in trained.items() if not t}
+
+
 # ---------------------------------------------------------------- a forget request
 @dataclass(frozen=True)
 class ForgetPlan:
@@ -168,14 +182,19 @@ def plan_replay(contributions_: Iterable[Stored[Contribution]],
                 updates: Iterable[Stored[LocalUpdate]] | None,
                 name: str, target: str, mode: str, start: int, until: int, forget_index: int,
                 *, forgotten: Iterable[str], stride: int = FAST_STRIDE,
-                keep: Checkpoint | None = None) -> Replay:
+                keep: Checkpoint | None = None,
+                schedule: Iterable[Stored[LocalUpdate]] | None = None) -> Replay:
     """The re-run of ``name``'s rounds ``start .. until-1``: the clean neighbour updates from
     the ledger's ``contribution`` records and, when ``updates`` (``local-update`` records) are
-    given (fast mode, a trained component), this node's own updates before the request."""
+    given (fast mode, a trained component), this node's own updates before the request;
+    with ``schedule`` (the same records, for a node that trains on a schedule), the rounds it
+    did not train."""
     replay = Replay(target, mode, start, until, forget_index, keep=keep, stride=stride)
     replay.history = contributions(contributions_, name, start, until, forgotten)
     if updates is not None:
         replay.updates = own_updates(updates, name, start, until, forget_index)
+    if schedule is not None:
+        replay.idle = idle_rounds(schedule, name, start, until, forget_index)
     return replay
 
 

@@ -1,0 +1,86 @@
+"""Which rounds this node trains in: a share of the rounds, and a schedule.
+
+A member may train only some rounds (a phone that trains at night, a school that pauses for
+the holidays).  A round it does not train is exactly a round of a component it does not train:
+it still publishes its current state and mixes, so its neighbours never wait for it.
+
+* The share (``NodeConfig.participation``) is a draw, deterministic per (node, round):
+  :func:`drawn` hashes the node's peer id and the round, so every component of the node gets
+  the same answer at round ``r`` (the components of one forward pass train together) and an
+  exact unlearning's re-run of round ``r`` draws the same.
+* The schedule (``NodeConfig.schedule``) is the driver's: a predicate on ``now_ms``, the time
+  the driver passes in (this node reads no clock), such as :class:`TrainHours`, the daemon's
+  ``[rounds] train_hours``.  The first component to start round ``r`` asks it; the others
+  starting ``r`` get the same answer.  A re-run of round ``r`` cannot ask the clock of then:
+  it trains where the round trained before (its ``local-update`` record, kept in
+  :attr:`~p2pfed.node._replay.Replay.idle`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from gossip.envelope import digest
+
+#: rounds whose schedule answer is remembered (components a few rounds apart share them)
+_REMEMBERED = 16
+
+
+def draw(peer_id: str, round_: int) -> float:
+    """A number in [0, 1) fixed by ``peer_id`` and ``round_`` (SHA-256, as the training seeds
+    of :func:`p2pfed.model.train.seed_for` are)."""
+    tag = repr(("participation", peer_id, round_)).encode()
+    return int.from_bytes(digest(tag)[:8], "little") / 2.0 ** 64
+
+
+def drawn(peer_id: str, round_: int, share: float) -> bool:
+    """Does ``peer_id`` train at ``round_`` when it trains the share ``share`` of the rounds?
+    (``share`` 1: always, without hashing.)"""
+    return share >= 1.0 or draw(peer_id, round_) < share
+
+
+class Participation:
+    """This node's answer, per round, to "do I train in this round?"."""
+
+    def __init__(self, peer_id: str, share: float,
+                 schedule: Callable[[int], bool] | None) -> None:
+        self.peer_id, self.share, self.schedule = peer_id, share, schedule
+        self._asked: OrderedDict[int, bool] = OrderedDict()
+
+    def trains(self, round_: int, now_ms: int, idle: Collection[int] | None = None) -> bool:
+        """May this node train at ``round_`` (asked at ``now_ms``)?  ``idle``: in a re-run,
+        the rounds it did not train before (they stand in for the schedule)."""
+        if not drawn(self.peer_id, round_, self.share):
+            return False
+        if self.schedule is None:
+            return True
+        if idle is not None:
+            return round_ not in idle
+        allowed = self._asked.get(round_)
+        if allowed is None:
+            allowed = self._asked[round_] = bool(self.schedule(now_ms))
+            while len(self._asked) > _REMEMBERED:
+                self._asked.popitem(last=False)
+        return allowed
+
+
+@dataclass(frozen=True)
+class TrainHours:
+    """A schedule: training is allowed from local hour ``start`` to ``end`` (excluded),
+    wrapping midnight (``TrainHours(22, 6)``: 22:00 to 5:59).  Called with ``now_ms`` (the
+    driver's time, ms since the Unix epoch) it answers for the process's time zone."""
+
+    start: int
+    end: int
+
+    def allows(self, hour: int) -> bool:
+        """Is local ``hour`` (0 to 23) one of the hours?"""
+        if self.start <= self.end:
+            return self.start <= hour < self.end
+        return hour >= self.start or hour < self.end
+
+    def __call__(self, now_ms: int) -> bool:
+        return self.allows(time.localtime(now_ms // 1000).tm_hour)

@@ -1,0 +1,391 @@
+"""Asynchronous members: a share of rounds trained, a training schedule, stale states.
+
+In-process, no sockets: nodes driven by hand, a fake trainer that writes into the flat
+buffers in action order (as the simulator trains).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import networkx as nx
+import pytest
+import torch
+
+from gossip.catalog import ComponentSpec
+from gossip.envelope import Sequencer, open_envelope, packb, seal
+from gossip.errors import ConfigError, MalformedMessageError
+from gossip.identity import Identity
+from p2pfed.blobs import BlobStore
+from p2pfed.components import FlatComponent
+from p2pfed.config import Config, RoundsSection
+from p2pfed.ledger import Ledger
+from p2pfed.lineage import Lineage
+from p2pfed.mixing import stale_weights, staleness
+from p2pfed.node import (
+    ANNOUNCE,
+    Announce,
+    Announcement,
+    Fetch,
+    Node,
+    NodeConfig,
+    PeerRejected,
+    Train,
+    TrainHours,
+)
+from p2pfed.node._participation import draw, drawn
+from p2pfed.runtime.daemon import node_config
+from tests.test_node import FED, deliver, make_node, wire
+
+PEER = "12D3KooWParticipationTestPeer"
+
+
+# ---------------------------------------------------------------- the draw
+def test_the_draw_is_deterministic_and_its_frequency_is_the_share() -> None:
+    rounds = range(1000)
+    first = [drawn(PEER, r, 0.3) for r in rounds]
+    assert first == [drawn(PEER, r, 0.3) for r in rounds]  # the same answer, every time
+    assert 240 <= sum(first) <= 360  # ~0.3 (σ ≈ 14.5 rounds)
+    assert 0.0 <= min(draw(PEER, r) for r in rounds) < max(draw(PEER, r) for r in rounds) < 1.0
+    assert all(drawn(PEER, r, 1.0) for r in rounds)  # everything at 1
+    # a smaller share trains in a subset of the rounds of a larger one (one number per round)
+    assert all(not small or big for small, big in
+               zip((drawn(PEER, r, 0.1) for r in rounds), first, strict=True))
+    # another member draws other rounds
+    assert first != [drawn(PEER + "x", r, 0.3) for r in rounds]
+
+
+def test_the_share_must_be_in_range() -> None:
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ConfigError, match="participation must be in"):
+            NodeConfig(participation=bad)
+
+
+# ---------------------------------------------------------------- a tiny driver that trains
+def _step(i: int, r: int) -> float:
+    return 0.25 * (i + 1) + 0.01 * r
+
+
+def _drive(nodes: list[Node], actions: list[tuple[str, object]], now: int = 0,
+           trained: list[tuple[str, str, int]] | None = None) -> None:
+    """Carry out actions until quiet; ``Train`` runs a fake trainer inline (deterministic:
+    each node shrinks its state and adds a step of its own for the round)."""
+    by_id = {n.peer_id: n for n in nodes}
+    index = {n.peer_id: i for i, n in enumerate(nodes)}
+    queue = list(actions)
+    while queue:
+        src, action = queue.pop(0)
+        if isinstance(action, Train):
+            node = by_id[src]
+            if not node.awaiting_update(action.component, action.round):
+                continue  # (rolled back meanwhile)
+            flat = node.components[action.component].flat
+            flat.mul_(0.9).add_(_step(index[src], action.round))
+            if trained is not None:
+                trained.append((src, action.component, action.round))
+            queue += [(src, a) for a in node.local_update_done(action.component,
+                                                               action.round, now)]
+        elif isinstance(action, Announce):
+            for peer in action.recipients:
+                if peer in by_id:
+                    queue += [(peer, a) for a in by_id[peer].receive(src, action.data, now)]
+        elif isinstance(action, Fetch):
+            data = by_id[action.peer].serve_payload(action.digest)
+            assert data is not None
+            queue += [(src, a) for a in by_id[src].payload_received(
+                action.peer, action.component, action.round, action.digest, data, now)]
+
+
+def _node(i: int, comps: tuple[str, ...] = ("backbone",), **config: object) -> Node:
+    ident = Identity.from_seed(bytes([90 + i]) * 32)
+    components = {
+        c: FlatComponent.from_params(ComponentSpec.from_name(c),
+                                     {"w": torch.full((4,), float(i), dtype=torch.float64)})
+        for c in comps
+    }
+    cfg = NodeConfig(round_timeout_ms=1000, trains=frozenset(comps), checkpoint_every=2,
+                     **config)  # type: ignore[arg-type]
+    return Node(ident, FED, components, Ledger.open(None, ident), BlobStore(None), cfg,
+                Sequencer(0))
+
+
+def _path(nodes: list[Node]) -> None:
+    g = nx.path_graph([n.peer_id for n in nodes])
+    comps = set().union(*(n.components for n in nodes))
+    for n in nodes:
+        n.set_topology(g, {c: [m.peer_id for m in nodes] for c in comps})
+
+
+def _rounds(nodes: list[Node], until: int, trained: list[tuple[str, str, int]] | None = None,
+            start: int = 0) -> None:
+    """Run rounds ``start .. until-1`` one at a time, round ``r`` at ``now = r`` seconds."""
+    for r in range(start, until):
+        actions: list[tuple[str, object]] = []
+        for n in nodes:
+            actions += [(n.peer_id, a) for a in n.set_round_limit(r + 1, r * 1000)]
+            if r == 0:
+                actions += [(n.peer_id, a) for a in n.start(0)]
+        _drive(nodes, actions, r * 1000, trained)
+
+
+# ---------------------------------------------------------------- a member that trains a share
+def test_a_member_at_0_3_trains_about_a_third_of_rounds_and_completes_every_one() -> None:
+    rounds = 60
+    nodes = [_node(0, ("backbone", "head.topic"), participation=0.3),
+             _node(1, ("backbone", "head.topic")), _node(2, ("backbone", "head.topic"))]
+    wire(nodes, [(0, 1), (1, 2), (0, 2)])
+    trained: list[tuple[str, str, int]] = []
+    actions: list[tuple[str, object]] = []
+    for n in nodes:
+        n.set_round_limit(rounds, 0)
+        actions += [(n.peer_id, a) for a in n.start(0)]
+    _drive(nodes, actions, 0, trained)  # one pass at now = 0: no round waited for a deadline
+    part = nodes[0]
+    mine = {(c, r) for p, c, r in trained if p == part.peer_id}
+    expected = [r for r in range(rounds) if drawn(part.peer_id, r, 0.3)]
+    for comp in ("backbone", "head.topic"):  # the same draw for both components
+        assert sorted(r for c, r in mine if c == comp) == expected
+    assert 0.15 * rounds <= len(expected) <= 0.45 * rounds
+    for n in nodes[1:]:  # the others train in every round
+        assert len([t for t in trained if t[0] == n.peer_id]) == 2 * rounds
+    for n in nodes:
+        for comp in ("backbone", "head.topic"):
+            assert n.round_of(comp) == rounds
+    # the member announced and mixed in every round, with both neighbours, none missing
+    updates = [e.body for e in part.ledger.entries("local-update")
+               if e.body["component"] == "backbone"]
+    assert len(updates) == rounds
+    assert [u["round"] for u in updates if u["trained"]] == expected
+    mixes = [e.body for e in part.ledger.entries("mix") if e.body["component"] == "backbone"]
+    assert len(mixes) == rounds and all(len(m["inputs"]) == 2 and not m["missing"]
+                                        for m in mixes)
+
+
+def test_a_schedule_decides_from_the_time_passed_in() -> None:
+    # trains only in even seconds (round r runs at now = r s)
+    nodes = [_node(i, schedule=lambda ms: (ms // 1000) % 2 == 0) for i in range(2)]
+    _path(nodes)
+    trained: list[tuple[str, str, int]] = []
+    _rounds(nodes, 6, trained)
+    assert sorted({r for _, _, r in trained}) == [0, 2, 4]
+    assert all(n.round_of("backbone") == 6 for n in nodes)
+
+
+# ---------------------------------------------------------------- unlearning re-runs
+@pytest.mark.parametrize("config", [
+    {"participation": 0.5},
+    {"schedule": lambda ms: (ms // 1000) % 3 != 1},  # not in rounds 1, 4, 7 ...
+    {"participation": 0.6, "schedule": lambda ms: (ms // 1000) % 2 == 0},
+], ids=["share", "schedule", "both"])
+def test_exact_unlearning_re_runs_the_same_decisions(config: dict[str, object]) -> None:
+    rounds = 24  # (more than the rounds whose schedule answer a node remembers)
+    nodes = [_node(i, **config) for i in range(4)]
+    _path(nodes)
+    _rounds(nodes, rounds)
+    target, rest = nodes[-1], nodes[:-1]
+    assert all(n.shaped_by("backbone", target.peer_id) for n in rest)
+    # the re-run happens later, at a time the schedule would answer otherwise for every round
+    later = 10**9
+    trained: list[tuple[str, str, int]] = []
+    actions: list[tuple[str, object]] = []
+    for n in rest:
+        actions += [(n.peer_id, a) for a in n.forget(target.peer_id, "exact", later)]
+    _path(rest)
+    for n in rest:  # (paused at the round limit: resumed)
+        actions += [(n.peer_id, a) for a in n.set_round_limit(rounds, later)]
+    _drive(rest, actions, later, trained)
+    assert all(n.unlearning() == {} and n.round_of("backbone") == rounds for n in rest)
+
+    never = [_node(i, **config) for i in range(3)]  # the federation without the member
+    _path(never)
+    again: list[tuple[str, str, int]] = []
+    _rounds(never, rounds, again)
+    for ours, theirs in zip(rest, never, strict=True):
+        assert torch.equal(ours.components["backbone"].flat, theirs.components["backbone"].flat)
+    # every round re-run trained where the never-federation trained
+    rerun = {(p, r) for p, _, r in trained}
+    assert rerun and rerun <= {(p, r) for p, _, r in again}
+
+
+# ---------------------------------------------------------------- stale states
+def test_stale_weights_by_hand() -> None:
+    third = 1 / 3
+    # all fresh: the very same numbers come back
+    assert stale_weights(0.4, 0, [(0.3, 0), (0.3, 0)]) == (0.4, [0.3, 0.3])
+    # a neighbour one round stale keeps half its weight; self takes the other half
+    self_w, ws = stale_weights(third, 0, [(third, 1), (third, 0)])
+    assert self_w == pytest.approx(0.5) and ws == pytest.approx([1 / 6, third])
+    # this node two rounds stale keeps a third of its weight, the rest goes to its neighbours
+    # in proportion to their weights
+    self_w, ws = stale_weights(third, 2, [(third, 0), (third, 0)])
+    assert self_w == pytest.approx(1 / 9) and ws == pytest.approx([4 / 9, 4 / 9])
+    self_w, ws = stale_weights(0.5, 1, [(0.375, 0), (0.125, 0)])
+    assert self_w == pytest.approx(0.25) and ws == pytest.approx([0.5625, 0.1875])
+    # both: first the neighbour's age (self 1/3 + 1/6), then self's (halved, to the neighbours)
+    self_w, ws = stale_weights(third, 1, [(third, 1), (third, 0)])
+    assert self_w == pytest.approx(0.25)
+    assert ws == pytest.approx([1 / 6 + 0.25 * (1 / 6) / 0.5, third + 0.25 * third / 0.5])
+    # alone, nowhere to move
+    assert stale_weights(1.0, 5, []) == (1.0, [])
+    assert [staleness(a) for a in (0, 1, 9)] == [1.0, 0.5, 0.1]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stale_weights_stay_a_convex_row(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.rand(5, generator=gen, dtype=torch.float64)
+    row = (raw / raw.sum()).tolist()
+    ages = torch.randint(0, 50, (5,), generator=gen).tolist()
+    self_w, ws = stale_weights(row[0], ages[0], list(zip(row[1:], ages[1:], strict=True)))
+    assert sum([self_w, *ws]) == pytest.approx(1.0)
+    assert all(0.0 <= w <= 1.0 for w in (self_w, *ws))
+    for (w, a), new in zip(zip(row[1:], ages[1:], strict=True), ws, strict=True):
+        if ages[0] == 0:  # a neighbour's weight never grows from its own age
+            assert new == pytest.approx(w * staleness(a))
+
+
+def _announced(data: bytes) -> Announcement:
+    return Announcement.from_body(open_envelope(data, federation_id=FED, now_ms=0).body)
+
+
+def test_a_returning_member_is_down_weighted_and_moves_to_its_neighbours() -> None:
+    back, ahead = make_node(0.0), make_node(4.0)
+    wire([back, ahead], [(0, 1)])  # one edge: MH weights 1/2, 1/2
+    ahead.fast_forward(7)  # the federation went on for 7 rounds while ``back`` was away
+    back.set_round_limit(8, 0)
+    ahead.set_round_limit(8, 0)
+    back_out, ahead_out = back.start(0), ahead.start(0)
+    (news,) = [a for a in ahead_out if isinstance(a, Announce)]
+    # ``ahead``'s announcement of round 7 makes ``back`` catch up: its state is 7 rounds old
+    later = back.receive(ahead.peer_id, news.data, 0)
+    catch_up = [(e.body["from"], e.body["to"]) for e in back.ledger.entries("catch-up")]
+    assert catch_up == [(0, 7)]
+    stale = [_announced(a.data) for a in later if isinstance(a, Announce)]
+    assert [(s.round, s.age) for s in stale] == [(7, 7)]
+    deliver([back, ahead], [(back.peer_id, a) for a in back_out + later])
+    s = staleness(7)  # 1/8
+    # ``ahead`` gives ``back`` 1/2 · 1/8 and keeps the rest: it barely moves
+    (mix,) = [e.body for e in ahead.ledger.entries("mix") if e.body["round"] == 7]
+    assert mix["inputs"][0][1] == pytest.approx(0.5 * s)
+    assert mix["self_weight"] == pytest.approx(1 - 0.5 * s)
+    # ``back`` keeps 1/8 of its own weight and takes the rest from ``ahead``
+    (mine,) = [e.body for e in back.ledger.entries("mix") if e.body["round"] == 7]
+    assert mine["self_weight"] == pytest.approx(0.5 * s)
+    assert mine["inputs"][0][1] == pytest.approx(1 - 0.5 * s)
+    # both end at 3.75 (plain Metropolis–Hastings: both at 2.0, the average)
+    assert back.components["backbone"].flat[0].item() == pytest.approx(4.0 * (1 - 0.5 * s))
+    assert ahead.components["backbone"].flat[0].item() == pytest.approx(4.0 * (1 - 0.5 * s))
+    # after its mix ``back`` is fresh again: its next announcement carries no age
+    nxt = [_announced(a.data) for a in back.set_round_limit(9, 0) if isinstance(a, Announce)]
+    assert [(a.round, a.age) for a in nxt] == [(8, 0)]
+
+
+def test_age_zero_keeps_todays_numbers_and_bytes() -> None:
+    nodes = [make_node(v) for v in (0.0, 3.0, 9.0)]
+    wire(nodes, [(0, 1), (1, 2)])
+    actions: list[tuple[str, object]] = []
+    for n in nodes:
+        n.set_round_limit(3, 0)
+        actions += [(n.peer_id, a) for a in n.start(0)]
+    deliver(nodes, actions)
+    for n in nodes:  # the mix used the Metropolis–Hastings row, exactly
+        row = n.weights_of("backbone")
+        for e in n.ledger.entries("mix"):
+            assert e.body["self_weight"] == row[n.peer_id]
+            assert [w for _, w, _ in e.body["inputs"]] == [row[p] for p, _, _ in
+                                                           e.body["inputs"]]
+    ann = Announcement("backbone", 3, b"d" * 32, 10, 2, Lineage.of([PEER]), 0.5, 1)
+    assert ann.to_body() == packb(["backbone", 3, b"d" * 32, 10, 2, Lineage.of([PEER]).packed,
+                                   0.5, 1])
+
+
+# ---------------------------------------------------------------- the announcement's age
+def _body(*extra: object, rnd: int = 5) -> bytes:
+    return packb(["backbone", rnd, b"d" * 32, 10, 1, Lineage.of([PEER]).packed, 0.0, 0, *extra])
+
+
+def test_the_old_announcement_decodes_and_the_age_round_trips() -> None:
+    old = Announcement.from_body(_body())
+    assert old.age == 0 and old.to_body() == _body()
+    aged = Announcement.from_body(_body(3))
+    assert aged.age == 3 and aged.to_body() == _body(3)
+    assert Announcement.from_body(_body(0)).age == 0  # (tolerated, re-encoded as 8 elements)
+
+
+@pytest.mark.parametrize("age", [-1, 1.5, True, "3", None, 6, 1 << 40])
+def test_a_bad_age_is_refused(age: object) -> None:
+    rnd = (1 << 41) if age == 1 << 40 else 5  # (huge: refused even below its round)
+    with pytest.raises(MalformedMessageError):
+        Announcement.from_body(_body(age, rnd=rnd))
+
+
+def test_an_announcement_of_ten_elements_is_refused() -> None:
+    with pytest.raises(MalformedMessageError):
+        Announcement.from_body(_body(1, 2))
+
+
+def test_a_bad_age_is_rejected_per_peer() -> None:
+    a, b = make_node(0.0), make_node(1.0)
+    wire([a, b], [(0, 1)])
+    a.set_round_limit(1, 0)
+    a.start(0)
+    env = seal(b.identity, kind=ANNOUNCE, federation_id=FED, seq=1, timestamp_ms=0,
+               body=_body(-2, rnd=0)).to_bytes()
+    out = a.receive(b.peer_id, env, 0)
+    assert len(out) == 1 and isinstance(out[0], PeerRejected)
+    assert isinstance(out[0].error, MalformedMessageError)
+
+
+# ---------------------------------------------------------------- the daemon's settings
+def test_rounds_settings_are_checked() -> None:
+    cfg = Config.from_dict({"rounds": {"participation": 0.3, "train_hours": "22-6"}})
+    assert cfg.rounds.check() == (22, 6)
+    made = node_config(cfg, frozenset({"backbone"}), {})
+    assert made.participation == 0.3 and made.schedule == TrainHours(22, 6)
+    assert node_config(Config(), frozenset(), {}).schedule is None
+    assert Config.from_dict({"rounds": {"train_hours": " 9 - 17 "}}).rounds.check() == (9, 17)
+    for bad in (0, 0.0, -0.1, 1.01):
+        with pytest.raises(ConfigError, match=r"rounds.participation must be in \(0, 1\]"):
+            Config.from_dict({"rounds": {"participation": bad}})
+    for bad in ("24-6", "6-24", "6-6", "22", "22:00-06:00", "x-6", "-1-6", "²-3"):
+        with pytest.raises(ConfigError, match=r'rounds\.train_hours must be "H-H"'):
+            Config.from_dict({"rounds": {"train_hours": bad}})
+    with pytest.raises(ConfigError, match=r"rounds\.train_hours must be a string"):
+        Config.from_dict({"rounds": {"train_hours": 22}})
+    assert RoundsSection().check() is None
+
+
+@pytest.fixture
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_train_hours_wrap_midnight(utc: None) -> None:
+    night = TrainHours(22, 6)
+    assert [h for h in range(24) if night.allows(h)] == [0, 1, 2, 3, 4, 5, 22, 23]
+    day = TrainHours(9, 17)
+    assert [h for h in range(24) if day.allows(h)] == list(range(9, 17))
+    def at(hour: int) -> int:  # now_ms at hour:59 UTC on some day
+        return (19_000 * 86_400 + hour * 3600 + 59 * 60) * 1000
+
+    assert [night(at(h)) for h in (21, 22, 23, 0, 5, 6)] == [False, True, True, True, True,
+                                                             False]
+
+
+def test_a_contribution_keeps_its_senders_age_for_the_rerun() -> None:
+    """The ledger's contribution keeps a stale sender's age (only when above 0: older bodies
+    and fresh senders read the same), so a re-run down-weights it as the round did."""
+    from p2pfed.journal import Contribution
+
+    stale = Contribution("peer", "head.topic", 7, b"\x01" * 32, 0.25, Lineage.of(["peer"]),
+                         age=3)
+    assert stale.to_body()["age"] == 3
+    assert Contribution.from_body(stale.to_body()) == stale
+    fresh = Contribution("peer", "head.topic", 7, b"\x01" * 32, 0.25, Lineage.of(["peer"]))
+    assert "age" not in fresh.to_body()
+    assert Contribution.from_body(fresh.to_body()).age == 0
