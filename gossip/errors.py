@@ -136,3 +136,10 @@ class PeerUnreachableError(RemoteError):
     """A peer could not be reached (link down, peer gone, stream reset)."""
 
     code = "unreachable"
+
+
+class NotAdminError(UnauthorizedError):
+    """A record only an admin of the federation may sign (a task-catalogue record) was signed
+    by another key."""
+
+    code = "not-admin"

@@ -7,6 +7,11 @@ the record itself, plus, for records that need one, an *anchor* already in the v
 * a self-signed leave needs a join by its member;
 * an admission needs its sponsor to be a founder, an admin, or a key admitted before.
 
+Records of the federation's task catalogue (``task-add``, ``task-retire``, ``task-data``,
+signed by an admin) need no anchor but the genesis: they are kept in a
+:class:`~gossip.taskcat.TaskBook`, travel with the membership records (:meth:`records`) and
+give :meth:`MembershipView.task_catalogue`; they do not bear on the members.
+
 A record without its anchor is held back (not in :meth:`MembershipView.records`, not counted in
 the digest) and enters the view as soon as the anchor arrives, so outsiders cannot fill the set
 while views merged in any order still end up equal.
@@ -77,6 +82,7 @@ from gossip.records import (
     open_genesis,
     proof_message,
 )
+from gossip.taskcat import TASK_KINDS, TaskBook, TaskCatalogue
 
 __all__ = [
     "ADMIT", "GENESIS", "GENESIS_DOMAIN", "INVITE", "JOIN", "LEAVE", "MAX_ADDRESSES",
@@ -128,6 +134,7 @@ class MembershipView:
         self._counted: list[_Parsed] | None = None
         self._credentials: dict[bytes, list[bytes]] = {}
         self._digest: bytes | None = None
+        self._tasks = TaskBook(genesis)
 
     @property
     def _trusted(self) -> frozenset[bytes]:
@@ -148,7 +155,7 @@ class MembershipView:
     def knows(self, raw: bytes) -> bool:
         """Is this record (envelope bytes) in the view or held back already?"""
         key = digest(raw)
-        return key in self._records or key in self._pending
+        return key in self._records or key in self._pending or self._tasks.knows(key)
 
     def add(self, envelope: Envelope, *, now_ms: int | None = None) -> bool:
         """Validate and add a record; True when it is new to the view.
@@ -173,6 +180,9 @@ class MembershipView:
         if env.kind == GENESIS:
             self._check_genesis(env)
             return False
+        if env.kind in TASK_KINDS:
+            self._digest = None
+            return self._tasks.add(env, raw)
         parsed = self._validate(env, raw)
         if len(self._records) >= MAX_RECORDS:
             raise UnauthorizedError("membership record limit reached")
@@ -277,8 +287,17 @@ class MembershipView:
 
     # ---------------------------------------------------------------------- the set
     def records(self) -> frozenset[bytes]:
-        """The envelope bytes of every record in the view (for anti-entropy sync)."""
-        return frozenset(p.raw for p in self._records.values())
+        """The envelope bytes of every record in the view, the task catalogue's included (for
+        anti-entropy sync)."""
+        return frozenset(p.raw for p in self._records.values()) | self._tasks.records()
+
+    def task_records(self) -> frozenset[bytes]:
+        """The task catalogue's records (every member re-sends them: see FederatedNode)."""
+        return self._tasks.records()
+
+    def task_catalogue(self) -> TaskCatalogue:
+        """The task catalogue the view's catalogue records imply (:mod:`gossip.taskcat`)."""
+        return self._tasks.catalogue()
 
     def records_about(self, public_key: bytes) -> list[bytes]:
         """The records a member carries for itself: its joins, admissions, leaves, and the
@@ -293,7 +312,7 @@ class MembershipView:
     def digest(self) -> bytes:
         """A digest of the record set: equal views have equal digests."""
         if self._digest is None:
-            self._digest = digest(packb(sorted(self._records)))
+            self._digest = digest(packb(sorted([*self._records, *self._tasks.keys()])))
         return self._digest
 
     def __len__(self) -> int:

@@ -25,6 +25,7 @@ from p2pfed import (
     cli_model,
     cli_service,
     cli_sim,
+    cli_task,
     exitcodes,
 )
 from p2pfed.cli_help import PlainHelpGroup
@@ -156,6 +157,7 @@ cli_model.register(app)
 cli_localfed.register(app)
 cli_service.register(app)
 cli_bench.register(app)
+cli_task.register(app)
 
 
 # ------------------------------------------------------------------------------- entry point

@@ -245,6 +245,11 @@ def status(
         out.print(training_table(st["training"]))
     if "storage" in st:
         out.print(storage_line(st["storage"]))
+    catalogue = st.get("catalogue") or {}
+    if catalogue.get("version"):
+        active = [n for n, t in sorted(catalogue["tasks"].items()) if t["phase"] == "active"]
+        out.print(f"task catalogue version {catalogue['version']}: "
+                  f"{escape(', '.join(active)) or 'no active task'} ('p2pfed task list')")
     for u in st.get("unlearning", []):
         if u["done"]:
             state = "done"

@@ -5,7 +5,8 @@
 signed envelope whose body lists long-lived signed records), so a member's join signed weeks
 ago can still be relayed without tripping the clock-skew check.  Every new record is kept in the
 ledger; the overlay and each component's mixing weights are recomputed from the members, and
-the driver is told which neighbours to keep connections to.
+the driver is told which neighbours to keep connections to.  The view's task catalogue
+(:mod:`gossip.taskcat`) takes effect at the next round boundary, with a ``catalogue`` entry.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from gossip.membership import MAX_CREDENTIALS, Join, Leave, MembershipView, make
 from gossip.overlay import holder_subgraph, overlay_graph
 from p2pfed import kinds
 from p2pfed.fedstore import pending_join
-from p2pfed.journal import ForgetRecord, JoinRequest, Membership, stored
+from p2pfed.journal import CatalogueApplied, ForgetRecord, JoinRequest, Membership, stored
 from p2pfed.node import Action, Announce, ApplyForget, Broadcast, Connect, Node
 from p2pfed.unlearning import FORGET_ENTRY, UNLEARNED_ENTRY, unlearning_status
 
@@ -99,6 +100,8 @@ class FederatedNode(Node):
         self._introduced: dict[str, int] = {}
         #: signed forget requests: kept in the ledger and gossiped with the membership records
         self.forgets = ForgetBook(self.federation_id)
+        #: the task catalogue in effect (the last ``catalogue`` entry; None: none yet)
+        self.catalogue: CatalogueApplied | None = None
 
     # ---------------------------------------------------------------- inspection
     def members(self) -> list[str]:
@@ -169,7 +172,16 @@ class FederatedNode(Node):
             "rejected": node["rejected"],
             "unlearning": self.unlearning_status(),
             "storage": node["storage"],
+            "catalogue": self.catalogue_status(),
         }
+
+    def catalogue_status(self) -> dict[str, Any]:
+        """The task catalogue in effect: its version, digest and tasks."""
+        cat = self.catalogue
+        if cat is None:
+            return {"version": 0, "digest": "", "tasks": {}}
+        return {"version": cat.version, "digest": cat.digest.hex(),
+                "tasks": {n: dict(t) for n, t in sorted(cat.tasks.items())}}
 
     def unlearning_status(self) -> list[dict[str, Any]]:
         """Each forget request applied: mode, what it rolled back, progress of its re-run."""
@@ -188,7 +200,41 @@ class FederatedNode(Node):
                 self.forgets.add_bytes(entry.record.record, self.view)
             except RemoteError as exc:
                 log.warning("ignoring a forget record in the ledger: %s", exc)
+        last = self.ledger.last(CatalogueApplied.KIND)
+        self.catalogue = stored(last, CatalogueApplied).record if last is not None else None
         return restored
+
+    def add_task_record(self, raw: bytes, now_ms: int) -> list[Action]:
+        """A task-catalogue record signed here (``p2pfed task``): check it as any peer would,
+        keep it (durable) and spread it; it takes effect at the next round boundary."""
+        try:
+            if not self.view.add_bytes(raw, now_ms=now_ms):
+                return []  # known already: a replay changes nothing
+        except RemoteError as exc:
+            raise LocalError(f"the task record is refused: {exc} ({exc.code})") from exc
+        self._journal.write(Membership(raw), now_ms, durable=True)
+        return self._spread([raw], now_ms) + self._apply_catalogue(now_ms, "", 0, idle=True)
+
+    def _apply_catalogue(self, now_ms: int, component: str, round_: int, *,
+                         idle: bool = False) -> list[Action]:
+        """At a round boundary (or, ``idle``, when no round runs here): take the view's task
+        catalogue if it changed, with a ``catalogue`` entry in the ledger."""
+        if idle and self.components and self._started:
+            return []  # the next round boundary will
+        cat = self.view.task_catalogue()
+        if cat.digest == (self.catalogue.digest if self.catalogue else b"") or not cat.version:
+            return []
+        self.catalogue = CatalogueApplied(
+            cat.version, cat.digest, {n: t.to_status() for n, t in cat.tasks.items()},
+            tuple(str(i) for i in cat.ignored), component, round_)
+        self._journal.write(self.catalogue, now_ms)
+        log.info("task catalogue version %d in effect: %s active", cat.version,
+                 ", ".join(cat.active()) or "no task")
+        return []
+
+    def _complete_round(self, name: str, now_ms: int) -> list[Action]:
+        actions = super()._complete_round(name, now_ms)
+        return actions + self._apply_catalogue(now_ms, name, self.round_of(name))
 
     def request_forget(self, peer_id: str, mode: str, reason: str, now_ms: int) -> list[Action]:
         """Sign a request to forget ``peer_id``'s data, apply it here and gossip it.
@@ -242,7 +288,7 @@ class FederatedNode(Node):
             self.halt()
             log.warning("this node has %s %s: it runs no rounds (join again with a new "
                         "invite: 'p2pfed join TOKEN')", standing, self.view.genesis.name)
-        actions = self._membership_changed()
+        actions = self._membership_changed() + self._apply_catalogue(now_ms, "", 0)
         self._next_refresh = now_ms + REFRESH_MS
         return actions + self._own_bundle_broadcast(now_ms) + super().start(now_ms)
 
@@ -284,6 +330,7 @@ class FederatedNode(Node):
             self._next_refresh = None if self.left else now_ms + REFRESH_MS
             if not self.left:
                 actions += self._own_bundle_broadcast(now_ms)
+        actions += self._apply_catalogue(now_ms, "", 0, idle=True)
         return actions + super().tick(now_ms)
 
     def next_deadline(self) -> int | None:
@@ -399,7 +446,8 @@ class FederatedNode(Node):
 
     def _own_bundle_broadcast(self, now_ms: int) -> list[Action]:
         mine = self.view.records_about(self.identity.public_key)
-        mine += sorted(self.forgets.records())  # so that members who were away learn of them
+        # so that members who were away learn of them:
+        mine += sorted(self.forgets.records()) + sorted(self.view.task_records())
         return [Broadcast(b) for b in self._bundle_envelopes(mine, now_ms)] if mine else []
 
     def _membership_changed(self) -> list[Action]:

@@ -16,7 +16,8 @@ MIX = "mix"
 CHECKPOINT = "checkpoint"
 #: a jump to a neighbour's later round
 CATCH_UP = "catch-up"
-#: a signed membership record (genesis aside): a join, an admission or a leave
+#: a signed membership record (genesis aside): a join, an admission or a leave; or a record
+#: of the task catalogue (an admin's task-add, task-retire or task-data)
 MEMBERSHIP = "membership"
 #: the newcomer's own join, kept until a member admits it
 JOIN_REQUEST = "join-request"
@@ -29,8 +30,11 @@ UNLEARNED = "unlearned"
 #: a forget request that could not be applied (no clean checkpoint)
 FORGET_FAILED = "forget-failed"
 
+#: a new version of the task catalogue, applied at a round boundary
+CATALOGUE = "catalogue"
+
 #: entries pruned to bound storage, accounted for (see p2pfed.ledger_verify)
 COMPACTION = "compaction"
 
 ALL = frozenset({LOCAL_UPDATE, CONTRIBUTION, MIX, CHECKPOINT, CATCH_UP, MEMBERSHIP, JOIN_REQUEST,
-                 FORGET_RECORD, FORGET, UNLEARNED, FORGET_FAILED, COMPACTION})
+                 FORGET_RECORD, FORGET, UNLEARNED, FORGET_FAILED, CATALOGUE, COMPACTION})

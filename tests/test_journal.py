@@ -16,6 +16,7 @@ from p2pfed import exitcodes, journal, kinds
 from p2pfed.cli import main
 from p2pfed.journal import (
     SCHEMA,
+    CatalogueApplied,
     CatchUp,
     Checkpoint,
     Compaction,
@@ -59,6 +60,9 @@ SAMPLES: list[Record] = [
     Unlearned("t", "fast", 2, ("backbone",), (), 0),
     ForgetFailed("t", "exact", ("backbone",)),
     Compaction(((3, 6, D), (9, 10, D)), 4, D, 200, {"backbone": 40}, 12),
+    CatalogueApplied(2, D, {"essay": {"phase": "active", "modalities": ["text"], "classes": 5,
+                                      "components": ["head.essay"], "data_version": "v1"}},
+                     ("task-retire ghost (signed at 5): no task ghost",), "backbone", 3),
 ]
 
 

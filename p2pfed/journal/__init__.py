@@ -13,8 +13,8 @@ fields and read the same way (``tests/fixtures/ledger_v0`` holds two such ledger
 a higher version than this code knows is refused with a clear error, never half-read.
 
 Free of torch: the CLI reads ledgers through it.  The records are in ``_rounds`` (a node's
-rounds) and ``_other`` (membership, unlearning, the ledger's own); ``_base`` holds what they
-share.
+rounds) and ``_other`` (membership, the task catalogue, unlearning, the ledger's own); ``_base``
+holds what they share.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from p2pfed import kinds
 from p2pfed.journal._base import SCHEMA, R, Record, SchemaError, Stored
 from p2pfed.journal._other import (
+    CatalogueApplied,
     Compaction,
     Forget,
     ForgetFailed,
@@ -47,15 +48,15 @@ from p2pfed.ledger import Ledger, LedgerEntry
 from p2pfed.ledger_verify import OPEN
 
 __all__ = [
-    "SCHEMA", "TYPES", "CatchUp", "Checkpoint", "Compaction", "Contribution", "Forget",
-    "ForgetFailed", "ForgetRecord", "JoinRequest", "LocalUpdate", "Membership", "Mix",
+    "SCHEMA", "TYPES", "CatalogueApplied", "CatchUp", "Checkpoint", "Compaction", "Contribution",
+    "Forget", "ForgetFailed", "ForgetRecord", "JoinRequest", "LocalUpdate", "Membership", "Mix",
     "MixInputRef", "Opened", "PrivacySpent", "R", "Record", "Rerun", "SchemaError", "Stored",
     "Unlearned", "decode", "read", "schema_problems", "stored", "write",
 ]
 
 TYPES: dict[str, type[Record]] = {t.KIND: t for t in (
     LocalUpdate, Contribution, Mix, Checkpoint, CatchUp, Membership, JoinRequest, ForgetRecord,
-    Forget, Unlearned, ForgetFailed, Opened, Compaction)}
+    Forget, Unlearned, ForgetFailed, CatalogueApplied, Opened, Compaction)}
 assert set(TYPES) == kinds.ALL | {OPEN}
 
 

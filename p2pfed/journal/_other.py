@@ -1,4 +1,4 @@
-"""The records of membership, unlearning and the ledger itself."""
+"""The records of membership, the task catalogue, unlearning and the ledger itself."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ class _Signed(Record):
 
 @dataclass(frozen=True)
 class Membership(_Signed):
-    """A signed membership record (genesis aside): a join, an admission or a leave."""
+    """A signed membership record (genesis aside): a join, an admission or a leave; or a task
+    catalogue record (``task-add``, ``task-retire``, ``task-data``, signed by an admin)."""
 
     KIND: ClassVar[str] = kinds.MEMBERSHIP
 
@@ -47,6 +48,48 @@ class ForgetRecord(_Signed):
 
     KIND: ClassVar[str] = kinds.FORGET_RECORD
 
+
+
+#: a task's fields in a :class:`CatalogueApplied` (and ``p2pfed status``), and their types
+_TASK_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "phase": str, "modalities": (list, tuple), "classes": int, "components": (list, tuple),
+    "data_version": str}
+
+
+@dataclass(frozen=True)
+class CatalogueApplied(Record):
+    """A new version of the task catalogue, applied at a round boundary (the first round
+    ``component`` starts under it is ``round``; ``""`` and 0 when it was applied at start-up):
+    the version, the digest of its record set, each task as ``p2pfed status`` shows it, and the
+    records the fold ignored (why, in words)."""
+
+    KIND: ClassVar[str] = kinds.CATALOGUE
+    version: int
+    digest: bytes
+    tasks: Mapping[str, Mapping[str, Any]]
+    ignored: tuple[str, ...] = ()
+    component: str = ""
+    round: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        return {"version": self.version, "digest": self.digest,
+                "tasks": {n: dict(t) for n, t in sorted(self.tasks.items())},
+                "ignored": list(self.ignored), "component": self.component,
+                "round": self.round}
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> CatalogueApplied:
+        tasks = _field(body, "tasks", dict)
+        for name, task in tasks.items():
+            if not isinstance(name, str) or not isinstance(task, dict):
+                raise SchemaError("field 'tasks' is not a map of task name to task")
+            for key, kind in _TASK_FIELDS.items():
+                _field(task, key, kind)
+            if not all(isinstance(v, str) for v in (*task["modalities"], *task["components"])):
+                raise SchemaError(f"task {name!r}: modalities and components must be strings")
+        return cls(_field(body, "version", int), _field(body, "digest", bytes), tasks,
+                   _strs(body, "ignored", ()), _field(body, "component", str, ""),
+                   _field(body, "round", int, 0))
 
 
 @dataclass(frozen=True)

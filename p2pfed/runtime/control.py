@@ -28,6 +28,9 @@ from gossip.errors import LocalError, P2PFedError
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
+    from p2pfed.federated import FederatedNode
+    from p2pfed.runtime.driver import NodeDriver
+
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
@@ -135,6 +138,35 @@ async def _send(stream: trio.abc.Stream, data: bytes) -> None:
         await stream.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         log.debug("control client went away before the reply")
+
+
+def catalogue_handlers(node: FederatedNode, driver: NodeDriver,
+                       guard: Callable[[Handler], Handler] = lambda h: h) -> dict[str, Handler]:
+    """The task catalogue's commands (``p2pfed task``): ``catalogue`` answers the view's
+    catalogue and the version in effect here; ``task`` takes a catalogue record signed by the
+    CLI with the home's key (``{"record": hex}``), checks it as a peer's would be, keeps and
+    spreads it (inside ``guard``: the daemon's, which stops it on a full disk)."""
+
+    def describe() -> dict[str, Any]:
+        return {**node.view.task_catalogue().describe(),
+                "in_effect": node.catalogue_status()["version"]}
+
+    async def catalogue(_req: dict[str, Any]) -> dict[str, Any]:
+        return describe()
+
+    async def task(req: dict[str, Any]) -> dict[str, Any]:
+        text = req.get("record")
+        try:
+            if not isinstance(text, str):
+                raise ValueError
+            raw = bytes.fromhex(text)
+        except ValueError:
+            raise LocalError("'record' must be a signed task record, in hex") from None
+        known = node.view.knows(raw)
+        await driver.deliver(node.add_task_record, raw)
+        return {"added": not known, **describe()}
+
+    return {"catalogue": catalogue, "task": guard(task)}
 
 
 def request(path: Path, cmd: str, timeout_s: float = 10.0, **args: Any) -> Any:
