@@ -77,6 +77,20 @@ def simulate(
         metavar="HORIZON:MB", help="Keep HORIZON rounds of history and at most MB megabytes per "
                                    "node (checkpoints every 5 rounds); the report gains storage.")]
     = None,
+    continual: Annotated[str | None, typer.Option(
+        metavar="SCHEDULE", help="Education: tasks start and retire while the run goes on, e.g. "
+                                 "topic@0,engagement@15,digits@30,retire:topic@30; the report "
+                                 "gains continual (the method beside naive sequential and "
+                                 "joint training).")] = None,
+    method: Annotated[str, typer.Option(
+        help="Continual method: rehearsal, ewc, rehearsal+ewc or naive.")] = "rehearsal",
+    participation: Annotated[str | None, typer.Option(
+        metavar="NODES:P[,NODES:P]", help="These nodes train only a fraction P of the rounds "
+        "(NODES: a node, a group of a hierarchical topology, or a share such as 1/3 of the "
+        "nodes, evenly spaced); compared with everyone training every round.")] = None,
+    train_s: Annotated[float, typer.Option(
+        min=0.0, max=3600.0, help="Simulated seconds a round's training takes (with "
+                                  "--participation: 1 if 0).")] = 0.0,
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import plot_report
@@ -91,6 +105,8 @@ def simulate(
                          dp_sigma=dp_sigma, dp_clip=dp_clip, dp_delta=dp_delta,
                          dp_budget=dp_budget,
                          dp_noisy=dp_noisy, attack=attack, robust=robust, storage=storage)
+    config = _continual_options(config, continual=continual, method=method,
+                                participation=participation, train_s=train_s)
     report = _simulate_with_progress(config, quiet)
     if json_path is not None:
         _write_json(json_path, report)
@@ -225,6 +241,61 @@ def _parse_attack(value: str) -> tuple[str, int]:
         raise typer.BadParameter(f"unknown attack {kind!r}; choose from {', '.join(ATTACKS)}",
                                  param_hint="--attack")
     return kind, int(count)
+
+
+def _continual_options(config: SimConfig, *, continual: str | None, method: str,
+                       participation: str | None, train_s: float) -> SimConfig:
+    """``config`` with the continual schedule, the participation and the compute model."""
+    import dataclasses
+
+    from gossip.errors import ConfigError
+    from p2pfed.continual import METHODS, ContinualSettings, Schedule
+    from p2pfed.model.tasks import TASKS
+
+    if method not in METHODS:
+        raise typer.BadParameter(f"unknown method {method!r}; choose from {', '.join(METHODS)}",
+                                 param_hint="--method")
+    schedule = None
+    if continual is not None:
+        if config.workload != "education":
+            raise typer.BadParameter("needs --workload education", param_hint="--continual")
+        try:
+            schedule = Schedule.parse(continual, [t.name for t in TASKS])
+        except ConfigError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--continual") from exc
+    shares = _parse_participation(participation, config) if participation is not None else {}
+    return dataclasses.replace(
+        config, participation=shares, train_s=train_s,
+        continual=None if schedule is None else (schedule, ContinualSettings(method=method)))
+
+
+def _parse_participation(value: str, config: SimConfig) -> dict[str, float]:
+    """``NODES:P[,NODES:P]`` -> node -> P (BadParameter naming the bad item)."""
+    from p2pfed.sim.nodes import spaced
+
+    topo = config.topology
+    shares: dict[str, float] = {}
+    for item in (i.strip() for i in value.split(",") if i.strip()):
+        who, sep, share = item.rpartition(":")
+        try:
+            p = float(share)
+        except ValueError:
+            p = -1.0
+        if not sep or not who or not 0.0 < p <= 1.0:
+            raise typer.BadParameter(f"expected NODES:P with P in (0, 1], got {item!r}",
+                                     param_hint="--participation")
+        num, slash, den = who.partition("/")
+        if slash and num.isdigit() and den.isdigit() and 0 < int(num) <= int(den):
+            names = spaced(topo.nodes, max(1, len(topo.nodes) * int(num) // int(den)))
+        else:
+            names = [n for n in topo.nodes if topo.groups.get(n) == who] or (
+                [who] if who in topo.nodes else [])
+        if not names:
+            raise typer.BadParameter(f"{who!r} is neither a node, a group of "
+                                     f"{topo.name} nor a share such as 1/3",
+                                     param_hint="--participation")
+        shares.update(dict.fromkeys(names, p))
+    return shares
 
 
 def _parse_storage(value: str) -> RetentionPolicy:

@@ -30,6 +30,8 @@
     [rounds]
     interval_s = 5.0                    # a round starts at most this often
     timeout_s = 20.0                    # a neighbour's update later than this is left out
+    participation = 0.3                 # share of rounds it trains in, (0, 1]; else only mixes
+    train_hours = "22-6"                # local hours it trains in, 22:00-5:59 ("": any hour)
 
     [overlay]
     degree = 4                          # neighbours per member (expander-like overlay)
@@ -57,159 +59,51 @@
 
     [mixing.components]                 # per component, overriding rule
     "head.topic" = "noise-aware"
+
+    [continual]                         # when the catalogue retires a task (docs/continual.md)
+    method = "rehearsal"                # naive | rehearsal | ewc | rehearsal+ewc
+    buffer = 64                         # examples kept of each retired task
+    sampling = "balanced"               # balanced | uniform
+    ewc_lambda = 1.0                    # the penalty's weight (ewc)
+    fisher_batches = 4                  # seeded batches per Fisher estimate (ewc)
 """
 
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gossip.catalog import ComponentSpec
 from gossip.errors import ConfigError
+from p2pfed.config_sections import (
+    DEFAULT_LISTEN,
+    MIXING_RULES,
+    MODEL_KINDS,
+    SOURCE_KINDS,
+    ComponentsSection,
+    DataSource,
+    MetricsSection,
+    MixingSection,
+    ModelSection,
+    NodeSection,
+    NoiseLevel,
+    OverlaySection,
+    PrivacySection,
+    RoundsSection,
+    StorageSection,
+)
+from p2pfed.continual import ContinualSettings
 from p2pfed.multiaddrs import check_multiaddr
 
-if TYPE_CHECKING:
-    from p2pfed.privacy import Policy
-
-DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
-#: ``[model] kind``
-MODEL_KINDS = ("consensus", "m3t")
-#: aggregation rules a component can use (``[mixing]``; each is implemented in
-#: :mod:`p2pfed.consensus`, whose ``RULES`` a test keeps equal to this)
-MIXING_RULES = ("mh", "clipped", "trimmed-mean", "noise-aware")
-#: kinds of local data file (``[data.<task>.<modality>] kind``; read by :mod:`p2pfed.model.data`)
-SOURCE_KINDS = ("text-jsonl", "image-npz", "series-csv")
-
-
-@dataclass(frozen=True)
-class NodeSection:
-    listen: tuple[str, ...] = DEFAULT_LISTEN
-    announce: tuple[str, ...] = ()
-    mdns: bool = False
-    #: carry payloads over a TCP port of their own, keyed through libp2p (see security.md)
-    bulk: bool = True
-    #: that port (0: one the system picks; a fixed one for firewalls)
-    bulk_port: int = 0
-
-
-@dataclass(frozen=True)
-class ComponentsSection:
-    hold: tuple[str, ...] = ("backbone",)
-    train: tuple[str, ...] = ()
-    dim: int = 256
-
-
-@dataclass(frozen=True)
-class ModelSection:
-    kind: str = "consensus"
-    text_model: str = "minilm"
-    lora_layers: tuple[int, ...] = (5,)
-    steps: int = 8
-    batch_size: int = 16
-    lr: float = 0.01
-    #: share of each task's local examples kept aside, never trained on, to measure the
-    #: model's accuracy (``status``); 0: train on everything, no accuracy
-    holdout: float = 0.0
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """One modality of a task's local data: a file of a known kind, with its options."""
-
-    kind: str
-    path: str
-    options: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class RoundsSection:
-    interval_s: float = 5.0
-    timeout_s: float = 20.0
-
-
-@dataclass(frozen=True)
-class StorageSection:
-    #: rounds of history kept so that a member who joined within them can be forgotten exactly
-    #: (0: keep everything)
-    unlearn_horizon_rounds: int = 100
-    #: ledger and blob bytes the node may use; over it, no new round starts (0: no cap)
-    max_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class OverlaySection:
-    degree: int = 4
-
-
-@dataclass(frozen=True)
-class MetricsSection:
-    enabled: bool = False
-    address: str = "127.0.0.1"
-    port: int = 9464
-
-
-@dataclass(frozen=True)
-class NoiseLevel:
-    clip: float
-    sigma: float
-
-
-@dataclass(frozen=True)
-class PrivacySection:
-    """``[privacy]``: δ, the ε budget per component (0: none), the sampling rate, and per
-    modality a ``[privacy.<modality>]`` table with ``clip`` and ``sigma``.  Components with no
-    modality (backbone, heads, prompts) use ``[privacy.shared]``, else the strictest level set,
-    so a head trained on private text is never released without noise."""
-
-    delta: float = 1e-5
-    budget: float = 0.0
-    sample_rate: float = 1.0
-    levels: tuple[tuple[str, NoiseLevel], ...] = ()
-
-    def level_of(self, component: str) -> NoiseLevel | None:
-        if not self.levels:
-            return None
-        levels = dict(self.levels)
-        modality = ComponentSpec.from_name(component).modality or "shared"
-        if modality in levels:
-            return levels[modality]
-        if modality == "shared":
-            return max(levels.values(), key=lambda lv: lv.sigma)
-        return levels.get("shared")
-
-    def check(self) -> None:
-        """Raise ConfigError unless δ, the sampling rate and the budget are in range."""
-        if not 0 < self.delta < 1 or not 0 < self.sample_rate <= 1 or self.budget < 0:
-            raise ConfigError("delta must be in (0, 1), sample_rate in (0, 1], budget >= 0")
-
-    def policies(self, components: Iterable[str]) -> dict[str, Policy]:
-        """The DP policy of each of ``components`` that has a noise level (imports torch)."""
-        from p2pfed.privacy import Policy
-
-        out = {}
-        for c in components:
-            level = self.level_of(c)
-            if level is not None:
-                out[c] = Policy(level.clip, level.sigma, self.delta, self.sample_rate,
-                                self.budget)
-        return out
-
-
-@dataclass(frozen=True)
-class MixingSection:
-    """``[mixing]``: the aggregation rule of every component (``rule``) and, in
-    ``[mixing.components]``, overrides per component (one of :data:`MIXING_RULES`)."""
-
-    rule: str = "mh"
-    components: tuple[tuple[str, str], ...] = ()
-
-    def rules(self) -> dict[str, str]:
-        """``NodeConfig.robust``: ``"*"`` for the default, then the overrides."""
-        return {"*": self.rule, **dict(self.components)}
-
+#: the sections' records are importable from here too
+__all__ = [
+    "DEFAULT_LISTEN", "MIXING_RULES", "MODEL_KINDS", "SOURCE_KINDS", "ComponentsSection",
+    "Config", "ContinualSettings", "DataSource", "MetricsSection", "MixingSection",
+    "ModelSection", "NodeSection", "NoiseLevel", "OverlaySection", "PrivacySection",
+    "RoundsSection", "StorageSection", "read_toml",
+]
 
 @dataclass(frozen=True)
 class Config:
@@ -224,6 +118,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     mixing: MixingSection = field(default_factory=MixingSection)
+    continual: ContinualSettings = field(default_factory=ContinualSettings)
 
     @classmethod
     def from_toml(cls, path: Path) -> Config:
@@ -272,8 +167,7 @@ class Config:
             raise ConfigError(f"components.train lists {sorted(extra)} which are not in hold")
         if not 1 <= self.components.dim <= 1 << 28:
             raise ConfigError("components.dim must be between 1 and 2**28")
-        if self.rounds.interval_s < 0 or self.rounds.timeout_s <= 0:
-            raise ConfigError("rounds.interval_s must be >= 0 and rounds.timeout_s > 0")
+        self.rounds.check()
         if self.storage.unlearn_horizon_rounds < 0 or self.storage.max_bytes < 0:
             raise ConfigError("storage.unlearn_horizon_rounds and storage.max_bytes must be >= 0")
         if not 1 <= self.overlay.degree <= 64:

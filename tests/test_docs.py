@@ -105,11 +105,20 @@ def test_no_link_leaves_the_repository() -> None:
 
 
 def config_keys() -> dict[str, list[str]]:
-    """Each dataclass of ``p2pfed/config.py`` and its fields, read from the source."""
-    tree = ast.parse(CONFIG.read_text(encoding="utf-8"))
+    """Each dataclass of ``p2pfed/config.py`` and ``p2pfed/config_sections.py``, and
+    ``[continual]``'s record, with their fields, read from the source."""
+    out: dict[str, list[str]] = {}
+    for path, only in ((CONFIG, None), (CONFIG.with_name("config_sections.py"), None),
+                       (CONFIG.with_name("continual.py"), "ContinualSettings")):
+        out |= _dataclass_fields(path, only)
+    return out
+
+
+def _dataclass_fields(path: Path, only: str | None) -> dict[str, list[str]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     out: dict[str, list[str]] = {}
     for node in tree.body:
-        if not isinstance(node, ast.ClassDef):
+        if not isinstance(node, ast.ClassDef) or (only is not None and node.name != only):
             continue
         is_dataclass = any(
             (isinstance(d, ast.Name) and d.id == "dataclass")

@@ -8,16 +8,23 @@ exactly mixable; the local batches are seeded by the member's key, so a member's
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gossip.errors import ConfigError
 from p2pfed.config import Config
+from p2pfed.continual import Schedule
+from p2pfed.journal import CatalogueApplied, read
+from p2pfed.model.continual import Continual
 from p2pfed.model.m3t import ENCODERS, TEXT, M3TModel, ModelSpec, TextEncoder
 from p2pfed.model.tasks import TASKS, load_task_data
-from p2pfed.model.train import LocalTrainer, TaskData, seed_for
+from p2pfed.model.train import LocalTrainer, TaskData, TrainRequest, seed_for
+
+if TYPE_CHECKING:
+    from p2pfed.federated import FederatedNode
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +84,49 @@ def build_trainer(config: Config, holds: Sequence[str], federation_id: bytes,
         log.info("task %s: %d local examples to train on, %d held out", name, len(data[name]),
                  len(kept))
     only = frozenset(config.components.train) if config.components.train else None
+    # every local task trains from the start until the federation's catalogue retires it
+    continual = Continual(Schedule(dict.fromkeys(sorted(data), 0)), config.continual, node_seed)
     return LocalTrainer(model, data, node_seed=node_seed,
                         steps=config.model.steps, batch_size=config.model.batch_size,
-                        lr=config.model.lr, only=only, heldout=heldout)
+                        lr=config.model.lr, only=only, heldout=heldout, continual=continual)
+
+
+class CatalogueFollower:
+    """Before each training (``LocalTrainer.before_run``), the trainer's continual schedule
+    follows the federation's task catalogue: a task the catalogue retires stops training at
+    the round the catalogue took effect (then only its rehearsal buffer trains it, or
+    nothing, by ``[continual] method``).
+
+    ``history``: the catalogues in effect so far, oldest first (the ledger's ``catalogue``
+    entries: a restarted daemon retires at the same rounds); ``current()``: the one in effect
+    now (the node's; replaced whole, so reading it from the training thread is safe)."""
+
+    def __init__(self, trainer: LocalTrainer, current: Callable[[], CatalogueApplied | None],
+                 history: Iterable[CatalogueApplied] = ()) -> None:
+        self.trainer = trainer
+        self._current = current
+        self._seen: CatalogueApplied | None = None
+        for applied in history:
+            self._follow(applied, applied.round)
+
+    def _follow(self, applied: CatalogueApplied, round_: int) -> None:
+        continual = self.trainer.continual
+        if continual is not None:
+            continual.schedule = continual.schedule.follow(applied.tasks, round_)
+        self._seen = applied
+
+    def __call__(self, request: TrainRequest) -> None:
+        applied = self._current()
+        if applied is not None and applied != self._seen:
+            # (applied at start-up or while idle: round 0; it governs from this round on)
+            self._follow(applied, applied.round if applied.component else request.round)
+
+
+def follow_catalogue(trainer: LocalTrainer, node: FederatedNode) -> None:
+    """Make ``trainer`` follow ``node``'s task catalogue, from the catalogues in its ledger."""
+    history = [s.record for s in read(node.ledger.entries(CatalogueApplied.KIND),
+                                      CatalogueApplied)]
+    trainer.before_run = CatalogueFollower(trainer, lambda: node.catalogue, history)
 
 
 def split_holdout(data: TaskData, share: float, seed: int) -> tuple[TaskData, TaskData]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from torch import nn
 from gossip.catalog import ComponentSpec
 from gossip.envelope import digest
 from p2pfed.components import FlatComponent
+from p2pfed.model.continual import Continual
 from p2pfed.model.m3t import M3TModel
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,11 @@ class LocalTrainer:
     #: task -> examples kept aside (never trained on): each round that trains the task first
     #: measures the model's accuracy on them
     heldout: Mapping[str, TaskData] = field(default_factory=dict)
+    #: continual learning: which tasks train in which round, rehearsal and EWC
+    #: (:mod:`p2pfed.model.continual`); None: every task with data trains every round
+    continual: Continual | None = None
+    #: called with each request before it is carried out (the daemon: follow the catalogue)
+    before_run: Callable[[TrainRequest], None] | None = None
 
     def __post_init__(self) -> None:
         self.flats: dict[str, FlatComponent] = {}
@@ -121,6 +127,7 @@ class LocalTrainer:
             self.flats[name] = flat
         self._trained: dict[str, tuple[int, int]] = {}  # component -> (epoch, round) trained
         self._priors: dict[str, torch.Tensor] = {}
+        self._kept: dict[str, TaskData] = {}  # task -> its rehearsal buffer (continual)
         #: task -> what its last training round found (``status``); replaced whole, so the
         #: event loop may read it while a training thread writes
         self.progress: dict[str, dict[str, Any]] = {}
@@ -128,9 +135,31 @@ class LocalTrainer:
     def components(self) -> dict[str, FlatComponent]:
         return dict(self.flats)
 
-    def trained_tasks(self, component: str) -> list[str]:
-        return [t.name for t in self.model.spec.tasks_using(component)
-                if t.name in self.model.tasks() and t.name in self.data and len(self.data[t.name])]
+    def trained_tasks(self, component: str, round_: int | None = None) -> list[str]:
+        """The local tasks whose loss trains ``component`` (in round ``round_``; None: in
+        some round)."""
+        tasks = [t.name for t in self.model.spec.tasks_using(component)
+                 if t.name in self.model.tasks() and t.name in self.data
+                 and len(self.data[t.name])]
+        if self.continual is None:
+            return tasks
+        if round_ is None:
+            return [t for t in tasks if self.continual.scheduled(t)]
+        return [t for t in tasks if self.continual.trains(t, round_)]
+
+    def round_data(self, task: str, round_: int) -> TaskData:
+        """What ``task`` trains on in round ``round_``: the member's data, or once the task
+        retired its rehearsal buffer (continual learning)."""
+        data = self.data[task]
+        if self.continual is None:
+            return data
+        rows = self.continual.rows(task, round_, data.labels)
+        if rows is None:
+            return data
+        kept = self._kept.get(task)
+        if kept is None or len(kept) != len(rows):
+            kept = self._kept[task] = data.subset(rows)
+        return kept
 
     def trainable(self) -> list[str]:
         """The held components that some local task trains."""
@@ -140,6 +169,8 @@ class LocalTrainer:
     def run(self, request: TrainRequest) -> float:
         """Carry out the node's request: train its component with the ready ones not trained
         yet this round; returns the mean loss (nan: trained already, with another one)."""
+        if self.before_run is not None:
+            self.before_run(request)
         key = (request.epoch, request.round)
         if self._trained.get(request.component) == key:
             return float("nan")  # already trained jointly with another component this round
@@ -158,7 +189,7 @@ class LocalTrainer:
         group = sorted(set(components))
         for c in group:
             self._trained[c] = (epoch, round_)
-        tasks = sorted({t for c in group for t in self.trained_tasks(c)})
+        tasks = sorted({t for c in group for t in self.trained_tasks(c, round_)})
         if not tasks:
             return float("nan")
         params = [p for c in group for p in self.model.parameters_of(c).values()]
@@ -178,22 +209,24 @@ class LocalTrainer:
         opt = torch.optim.Adam(params, lr=self.lr_at(round_))
         losses = []
         per_task: dict[str, list[float]] = {t: [] for t in tasks}
+        trained = {c: self.flats[c] for c in group}
         try:
+            if self.continual is not None:  # (EWC: anchors at the boundaries passed)
+                used = sorted({t for c in group for t in self.trained_tasks(c)})
+                self.continual.prepare(trained, round_, epoch, used, self._loss,
+                                       self.model.parameters_of)
             accuracy = self._heldout_accuracy(tasks)  # the model as the round begins
             for _ in range(self.steps):
                 opt.zero_grad(set_to_none=True)
                 loss = torch.zeros(())
                 for task in tasks:
-                    data = self.data[task]
-                    index = rngs[task].choice(len(data), size=min(self.batch_size, len(data)),
-                                       replace=len(data) < self.batch_size)
-                    batch, labels = data.batch(index)
-                    logits = self.model.forward(task, batch)
-                    if self.logit_adjust:
-                        logits = logits + self._log_prior(task, logits.shape[-1])
-                    task_loss = nn.functional.cross_entropy(logits, labels)
+                    task_loss = self._loss(task, round_, rngs[task])
                     per_task[task].append(float(task_loss.detach()))
                     loss = loss + task_loss
+                if self.continual is not None:
+                    penalty = self.continual.penalty(trained, self.model.parameters_of)
+                    if penalty is not None:
+                        loss = loss + penalty
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 losses.append(float(loss.detach()) / len(tasks))
@@ -215,14 +248,31 @@ class LocalTrainer:
                      self.progress[task]["loss"], held)
         return float(np.mean(losses))
 
+    def _loss(self, task: str, round_: int, rng: np.random.Generator) -> torch.Tensor:
+        """The loss of one batch drawn by ``rng`` from what ``task`` trains on in ``round_``."""
+        data = self.round_data(task, round_)
+        index = rng.choice(len(data), size=min(self.batch_size, len(data)),
+                           replace=len(data) < self.batch_size)
+        batch, labels = data.batch(index)
+        logits = self.model.forward(task, batch)
+        if self.logit_adjust:
+            logits = logits + self._log_prior(task, logits.shape[-1])
+        return nn.functional.cross_entropy(logits, labels)
+
     def _heldout_accuracy(self, tasks: Sequence[str]) -> dict[str, float]:
         return {t: self.accuracy(t, self.heldout[t]) for t in tasks
                 if t in self.heldout and len(self.heldout[t])}
 
     def lr_at(self, round_: int) -> float:
+        """The learning rate of round ``round_``: a cosine over the run, or with a continual
+        schedule over each phase (a new task starts at the full rate, as it would alone)."""
         if not self.total_rounds:
             return self.lr
-        progress = min(round_, self.total_rounds) / self.total_rounds
+        start, end = 0, self.total_rounds
+        if self.continual is not None:
+            phases = self.continual.schedule.phases(self.total_rounds)
+            start, end = next(((a, b) for a, b in phases if round_ < b), phases[-1])
+        progress = min(max(round_ - start, 0), end - start) / max(end - start, 1)
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def _log_prior(self, task: str, classes: int) -> torch.Tensor:

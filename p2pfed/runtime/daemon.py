@@ -53,7 +53,7 @@ from p2pfed.home import (
 from p2pfed.ledger import Ledger, VerifyReport
 from p2pfed.node import NodeConfig, RoundCompleted
 from p2pfed.node._retention import RetentionPolicy
-from p2pfed.runtime.control import SOCKET_NAME, serve_control
+from p2pfed.runtime.control import SOCKET_NAME, catalogue_handlers, serve_control
 from p2pfed.runtime.diskspace import (
     NoRoomError,
     disk_full_cause,
@@ -105,6 +105,7 @@ def node_config(cfg: Config, trains: frozenset[str],
     mixing rule per component; DP noise seeded from the OS at each start.  ``period_ms``, the
     federation's round period (signed in its genesis), is a floor: a member may run rounds less
     often than the federation, never more often."""
+    from p2pfed.node import TrainHours  # (rounds.train_hours: the daemon's schedule)
     interval_ms = int(cfg.rounds.interval_s * 1000)
     if interval_ms < period_ms:
         log.info("rounds.interval_s is %.3f s; the federation's round period is %.3f s: using it",
@@ -119,6 +120,8 @@ def node_config(cfg: Config, trains: frozenset[str],
         robust=cfg.mixing.rules(),
         noise_seed=secrets.randbits(63),
         retention=RetentionPolicy(cfg.storage.unlearn_horizon_rounds, cfg.storage.max_bytes),
+        participation=cfg.rounds.participation,
+        schedule=TrainHours(*hours) if (hours := cfg.rounds.check()) is not None else None,
     )
 
 
@@ -192,7 +195,7 @@ class Daemon:
         cfg = self.config
         trainer = None
         if cfg.model.kind == "m3t":
-            from p2pfed.model.local import build_trainer
+            from p2pfed.model.local import build_trainer, follow_catalogue
 
             # reads and pre-encodes the local data: off the event loop
             trainer = await trio.to_thread.run_sync(
@@ -214,6 +217,8 @@ class Daemon:
         restored = node.restore()
         if restored:
             log.info("resumed from checkpoints: %s", restored)
+        if trainer is not None:  # (its retired tasks: from the catalogues in the ledger)
+            follow_catalogue(trainer, node)
         return node, trainer
 
     async def _serve(self, nursery: trio.Nursery, node: FederatedNode, transport: Any,
@@ -409,8 +414,8 @@ class Daemon:
                 await driver.deliver(node.leave, reason)
             return {"left": True, "standing": node.standing()}
 
-        return {"status": status, "peers": peers, "leave": self._guarded(leave),
-                "unlearn": self._guarded(unlearn)}
+        return {"status": status, "peers": peers, **catalogue_handlers(node, driver, self._guarded),
+                "leave": self._guarded(leave), "unlearn": self._guarded(unlearn)}
 
     def _guarded(self, handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
                  ) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:

@@ -72,6 +72,7 @@ class NodeDriver:
         clock_ms: Callable[[], int] = trio_clock_ms,
         trainer: Trainer | None = None,
         train_inline: bool = False,
+        train_delay_s: float = 0.0,
         on_actions: Callable[[Sequence[object]], None] | None = None,
         max_fetches: int = MAX_FETCHES,
     ) -> None:
@@ -82,6 +83,9 @@ class NodeDriver:
         #: run training in the event loop, in action order (the simulator: deterministic);
         #: otherwise in a worker thread, one at a time (the daemon: the loop never blocks)
         self.train_inline = train_inline
+        #: inline training: the seconds (on trio's clock) a training takes before its update
+        #: is done (the simulator's compute model; 0: at once)
+        self.train_delay_s = train_delay_s
         self._train_lock = trio.Lock()
         self.training_failures = 0
         self.on_actions = on_actions
@@ -233,7 +237,15 @@ class NodeDriver:
 
     def _train_now(self, train: Train) -> None:
         self._trainer(train)(self._request(train))
-        self.call(self.node.local_update_done, train.component, train.round)
+        if self.train_delay_s > 0.0 and self._nursery is not None:
+            self._nursery.start_soon(self._done_after, train, self.train_delay_s)
+        else:
+            self.call(self.node.local_update_done, train.component, train.round)
+
+    async def _done_after(self, train: Train, seconds: float) -> None:
+        await trio.sleep(seconds)
+        if self.node.awaiting_update(train.component, train.round):  # (not rolled back)
+            self.call(self.node.local_update_done, train.component, train.round)
 
     @asynccontextmanager
     async def training_paused(self) -> AsyncIterator[None]:

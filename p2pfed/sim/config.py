@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from gossip.errors import ConfigError
 from p2pfed import mixing
+from p2pfed.continual import ContinualSettings, Schedule
 from p2pfed.node import RetentionPolicy
 from p2pfed.privacy import Policy
 from p2pfed.sim.attacks import ATTACKS
@@ -63,6 +64,14 @@ class SimConfig:
     #: keeps (None: everything; see p2pfed.node._retention)
     checkpoint_every: int = 0
     retention: RetentionPolicy | None = None
+    #: education: tasks start and retire on this schedule, with this method against forgetting
+    #: (continual learning; :func:`~p2pfed.sim.simulator.simulate` compares it with naive
+    #: sequential and joint training)
+    continual: tuple[Schedule, ContinualSettings] | None = None
+    #: node -> the fraction of rounds it trains (the others train every round)
+    participation: dict[str, float] = field(default_factory=dict)
+    #: simulated seconds a round's training takes (the compute model; 0: none)
+    train_s: float = 0.0
 
 
 def check_config(config: SimConfig) -> None:
@@ -88,6 +97,15 @@ def check_config(config: SimConfig) -> None:
                 math.isfinite(sigma) and sigma > 0.0):
             raise ConfigError(f"bad noisy nodes {count}:{sigma}: needs a DP level, a count "
                               f"in 1..{len(nodes) - 1} and a sigma > 0")
+    if config.continual is not None and config.workload != "education":
+        raise ConfigError("a continual schedule needs the education workload")
+    for name, share in sorted(config.participation.items()):
+        if name not in nodes:
+            raise ConfigError(f"participation: no node {name} in topology {config.topology.name}")
+        if not 0.0 < share <= 1.0:
+            raise ConfigError(f"participation of {name} must be in (0, 1], not {share}")
+    if not (0.0 <= config.train_s <= 3600.0):
+        raise ConfigError("the simulated training time must be in 0..3600 s")
     if config.attack is not None:
         kind, count = config.attack
         if kind not in ATTACKS or not 0 < count < len(nodes):

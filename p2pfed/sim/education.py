@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from gossip.errors import ConfigError
+from p2pfed.model.continual import Continual, ContinualSettings, Schedule
 from p2pfed.model.data import dirichlet_split, load_digits_images, make_activity_traces
 from p2pfed.model.m3t import (
     CachedTexts,
@@ -213,15 +214,20 @@ class EducationWorkload:
         return share_frozen(self._base), self._tokenizer
 
     def trainer(self, node: str, index: int, data: dict[str, TaskData] | None = None,
-                held: list[str] | None = None) -> LocalTrainer:
+                held: list[str] | None = None,
+                continual: tuple[Schedule, ContinualSettings] | None = None) -> LocalTrainer:
+        """``node``'s trainer (``continual``: its tasks follow that schedule, with that
+        method)."""
         held = held if held is not None else self.topo.components_of(node)
         model = M3TModel.build(self.spec, held, init_seed=self.seed,
                                text_base=self._text_base() if "encoder.text.lora" in held
                                else None)
         s = self.settings
+        seed = self.seed * 100_003 + index
         return LocalTrainer(model, self.node_data[node] if data is None else data,
-                            node_seed=self.seed * 100_003 + index, steps=s.steps,
-                            batch_size=s.batch_size, lr=s.lr, total_rounds=s.rounds)
+                            node_seed=seed, steps=s.steps,
+                            batch_size=s.batch_size, lr=s.lr, total_rounds=s.rounds,
+                            continual=None if continual is None else Continual(*continual, seed))
 
     def per_node_accuracy(self, trainers: dict[str, LocalTrainer]) -> dict[str, dict[str, float]]:
         """Test accuracy per task and per node (in ``trainers``) holding the task's head."""

@@ -120,6 +120,7 @@ def build_node(cfg: SimConfig, name: str, federation_id: bytes, start: NodeStart
         noise_seed=int.from_bytes(digest(f"{cfg.seed}/{name}".encode())[:7], "little"),
         robust={} if byzantine else {"*": cfg.robust},
         checkpoint_every=cfg.checkpoint_every, retention=cfg.retention,
+        participation=cfg.participation.get(name, 1.0),
         report_mixes=True)  # (the trace records each mixed state)
     node: Node
     if byzantine and cfg.attack and cfg.attack[0] != "label-flip":

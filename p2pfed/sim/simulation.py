@@ -98,6 +98,15 @@ class Simulation:
         self._absent = set(self.topo.initially_absent()) | config.absent
         self.edu = edu
         self.trainers: dict[str, LocalTrainer] = {}
+        #: continual learning: the members' mean test accuracy per task at the end of each
+        #: phase, as (the phase's last round + 1, accuracy per task)
+        self.phase_accuracy: list[tuple[int, dict[str, float]]] = []
+        #: the rounds those are measured at (a study may set the ends of another schedule)
+        self.phase_ends: set[int] = set() if config.continual is None else {
+            end for _, end in config.continual[0].phases(config.rounds)}
+        #: per node: rounds completed (of its furthest component) and the simulated time of
+        #: its last mix
+        self.completed: dict[str, tuple[int, float]] = {}
         #: education: the members' mean test accuracy per task after each of the settings'
         #: curve rounds
         self.accuracy_curve: list[dict[str, float]] = []
@@ -132,7 +141,8 @@ class Simulation:
     def _make_node(self, index: int, name: str) -> SimNode:
         trainer = None
         if self.edu is not None:
-            trainer = self.trainers[name] = self.edu.trainer(name, index)
+            trainer = self.trainers[name] = self.edu.trainer(name, index,
+                                                             continual=self.config.continual)
         start = node_start(self.config, index, name, trainer)
         if name not in self._absent:  # (the starting mean and spread are the present holders')
             for comp, flat in start.components.items():
@@ -154,6 +164,8 @@ class Simulation:
         """Every batch of a node's actions: record its mixed states, wake the run loop."""
         for action in actions:
             if isinstance(action, Mixed):
+                done, _ = self.completed.get(name, (0, 0.0))
+                self.completed[name] = (max(done, action.round + 1), trio.current_time())
                 if self.edu is None:
                     self.work[self._phase].add((name, action.epoch, action.round))
                 if self.trace.record(action.component, action.round, name, action.state):
@@ -194,7 +206,7 @@ class Simulation:
         sn.driver = NodeDriver(sn.node, transport,
                                on_actions=lambda actions: self._observe(sn.name, actions),
                                trainer=train if trainer is not None else None,
-                               train_inline=True)
+                               train_inline=True, train_delay_s=self.config.train_s)
         with trio.CancelScope() as scope:
             sn.scope = scope
             await sn.driver.run(task_status=task_status)
@@ -257,6 +269,8 @@ class Simulation:
                 if self.curve and self.edu is not None \
                         and limit in self.edu.settings.curve_rounds():
                     self.accuracy_curve.append(self.edu.accuracy(self.final_trainers()))
+                if self.edu is not None and limit in self.phase_ends:
+                    self.phase_accuracy.append((limit, self.edu.accuracy(self.final_trainers())))
             for sn in self.nodes.values():
                 if sn.live:
                     self._stop(sn)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from gossip.errors import ConfigError
+from p2pfed.model.continual import Schedule
 from p2pfed.sim.config import WORKLOADS, SimConfig
 from p2pfed.sim.nodes import sim_federation_id, sim_identity
 from p2pfed.sim.report import EPSILON, PhaseProgress, plot_report
@@ -50,9 +51,100 @@ def simulate(config: SimConfig, on_phase: PhaseProgress | None = None) -> dict[s
     """
     if config.unlearn is not None:
         return _unlearning_study(config, on_phase)
+    if config.participation:
+        return _participation_study(config, on_phase)
+    if config.continual is not None:
+        return _continual_study(config, on_phase)
     if config.attack is not None:
         return _attack_study(config, on_phase)
     return Simulation(config, on_phase=on_phase).run()
+
+
+def _continual_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:
+    """The continual schedule with its method, and in the same run naive sequential training
+    (no rehearsal, no penalty) and joint training (every task from round 0, none retired)."""
+    assert config.continual is not None
+    schedule, settings = config.continual
+    config = dataclasses.replace(config, baselines=False)
+    naive = dataclasses.replace(settings, method="naive")
+    variants = {settings.method: config}
+    variants.setdefault("naive", dataclasses.replace(config, continual=(schedule, naive)))
+    variants["joint"] = dataclasses.replace(config, continual=(schedule.joint(), naive))
+    sims: dict[str, Simulation] = {}
+    report: dict[str, Any] = {}
+    for name, variant in variants.items():
+        first = not sims
+        sim = Simulation(variant if first else dataclasses.replace(variant, progress=None),
+                         edu=None if first else sims[settings.method].edu,
+                         on_phase=on_phase if first else None, curve=first)
+        sim.phase_ends = {end for _, end in schedule.phases(config.rounds)}
+        run = sim.run()
+        if first:
+            report = run
+        sims[name] = sim
+    runs = {name: continual_run(sim, schedule) for name, sim in sims.items()}
+    joint = runs["joint"]["final"]
+    for name in (settings.method, "naive"):
+        runs[name]["new_task_gap"] = {t: acc - joint[t] for t, acc in runs[name]["final"].items()}
+    report["continual"] = {
+        "schedule": schedule.text(), "method": settings.method,
+        "settings": dataclasses.asdict(settings),
+        "phases": [list(p) for p in schedule.phases(config.rounds)],
+        "runs": runs,
+    }
+    return report
+
+
+def continual_run(sim: Simulation, schedule: Schedule) -> dict[str, Any]:
+    """One variant's figures: accuracy per task at each phase's end, the final accuracy, and
+    per task that trained before the last phase its forgetting (its best accuracy at a phase
+    end minus its final accuracy)."""
+    phases = [{"end_round": end, "accuracy": acc} for end, acc in sim.phase_accuracy]
+    final = sim.phase_accuracy[-1][1]
+    last_start = schedule.phases(sim.config.rounds)[-1][0]
+    forgetting = {}
+    for task, start in sorted(schedule.starts.items()):
+        if start < last_start:  # (trained in an earlier phase: it may have been forgotten)
+            seen = [acc[task] for end, acc in sim.phase_accuracy if end > start]
+            forgetting[task] = max(seen) - final[task]
+    return {"phase_accuracy": phases, "final": final, "forgetting": forgetting,
+            "max_forgetting": max(forgetting.values(), default=0.0)}
+
+
+def _participation_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:
+    """The run where some nodes train only a fraction of the rounds, against the run where
+    everyone trains every round; training takes ``train_s`` simulated seconds (1 s if unset),
+    so each node's rounds per simulated minute are measured."""
+    config = dataclasses.replace(config, baselines=False, train_s=config.train_s or 1.0)
+    sim = Simulation(config, on_phase=on_phase)
+    report = sim.run()
+    full = Simulation(dataclasses.replace(config, participation={}, progress=None),
+                      edu=sim.edu, curve=False)
+    base = full.run()
+    slow = sorted(config.participation)
+    fast = [n for n in sim.topo.nodes if n not in config.participation]
+
+    def per_minute(run: Simulation, names: list[str]) -> float:
+        rates = [done / (t / 60.0) for n in names if n in run.completed
+                 for done, t in [run.completed[n]] if t > 0]
+        return float(sum(rates) / len(rates)) if rates else float("nan")
+
+    study: dict[str, Any] = {
+        "nodes": {n: config.participation[n] for n in slow},
+        "train_s": config.train_s,
+        "rounds_per_min": {"fast": per_minute(sim, fast), "slow": per_minute(sim, slow)},
+        "rounds_per_min_everyone_trains": {"fast": per_minute(full, fast),
+                                           "slow": per_minute(full, slow)},
+    }
+    if sim.edu is not None:
+        ours = {t: v["federated"] for t, v in report["tasks"].items()}
+        theirs = {t: v["federated"] for t, v in base["tasks"].items()}
+        study.update(accuracy=ours, accuracy_everyone_trains=theirs,
+                     gap={t: ours[t] - theirs[t] for t in ours})
+        if config.continual is not None:
+            study["continual"] = continual_run(sim, config.continual[0])
+    report["participation"] = study
+    return report
 
 
 def _attack_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:

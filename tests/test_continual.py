@@ -1,0 +1,205 @@
+"""Continual learning: the schedule, the rehearsal buffer, consensus-anchored EWC, the study."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from gossip.errors import ConfigError
+from p2pfed.model.continual import Continual, ContinualSettings, Schedule
+from p2pfed.sim.simulator import SimConfig, Simulation, simulate
+from tests.test_education import TINY, school_topology
+
+TASKS = ["digits", "topic", "engagement"]
+SCHEDULE = "topic@0,engagement@2,digits@4,retire:topic@4"
+
+
+def test_a_schedule_parses_and_says_which_tasks_train_when() -> None:
+    s = Schedule.parse(SCHEDULE, TASKS)
+    assert s.boundaries() == [2, 4]
+    assert s.phases(6) == [(0, 2), (2, 4), (4, 6)]
+    assert [s.active("topic", r) for r in range(6)] == [True] * 4 + [False] * 2
+    assert [s.active("digits", r) for r in range(6)] == [False] * 4 + [True] * 2
+    assert s.retired("topic", 4) and not s.retired("topic", 3)
+    assert Schedule.parse(s.text(), TASKS) == s
+    assert s.joint() == Schedule({"topic": 0, "engagement": 0, "digits": 0})
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("", "empty"), ("topic", "TASK@ROUND"), ("topic@x", "TASK@ROUND"),
+    ("maths@0", "unknown task 'maths'"), ("topic@0,topic@3", "starts twice"),
+    ("topic@3,retire:topic@3", "must retire after"), ("retire:digits@2", "never starts"),
+    ("topic@99999999", "round above"),
+])
+def test_a_bad_schedule_is_refused_naming_the_item(text: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        Schedule.parse(text, TASKS)
+
+
+def test_bad_settings_are_refused() -> None:
+    for bad in ({"method": "magic"}, {"sampling": "first"}, {"buffer": 0},
+                {"ewc_lambda": float("nan")}, {"fisher_batches": 0}):
+        with pytest.raises(ConfigError):
+            ContinualSettings(**bad)  # type: ignore[arg-type]
+
+
+def test_the_rehearsal_buffer_is_bounded_seeded_and_class_balanced() -> None:
+    labels = np.array([0] * 90 + [1] * 8 + [2] * 2)
+    schedule = Schedule.parse("topic@0,retire:topic@3", TASKS)
+    c = Continual(schedule, ContinualSettings(buffer=12), node_seed=7)
+    rows = c.rows("topic", 3, labels)
+    assert rows is not None and len(rows) == 12 and len(set(rows.tolist())) == 12
+    assert np.bincount(labels[rows]).tolist() == [5, 5, 2]  # (the rare classes all kept)
+    again = Continual(schedule, ContinualSettings(buffer=12), node_seed=7).rows("topic", 5, labels)
+    assert again is not None and again.tolist() == rows.tolist()
+    assert c.rows("topic", 2, labels) is None  # active: all of its data
+    naive = Continual(schedule, ContinualSettings(method="naive"), node_seed=7)
+    retired = naive.rows("topic", 3, labels)
+    assert retired is not None and len(retired) == 0 and not naive.trains("topic", 3)
+    uniform = Continual(schedule, ContinualSettings(buffer=12, sampling="uniform"), 7)
+    kept = uniform.rows("topic", 3, labels)
+    assert kept is not None and len(kept) == 12
+
+
+def _fixture() -> tuple[Continual, dict[str, Any], torch.nn.Linear]:
+    from gossip.catalog import ComponentSpec
+    from p2pfed.components import FlatComponent
+
+    layer = torch.nn.Linear(3, 2)
+    params = dict(layer.named_parameters())
+    flat = FlatComponent.from_params(ComponentSpec.from_name("head.topic"),
+                                     {k: p.detach() for k, p in params.items()})
+    flat.bind(params)
+    schedule = Schedule.parse("topic@0,engagement@2", TASKS)
+    c = Continual(schedule, ContinualSettings(method="ewc", ewc_lambda=2.0), node_seed=1)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(1))
+
+    def loss_of(task: str, round_: int, rng: np.random.Generator) -> torch.Tensor:
+        index = torch.from_numpy(rng.choice(16, size=8))
+        return torch.nn.functional.cross_entropy(layer(x[index]), y[index])
+
+    return c, {"flat": flat, "loss_of": loss_of, "params": lambda _n: params}, layer
+
+
+def test_ewc_anchors_at_the_boundary_and_pulls_back_towards_it() -> None:
+    c, f, layer = _fixture()
+    comps = {"head.topic": f["flat"]}
+    c.prepare(comps, 1, 0, ["topic"], f["loss_of"], f["params"])
+    assert c.anchors() == {} and c.penalty(comps, f["params"]) is None  # before the boundary
+    c.prepare(comps, 2, 0, ["topic"], f["loss_of"], f["params"])
+    assert c.anchors() == {"head.topic": [2]}
+    penalty = c.penalty(comps, f["params"])
+    assert penalty is not None and float(penalty.detach()) == 0.0  # at the anchor
+    with torch.no_grad():
+        layer.weight.add_(0.5)
+    moved = c.penalty(comps, f["params"])
+    assert moved is not None and float(moved.detach()) > 0.0
+    moved.backward()  # type: ignore[no-untyped-call]
+    assert layer.weight.grad is not None and float(layer.weight.grad.sum()) > 0.0
+    c.prepare(comps, 3, 0, ["topic"], f["loss_of"], f["params"])
+    assert c.anchors() == {"head.topic": [2]}  # one anchor per boundary
+
+
+def test_an_unlearning_rerun_recaptures_the_anchors_it_passes_again() -> None:
+    c, f, layer = _fixture()
+    comps = {"head.topic": f["flat"]}
+    c.prepare(comps, 2, 0, ["topic"], f["loss_of"], f["params"])
+    before = f["flat"].flat.clone()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    c.prepare(comps, 3, 1, ["topic"], f["loss_of"], f["params"])  # re-run starts after it
+    assert c.anchors() == {"head.topic": [2]}
+    c.prepare(comps, 1, 2, ["topic"], f["loss_of"], f["params"])  # re-run from round 1
+    assert c.anchors() == {}
+    c.prepare(comps, 2, 2, ["topic"], f["loss_of"], f["params"])
+    assert c.anchors() == {"head.topic": [2]}
+    assert not torch.equal(c._anchors["head.topic"][0].theta, before)
+
+
+def _study(method: str, **extra: Any) -> SimConfig:
+    settings = dataclasses.replace(TINY, rounds=6)
+    schedule = Schedule.parse(SCHEDULE, TASKS)
+    return SimConfig(school_topology(), workload="education", rounds=6, seed=2,
+                     education=settings, continual=(schedule, ContinualSettings(method=method)),
+                     **extra)
+
+
+def test_the_continual_study_reports_each_method_beside_naive_and_joint() -> None:
+    report = simulate(_study("rehearsal+ewc"))
+    study = report["continual"]
+    assert study["schedule"] == Schedule.parse(SCHEDULE, TASKS).text()
+    assert study["phases"] == [[0, 2], [2, 4], [4, 6]]
+    assert set(study["runs"]) == {"rehearsal+ewc", "naive", "joint"}
+    for name, run in study["runs"].items():
+        assert [p["end_round"] for p in run["phase_accuracy"]] == [2, 4, 6]
+        assert set(run["final"]) == set(TASKS)
+        assert set(run["forgetting"]) == {"topic", "engagement"}  # started before the last
+        assert all(v >= 0.0 for v in run["forgetting"].values())
+        if name != "joint":
+            assert set(run["new_task_gap"]) == set(TASKS)
+    assert study["runs"]["rehearsal+ewc"] != study["runs"]["naive"]
+
+
+def test_a_task_trains_only_in_its_phase_and_a_retired_one_only_on_its_buffer() -> None:
+    sim = Simulation(_study("rehearsal"))
+    trainer = sim.trainers["big-a"]
+    assert trainer.trained_tasks("head.digits", 3) == []
+    assert trainer.trained_tasks("head.digits", 4) == ["digits"]
+    assert trainer.trained_tasks("head.topic", 5) == ["topic"]  # rehearsed
+    kept = trainer.round_data("topic", 5)
+    assert len(kept) == min(64, len(trainer.data["topic"])) < len(trainer.data["topic"]) + 1
+    naive = Simulation(_study("naive")).trainers["big-a"]
+    assert naive.trained_tasks("head.topic", 5) == []
+
+
+@pytest.mark.parametrize("method", ["rehearsal+ewc", "naive"])
+def test_exact_unlearning_after_a_phase_change_equals_the_retrain(method: str) -> None:
+    """A member forgotten after two phase boundaries: every anchor, Fisher and buffer is
+    recomputed by the re-run, and the states equal the run without the member bit for bit."""
+    report = simulate(_study(method, unlearn=("small-c", 5)))
+    u = report["unlearning"]
+    assert u["max_abs_diff_vs_retrain"] == 0.0
+    assert "encoder.text.lora" in u["components_rolled_back"]
+
+
+def test_a_schedule_follows_the_catalogue_from_the_round_it_took_effect() -> None:
+    s = Schedule({"topic": 0, "engagement": 0})
+    retired = s.follow({"topic": {"phase": "retired"}, "maths": {"phase": "retired"}}, 9)
+    assert retired == Schedule({"topic": 0, "engagement": 0}, {"topic": 9})
+    assert retired.follow({"topic": {"phase": "retired"}}, 20) == retired  # (once)
+    assert s.follow({"digits": {"phase": "active"}}, 4).starts["digits"] == 4
+    assert Schedule({"topic": 3}).follow({"topic": {"phase": "retired"}}, 0).retires == {
+        "topic": 4}  # (never before it started)
+
+
+def test_the_daemons_trainer_retires_a_task_when_the_catalogue_does() -> None:
+    """``CatalogueFollower``: the catalogue in effect now, and those before it (a restart)."""
+    from p2pfed.journal import CatalogueApplied
+    from p2pfed.model.local import CatalogueFollower
+    from p2pfed.model.train import TrainRequest
+
+    sim = Simulation(_study("naive"))
+    trainer = sim.trainers["big-a"]
+    assert trainer.continual is not None
+    trainer.continual.schedule = Schedule(dict.fromkeys(TASKS, 0))
+    current: list[CatalogueApplied | None] = [None]
+    trainer.before_run = CatalogueFollower(trainer, lambda: current[0])
+    trainer.run(TrainRequest("head.topic", 3))
+    assert trainer.trained_tasks("head.topic", 5) == ["topic"]
+    row = {"phase": "retired", "modalities": ["text"], "classes": 10,
+           "components": ["encoder.text.lora", "head.topic"], "data_version": ""}
+    current[0] = CatalogueApplied(2, b"\x00" * 32, {"topic": row}, component="head.topic",
+                                  round=5)
+    trainer.run(TrainRequest("head.topic", 5))
+    assert trainer.trained_tasks("head.topic", 4) == ["topic"]
+    assert trainer.trained_tasks("head.topic", 5) == []  # naive: nothing trains it now
+    restarted = Simulation(_study("naive")).trainers["big-a"]
+    assert restarted.continual is not None
+    restarted.continual.schedule = Schedule(dict.fromkeys(TASKS, 0))
+    CatalogueFollower(restarted, lambda: current[0], [current[0]])
+    assert restarted.continual.schedule == trainer.continual.schedule
