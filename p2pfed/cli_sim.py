@@ -381,6 +381,7 @@ def _print_sim_summary(report: dict[str, Any]) -> None:
             elif isinstance(value, list):
                 table.add_row(key, ", ".join(value) or "—")
         out.print(table)
+    _print_continual(report)
     if mixed:
         out.print("to 1e-6: rounds until the consensus distance fell below 1e-6 (— not yet)\n"
                   "bound: ⌈ln 1e-6 / ln SLEM⌉; drift: largest change of the holders' mean")
@@ -393,6 +394,41 @@ def _print_sim_summary(report: dict[str, Any]) -> None:
         f"network: {net['messages']} signed announcements, {net['fetches']} payload fetches "
         f"({net['fetch_bytes'] / 1e6:.1f} MB), {net['dropped']} dropped"
     )
+
+
+def _print_continual(report: dict[str, Any]) -> None:
+    """The continual and participation studies' tables (when the report has them)."""
+    if "continual" in report:
+        c = report["continual"]
+        table = Table(title=f"continual {c['schedule']}: final accuracy (forgetting; gap to "
+                            "joint training)")
+        runs = c["runs"]
+        table.add_column("task")
+        for name in runs:
+            table.add_column(name, justify="right")
+        for task in next(iter(runs.values()))["final"]:
+            cells = []
+            for run in runs.values():
+                cell = f"{run['final'][task]:.3f}"
+                if task in run["forgetting"]:
+                    cell += f" (−{run['forgetting'][task]:.3f}"
+                    cell += f"; {run['new_task_gap'][task]:+.3f})" if "new_task_gap" in run \
+                        else ")"
+                elif "new_task_gap" in run:
+                    cell += f" ({run['new_task_gap'][task]:+.3f})"
+                cells.append(cell)
+            table.add_row(task, *cells)
+        out.print(table)
+    if "participation" in report:
+        p = report["participation"]
+        table = Table(title=f"{len(p['nodes'])} nodes train part-time: rounds per simulated "
+                            f"minute ({p['train_s']:g} s a training)")
+        for col in ("nodes", "part-time run", "everyone trains"):
+            table.add_column(col, justify="left" if col == "nodes" else "right")
+        for group in ("fast", "slow"):
+            table.add_row(group, _fmt(p["rounds_per_min"][group], ".2f"),
+                          _fmt(p["rounds_per_min_everyone_trains"][group], ".2f"))
+        out.print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -203,3 +203,52 @@ def test_the_daemons_trainer_retires_a_task_when_the_catalogue_does() -> None:
     restarted.continual.schedule = Schedule(dict.fromkeys(TASKS, 0))
     CatalogueFollower(restarted, lambda: current[0], [current[0]])
     assert restarted.continual.schedule == trainer.continual.schedule
+
+
+def test_the_participation_study_measures_rounds_per_simulated_minute() -> None:
+    """A third of the nodes train in 30 % of rounds: each still completes every round, the
+    others' pace is measured beside the run where everyone trains every round."""
+    settings = dataclasses.replace(TINY, rounds=6)
+    config = SimConfig(school_topology(), workload="education", rounds=6, seed=2,
+                       education=settings, participation={"small-c": 0.3, "small-d": 0.3})
+    report = simulate(config)
+    study = report["participation"]
+    assert study["nodes"] == {"small-c": 0.3, "small-d": 0.3} and study["train_s"] == 1.0
+    fast, full = study["rounds_per_min"]["fast"], study["rounds_per_min_everyone_trains"]["fast"]
+    assert fast > 0 and full > 0
+    assert fast >= full * 0.999  # (nobody waits for the slow ones)
+    assert set(study["gap"]) == set(TASKS)
+    sim = Simulation(config)
+    sim.run()
+    assert {n: done for n, (done, _) in sim.completed.items()} == dict.fromkeys(
+        school_topology().nodes, 6)
+    trained = {(n, r) for n, _, r in sim.work["run"]}
+    assert 0 < len({r for n, r in trained if n == "small-c"}) < 6
+    assert {r for n, r in trained if n == "big-a"} == set(range(6))
+
+
+def test_the_summary_prints_the_continual_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from p2pfed.cli_sim import _print_sim_summary
+
+    _print_sim_summary(simulate(_study("ewc")))
+    text = capsys.readouterr().out
+    assert "continual" in text and "joint" in text and "naive" in text and "engagement" in text
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--continual", "topic@0"], "needs --workload education"),
+    (["--workload", "education", "--continual", "maths@0"], "unknown task 'maths'"),
+    (["--workload", "education", "--continual", "topic@0", "--method", "magic"],
+     "unknown method"),
+    (["--participation", "ring-3:2"], "P in (0, 1]"),
+    (["--participation", "nobody:0.5"], "neither a node"),
+])
+def test_bad_continual_options_are_refused(args: list[str], words: str) -> None:
+    from typer.testing import CliRunner
+
+    from p2pfed.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", "topologies/ring-16.toml", "--rounds", "2",
+                                      *args])
+    assert result.exit_code == 2, result.output
+    assert words in " ".join(result.output.split())
