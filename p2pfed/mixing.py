@@ -130,7 +130,9 @@ def stale_weights(self_weight: float, own_age: int,
     2. if this node's own age ``a_i > 0``, its self weight becomes ``w''_ii = w'_ii · s(a_i)``
        and the mass removed, ``m = w'_ii · (1 - s(a_i))``, goes to the neighbours in
        proportion to their weights: ``w''_ij = w'_ij · (1 + m / S)``, ``S = Σ_j w'_ij``
-       (no neighbour's update came, ``S = 0``: nowhere to move, self keeps its weight).
+       (no neighbour's update came, ``S = 0``: nowhere to move, self keeps its weight), but
+       never above ``2 · w_ij`` (what is over stays with self): a member can force a catch-up
+       by announcing a round far ahead, and must not take the stale node's state over by it.
 
     ``s`` is harmonic rather than geometric (``λ^a``, with λ the SLEM the rounds missed
     contracted by) because a node knows its age but not the overlay's SLEM, and a geometric
@@ -158,9 +160,13 @@ def stale_weights(self_weight: float, own_age: int,
     total = sum(weights)
     if own_age > 0 and total > 0.0:
         moved = self_weight * (1.0 - staleness(own_age))
-        self_weight -= moved
         scale = 1.0 + moved / total
-        weights = [w * scale for w in weights]
+        # no neighbour gets more than twice its own weight: one that forced this catch-up
+        # (by announcing a round far ahead) must not take the node's state over
+        capped = [min(w * scale, 2.0 * w0) for w, (w0, _) in zip(weights, neighbours,
+                                                                 strict=True)]
+        self_weight -= sum(capped) - total
+        weights = capped
     return self_weight, weights
 
 

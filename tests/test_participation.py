@@ -389,3 +389,29 @@ def test_a_contribution_keeps_its_senders_age_for_the_rerun() -> None:
     fresh = Contribution("peer", "head.topic", 7, b"\x01" * 32, 0.25, Lineage.of(["peer"]))
     assert "age" not in fresh.to_body()
     assert Contribution.from_body(fresh.to_body()).age == 0
+
+
+def test_a_neighbour_that_forces_a_catch_up_does_not_take_the_state_over() -> None:
+    """A member announcing a round far ahead makes its neighbour jump with a huge age; the
+    neighbour then gives nobody more than twice its Metropolis–Hastings weight."""
+    self_weight, (attacker,) = stale_weights(5 / 6, 10**6, [(1 / 6, 0)])
+    assert attacker == pytest.approx(2 / 6) and self_weight == pytest.approx(4 / 6)
+    self_weight, weights = stale_weights(0.5, 3, [(0.25, 0), (0.25, 0)])  # (under the cap)
+    assert weights == [pytest.approx(0.4375)] * 2 and self_weight == pytest.approx(0.125)
+
+
+def test_a_rerun_trains_where_the_live_round_trained() -> None:
+    """The live round's ``local-update`` decides, not a later re-run's (a fast re-run records
+    most rounds untrained), and it decides whatever the settings are now."""
+    from p2pfed.journal import LocalUpdate, Stored
+    from p2pfed.node._participation import Participation
+    from p2pfed.node._unlearning import idle_rounds
+
+    def update(index: int, round_: int, trained: bool) -> Stored[LocalUpdate]:
+        return Stored(index, 0, LocalUpdate("head.topic", round_, b"\x00" * 32, trained, b"",
+                                            Lineage.of(["me"]), 0))
+
+    entries = [update(0, 3, True), update(1, 4, False), update(2, 3, False), update(3, 5, False)]
+    assert idle_rounds(entries, "head.topic", 0, 9, before=3) == {4}
+    p = Participation("peer", 0.01, None)  # (now it would almost never train)
+    assert p.trains(3, 0, idle={4}) and not p.trains(4, 0, idle={4})

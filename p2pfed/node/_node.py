@@ -95,7 +95,8 @@ class Node:
                          if n in self._states}
         self._participation = Participation(self.peer_id, cfg.participation, cfg.schedule)
         self._forgetting = Forgetting(self.peer_id, self._journal, self._states, cfg.trains,
-                                      cfg.forward_deps, cfg.fast_stride, cfg.schedule is not None)
+                                      cfg.forward_deps, cfg.fast_stride,
+                                      cfg.schedule is not None or cfg.participation < 1.0)
         self._retention = Retention(cfg.retention, self._journal, self._states, self.peer_id[-8:])
         self._graph: nx.Graph = nx.Graph()
         self._holders: dict[str, frozenset[str]] = {}

@@ -53,12 +53,12 @@ class Participation:
     def trains(self, round_: int, now_ms: int, idle: Collection[int] | None = None) -> bool:
         """May this node train at ``round_`` (asked at ``now_ms``)?  ``idle``: in a re-run,
         the rounds it did not train before (they stand in for the schedule)."""
+        if idle is not None:  # (a re-run trains where the round trained: settings may change)
+            return round_ not in idle
         if not drawn(self.peer_id, round_, self.share):
             return False
         if self.schedule is None:
             return True
-        if idle is not None:
-            return round_ not in idle
         allowed = self._asked.get(round_)
         if allowed is None:
             allowed = self._asked[round_] = bool(self.schedule(now_ms))

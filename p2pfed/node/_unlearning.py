@@ -91,14 +91,15 @@ def own_updates(
 def idle_rounds(
     entries: Iterable[Stored[LocalUpdate]], component: str, start: int, until: int, before: int,
 ) -> set[int]:
-    """Rounds ``start .. until-1`` whose latest update before ``before`` was not trained."""
+    """Rounds ``start .. until-1`` whose first update (the live round's, not a later re-run's:
+    a fast re-run records most rounds as untrained) before ``before`` was not trained."""
     trained: dict[int, bool] = {}
     for entry in entries:
         if entry.index >= before:
             break
         u = entry.record
         if u.component == component and start <= u.round < until:
-            trained[u.round] = u.trained
+            trained.setdefault(u.round, u.trained)
     return {r for r, t in trained.items() if not t}
 
 
