@@ -255,6 +255,14 @@ def _continual_options(config: SimConfig, *, continual: str | None, method: str,
     if method not in METHODS:
         raise typer.BadParameter(f"unknown method {method!r}; choose from {', '.join(METHODS)}",
                                  param_hint="--method")
+    if continual is None and method != "rehearsal":
+        raise typer.BadParameter("needs --continual SCHEDULE", param_hint="--method")
+    if participation is not None and (continual is not None or config.attack is not None):
+        raise typer.BadParameter("is a study of its own: run it without --continual and "
+                                 "--attack", param_hint="--participation")
+    if participation is not None and config.workload != "education":
+        raise typer.BadParameter("needs --workload education (nothing trains in the "
+                                 "consensus workload)", param_hint="--participation")
     schedule = None
     if continual is not None:
         if config.workload != "education":

@@ -216,7 +216,8 @@ def test_the_participation_study_measures_rounds_per_simulated_minute() -> None:
     assert study["nodes"] == {"small-c": 0.3, "small-d": 0.3} and study["train_s"] == 1.0
     fast, full = study["rounds_per_min"]["fast"], study["rounds_per_min_everyone_trains"]["fast"]
     assert fast > 0 and full > 0
-    assert fast >= full * 0.999  # (nobody waits for the slow ones)
+    assert fast == pytest.approx(full, rel=1e-9)  # (nobody waits for the part-time ones)
+    assert fast == pytest.approx(60.0 / study["train_s"], rel=0.05)  # (one round a training)
     assert set(study["gap"]) == set(TASKS)
     sim = Simulation(config)
     sim.run()
@@ -240,8 +241,12 @@ def test_the_summary_prints_the_continual_table(capsys: pytest.CaptureFixture[st
     (["--workload", "education", "--continual", "maths@0"], "unknown task 'maths'"),
     (["--workload", "education", "--continual", "topic@0", "--method", "magic"],
      "unknown method"),
-    (["--participation", "ring-3:2"], "P in (0, 1]"),
-    (["--participation", "nobody:0.5"], "neither a node"),
+    (["--workload", "education", "--participation", "ring-3:2"], "P in (0, 1]"),
+    (["--workload", "education", "--participation", "nobody:0.5"], "neither a node"),
+    (["--participation", "ring-3:0.5"], "needs --workload education"),
+    (["--method", "ewc"], "needs --continual"),
+    (["--workload", "education", "--participation", "ring-3:0.5", "--attack", "sign-flip:1"],
+     "a study of its own"),
 ])
 def test_bad_continual_options_are_refused(args: list[str], words: str) -> None:
     from typer.testing import CliRunner

@@ -72,6 +72,10 @@ class SimConfig:
     participation: dict[str, float] = field(default_factory=dict)
     #: simulated seconds a round's training takes (the compute model; 0: none)
     train_s: float = 0.0
+    #: education: every node pauses after every round (train, exchange, mix, repeat); else
+    #: rounds run freely, each node paced only by its neighbours' updates (the participation
+    #: study: so a node's rounds per simulated minute measure who waits for whom)
+    lockstep: bool = True
 
 
 def check_config(config: SimConfig) -> None:
@@ -104,6 +108,9 @@ def check_config(config: SimConfig) -> None:
             raise ConfigError(f"participation: no node {name} in topology {config.topology.name}")
         if not 0.0 < share <= 1.0:
             raise ConfigError(f"participation of {name} must be in (0, 1], not {share}")
+    if config.participation and config.workload != "education":
+        raise ConfigError("participation needs the education workload (nothing trains in "
+                          "the consensus workload)")
     if not (0.0 <= config.train_s <= 3600.0):
         raise ConfigError("the simulated training time must be in 0..3600 s")
     if config.attack is not None:

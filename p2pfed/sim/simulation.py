@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import networkx as nx
@@ -45,10 +45,12 @@ if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own
 log = logging.getLogger(__name__)
 
 
-def pause_rounds(config: SimConfig, education: bool) -> list[int]:
-    """The rounds before which every node pauses (the last stretch ends at ``config.rounds``)."""
-    stops = sorted({e.round for e in config.topology.churn if 0 < e.round < config.rounds})
-    if education:
+def pause_rounds(config: SimConfig, education: bool, also: Iterable[int] = ()) -> list[int]:
+    """The rounds before which every node pauses (the last stretch ends at ``config.rounds``);
+    ``also``: where the run measures something (free-running education)."""
+    stops = sorted({e.round for e in config.topology.churn if 0 < e.round < config.rounds}
+                   | {r for r in also if 0 < r < config.rounds})
+    if education and config.lockstep:
         stops = list(range(1, config.rounds))  # lockstep: train, exchange, mix, repeat
     if config.unlearn is not None and 0 < config.unlearn[1] < config.rounds:
         stops = sorted({*stops, config.unlearn[1]})
@@ -256,7 +258,9 @@ class Simulation:
                     sn.node.set_round_limit(0, 0)
                     await self._start(nursery, sn)
             done = 0
-            for limit in [*pause_rounds(cfg, self.edu is not None), cfg.rounds]:
+            measured = self.phase_ends | set(self.edu.settings.curve_rounds() if self.edu
+                                             and self.curve else ())
+            for limit in [*pause_rounds(cfg, self.edu is not None, measured), cfg.rounds]:
                 # rounds before `limit` run freely; then everyone pauses for the churn events
                 for sn in self.nodes.values():
                     if sn.live and sn.driver is not None:

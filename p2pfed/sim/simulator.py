@@ -113,9 +113,11 @@ def continual_run(sim: Simulation, schedule: Schedule) -> dict[str, Any]:
 
 def _participation_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:
     """The run where some nodes train only a fraction of the rounds, against the run where
-    everyone trains every round; training takes ``train_s`` simulated seconds (1 s if unset),
-    so each node's rounds per simulated minute are measured."""
-    config = dataclasses.replace(config, baselines=False, train_s=config.train_s or 1.0)
+    everyone trains every round; training takes ``train_s`` simulated seconds (1 s if unset)
+    and rounds run freely (no lockstep), each node paced only by the updates it waits for, so
+    each node's rounds per simulated minute say whether anyone waits for the part-time ones."""
+    config = dataclasses.replace(config, baselines=False, train_s=config.train_s or 1.0,
+                                 lockstep=False)
     sim = Simulation(config, on_phase=on_phase)
     report = sim.run()
     full = Simulation(dataclasses.replace(config, participation={}, progress=None),
