@@ -10,7 +10,8 @@ the record itself, plus, for records that need one, an *anchor* already in the v
 Records of the federation's task catalogue (``task-add``, ``task-retire``, ``task-data``,
 signed by an admin) need no anchor but the genesis: they are kept in a
 :class:`~gossip.taskcat.TaskBook`, travel with the membership records (:meth:`records`) and
-give :meth:`MembershipView.task_catalogue`; they do not bear on the members.
+give :meth:`MembershipView.task_catalogue`; they do not bear on who the members are, only on
+what they hold (a new task's head: :meth:`MembershipView.holdings`).
 
 A record without its anchor is held back (not in :meth:`MembershipView.records`, not counted in
 the digest) and enters the view as soon as the anchor arrives, so outsiders cannot fill the set
@@ -82,7 +83,7 @@ from gossip.records import (
     open_genesis,
     proof_message,
 )
-from gossip.taskcat import TASK_KINDS, TaskBook, TaskCatalogue
+from gossip.taskcat import TASK_KINDS, TaskBook, TaskCatalogue, holdings
 
 __all__ = [
     "ADMIT", "GENESIS", "GENESIS_DOMAIN", "INVITE", "JOIN", "LEAVE", "MAX_ADDRESSES",
@@ -453,9 +454,18 @@ class MembershipView:
     def is_admin(self, public_key: bytes) -> bool:
         return public_key in self.genesis.admins
 
+    def holdings(self, public_key: bytes) -> frozenset[str]:
+        """What a member holds: its record's modules and what the task catalogue creates for
+        them (:func:`gossip.taskcat.holdings`); nothing for a non-member."""
+        member = self.members().get(public_key)
+        return frozenset() if member is None else holdings(
+            self.task_catalogue(), member.modules, self.genesis.component_names)
+
     def holders(self, component: str) -> list[bytes]:
-        """The members holding ``component``, sorted."""
-        return sorted(pk for pk, m in self.members().items() if component in m.modules)
+        """The members holding ``component`` (:meth:`holdings`), sorted."""
+        cat, catalog = self.task_catalogue(), self.genesis.component_names
+        return sorted(pk for pk, m in self.members().items() if component in m.modules
+                      or component in holdings(cat, m.modules, catalog))
 
     def leaves_of(self, public_key: bytes) -> list[tuple[int, int, bytes]]:
         """The leave records about ``public_key``: (epoch, signed at, signer) each; the

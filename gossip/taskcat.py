@@ -27,7 +27,9 @@ catalogues.
 
 A new task's components get their initial values the way the genesis catalogue's do: from the
 federation id and the component's name (and, for a head, the task's K), so every member that
-builds them builds the same; nothing but the names and shapes travels here.
+builds them builds the same; nothing but the names and shapes travels here.  Who builds them
+follows from the record set as well (:func:`holdings`): every member whose membership record
+names the task's other components.
 
 Pure: no I/O, no clock (a record's time is its envelope's).  :class:`TaskBook` is the set;
 :class:`gossip.membership.MembershipView` holds one and carries its records with the membership
@@ -232,6 +234,11 @@ class Task:
     components: tuple[str, ...]
     data_version: str
 
+    def creates(self, catalog: frozenset[str]) -> tuple[str, ...]:
+        """The components this task brings that the genesis ``catalog`` lacks (see
+        :func:`created_components`)."""
+        return created_components(self.name, self.modalities, self.components, catalog)
+
     def to_status(self) -> dict[str, Any]:
         return {"phase": self.phase, "modalities": list(self.modalities),
                 "classes": self.classes, "components": list(self.components),
@@ -304,6 +311,33 @@ def _step(tasks: dict[str, Task], record: TaskRecord) -> str | None:
     tasks[record.name] = Task(cur.name, cur.phase, cur.modalities, cur.classes,
                               cur.components, record.data_version)
     return None
+
+
+def created_components(name: str, modalities: Iterable[str], components: Iterable[str],
+                       catalog: frozenset[str]) -> tuple[str, ...]:
+    """The components a catalogue task creates: those it names that the genesis ``catalog``
+    does not, when the task is one every member can build (its components are each
+    modality's encoder, optionally ``backbone`` and ``prompt.<name>``, and ``head.<name>``) and
+    names at least one component of the catalogue (its holders hold them); otherwise none."""
+    comps = frozenset(components)
+    encoders = frozenset(ENCODERS[m] for m in modalities if m in ENCODERS)
+    buildable = encoders | {"backbone", f"prompt.{name}", f"head.{name}"}
+    created = comps - catalog
+    if not encoders <= comps or not comps <= buildable or created == comps:
+        return ()
+    return tuple(sorted(created))
+
+
+def holdings(catalogue: TaskCatalogue, modules: Iterable[str],
+             catalog: frozenset[str]) -> frozenset[str]:
+    """What a member whose membership record names ``modules`` holds: those, and the
+    components every catalogue task (active or retired) creates whose other components it
+    holds by its record.  A function of the record set alone, so every member computes the
+    same holders whatever order the records came in."""
+    held = frozenset(modules)
+    extra = {c for t in catalogue.tasks.values() if (new := t.creates(catalog))
+             and frozenset(t.components) - frozenset(new) <= held for c in new}
+    return held | extra
 
 
 def fold(records: Iterable[tuple[int, bytes, TaskRecord]]) -> TaskCatalogue:

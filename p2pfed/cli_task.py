@@ -39,6 +39,7 @@ from gossip.taskcat import (
     TaskData,
     TaskRecord,
     TaskRetire,
+    created_components,
     make_task_record,
 )
 from p2pfed.home import KEY_FILE, LEDGER_FILE, locked_home, resolve_home
@@ -175,6 +176,25 @@ def add(
     result = _submit(home, lambda: TaskAdd(name, tuple(modality), classes,
                                            tuple(component or ()), data_version))
     _done(f"added task {escape(name)}", result)
+    if result is not None and name in result.get("tasks", {}):
+        _say_holders(home, name, result["tasks"][name])
+
+
+def _say_holders(home: Path | None, name: str, task: dict[str, Any]) -> None:
+    """Which new components the task brings, and who builds them (docs/continual.md)."""
+    from p2pfed.fedstore import FederationStore
+
+    catalog = FederationStore(resolve_home(home)).genesis().component_names
+    comps = list(task["components"])
+    new = created_components(name, task["modalities"], comps, catalog)
+    rest = sorted(set(comps) - set(new))
+    if new:
+        out.print(f"new components {', '.join(new)}: built by every member that holds "
+                  f"{', '.join(rest)}")
+    else:
+        out.print("[yellow]this task creates no component any member builds: its components "
+                  "must be each modality's encoder, optionally backbone and prompt.NAME, and "
+                  "head.NAME, at least one of them in the genesis catalogue[/yellow]")
 
 
 @app.command("retire")

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gossip.errors import ConfigError
+from gossip.taskcat import TaskCatalogue
 from p2pfed.config import Config
 from p2pfed.continual import Schedule
 from p2pfed.journal import CatalogueApplied, read
 from p2pfed.model.continual import Continual
 from p2pfed.model.m3t import ENCODERS, TEXT, M3TModel, ModelSpec, TextEncoder
-from p2pfed.model.tasks import TASKS, load_task_data
+from p2pfed.model.tasks import load_task_data, model_tasks, unknown_tasks_message
 from p2pfed.model.train import LocalTrainer, TaskData, TrainRequest, seed_for
 
 if TYPE_CHECKING:
@@ -33,30 +34,41 @@ def federation_seed(federation_id: bytes) -> int:
     return int.from_bytes(federation_id[:4], "little")
 
 
-def model_spec(config: Config, federation_id: bytes) -> ModelSpec:
+def model_spec(config: Config, federation_id: bytes,
+               catalogue: TaskCatalogue | None = None) -> ModelSpec:
+    """The model's spec: the built-in tasks and the buildable ones of ``catalogue``."""
     layers = tuple(config.model.lora_layers) or None
-    return ModelSpec(TASKS, lora_seed=federation_seed(federation_id),
+    return ModelSpec(model_tasks(catalogue), lora_seed=federation_seed(federation_id),
                      text_model=config.model.text_model, lora_layers=layers)
 
 
-def build_model(config: Config, holds: Sequence[str], federation_id: bytes) -> M3TModel:
-    spec = model_spec(config, federation_id)
+def build_model(config: Config, holds: Sequence[str], federation_id: bytes,
+                catalogue: TaskCatalogue | None = None) -> M3TModel:
+    """The components ``holds``; each starts from values drawn from the federation id and its
+    name (a head of a catalogue task too), the same on every member that builds it."""
+    spec = model_spec(config, federation_id, catalogue)
     return M3TModel.build(spec, holds, init_seed=federation_seed(federation_id))
 
 
 def build_trainer(config: Config, holds: Sequence[str], federation_id: bytes,
-                  node_key: bytes, base: Path) -> LocalTrainer:
+                  node_key: bytes, base: Path,
+                  catalogue: TaskCatalogue | None = None) -> LocalTrainer:
     """The model of ``holds`` and a trainer over the data files the config names.
 
     Texts pass through the frozen layers below the adapters once, here.  Raises
-    :class:`ConfigError` for data of a task this member does not hold, or bad files.
+    :class:`ConfigError` for data of a task that is neither built in nor in ``catalogue``
+    (the federation's task catalogue; None: not known here), data of a task this member
+    does not hold, or bad files.
     """
-    model = build_model(config, holds, federation_id)
+    model = build_model(config, holds, federation_id, catalogue)
+    unknown = sorted(set(config.data) - {t.name for t in model.spec.tasks})
+    if unknown:
+        raise ConfigError(unknown_tasks_message(unknown, catalogue))
     unheld = sorted(t for t in config.data if t not in model.tasks())
     if unheld:
         raise ConfigError(f"[data] names task(s) {', '.join(unheld)} whose pipeline this member "
                           f"does not hold (components.hold: {', '.join(holds)})")
-    data = load_task_data(config.data, base)
+    data = load_task_data(config.data, base, model.spec.tasks)
     encoder = model.modules.get(ENCODERS[TEXT])
     for name, task in list(data.items()):
         inputs = dict(task.inputs)

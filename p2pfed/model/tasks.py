@@ -1,8 +1,10 @@
 """The task catalogue, and a node's own training data read from the files its config names.
 
 The catalogue (:data:`TASKS`) fixes each task's modalities, number of classes and pipeline, so
-every member of a federation builds the same components.  A node's ``p2pfed.toml`` names, per
-task it trains, one file per modality::
+every member of a federation builds the same components; the tasks an admin adds to the
+federation's task catalogue (:mod:`gossip.taskcat`) join them (:func:`model_tasks`).
+
+A node's ``p2pfed.toml`` names, per task it trains, one file per modality::
 
     [data.engagement.activity]
     kind = "series-csv"
@@ -18,13 +20,14 @@ Problems are :class:`ConfigError` naming the file (and line, where the loader kn
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gossip.errors import ConfigError
+from gossip.taskcat import Task, TaskCatalogue
 from p2pfed.config import DataSource
 from p2pfed.model.data import ACTIVITY_CLASSES, load_source
 from p2pfed.model.m3t import TaskSpec
@@ -45,19 +48,55 @@ LABELS: dict[str, tuple[str, ...]] = {
 }
 
 
-def task_by_name(name: str) -> TaskSpec:
-    for task in TASKS:
+def task_by_name(name: str, tasks: Sequence[TaskSpec] = TASKS) -> TaskSpec:
+    for task in tasks:
         if task.name == name:
             return task
-    raise ConfigError(f"unknown task {name!r} (known: {', '.join(t.name for t in TASKS)})")
+    raise ConfigError(f"unknown task {name!r} (known: {', '.join(t.name for t in tasks)})")
+
+
+def catalogue_task(task: Task) -> TaskSpec | None:
+    """A task of the federation's catalogue as the model's (None: one the model cannot
+    build: its components are not each modality's encoder, optionally ``backbone`` and
+    ``prompt.<name>``, and its head)."""
+    comps = set(task.components)
+    spec = TaskSpec(task.name, tuple(task.modalities), task.classes,
+                    backbone="backbone" in comps, prompt=f"prompt.{task.name}" in comps)
+    return spec if set(spec.pipeline()) == comps else None
+
+
+def model_tasks(catalogue: TaskCatalogue | None) -> tuple[TaskSpec, ...]:
+    """The built-in tasks and those of the federation's task catalogue the model can build,
+    active or retired (a retired task's components stay held; the trainer stops training
+    it).  A catalogue task named like a built-in one is the built-in one."""
+    if catalogue is None:
+        return TASKS
+    builtin = {t.name for t in TASKS}
+    extra = [spec for name, task in sorted(catalogue.tasks.items())
+             if name not in builtin and (spec := catalogue_task(task)) is not None]
+    return TASKS + tuple(extra)
+
+
+def unknown_tasks_message(names: Sequence[str], catalogue: TaskCatalogue | None) -> str:
+    """Why ``[data.<name>]`` tables are refused: tasks neither built in nor in the catalogue."""
+    tables = ", ".join(f"[data.{n}]" for n in names)
+    builtin = ", ".join(t.name for t in TASKS)
+    if catalogue is None:
+        return (f"{tables}: no such task (built-in tasks: {builtin}); a task added with "
+                "'p2pfed task add' is known once this home has the federation's catalogue "
+                "(after 'p2pfed join', from the members)")
+    listed = ", ".join(sorted(catalogue.tasks)) or "none"
+    return (f"{tables}: no such task: not a built-in task ({builtin}) nor one of the "
+            f"federation's task catalogue (version {catalogue.version}: {listed}; "
+            "'p2pfed task list')")
 
 
 def load_task_data(sources: Mapping[str, Mapping[str, DataSource]],
-                   base: Path) -> dict[str, TaskData]:
+                   base: Path, tasks: Sequence[TaskSpec] = TASKS) -> dict[str, TaskData]:
     """Read every configured task's files (relative paths are under ``base``)."""
     out: dict[str, TaskData] = {}
     for name, modalities in sorted(sources.items()):
-        task = task_by_name(name)
+        task = task_by_name(name, tasks)
         if set(modalities) != set(task.modalities):
             raise ConfigError(f"[data.{name}] needs exactly the modalities "
                               f"{', '.join(task.modalities)}; got {', '.join(sorted(modalities))}")

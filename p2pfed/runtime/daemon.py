@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,19 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import trio
 
 from gossip.envelope import Sequencer
 from gossip.errors import LocalError, StorageError
 from gossip.identity import Identity, load_identity
-from p2pfed.blobs import BlobStore
-from p2pfed.components import FlatComponent
 from p2pfed.config import Config
 from p2pfed.federated import FederatedNode
 from p2pfed.fedstore import FederationStore, next_boot_epoch
 from p2pfed.home import (
-    BLOBS_DIR,
     KEY_FILE,
     LEDGER_FILE,
     DiskFullError,
@@ -51,8 +46,7 @@ from p2pfed.home import (
     storage_error,
 )
 from p2pfed.ledger import Ledger, VerifyReport
-from p2pfed.node import NodeConfig, RoundCompleted
-from p2pfed.node._retention import RetentionPolicy
+from p2pfed.node import RoundCompleted
 from p2pfed.runtime.control import SOCKET_NAME, catalogue_handlers, serve_control
 from p2pfed.runtime.diskspace import (
     NoRoomError,
@@ -63,6 +57,14 @@ from p2pfed.runtime.diskspace import (
     wal_room,
 )
 from p2pfed.runtime.driver import NodeDriver
+from p2pfed.runtime.loading import (
+    CHECKPOINT_EVERY,
+    initial_components,
+    load_node,
+    needs_rebuild,
+    node_config,
+    reload_node,
+)
 from p2pfed.runtime.ports import check_listen_addresses
 from p2pfed.runtime.systemd import Notifier
 
@@ -74,9 +76,10 @@ if TYPE_CHECKING:
     from p2pfed.model.train import LocalTrainer
     from p2pfed.runtime.metrics import MetricsServer
 
+__all__ = ["CHECKPOINT_EVERY", "Daemon", "initial_components", "node_config", "wall_clock_ms"]
+
 log = logging.getLogger(__name__)
 
-CHECKPOINT_EVERY = 5
 VERIFY_EVERY_S = 30.0  # how often the entries appended since the last check are verified
 UNLEARN_WAIT_S = 30.0  # the longest 'unlearn' waits for the node to apply the request
 LEAVE_WAIT_S = 5.0  # the longest 'leave' waits for its record to go out
@@ -84,45 +87,6 @@ LEAVE_WAIT_S = 5.0  # the longest 'leave' waits for its record to go out
 
 def wall_clock_ms() -> int:
     return int(time.time() * 1000)
-
-
-def initial_components(identity: Identity, holds: list[str], dim: int) -> dict[str, FlatComponent]:
-    """Consensus workload: each held component starts from values only this node knows."""
-    from gossip.catalog import ComponentSpec
-
-    gen = torch.Generator().manual_seed(int.from_bytes(identity.public_key[:8], "little"))
-    return {
-        name: FlatComponent.from_params(
-            ComponentSpec.from_name(name), {"weight": torch.randn(dim, generator=gen)}
-        )
-        for name in sorted(holds)
-    }
-
-
-def node_config(cfg: Config, trains: frozenset[str],
-                deps: dict[str, frozenset[str]], period_ms: int = 0) -> NodeConfig:
-    """The node's settings from ``p2pfed.toml``: rounds, privacy per trained component, the
-    mixing rule per component; DP noise seeded from the OS at each start.  ``period_ms``, the
-    federation's round period (signed in its genesis), is a floor: a member may run rounds less
-    often than the federation, never more often."""
-    from p2pfed.node import TrainHours  # (rounds.train_hours: the daemon's schedule)
-    interval_ms = int(cfg.rounds.interval_s * 1000)
-    if interval_ms < period_ms:
-        log.info("rounds.interval_s is %.3f s; the federation's round period is %.3f s: using it",
-                 interval_ms / 1000, period_ms / 1000)
-    return NodeConfig(
-        round_timeout_ms=int(cfg.rounds.timeout_s * 1000),
-        round_interval_ms=max(interval_ms, period_ms),
-        checkpoint_every=CHECKPOINT_EVERY,
-        trains=trains,
-        forward_deps=deps,
-        privacy=cfg.privacy.policies(trains),
-        robust=cfg.mixing.rules(),
-        noise_seed=secrets.randbits(63),
-        retention=RetentionPolicy(cfg.storage.unlearn_horizon_rounds, cfg.storage.max_bytes),
-        participation=cfg.rounds.participation,
-        schedule=TrainHours(*hours) if (hours := cfg.rounds.check()) is not None else None,
-    )
 
 
 @dataclass
@@ -135,6 +99,8 @@ class Daemon:
     #: the bytes one more round may write (known once the node is loaded)
     round_bytes: int | None = None
     _stop: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+    #: the catalogue gave the node components it lacks: rebuild it (see loading.py)
+    _rebuild: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
     _ready: bool = field(default=False, init=False, repr=False)
     #: why a full disk stopped the daemon (the line logged, and the error it exits with)
     _full: str | None = field(default=None, init=False, repr=False)
@@ -183,58 +149,64 @@ class Daemon:
 
     async def _load_node(self, identity: Identity, ledger: Ledger,
                          view: MembershipView) -> tuple[FederatedNode, LocalTrainer | None]:
-        """The node over the ledger, its components (and trainer) resumed from checkpoints."""
-        me = view.members().get(identity.public_key)
-        holds = sorted(me.modules) if me else list(self.config.components.hold)
-        if me is not None and set(me.modules) != set(self.config.components.hold):
-            log.warning("components.hold in p2pfed.toml (%s) differs from what this node "
-                        "joined %s with (%s): the membership record counts; to hold other "
-                        "components, leave and join again with a new invite",
-                        ", ".join(sorted(self.config.components.hold)), view.genesis.name,
-                        ", ".join(holds))
-        cfg = self.config
-        trainer = None
-        if cfg.model.kind == "m3t":
-            from p2pfed.model.local import build_trainer, follow_catalogue
-
-            # reads and pre-encodes the local data: off the event loop
-            trainer = await trio.to_thread.run_sync(
-                build_trainer, cfg, holds, view.federation_id, identity.public_key,
-                self.home)
-            components = trainer.components()
-            trains = frozenset(trainer.trainable())
-            deps = trainer.model.spec.forward_deps(holds)
-        else:
-            components = initial_components(identity, holds, cfg.components.dim)
-            trains, deps = frozenset(), {}
-        node = FederatedNode(
-            identity, view.federation_id, components,
-            ledger, BlobStore(self.home / BLOBS_DIR),
-            node_config(cfg, trains, deps, view.genesis.round_period_ms),
-            Sequencer(_boot_epoch(self.home)),
-            view=view, degree=cfg.overlay.degree,
-        )
-        restored = node.restore()
-        if restored:
-            log.info("resumed from checkpoints: %s", restored)
-        if trainer is not None:  # (its retired tasks: from the catalogues in the ledger)
-            follow_catalogue(trainer, node)
-        return node, trainer
+        """The node over the ledger (:func:`p2pfed.runtime.loading.load_node`)."""
+        return await load_node(self.home, self.config, identity, ledger, view,
+                               Sequencer(_boot_epoch(self.home)))
 
     async def _serve(self, nursery: trio.Nursery, node: FederatedNode, transport: Any,
                      trainer: LocalTrainer | None, store: FederationStore,
                      task_status: TaskStatus[None]) -> None:
-        """Start the host, control socket, driver and helpers; READY=1; run until a signal,
-        then checkpoint and verify (the caller cancels what is left)."""
+        """Start the host, control socket and helpers, then run the node: READY=1 once it
+        runs; until a signal, rebuilding it whenever the task catalogue gives it new
+        components (the host and the control socket stay)."""
         await nursery.start(transport.run)
-        driver = NodeDriver(node, transport, clock_ms=wall_clock_ms,
-                            trainer=trainer.run if trainer is not None else None,
-                            on_actions=self._after_actions(node))
-        handlers = self._handlers(node, transport, driver, node.identity, trainer)
+        handlers: dict[str, Any] = {}  # (filled for each node the daemon runs)
+        nursery.start_soon(self._signalled)
         await nursery.start(serve_control, self.home / SOCKET_NAME, handlers)
-        await nursery.start(self._drive, driver)
         nursery.start_soon(self._verify_loop, node.ledger)
-        metrics = self._start_metrics(node, transport)
+        while await self._run_node(node, transport, trainer, handlers, nursery,
+                                   store if not self._ready else None, task_status):
+            node, trainer, self.config = await reload_node(
+                self.home, self.config, node.identity, node.ledger, node.view,
+                lambda: Sequencer(_boot_epoch(self.home)))
+            _bind_transport(transport, node)
+            log.info("rebuilt the node: it holds %s", ", ".join(sorted(node.components)))
+
+    async def _run_node(self, node: FederatedNode, transport: Any,
+                        trainer: LocalTrainer | None, handlers: dict[str, Any],
+                        outer: trio.Nursery, store: FederationStore | None,
+                        task_status: TaskStatus[None]) -> bool:
+        """Run one node until a signal (False) or until it should be rebuilt (True); then
+        checkpoint it.  ``store``: given for the first node, which asks the bootstrap
+        members in and makes the daemon ready."""
+        self._rebuild = trio.Event()
+        async with trio.open_nursery() as nursery:
+            driver = NodeDriver(node, transport, clock_ms=wall_clock_ms,
+                                trainer=trainer.run if trainer is not None else None,
+                                on_actions=self._after_actions(node))
+            handlers.clear()
+            handlers.update(self._handlers(node, transport, driver, node.identity, trainer))
+            await nursery.start(self._drive, driver)
+            metrics = self._start_metrics(node, transport)
+            if store is not None:
+                await self._ready_now(node, transport, driver, store, outer, task_status)
+            elif transport.connected_peers():  # (a rebuilt node: its view, to the neighbours)
+                driver.call(node.introduce, sorted(transport.connected_peers()))
+            try:
+                await self._wait_for_stop()
+            finally:
+                if metrics is not None:
+                    metrics.close()
+            rebuild = self._rebuild.is_set() and not self._stop.is_set()
+            if not rebuild:
+                self.notifier.stopping()
+            await self._checkpoint(node, driver)
+            nursery.cancel_scope.cancel()
+        return rebuild and not self._torn and self._full is None
+
+    async def _ready_now(self, node: FederatedNode, transport: Any, driver: NodeDriver,
+                         store: FederationStore, nursery: trio.Nursery,
+                         task_status: TaskStatus[None]) -> None:
         bootstrap = store.bootstrap()
         if bootstrap:
             peers = transport.add_bootstrap(bootstrap)
@@ -245,12 +217,8 @@ class Daemon:
         nursery.start_soon(self.notifier.watchdog_loop)
         task_status.started()
         self._ready = True
-        try:
-            await self._wait_for_stop()
-        finally:
-            if metrics is not None:
-                metrics.close()
-        self.notifier.stopping()
+
+    async def _checkpoint(self, node: FederatedNode, driver: NodeDriver) -> None:
         if self._torn:  # the ledger is whole, the node's memory may not be: no checkpoint
             log.info("not checkpointing: a restart resumes from the last checkpoint in the "
                      "ledger")
@@ -278,8 +246,11 @@ class Daemon:
                                                 failed=False))
 
     def _after_actions(self, node: FederatedNode) -> Callable[[Sequence[object]], None]:
-        """The driver's hook: a log line per completed round; then stop the daemon if another
-        round would not fit on the disk."""
+        """The driver's hook: a log line per completed round; at a round boundary, rebuild the
+        node if the catalogue gives it new components; stop the daemon if another round would
+        not fit on the disk."""
+        seen = [(node.catalogue, node.view.digest())]
+
         def check(actions: Sequence[object]) -> None:
             done = [a for a in actions if isinstance(a, RoundCompleted)]
             for a in done:
@@ -288,6 +259,14 @@ class Daemon:
                     if a.missing else ""
                 log.info("round %d of %s done: mixed with %d of %d neighbour(s)%s", a.round,
                          a.component, len(a.mixed_with), total, late)
+            key = (node.catalogue, node.view.digest())  # (checked once per change of these)
+            if (done or key[0] is not seen[0][0]) and key != seen[0]:
+                seen[0] = key
+                new = needs_rebuild(node, self.config)
+                if new:
+                    log.info("the task catalogue gives this node %s: rebuilding it at this "
+                             "round boundary", ", ".join(new))
+                    self._rebuild.set()
             if self._full is None and done and free_bytes(self.home) < self._need(node):
                 self._full = disk_full_message(self.home, self.round_bytes,
                                                "no new round starts, the daemon stops",
@@ -343,11 +322,11 @@ class Daemon:
                 return
 
     async def _wait_for_stop(self) -> None:
-        """Return on SIGTERM or SIGINT, or once a full disk stops the daemon."""
+        """Return on SIGTERM or SIGINT, once a full disk stops the daemon, or when the node
+        should be rebuilt."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._signalled)
-            await self._stop.wait()
-            nursery.cancel_scope.cancel()
+            for event in (self._stop, self._rebuild):
+                nursery.start_soon(_cancel_when, event, nursery.cancel_scope)
 
     async def _signalled(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -465,6 +444,18 @@ async def _verify_at_start(ledger: Ledger) -> None:
              report.checked)
 
 
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _bind_transport(transport: Any, node: FederatedNode) -> None:
+    """The trust boundary: strangers get a join request's worth of the wire, no more."""
+    transport.set_peer_policy(node.serves)
+    transport.set_record_validator(
+        lambda origin, data: node.accepts_broadcast(origin, data, wall_clock_ms()))
+
+
 def _new_transport(identity: Identity, node: FederatedNode, cfg: Config) -> Libp2pTransport:
     """The libp2p host on the federation's topic, behind the node's trust boundary."""
     from gossip.transport.libp2p import Libp2pTransport
@@ -477,10 +468,7 @@ def _new_transport(identity: Identity, node: FederatedNode, cfg: Config) -> Libp
         bulk=cfg.node.bulk,
         bulk_port=cfg.node.bulk_port,
     )
-    # the trust boundary: strangers get a join request's worth of the wire, no more
-    transport.set_peer_policy(node.serves)
-    transport.set_record_validator(
-        lambda origin, data: node.accepts_broadcast(origin, data, wall_clock_ms()))
+    _bind_transport(transport, node)
     return transport
 
 
