@@ -380,7 +380,13 @@ class TaskBook:
             return False  # a replay: nothing changes
         record = check_task_record(self.genesis, env)
         if len(self._entries) >= MAX_TASK_RECORDS:
-            raise UnauthorizedError(f"task catalogue record limit ({MAX_TASK_RECORDS}) reached")
+            # Keep the MAX_TASK_RECORDS first in the fold's order, whatever order they came
+            # in (first come, first kept would let members hold different sets for ever).
+            last = max(self._entries, key=lambda k: (self._entries[k].signed_ms, k))
+            if (env.timestamp_ms, key) > (self._entries[last].signed_ms, last):
+                raise UnauthorizedError(
+                    f"task catalogue record limit ({MAX_TASK_RECORDS}) reached")
+            del self._entries[last]
         self._entries[key] = _Entry(raw, env.timestamp_ms, record)
         self._catalogue = None
         return True

@@ -133,10 +133,15 @@ def _submit(home: Path | None, make: Any) -> dict[str, Any] | None:
                            Sequencer(next_boot_epoch(root)).next()).to_bytes()
     if live:
         try:
-            result: dict[str, Any] = request(root / SOCKET_NAME, "task", record=raw.hex())
+            result: dict[str, Any] = request(root / SOCKET_NAME, "task", timeout_s=60.0,
+                                             record=raw.hex())
             return result
-        except ControlUnavailableError:  # it stopped meanwhile: the ledger takes the record
-            pass
+        except ControlUnavailableError as exc:
+            if not isinstance(exc.__cause__, ConnectionError | FileNotFoundError) and (
+                    root / SOCKET_NAME).exists():  # (it may have taken the record: no retry)
+                raise LocalError(f"{exc}; it may have taken the record: see 'p2pfed task "
+                                 "list' before trying again") from exc
+            # it stopped meanwhile: the ledger takes the record
     with locked_home(root, "task"), \
             Ledger.open(root / LEDGER_FILE, identity, create=False) as ledger:
         view = store.view(ledger)

@@ -102,6 +102,7 @@ class FederatedNode(Node):
         self.forgets = ForgetBook(self.federation_id)
         #: the task catalogue in effect (the last ``catalogue`` entry; None: none yet)
         self.catalogue: CatalogueApplied | None = None
+        self.catalogues: tuple[CatalogueApplied, ...] = ()  # applied since start, in order
 
     # ---------------------------------------------------------------- inspection
     def members(self) -> list[str]:
@@ -224,10 +225,13 @@ class FederatedNode(Node):
         cat = self.view.task_catalogue()
         if cat.digest == (self.catalogue.digest if self.catalogue else b"") or not cat.version:
             return []
+        round_ = max((self.round_of(c) for c in self.components  # (live, never a re-run's)
+                      if self.replaying(c) is None), default=round_)
         self.catalogue = CatalogueApplied(
             cat.version, cat.digest, {n: t.to_status() for n, t in cat.tasks.items()},
             tuple(str(i) for i in cat.ignored), component, round_)
         self._journal.write(self.catalogue, now_ms)
+        self.catalogues = (*self.catalogues, self.catalogue)
         log.info("task catalogue version %d in effect: %s active", cat.version,
                  ", ".join(cat.active()) or "no task")
         return []

@@ -178,31 +178,35 @@ def test_a_schedule_follows_the_catalogue_from_the_round_it_took_effect() -> Non
 
 
 def test_the_daemons_trainer_retires_a_task_when_the_catalogue_does() -> None:
-    """``CatalogueFollower``: the catalogue in effect now, and those before it (a restart)."""
+    """``CatalogueFollower``: each catalogue applied since the start, at the round its entry
+    names, and those before it (a restart) the same way."""
     from p2pfed.journal import CatalogueApplied
     from p2pfed.model.local import CatalogueFollower
     from p2pfed.model.train import TrainRequest
 
-    sim = Simulation(_study("naive"))
-    trainer = sim.trainers["big-a"]
-    assert trainer.continual is not None
-    trainer.continual.schedule = Schedule(dict.fromkeys(TASKS, 0))
-    current: list[CatalogueApplied | None] = [None]
-    trainer.before_run = CatalogueFollower(trainer, lambda: current[0])
-    trainer.run(TrainRequest("head.topic", 3))
-    assert trainer.trained_tasks("head.topic", 5) == ["topic"]
-    row = {"phase": "retired", "modalities": ["text"], "classes": 10,
-           "components": ["encoder.text.lora", "head.topic"], "data_version": ""}
-    current[0] = CatalogueApplied(2, b"\x00" * 32, {"topic": row}, component="head.topic",
-                                  round=5)
-    trainer.run(TrainRequest("head.topic", 5))
-    assert trainer.trained_tasks("head.topic", 4) == ["topic"]
-    assert trainer.trained_tasks("head.topic", 5) == []  # naive: nothing trains it now
-    restarted = Simulation(_study("naive")).trainers["big-a"]
-    assert restarted.continual is not None
-    restarted.continual.schedule = Schedule(dict.fromkeys(TASKS, 0))
-    CatalogueFollower(restarted, lambda: current[0], [current[0]])
-    assert restarted.continual.schedule == trainer.continual.schedule
+    def trainer() -> Any:
+        t = Simulation(_study("naive")).trainers["big-a"]
+        t.continual.schedule = Schedule(dict.fromkeys(TASKS, 0))
+        return t
+
+    live = trainer()
+    applied: list[CatalogueApplied] = []
+    live.before_run = CatalogueFollower(live, lambda: tuple(applied))
+    live.run(TrainRequest("head.topic", 3))
+    assert live.trained_tasks("head.topic", 5) == ["topic"]
+
+    def row(phase: str) -> dict[str, Any]:
+        return {"phase": phase, "modalities": ["text"], "classes": 10,
+                "components": ["encoder.text.lora", "head.topic"], "data_version": ""}
+
+    applied.append(CatalogueApplied(2, b"\x00" * 32, {"topic": row("active")}, round=4))
+    applied.append(CatalogueApplied(3, b"\x01" * 32, {"topic": row("retired")}, round=5))
+    live.run(TrainRequest("head.topic", 7))  # (both arrived since the last training)
+    assert live.trained_tasks("head.topic", 4) == ["topic"]
+    assert live.trained_tasks("head.topic", 5) == []  # naive: nothing trains it now
+    restarted = trainer()
+    CatalogueFollower(restarted, tuple, applied)
+    assert restarted.continual.schedule == live.continual.schedule
 
 
 def test_the_participation_study_measures_rounds_per_simulated_minute() -> None:

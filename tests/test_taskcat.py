@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -197,10 +198,22 @@ def test_the_record_set_is_bounded() -> None:
     for i in range(MAX_TASK_RECORDS):
         raw = rec(TaskRetire("ghost"), 100 + i)
         assert book.add(v.open(raw), raw)
-    raw = rec(TaskRetire("ghost"), 99)
+    late = rec(TaskRetire("ghost"), 100 + MAX_TASK_RECORDS)
     with pytest.raises(UnauthorizedError, match="limit"):
-        book.add(v.open(raw), raw)
+        book.add(v.open(late), late)
     assert len(book) == MAX_TASK_RECORDS
+    early = rec(TaskRetire("ghost"), 99)  # (first in the fold's order: it displaces the last)
+    assert book.add(v.open(early), early) and len(book) == MAX_TASK_RECORDS
+    # whatever order they arrive in, two members keep the same records
+    raws = [rec(TaskRetire("ghost"), 100 + i) for i in range(MAX_TASK_RECORDS + 4)]
+    kept = []
+    for order in (raws, raws[::-1], raws[1::2] + raws[::2]):
+        other = TaskBook(GENESIS)
+        for raw in order:
+            with contextlib.suppress(UnauthorizedError):
+                other.add(v.open(raw), raw)
+        kept.append(other.keys())
+    assert kept[0] == kept[1] == kept[2] and len(kept[0]) == MAX_TASK_RECORDS
 
 
 # ---------------------------------------------------------------- over the memory transport

@@ -109,36 +109,38 @@ class CatalogueFollower:
     the round the catalogue took effect (then only its rehearsal buffer trains it, or
     nothing, by ``[continual] method``).
 
-    ``history``: the catalogues in effect so far, oldest first (the ledger's ``catalogue``
-    entries: a restarted daemon retires at the same rounds); ``current()``: the one in effect
-    now (the node's; replaced whole, so reading it from the training thread is safe)."""
+    ``history``: the catalogues in effect before this start, oldest first (the ledger's
+    ``catalogue`` entries: a restarted daemon retires at the same rounds); ``applied()``: those
+    applied since, in order (the node's, replaced whole, so reading it from the training
+    thread is safe).  Each is followed at the live round it took effect at, the round its
+    ledger entry names, so a restart or an unlearning re-run retires at the same rounds."""
 
-    def __init__(self, trainer: LocalTrainer, current: Callable[[], CatalogueApplied | None],
+    def __init__(self, trainer: LocalTrainer,
+                 applied: Callable[[], Sequence[CatalogueApplied]],
                  history: Iterable[CatalogueApplied] = ()) -> None:
         self.trainer = trainer
-        self._current = current
-        self._seen: CatalogueApplied | None = None
-        for applied in history:
-            self._follow(applied, applied.round)
+        self._applied = applied
+        self._count = 0
+        for entry in history:
+            self._follow(entry)
 
-    def _follow(self, applied: CatalogueApplied, round_: int) -> None:
+    def _follow(self, applied: CatalogueApplied) -> None:
         continual = self.trainer.continual
         if continual is not None:
-            continual.schedule = continual.schedule.follow(applied.tasks, round_)
-        self._seen = applied
+            continual.schedule = continual.schedule.follow(applied.tasks, applied.round)
 
     def __call__(self, request: TrainRequest) -> None:
-        applied = self._current()
-        if applied is not None and applied != self._seen:
-            # (applied at start-up or while idle: round 0; it governs from this round on)
-            self._follow(applied, applied.round if applied.component else request.round)
+        applied = self._applied()
+        for entry in applied[self._count:]:
+            self._follow(entry)
+        self._count = len(applied)
 
 
 def follow_catalogue(trainer: LocalTrainer, node: FederatedNode) -> None:
     """Make ``trainer`` follow ``node``'s task catalogue, from the catalogues in its ledger."""
     history = [s.record for s in read(node.ledger.entries(CatalogueApplied.KIND),
                                       CatalogueApplied)]
-    trainer.before_run = CatalogueFollower(trainer, lambda: node.catalogue, history)
+    trainer.before_run = CatalogueFollower(trainer, lambda: node.catalogues[:], history)
 
 
 def split_holdout(data: TaskData, share: float, seed: int) -> tuple[TaskData, TaskData]:
