@@ -131,9 +131,15 @@ def _participation_study(config: SimConfig, on_phase: PhaseProgress | None) -> d
                  for done, t in [run.completed[n]] if t > 0]
         return float(sum(rates) / len(rates)) if rates else float("nan")
 
+    trained: dict[str, int] = {}
+    for name, _, _ in sim.work["run"]:
+        trained[name] = trained.get(name, 0) + 1
     study: dict[str, Any] = {
         "nodes": {n: config.participation[n] for n in slow},
         "train_s": config.train_s,
+        # per node: rounds it completed (mixed) and rounds it trained in, in the part-time run
+        "rounds_completed": {n: sim.completed.get(n, (0, 0.0))[0] for n in sim.topo.nodes},
+        "rounds_trained": {n: trained.get(n, 0) for n in sim.topo.nodes},
         "rounds_per_min": {"fast": per_minute(sim, fast), "slow": per_minute(sim, slow)},
         "rounds_per_min_everyone_trains": {"fast": per_minute(full, fast),
                                            "slow": per_minute(full, slow)},
