@@ -83,7 +83,7 @@ from gossip.records import (
     open_genesis,
     proof_message,
 )
-from gossip.taskcat import TASK_KINDS, TaskBook, TaskCatalogue, holdings
+from gossip.taskcat import TASK_KINDS, TaskBook, TaskCatalogue, creations, held_with, holdings
 
 __all__ = [
     "ADMIT", "GENESIS", "GENESIS_DOMAIN", "INVITE", "JOIN", "LEAVE", "MAX_ADDRESSES",
@@ -182,8 +182,10 @@ class MembershipView:
             self._check_genesis(env)
             return False
         if env.kind in TASK_KINDS:
-            self._digest = None
-            return self._tasks.add(env, raw)
+            added = self._tasks.add(env, raw)
+            if added:
+                self._digest = None
+            return added
         parsed = self._validate(env, raw)
         if len(self._records) >= MAX_RECORDS:
             raise UnauthorizedError("membership record limit reached")
@@ -463,9 +465,9 @@ class MembershipView:
 
     def holders(self, component: str) -> list[bytes]:
         """The members holding ``component`` (:meth:`holdings`), sorted."""
-        cat, catalog = self.task_catalogue(), self.genesis.component_names
+        created = creations(self.task_catalogue(), self.genesis.component_names)
         return sorted(pk for pk, m in self.members().items() if component in m.modules
-                      or component in holdings(cat, m.modules, catalog))
+                      or component in held_with(created, m.modules))
 
     def leaves_of(self, public_key: bytes) -> list[tuple[int, int, bytes]]:
         """The leave records about ``public_key``: (epoch, signed at, signer) each; the

@@ -38,6 +38,7 @@ records (anti-entropy, bundles, the ledger).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -303,13 +304,11 @@ def _step(tasks: dict[str, Task], record: TaskRecord) -> str | None:
     if cur.phase == RETIRED:
         return f"task {record.name} is retired"
     if isinstance(record, TaskRetire):
-        tasks[record.name] = Task(cur.name, RETIRED, cur.modalities, cur.classes,
-                                  cur.components, cur.data_version)
+        tasks[record.name] = dataclasses.replace(cur, phase=RETIRED)
         return None
     if record.data_version == cur.data_version:
         return f"task {record.name} has data version {cur.data_version} already"
-    tasks[record.name] = Task(cur.name, cur.phase, cur.modalities, cur.classes,
-                              cur.components, record.data_version)
+    tasks[record.name] = dataclasses.replace(cur, data_version=record.data_version)
     return None
 
 
@@ -334,10 +333,22 @@ def holdings(catalogue: TaskCatalogue, modules: Iterable[str],
     components every catalogue task (active or retired) creates whose other components it
     holds by its record.  A function of the record set alone, so every member computes the
     same holders whatever order the records came in."""
+    return held_with(creations(catalogue, catalog), modules)
+
+
+def creations(catalogue: TaskCatalogue, catalog: frozenset[str]
+              ) -> list[tuple[frozenset[str], tuple[str, ...]]]:
+    """Per catalogue task that creates components: (the task's other components, those it
+    creates): what :func:`holdings` tests each member against."""
+    return [(frozenset(t.components) - frozenset(new), new)
+            for t in catalogue.tasks.values() if (new := t.creates(catalog))]
+
+
+def held_with(created: Iterable[tuple[frozenset[str], tuple[str, ...]]],
+              modules: Iterable[str]) -> frozenset[str]:
+    """``modules`` and what ``created`` (:func:`creations`) gives a member holding them."""
     held = frozenset(modules)
-    extra = {c for t in catalogue.tasks.values() if (new := t.creates(catalog))
-             and frozenset(t.components) - frozenset(new) <= held for c in new}
-    return held | extra
+    return held | {c for rest, new in created if rest <= held for c in new}
 
 
 def fold(records: Iterable[tuple[int, bytes, TaskRecord]]) -> TaskCatalogue:

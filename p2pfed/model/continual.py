@@ -61,6 +61,8 @@ class Continual:
         self._buffers: dict[str, np.ndarray] = {}  # task -> rows of the member's data kept
         self._anchors: dict[str, list[_Anchor]] = {}  # component -> one per boundary passed
         self._epoch: dict[str, int] = {}  # component -> the forget epoch last trained in
+        #: component -> (θ*, summed F) per parameter, for the penalty (until anchors change)
+        self._terms: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
 
     # ---------------------------------------------------------------- which tasks train
     def scheduled(self, task: str) -> bool:
@@ -99,14 +101,6 @@ class Continual:
         return rows
 
     # ---------------------------------------------------------------- EWC
-    def old_tasks(self, round_: int, tasks: Sequence[str]) -> list[str]:
-        """Of ``tasks``, those that trained in the round before the latest boundary
-        at or before ``round_``."""
-        bounds = [b for b in self.schedule.boundaries() if b <= round_]
-        if not bounds:
-            return []
-        return [t for t in tasks if self.trains(t, bounds[-1] - 1)]
-
     def prepare(self, components: Mapping[str, FlatComponent], round_: int, epoch: int,
                 tasks: Sequence[str], loss_of: LossOf,
                 params_of: Callable[[str], Mapping[str, nn.Parameter]]) -> None:
@@ -119,19 +113,21 @@ class Continual:
             if self._epoch.get(name, epoch) != epoch:
                 self._anchors[name] = [a for a in self._anchors.get(name, [])
                                        if a.captured < round_]
+                self._terms.pop(name, None)
             self._epoch[name] = epoch
         bounds = [b for b in self.schedule.boundaries() if b <= round_]
         if not bounds:
             return
         due = [n for n in components
                if not self._anchors.get(n) or self._anchors[n][-1].captured < bounds[-1]]
-        old = self.old_tasks(round_, tasks)
+        old = [t for t in tasks if self.trains(t, bounds[-1] - 1)]  # (before the boundary)
         if not due or not old:
             return
         fishers = self._fisher(due, bounds[-1], old, loss_of, params_of)
         for name in due:
             self._anchors.setdefault(name, []).append(_Anchor(
                 round_, epoch, components[name].flat.detach().clone(), fishers[name]))
+            self._terms.pop(name, None)
 
     def _fisher(self, names: Sequence[str], boundary: int, tasks: Sequence[str],
                 loss_of: LossOf, params_of: Callable[[str], Mapping[str, nn.Parameter]]
@@ -171,16 +167,28 @@ class Continual:
             return None
         total: torch.Tensor | None = None
         for name, comp in components.items():
-            anchors = self._anchors.get(name)
-            if not anchors:
+            terms = self._penalty_terms(name, comp)
+            if terms is None:
                 continue
-            fisher = torch.stack([a.fisher for a in anchors]).sum(0)
-            theta = FlatComponent(comp.spec, comp.layout, anchors[-1].theta).views()
-            weights = FlatComponent(comp.spec, comp.layout, fisher).views()
+            theta, weights = terms
             for key, p in params_of(name).items():
                 term = (weights[key] * (p - theta[key]) ** 2).sum()
                 total = term if total is None else total + term
         return None if total is None else 0.5 * self.settings.ewc_lambda * total
+
+    def _penalty_terms(self, name: str, comp: FlatComponent
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        """θ* and the summed F of ``name``, per parameter (cached until its anchors change)."""
+        anchors = self._anchors.get(name)
+        if not anchors:
+            return None
+        terms = self._terms.get(name)
+        if terms is None:
+            fisher = torch.stack([a.fisher for a in anchors]).sum(0)
+            terms = self._terms[name] = (
+                FlatComponent(comp.spec, comp.layout, anchors[-1].theta).views(),
+                FlatComponent(comp.spec, comp.layout, fisher).views())
+        return terms
 
     def anchors(self) -> dict[str, list[int]]:
         """Per component, the rounds its anchors were captured at (for status and tests)."""

@@ -211,7 +211,7 @@ class LocalTrainer:
         per_task: dict[str, list[float]] = {t: [] for t in tasks}
         trained = {c: self.flats[c] for c in group}
         try:
-            if self.continual is not None:  # (EWC: anchors at the boundaries passed)
+            if self.continual is not None and self.continual.settings.ewc:  # (its anchors)
                 used = sorted({t for c in group for t in self.trained_tasks(c)})
                 self.continual.prepare(trained, round_, epoch, used, self._loss,
                                        self.model.parameters_of)

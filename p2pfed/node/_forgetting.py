@@ -154,12 +154,12 @@ class Forgetting:
                       index: int, keep: Checkpoint | None) -> None:
         fast = forget.mode == "fast" and name in self._trains
         scheduled = self._scheduled and name in self._trains
+        ups = list(self._journal.read(LocalUpdate)) if fast or scheduled else None
         st.replay = plan_replay(
-            self._journal.read(Contribution),
-            self._journal.read(LocalUpdate) if fast else None,
+            self._journal.read(Contribution), ups if fast else None,
             name, forget.target, forget.mode, forget.start, until, index,
             forgotten=self.forgotten, stride=self._stride, keep=keep,
-            schedule=self._journal.read(LocalUpdate) if scheduled else None)
+            schedule=ups if scheduled else None)
 
     def stored_update(self, name: str, st: ComponentRound) -> torch.Tensor | None:
         """This node's own training update of the round ``st`` re-runs, as it was made before

@@ -15,7 +15,7 @@ and return values.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -74,18 +74,24 @@ def contributions(
     return out
 
 
-def own_updates(
-    entries: Iterable[Stored[LocalUpdate]], component: str, start: int, until: int, before: int,
-) -> dict[int, tuple[bytes, bytes]]:
-    """Per round, (state before training, state after) digests of this node's own updates."""
-    out: dict[int, tuple[bytes, bytes]] = {}
+def _updates_in(entries: Iterable[Stored[LocalUpdate]], component: str, start: int, until: int,
+                before: int) -> Iterator[LocalUpdate]:
+    """This node's updates of ``component`` for rounds ``start .. until-1``, written before
+    entry ``before``, in ledger order."""
     for entry in entries:
         if entry.index >= before:
             break
         u = entry.record
-        if u.component == component and start <= u.round < until and u.start:
-            out[u.round] = (u.start, u.digest)
-    return out
+        if u.component == component and start <= u.round < until:
+            yield u
+
+
+def own_updates(
+    entries: Iterable[Stored[LocalUpdate]], component: str, start: int, until: int, before: int,
+) -> dict[int, tuple[bytes, bytes]]:
+    """Per round, (state before training, state after) digests of this node's own updates."""
+    return {u.round: (u.start, u.digest)
+            for u in _updates_in(entries, component, start, until, before) if u.start}
 
 
 def idle_rounds(
@@ -94,12 +100,8 @@ def idle_rounds(
     """Rounds ``start .. until-1`` whose first update (the live round's, not a later re-run's:
     a fast re-run records most rounds as untrained) before ``before`` was not trained."""
     trained: dict[int, bool] = {}
-    for entry in entries:
-        if entry.index >= before:
-            break
-        u = entry.record
-        if u.component == component and start <= u.round < until:
-            trained.setdefault(u.round, u.trained)
+    for u in _updates_in(entries, component, start, until, before):
+        trained.setdefault(u.round, u.trained)
     return {r for r, t in trained.items() if not t}
 
 
