@@ -28,15 +28,7 @@ def setup(fed: LocalFederation) -> None:
         fed.cli("init", "--home", str(fed.home(i)), "--listen",
                 f"/ip4/127.0.0.1/tcp/{fed.ports[i]}", *holds,
                 "--interval", str(fed.interval_s), "--timeout", str(fed.timeout_s))
-    fed.cli("federation", "create", "school", "--home", str(fed.home(0)), "--component",
-            "backbone", "--component", "encoder.text.lora", "--round-period",
-            str(fed.interval_s))
-    fed.start(0)
-    fed.wait_for(lambda: fed.status(0) is not None, 60, "node-0 to answer")
-    for i in range(1, fed.size):
-        token = fed.cli("invite", "--home", str(fed.home(0))).strip()
-        fed.cli("join", token, "--home", str(fed.home(i)))
-        fed.start(i)
+    fed.form("school", ["backbone", "encoder.text.lora"])
 
 
 def round_of(st: dict[str, Any] | None, component: str) -> int:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,14 @@ class LocalFederation:
                 path = self.home(i) / "p2pfed.toml"
                 config = Config.from_toml(path).with_overrides(components__dim=self.dim)
                 path.write_text(config.to_toml())
-        self.cli("federation", "create", "local", "--home", str(self.home(0)),
+        self.form("local")
+
+    def form(self, name: str, components: Sequence[str] = ()) -> None:
+        """Node 0 (initialised) founds federation ``name`` (with ``components``; default: the
+        ones it holds) and starts; each other node joins with an invite of its own and
+        starts."""
+        extra = [arg for c in components for arg in ("--component", c)]
+        self.cli("federation", "create", name, "--home", str(self.home(0)), *extra,
                  "--round-period", str(self.interval_s))
         self.start(0)
         self.wait_for(lambda: self.status(0) is not None, 60, "node-0 to answer")
