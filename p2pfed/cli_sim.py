@@ -84,6 +84,9 @@ def simulate(
                                  "joint training).")] = None,
     method: Annotated[str, typer.Option(
         help="Continual method: rehearsal, ewc, rehearsal+ewc or naive.")] = "rehearsal",
+    catch_up: Annotated[int, typer.Option(
+        min=1, max=10, help="Continual: a task that starts late trains this many times the "
+                            "steps per round until it made up the rounds it missed.")] = 1,
     participation: Annotated[str | None, typer.Option(
         metavar="NODES:P[,NODES:P]", help="These nodes train only a fraction P of the rounds "
         "(NODES: a node, a group of a hierarchical topology, or a share such as 1/3 of the "
@@ -91,6 +94,10 @@ def simulate(
     train_s: Annotated[float, typer.Option(
         min=0.0, max=3600.0, help="Simulated seconds a round's training takes (with "
                                   "--participation: 1 if 0).")] = 0.0,
+    round_interval: Annotated[float, typer.Option(
+        min=0.0, max=3600.0, help="With --participation: a node starts a round at most every "
+                                  "this many simulated seconds, as a daemon's [rounds] "
+                                  "interval_s (0: twice the training time).")] = 0.0,
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import plot_report
@@ -105,8 +112,9 @@ def simulate(
                          dp_sigma=dp_sigma, dp_clip=dp_clip, dp_delta=dp_delta,
                          dp_budget=dp_budget,
                          dp_noisy=dp_noisy, attack=attack, robust=robust, storage=storage)
-    config = _continual_options(config, continual=continual, method=method,
-                                participation=participation, train_s=train_s)
+    config = _continual_options(config, continual=continual, method=method, catch_up=catch_up,
+                                participation=participation, train_s=train_s,
+                                round_interval=round_interval)
     report = _simulate_with_progress(config, quiet)
     if json_path is not None:
         _write_json(json_path, report)
@@ -244,7 +252,8 @@ def _parse_attack(value: str) -> tuple[str, int]:
 
 
 def _continual_options(config: SimConfig, *, continual: str | None, method: str,
-                       participation: str | None, train_s: float) -> SimConfig:
+                       participation: str | None, train_s: float, catch_up: int = 1,
+                       round_interval: float = 0.0) -> SimConfig:
     """``config`` with the continual schedule, the participation and the compute model."""
     import dataclasses
 
@@ -257,6 +266,10 @@ def _continual_options(config: SimConfig, *, continual: str | None, method: str,
                                  param_hint="--method")
     if continual is None and method != "rehearsal":
         raise typer.BadParameter("needs --continual SCHEDULE", param_hint="--method")
+    if continual is None and catch_up != 1:
+        raise typer.BadParameter("needs --continual SCHEDULE", param_hint="--catch-up")
+    if participation is None and round_interval:
+        raise typer.BadParameter("needs --participation", param_hint="--round-interval")
     if participation is not None and (continual is not None or config.attack is not None):
         raise typer.BadParameter("is a study of its own: run it without --continual and "
                                  "--attack", param_hint="--participation")
@@ -273,8 +286,9 @@ def _continual_options(config: SimConfig, *, continual: str | None, method: str,
             raise typer.BadParameter(str(exc), param_hint="--continual") from exc
     shares = _parse_participation(participation, config) if participation is not None else {}
     return dataclasses.replace(
-        config, participation=shares, train_s=train_s,
-        continual=None if schedule is None else (schedule, ContinualSettings(method=method)))
+        config, participation=shares, train_s=train_s, round_interval_s=round_interval,
+        continual=None if schedule is None else (
+            schedule, ContinualSettings(method=method, catch_up=catch_up)))
 
 
 def _parse_participation(value: str, config: SimConfig) -> dict[str, float]:

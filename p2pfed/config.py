@@ -66,6 +66,8 @@
     sampling = "balanced"               # balanced | uniform
     ewc_lambda = 1.0                    # the penalty's weight (ewc)
     fisher_batches = 4                  # seeded batches per Fisher estimate (ewc)
+    catch_up = 1                        # a task added late trains this many times the steps
+                                        # per round until it made up the rounds it missed
 """
 
 from __future__ import annotations

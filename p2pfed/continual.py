@@ -76,6 +76,16 @@ class Schedule:
     def retired(self, task: str, round_: int) -> bool:
         return task in self.retires and round_ >= self.retires[task]
 
+    def catching_up(self, task: str, round_: int, factor: int) -> bool:
+        """Is ``task``, started late, still catching up in round ``round_``?  A task that
+        starts at round ``s > 0`` trains ``factor`` times the steps per round until its extra
+        steps make up the ``s`` rounds it missed against training from round 0 (its first
+        ``ceil(s / (factor - 1))`` active rounds); never with ``factor`` 1."""
+        start = self.starts.get(task)
+        if factor <= 1 or not start or not self.active(task, round_):
+            return False
+        return (round_ - start) * (factor - 1) < start
+
     def boundaries(self) -> list[int]:
         """The rounds (> 0) at which the set of active tasks changes."""
         return sorted({r for r in (*self.starts.values(), *self.retires.values()) if r > 0})
@@ -116,6 +126,9 @@ class ContinualSettings:
     ewc_lambda: float = 1.0
     #: seeded batches per Fisher estimate (each of the trainer's batch size)
     fisher_batches: int = 4
+    #: a task that starts late trains this many times the steps per round until it has made
+    #: up the rounds it missed (:meth:`Schedule.catching_up`; 1: off)
+    catch_up: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -130,6 +143,8 @@ class ContinualSettings:
             raise ConfigError("continual.ewc_lambda must be a finite number >= 0")
         if not 1 <= self.fisher_batches <= 1000:
             raise ConfigError("continual.fisher_batches must be in 1..1000")
+        if not 1 <= self.catch_up <= 10:
+            raise ConfigError("continual.catch_up must be in 1..10")
 
     @property
     def rehearsal(self) -> bool:

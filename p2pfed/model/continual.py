@@ -74,6 +74,14 @@ class Continual:
         return self.schedule.active(task, round_) or (
             self.settings.rehearsal and self.schedule.retired(task, round_))
 
+    def step_factor(self, tasks: Sequence[str], round_: int) -> int:
+        """How many times the usual steps a round training ``tasks`` runs: ``catch_up`` while
+        one of them, started late, is catching up (:meth:`Schedule.catching_up`), else 1."""
+        factor = self.settings.catch_up
+        if any(self.schedule.catching_up(t, round_, factor) for t in tasks):
+            return factor
+        return 1
+
     def rows(self, task: str, round_: int, labels: np.ndarray) -> np.ndarray | None:
         """The rows of the member's data of ``task`` that round ``round_`` trains on: all of
         them while it is active, the rehearsal buffer once it retired (None: nothing)."""

@@ -4,7 +4,8 @@ Each component's parameters are bound into its flat buffer (zero copy), so what 
 writes is what the node mixes and sends, and what mixing writes is what the next forward pass
 uses.
 
-A round's training runs ``steps`` optimiser steps on the summed loss of every task whose
+A round's training runs ``steps`` optimiser steps (more while a task that started late catches
+up: :meth:`~p2pfed.model.continual.Continual.step_factor`) on the summed loss of every task whose
 pipeline contains a component being trained, with every other component frozen (no gradient
 flows through, say, the frozen text model when only a head is trained).  The node's request
 (:class:`TrainRequest`, filled in by the driver) names component ``c``, round ``r``, the other
@@ -216,7 +217,8 @@ class LocalTrainer:
                 self.continual.prepare(trained, round_, epoch, used, self._loss,
                                        self.model.parameters_of)
             accuracy = self._heldout_accuracy(tasks)  # the model as the round begins
-            for _ in range(self.steps):
+            factor = 1 if self.continual is None else self.continual.step_factor(tasks, round_)
+            for _ in range(self.steps * factor):
                 opt.zero_grad(set_to_none=True)
                 loss = torch.zeros(())
                 for task in tasks:

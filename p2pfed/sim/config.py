@@ -72,6 +72,9 @@ class SimConfig:
     participation: dict[str, float] = field(default_factory=dict)
     #: simulated seconds a round's training takes (the compute model; 0: none)
     train_s: float = 0.0
+    #: a node starts a round at most this often (simulated seconds; 0: as soon as the last
+    #: one is mixed), as ``[rounds] interval_s`` paces a daemon
+    round_interval_s: float = 0.0
     #: education: every node pauses after every round (train, exchange, mix, repeat); else
     #: rounds run freely, each node paced only by its neighbours' updates (the participation
     #: study: so a node's rounds per simulated minute measure who waits for whom)
@@ -111,6 +114,8 @@ def check_config(config: SimConfig) -> None:
     if config.participation and config.workload != "education":
         raise ConfigError("participation needs the education workload (nothing trains in "
                           "the consensus workload)")
+    if not (0.0 <= config.round_interval_s <= 3600.0):
+        raise ConfigError(f"round interval must be in 0..3600 s, not {config.round_interval_s}")
     if not (0.0 <= config.train_s <= 3600.0):
         raise ConfigError("the simulated training time must be in 0..3600 s")
     if config.attack is not None:

@@ -115,6 +115,7 @@ def build_node(cfg: SimConfig, name: str, federation_id: bytes, start: NodeStart
     ledger, blobs = _storage(cfg, name, identity)
     config = NodeConfig(
         round_timeout_ms=cfg.round_timeout_ms, trains=start.trains,
+        round_interval_ms=round(cfg.round_interval_s * 1000),
         forward_deps=start.forward_deps,
         privacy={c: _policy(cfg, noisy) for c in start.trains} if cfg.dp is not None else {},
         noise_seed=int.from_bytes(digest(f"{cfg.seed}/{name}".encode())[:7], "little"),

@@ -66,8 +66,9 @@ def _continual_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[
     assert config.continual is not None
     schedule, settings = config.continual
     config = dataclasses.replace(config, baselines=False)
-    naive = dataclasses.replace(settings, method="naive")
-    variants = {settings.method: config}
+    naive = dataclasses.replace(settings, method="naive", catch_up=1)
+    label = settings.method if settings.catch_up == 1 else f"{settings.method}+catch-up"
+    variants = {label: config}
     variants.setdefault("naive", dataclasses.replace(config, continual=(schedule, naive)))
     variants["joint"] = dataclasses.replace(config, continual=(schedule.joint(), naive))
     sims: dict[str, Simulation] = {}
@@ -75,7 +76,7 @@ def _continual_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[
     for name, variant in variants.items():
         first = not sims
         sim = Simulation(variant if first else dataclasses.replace(variant, progress=None),
-                         edu=None if first else sims[settings.method].edu,
+                         edu=None if first else sims[label].edu,
                          on_phase=on_phase if first else None, curve=first)
         sim.phase_ends = {end for _, end in schedule.phases(config.rounds)}
         run = sim.run()
@@ -84,10 +85,10 @@ def _continual_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[
         sims[name] = sim
     runs = {name: continual_run(sim, schedule) for name, sim in sims.items()}
     joint = runs["joint"]["final"]
-    for name in (settings.method, "naive"):
+    for name in dict.fromkeys((label, "naive")):
         runs[name]["new_task_gap"] = {t: acc - joint[t] for t, acc in runs[name]["final"].items()}
     report["continual"] = {
-        "schedule": schedule.text(), "method": settings.method,
+        "schedule": schedule.text(), "method": label,
         "settings": dataclasses.asdict(settings),
         "phases": [list(p) for p in schedule.phases(config.rounds)],
         "runs": runs,
@@ -114,10 +115,13 @@ def continual_run(sim: Simulation, schedule: Schedule) -> dict[str, Any]:
 def _participation_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:
     """The run where some nodes train only a fraction of the rounds, against the run where
     everyone trains every round; training takes ``train_s`` simulated seconds (1 s if unset)
-    and rounds run freely (no lockstep), each node paced only by the updates it waits for, so
-    each node's rounds per simulated minute say whether anyone waits for the part-time ones."""
-    config = dataclasses.replace(config, baselines=False, train_s=config.train_s or 1.0,
-                                 lockstep=False)
+    and rounds run freely (no lockstep), paced as a daemon paces them (a round starts
+    ``round_interval_s`` after the last one started, twice the training time if unset) and by
+    the updates each node waits for, so each node's rounds per simulated minute say whether
+    anyone waits for the part-time ones."""
+    train_s = config.train_s or 1.0
+    config = dataclasses.replace(config, baselines=False, train_s=train_s, lockstep=False,
+                                 round_interval_s=config.round_interval_s or 2.0 * train_s)
     sim = Simulation(config, on_phase=on_phase)
     report = sim.run()
     full = Simulation(dataclasses.replace(config, participation={}, progress=None),
@@ -137,6 +141,7 @@ def _participation_study(config: SimConfig, on_phase: PhaseProgress | None) -> d
     study: dict[str, Any] = {
         "nodes": {n: config.participation[n] for n in slow},
         "train_s": config.train_s,
+        "round_interval_s": config.round_interval_s,
         # per node: rounds it completed (mixed) and rounds it trained in, in the part-time run
         "rounds_completed": {n: sim.completed.get(n, (0, 0.0))[0] for n in sim.topo.nodes},
         "rounds_trained": {n: trained.get(n, 0) for n in sim.topo.nodes},
