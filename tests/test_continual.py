@@ -42,7 +42,8 @@ def test_a_bad_schedule_is_refused_naming_the_item(text: str, words: str) -> Non
 
 def test_bad_settings_are_refused() -> None:
     for bad in ({"method": "magic"}, {"sampling": "first"}, {"buffer": 0},
-                {"ewc_lambda": float("nan")}, {"fisher_batches": 0}):
+                {"ewc_lambda": float("nan")}, {"fisher_batches": 0}, {"catch_up": 0},
+                {"catch_up": 11}):
         with pytest.raises(ConfigError):
             ContinualSettings(**bad)  # type: ignore[arg-type]
 
@@ -121,17 +122,54 @@ def test_an_unlearning_rerun_recaptures_the_anchors_it_passes_again() -> None:
     assert not torch.equal(c._anchors["head.topic"][0].theta, before)
 
 
-def _study(method: str, **extra: Any) -> SimConfig:
+def _study(method: str, catch_up: int = 1, **extra: Any) -> SimConfig:
     settings = dataclasses.replace(TINY, rounds=6)
     schedule = Schedule.parse(SCHEDULE, TASKS)
     return SimConfig(school_topology(), workload="education", rounds=6, seed=2,
-                     education=settings, continual=(schedule, ContinualSettings(method=method)),
+                     education=settings,
+                     continual=(schedule, ContinualSettings(method=method, catch_up=catch_up)),
                      **extra)
+
+
+def test_a_late_task_catches_up_the_rounds_it_missed() -> None:
+    s = Schedule.parse("topic@0,digits@15,engagement@3,retire:engagement@5", TASKS)
+    # factor 2: one extra round's steps per round, 15 missed -> rounds 15..29
+    assert [r for r in range(60) if s.catching_up("digits", r, 2)] == list(range(15, 30))
+    # factor 3: two extra per round -> 8 rounds (the last one overshoots by one)
+    assert [r for r in range(60) if s.catching_up("digits", r, 3)] == list(range(15, 23))
+    assert not any(s.catching_up("topic", r, 3) for r in range(60))  # (never missed one)
+    assert not any(s.catching_up("digits", r, 1) for r in range(60))  # (off)
+    assert [r for r in range(60) if s.catching_up("engagement", r, 4)] == [3]  # retired at 5
+    assert [r for r in range(60) if s.catching_up("engagement", r, 2)] == [3, 4]
+
+
+def test_the_trainer_runs_more_steps_while_a_task_catches_up() -> None:
+    """digits starts at round 4 of SCHEDULE: with catch_up 3 its rounds 4 and 5 run three
+    times the steps, for every task trained with it; round 6 and catch_up 1 run the usual."""
+    counts: dict[tuple[int, int, str], int] = {}
+    for factor in (1, 3):
+        trainer = Simulation(_study("rehearsal", catch_up=factor)).trainers["big-a"]
+        loss = trainer._loss
+
+        def counted(task: str, round_: int, rng: Any, loss: Any = loss,
+                    factor: int = factor) -> Any:
+            counts[factor, round_, task] = counts.get((factor, round_, task), 0) + 1
+            return loss(task, round_, rng)
+
+        trainer._loss = counted  # type: ignore[method-assign]
+        for round_ in (3, 4, 5, 6):
+            trainer.train_round(["backbone", "encoder.image", "head.digits"], round_)
+    steps = TINY.steps
+    for task in ("digits", "engagement"):  # (engagement trains the backbone with it)
+        assert [counts.get((1, r, task)) for r in (4, 5, 6)] == [steps] * 3
+        assert [counts.get((3, r, task)) for r in (4, 5, 6)] == [3 * steps] * 2 + [steps]
+    assert counts[1, 3, "engagement"] == counts[3, 3, "engagement"] == steps
+    assert (3, 3, "digits") not in counts  # (not yet active)
 
 
 @pytest.fixture(scope="module")
 def study() -> dict[str, Any]:
-    return simulate(_study("rehearsal+ewc"))
+    return simulate(_study("rehearsal+ewc", catch_up=2))
 
 
 def test_the_continual_study_reports_each_method_beside_naive_and_joint(
@@ -139,7 +177,8 @@ def test_the_continual_study_reports_each_method_beside_naive_and_joint(
     c = study["continual"]
     assert c["schedule"] == Schedule.parse(SCHEDULE, TASKS).text()
     assert c["phases"] == [[0, 2], [2, 4], [4, 6]]
-    assert set(c["runs"]) == {"rehearsal+ewc", "naive", "joint"}
+    assert c["method"] == "rehearsal+ewc+catch-up" and c["settings"]["catch_up"] == 2
+    assert set(c["runs"]) == {"rehearsal+ewc+catch-up", "naive", "joint"}
     for name, run in c["runs"].items():
         assert [p["end_round"] for p in run["phase_accuracy"]] == [2, 4, 6]
         assert set(run["final"]) == set(TASKS)
@@ -152,7 +191,7 @@ def test_the_continual_study_reports_each_method_beside_naive_and_joint(
             assert run["new_task_gap"] == {
                 t: pytest.approx(run["final"][t] - c["runs"]["joint"]["final"][t])
                 for t in TASKS}
-    assert c["runs"]["rehearsal+ewc"] != c["runs"]["naive"]
+    assert c["runs"]["rehearsal+ewc+catch-up"] != c["runs"]["naive"]
 
 
 def test_a_task_trains_only_in_its_phase_and_a_retired_one_only_on_its_buffer() -> None:
@@ -169,8 +208,9 @@ def test_a_task_trains_only_in_its_phase_and_a_retired_one_only_on_its_buffer() 
 
 def test_exact_unlearning_after_a_phase_change_equals_the_retrain() -> None:
     """A member forgotten after two phase boundaries: every anchor, Fisher and buffer is
-    recomputed by the re-run, and the states equal the run without the member bit for bit."""
-    report = simulate(_study("rehearsal+ewc", unlearn=("small-c", 5)))
+    recomputed by the re-run (and the catch-up steps run again), and the states equal the run
+    without the member bit for bit."""
+    report = simulate(_study("rehearsal+ewc", catch_up=2, unlearn=("small-c", 5)))
     u = report["unlearning"]
     assert u["max_abs_diff_vs_retrain"] == 0.0
     assert "encoder.text.lora" in u["components_rolled_back"]
@@ -228,7 +268,8 @@ def test_the_participation_study_measures_rounds_per_simulated_minute() -> None:
     assert study["nodes"] == {"small-c": 0.3, "small-d": 0.3} and study["train_s"] == 1.0
     fast, full = study["rounds_per_min"]["fast"], study["rounds_per_min_everyone_trains"]["fast"]
     assert fast == pytest.approx(full, rel=1e-9)  # (nobody waits for the part-time ones)
-    assert fast == pytest.approx(60.0 / study["train_s"], rel=0.05)  # (one round a training)
+    assert study["round_interval_s"] == 2.0  # (paced as a daemon: twice the training time)
+    assert fast == pytest.approx(60.0 / study["round_interval_s"], rel=0.05)  # (one a pace)
     assert set(study["gap"]) == set(TASKS)
     assert study["rounds_completed"] == dict.fromkeys(school_topology().nodes, 4)
     trained = study["rounds_trained"]
@@ -254,6 +295,10 @@ def test_the_summary_prints_the_continual_table(study: dict[str, Any],
     (["--workload", "education", "--participation", "nobody:0.5"], "neither a node"),
     (["--participation", "ring-3:0.5"], "needs --workload education"),
     (["--method", "ewc"], "needs --continual"),
+    (["--catch-up", "2"], "needs --continual"),
+    (["--workload", "education", "--continual", "topic@0", "--catch-up", "11"],
+     "less than or equal to 10"),
+    (["--round-interval", "3"], "needs --participation"),
     (["--workload", "education", "--participation", "ring-3:0.5", "--attack", "sign-flip:1"],
      "a study of its own"),
 ])

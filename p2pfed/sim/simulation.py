@@ -109,6 +109,8 @@ class Simulation:
         #: per node: rounds completed (of its furthest component) and the simulated time of
         #: its last mix
         self.completed: dict[str, tuple[int, float]] = {}
+        #: per node: the simulated time its first round completed
+        self.first_completed: dict[str, float] = {}
         #: education: the members' mean test accuracy per task after each of the settings'
         #: curve rounds
         self.accuracy_curve: list[dict[str, float]] = []
@@ -167,6 +169,7 @@ class Simulation:
         for action in actions:
             if isinstance(action, Mixed):
                 done, _ = self.completed.get(name, (0, 0.0))
+                self.first_completed.setdefault(name, trio.current_time())
                 self.completed[name] = (max(done, action.round + 1), trio.current_time())
                 if self.edu is None:
                     self.work[self._phase].add((name, action.epoch, action.round))

@@ -131,8 +131,12 @@ def _participation_study(config: SimConfig, on_phase: PhaseProgress | None) -> d
     fast = [n for n in sim.topo.nodes if n not in config.participation]
 
     def per_minute(run: Simulation, names: list[str]) -> float:
-        rates = [done / (t / 60.0) for n in names if n in run.completed
-                 for done, t in [run.completed[n]] if t > 0]
+        """The mean over ``names`` of each one's pace: rounds completed after its first, per
+        simulated minute since the first (the steady pace; the first round's start-up and a
+        last round that ends before its interval would be over are not counted)."""
+        rates = [(done - 1) / ((t - run.first_completed[n]) / 60.0) for n in names
+                 if n in run.completed for done, t in [run.completed[n]]
+                 if t > run.first_completed[n]]
         return float(sum(rates) / len(rates)) if rates else float("nan")
 
     trained: dict[str, int] = {}
