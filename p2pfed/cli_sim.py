@@ -84,9 +84,10 @@ def simulate(
                                  "joint training).")] = None,
     method: Annotated[str, typer.Option(
         help="Continual method: rehearsal, ewc, rehearsal+ewc or naive.")] = "rehearsal",
-    catch_up: Annotated[int, typer.Option(
+    catch_up: Annotated[int | None, typer.Option(
         min=1, max=10, help="Continual: a task that starts late trains this many times the "
-                            "steps per round until it made up the rounds it missed.")] = 1,
+                            "steps per round until it made up the rounds it missed (at most "
+                            "10 rounds; 1: off; default 3, as [continual] catch_up).")] = None,
     participation: Annotated[str | None, typer.Option(
         metavar="NODES:P[,NODES:P]", help="These nodes train only a fraction P of the rounds "
         "(NODES: a node, a group of a hierarchical topology, or a share such as 1/3 of the "
@@ -252,7 +253,8 @@ def _parse_attack(value: str) -> tuple[str, int]:
 
 
 def _continual_options(config: SimConfig, *, continual: str | None, method: str,
-                       participation: str | None, train_s: float, catch_up: int = 1,
+                       participation: str | None, train_s: float,
+                       catch_up: int | None = None,
                        round_interval: float = 0.0) -> SimConfig:
     """``config`` with the continual schedule, the participation and the compute model."""
     import dataclasses
@@ -266,7 +268,7 @@ def _continual_options(config: SimConfig, *, continual: str | None, method: str,
                                  param_hint="--method")
     if continual is None and method != "rehearsal":
         raise typer.BadParameter("needs --continual SCHEDULE", param_hint="--method")
-    if continual is None and catch_up != 1:
+    if continual is None and catch_up is not None:
         raise typer.BadParameter("needs --continual SCHEDULE", param_hint="--catch-up")
     if participation is None and round_interval:
         raise typer.BadParameter("needs --participation", param_hint="--round-interval")
@@ -288,7 +290,8 @@ def _continual_options(config: SimConfig, *, continual: str | None, method: str,
     return dataclasses.replace(
         config, participation=shares, train_s=train_s, round_interval_s=round_interval,
         continual=None if schedule is None else (
-            schedule, ContinualSettings(method=method, catch_up=catch_up)))
+            schedule, ContinualSettings(method=method) if catch_up is None
+            else ContinualSettings(method=method, catch_up=catch_up)))
 
 
 def _parse_participation(value: str, config: SimConfig) -> dict[str, float]:

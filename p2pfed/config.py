@@ -66,8 +66,9 @@
     sampling = "balanced"               # balanced | uniform
     ewc_lambda = 1.0                    # the penalty's weight (ewc)
     fisher_batches = 4                  # seeded batches per Fisher estimate (ewc)
-    catch_up = 1                        # a task added late trains this many times the steps
-                                        # per round until it made up the rounds it missed
+    catch_up = 3                        # a task added late trains this many times the steps
+                                        # per round until it made up the rounds it missed,
+    catch_up_rounds = 10                # for at most this many rounds
 """
 
 from __future__ import annotations

@@ -76,15 +76,17 @@ class Schedule:
     def retired(self, task: str, round_: int) -> bool:
         return task in self.retires and round_ >= self.retires[task]
 
-    def catching_up(self, task: str, round_: int, factor: int) -> bool:
+    def catching_up(self, task: str, round_: int, factor: int, limit: int = MAX_ROUND) -> bool:
         """Is ``task``, started late, still catching up in round ``round_``?  A task that
         starts at round ``s > 0`` trains ``factor`` times the steps per round until its extra
         steps make up the ``s`` rounds it missed against training from round 0 (its first
-        ``ceil(s / (factor - 1))`` active rounds); never with ``factor`` 1."""
+        ``ceil(s / (factor - 1))`` active rounds), for at most ``limit`` rounds (a task added
+        to a federation that ran for a year needs to converge, not to replay the year);
+        never with ``factor`` 1."""
         start = self.starts.get(task)
         if factor <= 1 or not start or not self.active(task, round_):
             return False
-        return (round_ - start) * (factor - 1) < start
+        return (round_ - start) * (factor - 1) < start and round_ - start < limit
 
     def boundaries(self) -> list[int]:
         """The rounds (> 0) at which the set of active tasks changes."""
@@ -127,8 +129,10 @@ class ContinualSettings:
     #: seeded batches per Fisher estimate (each of the trainer's batch size)
     fisher_batches: int = 4
     #: a task that starts late trains this many times the steps per round until it has made
-    #: up the rounds it missed (:meth:`Schedule.catching_up`; 1: off)
-    catch_up: int = 1
+    #: up the rounds it missed (:meth:`Schedule.catching_up`; 1: off) ...
+    catch_up: int = 3
+    #: ... for at most this many rounds
+    catch_up_rounds: int = 10
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -145,6 +149,8 @@ class ContinualSettings:
             raise ConfigError("continual.fisher_batches must be in 1..1000")
         if not 1 <= self.catch_up <= 10:
             raise ConfigError("continual.catch_up must be in 1..10")
+        if not 1 <= self.catch_up_rounds <= 1000:
+            raise ConfigError("continual.catch_up_rounds must be in 1..1000")
 
     @property
     def rehearsal(self) -> bool:

@@ -43,7 +43,7 @@ def test_a_bad_schedule_is_refused_naming_the_item(text: str, words: str) -> Non
 def test_bad_settings_are_refused() -> None:
     for bad in ({"method": "magic"}, {"sampling": "first"}, {"buffer": 0},
                 {"ewc_lambda": float("nan")}, {"fisher_batches": 0}, {"catch_up": 0},
-                {"catch_up": 11}):
+                {"catch_up": 11}, {"catch_up_rounds": 0}):
         with pytest.raises(ConfigError):
             ContinualSettings(**bad)  # type: ignore[arg-type]
 
@@ -123,6 +123,8 @@ def test_an_unlearning_rerun_recaptures_the_anchors_it_passes_again() -> None:
 
 
 def _study(method: str, catch_up: int = 1, **extra: Any) -> SimConfig:
+    """The SCHEDULE study on the tiny school (``catch_up`` 1: off, as these tests were first
+    written; the catch-up tests turn it on)."""
     settings = dataclasses.replace(TINY, rounds=6)
     schedule = Schedule.parse(SCHEDULE, TASKS)
     return SimConfig(school_topology(), workload="education", rounds=6, seed=2,
@@ -141,6 +143,8 @@ def test_a_late_task_catches_up_the_rounds_it_missed() -> None:
     assert not any(s.catching_up("digits", r, 1) for r in range(60))  # (off)
     assert [r for r in range(60) if s.catching_up("engagement", r, 4)] == [3]  # retired at 5
     assert [r for r in range(60) if s.catching_up("engagement", r, 2)] == [3, 4]
+    assert [r for r in range(60) if s.catching_up("digits", r, 2, limit=4)] == [15, 16, 17, 18]
+    assert ContinualSettings().catch_up == 3  # (the default, by measurement)
 
 
 def test_the_trainer_runs_more_steps_while_a_task_catches_up() -> None:

@@ -77,8 +77,8 @@ class Continual:
     def step_factor(self, tasks: Sequence[str], round_: int) -> int:
         """How many times the usual steps a round training ``tasks`` runs: ``catch_up`` while
         one of them, started late, is catching up (:meth:`Schedule.catching_up`), else 1."""
-        factor = self.settings.catch_up
-        if any(self.schedule.catching_up(t, round_, factor) for t in tasks):
+        factor, limit = self.settings.catch_up, self.settings.catch_up_rounds
+        if any(self.schedule.catching_up(t, round_, factor, limit) for t in tasks):
             return factor
         return 1
 
