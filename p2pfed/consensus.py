@@ -404,12 +404,45 @@ def clipped_gossip(own: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]
     return Clipped(out, tau, left_out)
 
 
+def clipped_weights(self_weight: float, weights: Sequence[float],
+                    left_out: Collection[int]) -> tuple[float, list[float]]:
+    """The linear weights :func:`clipped_gossip`'s state equals: a neighbour left out (by index
+    into ``weights``) weighs 0 and its weight stays with self.  (The state, ``own + Σ_kept w_j ·
+    (x_j − own)``, is ``(1 − Σ_kept w_j) · own + Σ_kept w_j · x_j``; with a row that sums to 1
+    that self weight is ``self_weight + Σ_left w_j``, and nothing left out gives the row back.)
+    """
+    kept = [0.0 if i in left_out else w for i, w in enumerate(weights)]
+    return self_weight + math.fsum(w for i, w in enumerate(weights) if i in left_out), kept
+
+
+class Trimmed(NamedTuple):
+    state: torch.Tensor
+    weights: list[float]  # per input, in input order: its share of the values kept
+    exact: bool  # the state is exactly the sum of the inputs by these weights
+
+
+def trimmed_mean_weights(states: Sequence[torch.Tensor], trim: int) -> Trimmed:
+    """:func:`trimmed_mean`, and each input's share of it: ``ω_j = c_j / (d · (n − 2t))``,
+    ``c_j`` the number of the ``d`` coordinates where input ``j`` lies in the kept band.
+
+    The ω sum to 1.  A trimmed mean is no linear combination of its inputs (each coordinate
+    keeps its own set), so ω is exact only when every input is kept in all coordinates or in
+    none (then the state is the plain mean of those kept), or when nothing is trimmed.  Ties
+    go by input order (a stable sort): of equal values the earlier input ranks lower.
+    """
+    stacked = torch.stack([s.to(torch.float64) for s in states])
+    n, d = stacked.shape[0], stacked[0].numel()
+    trim = min(trim, (n - 1) // 2)
+    if trim <= 0 or d == 0:  # (the plain mean; an empty state is any mix of the inputs)
+        state = stacked.mean(dim=0) if trim <= 0 else stacked[trim:n - trim].mean(dim=0)
+        return Trimmed(state, [1.0 / n] * n, True)
+    ordered = torch.sort(stacked, dim=0, stable=True)
+    counts = torch.bincount(ordered.indices[trim:n - trim].reshape(-1), minlength=n).tolist()
+    kept = d * (n - 2 * trim)
+    return Trimmed(ordered.values[trim:n - trim].mean(dim=0), [c / kept for c in counts],
+                   all(c in (0, d) for c in counts))
+
+
 def trimmed_mean(states: Sequence[torch.Tensor], trim: int) -> torch.Tensor:
     """Coordinate-wise mean after dropping the ``trim`` largest and smallest values."""
-    stacked = torch.stack([s.to(torch.float64) for s in states])
-    n = stacked.shape[0]
-    trim = min(trim, (n - 1) // 2)
-    if trim <= 0:
-        return stacked.mean(dim=0)
-    ordered = torch.sort(stacked, dim=0).values
-    return ordered[trim:n - trim].mean(dim=0)
+    return trimmed_mean_weights(states, trim).state

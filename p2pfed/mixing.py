@@ -32,10 +32,11 @@ import torch
 from gossip.errors import ConfigError
 from p2pfed.consensus import (
     clipped_gossip,
+    clipped_weights,
     heterogeneity,
     mix_into,
     noise_aware_weights,
-    trimmed_mean,
+    trimmed_mean_weights,
 )
 
 #: the rule used when a component names none
@@ -90,15 +91,31 @@ class MixInput:
 
 @dataclass(frozen=True)
 class MixResult:
-    """The new state and what the ledger records of the mix."""
+    """The new state and what the ledger records of the mix.
+
+    ``self_weight`` and ``weights`` are what the ledger records (a rule that leaves weights
+    out, or is not linear, still records the ones it was handed); :meth:`linear_weights` are
+    the weights the state equals, ``self_w · own + Σ w_j · x_j``, that provenance shares use.
+    """
 
     state: torch.Tensor
-    #: the weights the mix used: self's, and one per neighbour in input order
+    #: the weights the mix recorded: self's, and one per neighbour in input order
     self_weight: float
     weights: tuple[float, ...]
     memory: Memory
     #: extra fields for the ledger's ``mix`` entry (what the rule decided, for audits)
     audit: Mapping[str, Any] = field(default_factory=dict)
+    #: (self's weight, one per neighbour in input order) such that the state equals
+    #: ``self_w · own + Σ w_j · x_j`` in exact arithmetic; None: the recorded ones are
+    share_weights: tuple[float, tuple[float, ...]] | None = None
+    #: False when no linear weights give the state and ``share_weights`` approximate it
+    exact: bool = True
+
+    def linear_weights(self) -> tuple[float, tuple[float, ...]]:
+        """``share_weights``, or the recorded weights when they are the linear ones."""
+        if self.share_weights is not None:
+            return self.share_weights
+        return self.self_weight, self.weights
 
 
 def staleness(age: int) -> float:
@@ -236,14 +253,22 @@ class Clipped(MixingRule):
         memory = inp.memory
         if len(inp.neighbours) > 1:  # (one neighbour alone cannot be judged: keep the memory)
             memory = dataclasses.replace(memory, radius=clip.radius)
+        weights = tuple(n.weight for n in inp.neighbours)
+        # the ledger keeps the weights the rule was handed; the state is the mix with the
+        # left-out neighbours at 0 and their weight with self (``clipped_weights``)
+        self_w, used = clipped_weights(inp.self_weight, weights, clip.left_out)
+        shares = (self_w, tuple(used))
         return MixResult(
-            clip.state, inp.self_weight, tuple(n.weight for n in inp.neighbours), memory,
-            {"radius": clip.radius, "left_out": [inp.neighbours[i].peer for i in clip.left_out]})
+            clip.state, inp.self_weight, weights, memory,
+            {"radius": clip.radius, "left_out": [inp.neighbours[i].peer for i in clip.left_out]},
+            share_weights=None if shares == (inp.self_weight, weights) else shares)
 
 
 class TrimmedMean(MixingRule):
     """The coordinate-wise mean of self and the neighbours after dropping a quarter at each
-    end (:func:`~p2pfed.consensus.trimmed_mean`)."""
+    end (:func:`~p2pfed.consensus.trimmed_mean`).  It records the weights it was handed; its
+    share weights are each input's share of the values kept
+    (:func:`~p2pfed.consensus.trimmed_mean_weights`), in general not exact."""
 
     name = "trimmed-mean"
 
@@ -251,8 +276,11 @@ class TrimmedMean(MixingRule):
         if not inp.neighbours:
             return _plain(inp)
         states = [inp.own, *(n.state for n in inp.neighbours)]
-        return MixResult(trimmed_mean(states, max(1, len(states) // 4)), inp.self_weight,
-                         tuple(n.weight for n in inp.neighbours), inp.memory)
+        trimmed = trimmed_mean_weights(states, max(1, len(states) // 4))
+        own_w, *others = trimmed.weights
+        return MixResult(trimmed.state, inp.self_weight,
+                         tuple(n.weight for n in inp.neighbours), inp.memory,
+                         share_weights=(own_w, tuple(others)), exact=trimmed.exact)
 
 
 _REGISTRY: dict[str, MixingRule] = {}

@@ -320,9 +320,12 @@ def test_a_bad_age_is_refused(age: object) -> None:
         Announcement.from_body(_body(age, rnd=rnd))
 
 
-def test_an_announcement_of_ten_elements_is_refused() -> None:
-    with pytest.raises(MalformedMessageError):
-        Announcement.from_body(_body(1, 2))
+def test_an_announcement_of_eleven_elements_or_a_bad_tenth_is_refused() -> None:
+    """The 10th element is provenance, ``[masses, flags]`` (tests/test_provenance_node.py)."""
+    for extra in [(1, [b"\0" * 8, 0], 3), (1, 2), (1, [b"\0" * 8]), (1, [b"\0" * 16, 0]),
+                  (1, [b"\0" * 8, 9])]:
+        with pytest.raises(MalformedMessageError):
+            Announcement.from_body(_body(*extra))
 
 
 def test_a_bad_age_is_rejected_per_peer() -> None:

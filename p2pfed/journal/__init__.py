@@ -10,7 +10,10 @@ for ``p2pfed ledger verify``.
 Versions: each body written now carries ``"v": SCHEMA``.  Bodies without ``"v"`` were written
 before the schema had a number (version 0, commit 67c3a79 and earlier); they hold the same
 fields and read the same way (``tests/fixtures/ledger_v0`` holds two such ledgers).  A body with
-a higher version than this code knows is refused with a clear error, never half-read.
+a higher version than this code knows is refused with a clear error, never half-read.  Schema 3
+added optional provenance fields (``credit``; ``mass``, ``prov_flags``, ``share_weights``),
+written only when set: without them a body holds what schema 2 wrote.  It is a new version
+because schema 2 code would read them into a mix's audit or a checkpoint's memory.
 
 Free of torch: the CLI reads ledgers through it.  The records are in ``_rounds`` (a node's
 rounds) and ``_other`` (membership, the task catalogue, unlearning, the ledger's own); ``_base``

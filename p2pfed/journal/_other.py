@@ -7,7 +7,19 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from p2pfed import kinds
-from p2pfed.journal._base import Record, SchemaError, _field, _floats, _lineage, _strs
+from p2pfed.journal._base import (
+    PROV_FIELDS,
+    Record,
+    SchemaError,
+    _check_extra,
+    _check_prov,
+    _field,
+    _floats,
+    _lineage,
+    _prov,
+    _prov_body,
+    _strs,
+)
 from p2pfed.journal._rounds import Checkpoint
 from p2pfed.ledger_verify import OPEN
 from p2pfed.lineage import Lineage
@@ -102,23 +114,34 @@ class Rerun:
     lineage: Lineage
     memory: Mapping[str, float] = field(default_factory=dict)
     keep: Checkpoint | None = None
+    #: the checkpoint's mass vector (aligned with ``lineage``) and its flags; None: not kept
+    mass: bytes | None = None
+    prov_flags: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_extra(self.memory, _RERUN_FIELDS, "the rule's memory")
+        _check_prov(self.mass, self.prov_flags, self.lineage)
 
     def to_body(self) -> dict[str, Any]:
         keep = {"keep": self.keep.fields()} if self.keep is not None else {}
         return {"until": self.until, "checkpoint": self.checkpoint,
-                "lineage": self.lineage.packed, **self.memory, **keep}
+                "lineage": self.lineage.packed, **self.memory, **keep,
+                **_prov_body(self.mass, self.prov_flags)}
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Rerun:
         keep = _field(body, "keep", dict, None)
         return cls(_field(body, "until", int), _field(body, "checkpoint", bytes),
-                   _lineage(body, "lineage", b""),
-                   _floats(body, ("until", "checkpoint", "lineage", "keep")),
-                   Checkpoint.from_fields(keep) if keep is not None else None)
+                   _lineage(body, "lineage", b""), _floats(body, _RERUN_FIELDS),
+                   Checkpoint.from_fields(keep) if keep is not None else None, *_prov(body))
 
     def rollback(self, component: str, start: int) -> Checkpoint:
-        """The checkpoint this component rolls back to."""
-        return Checkpoint(component, start, self.checkpoint, self.lineage, self.memory)
+        """The checkpoint this component rolls back to (its mass vector with it)."""
+        return Checkpoint(component, start, self.checkpoint, self.lineage, self.memory,
+                          self.mass, self.prov_flags)
+
+
+_RERUN_FIELDS = ("until", "checkpoint", "lineage", "keep", *PROV_FIELDS)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -9,11 +10,17 @@ from typing import Any, ClassVar
 from p2pfed import kinds
 from p2pfed.journal._base import (
     _VERSION,
+    PROV_FIELDS,
     Record,
     SchemaError,
+    _check_extra,
+    _check_finite,
+    _check_prov,
     _field,
     _floats,
     _lineage,
+    _prov,
+    _prov_body,
     _strs,
 )
 from p2pfed.lineage import Lineage
@@ -54,12 +61,20 @@ class LocalUpdate(Record):
     lineage: Lineage
     epoch: int
     dp: PrivacySpent | None = None
+    #: the mass (the 2-norm of the change) this node's own training put into the state this
+    #: round (None: not recorded)
+    credit: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.credit is not None:
+            _check_finite("credit", self.credit)
 
     def fields(self) -> dict[str, Any]:
         out = {"component": self.component, "round": self.round, "digest": self.digest,
                "trained": self.trained, "start": self.start, "lineage": self.lineage.packed,
                "epoch": self.epoch}
-        return out | ({"dp": self.dp.to_body()} if self.dp is not None else {})
+        return out | ({"dp": self.dp.to_body()} if self.dp is not None else {}) | (
+            {"credit": self.credit} if self.credit is not None else {})
 
     @classmethod
     def from_fields(cls, body: Mapping[str, Any]) -> LocalUpdate:
@@ -68,7 +83,8 @@ class LocalUpdate(Record):
                    _field(body, "digest", bytes), _field(body, "trained", bool, False),
                    _field(body, "start", bytes, b""), _lineage(body, "lineage"),
                    _field(body, "epoch", int, 0),
-                   PrivacySpent.from_body(dp) if dp is not None else None)
+                   PrivacySpent.from_body(dp) if dp is not None else None,
+                   _field(body, "credit", float, None))
 
 
 @dataclass(frozen=True)
@@ -88,13 +104,20 @@ class Contribution(Record):
     #: the rounds its sender's state had missed (a catch-up; mixing down-weights it): written
     #: only when above 0, so a re-run mixes it as the original round did
     age: int = 0
+    #: the sender's announced mass vector (little-endian float64s, one per member of
+    #: ``lineage``) and its flags (``PARTIAL=1``, ``APPROX=2``); None: not announced
+    mass: bytes | None = None
+    prov_flags: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_prov(self.mass, self.prov_flags, self.lineage)
 
     def fields(self) -> dict[str, Any]:
         out = {"sender": self.sender, "component": self.component, "round": self.round,
                "digest": self.digest, "weight": self.weight, "lineage": self.lineage.packed,
                "noise": self.noise}
         return out | ({"kept": True} if self.kept else {}) | (
-            {"age": self.age} if self.age > 0 else {})
+            {"age": self.age} if self.age > 0 else {}) | _prov_body(self.mass, self.prov_flags)
 
     @classmethod
     def from_fields(cls, body: Mapping[str, Any]) -> Contribution:
@@ -102,7 +125,7 @@ class Contribution(Record):
                    _field(body, "round", int), _field(body, "digest", bytes),
                    _field(body, "weight", float), _lineage(body, "lineage"),
                    _field(body, "noise", float, 0.0), _field(body, "kept", bool, False),
-                   _field(body, "age", int, 0))
+                   _field(body, "age", int, 0), *_prov(body))
 
 
 @dataclass(frozen=True)
@@ -115,7 +138,7 @@ class MixInputRef:
 
 
 _MIX_FIELDS = ("component", "round", "self_weight", "inputs", "missing", "lineage", "epoch",
-               "rule")
+               "rule", *PROV_FIELDS, "share_weights")
 
 
 @dataclass(frozen=True)
@@ -133,13 +156,36 @@ class Mix(Record):
     rule: str
     #: the rule's own audit fields (clipped gossip's radius, trimmed members, noise ...)
     audit: Mapping[str, Any] = field(default_factory=dict)
+    #: the node's mass vector after the mix (little-endian float64s, one per member of
+    #: ``lineage``) and its flags; None: not kept
+    mass: bytes | None = None
+    prov_flags: int | None = None
+    #: the weights the vector was mixed with, (self, one per input), when they differ from
+    #: ``self_weight`` and the inputs' (None: the same)
+    share_weights: tuple[float, tuple[float, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        _check_extra(self.audit, _MIX_FIELDS, "the rule's audit")
+        _check_prov(self.mass, self.prov_flags, self.lineage)
+        if self.share_weights is None:
+            return
+        own, weights = self.share_weights
+        if len(weights) != len(self.inputs):
+            raise SchemaError(f"field 'share_weights' holds {len(weights)} input weights for "
+                              f"{len(self.inputs)} inputs")
+        if not all(math.isfinite(w) for w in (own, *weights)):
+            raise SchemaError(f"field 'share_weights' holds a weight that is not finite: "
+                              f"{self.share_weights!r}")
 
     def fields(self) -> dict[str, Any]:
+        shares = {} if self.share_weights is None else {
+            "share_weights": [self.share_weights[0], list(self.share_weights[1])]}
         return {"component": self.component, "round": self.round,
                 "self_weight": self.self_weight,
                 "inputs": [[i.peer, i.weight, i.digest] for i in self.inputs],
                 "missing": list(self.missing), "lineage": self.lineage.packed,
-                "epoch": self.epoch, "rule": self.rule, **self.audit}
+                "epoch": self.epoch, "rule": self.rule, **self.audit,
+                **_prov_body(self.mass, self.prov_flags), **shares}
 
     @classmethod
     def from_fields(cls, body: Mapping[str, Any]) -> Mix:
@@ -155,10 +201,22 @@ class Mix(Record):
                    _field(body, "self_weight", float), tuple(inputs), _strs(body, "missing"),
                    _lineage(body, "lineage"), _field(body, "epoch", int, 0),
                    _field(body, "rule", str, "mh"),
-                   {k: v for k, v in body.items() if k not in _MIX_FIELDS and k != _VERSION})
+                   {k: v for k, v in body.items() if k not in _MIX_FIELDS and k != _VERSION},
+                   *_prov(body), _share_weights(body))
 
 
-_CHECKPOINT_FIELDS = ("component", "round", "digest", "lineage")
+def _share_weights(body: Mapping[str, Any]) -> tuple[float, tuple[float, ...]] | None:
+    value = _field(body, "share_weights", (list, tuple), None)
+    if value is None:
+        return None
+    if (len(value) != 2 or not isinstance(value[1], list | tuple)
+            or not all(isinstance(w, int | float) and not isinstance(w, bool)
+                       for w in (value[0], *value[1]))):
+        raise SchemaError("field 'share_weights' is not [self weight, [input weights]]")
+    return float(value[0]), tuple(float(w) for w in value[1])
+
+
+_CHECKPOINT_FIELDS = ("component", "round", "digest", "lineage", *PROV_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -172,16 +230,24 @@ class Checkpoint(Record):
     lineage: Lineage
     #: what the mixing rule remembers (:class:`p2pfed.mixing.Memory`'s fields)
     memory: Mapping[str, float] = field(default_factory=dict)
+    #: the mass vector of the state (aligned with ``lineage``) and its flags; None: not kept
+    mass: bytes | None = None
+    prov_flags: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_extra(self.memory, _CHECKPOINT_FIELDS, "the rule's memory")
+        _check_prov(self.mass, self.prov_flags, self.lineage)
 
     def fields(self) -> dict[str, Any]:
         return {"component": self.component, "round": self.round, "digest": self.digest,
-                "lineage": self.lineage.packed, **self.memory}
+                "lineage": self.lineage.packed, **self.memory,
+                **_prov_body(self.mass, self.prov_flags)}
 
     @classmethod
     def from_fields(cls, body: Mapping[str, Any]) -> Checkpoint:
         return cls(_field(body, "component", str), _field(body, "round", int),
                    _field(body, "digest", bytes), _lineage(body, "lineage", b""),
-                   _floats(body, _CHECKPOINT_FIELDS))
+                   _floats(body, _CHECKPOINT_FIELDS), *_prov(body))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ class NodeConfig:
     #: timeout): a node alone neither spins nor starves its networking with lone rounds
     lone_interval_ms: int | None = None
     max_payload_bytes: int = 1 << 30
+    #: keep and announce each state's mass vector (:mod:`p2pfed.provenance`); off, the node
+    #: announces what older versions read (their parsers refuse a 10th element)
+    provenance: bool = True
     max_skew_ms: int = 5 * 60 * 1000
     #: components this node trains locally (others are only mixed)
     trains: frozenset[str] = frozenset()

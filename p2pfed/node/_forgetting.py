@@ -28,6 +28,7 @@ from p2pfed.journal import (
 from p2pfed.lineage import Lineage
 from p2pfed.mixing import Memory
 from p2pfed.node._journal import Journal
+from p2pfed.node._provenance import fields, recorded
 from p2pfed.node._records import Announcement
 from p2pfed.node._restore import checkpoint_of, forget_history, load_checkpoint
 from p2pfed.node._state import ComponentRound, Event, Phase, Received, transition
@@ -177,12 +178,15 @@ class Forgetting:
             if kept is None or (rec is not None and rec.flat is not None):
                 continue
             state = self._journal.state(name, kept.digest, st.comp.layout)
+            prov = None if kept.mass is None else recorded(kept.mass, kept.prov_flags,
+                                                           kept.lineage, st.round)
             ann = Announcement(name, st.round, kept.digest, 0, 0, kept.lineage,
-                               noise=kept.noise, epoch=epoch, age=kept.age)
+                               noise=kept.noise, epoch=epoch, age=kept.age, prov=prov)
             st.inbox[(st.round, peer)] = Received(ann, state)
             self._journal.write(Contribution(peer, name, st.round, kept.digest,
                                              st.weights.get(peer, 0.0), kept.lineage,
-                                             kept.noise, kept=True, age=kept.age), now_ms)
+                                             kept.noise, kept=True, age=kept.age,
+                                             **fields(prov, kept.lineage)), now_ms)
 
     def round_done(self, name: str, st: ComponentRound) -> str | None:
         """``st`` completed a round: when that ends its re-run, the target it was for."""
@@ -204,6 +208,7 @@ class Forgetting:
         st.comp.load_(kept)
         st.lineage = keep.lineage | Lineage.of([self.self_id])
         st.memory = Memory.from_record(keep.memory)
+        st.prov = recorded(keep.mass, keep.prov_flags, keep.lineage, keep.round)
 
     def finish(self, target: str, now_ms: int) -> None:
         """Close the unlearning of ``target`` once none of its components re-runs any more:

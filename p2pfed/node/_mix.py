@@ -23,7 +23,9 @@ from p2pfed.consensus import effective_weights, metropolis_hastings_row
 from p2pfed.journal import Mix, MixInputRef
 from p2pfed.lineage import Lineage
 from p2pfed.mixing import MixingRule, MixInput, Neighbour, stale_weights
+from p2pfed.node._provenance import fields, received
 from p2pfed.node._state import ComponentRound, Received
+from p2pfed.provenance import Provenance
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,10 @@ def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,
                               own_noise=st.noise, scratch=scratch))
     st.comp.flat.copy_(mixed.state)
     st.memory = mixed.memory
+    own_w, linear = mixed.linear_weights()  # (the vector mixes as the parameters did)
+    st.prov = Provenance.mix(max(own_w, 0.0), st.prov, [
+        (max(w, 0.0), received(present[n.peer].announcement))
+        for n, w in zip(neighbours, linear, strict=True)], approx=not mixed.exact)
     if present:  # (the state took part in a mix: it is fresh again)
         st.age = 0
     st.lineage = st.lineage.union(*(rec.announcement.lineage for rec in present.values()),
@@ -119,7 +125,8 @@ def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,
     inputs = tuple(MixInputRef(n.peer, w, present[n.peer].announcement.digest)
                    for n, w in zip(neighbours, mixed.weights, strict=True))
     record = Mix(name, st.round, mixed.self_weight, inputs, missing, st.lineage,
-                 epoch, rule.name, mixed.audit)
+                 epoch, rule.name, mixed.audit, **fields(st.prov, st.lineage),
+                 share_weights=mixed.share_weights)
     return MixOutcome(record, tuple(sorted(present)), missing)
 
 

@@ -26,8 +26,9 @@ from p2pfed.codec import Buffer
 from p2pfed.components import FlatComponent
 from p2pfed.journal import CatchUp, Checkpoint, Contribution, LocalUpdate
 from p2pfed.ledger import Ledger
-from p2pfed.lineage import Lineage
+from p2pfed.lineage import Lineage, tag
 from p2pfed.mixing import DEFAULT_RULE, MixingRule, rule
+from p2pfed.node import _provenance as _prov
 from p2pfed.node._announcer import Announcer
 from p2pfed.node._config import NodeConfig
 from p2pfed.node._forgetting import EARLY, Forgetting
@@ -165,6 +166,10 @@ class Node:
 
     def weights_of(self, component: str) -> dict[str, float]:
         return dict(self._states[component].weights)
+
+    def provenance_of(self, component: str) -> _prov.Provenance:
+        """The mass vector of ``component``'s state (:mod:`p2pfed.provenance`)."""
+        return self._states[component].prov
 
     def next_deadline(self) -> int | None:
         deadlines = [st.deadline_ms if st.phase is Phase.COLLECTING else st.start_at_ms
@@ -308,6 +313,8 @@ class Node:
         account = self._privacy.get(component)
         if origin is not None and account is not None:
             account.release(origin, st.comp.flat)
+        fast = st.replay is not None and st.replay.mode == "fast"
+        st.credit = _prov.credit(st, tag(self.peer_id), origin, approx=fast)
         for dep in sorted(self.config.forward_deps.get(component, ())):
             if dep in self._states:
                 st.lineage = st.lineage | self._states[dep].lineage
@@ -366,9 +373,9 @@ class Node:
                                                 replay.idle if replay is not None else None)
         if trains and account is not None:
             trains = account.may_release(self.peer_id[-8:])
-        st.trained, st.start_digest = trains, b""
+        st.trained, st.start_digest, st.credit = trains, b"", 0.0
         if trains:
-            if account is not None or (replay is not None and replay.mode == "fast"):
+            if self.config.provenance or account is not None or replay is not None:
                 st.origin = st.comp.flat.clone()
             if self.config.keep_payloads:  # fast unlearning sizes its steps by these
                 st.start_digest, _ = self._journal.put_state(name, st.round, st.comp.flat,
@@ -377,6 +384,7 @@ class Node:
         stored = self._forgetting.stored_update(name, st)
         if stored is not None:  # fast mode between calibrations: re-apply the stored update
             st.comp.flat.add_(stored)
+            st.credit = _prov.credit(st, tag(self.peer_id), None, stored=stored, approx=True)
         transition(st, Event.TRAINED)
         return self._publish(name, now_ms)
 
@@ -389,10 +397,12 @@ class Node:
         spent, st.noise = account.published() if account is not None else (None, 0.0)
         # The ledger entry (with the privacy spent so far) precedes the send and is durable.
         self._journal.write(LocalUpdate(name, st.round, st.own_digest, st.trained,
-                                        st.start_digest, st.lineage, self.epoch, spent),
+                                        st.start_digest, st.lineage, self.epoch, spent,
+                                        credit=st.credit if self.config.provenance else None),
                             now_ms, durable=True)
-        ann = Announcement(name, st.round, st.own_digest, size,
-                           len(st.neighbours), st.lineage, st.noise, self.epoch, st.age)
+        ann = Announcement(name, st.round, st.own_digest, size, len(st.neighbours), st.lineage,
+                           st.noise, self.epoch, st.age,
+                           _prov.outgoing(st) if self.config.provenance else None)
         actions = self._announcer.announce(ann, st.neighbours, now_ms)
         if st.replay is not None:
             self._forgetting.feed(name, st, self.epoch, now_ms)
@@ -462,7 +472,8 @@ class Node:
         rec.flat = flat
         ann = rec.announcement
         self._journal.write(Contribution(peer, name, round_, dig, st.weights.get(peer, 0.0),
-                                         ann.lineage, ann.noise, age=ann.age), now_ms)
+                                         ann.lineage, ann.noise, age=ann.age,
+                                         **_prov.fields(ann.prov, ann.lineage)), now_ms)
         return self._maybe_complete(name, now_ms)
 
     def _maybe_complete(self, name: str, now_ms: int) -> list[Action]:

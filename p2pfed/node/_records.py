@@ -13,6 +13,7 @@ import torch
 from gossip.envelope import packb, unpackb
 from gossip.errors import MalformedMessageError, RemoteError
 from p2pfed.lineage import Lineage
+from p2pfed.provenance import Provenance
 
 ANNOUNCE = "announce"
 
@@ -37,22 +38,29 @@ class Announcement:
     #: forgotten member's influence and are never mixed
     epoch: int = 0
     #: rounds since the announced state last took part in a mix (0 but after a catch-up: see
-    #: :func:`p2pfed.mixing.stale_weights`); sent as a 9th element only when above 0, so an
-    #: announcement of a fresh state is the 8 elements older peers send and read
+    #: :func:`p2pfed.mixing.stale_weights`); sent as a 9th element only when above 0 or
+    #: followed by a 10th, so an announcement of a fresh state without provenance is the 8
+    #: elements older peers send and read
     age: int = 0
+    #: the announced state's mass vector (:mod:`p2pfed.provenance`), a 10th element
+    #: ``[masses aligned to lineage, flags]``; None: the sender keeps none
+    prov: Provenance | None = None
 
     def to_body(self) -> bytes:
         fields = [self.component, self.round, self.digest, self.size, self.degree,
                   self.lineage.packed, self.noise, self.epoch]
+        if self.prov is not None:
+            return packb([*fields, self.age, [self.prov.encode(self.lineage),
+                                              self.prov.flags]])
         return packb([*fields, self.age] if self.age > 0 else fields)
 
     @classmethod
     def from_body(cls, body: bytes) -> Announcement:
         obj = unpackb(body)
-        if not isinstance(obj, list) or len(obj) not in (8, 9):
-            raise MalformedMessageError("announcement must be an 8- or 9-element array")
+        if not isinstance(obj, list) or len(obj) not in (8, 9, 10):
+            raise MalformedMessageError("announcement must be an 8- to 10-element array")
         component, rnd, dig, size, degree, lineage, noise, epoch = obj[:8]
-        age = obj[8] if len(obj) == 9 else 0
+        age = obj[8] if len(obj) >= 9 else 0
         ok = (
             isinstance(component, str)
             and isinstance(rnd, int) and rnd >= 0
@@ -66,8 +74,13 @@ class Announcement:
         if not ok:
             raise MalformedMessageError("announcement fields have wrong types or ranges")
         # (packed tags; an older peer sends its members' peer ids)
-        return cls(component, rnd, dig, size, degree, Lineage.decode_wire(lineage),
-                   float(noise), epoch, age)
+        members = Lineage.decode_wire(lineage)
+        prov = None
+        if len(obj) == 10:
+            if not isinstance(obj[9], list) or len(obj[9]) != 2:
+                raise MalformedMessageError("an announcement's provenance is [masses, flags]")
+            prov = Provenance.decode(members, *obj[9])
+        return cls(component, rnd, dig, size, degree, members, float(noise), epoch, age, prov)
 
 
 # --------------------------------------------------------------------------------------------

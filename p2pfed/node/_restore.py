@@ -24,6 +24,7 @@ from p2pfed.lineage import Lineage
 from p2pfed.mixing import Memory
 from p2pfed.node._journal import Journal
 from p2pfed.node._privacy import PrivacyAccount
+from p2pfed.node._provenance import fields, recorded
 from p2pfed.node._state import ComponentRound
 from p2pfed.unlearning import is_clean
 
@@ -34,7 +35,7 @@ def checkpoint_of(journal: Journal, name: str, st: ComponentRound) -> Checkpoint
     """Store ``name``'s state; the ``checkpoint`` record that names it."""
     return Checkpoint(name, st.round,
                       journal.put_checkpoint(name, st.round, st.comp.flat, st.comp.layout),
-                      st.lineage, st.memory.to_record())
+                      st.lineage, st.memory.to_record(), **fields(st.prov, st.lineage))
 
 
 def load_checkpoint(st: ComponentRound, journal: Journal, ck: Checkpoint, self_id: str) -> None:
@@ -43,6 +44,7 @@ def load_checkpoint(st: ComponentRound, journal: Journal, ck: Checkpoint, self_i
     st.round = ck.round
     st.lineage = ck.lineage | Lineage.of([self_id])
     st.memory = Memory.from_record(ck.memory)
+    st.prov = recorded(ck.mass, ck.prov_flags, ck.lineage, ck.round)
     st.inbox.clear()
     st.age = 0  # (ages are not checkpointed: a catch-up after a restart counts them again)
 

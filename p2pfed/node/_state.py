@@ -19,6 +19,7 @@ from p2pfed.lineage import Lineage
 from p2pfed.mixing import Memory
 from p2pfed.node._records import Announcement
 from p2pfed.node._replay import Replay
+from p2pfed.provenance import Provenance
 
 HISTORY = 1000  # rounds of disagreement history kept for status
 
@@ -86,6 +87,10 @@ class ComponentRound:
     #: rounds since this state last took part in a mix with a neighbour: a catch-up adds the
     #: rounds it jumps over; a mix that takes in a neighbour's update sets it back to 0
     age: int = 0
+    #: the state's mass vector: how much of each member's training it holds
+    #: (:mod:`p2pfed.node._provenance`)
+    prov: Provenance = field(default_factory=Provenance.empty)
+    credit: float = 0.0  # the mass this round's training credited to this node
 
     @property
     def radius(self) -> float:

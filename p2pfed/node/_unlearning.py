@@ -175,7 +175,8 @@ def forget_record(plan: ForgetPlan, epoch: int, keep: Mapping[str, Checkpoint],
     ck = plan.checkpoints
     return Forget(
         plan.target, plan.mode, epoch, plan.start,
-        {c: Rerun(plan.rounds[c], ck[c].digest, ck[c].lineage, ck[c].memory, keep.get(c))
+        {c: Rerun(plan.rounds[c], ck[c].digest, ck[c].lineage, ck[c].memory, keep.get(c),
+                  mass=ck[c].mass, prov_flags=ck[c].prov_flags)
          for c in sorted(plan.rerun)},
         tuple(sorted(plan.influenced)), tuple(sorted(set(components) - plan.influenced)))
 

@@ -35,6 +35,7 @@ from p2pfed.runtime.driver import NodeDriver
 from p2pfed.sim.config import SimConfig, check_config
 from p2pfed.sim.education import FULL, QUICK, EducationWorkload
 from p2pfed.sim.nodes import SimNode, build_node, node_start, sim_federation_id, spaced
+from p2pfed.sim.provenance import provenance_report
 from p2pfed.sim.report import PhaseProgress, build_report, task_report
 from p2pfed.sim.topology import ChurnEvent
 from p2pfed.sim.trace import Trace
@@ -368,6 +369,10 @@ class Simulation:
                               network=self.network, noisy=self.noisy,
                               nodes={name: sn.node for name, sn in self.nodes.items()},
                               wall_s=time.perf_counter() - start)
+        prov = provenance_report(self.nodes, set(self.nodes) - self.config.absent
+                                 - self.forgotten())
+        if prov is not None:
+            report["provenance"] = prov
         for sn in self.nodes.values():  # (the report reads each node's storage status)
             sn.ledger.close()
         if tasks is not None:
