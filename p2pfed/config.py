@@ -56,6 +56,7 @@
 
     [mixing]                            # how each component averages its neighbours' states:
     rule = "clipped"                    # mh | clipped | trimmed-mean | noise-aware
+    provenance = true                   # keep and announce provenance shares (docs/explain.md)
 
     [mixing.components]                 # per component, overriding rule
     "head.topic" = "noise-aware"

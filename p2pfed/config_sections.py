@@ -159,6 +159,9 @@ class MixingSection:
 
     rule: str = "mh"
     components: tuple[tuple[str, str], ...] = ()
+    #: keep and announce provenance shares (docs/explain.md); off only while members of an
+    #: older version remain (they refuse an announcement that carries them)
+    provenance: bool = True
 
     def rules(self) -> dict[str, str]:
         """``NodeConfig.robust``: ``"*"`` for the default, then the overrides."""
