@@ -23,6 +23,7 @@ from p2pfed import (
     cli_daemon,
     cli_localfed,
     cli_model,
+    cli_provenance,
     cli_service,
     cli_sim,
     cli_task,
@@ -158,6 +159,7 @@ cli_localfed.register(app)
 cli_service.register(app)
 cli_bench.register(app)
 cli_task.register(app)
+cli_provenance.register(app)
 
 
 # ------------------------------------------------------------------------------- entry point
