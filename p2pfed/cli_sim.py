@@ -99,6 +99,10 @@ def simulate(
         min=0.0, max=3600.0, help="With --participation: a node starts a round at most every "
                                   "this many simulated seconds, as a daemon's [rounds] "
                                   "interval_s (0: twice the training time).")] = 0.0,
+    update_scale: Annotated[str | None, typer.Option(
+        metavar="NODE:K", help="Consensus: every node adds a seeded unit vector to its state "
+        "each round, K times as long at NODE; compared with a run without each member "
+        "(report provenance_study).")] = None,
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import plot_report
@@ -112,7 +116,8 @@ def simulate(
                          home=home, dim=dim, dtype=dtype, unlearn=unlearn, mode=mode,
                          dp_sigma=dp_sigma, dp_clip=dp_clip, dp_delta=dp_delta,
                          dp_budget=dp_budget,
-                         dp_noisy=dp_noisy, attack=attack, robust=robust, storage=storage)
+                         dp_noisy=dp_noisy, attack=attack, robust=robust, storage=storage,
+                         update_scale=update_scale)
     config = _continual_options(config, continual=continual, method=method, catch_up=catch_up,
                                 participation=participation, train_s=train_s,
                                 round_interval=round_interval)
@@ -148,7 +153,7 @@ def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: boo
                 dtype: str = "float64",
                 dp_sigma: float | None, dp_clip: float, dp_delta: float, dp_budget: float,
                 dp_noisy: str | None, attack: str | None, robust: str,
-                storage: str | None = None) -> SimConfig:
+                storage: str | None = None, update_scale: str | None = None) -> SimConfig:
     """The simulation ``simulate``'s options ask for (BadParameter for a malformed one)."""
     from p2pfed.sim.simulator import WORKLOADS, SimConfig
     from p2pfed.sim.topology import load_topology
@@ -191,11 +196,17 @@ def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: boo
 
         rounds = (QUICK if quick else FULL).rounds if workload == "education" else 200
     retention = _parse_storage(storage) if storage is not None else None
+    updates = None
+    if update_scale is not None:
+        updates = _parse_update_scale(update_scale, topo.nodes)
+        if workload != "consensus" or attackers is not None:
+            raise typer.BadParameter("needs the consensus workload and no --attack",
+                                     param_hint="--update-scale")
     return SimConfig(topo, workload=workload, rounds=rounds, seed=seed, home=home, dim=dim,
                      dtype=dtype,
                      quick=quick, unlearn=target, unlearn_mode=mode, dp=dp, dp_noisy=noisy,
                      attack=attackers, robust=robust, retention=retention,
-                     checkpoint_every=5 if retention is not None else 0)
+                     checkpoint_every=5 if retention is not None else 0, updates=updates)
 
 
 def _simulate_with_progress(config: SimConfig, quiet: bool) -> dict[str, Any]:
@@ -238,6 +249,20 @@ def _parse_noisy(value: str) -> tuple[int, float]:
         raise typer.BadParameter(f"expected COUNT:SIGMA (a count ≥ 1, a sigma > 0), got "
                                  f"{value!r}", param_hint="--dp-noisy")
     return parsed
+
+
+def _parse_update_scale(value: str, nodes: tuple[str, ...]) -> tuple[str, float]:
+    node, sep, k = value.rpartition(":")
+    try:
+        scale = float(k)
+    except ValueError:
+        scale = math.nan
+    if not sep or not node or not math.isfinite(scale) or scale <= 0.0:
+        raise typer.BadParameter(f"expected NODE:K with K finite and > 0, got {value!r}",
+                                 param_hint="--update-scale")
+    if node not in nodes:
+        raise typer.BadParameter(f"no node {node!r} in the topology", param_hint="--update-scale")
+    return node, scale
 
 
 def _parse_attack(value: str) -> tuple[str, int]:
@@ -407,6 +432,19 @@ def _print_sim_summary(report: dict[str, Any]) -> None:
                 table.add_row(key, ", ".join(value) or "—")
         out.print(table)
     _print_continual(report)
+    if "provenance_study" in report:
+        p = report["provenance_study"]
+        table = Table(title=f"{p['scaled']}'s updates ×{p['scale']:g}: ρ(share of j at i, "
+                            f"‖x_i − x_i without j‖); top: share of nodes where "
+                            f"{p['scaled']}'s is the largest; agree: same member largest")
+        for col in ("component", "mean", "min", "pooled", "members", "top share", "top disp",
+                    "agree"):
+            table.add_column(col, justify="left" if col == "component" else "right")
+        for name, c in p["components"].items():
+            table.add_row(name, *(_fmt(c[k], ".3f") for k in (
+                "mean", "min", "pooled", "member_level", "scaled_largest_share",
+                "scaled_largest_displacement", "largest_share_is_largest_displacement")))
+        out.print(table)
     if mixed:
         out.print("to 1e-6: rounds until the consensus distance fell below 1e-6 (— not yet)\n"
                   "bound: ⌈ln 1e-6 / ln SLEM⌉; drift: largest change of the holders' mean")

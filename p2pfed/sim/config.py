@@ -79,6 +79,11 @@ class SimConfig:
     #: rounds run freely, each node paced only by its neighbours' updates (the participation
     #: study: so a node's rounds per simulated minute measure who waits for whom)
     lockstep: bool = True
+    #: consensus: (node, K): every holder starts from zeros and every round adds a seeded unit
+    #: vector to each component it holds, K times as long at ``node``, through the node's
+    #: training path (so it credits provenance mass); :func:`~p2pfed.sim.simulator.simulate`
+    #: then relates each member's share to how far removing it moves the others' states
+    updates: tuple[str, float] | None = None
 
 
 def check_config(config: SimConfig) -> None:
@@ -92,6 +97,8 @@ def check_config(config: SimConfig) -> None:
     if unknown:
         raise ConfigError(f"no node {', '.join(unknown)} in topology "
                           f"{config.topology.name}")
+    if config.updates is not None:
+        check_updates(config)
     if config.dtype not in DTYPES:
         raise ConfigError(f"unknown parameter type {config.dtype!r}; "
                           f"choose from {', '.join(DTYPES)}")
@@ -123,3 +130,21 @@ def check_config(config: SimConfig) -> None:
         if kind not in ATTACKS or not 0 < count < len(nodes):
             raise ConfigError(f"bad attack {kind}:{count}; kinds: {', '.join(ATTACKS)}, "
                               f"count in 1..{len(nodes) - 1}")
+
+
+def check_updates(config: SimConfig) -> None:
+    """The synthetic updates need the consensus workload, a node of the topology and a finite
+    scale > 0; Byzantine nodes would forge them (the study compares runs without a member)."""
+    assert config.updates is not None
+    name, scale = config.updates
+    if config.workload != "consensus":
+        raise ConfigError("synthetic updates need the consensus workload (the education "
+                          "workload trains for real)")
+    if name not in config.topology.nodes:
+        raise ConfigError(f"update scale: no node {name} in topology {config.topology.name}")
+    if isinstance(scale, bool) or not isinstance(scale, int | float) \
+            or not (math.isfinite(scale) and scale > 0.0):
+        raise ConfigError(f"update scale of {name} must be finite and > 0, not {scale!r}")
+    if config.attack is not None:
+        raise ConfigError("synthetic updates with an attack: run the provenance study without "
+                          "Byzantine nodes")

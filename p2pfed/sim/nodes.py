@@ -2,8 +2,8 @@
 
 Every simulated node is a real :class:`~p2pfed.node.Node` (or, for an attacker, a
 :class:`~p2pfed.sim.attacks.ByzantineNode`) with its own ledger and blob store, in memory or
-under ``SimConfig.home``.  Identities, starting values and noise seeds are derived from the seed
-and the node's name, so the same seed builds the same federation.
+under ``SimConfig.home``.  Identities, starting values, noise seeds and synthetic updates are
+derived from the seed and the node's name, so the same seed builds the same federation.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from gossip.identity import Identity, create_identity
 from p2pfed.blobs import BlobStore
 from p2pfed.components import FlatComponent
 from p2pfed.ledger import Ledger
-from p2pfed.model.train import LocalTrainer
+from p2pfed.model.train import LocalTrainer, TrainRequest
 from p2pfed.node import Node, NodeConfig
 from p2pfed.privacy import Policy
 from p2pfed.runtime.driver import NodeDriver
@@ -68,13 +68,41 @@ def initial_values(seed: int, node_index: int, comp_index: int, dim: int,
     return torch.randn(dim, generator=gen, dtype=torch.float64).to(dtype)
 
 
+def synthetic_update(seed: int, name: str, component: str, round_: int, dim: int,
+                     scale: float = 1.0) -> torch.Tensor:
+    """What ``name`` adds to ``component`` in ``round_`` (consensus with synthetic updates): a
+    standard normal draw of ``dim`` values, seeded by the seed, the node, the component and
+    the round (not the forget epoch: a re-run adds it again), of norm ``scale``."""
+    key = digest(f"p2pfed-sim-update/{seed}/{name}/{component}/{round_}".encode())
+    gen = torch.Generator().manual_seed(int.from_bytes(key[:7], "little"))
+    draw = torch.randn(dim, generator=gen, dtype=torch.float64)
+    return draw * (scale / float(torch.linalg.vector_norm(draw)))
+
+
+def synthetic_trainer(cfg: SimConfig, sn: SimNode) -> Callable[[TrainRequest], None]:
+    """The trainer of ``sn`` under ``cfg.updates``: adds :func:`synthetic_update` to the
+    component's state in place, as a real trainer writes into the node's buffers."""
+    assert cfg.updates is not None
+    scaled, k = cfg.updates
+    scale = float(k) if sn.name == scaled else 1.0
+
+    def train(request: TrainRequest) -> None:
+        flat = sn.node.components[request.component].flat
+        step = synthetic_update(cfg.seed, sn.name, request.component, request.round,
+                                flat.numel(), scale)
+        flat.add_(step.to(flat.dtype))
+
+    return train
+
+
 def spaced(nodes: Sequence[str], count: int) -> list[str]:
     """``count`` nodes evenly spaced in ``nodes``' order (the first among them), sorted."""
     return sorted({nodes[i * len(nodes) // count] for i in range(count)})
 
 
 def node_start(cfg: SimConfig, index: int, name: str, trainer: LocalTrainer | None) -> NodeStart:
-    """The trainer's components (education), or else each held component's random values."""
+    """The trainer's components (education), or else each held component's random values
+    (with synthetic updates: zeros on every holder, each component trained)."""
     if trainer is not None:
         return NodeStart(trainer.components(), frozenset(trainer.trainable()),
                          trainer.model.spec.forward_deps(trainer.model.held))
@@ -82,10 +110,12 @@ def node_start(cfg: SimConfig, index: int, name: str, trainer: LocalTrainer | No
     holders = cfg.topology.holders
     for ci, comp in enumerate(sorted(holders)):
         if name in holders[comp]:
-            components[comp] = FlatComponent.from_params(
-                ComponentSpec.from_name(comp),
-                {"weight": initial_values(cfg.seed, index, ci, cfg.dim, DTYPES[cfg.dtype])})
-    return NodeStart(components)
+            values = (torch.zeros(cfg.dim, dtype=DTYPES[cfg.dtype]) if cfg.updates is not None
+                      else initial_values(cfg.seed, index, ci, cfg.dim, DTYPES[cfg.dtype]))
+            components[comp] = FlatComponent.from_params(ComponentSpec.from_name(comp),
+                                                         {"weight": values})
+    return NodeStart(components, frozenset(components) if cfg.updates is not None
+                     else frozenset())
 
 
 def _storage(cfg: SimConfig, name: str, identity: Identity) -> tuple[Ledger, BlobStore]:

@@ -16,6 +16,10 @@ report.  Where a round was run again (exact unlearning) the entries of the newes
 stand for it, as they stand for the state.  The check is exact up to the order of float64
 sums (1e-15 relative); ``provenance_max_error`` is the largest difference over every node,
 component and member.
+
+:func:`share_study` relates the shares to unlearning: with synthetic updates
+(``SimConfig.updates``) the simulator runs the federation once more without each member j,
+and asks whether node i's share of j ranks ‖x_i − x_i without j‖ (Spearman's ρ).
 """
 
 from __future__ import annotations
@@ -129,3 +133,61 @@ def provenance_report(nodes: Mapping[str, Any], members: set[str]) -> dict[str, 
 def _largest(shares: Mapping[str, float]) -> dict[str, float]:
     ranked = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))[:REPORT_MEMBERS]
     return dict(sorted(ranked))
+
+
+# ---------------------------------------------------------------- the share/unlearning study
+#: (node i, member j) -> a number: node i's share of j, or how far removing j moves node i
+Pairs = Mapping[tuple[str, str], float]
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation of ``a`` and ``b`` (ties: mean ranks), through scipy;
+    None when it is undefined (fewer than 3 pairs, or either side constant)."""
+    from scipy.stats import spearmanr  # type: ignore[import-untyped]  # (slow to import)
+
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    return float(spearmanr(a, b).statistic)
+
+
+def _top(row: Mapping[str, float]) -> str:
+    """The member with the largest value (ties: the first name in sorted order)."""
+    return min(row, key=lambda j: (-row[j], j))
+
+
+def share_study(shares: Pairs, displacement: Pairs, scaled: str) -> dict[str, Any]:
+    """How well node i's share of member j ranks how far removing j moves node i's state.
+
+    Per node i, the rank correlation over the members j ≠ i (``per_node``; its mean and min);
+    ``pooled``: over every pair (i, j); ``member_level``: of each member's mean share over the
+    nodes against its mean displacement; and at the nodes i ≠ ``scaled``, the fractions where
+    ``scaled`` has the largest share, where it has the largest displacement, and where the
+    largest share and the largest displacement are the same member's."""
+    nodes = sorted({i for i, _ in displacement})
+    rows = {i: sorted(j for k, j in displacement if k == i) for i in nodes}
+    per_node = {i: spearman([shares.get((i, j), 0.0) for j in rows[i]],
+                            [displacement[i, j] for j in rows[i]]) for i in nodes}
+    defined = [r for r in per_node.values() if r is not None]
+    pairs = sorted(displacement)
+    members = sorted({j for _, j in pairs})
+    mean_share = [float(np.mean([shares.get((i, j), 0.0) for i in nodes if (i, j) in
+                                 displacement])) for j in members]
+    mean_disp = [float(np.mean([displacement[i, j] for i in nodes if (i, j) in displacement]))
+                 for j in members]
+    others = [i for i in nodes if i != scaled and rows[i]]
+    top_share = {i: _top({j: shares.get((i, j), 0.0) for j in rows[i]}) for i in others}
+    top_disp = {i: _top({j: displacement[i, j] for j in rows[i]}) for i in others}
+    count = max(len(others), 1)
+    return {
+        "per_node": per_node,
+        "mean": float(np.mean(defined)) if defined else None,
+        "min": min(defined) if defined else None,
+        "undefined": sorted(i for i, r in per_node.items() if r is None),
+        "pooled": spearman([shares.get(p, 0.0) for p in pairs],
+                           [displacement[p] for p in pairs]),
+        "member_level": spearman(mean_share, mean_disp),
+        "scaled_largest_share": sum(top_share[i] == scaled for i in others) / count,
+        "scaled_largest_displacement": sum(top_disp[i] == scaled for i in others) / count,
+        "largest_share_is_largest_displacement":
+            sum(top_share[i] == top_disp[i] for i in others) / count,
+    }

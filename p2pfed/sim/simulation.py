@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import networkx as nx
@@ -34,7 +34,14 @@ from p2pfed.node import Mixed
 from p2pfed.runtime.driver import NodeDriver
 from p2pfed.sim.config import SimConfig, check_config
 from p2pfed.sim.education import FULL, QUICK, EducationWorkload
-from p2pfed.sim.nodes import SimNode, build_node, node_start, sim_federation_id, spaced
+from p2pfed.sim.nodes import (
+    SimNode,
+    build_node,
+    node_start,
+    sim_federation_id,
+    spaced,
+    synthetic_trainer,
+)
 from p2pfed.sim.provenance import provenance_report
 from p2pfed.sim.report import PhaseProgress, build_report, task_report
 from p2pfed.sim.topology import ChurnEvent
@@ -209,9 +216,12 @@ class Simulation:
             if not math.isnan(trainer.run(request)):
                 self.work[self._phase].add((sn.name, request.epoch, request.round))
 
+        run: Callable[[TrainRequest], None] | None = train if trainer is not None else None
+        if self.config.updates is not None:  # (consensus: counted as mixing, as without)
+            run = synthetic_trainer(self.config, sn)
         sn.driver = NodeDriver(sn.node, transport,
                                on_actions=lambda actions: self._observe(sn.name, actions),
-                               trainer=train if trainer is not None else None,
+                               trainer=run,
                                train_inline=True, train_delay_s=self.config.train_s)
         with trio.CancelScope() as scope:
             sn.scope = scope

@@ -6,7 +6,10 @@ that compares two runs of the same seed and topology:
 - ``unlearn``: the run that forgets a member against the run without it from the start (exact
   unlearning ends at the same numbers; the report says at what cost);
 - ``attack``: the run with Byzantine members against the run with them left out (what the
-  honest members reach together, the best a defence can give them).
+  honest members reach together, the best a defence can give them);
+- ``updates``: the consensus run with synthetic updates against one run without each member
+  from the start (what exact unlearning gives): does a member's provenance share rank how far
+  removing it moves each node's state?
 
 The simulator's parts live in their own modules: :mod:`~p2pfed.sim.config` (what to run),
 :mod:`~p2pfed.sim.nodes` (building the nodes), :mod:`~p2pfed.sim.simulation` (running them on
@@ -19,12 +22,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 
 from gossip.errors import ConfigError
 from p2pfed.model.continual import Schedule
 from p2pfed.sim.config import WORKLOADS, SimConfig
 from p2pfed.sim.nodes import sim_federation_id, sim_identity
+from p2pfed.sim.provenance import reported_shares, share_study, spearman
 from p2pfed.sim.report import EPSILON, PhaseProgress, plot_report
 from p2pfed.sim.simulation import Simulation
 
@@ -55,6 +60,8 @@ def simulate(config: SimConfig, on_phase: PhaseProgress | None = None) -> dict[s
         return _participation_study(config, on_phase)
     if config.continual is not None:
         return _continual_study(config, on_phase)
+    if config.updates is not None:
+        return _provenance_study(config, on_phase)
     if config.attack is not None:
         return _attack_study(config, on_phase)
     return Simulation(config, on_phase=on_phase).run()
@@ -236,3 +243,54 @@ def _backdoor_study(sim: Simulation, retrain: Simulation, report: dict[str, Any]
         "clean_accuracy_retrain": base["tasks"][task]["federated"],
         "tasks_retrain": {t: v["federated"] for t, v in base["tasks"].items()},
     }
+
+
+def _provenance_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:
+    """The consensus run with synthetic updates, and per member j the run without j from the
+    start (exact unlearning ends there bit for bit): per component, node i's share of j
+    against ‖x_i − x_i without j‖, its unlearning displacement (:func:`share_study`)."""
+    assert config.updates is not None
+    sim = Simulation(config, on_phase=on_phase)
+    report = sim.run()
+    peer_ids = {n: sn.node.peer_id for n, sn in sim.nodes.items()}
+    base = sim.final_states()
+    worst = report.get("provenance", {}).get("provenance_max_error", 0.0)
+    shares: dict[str, dict[tuple[str, str], float]] = {}
+    for i, comp in base:
+        prov = reported_shares(sim.nodes[i].node.provenance_of(comp), peer_ids)
+        shares.setdefault(comp, {}).update({(i, j): s for j, s in prov.items()})
+    members = sorted({n for n, _ in base})
+    displacement: dict[str, dict[tuple[str, str], float]] = {}
+    for done, j in enumerate(members):
+        if on_phase is not None:
+            on_phase(f"provenance study: without {j}", done, len(members))
+        without = Simulation(dataclasses.replace(config, absent=config.absent | {j},
+                                                 progress=None, home=None))  # (in memory)
+        worst = max(worst, without.run().get("provenance", {}).get("provenance_max_error", 0.0))
+        for (i, comp), state in without.final_states().items():
+            if (j, comp) in base:  # (a member that does not hold comp has no share of it)
+                gap = base[i, comp].to(torch.float64) - state.to(torch.float64)
+                displacement.setdefault(comp, {})[i, j] = float(torch.linalg.vector_norm(gap))
+    scaled, scale = config.updates
+    studies = {c: share_study(shares.get(c, {}), d, scaled)
+               for c, d in sorted(displacement.items())}
+    per_node = [r for st in studies.values() for r in st["per_node"].values() if r is not None]
+    pairs = [(c, p) for c, d in sorted(displacement.items()) for p in sorted(d)]
+    report["provenance_study"] = {
+        "scaled": scaled, "scale": scale, "runs_without": len(members),
+        "provenance_max_error": worst,
+        "mean": float(np.mean(per_node)) if per_node else None,
+        "min": min(per_node, default=None),
+        "pooled": spearman([shares.get(c, {}).get(p, 0.0) for c, p in pairs],
+                           [displacement[c][p] for c, p in pairs]),
+        "components": {c: {**st, "displacement": _nested(displacement[c])}
+                       for c, st in studies.items()},
+    }
+    return report
+
+
+def _nested(pairs: dict[tuple[str, str], float]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for (i, j), value in sorted(pairs.items()):
+        out.setdefault(i, {})[j] = value
+    return out
