@@ -82,7 +82,8 @@ def _continual_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[
     report: dict[str, Any] = {}
     for name, variant in variants.items():
         first = not sims
-        sim = Simulation(variant if first else dataclasses.replace(variant, progress=None),
+        sim = Simulation(variant if first else dataclasses.replace(variant, progress=None,
+                                                                   home=None),
                          edu=None if first else sims[label].edu,
                          on_phase=on_phase if first else None, curve=first)
         sim.phase_ends = {end for _, end in schedule.phases(config.rounds)}
@@ -131,7 +132,7 @@ def _participation_study(config: SimConfig, on_phase: PhaseProgress | None) -> d
                                  round_interval_s=config.round_interval_s or 2.0 * train_s)
     sim = Simulation(config, on_phase=on_phase)
     report = sim.run()
-    full = Simulation(dataclasses.replace(config, participation={}, progress=None),
+    full = Simulation(dataclasses.replace(config, participation={}, progress=None, home=None),
                       edu=sim.edu, curve=False)
     base = full.run()
     slow = sorted(config.participation)
@@ -182,6 +183,7 @@ def _attack_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str
     if sim.edu is None:
         return report
     clean = Simulation(dataclasses.replace(config, attack=None, robust="mh", baselines=False,
+                                           home=None,
                                            progress=None, absent=frozenset(sim.byzantine)),
                        edu=sim.edu, curve=False)  # (the attackers' data, flipped or not, is unused)
     clean.run()
@@ -202,6 +204,7 @@ def _unlearning_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict
     sim = Simulation(config, on_phase=on_phase)
     report = sim.run()
     retrain = Simulation(dataclasses.replace(config, unlearn=None, absent=frozenset({name}),
+                                             home=None,
                                              progress=None), edu=sim.edu, curve=False)
     base = retrain.run()
     ours, theirs = sim.final_states(), retrain.final_states()
