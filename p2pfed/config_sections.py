@@ -69,6 +69,9 @@ class RoundsSection:
     timeout_s: float = 20.0
     participation: float = 1.0  # the share of rounds it trains in; in the others it only mixes
     train_hours: str = ""  # local hours it trains in, "22-6" wrapping midnight ("": any hour)
+    #: with participation below 1: scale a round's update by 1 + the rounds skipped just
+    #: before, at most this (1: off; docs/continual.md)
+    make_up: int = 5
 
     def check(self) -> tuple[int, int] | None:
         """ConfigError if out of range, else ``train_hours`` as (start, end excluded) or None."""
@@ -76,6 +79,8 @@ class RoundsSection:
             raise ConfigError("rounds.interval_s must be >= 0 and rounds.timeout_s > 0")
         if not 0 < self.participation <= 1:
             raise ConfigError(f"rounds.participation must be in (0, 1], not {self.participation}")
+        if not 1 <= self.make_up <= 100:
+            raise ConfigError(f"rounds.make_up must be in 1..100, not {self.make_up}")
         start, dash, end = (part.strip() for part in self.train_hours.partition("-"))
         if self.train_hours.strip() and not (dash and start.isdecimal() and end.isdecimal()
                                              and int(start) != int(end) < 24 > int(start)):

@@ -20,6 +20,7 @@ from gossip.identity import Identity
 from p2pfed.blobs import BlobStore
 from p2pfed.components import FlatComponent
 from p2pfed.config import Config, RoundsSection
+from p2pfed.journal import LocalUpdate
 from p2pfed.ledger import Ledger
 from p2pfed.lineage import Lineage
 from p2pfed.mixing import stale_weights, staleness
@@ -34,7 +35,7 @@ from p2pfed.node import (
     Train,
     TrainHours,
 )
-from p2pfed.node._participation import draw, drawn
+from p2pfed.node._participation import Participation, draw, drawn, make_up
 from p2pfed.runtime.daemon import node_config
 from tests.test_node import FED, deliver, make_node, wire
 
@@ -54,6 +55,36 @@ def test_the_draw_is_deterministic_and_its_frequency_is_the_share() -> None:
                zip((drawn(PEER, r, 0.1) for r in rounds), first, strict=True))
     # another member draws other rounds
     assert first != [drawn(PEER + "x", r, 0.3) for r in rounds]
+
+
+def test_make_up_counts_the_rounds_skipped_just_before() -> None:
+    share = 0.3
+    trained = [drawn(PEER, r, share) for r in range(200)]
+    for r in range(200):
+        skipped = 0
+        while r - skipped - 1 >= 0 and not trained[r - skipped - 1]:
+            skipped += 1
+        assert make_up(PEER, r, share, 5) == min(1 + skipped, 5)
+        assert make_up(PEER, r, share, 1) == 1
+    assert Participation(PEER, 1.0, None, 5).scale(7) == 1  # (a full-time member)
+    mean = sum(make_up(PEER, r, share, 100) for r in range(2000) if drawn(PEER, r, share))
+    assert mean / sum(drawn(PEER, r, share) for r in range(2000)) == pytest.approx(1 / share,
+                                                                               rel=0.1)
+
+
+def test_a_part_time_members_update_is_scaled_by_the_rounds_it_made_up() -> None:
+    """The same two-node run with make_up 1 and 5: at the part-time member's first training
+    round r0 (every round before skipped) its update is (1 + min(r0, 4)) times as large."""
+    credits = {}
+    for cap in (1, 5):
+        nodes = [_node(0, participation=0.3, make_up=cap), _node(1)]
+        _path(nodes)
+        _rounds(nodes, 12)
+        ups = [s.record for s in nodes[0]._journal.read(LocalUpdate) if s.record.trained]
+        credits[cap] = (ups[0].round, ups[0].credit)
+    (r0, plain), (r1, scaled) = credits[1], credits[5]
+    assert r0 == r1 == 1 and plain > 0  # (round 0 skipped: a factor of 2)
+    assert scaled == pytest.approx((1 + min(r0, 4)) * plain, rel=1e-12)
 
 
 def test_the_share_must_be_in_range() -> None:

@@ -50,6 +50,10 @@ class NodeConfig:
     #: round), the same for all its components (:mod:`p2pfed.node._participation`); in the
     #: other rounds it publishes its current state and mixes, as for a component not trained
     participation: float = 1.0
+    #: a round this node trains after skipping some (by the share's draw) scales its update
+    #: by 1 + the rounds skipped just before, at most this (1: off): over the rounds, a
+    #: part-time member's data then weighs about as much as a full-time member's
+    make_up: int = 5
     #: may this node train at ``now_ms`` (the time its driver passes in)?  None: at any time.
     #: The daemon's ``[rounds] train_hours``; a simulation may pass its own
     schedule: Callable[[int], bool] | None = None
@@ -57,6 +61,8 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.participation <= 1.0:
             raise ConfigError(f"participation must be in (0, 1], not {self.participation!r}")
+        if not 1 <= self.make_up <= 100:
+            raise ConfigError(f"make_up must be in 1..100, not {self.make_up!r}")
 
     def interval(self, *, alone: bool) -> int:
         """How long after a round's start the next may start; for a component with no

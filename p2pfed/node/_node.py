@@ -94,7 +94,7 @@ class Node:
         noise = Noise(cfg.noise_seed)
         self._privacy = {n: PrivacyAccount(n, p, noise) for n, p in cfg.privacy.items()
                          if n in self._states}
-        self._participation = Participation(self.peer_id, cfg.participation, cfg.schedule)
+        self._participation = Participation.of(self.peer_id, cfg)
         self._forgetting = Forgetting(self.peer_id, self._journal, self._states, cfg.trains,
                                       cfg.forward_deps, cfg.fast_stride,
                                       cfg.schedule is not None or cfg.participation < 1.0)
@@ -305,6 +305,8 @@ class Node:
         if st.phase is not Phase.TRAINING or st.round != round_:
             raise AssertionError(f"unexpected training result for {component} round {round_}")
         origin, st.origin = st.origin, None
+        if origin is not None and (k := self._participation.scale(round_)) > 1:
+            st.comp.flat.sub_(origin).mul_(float(k)).add_(origin)  # (making up skipped rounds)
         if origin is not None and st.replay is not None and st.replay.mode == "fast":
             # fast unlearning: the calibration update takes the size of the stored update
             stored = self._forgetting.stored_update(component, st)
@@ -375,8 +377,7 @@ class Node:
             trains = account.may_release(self.peer_id[-8:])
         st.trained, st.start_digest, st.credit = trains, b"", 0.0
         if trains:
-            if self.config.provenance or account is not None or replay is not None:
-                st.origin = st.comp.flat.clone()
+            st.origin = st.comp.flat.clone()  # (privacy, fast mode, provenance, making up)
             if self.config.keep_payloads:  # fast unlearning sizes its steps by these
                 st.start_digest, _ = self._journal.put_state(name, st.round, st.comp.flat,
                                                              st.comp.layout)

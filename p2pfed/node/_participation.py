@@ -24,6 +24,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from gossip.envelope import digest
+from p2pfed.node._config import NodeConfig
 
 #: rounds whose schedule answer is remembered (components a few rounds apart share them)
 _REMEMBERED = 16
@@ -42,13 +43,35 @@ def drawn(peer_id: str, round_: int, share: float) -> bool:
     return share >= 1.0 or draw(peer_id, round_) < share
 
 
+def make_up(peer_id: str, round_: int, share: float, cap: int) -> int:
+    """The factor on ``peer_id``'s update of ``round_``: 1 + the rounds just before it that the
+    share's draw skipped, at most ``cap`` (1 with ``share`` 1).  A member that trains a share
+    p of the rounds scales its update by about 1/p (for p >= 1/cap), so over the rounds its
+    data weighs about as much as a full-time member's; the draw is seeded, so a re-run scales
+    exactly as the round did.  A schedule's skipped hours are not made up (the re-run could
+    not ask the clock of then)."""
+    factor = 1
+    while factor < cap and round_ - factor >= 0 and not drawn(peer_id, round_ - factor,
+                                                                share):
+        factor += 1
+    return factor
+
+
 class Participation:
     """This node's answer, per round, to "do I train in this round?"."""
 
     def __init__(self, peer_id: str, share: float,
-                 schedule: Callable[[int], bool] | None) -> None:
-        self.peer_id, self.share, self.schedule = peer_id, share, schedule
+                 schedule: Callable[[int], bool] | None, cap: int = 1) -> None:
+        self.peer_id, self.share, self.schedule, self.cap = peer_id, share, schedule, cap
         self._asked: OrderedDict[int, bool] = OrderedDict()
+
+    @classmethod
+    def of(cls, peer_id: str, config: NodeConfig) -> Participation:
+        return cls(peer_id, config.participation, config.schedule, config.make_up)
+
+    def scale(self, round_: int) -> int:
+        """The factor on this node's update of ``round_`` (:func:`make_up`)."""
+        return 1 if self.share >= 1.0 else make_up(self.peer_id, round_, self.share, self.cap)
 
     def trains(self, round_: int, now_ms: int, idle: Collection[int] | None = None) -> bool:
         """May this node train at ``round_`` (asked at ``now_ms``)?  ``idle``: in a re-run,

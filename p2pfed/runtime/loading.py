@@ -77,6 +77,7 @@ def node_config(cfg: Config, trains: frozenset[str],
         noise_seed=secrets.randbits(63),
         retention=RetentionPolicy(cfg.storage.unlearn_horizon_rounds, cfg.storage.max_bytes),
         participation=cfg.rounds.participation,
+        make_up=cfg.rounds.make_up,
         schedule=TrainHours(*hours) if (hours := cfg.rounds.check()) is not None else None,
     )
 
