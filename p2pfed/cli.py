@@ -21,6 +21,7 @@ from gossip.errors import ConfigError, KeyFileError, P2PFedError, StorageError
 from p2pfed import (
     cli_bench,
     cli_daemon,
+    cli_explain,
     cli_localfed,
     cli_model,
     cli_provenance,
@@ -160,6 +161,7 @@ cli_service.register(app)
 cli_bench.register(app)
 cli_task.register(app)
 cli_provenance.register(app)
+cli_explain.register(app)
 
 
 # ------------------------------------------------------------------------------- entry point

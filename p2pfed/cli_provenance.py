@@ -125,7 +125,7 @@ def _newest_per_round(records: Iterable[tuple[int, int, Any]]) -> dict[int, Any]
     return {r: rec for r, (_, rec) in best.items()}
 
 
-def _vector(mass: bytes | None, flags: int | None, lineage: Lineage) -> Provenance:
+def vector_of(mass: bytes | None, flags: int | None, lineage: Lineage) -> Provenance:
     from p2pfed.provenance import Provenance
 
     if mass is None:
@@ -151,17 +151,17 @@ def source_of(component: str, got: Entries) -> tuple[Source, list[Mix]]:
                                      if m.epoch <= newest.epoch)
         used = [in_force[r] for r in sorted(in_force) if r <= newest.round]
         return Source("mix", newest.round, newest.epoch, newest.rule,
-                      _vector(newest.mass, newest.prov_flags, newest.lineage)), used
+                      vector_of(newest.mass, newest.prov_flags, newest.lineage)), used
     checkpoints = [c for c in got.checkpoints if c.component == component]
     if checkpoints:
         last = checkpoints[-1]
-        prov = _vector(last.mass, last.prov_flags, last.lineage)
+        prov = vector_of(last.mass, last.prov_flags, last.lineage)
         if prov.total() > 0.0:
             return Source("checkpoint", last.round, None, None, prov), []
     raise LocalError(f"no mixes of {component} yet")
 
 
-def _members(root: Path, raw: list[bytes]) -> set[str]:
+def members_of(root: Path, raw: list[bytes]) -> set[str]:
     """Every peer that ever joined the federation (nothing when the home has no federation,
     as a simulated node's has not)."""
     from gossip.identity import peer_id_from_public_key
@@ -200,7 +200,7 @@ def report(root: Path, component: str) -> dict[str, Any]:
 
     got = read_ledger(root)
     source, mixes = source_of(component, got)
-    peers = got.peers | set(got.forgotten) | _members(root, got.memberships)
+    peers = got.peers | set(got.forgotten) | members_of(root, got.memberships)
     if got.me is not None:
         peers.add(got.me)
     names = {tag(p): p for p in peers}
