@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from p2pfed.cli_bench import write_json as _write_json
+from p2pfed.cli_sim_print import _print_sim_summary
 
 if TYPE_CHECKING:
     from p2pfed.node import RetentionPolicy
@@ -103,6 +103,10 @@ def simulate(
         metavar="NODE:K", help="Consensus: every node adds a seeded unit vector to its state "
         "each round, K times as long at NODE; compared with a run without each member "
         "(report provenance_study).")] = None,
+    explain: Annotated[int, typer.Option(
+        metavar="N", min=0, max=100_000,
+        help="Education: at the end, explain N held-out examples per task and check the "
+             "explanations' faithfulness (report explain; 0: none).")] = 0,
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import plot_report
@@ -117,7 +121,7 @@ def simulate(
                          dp_sigma=dp_sigma, dp_clip=dp_clip, dp_delta=dp_delta,
                          dp_budget=dp_budget,
                          dp_noisy=dp_noisy, attack=attack, robust=robust, storage=storage,
-                         update_scale=update_scale)
+                         update_scale=update_scale, explain=explain)
     config = _continual_options(config, continual=continual, method=method, catch_up=catch_up,
                                 participation=participation, train_s=train_s,
                                 round_interval=round_interval)
@@ -153,7 +157,8 @@ def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: boo
                 dtype: str = "float64",
                 dp_sigma: float | None, dp_clip: float, dp_delta: float, dp_budget: float,
                 dp_noisy: str | None, attack: str | None, robust: str,
-                storage: str | None = None, update_scale: str | None = None) -> SimConfig:
+                storage: str | None = None, update_scale: str | None = None,
+                explain: int = 0) -> SimConfig:
     """The simulation ``simulate``'s options ask for (BadParameter for a malformed one)."""
     from p2pfed.sim.simulator import WORKLOADS, SimConfig
     from p2pfed.sim.topology import load_topology
@@ -202,8 +207,11 @@ def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: boo
         if workload != "consensus" or attackers is not None:
             raise typer.BadParameter("needs the consensus workload and no --attack",
                                      param_hint="--update-scale")
+    if explain and workload != "education":
+        raise typer.BadParameter("needs --workload education (nothing predicts in the "
+                                 "consensus workload)", param_hint="--explain")
     return SimConfig(topo, workload=workload, rounds=rounds, seed=seed, home=home, dim=dim,
-                     dtype=dtype,
+                     dtype=dtype, explain=explain,
                      quick=quick, unlearn=target, unlearn_mode=mode, dp=dp, dp_noisy=noisy,
                      attack=attackers, robust=robust, retention=retention,
                      checkpoint_every=5 if retention is not None else 0, updates=updates)
@@ -364,134 +372,6 @@ def _parse_unlearn(value: str) -> tuple[str, int]:
         raise typer.BadParameter(f"expected NODE@ROUND with ROUND >= 1, got {value!r}",
                                  param_hint="--unlearn")
     return node, int(rnd)
-
-
-def _fmt(value: float | None, spec: str = ".3g") -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def _print_sim_summary(report: dict[str, Any]) -> None:
-    title = (f"{report['topology']}: {report['nodes']} nodes, {report['rounds']} rounds, "
-             f"seed {report['seed']}, {report['wall_s']:.1f} s")
-    components = report["components"]
-    # a trained component's holders train apart between mixes: its consensus distance says
-    # nothing about quality (the JSON report keeps it); its tasks' accuracy does
-    trained = {n: c for n, c in components.items() if c.get("tasks")}
-    mixed = {n: c for n, c in components.items() if n not in trained}
-    if mixed:
-        table = Table(title=title)
-        for col in ("component", "holders", "SLEM", "to 1e-6", "bound", "distance", "drift"):
-            table.add_column(col, justify="left" if col == "component" else "right",
-                             no_wrap=True)
-        for name, c in mixed.items():
-            dist = c["consensus_distance"]
-            table.add_row(
-                name, str(c["holders"]), _fmt(c["slem"], ".4f"),
-                str(c["rounds_to_1e-6"] or "—"), str(c["bound_rounds_to_1e-6"] or "—"),
-                _fmt(dist[-1] if dist else None, ".2e"), _fmt(c["mean_drift"], ".1e"),
-            )
-        out.print(table)
-    if trained:
-        tasks = report.get("tasks", {})
-        table = Table(title=title if not mixed else "trained components")
-        for col in ("component", "holders", "SLEM", "trained for", "federated accuracy"):
-            table.add_column(col, justify="right" if col in ("holders", "SLEM") else "left")
-        for name, c in trained.items():
-            accs = ", ".join(f"{t} {tasks[t]['federated']:.3f}" for t in c["tasks"]
-                             if t in tasks)
-            table.add_row(name, str(c["holders"]), _fmt(c["slem"], ".4f"),
-                          ", ".join(c["tasks"]), accs or "—")
-        out.print(table)
-    if "tasks" in report:
-        tasks = Table(title="test accuracy, mean over the holders of each task")
-        for col in ("task", "holders", "federated", "local only", "centralized"):
-            tasks.add_column(col, justify="left" if col == "task" else "right")
-        for name, t in report["tasks"].items():
-            tasks.add_row(name, str(t["holders"]), f"{t['federated']:.3f}",
-                          _fmt(t.get("local_only"), ".3f"), _fmt(t.get("centralized"), ".3f"))
-        out.print(tasks)
-    if "honest_accuracy" in report:
-        a = report["attack"]
-        table = Table(title=f"{a['count']} × {a['kind']} ({', '.join(a['nodes'])}), "
-                            f"defence {a['robust']}: accuracy of the honest nodes")
-        for col in ("task", "attacked", "without attackers"):
-            table.add_column(col, justify="left" if col == "task" else "right")
-        for task, acc in report["honest_accuracy"].items():
-            table.add_row(task, f"{acc:.3f}", f"{report['honest_accuracy_fault_free'][task]:.3f}")
-        out.print(table)
-    if "unlearning" in report:
-        u = report["unlearning"]
-        table = Table(title=f"unlearning {u['node']} after round {u['requested_at_round']} "
-                            f"({u['mode']})")
-        table.add_column("measure")
-        table.add_column("value", justify="right")
-        for key, value in u.items():
-            if isinstance(value, float):
-                table.add_row(key, format(value, ".3g"))
-            elif isinstance(value, list):
-                table.add_row(key, ", ".join(value) or "—")
-        out.print(table)
-    _print_continual(report)
-    if "provenance_study" in report:
-        p = report["provenance_study"]
-        table = Table(title=f"{p['scaled']}'s updates ×{p['scale']:g}: ρ(share of j at i, "
-                            f"‖x_i − x_i without j‖); top: share of nodes where "
-                            f"{p['scaled']}'s is the largest; agree: same member largest")
-        for col in ("component", "mean", "min", "pooled", "members", "top share", "top disp",
-                    "agree"):
-            table.add_column(col, justify="left" if col == "component" else "right")
-        for name, c in p["components"].items():
-            table.add_row(name, *(_fmt(c[k], ".3f") for k in (
-                "mean", "min", "pooled", "member_level", "scaled_largest_share",
-                "scaled_largest_displacement", "largest_share_is_largest_displacement")))
-        out.print(table)
-    if mixed:
-        out.print("to 1e-6: rounds until the consensus distance fell below 1e-6 (— not yet)\n"
-                  "bound: ⌈ln 1e-6 / ln SLEM⌉; drift: largest change of the holders' mean")
-    if trained:
-        out.print("trained components: federated accuracy is the test accuracy of each task "
-                  "that trains the component, mean over the task's holders (SLEM: how fast "
-                  "its holders' mixing alone would agree)")
-    net = report["network"]
-    out.print(
-        f"network: {net['messages']} signed announcements, {net['fetches']} payload fetches "
-        f"({net['fetch_bytes'] / 1e6:.1f} MB), {net['dropped']} dropped"
-    )
-
-
-def _print_continual(report: dict[str, Any]) -> None:
-    """The continual and participation studies' tables (when the report has them)."""
-    if "continual" in report:
-        c = report["continual"]
-        table = Table(title=f"continual {c['schedule']}: final accuracy (forgetting; gap to "
-                            "joint training)")
-        runs = c["runs"]
-        table.add_column("task")
-        for name in runs:
-            table.add_column(name, justify="right")
-        for task in next(iter(runs.values()))["final"]:
-            cells = []
-            for run in runs.values():
-                cell = f"{run['final'][task]:.3f}"
-                if task in run["forgetting"]:
-                    cell += f" (−{run['forgetting'][task]:.3f}"
-                    cell += f"; {run['new_task_gap'][task]:+.3f})" if "new_task_gap" in run \
-                        else ")"
-                elif "new_task_gap" in run:
-                    cell += f" ({run['new_task_gap'][task]:+.3f})"
-                cells.append(cell)
-            table.add_row(task, *cells)
-        out.print(table)
-    if "participation" in report:
-        p = report["participation"]
-        table = Table(title=f"{len(p['nodes'])} nodes train part-time: rounds per simulated "
-                            f"minute ({p['train_s']:g} s a training)")
-        for col in ("nodes", "part-time run", "everyone trains"):
-            table.add_column(col, justify="left" if col == "nodes" else "right")
-        for group in ("fast", "slow"):
-            table.add_row(group, _fmt(p["rounds_per_min"][group], ".2f"),
-                          _fmt(p["rounds_per_min_everyone_trains"][group], ".2f"))
-        out.print(table)
 
 
 def register(app: typer.Typer) -> None:

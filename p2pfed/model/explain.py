@@ -80,8 +80,8 @@ def explain(model: M3TModel, task: str, example: Mapping[str, Any], *,
         raise ValueError(f"the model has no task {task!r} (its tasks: "
                          f"{', '.join(model.tasks()) or 'none'})")
     spec = model.spec.task(task)
-    inputs = _check_example(model, spec, example)
-    with torch.random.fork_rng(devices=[]), _evaluating(model):
+    inputs = check_example(model, spec, example)
+    with torch.random.fork_rng(devices=[]), evaluating(model):
         torch.manual_seed(seed)
         probs = _probabilities(model, task, inputs)
         predicted = int(torch.argmax(probs))
@@ -110,7 +110,7 @@ def explain(model: M3TModel, task: str, example: Mapping[str, Any], *,
 
 
 # ---------------------------------------------------------------------------- the example
-def _check_example(model: M3TModel, spec: TaskSpec, example: Mapping[str, Any]) -> dict[str, Any]:
+def check_example(model: M3TModel, spec: TaskSpec, example: Mapping[str, Any]) -> dict[str, Any]:
     """The example's inputs: a text as a string, an image (1,1,H,W), a trace (1,T,F)."""
     missing = [m for m in spec.modalities if m not in example]
     if missing:
@@ -145,7 +145,7 @@ def _check_example(model: M3TModel, spec: TaskSpec, example: Mapping[str, Any]) 
 
 
 @contextmanager
-def _evaluating(model: M3TModel) -> Iterator[None]:
+def evaluating(model: M3TModel) -> Iterator[None]:
     """Every module in eval mode (no dropout) for the duration; their modes restored after."""
     modes = {name: module.training for name, module in model.modules.items()}
     try:
@@ -166,7 +166,7 @@ def _probabilities(model: M3TModel, task: str, inputs: Mapping[str, Any]) -> tor
 
 
 # ---------------------------------------------------------------------------- inputs
-class _EmbeddedText(nn.Module):
+class EmbeddedText(nn.Module):
     """The text encoder fed word embeddings (N,T,H) of one text's tokens instead of strings."""
 
     def __init__(self, encoder: TextEncoder, mask: torch.Tensor) -> None:
@@ -204,7 +204,7 @@ def _integrated_gradients(model: M3TModel, spec: TaskSpec, inputs: Mapping[str, 
             with torch.no_grad():
                 values.append(embed(ids).detach())
                 baselines.append(embed(blank).detach())
-            modules[ENCODERS[TEXT]] = _EmbeddedText(encoder, batch["attention_mask"])
+            modules[ENCODERS[TEXT]] = EmbeddedText(encoder, batch["attention_mask"])
         else:
             values.append(inputs[m])
             baselines.append(torch.zeros_like(inputs[m]))

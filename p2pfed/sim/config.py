@@ -84,6 +84,9 @@ class SimConfig:
     #: training path (so it credits provenance mass); :func:`~p2pfed.sim.simulator.simulate`
     #: then relates each member's share to how far removing it moves the others' states
     updates: tuple[str, float] | None = None
+    #: education: explain this many held-out examples per task at the end and check the
+    #: explanations' faithfulness (report ``explain``; :mod:`p2pfed.sim.explain`); 0: none
+    explain: int = 0
 
 
 def check_config(config: SimConfig) -> None:
@@ -99,6 +102,12 @@ def check_config(config: SimConfig) -> None:
                           f"{config.topology.name}")
     if config.updates is not None:
         check_updates(config)
+    if isinstance(config.explain, bool) or not isinstance(config.explain, int) \
+            or config.explain < 0:
+        raise ConfigError(f"examples to explain must be a count >= 0, not {config.explain!r}")
+    if config.explain and config.workload != "education":
+        raise ConfigError("explaining predictions needs the education workload (nothing "
+                          "predicts in the consensus workload)")
     if config.dtype not in DTYPES:
         raise ConfigError(f"unknown parameter type {config.dtype!r}; "
                           f"choose from {', '.join(DTYPES)}")

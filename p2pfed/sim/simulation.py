@@ -387,6 +387,13 @@ class Simulation:
             sn.ledger.close()
         if tasks is not None:
             report["tasks"] = tasks
+        if self.edu is not None and self.config.explain:
+            from p2pfed.sim.explain import explain_report  # (captum: only when asked)
+
+            if self.on_phase is not None:
+                self.on_phase(f"explaining {self.config.explain} examples per task", 0, 1)
+            report["explain"] = explain_report(self.edu, self.final_trainers(),
+                                               self.config.explain, self.config.seed, prov)
         if self.edu is not None:  # (what each component is trained for: the summary's columns)
             for comp, row in report["components"].items():
                 row["tasks"] = [t.name for t in self.edu.spec.tasks_using(comp)]

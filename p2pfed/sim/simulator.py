@@ -11,6 +11,9 @@ that compares two runs of the same seed and topology:
   from the start (what exact unlearning gives): does a member's provenance share rank how far
   removing it moves each node's state?
 
+With ``explain`` the main run (never a comparison run) explains held-out predictions at its
+end (:mod:`~p2pfed.sim.explain`).
+
 The simulator's parts live in their own modules: :mod:`~p2pfed.sim.config` (what to run),
 :mod:`~p2pfed.sim.nodes` (building the nodes), :mod:`~p2pfed.sim.simulation` (running them on
 trio's MockClock), :mod:`~p2pfed.sim.report` (the report and its plot); their public names are
@@ -54,6 +57,14 @@ def simulate(config: SimConfig, on_phase: PhaseProgress | None = None) -> dict[s
     total)`` hears of the phases that are not the run's rounds (``config.progress`` hears of
     those): loading the education data, the baselines.
     """
+    report = _study(config, on_phase)
+    if "explain" in report and "provenance_study" in report:
+        report["explain"]["provenance_spearman"] = report["provenance_study"]["mean"]
+    return report
+
+
+def _study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:
+    """The run, or the study the config asks for (only its main run explains predictions)."""
     if config.unlearn is not None:
         return _unlearning_study(config, on_phase)
     if config.participation:
@@ -83,7 +94,7 @@ def _continual_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[
     for name, variant in variants.items():
         first = not sims
         sim = Simulation(variant if first else dataclasses.replace(variant, progress=None,
-                                                                   home=None),
+                                                                   home=None, explain=0),
                          edu=None if first else sims[label].edu,
                          on_phase=on_phase if first else None, curve=first)
         sim.phase_ends = {end for _, end in schedule.phases(config.rounds)}
@@ -132,7 +143,8 @@ def _participation_study(config: SimConfig, on_phase: PhaseProgress | None) -> d
                                  round_interval_s=config.round_interval_s or 2.0 * train_s)
     sim = Simulation(config, on_phase=on_phase)
     report = sim.run()
-    full = Simulation(dataclasses.replace(config, participation={}, progress=None, home=None),
+    full = Simulation(dataclasses.replace(config, participation={}, progress=None, home=None,
+                                          explain=0),
                       edu=sim.edu, curve=False)
     base = full.run()
     slow = sorted(config.participation)
@@ -183,7 +195,7 @@ def _attack_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str
     if sim.edu is None:
         return report
     clean = Simulation(dataclasses.replace(config, attack=None, robust="mh", baselines=False,
-                                           home=None,
+                                           home=None, explain=0,
                                            progress=None, absent=frozenset(sim.byzantine)),
                        edu=sim.edu, curve=False)  # (the attackers' data, flipped or not, is unused)
     clean.run()
@@ -204,7 +216,7 @@ def _unlearning_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict
     sim = Simulation(config, on_phase=on_phase)
     report = sim.run()
     retrain = Simulation(dataclasses.replace(config, unlearn=None, absent=frozenset({name}),
-                                             home=None,
+                                             home=None, explain=0,
                                              progress=None), edu=sim.edu, curve=False)
     base = retrain.run()
     ours, theirs = sim.final_states(), retrain.final_states()
