@@ -32,6 +32,9 @@ PARTIAL = 1
 #: the weights used for the vector were not the exact linear ones (trimmed mean, fast unlearning)
 APPROX = 2
 _ALL_FLAGS = PARTIAL | APPROX
+#: the largest mass a peer may announce for a member: mixes are convex, so no sum of at most
+#: MAX_MEMBERS such masses (plus finite credits) can overflow a float64
+MAX_MASS = 1e200
 _WORD = np.dtype(">u8")  # (a tag as an integer in lineage order, as lineage.py sorts them)
 _WIRE = np.dtype("<f8")
 
@@ -135,21 +138,27 @@ class Provenance:
         if isinstance(flags, bool) or not isinstance(flags, int) or not 0 <= flags <= _ALL_FLAGS:
             raise MalformedMessageError(f"provenance flags {flags!r} not in 0..{_ALL_FLAGS}")
         mass = np.frombuffer(blob, dtype=_WIRE).astype(np.float64)
-        if not bool(np.all(np.isfinite(mass) & (mass >= 0.0))):
-            raise MalformedMessageError("provenance mass is not finite and >= 0")
+        if not bool(np.all(np.isfinite(mass) & (mass >= 0.0) & (mass <= MAX_MASS))):
+            raise MalformedMessageError(f"provenance mass is not in 0..{MAX_MASS:g}")
         keep = mass > 0.0
         tags = Lineage(_words(lineage)[keep].tobytes())  # (a subset stays sorted)
         return cls(tags, mass[keep], flags)
 
     def total(self) -> float:
-        return math.fsum(self.mass.tolist())
+        """The sum of the masses (scaled by the largest first: no overflow on any vector)."""
+        top = float(self.mass.max()) if self.mass.size else 0.0
+        if top == 0.0:
+            return 0.0
+        return math.fsum((self.mass / top).tolist()) * top
 
     def shares(self) -> dict[bytes, float]:
         """Member tag → mass / total; empty when there is no mass."""
-        total = self.total()
-        if total == 0.0:
+        top = float(self.mass.max()) if self.mass.size else 0.0
+        if top == 0.0:
             return {}
-        return {t: float(m) / total for t, m in zip(self.tags, self.mass, strict=True)}
+        scaled = self.mass / top  # (a vector summing past the float64 range still has shares)
+        total = math.fsum(scaled.tolist())
+        return {t: float(m) / total for t, m in zip(self.tags, scaled, strict=True)}
 
     def drop(self, member_tags: Iterable[bytes]) -> Provenance:
         """Without those members' entries (the rest is not renormalised)."""

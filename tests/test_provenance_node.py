@@ -150,3 +150,35 @@ def test_a_trainer_that_diverges_leaves_its_mass_unattributed() -> None:
     st.comp.flat.fill_(float("nan"))
     assert credit(st, tag("a"), origin) == 0.0 and st.prov.flags & PARTIAL
     st.comp.flat.copy_(torch.zeros_like(origin))
+
+
+def test_a_huge_announced_mass_is_refused_and_large_ones_never_overflow() -> None:
+    from gossip.errors import MalformedMessageError
+    from p2pfed.provenance import MAX_MASS
+
+    members = Lineage.of(["a", "b"])
+    with pytest.raises(MalformedMessageError, match="provenance mass"):
+        Provenance.decode(members, np.array([1.0, 1e300], "<f8").tobytes(), 0)
+    top = Provenance.decode(members, np.array([MAX_MASS, MAX_MASS], "<f8").tobytes(), 0)
+    mixed = Provenance.mix(0.465, top, [(0.071, top), (0.464, top)])
+    assert np.isfinite(mixed.mass).all()
+    near_max = Provenance(members, np.array([1.7e308, 1.7e308]))  # (a sum past float64)
+    assert near_max.shares() == {t: pytest.approx(0.5) for t in members}
+
+
+def test_a_vector_that_will_not_mix_never_stops_the_round(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should mixing the vectors fail, the round completes with the state mixed as always and
+    the vector marked partial (nothing a peer sends may stop a node)."""
+    from p2pfed.node import _mix
+
+    def refuse(*args: object, **kwargs: object) -> Provenance:
+        raise ValueError("refused for the test")
+
+    nodes = [_node(i) for i in range(3)]
+    _path(nodes)
+    monkeypatch.setattr(_mix.Provenance, "mix", staticmethod(refuse))
+    _rounds(nodes, 2)
+    for n in nodes:
+        assert len(_records(n, Mix)) == 2  # (both rounds mixed)
+        assert n.provenance_of("backbone").flags & PARTIAL

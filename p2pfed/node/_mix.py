@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -22,10 +23,12 @@ import torch
 from p2pfed.consensus import effective_weights, metropolis_hastings_row
 from p2pfed.journal import Mix, MixInputRef
 from p2pfed.lineage import Lineage
-from p2pfed.mixing import MixingRule, MixInput, Neighbour, stale_weights
+from p2pfed.mixing import MixingRule, MixInput, MixResult, Neighbour, stale_weights
 from p2pfed.node._provenance import fields, received
 from p2pfed.node._state import ComponentRound, Received
-from p2pfed.provenance import Provenance
+from p2pfed.provenance import PARTIAL, Provenance
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,9 @@ def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,
     neighbours = tuple(_neighbour(p, w, present[p]) for p, w in terms)
     mixed = rule.mix(MixInput(st.comp.flat, self_w, neighbours, st.memory,
                               own_noise=st.noise, scratch=scratch))
+    st.prov = mixed_provenance(st, mixed, [present[n.peer] for n in neighbours])
     st.comp.flat.copy_(mixed.state)
     st.memory = mixed.memory
-    own_w, linear = mixed.linear_weights()  # (the vector mixes as the parameters did)
-    st.prov = Provenance.mix(max(own_w, 0.0), st.prov, [
-        (max(w, 0.0), received(present[n.peer].announcement))
-        for n, w in zip(neighbours, linear, strict=True)], approx=not mixed.exact)
     if present:  # (the state took part in a mix: it is fresh again)
         st.age = 0
     st.lineage = st.lineage.union(*(rec.announcement.lineage for rec in present.values()),
@@ -128,6 +128,23 @@ def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,
                  epoch, rule.name, mixed.audit, **fields(st.prov, st.lineage),
                  share_weights=mixed.share_weights)
     return MixOutcome(record, tuple(sorted(present)), missing)
+
+
+def mixed_provenance(st: ComponentRound, mixed: MixResult,
+                     inputs: list[Received]) -> Provenance:
+    """The state's vector after the mix: mixed as the parameters were (a weight that rounds
+    below 0 counts as 0, and the vector is then marked approximate).  Nothing a peer sent can
+    make it fail the round: should the vector not mix, the state goes on with mass nobody is
+    credited with (PARTIAL), and the reason is logged."""
+    own_w, linear = mixed.linear_weights()
+    approx = not mixed.exact or own_w < 0.0 or any(w < 0.0 for w in linear)
+    try:
+        return Provenance.mix(max(own_w, 0.0), st.prov, [
+            (max(w, 0.0), received(rec.announcement))
+            for rec, w in zip(inputs, linear, strict=True)], approx=approx)
+    except ValueError as exc:
+        log.warning("provenance of a mix lost: %s", exc)
+        return Provenance.empty(PARTIAL)
 
 
 def _neighbour(peer: str, weight: float, rec: Received) -> Neighbour:

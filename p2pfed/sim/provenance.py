@@ -69,7 +69,8 @@ def matrix_shares(ledgers: Mapping[str, Ledger], component: str,
                                                  tuple(x.weight for x in mix.inputs))
             w[i, i] = own
             for ref, weight in zip(mix.inputs, weights, strict=True):
-                w[i, index[ref.peer]] += weight
+                if ref.peer in index:  # (an input from a node that is not a holder now)
+                    w[i, index[ref.peer]] += weight
         mass = w @ mass
     out: dict[str, dict[str, float]] = {}
     for i, n in enumerate(names):
