@@ -47,13 +47,17 @@ def _newest(ledger: Ledger, kind: type[Any], component: str) -> dict[int, Any]:
 
 
 def matrix_shares(ledgers: Mapping[str, Ledger], component: str,
-                  peer_ids: Mapping[str, str], rounds: int) -> dict[str, dict[str, float]]:
-    """Each holder's shares of ``component`` after ``rounds`` rounds, from the ledgers alone
-    (``ledgers``: holder name -> ledger; ``peer_ids``: every node's name -> peer id)."""
+                  peer_ids: Mapping[str, str],
+                  rounds: int | None = None) -> dict[str, dict[str, float]]:
+    """Each holder's shares of ``component`` after ``rounds`` rounds (None: up to the last
+    round any holder mixed), from the ledgers alone (``ledgers``: holder name -> ledger;
+    ``peer_ids``: every node's name -> peer id)."""
     names = sorted(ledgers)
     index = {peer_ids[n]: i for i, n in enumerate(names)}
     credits = {n: _newest(ledgers[n], LocalUpdate, component) for n in names}
     mixes = {n: _newest(ledgers[n], Mix, component) for n in names}
+    if rounds is None:
+        rounds = 1 + max((r for m in mixes.values() for r in m), default=-1)
     mass = np.zeros((len(names), len(names)))
     for t in range(rounds):
         for i, n in enumerate(names):
@@ -116,10 +120,7 @@ def provenance_report(nodes: Mapping[str, Any], members: set[str]) -> dict[str, 
                     for n in sorted(holders) if n in members}
         if not any(reported.values()):
             continue
-        rounds = 1 + max((r for sn in holders.values()
-                          for r in _newest(sn.ledger, Mix, comp)), default=-1)
-        computed = matrix_shares({n: sn.ledger for n, sn in holders.items()}, comp, peer_ids,
-                                 rounds)
+        computed = matrix_shares({n: sn.ledger for n, sn in holders.items()}, comp, peer_ids)
         error = max_error(reported, {n: computed[n] for n in reported})
         sums = max((abs(sum(s.values()) - 1.0) for s in reported.values() if s), default=0.0)
         flags = max(holders[n].node.provenance_of(comp).flags for n in reported)
