@@ -5,6 +5,7 @@ The simulator loads torch: it is imported only when a simulation runs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -107,6 +108,16 @@ def simulate(
         metavar="N", min=0, max=100_000,
         help="Education: at the end, explain N held-out examples per task and check the "
              "explanations' faithfulness (report explain; 0: none).")] = 0,
+    groups: Annotated[bool, typer.Option(
+        "--groups", help="Education: the group study (a minority group concentrated in one "
+        "region; report fairness: per task mean, worst node, 10th percentile, each group's "
+        "accuracy and the worst-group gap, federated and baselines).")] = False,
+    fairness: Annotated[str, typer.Option(
+        metavar="RULE", help="With --groups: the members' local objective, erm or group-dro "
+        "(other than erm: compared with erm in the same run).")] = "erm",
+    tilt: Annotated[float, typer.Option(
+        min=0.0, max=50.0, help="group-dro: how hard it leans on the worst group (0: the "
+        "groups' mean).")] = 1.0,
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import plot_report
@@ -125,6 +136,15 @@ def simulate(
     config = _continual_options(config, continual=continual, method=method, catch_up=catch_up,
                                 participation=participation, train_s=train_s,
                                 round_interval=round_interval)
+    from p2pfed.model.fairness import OBJECTIVES
+
+    if fairness not in OBJECTIVES:
+        raise typer.BadParameter(f"unknown objective {fairness!r}; choose from "
+                                 f"{', '.join(OBJECTIVES)}", param_hint="--fairness")
+    if (groups or fairness != "erm") and (workload != "education" or not groups):
+        raise typer.BadParameter("needs --workload education and --groups",
+                                 param_hint="--fairness" if fairness != "erm" else "--groups")
+    config = dataclasses.replace(config, groups=groups, fairness=fairness, tilt=tilt)
     report = _simulate_with_progress(config, quiet)
     if json_path is not None:
         _write_json(json_path, report)
@@ -290,7 +310,6 @@ def _continual_options(config: SimConfig, *, continual: str | None, method: str,
                        catch_up: int | None = None,
                        round_interval: float = 0.0) -> SimConfig:
     """``config`` with the continual schedule, the participation and the compute model."""
-    import dataclasses
 
     from gossip.errors import ConfigError
     from p2pfed.continual import METHODS, ContinualSettings, Schedule

@@ -90,6 +90,7 @@ def _print_sim_summary(report: dict[str, Any]) -> None:
                 "scaled_largest_displacement", "largest_share_is_largest_displacement")))
         out.print(table)
     _print_explain(report)
+    _print_fairness(report)
     if mixed:
         out.print("to 1e-6: rounds until the consensus distance fell below 1e-6 (— not yet)\n"
                   "bound: ⌈ln 1e-6 / ln SLEM⌉; drift: largest change of the holders' mean")
@@ -156,3 +157,29 @@ def _print_explain(report: dict[str, Any]) -> None:
     out.print(table)
     out.print(f"provenance max error {_fmt(e['provenance_max_error'], '.1e')}; attributions "
               "are not causes")
+
+
+def _print_fairness(report: dict[str, Any]) -> None:
+    """The group study's table (when the report has it): per task and run the mean, the worst
+    and 10th-percentile node, each group and the worst-group gap."""
+    if "fairness" not in report:
+        return
+    f = report["fairness"]
+    table = Table(title="groups: accuracy per task (mean weighs the groups by their training "
+                        "shares; gap: best group − worst group)")
+    for col in ("task", "run", "mean", "worst node", "p10 node", "majority", "minority", "gap"):
+        table.add_column(col, justify="left" if col in ("task", "run") else "right")
+    rule = f.get("rule")
+    for task, runs in f["tasks"].items():
+        rows = list(runs.items())
+        if rule is not None:
+            rows.append((rule["objective"], rule["tasks"][task]))
+        for name, m in rows:
+            table.add_row(task, name, *(_fmt(m[k], ".3f") for k in (
+                "mean", "worst_node", "p10_node")),
+                *(_fmt(m["groups"].get(g), ".3f") for g in ("majority", "minority")),
+                _fmt(m["worst_group_gap"], ".3f"))
+    out.print(table)
+    if rule is not None:
+        out.print(", ".join(f"{t}: gap narrowed {rule['gap_narrowed'][t]:+.0%}, mean "
+                            f"{rule['mean_change'][t]:+.3f}" for t in rule["tasks"]))

@@ -37,6 +37,7 @@ from gossip.catalog import ComponentSpec
 from gossip.envelope import digest
 from p2pfed.components import FlatComponent
 from p2pfed.model.continual import Continual
+from p2pfed.model.fairness import group_batch, group_loss
 from p2pfed.model.m3t import M3TModel
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class TaskData:
 
     inputs: Mapping[str, Any]
     labels: np.ndarray
+    #: each example's group (a small integer: the fairness study's attribute), or None; it
+    #: never leaves the member: only the group-aware objective reads it
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -55,7 +59,7 @@ class TaskData:
     def subset(self, index: np.ndarray) -> TaskData:
         """The examples at ``index``, in that order."""
         return TaskData({m: _take(v, index) for m, v in self.inputs.items()},
-                        self.labels[index])
+                        self.labels[index], None if self.groups is None else self.groups[index])
 
     def batch(self, index: np.ndarray) -> tuple[dict[str, Any], torch.Tensor]:
         part = self.subset(index)
@@ -117,6 +121,12 @@ class LocalTrainer:
     continual: Continual | None = None
     #: called with each request before it is carried out (the daemon: follow the catalogue)
     before_run: Callable[[TrainRequest], None] | None = None
+    #: the local objective: "erm" (the mean loss) or "group-dro" (with the examples' groups:
+    #: each batch drawn evenly from the groups present, and the groups' losses combined by a
+    #: soft maximum; :func:`p2pfed.model.fairness.group_loss`)
+    objective: str = "erm"
+    #: group-dro: how hard the soft maximum leans on the worst group (0: the groups' mean)
+    tilt: float = 1.0
 
     def __post_init__(self) -> None:
         self.flats: dict[str, FlatComponent] = {}
@@ -253,13 +263,19 @@ class LocalTrainer:
     def _loss(self, task: str, round_: int, rng: np.random.Generator) -> torch.Tensor:
         """The loss of one batch drawn by ``rng`` from what ``task`` trains on in ``round_``."""
         data = self.round_data(task, round_)
-        index = rng.choice(len(data), size=min(self.batch_size, len(data)),
-                           replace=len(data) < self.batch_size)
+        if self.objective == "group-dro" and data.groups is not None:
+            index, groups = group_batch(data.groups, self.batch_size, rng)
+        else:
+            index, groups = rng.choice(len(data), size=min(self.batch_size, len(data)),
+                                       replace=len(data) < self.batch_size), None
         batch, labels = data.batch(index)
         logits = self.model.forward(task, batch)
         if self.logit_adjust:
             logits = logits + self._log_prior(task, logits.shape[-1])
-        return nn.functional.cross_entropy(logits, labels)
+        if groups is None:
+            return nn.functional.cross_entropy(logits, labels)
+        losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+        return group_loss(losses, torch.from_numpy(groups), self.tilt)
 
     def _heldout_accuracy(self, tasks: Sequence[str]) -> dict[str, float]:
         return {t: self.accuracy(t, self.heldout[t]) for t in tasks
@@ -285,12 +301,16 @@ class LocalTrainer:
             prior = self._priors[task] = torch.from_numpy(np.log(freq).astype(np.float32))
         return prior
 
-    @torch.no_grad()
     def accuracy(self, task: str, data: TaskData, batch_size: int = 256) -> float:
-        correct = 0
+        return float(self.correct(task, data, batch_size).sum()) / max(len(data), 1)
+
+    @torch.no_grad()
+    def correct(self, task: str, data: TaskData, batch_size: int = 256) -> np.ndarray:
+        """Per example of ``data``: does the model predict its label?"""
+        hits = []
         for start in range(0, len(data), batch_size):
             index = np.arange(start, min(start + batch_size, len(data)))
             batch, labels = data.batch(index)
             pred = self.model.forward(task, batch).argmax(-1)
-            correct += int((pred == labels).sum())
-        return correct / max(len(data), 1)
+            hits.append((pred == labels).numpy())
+        return np.concatenate(hits) if hits else np.zeros(0, dtype=bool)

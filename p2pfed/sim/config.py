@@ -16,6 +16,7 @@ import torch
 from gossip.errors import ConfigError
 from p2pfed import mixing
 from p2pfed.continual import ContinualSettings, Schedule
+from p2pfed.model.fairness import OBJECTIVES
 from p2pfed.node import RetentionPolicy
 from p2pfed.privacy import Policy
 from p2pfed.sim.attacks import ATTACKS
@@ -87,6 +88,12 @@ class SimConfig:
     #: education: explain this many held-out examples per task at the end and check the
     #: explanations' faithfulness (report ``explain``; :mod:`p2pfed.sim.explain`); 0: none
     explain: int = 0
+    #: education: the group study (:mod:`p2pfed.sim.groups`; the report gains ``fairness``)
+    groups: bool = False
+    #: the members' local objective (:data:`p2pfed.model.fairness.OBJECTIVES`; other than
+    #: "erm": compared with "erm" in the same study) and its tilt
+    fairness: str = "erm"
+    tilt: float = 1.0
 
 
 def check_config(config: SimConfig) -> None:
@@ -108,6 +115,7 @@ def check_config(config: SimConfig) -> None:
     if config.explain and config.workload != "education":
         raise ConfigError("explaining predictions needs the education workload (nothing "
                           "predicts in the consensus workload)")
+    check_fairness(config)
     if config.dtype not in DTYPES:
         raise ConfigError(f"unknown parameter type {config.dtype!r}; "
                           f"choose from {', '.join(DTYPES)}")
@@ -157,3 +165,18 @@ def check_updates(config: SimConfig) -> None:
     if config.attack is not None:
         raise ConfigError("synthetic updates with an attack: run the provenance study without "
                           "Byzantine nodes")
+
+
+def check_fairness(config: SimConfig) -> None:
+    """The group study needs the education workload; an objective other than the default
+    needs the group study (without groups it would change nothing); a tilt in 0..50."""
+    if config.groups and config.workload != "education":
+        raise ConfigError("the group study needs the education workload")
+    if config.fairness not in OBJECTIVES:
+        raise ConfigError(f"unknown fairness objective {config.fairness!r}; "
+                          f"choose from {', '.join(OBJECTIVES)}")
+    if config.fairness != "erm" and not config.groups:
+        raise ConfigError(f"the {config.fairness} objective needs the group study (--groups): "
+                          "without groups it trains as erm")
+    if not (math.isfinite(config.tilt) and 0.0 <= config.tilt <= 50.0):
+        raise ConfigError(f"tilt must be in 0..50, not {config.tilt}")

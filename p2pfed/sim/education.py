@@ -34,6 +34,7 @@ from torch import nn
 from gossip.errors import ConfigError
 from p2pfed.model.continual import Continual, ContinualSettings, Schedule
 from p2pfed.model.data import dirichlet_split, load_digits_images, make_activity_traces
+from p2pfed.model.fairness import group_accuracy, summary
 from p2pfed.model.m3t import (
     CachedTexts,
     M3TModel,
@@ -45,6 +46,7 @@ from p2pfed.model.m3t import (
 from p2pfed.model.questions import generate_questions
 from p2pfed.model.tasks import TASKS
 from p2pfed.model.train import LocalTrainer, TaskData
+from p2pfed.sim import groups
 from p2pfed.sim.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,12 @@ class EducationSettings:
     #: spaced rounds, the last included: on the whole test set, a measurement of every node
     #: costs about two rounds of training
     curve_points: int = 5
+    #: the group study: every example gets a group (:mod:`p2pfed.sim.groups`) and the report a
+    #: ``fairness`` section
+    groups: bool = False
+    #: the members' local objective and its tilt (:mod:`p2pfed.model.fairness`)
+    objective: str = "erm"
+    tilt: float = 1.0
 
     def curve_rounds(self) -> list[int]:
         """The rounds after which the accuracy curves are measured (1-based, the last
@@ -102,7 +110,25 @@ def _concat(a: TaskData, b: TaskData) -> TaskData:
                                     torch.cat([va.mask, vb.mask]))
         else:
             inputs[m] = np.concatenate([va, vb])
-    return TaskData(inputs, np.concatenate([a.labels, b.labels]))
+    groups_ = None if a.groups is None else np.concatenate(
+        [a.groups, b.groups if b.groups is not None else np.zeros(len(b), dtype=np.int64)])
+    return TaskData(inputs, np.concatenate([a.labels, b.labels]), groups_)
+
+
+def _with_groups(plain: TaskData, shifted: dict[str, Any], drawn: np.ndarray) -> TaskData:
+    """``plain`` with the rows of the minority in ``drawn`` taken from ``shifted`` (the same
+    examples' shifted inputs), and ``drawn`` as its groups."""
+    minority = drawn == groups.MINORITY
+    inputs: dict[str, Any] = {}
+    for m, value in plain.inputs.items():
+        alt = shifted[m]
+        if isinstance(value, CachedTexts):
+            rows = torch.from_numpy(minority)
+            inputs[m] = CachedTexts(torch.where(rows[:, None, None], alt.hidden, value.hidden),
+                                    torch.where(rows[:, None], alt.mask, value.mask))
+        else:
+            inputs[m] = np.where(minority.reshape((-1,) + (1,) * (value.ndim - 1)), alt, value)
+    return TaskData(inputs, plain.labels, drawn)
 
 
 class EducationWorkload:
@@ -126,18 +152,26 @@ class EducationWorkload:
         self.test: dict[str, TaskData] = {}
         self._questions: list[str] = []
         self._topic_train = np.zeros(0, dtype=np.int64)
+        self._shifted: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        #: the baselines' trainers once trained (the group study measures them too)
+        self.baseline_trainers: dict[str, dict[str, LocalTrainer]] = {}
         self._load(prefix)
         self.node_data: dict[str, dict[str, TaskData]] = {n: {} for n in topo.nodes}
         backdoor_rows: dict[str, np.ndarray] = {}
-        for k, task in enumerate(TASKS):
-            holders = list(topo.holders[f"head.{task.name}"])
-            data = self.train[task.name]
-            parts = dirichlet_split(data.labels, len(holders), settings.alpha, seed + 101 * k,
-                                    min_size=8)
-            for node, index in zip(holders, parts, strict=True):
-                self.node_data[node][task.name] = data.subset(index)
+        splits = {task.name: list(zip(topo.holders[f"head.{task.name}"], dirichlet_split(
+                      self.train[task.name].labels, len(topo.holders[f"head.{task.name}"]),
+                      settings.alpha, seed + 101 * k, min_size=8), strict=True))
+                  for k, task in enumerate(TASKS)}
+        #: the group study: each task's share of each group among the training examples
+        self.population: dict[str, dict[int, float]] = {}
+        if settings.groups:
+            self._assign_groups(splits)
+        for task_name, parts in splits.items():
+            data = self.train[task_name]
+            for node, index in parts:
+                self.node_data[node][task_name] = data.subset(index)
                 if node == backdoor:
-                    backdoor_rows[task.name] = index
+                    backdoor_rows[task_name] = index
         #: the task whose data carries the backdoor: digits when the member holds it
         self.backdoor_task: str | None = None
         self.triggered: TaskData | None = None
@@ -177,6 +211,40 @@ class EducationWorkload:
             {"activity": traces[tr], "text": cached.select(tr)}, alabels[tr])
         self.test["engagement"] = TaskData(
             {"activity": traces[te], "text": cached.select(te)}, alabels[te])
+        if s.groups:  # (the minority's inputs, every example: rows are chosen by group later)
+            shifted_q = prefix.encode_prefix([groups.shift_text(q) for q in self._questions])
+            shifted_n = prefix.encode_prefix([groups.shift_text(n) for n in notes])
+            shifted_t = groups.shift_activity(traces)
+            images_s = groups.shift_images(images)
+            tr_d, te_d = _split_train_test(len(labels), s.test_share, seed)
+            self._shifted = {
+                "digits": ({"image": images_s[tr_d]}, {"image": images_s[te_d]}),
+                "topic": ({"text": shifted_q.select(self._topic_train)},
+                          {"text": shifted_q.select(self._topic_test)}),
+                "engagement": ({"activity": shifted_t[tr], "text": shifted_n.select(tr)},
+                               {"activity": shifted_t[te], "text": shifted_n.select(te)}),
+            }
+
+    def _assign_groups(self, splits: dict[str, list[tuple[str, np.ndarray]]]) -> None:
+        """The group study: each training example's group, drawn by its holder's region
+        (:func:`p2pfed.sim.groups.region`), each test example's half and half; the minority's
+        rows take its shifted inputs (:mod:`p2pfed.sim.groups`)."""
+        rich = groups.region(self.topo, self.seed)
+        index = {n: i for i, n in enumerate(self.topo.nodes)}
+        for k, (task, parts) in enumerate(splits.items()):
+            train, test = self.train[task], self.test[task]
+            drawn = np.zeros(len(train), dtype=np.int64)
+            for node, rows in parts:
+                rate = groups.RICH_RATE if node in rich else groups.OTHER_RATE
+                drawn[rows] = groups.draw(len(rows), rate, np.random.default_rng(
+                    [self.seed, 4127, k, index[node]]))
+            tested = groups.draw(len(test), groups.TEST_RATE,
+                                 np.random.default_rng([self.seed, 4111, k]))
+            shifted_train, shifted_test = self._shifted[task]
+            self.train[task] = _with_groups(train, shifted_train, drawn)
+            self.test[task] = _with_groups(test, shifted_test, tested)
+            share = float(np.mean(drawn == groups.MINORITY))
+            self.population[task] = {0: 1.0 - share, groups.MINORITY: share}
 
     def flip_labels(self, node: str) -> None:
         """Data poisoning (the simulator's label-flip attack): class y becomes classes-1-y."""
@@ -215,9 +283,10 @@ class EducationWorkload:
 
     def trainer(self, node: str, index: int, data: dict[str, TaskData] | None = None,
                 held: list[str] | None = None,
-                continual: tuple[Schedule, ContinualSettings] | None = None) -> LocalTrainer:
+                continual: tuple[Schedule, ContinualSettings] | None = None,
+                objective: tuple[str, float] | None = None) -> LocalTrainer:
         """``node``'s trainer (``continual``: its tasks follow that schedule, with that
-        method)."""
+        method; ``objective``: its local objective and tilt, else the settings')."""
         held = held if held is not None else self.topo.components_of(node)
         model = M3TModel.build(self.spec, held, init_seed=self.seed,
                                text_base=self._text_base() if "encoder.text.lora" in held
@@ -227,13 +296,27 @@ class EducationWorkload:
         return LocalTrainer(model, self.node_data[node] if data is None else data,
                             node_seed=seed, steps=s.steps,
                             batch_size=s.batch_size, lr=s.lr, total_rounds=s.rounds,
-                            continual=None if continual is None else Continual(*continual, seed))
+                            continual=None if continual is None else Continual(*continual, seed),
+                            objective=objective[0] if objective else s.objective,
+                            tilt=objective[1] if objective else s.tilt)
 
     def per_node_accuracy(self, trainers: dict[str, LocalTrainer]) -> dict[str, dict[str, float]]:
         """Test accuracy per task and per node (in ``trainers``) holding the task's head."""
         return {task.name: {node: t.accuracy(task.name, self.test[task.name])
                             for node, t in trainers.items() if task.name in t.model.tasks()}
                 for task in TASKS}
+
+    def fairness(self, trainers: dict[str, LocalTrainer]) -> dict[str, dict[str, object]]:
+        """The group study's measures per task over the nodes (in ``trainers``) holding its
+        head (:func:`p2pfed.model.fairness.summary`)."""
+        out = {}
+        for task in TASKS:
+            test = self.test[task.name]
+            assert test.groups is not None
+            per_node = {node: group_accuracy(t.correct(task.name, test), test.groups)
+                        for node, t in trainers.items() if task.name in t.model.tasks()}
+            out[task.name] = summary(per_node, self.population[task.name], groups.GROUPS)
+        return out
 
     def accuracy(self, trainers: dict[str, LocalTrainer]) -> dict[str, float]:
         """Mean test accuracy per task over the nodes (in ``trainers``) holding its head."""
@@ -256,6 +339,7 @@ class EducationWorkload:
                 curve.append(self.accuracy(named))
             if progress is not None:
                 progress(r + 1, self.settings.rounds)
+        self.baseline_trainers["local_only"] = named
         return curve
 
     def centralized(self, progress: RoundProgress | None = None) -> list[dict[str, float]]:
@@ -271,4 +355,5 @@ class EducationWorkload:
                 curve.append(self.accuracy({"centralized": trainer}))
             if progress is not None:
                 progress(r + 1, self.settings.rounds)
+        self.baseline_trainers["centralized"] = {"centralized": trainer}
         return curve

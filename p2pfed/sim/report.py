@@ -26,6 +26,7 @@ from p2pfed.consensus import (
 )
 from p2pfed.model.train import LocalTrainer
 from p2pfed.node import Node, status_of
+from p2pfed.sim import groups
 from p2pfed.sim.config import SimConfig
 from p2pfed.sim.education import EducationWorkload
 from p2pfed.sim.topology import Topology
@@ -133,6 +134,23 @@ def task_report(edu: EducationWorkload, topo: Topology, trainers: dict[str, Loca
                        local_only_curve=[acc[t] for acc in local],
                        centralized_curve=[acc[t] for acc in central])
     return tasks
+
+
+def fairness_report(edu: EducationWorkload, trainers: dict[str, LocalTrainer],
+                    config: SimConfig) -> dict[str, Any]:
+    """The group study: per task the measures (:func:`p2pfed.model.fairness.summary`) of the
+    federated members and, when they were trained, of the local-only and centralized
+    baselines; the region where the minority is common and each group's training share."""
+    runs = {"federated": edu.fairness(trainers)}
+    for name, baseline in sorted(edu.baseline_trainers.items()):
+        runs[name] = edu.fairness(baseline)
+    return {
+        "objective": config.fairness, "tilt": config.tilt,
+        "region": sorted(groups.region(edu.topo, edu.seed)),
+        "population": {t: {groups.GROUPS[g]: share for g, share in p.items()}
+                       for t, p in edu.population.items()},
+        "tasks": {t: {name: run[t] for name, run in runs.items()} for t in runs["federated"]},
+    }
 
 
 def _phase(on_phase: PhaseProgress | None, name: str) -> Callable[[int, int], None] | None:

@@ -43,7 +43,7 @@ from p2pfed.sim.nodes import (
     synthetic_trainer,
 )
 from p2pfed.sim.provenance import provenance_report
-from p2pfed.sim.report import PhaseProgress, build_report, task_report
+from p2pfed.sim.report import PhaseProgress, build_report, fairness_report, task_report
 from p2pfed.sim.topology import ChurnEvent
 from p2pfed.sim.trace import Trace
 
@@ -126,7 +126,8 @@ class Simulation:
             if on_phase is not None:
                 on_phase("education: loading data and models", 0, 1)
             settings = config.education or (QUICK if config.quick else FULL)
-            settings = dataclasses.replace(settings, rounds=config.rounds)
+            settings = dataclasses.replace(settings, rounds=config.rounds, groups=config.groups,
+                                           objective=config.fairness, tilt=config.tilt)
             self.edu = EducationWorkload(self.topo, config.seed, settings,
                                          backdoor=config.unlearn[0] if config.unlearn else None)
         #: node-rounds of work per phase ("run", "unlearn"): training, or mixing when the
@@ -153,8 +154,9 @@ class Simulation:
     def _make_node(self, index: int, name: str) -> SimNode:
         trainer = None
         if self.edu is not None:
-            trainer = self.trainers[name] = self.edu.trainer(name, index,
-                                                             continual=self.config.continual)
+            trainer = self.trainers[name] = self.edu.trainer(
+                name, index, continual=self.config.continual,
+                objective=(self.config.fairness, self.config.tilt))
         start = node_start(self.config, index, name, trainer)
         if name not in self._absent:  # (the starting mean and spread are the present holders')
             for comp, flat in start.components.items():
@@ -387,6 +389,8 @@ class Simulation:
             sn.ledger.close()
         if tasks is not None:
             report["tasks"] = tasks
+        if self.edu is not None and self.edu.settings.groups:
+            report["fairness"] = fairness_report(self.edu, self.final_trainers(), self.config)
         if self.edu is not None and self.config.explain:
             from p2pfed.sim.explain import explain_report  # (captum: only when asked)
 

@@ -1,0 +1,145 @@
+"""Fairness: the group-aware objective, the measures, and the simulator's group study."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gossip.errors import ConfigError
+from p2pfed.cli import app
+from p2pfed.model.fairness import group_accuracy, group_batch, group_loss, summary
+from p2pfed.privacy import Policy
+from p2pfed.sim import groups
+from p2pfed.sim.config import check_config
+from p2pfed.sim.simulator import SimConfig, simulate
+from p2pfed.sim.topology import load_topology
+from tests.test_education import TINY, school_topology
+
+TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
+
+
+def test_a_group_batch_draws_evenly_from_the_groups_present() -> None:
+    g = np.array([0] * 97 + [1] * 3)
+    index, drawn = group_batch(g, 16, np.random.default_rng(0))
+    assert len(index) == 16 and list(drawn) == [0] * 8 + [1] * 8
+    assert set(index[8:].tolist()) <= {97, 98, 99}  # (the 3 drawn again and again)
+    index, drawn = group_batch(np.zeros(40, dtype=np.int64), 16, np.random.default_rng(0))
+    assert len(set(index.tolist())) == 16 and not drawn.any()
+
+
+def test_the_group_loss_lies_between_the_groups_mean_and_the_worst_group() -> None:
+    losses = torch.tensor([1.0, 1.0, 1.0, 3.0], requires_grad=True)
+    g = torch.tensor([0, 0, 0, 1])
+    assert float(group_loss(losses, g, 0.0).detach()) == pytest.approx(2.0)  # not 1.5
+    soft = group_loss(losses, g, 1.0)
+    assert 2.0 < float(soft.detach()) < 3.0
+    assert float(group_loss(losses, g, 50.0).detach()) == pytest.approx(3.0, abs=0.02)
+    soft.backward()  # type: ignore[no-untyped-call]
+    assert losses.grad is not None
+    assert float(losses.grad[3]) > 3 * float(losses.grad[0]) > 0  # the worse group weighs more
+
+
+def test_the_measures_weigh_groups_by_population_and_name_the_worst() -> None:
+    correct = np.array([True, True, False, True, False, False])
+    assert group_accuracy(correct, np.array([0, 0, 0, 1, 1, 1])) == {
+        0: pytest.approx(2 / 3), 1: pytest.approx(1 / 3)}
+    per_node = {"a": {0: 0.9, 1: 0.5}, "b": {0: 0.7, 1: 0.3}, "c": {0: 0.8, 1: 0.8}}
+    m = summary(per_node, {0: 0.75, 1: 0.25}, groups.GROUPS)
+    assert m["worst_node"] == pytest.approx(0.75 * 0.7 + 0.25 * 0.3)
+    assert m["mean"] == pytest.approx((0.8 + 0.6 + 0.8) / 3)
+    assert m["groups"] == {"majority": pytest.approx(0.8), "minority": pytest.approx(1.6 / 3)}
+    assert m["worst_group"] == pytest.approx(1.6 / 3)
+    assert m["worst_group_gap"] == pytest.approx(0.8 - 1.6 / 3)
+    assert m["p10_node"] == m["worst_node"] and m["nodes"] == 3
+
+
+def test_the_minority_s_inputs_are_shifted_as_documented() -> None:
+    assert groups.shift_text("Solve the quadratic equations, then plot") == \
+        "Slv the qdrtc eqtns, thn plt"
+    images = np.ones((2, 1, 8, 8), dtype=np.float32)
+    shifted = groups.shift_images(images)
+    assert shifted[:, :, 0].sum() == 0 and shifted[:, :, :, 0].sum() == 0
+    assert float(shifted[0, 0, 4, 4]) == pytest.approx(0.6)
+    traces = np.ones((1, 24, 4), dtype=np.float32)
+    assert groups.shift_activity(traces)[0, 0].tolist() == [1.5, 0.5, 1.0, 0.25]
+
+
+def test_the_minority_s_region_is_one_institution_and_everyone_under_it() -> None:
+    edu = load_topology(TOPOLOGIES / "hierarchical-edu.toml")
+    rich = groups.region(edu, 1)
+    roots = [n for n in rich if n.startswith("institution-")]
+    assert len(roots) == 1 and len(rich) == 1 + 2 + 6
+    k = roots[0].split("-")[1]
+    assert all(n.split("-")[1] == k for n in rich)
+    assert groups.region(edu, 1) == rich  # (seeded)
+    assert len(groups.region(load_topology(TOPOLOGIES / "ring-16.toml"), 1)) == 4
+
+
+def _config(**kw: object) -> SimConfig:
+    config = SimConfig(school_topology(), workload="education", rounds=TINY.rounds, seed=3,
+                       education=TINY, groups=True)
+    return dataclasses.replace(config, **kw)  # type: ignore[arg-type]
+
+
+def test_the_group_study_reports_every_run_and_the_rule_beside_the_default() -> None:
+    report = simulate(_config(fairness="group-dro", tilt=2.0))
+    f = report["fairness"]
+    assert f["objective"] == "erm"  # (the default's run, with the baselines)
+    for task, runs in f["tasks"].items():
+        assert set(runs) == {"federated", "local_only", "centralized"}
+        assert 0.0 < f["population"][task]["minority"] < 0.5  # under-represented
+        for m in runs.values():
+            assert set(m["groups"]) == {"majority", "minority"}
+            assert m["worst_group_gap"] == pytest.approx(
+                max(m["groups"].values()) - min(m["groups"].values()))
+            assert m["worst_node"] <= m["p10_node"] <= m["mean"] + 1e-12
+        assert runs["centralized"]["nodes"] == 1
+    rule = f["rule"]
+    assert rule["objective"] == "group-dro" and rule["tilt"] == 2.0
+    assert set(rule["tasks"]) == set(f["tasks"])
+    for task, m in rule["tasks"].items():
+        assert rule["mean_change"][task] == pytest.approx(
+            m["mean"] - f["tasks"][task]["federated"]["mean"])
+    # the rule's members trained otherwise than the default's
+    assert rule["tasks"] != {t: runs["federated"] for t, runs in f["tasks"].items()}
+
+
+def test_exact_unlearning_with_the_group_objective_equals_the_retrain() -> None:
+    report = simulate(_config(fairness="group-dro", baselines=False,
+                              unlearn=("small-c", 2)))
+    assert report["unlearning"]["max_abs_diff_vs_retrain"] == 0.0
+
+
+def test_privacy_is_spent_and_accounted_as_without_the_group_objective() -> None:
+    policy = Policy(clip=1.0, sigma=1.5)
+    plain = simulate(_config(dp=policy, baselines=False, groups=False))
+    fair = simulate(dataclasses.replace(_config(dp=policy, baselines=False),
+                                        fairness="group-dro"))
+    assert fair["privacy"] == plain["privacy"]  # the same releases, noise and epsilon
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"fairness": "group-dro", "groups": False}, "needs the group study"),
+    ({"fairness": "minimax"}, "unknown fairness objective"),
+    ({"tilt": -1.0}, "tilt"),
+])
+def test_bad_fairness_settings_are_refused(kw: dict[str, object], words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        check_config(dataclasses.replace(_config(), **kw))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="education"):
+        check_config(SimConfig(school_topology(), groups=True))
+
+
+@pytest.mark.parametrize("args", [
+    ["--fairness", "minimax", "--groups", "--workload", "education"],
+    ["--fairness", "group-dro", "--workload", "education"],
+    ["--groups"],
+])
+def test_the_cli_refuses_a_bad_group_study(args: list[str]) -> None:
+    result = CliRunner().invoke(app, ["simulate", str(TOPOLOGIES / "ring-16.toml"), *args])
+    assert result.exit_code == 2, result.output
