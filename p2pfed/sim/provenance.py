@@ -19,7 +19,10 @@ component and member.
 
 :func:`share_study` relates the shares to unlearning: with synthetic updates
 (``SimConfig.updates``) the simulator runs the federation once more without each member j,
-and asks whether node i's share of j ranks ‖x_i − x_i without j‖ (Spearman's ρ).
+and once more with j's updates zero (``SimConfig.silent``: j still mixes and relays), and asks
+whether node i's share of j ranks ‖x_i − x_i without j‖ and ‖x_i − x_i with j silent‖
+(Spearman's ρ).  The second is j's contribution alone; the first adds what removing j from
+the graph changes (its neighbours' mixing weights, the paths through it).
 """
 
 from __future__ import annotations
@@ -158,7 +161,8 @@ def _top(row: Mapping[str, float]) -> str:
 
 
 def share_study(shares: Pairs, displacement: Pairs, scaled: str) -> dict[str, Any]:
-    """How well node i's share of member j ranks how far removing j moves node i's state.
+    """How well node i's share of member j ranks how far removing j (or j's updates: the
+    displacement given) moves node i's state.
 
     Per node i, the rank correlation over the members j ≠ i (``per_node``; its mean and min);
     ``pooled``: over every pair (i, j); ``member_level``: of each member's mean share over the
