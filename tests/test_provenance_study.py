@@ -94,8 +94,9 @@ def test_the_study_on_a_ring_of_six() -> None:
     assert all(f is not None and -1.0 <= f <= 1.0 for f in figures)
     assert study["min"] <= study["mean"] and comp["undefined"] == []
     for key in ("scaled_largest_share", "scaled_largest_displacement",
-                "largest_share_is_largest_displacement"):
-        assert 0.0 <= comp[key] <= 1.0
+                "largest_share_is_largest_displacement", "largest_share_tied",
+                "largest_displacement_has_largest_share"):
+        assert 0.0 <= comp[key] <= 1.0 and 0.0 <= comp["contribution"][key] <= 1.0
     disp = comp["displacement"]
     assert all(i not in row and len(row) == 5 and min(row.values()) > 0.0
                for i, row in disp.items())
@@ -149,6 +150,18 @@ def test_share_study_on_numbers_made_by_hand() -> None:
     same = share_study(disp, disp, "a")
     assert same["mean"] == same["min"] == same["pooled"] == pytest.approx(1.0)
     assert same["largest_share_is_largest_displacement"] == 1.0
+    # at b, c and d tie for the largest displacement (8.0): with the shares equal to it, the
+    # largest share is tied, and the largest displacement (the first name, c) holds it
+    assert same["largest_share_tied"] == pytest.approx(1 / 3)
+    assert same["largest_displacement_has_largest_share"] == 1.0
+    # b's two largest shares tie up to rounding and d moves b most: d's share is not "the"
+    # largest (c's is, by 1e-12), but it is tied with it
+    tied = {**disp, ("b", "c"): 9.0 * (1 + 1e-12), ("b", "d"): 9.0}
+    moved = {**disp, ("b", "a"): 0.5, ("b", "c"): 1.0, ("b", "d"): 2.0}
+    study = share_study(tied, moved, "a")
+    assert study["largest_share_is_largest_displacement"] == pytest.approx(2 / 3)
+    assert study["largest_share_tied"] == pytest.approx(1 / 3)
+    assert study["largest_displacement_has_largest_share"] == 1.0
     flipped = share_study({k: 1.0 / v for k, v in disp.items()}, disp, "a")
     assert flipped["mean"] == pytest.approx(-1.0)
     assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
