@@ -79,15 +79,21 @@ def _print_sim_summary(report: dict[str, Any]) -> None:
     if "provenance_study" in report:
         p = report["provenance_study"]
         table = Table(title=f"{p['scaled']}'s updates ×{p['scale']:g}: ρ(share of j at i, "
-                            f"‖x_i − x_i without j‖); top: share of nodes where "
-                            f"{p['scaled']}'s is the largest; agree: same member largest")
-        for col in ("component", "mean", "min", "pooled", "members", "top share", "top disp",
-                    "agree"):
-            table.add_column(col, justify="left" if col == "component" else "right")
-        for name, c in p["components"].items():
-            table.add_row(name, *(_fmt(c[k], ".3f") for k in (
-                "mean", "min", "pooled", "member_level", "scaled_largest_share",
-                "scaled_largest_displacement", "largest_share_is_largest_displacement")))
+                            f"‖x_i − x_i without j‖ (unlearn) or with j's updates zero (contrib)); "
+                            f"top: share of nodes where {p['scaled']}'s is the largest; agree: "
+                            "same member largest", pad_edge=False)
+        for col in ("component", "vs", "mean", "min", "pooled", "member level", "top share",
+                    "top disp", "agree"):
+            table.add_column(col, justify="left" if col in ("component", "vs") else "right",
+                             max_width=6 if " " in col else None)  # (headers on two lines)
+        for name, comp in p["components"].items():
+            for label, c in (("unlearn", comp), ("contrib", comp.get("contribution"))):
+                if c is not None:
+                    table.add_row(name if label == "unlearn" else "", label,
+                                  *(_fmt(c[k], ".3f") for k in (
+                                      "mean", "min", "pooled", "member_level",
+                                      "scaled_largest_share", "scaled_largest_displacement",
+                                      "largest_share_is_largest_displacement")))
         out.print(table)
     _print_explain(report)
     _print_fairness(report)

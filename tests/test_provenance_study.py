@@ -3,6 +3,7 @@ share to how far removing it moves the others' states (``SimConfig.updates``).""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -93,8 +94,9 @@ def test_the_study_on_a_ring_of_six() -> None:
     assert all(f is not None and -1.0 <= f <= 1.0 for f in figures)
     assert study["min"] <= study["mean"] and comp["undefined"] == []
     for key in ("scaled_largest_share", "scaled_largest_displacement",
-                "largest_share_is_largest_displacement"):
-        assert 0.0 <= comp[key] <= 1.0
+                "largest_share_is_largest_displacement", "largest_share_tied",
+                "largest_displacement_has_largest_share"):
+        assert 0.0 <= comp[key] <= 1.0 and 0.0 <= comp["contribution"][key] <= 1.0
     disp = comp["displacement"]
     assert all(i not in row and len(row) == 5 and min(row.values()) > 0.0
                for i, row in disp.items())
@@ -103,10 +105,43 @@ def test_the_study_on_a_ring_of_six() -> None:
         others = {j: s for j, s in shares[neighbour].items() if j != neighbour}
         assert max(others, key=others.__getitem__) == "node-2"
     assert comp["scaled_largest_share"] >= 2 / 5
+    # with node-2's updates zero instead (the ring unchanged), node-2 moves every node most,
+    # the largest share names it everywhere, and the shares rank the pairs better
+    contrib = comp["contribution"]
+    assert study["runs_silent"] == 6
+    assert contrib["scaled_largest_displacement"] == 1.0
+    assert contrib["largest_share_is_largest_displacement"] == 1.0
+    assert study["contribution"]["pooled"] >= max(0.8, study["pooled"])
+    assert study["contribution"]["min"] <= study["contribution"]["mean"]
+    assert all(i not in row and len(row) == 5 and min(row.values()) > 0.0
+               for i, row in contrib["displacement"].items())
     again = simulate(SimConfig(ring(), rounds=10, seed=2, updates=("node-2", 5.0)))
     assert again["provenance_study"] == study
     other = simulate(SimConfig(ring(), rounds=10, seed=5, updates=("node-2", 5.0)))
     assert other["provenance_study"]["components"]["backbone"]["displacement"] != disp
+
+
+def test_a_silent_member_mixes_but_adds_nothing() -> None:
+    """Silent j: no credit and no share of j, yet j still mixes (it stays a member with a
+    state); the states are linear in the updates, so the members' contributions
+    x_i − x_i(j silent) add up to x_i at every node."""
+    config = SimConfig(ring(4), rounds=4, seed=2, updates=("node-2", 5.0))
+    sim = Simulation(config)
+    sim.run()
+    base = sim.final_states()
+    total = {k: torch.zeros_like(v) for k, v in base.items()}
+    for j in (f"node-{i}" for i in range(4)):
+        silent = Simulation(dataclasses.replace(config, silent=frozenset({j})))
+        report = silent.run()
+        states = silent.final_states()
+        assert set(states) == set(base)
+        shares = report["provenance"]["components"]["backbone"]["shares"]
+        assert all(j not in row for row in shares.values())
+        assert report["provenance"]["provenance_max_error"] <= 1e-9
+        for k, v in states.items():
+            total[k] += base[k] - v
+    for k, v in base.items():
+        assert torch.allclose(total[k], v, rtol=0.0, atol=1e-12)
 
 
 def test_share_study_on_numbers_made_by_hand() -> None:
@@ -115,6 +150,18 @@ def test_share_study_on_numbers_made_by_hand() -> None:
     same = share_study(disp, disp, "a")
     assert same["mean"] == same["min"] == same["pooled"] == pytest.approx(1.0)
     assert same["largest_share_is_largest_displacement"] == 1.0
+    # at b, c and d tie for the largest displacement (8.0): with the shares equal to it, the
+    # largest share is tied, and the largest displacement (the first name, c) holds it
+    assert same["largest_share_tied"] == pytest.approx(1 / 3)
+    assert same["largest_displacement_has_largest_share"] == 1.0
+    # b's two largest shares tie up to rounding and d moves b most: d's share is not "the"
+    # largest (c's is, by 1e-12), but it is tied with it
+    tied = {**disp, ("b", "c"): 9.0 * (1 + 1e-12), ("b", "d"): 9.0}
+    moved = {**disp, ("b", "a"): 0.5, ("b", "c"): 1.0, ("b", "d"): 2.0}
+    study = share_study(tied, moved, "a")
+    assert study["largest_share_is_largest_displacement"] == pytest.approx(2 / 3)
+    assert study["largest_share_tied"] == pytest.approx(1 / 3)
+    assert study["largest_displacement_has_largest_share"] == 1.0
     flipped = share_study({k: 1.0 / v for k, v in disp.items()}, disp, "a")
     assert flipped["mean"] == pytest.approx(-1.0)
     assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
@@ -127,6 +174,14 @@ def test_share_study_on_numbers_made_by_hand() -> None:
 def test_bad_updates_are_refused(updates: tuple[str, float]) -> None:
     with pytest.raises(ConfigError):
         check_config(SimConfig(ring(), updates=updates))
+
+
+def test_silent_members_need_updates_and_known_nodes() -> None:
+    with pytest.raises(ConfigError, match="synthetic updates"):
+        check_config(SimConfig(ring(), silent=frozenset({"node-1"})))
+    with pytest.raises(ConfigError, match="node-9"):
+        check_config(SimConfig(ring(), updates=("node-1", 2.0), silent=frozenset({"node-9"})))
+    check_config(SimConfig(ring(), updates=("node-1", 2.0), silent=frozenset({"node-1"})))
 
 
 def test_updates_need_the_consensus_workload_and_no_attack() -> None:

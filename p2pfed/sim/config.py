@@ -85,6 +85,9 @@ class SimConfig:
     #: training path (so it credits provenance mass); :func:`~p2pfed.sim.simulator.simulate`
     #: then relates each member's share to how far removing it moves the others' states
     updates: tuple[str, float] | None = None
+    #: with ``updates``: these nodes' updates are zero from the start, but they mix and relay
+    #: as before (the run the study measures a member's contribution against)
+    silent: frozenset[str] = frozenset()
     #: education: explain this many held-out examples per task at the end and check the
     #: explanations' faithfulness (report ``explain``; :mod:`p2pfed.sim.explain`); 0: none
     explain: int = 0
@@ -101,7 +104,7 @@ def check_config(config: SimConfig) -> None:
     if config.workload not in WORKLOADS:
         raise ValueError(f"unknown workload {config.workload!r}")
     nodes = config.topology.nodes
-    unknown = sorted(config.absent - set(nodes))
+    unknown = sorted((config.absent | config.silent) - set(nodes))
     if config.unlearn is not None and config.unlearn[0] not in nodes:
         unknown.append(config.unlearn[0])
     if unknown:
@@ -109,6 +112,9 @@ def check_config(config: SimConfig) -> None:
                           f"{config.topology.name}")
     if config.updates is not None:
         check_updates(config)
+    elif config.silent:
+        raise ConfigError("silent members need synthetic updates (the consensus workload's "
+                          "update scale)")
     if isinstance(config.explain, bool) or not isinstance(config.explain, int) \
             or config.explain < 0:
         raise ConfigError(f"examples to explain must be a count >= 0, not {config.explain!r}")

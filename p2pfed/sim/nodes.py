@@ -81,12 +81,15 @@ def synthetic_update(seed: int, name: str, component: str, round_: int, dim: int
 
 def synthetic_trainer(cfg: SimConfig, sn: SimNode) -> Callable[[TrainRequest], None]:
     """The trainer of ``sn`` under ``cfg.updates``: adds :func:`synthetic_update` to the
-    component's state in place, as a real trainer writes into the node's buffers."""
+    component's state in place, as a real trainer writes into the node's buffers (nothing at a
+    node of ``cfg.silent``: it trains, adding zero, and credits no mass)."""
     assert cfg.updates is not None
     scaled, k = cfg.updates
     scale = float(k) if sn.name == scaled else 1.0
 
     def train(request: TrainRequest) -> None:
+        if sn.name in cfg.silent:
+            return
         flat = sn.node.components[request.component].flat
         step = synthetic_update(cfg.seed, sn.name, request.component, request.round,
                                 flat.numel(), scale)

@@ -19,7 +19,10 @@ component and member.
 
 :func:`share_study` relates the shares to unlearning: with synthetic updates
 (``SimConfig.updates``) the simulator runs the federation once more without each member j,
-and asks whether node i's share of j ranks ‖x_i − x_i without j‖ (Spearman's ρ).
+and once more with j's updates zero (``SimConfig.silent``: j still mixes and relays), and asks
+whether node i's share of j ranks ‖x_i − x_i without j‖ and ‖x_i − x_i with j silent‖
+(Spearman's ρ).  The second is j's contribution alone; the first adds what removing j from
+the graph changes (its neighbours' mixing weights, the paths through it).
 """
 
 from __future__ import annotations
@@ -157,14 +160,29 @@ def _top(row: Mapping[str, float]) -> str:
     return min(row, key=lambda j: (-row[j], j))
 
 
+#: shares this close (relative) to a node's largest count as tied with it: on a symmetric
+#: graph two members can hold the same share in exact arithmetic, and float rounding alone
+#: would pick one of them
+TIE = 1e-9
+
+
+def _tied_top(row: Mapping[str, float]) -> set[str]:
+    """The members whose value is the largest, up to :data:`TIE`."""
+    top = max(row.values())
+    return {j for j, v in row.items() if v >= top - TIE * abs(top)}
+
+
 def share_study(shares: Pairs, displacement: Pairs, scaled: str) -> dict[str, Any]:
-    """How well node i's share of member j ranks how far removing j moves node i's state.
+    """How well node i's share of member j ranks how far removing j (or j's updates: the
+    displacement given) moves node i's state.
 
     Per node i, the rank correlation over the members j ≠ i (``per_node``; its mean and min);
     ``pooled``: over every pair (i, j); ``member_level``: of each member's mean share over the
     nodes against its mean displacement; and at the nodes i ≠ ``scaled``, the fractions where
     ``scaled`` has the largest share, where it has the largest displacement, and where the
-    largest share and the largest displacement are the same member's."""
+    largest share and the largest displacement are the same member's (ties: the first name);
+    with ties counted (:data:`TIE`), the fractions where the largest share is tied, and where
+    the member with the largest displacement has the largest share or one tied with it."""
     nodes = sorted({i for i, _ in displacement})
     rows = {i: sorted(j for k, j in displacement if k == i) for i in nodes}
     per_node = {i: spearman([shares.get((i, j), 0.0) for j in rows[i]],
@@ -179,6 +197,7 @@ def share_study(shares: Pairs, displacement: Pairs, scaled: str) -> dict[str, An
     others = [i for i in nodes if i != scaled and rows[i]]
     top_share = {i: _top({j: shares.get((i, j), 0.0) for j in rows[i]}) for i in others}
     top_disp = {i: _top({j: displacement[i, j] for j in rows[i]}) for i in others}
+    top_tied = {i: _tied_top({j: shares.get((i, j), 0.0) for j in rows[i]}) for i in others}
     count = max(len(others), 1)
     return {
         "per_node": per_node,
@@ -192,4 +211,7 @@ def share_study(shares: Pairs, displacement: Pairs, scaled: str) -> dict[str, An
         "scaled_largest_displacement": sum(top_disp[i] == scaled for i in others) / count,
         "largest_share_is_largest_displacement":
             sum(top_share[i] == top_disp[i] for i in others) / count,
+        "largest_share_tied": sum(len(top_tied[i]) > 1 for i in others) / count,
+        "largest_displacement_has_largest_share":
+            sum(top_disp[i] in top_tied[i] for i in others) / count,
     }

@@ -8,8 +8,9 @@ that compares two runs of the same seed and topology:
 - ``attack``: the run with Byzantine members against the run with them left out (what the
   honest members reach together, the best a defence can give them);
 - ``updates``: the consensus run with synthetic updates against one run without each member
-  from the start (what exact unlearning gives): does a member's provenance share rank how far
-  removing it moves each node's state?
+  from the start (what exact unlearning gives) and one with its updates zero (``silent``): does
+  a member's provenance share rank how far removing it, or only its updates, moves each node's
+  state?
 
 With ``explain`` the main run (never a comparison run) explains held-out predictions at its
 end (:mod:`~p2pfed.sim.explain`).
@@ -284,9 +285,12 @@ def _backdoor_study(sim: Simulation, retrain: Simulation, report: dict[str, Any]
 
 
 def _provenance_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:
-    """The consensus run with synthetic updates, and per member j the run without j from the
-    start (exact unlearning ends there bit for bit): per component, node i's share of j
-    against ‖x_i − x_i without j‖, its unlearning displacement (:func:`share_study`)."""
+    """The consensus run with synthetic updates, and per member j two more runs: without j from
+    the start (exact unlearning ends there bit for bit) and with j silent (it mixes and relays,
+    its updates are zero).  Per component, node i's share of j against ‖x_i − x_i without j‖,
+    its unlearning displacement, and against ‖x_i − x_i with j silent‖, its contribution
+    displacement (j's updates as they reach i, the topology unchanged): :func:`share_study`
+    of each, the second under ``contribution``."""
     assert config.updates is not None
     sim = Simulation(config, on_phase=on_phase)
     report = sim.run()
@@ -299,32 +303,47 @@ def _provenance_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict
         shares.setdefault(comp, {}).update({(i, j): s for j, s in prov.items()})
     members = sorted({n for n, _ in base})
     displacement: dict[str, dict[tuple[str, str], float]] = {}
+    contribution: dict[str, dict[tuple[str, str], float]] = {}
     for done, j in enumerate(members):
         if on_phase is not None:
-            on_phase(f"provenance study: without {j}", done, len(members))
-        without = Simulation(dataclasses.replace(config, absent=config.absent | {j},
-                                                 progress=None, home=None))  # (in memory)
-        worst = max(worst, without.run().get("provenance", {}).get("provenance_max_error", 0.0))
-        for (i, comp), state in without.final_states().items():
-            if (j, comp) in base:  # (a member that does not hold comp has no share of it)
-                gap = base[i, comp].to(torch.float64) - state.to(torch.float64)
-                displacement.setdefault(comp, {})[i, j] = float(torch.linalg.vector_norm(gap))
+            on_phase(f"provenance study: without {j}, {j} silent", done, len(members))
+        quiet = dataclasses.replace(config, progress=None, home=None)  # (in memory)
+        for out, variant in ((displacement, dataclasses.replace(quiet, absent=quiet.absent | {j})),
+                             (contribution, dataclasses.replace(quiet, silent=quiet.silent | {j}))):
+            run = Simulation(variant)
+            worst = max(worst, run.run().get("provenance", {}).get("provenance_max_error", 0.0))
+            for (i, comp), state in run.final_states().items():
+                if i != j and (j, comp) in base:  # (a member not holding comp has no share)
+                    gap = base[i, comp].to(torch.float64) - state.to(torch.float64)
+                    out.setdefault(comp, {})[i, j] = float(torch.linalg.vector_norm(gap))
     scaled, scale = config.updates
-    studies = {c: share_study(shares.get(c, {}), d, scaled)
-               for c, d in sorted(displacement.items())}
-    per_node = [r for st in studies.values() for r in st["per_node"].values() if r is not None]
-    pairs = [(c, p) for c, d in sorted(displacement.items()) for p in sorted(d)]
+    unlearning = {c: share_study(shares.get(c, {}), d, scaled)
+                  for c, d in sorted(displacement.items())}
+    contributing = {c: share_study(shares.get(c, {}), d, scaled)
+                    for c, d in sorted(contribution.items())}
     report["provenance_study"] = {
         "scaled": scaled, "scale": scale, "runs_without": len(members),
-        "provenance_max_error": worst,
-        "mean": float(np.mean(per_node)) if per_node else None,
-        "min": min(per_node, default=None),
-        "pooled": spearman([shares.get(c, {}).get(p, 0.0) for c, p in pairs],
-                           [displacement[c][p] for c, p in pairs]),
-        "components": {c: {**st, "displacement": _nested(displacement[c])}
-                       for c, st in studies.items()},
+        "runs_silent": len(members), "provenance_max_error": worst,
+        **_summary(shares, displacement, unlearning),
+        "contribution": _summary(shares, contribution, contributing),
+        "components": {c: {**st, "displacement": _nested(displacement[c]),
+                           "contribution": {**contributing[c],
+                                            "displacement": _nested(contribution[c])}}
+                       for c, st in unlearning.items()},
     }
     return report
+
+
+def _summary(shares: dict[str, dict[tuple[str, str], float]],
+             disp: dict[str, dict[tuple[str, str], float]],
+             studies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Over every component: the mean and min of the per-node ρ, and the pooled ρ."""
+    per_node = [r for st in studies.values() for r in st["per_node"].values() if r is not None]
+    pairs = [(c, p) for c, d in sorted(disp.items()) for p in sorted(d)]
+    return {"mean": float(np.mean(per_node)) if per_node else None,
+            "min": min(per_node, default=None),
+            "pooled": spearman([shares.get(c, {}).get(p, 0.0) for c, p in pairs],
+                               [disp[c][p] for c, p in pairs])}
 
 
 def _nested(pairs: dict[tuple[str, str], float]) -> dict[str, dict[str, float]]:
