@@ -168,14 +168,15 @@ def test_past_the_cap_training_stops_once_with_one_warning(
 def test_status_says_it_in_a_line() -> None:
     from p2pfed.cli_daemon import resources_line
 
-    res = {"profile": "phone", "threads": {"configured": 1, "torch": 1, "interop": 1},
+    res = {"profile": "phone", "threads": {"configured": 1, "torch": 1, "interop": 1,
+                                           "training": 1},
            "peak_rss_mb": 1700.4, "max_memory_mb": 1536, "training": "stopped: memory cap",
            "round_s": {"rounds": 4, "last": 2.5, "mean": 2.25}}
     assert resources_line(res) == (
         "profile phone: training [yellow]stopped: memory cap[/yellow]; threads 1 (torch 1); "
         "peak memory 1,700 MB of 1536 MB; training rounds took 2.50 s (mean 2.25 s over 4)")
     server = {**res, "profile": "server", "threads": {"configured": 0, "torch": 16,
-                                                      "interop": 16},
+                                                      "interop": 16, "training": None},
               "max_memory_mb": None, "training": "on",
               "round_s": {"rounds": 0, "last": None, "mean": None}}
     assert resources_line(server) == ("profile server: training on; threads torch's default "
@@ -276,6 +277,7 @@ def test_a_phone_daemon_trains_only_its_heads_and_keeps_to_its_threads(tmp_path:
     res = status["resources"]
     assert res["profile"] == "phone" and res["training"] == "on"
     assert res["threads"]["configured"] == 1 and res["threads"]["torch"] <= 1
+    assert res["threads"]["training"] == 1  # (as the training thread saw them)
     assert res["max_memory_mb"] == 1536 and res["round_s"]["rounds"] >= 1
     ident = load_identity(home / "identity.key")
     with Ledger.open(home / "ledger.sqlite3", ident) as ledger:

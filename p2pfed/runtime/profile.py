@@ -86,6 +86,8 @@ class ResourceMonitor:
         self.peak_mb = 0.0
         self.stopped = False
         self.threads: dict[str, int] = {}
+        #: torch's threads as the training thread saw them (None: no round yet)
+        self.training_threads: int | None = None
 
     def start(self) -> None:
         """At start-up: set torch's threads (:func:`apply_threads`)."""
@@ -95,6 +97,9 @@ class ResourceMonitor:
     def wrap(self, run: Callable[[Any], R]) -> Callable[[Any], R]:
         """``run`` (the trainer's), timed, with the memory checked after each round."""
         def timed(request: Any) -> R:
+            import torch
+
+            self.training_threads = torch.get_num_threads()  # (in the thread that trains)
             begin = self._clock()
             result = run(request)
             elapsed = self._clock() - begin
@@ -146,7 +151,8 @@ class ResourceMonitor:
             return {
                 "profile": self.res.profile,
                 "threads": {"configured": self.res.threads, "torch": torch.get_num_threads(),
-                            "interop": torch.get_num_interop_threads()},
+                            "interop": torch.get_num_interop_threads(),
+                            "training": self.training_threads},
                 "peak_rss_mb": round(self.peak_mb, 1),
                 "max_memory_mb": self.res.max_memory_mb or None,
                 "training": self.training(),

@@ -248,11 +248,10 @@ def next_steps(exec_path: str, started_before: bool, profile: str = "server") ->
     write the home run as the service's user (:func:`as_service_user`)."""
     run = as_service_user(exec_path) if started_before else exec_path
     home = f"--home {STATE_DIR}"
-    if profile != "server":
-        home += f" --profile {profile}"
+    init = f"{home} --profile {profile}" if profile != "server" else home
     return "\n".join([
         "next, as root:",
-        f"  {run} init {home} --listen /ip4/0.0.0.0/tcp/4001 --announce /dns4/HOST/tcp/4001",
+        f"  {run} init {init} --listen /ip4/0.0.0.0/tcp/4001 --announce /dns4/HOST/tcp/4001",
         f"  {run} join TOKEN {home}    (or: federation create NAME {home})",
         "  systemctl daemon-reload && systemctl enable --now p2pfed",
         f"  {exec_path} status {home}    (and: journalctl -u p2pfed)",
