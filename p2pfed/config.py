@@ -291,7 +291,8 @@ class Config:
         if key == "node.inference_only":
             return f"{line}  # true: train nothing, whatever the profile; still mix, predict"
         if key == "components.train" and res.trains is not None:
-            return f"{line}  # empty: the profile's ({profile}: {', '.join(res.trains)} only)"
+            allowed = " and ".join(f"{prefix}*" for prefix in res.trains)
+            return f"{line}  # empty: the profile's ({profile}: the {allowed} it holds only)"
         if key == "node.threads":
             shown = res.threads or "all cores"
             return f"{line}  # 0: the profile's ({profile}: {shown})"
