@@ -28,6 +28,21 @@ HomeOpt = Annotated[
 ]
 
 
+ProfileOpt = Annotated[str | None, typer.Option(
+    metavar="PROFILE", help="Hardware profile: server, laptop or phone (docs/operating.md; "
+    "default: [node] profile, else server).")]
+
+
+def check_profile(profile: str | None) -> str | None:
+    """``--profile``: one of the profiles (a usage error otherwise)."""
+    from p2pfed.profiles import PROFILE_NAMES
+
+    if profile is not None and profile not in PROFILE_NAMES:
+        raise typer.BadParameter(f"unknown profile {profile!r}; choose "
+                                 f"{', '.join(PROFILE_NAMES)}", param_hint="--profile")
+    return profile
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -69,8 +84,10 @@ def init(
     data: Annotated[list[str] | None, typer.Option(
         metavar="TASK:MODALITY:PATH", help="A local data file, repeatable (see 'p2pfed data "
         "sample' and docs/data.md).")] = None,
+    profile: ProfileOpt = None,
 ) -> None:
     """Create this node's identity and p2pfed.toml."""
+    check_profile(profile)
     root = resolve_home(home)
     key = root / KEY_FILE
     if key.exists():
@@ -80,7 +97,7 @@ def init(
         node__announce=tuple(announce) if announce else None,
         components__hold=tuple(hold) if hold else None,
         components__train=tuple(train) if train else None,
-        rounds__interval_s=interval, rounds__timeout_s=timeout,
+        rounds__interval_s=interval, rounds__timeout_s=timeout, node__profile=profile,
     )
     if model is not None or data:
         from p2pfed.model.sources import with_model_data  # (loads torch: only when asked)
@@ -191,14 +208,16 @@ def join(
               "'p2pfed run': a member admits this node when the daemon first reaches one")
 
 
-def run(home: HomeOpt = None) -> None:
+def run(home: HomeOpt = None, profile: ProfileOpt = None) -> None:
     """Run the daemon in the foreground (what the systemd unit starts)."""
     import trio
 
     from p2pfed.runtime.daemon import Daemon
     from p2pfed.runtime.systemd import Notifier
 
+    check_profile(profile)
     root, config = _load(home)
+    config = config.with_overrides(node__profile=profile)  # (for this run only)
     if not (root / KEY_FILE).exists():
         raise KeyFileError(f"no key file at {root / KEY_FILE}; run 'p2pfed init' first")
     load_identity(root / KEY_FILE)  # refuse an unsafe key before anything starts
@@ -245,6 +264,8 @@ def status(
         out.print(training_table(st["training"]))
     if "storage" in st:
         out.print(storage_line(st["storage"]))
+    if "resources" in st:
+        out.print(resources_line(st["resources"]))
     catalogue = st.get("catalogue") or {}
     if catalogue.get("version"):
         active = [n for n, t in sorted(catalogue["tasks"].items()) if t["phase"] == "active"]
@@ -272,6 +293,21 @@ def training_table(training: dict[str, Any]) -> Table:
     if not any(t["heldout"] for t in training.values()):
         table.caption = "no held-out examples: set [model] holdout = 0.1 to measure accuracy"
     return table
+
+
+def resources_line(res: dict[str, Any]) -> str:
+    """``status``'s resources, in words."""
+    threads = res["threads"]
+    configured = threads["configured"] or "torch's default"
+    cap = f" of {res['max_memory_mb']} MB" if res["max_memory_mb"] else " (no cap)"
+    rounds = res["round_s"]
+    took = (f"; training rounds took {rounds['last']:.2f} s (mean {rounds['mean']:.2f} s over "
+            f"{rounds['rounds']})" if rounds["rounds"] else "")
+    training = res["training"]
+    if training != "on":
+        training = f"[yellow]{training}[/yellow]"
+    return (f"profile {res['profile']}: training {training}; threads {configured} (torch "
+            f"{threads['torch']}); peak memory {res['peak_rss_mb']:,.0f} MB{cap}{took}")
 
 
 def storage_line(storage: dict[str, Any]) -> str:

@@ -36,15 +36,24 @@ def service_install(
         "unit's sandbox lets the service read it: not under /home, /root, /run/user, /tmp or "
         "/var/tmp.")] = None,
     watchdog: Annotated[int, typer.Option(min=1, max=3600, help="WatchdogSec.")] = 60,
+    profile: Annotated[str, typer.Option(
+        help="Hardware profile (server, laptop, phone): with a memory cap, the unit gets "
+        "MemoryMax= (the cap and a quarter) and CPUQuota= (its threads).")] = "server",
 ) -> None:
     """Render the systemd unit (Type=notify, sandboxed, DynamicUser) and say what to run next."""
+    from p2pfed.cli_daemon import check_profile
+    from p2pfed.config import Config
+    from p2pfed.profiles import resources_of
     from p2pfed.runtime import service
+    from p2pfed.runtime.profile import unit_limits
 
+    check_profile(profile)
+    limits = unit_limits(resources_of(Config().with_overrides(node__profile=profile)))
     try:
         if exec_path is None:
             exec_path = _running_executable()
             service.check_package_dir(PurePosixPath(Path(p2pfed.__file__).resolve().parent))
-        path = service.install_unit(output, exec_path, watchdog)
+        path = service.install_unit(output, exec_path, watchdog, limits)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     except OSError as exc:
@@ -53,7 +62,9 @@ def service_install(
     out.print(f"wrote {path}: the service runs {exec_path} run --home {service.STATE_DIR} as a "
               "dynamic user (DynamicUser=yes; systemd makes its home, StateDirectory=p2pfed)",
               soft_wrap=True, highlight=False)
-    out.print(service.next_steps(exec_path, started), soft_wrap=True, highlight=False)
+    if limits:
+        out.print(f"resource limits ({profile}): {' '.join(limits)}", highlight=False)
+    out.print(service.next_steps(exec_path, started, profile), soft_wrap=True, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

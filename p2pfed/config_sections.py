@@ -32,6 +32,14 @@ class NodeSection:
     bulk: bool = True
     #: that port (0: one the system picks; a fixed one for firewalls)
     bulk_port: int = 0
+    #: what this machine may spend: server | laptop | phone (:mod:`p2pfed.profiles`)
+    profile: str = "server"
+    #: train nothing (still mix and predict), whatever the profile
+    inference_only: bool = False
+    #: torch's CPU threads (0: the profile's)
+    threads: int = 0
+    #: peak resident memory (MB) past which training stops (0: the profile's)
+    max_memory_mb: int = 0
 
 
 @dataclass(frozen=True)

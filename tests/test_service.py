@@ -205,6 +205,21 @@ def test_service_install_renders_with_the_executable(
     assert said.index(" init ") < said.index(" join ") < said.index("enable --now")
 
 
+def test_service_install_with_a_profile_limits_memory_and_cpu(
+        fs_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exe = _venv(fs_root, "/opt/p2pfed")
+    out = tmp_path / "p2pfed.service"
+    assert main(["service", "install", "--output", str(out), "--exec-path", exe,
+                 "--profile", "phone"]) == 0
+    assert "\nMemoryMax=1920M\nCPUQuota=100%\n" in out.read_text()
+    said = capsys.readouterr().out
+    assert "init --home /var/lib/p2pfed --profile phone --listen" in said
+    assert "join TOKEN --home /var/lib/p2pfed    (" in said
+    assert main(["service", "install", "--output", str(tmp_path / "x"), "--exec-path", exe,
+                 "--profile", "tablet"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
 def test_once_the_service_has_run_the_steps_run_as_its_user(
         fs_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """After the first start /var/lib/p2pfed is the dynamic user's: a file root made there

@@ -141,3 +141,19 @@ def test_a_privacy_status_fits_the_schema() -> None:
     privacy = status_of(node)["components"]["backbone"]["privacy"]
     assert privacy is not None and privacy["releases"] == 0
     assert errors(privacy, {"$ref": "#/$defs/privacy", "$defs": schema["$defs"]}) == []
+
+
+@pytest.mark.parametrize("profile", ["server", "phone"])
+def test_a_resources_status_fits_the_schema(profile: str) -> None:
+    from p2pfed.config import Config
+    from p2pfed.profiles import resources_of
+    from p2pfed.runtime.profile import ResourceMonitor
+
+    schema = load_schema()
+    res = resources_of(Config().with_overrides(node__profile=profile))
+    status = ResourceMonitor(res, rss_mb=lambda: 321.0).status()  # (no round yet: nulls)
+    assert status["round_s"] == {"rounds": 0, "last": None, "mean": None}
+    assert errors(json.loads(json.dumps(status)),
+                  {"$ref": "#/$defs/resources", "$defs": schema["$defs"]}) == []
+    assert errors({**status, "training": "paused"},
+                  {"$ref": "#/$defs/resources", "$defs": schema["$defs"]})

@@ -23,6 +23,7 @@ from p2pfed.model.continual import Continual
 from p2pfed.model.m3t import ENCODERS, TEXT, M3TModel, ModelSpec, TextEncoder
 from p2pfed.model.tasks import load_task_data, model_tasks, unknown_tasks_message
 from p2pfed.model.train import LocalTrainer, TaskData, TrainRequest, seed_for
+from p2pfed.profiles import resources_of, trained_subset
 
 if TYPE_CHECKING:
     from p2pfed.federated import FederatedNode
@@ -95,11 +96,12 @@ def build_trainer(config: Config, holds: Sequence[str], federation_id: bytes,
             heldout[name] = kept
         log.info("task %s: %d local examples to train on, %d held out", name, len(data[name]),
                  len(kept))
-    only = frozenset(config.components.train) if config.components.train else None
+    # the profile's steps, batch and components, unless the config sets them (p2pfed.profiles)
+    res, only = resources_of(config), trained_subset(config, holds)
     # every local task trains from the start until the federation's catalogue retires it
     continual = Continual(Schedule(dict.fromkeys(sorted(data), 0)), config.continual, node_seed)
     return LocalTrainer(model, data, node_seed=node_seed,
-                        steps=config.model.steps, batch_size=config.model.batch_size,
+                        steps=res.steps, batch_size=res.batch_size,
                         lr=config.model.lr, only=only, heldout=heldout, continual=continual)
 
 

@@ -47,6 +47,7 @@ from p2pfed.home import (
 )
 from p2pfed.ledger import Ledger, VerifyReport
 from p2pfed.node import RoundCompleted
+from p2pfed.profiles import resources_of
 from p2pfed.runtime.control import SOCKET_NAME, catalogue_handlers, serve_control
 from p2pfed.runtime.diskspace import (
     NoRoomError,
@@ -66,6 +67,7 @@ from p2pfed.runtime.loading import (
     reload_node,
 )
 from p2pfed.runtime.ports import check_listen_addresses
+from p2pfed.runtime.profile import ResourceMonitor
 from p2pfed.runtime.systemd import Notifier
 
 if TYPE_CHECKING:
@@ -106,6 +108,8 @@ class Daemon:
     _full: str | None = field(default=None, init=False, repr=False)
     #: a write failed inside a node call: its memory may be ahead of its ledger
     _torn: bool = field(default=False, init=False, repr=False)
+    #: the profile's threads, memory cap and training rounds (runtime/profile.py)
+    _monitor: ResourceMonitor = field(init=False, repr=False)
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until SIGTERM/SIGINT (or cancelled); raises :class:`DiskFullError` with one
@@ -137,6 +141,8 @@ class Daemon:
         if member and not ledger_path.exists():
             raise MissingStateError(missing_ledger_message(self.home, ledger_path))
         self.started_ms = wall_clock_ms()
+        self._monitor = ResourceMonitor(resources_of(self.config))
+        self._monitor.start()
         with Ledger.open(ledger_path, identity, create=not member) as ledger:
             await _verify_at_start(ledger)
             view = store.view(ledger)
@@ -151,7 +157,7 @@ class Daemon:
                          view: MembershipView) -> tuple[FederatedNode, LocalTrainer | None]:
         """The node over the ledger (:func:`p2pfed.runtime.loading.load_node`)."""
         return await load_node(self.home, self.config, identity, ledger, view,
-                               Sequencer(_boot_epoch(self.home)))
+                               Sequencer(_boot_epoch(self.home)), self._monitor.gate)
 
     async def _serve(self, nursery: trio.Nursery, node: FederatedNode, transport: Any,
                      trainer: LocalTrainer | None, store: FederationStore,
@@ -168,7 +174,7 @@ class Daemon:
                                    store if not self._ready else None, task_status):
             node, trainer, self.config = await reload_node(
                 self.home, self.config, node.identity, node.ledger, node.view,
-                lambda: Sequencer(_boot_epoch(self.home)))
+                lambda: Sequencer(_boot_epoch(self.home)), self._monitor.gate)
             _bind_transport(transport, node)
             log.info("rebuilt the node: it holds %s", ", ".join(sorted(node.components)))
 
@@ -182,7 +188,7 @@ class Daemon:
         self._rebuild = trio.Event()
         async with trio.open_nursery() as nursery:
             driver = NodeDriver(node, transport, clock_ms=wall_clock_ms,
-                                trainer=trainer.run if trainer is not None else None,
+                                trainer=self._monitor.wrap(trainer.run) if trainer else None,
                                 on_actions=self._after_actions(node))
             handlers.clear()
             handlers.update(self._handlers(node, transport, driver, node.identity, trainer))
@@ -357,6 +363,7 @@ class Daemon:
             )
             if trainer is not None:
                 st["training"] = dict(trainer.progress)
+            st["resources"] = self._monitor.status()
             return st
 
         async def peers(_req: dict[str, Any]) -> list[dict[str, Any]]:

@@ -55,12 +55,18 @@ def initial_components(identity: Identity, holds: list[str], dim: int) -> dict[s
 
 
 def node_config(cfg: Config, trains: frozenset[str],
-                deps: dict[str, frozenset[str]], period_ms: int = 0) -> NodeConfig:
+                deps: dict[str, frozenset[str]], period_ms: int = 0,
+                gate: Callable[[int], bool] | None = None) -> NodeConfig:
     """The node's settings from ``p2pfed.toml``: rounds, privacy per trained component, the
     mixing rule per component; DP noise seeded from the OS at each start.  ``period_ms``, the
     federation's round period (signed in its genesis), is a floor: a member may run rounds less
-    often than the federation, never more often."""
+    often than the federation, never more often.  ``gate``: asked at each round's start too
+    (with ``rounds.train_hours``) whether it may train (the memory cap: runtime/profile.py)."""
     from p2pfed.node import TrainHours  # (rounds.train_hours: the daemon's schedule)
+    hours = cfg.rounds.check()
+    schedule: Callable[[int], bool] | None = TrainHours(*hours) if hours is not None else None
+    if gate is not None:
+        schedule = gate if schedule is None else _both(schedule, gate)
     interval_ms = int(cfg.rounds.interval_s * 1000)
     if interval_ms < period_ms:
         log.info("rounds.interval_s is %.3f s; the federation's round period is %.3f s: using it",
@@ -78,8 +84,12 @@ def node_config(cfg: Config, trains: frozenset[str],
         retention=RetentionPolicy(cfg.storage.unlearn_horizon_rounds, cfg.storage.max_bytes),
         participation=cfg.rounds.participation,
         make_up=cfg.rounds.make_up,
-        schedule=TrainHours(*hours) if (hours := cfg.rounds.check()) is not None else None,
+        schedule=schedule,
     )
+
+
+def _both(first: Callable[[int], bool], second: Callable[[int], bool]) -> Callable[[int], bool]:
+    return lambda now_ms: first(now_ms) and second(now_ms)
 
 
 def holdings(identity: Identity, view: MembershipView, cfg: Config) -> list[str]:
@@ -114,10 +124,12 @@ def needs_rebuild(node: FederatedNode, cfg: Config) -> list[str]:
 
 
 async def load_node(home: Path, cfg: Config, identity: Identity, ledger: Ledger,
-                    view: MembershipView, sequencer: Sequencer
+                    view: MembershipView, sequencer: Sequencer,
+                    gate: Callable[[int], bool] | None = None
                     ) -> tuple[FederatedNode, LocalTrainer | None]:
     """The node over the ledger, its components (and trainer) resumed from checkpoints; a
-    component without one (new here) starts from its initial values."""
+    component without one (new here) starts from its initial values.  ``gate``: see
+    :func:`node_config`."""
     me = view.members().get(identity.public_key)
     if me is not None and set(me.modules) != set(cfg.components.hold):
         log.warning("components.hold in p2pfed.toml (%s) differs from what this node "
@@ -142,7 +154,7 @@ async def load_node(home: Path, cfg: Config, identity: Identity, ledger: Ledger,
         trains, deps = frozenset(), {}
     node = FederatedNode(
         identity, view.federation_id, components, ledger, BlobStore(home / BLOBS_DIR),
-        node_config(cfg, trains, deps, view.genesis.round_period_ms), sequencer,
+        node_config(cfg, trains, deps, view.genesis.round_period_ms, gate), sequencer,
         view=view, degree=cfg.overlay.degree,
     )
     restored = node.restore()
@@ -157,7 +169,8 @@ async def load_node(home: Path, cfg: Config, identity: Identity, ledger: Ledger,
 
 
 async def reload_node(home: Path, cfg: Config, identity: Identity, ledger: Ledger,
-                      view: MembershipView, sequencer: Callable[[], Sequencer]
+                      view: MembershipView, sequencer: Callable[[], Sequencer],
+                      gate: Callable[[int], bool] | None = None
                       ) -> tuple[FederatedNode, LocalTrainer | None, Config]:
     """:func:`load_node` again, to rebuild a running node; its ``[data]`` tables read anew
     from ``p2pfed.toml`` (so data for a task added meanwhile trains), unless they do not
@@ -170,10 +183,11 @@ async def reload_node(home: Path, cfg: Config, identity: Identity, ledger: Ledge
         fresh = cfg
     if fresh.data != cfg.data:
         try:
-            node, trainer = await load_node(home, fresh, identity, ledger, view, sequencer())
+            node, trainer = await load_node(home, fresh, identity, ledger, view, sequencer(),
+                                            gate)
             return node, trainer, fresh
         except ConfigError as exc:
             log.warning("the [data] tables of p2pfed.toml are refused (%s): the node keeps the "
                         "ones it ran with", exc)
-    node, trainer = await load_node(home, cfg, identity, ledger, view, sequencer())
+    node, trainer = await load_node(home, cfg, identity, ledger, view, sequencer(), gate)
     return node, trainer, cfg

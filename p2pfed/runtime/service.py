@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 TEMPLATE = """\
@@ -38,7 +39,7 @@ TimeoutStopSec=60
 KillSignal=SIGTERM
 Restart=on-failure
 RestartSec=5
-
+{limits}
 DynamicUser=yes
 StateDirectory=p2pfed
 StateDirectoryMode=0700
@@ -208,19 +209,24 @@ def check_package_dir(package_dir: PurePosixPath) -> None:
                          f"{INSTALL_HINT}")
 
 
-def render_unit(exec_path: str = DEFAULT_EXEC, watchdog_s: int = DEFAULT_WATCHDOG_S) -> str:
+def render_unit(exec_path: str = DEFAULT_EXEC, watchdog_s: int = DEFAULT_WATCHDOG_S,
+                limits: Sequence[str] = ()) -> str:
+    """The unit; ``limits``: resource directives of a hardware profile
+    (:func:`p2pfed.runtime.profile.unit_limits`: ``MemoryMax=``, ``CPUQuota=``)."""
     if not exec_path.startswith("/") or any(c.isspace() for c in exec_path):
         raise ValueError("the executable path must be absolute and contain no spaces")
     if not 1 <= watchdog_s <= 3600:
         raise ValueError("the watchdog interval must be 1..3600 seconds")
-    return TEMPLATE.format(exec_path=exec_path, watchdog_s=watchdog_s)
+    return TEMPLATE.format(exec_path=exec_path, watchdog_s=watchdog_s,
+                           limits="".join(f"{line}\n" for line in limits))
 
 
-def install_unit(path: Path, exec_path: str, watchdog_s: int) -> Path:
+def install_unit(path: Path, exec_path: str, watchdog_s: int,
+                 limits: Sequence[str] = ()) -> Path:
     """Write the unit for ``exec_path`` to ``path``; ValueError if the service could not run
     ``exec_path`` (:func:`check_exec_path`), OSError if ``path`` cannot be written."""
     check_exec_path(exec_path)
-    text = render_unit(exec_path, watchdog_s)
+    text = render_unit(exec_path, watchdog_s, limits)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     path.chmod(0o644)
@@ -234,7 +240,7 @@ def as_service_user(exec_path: str) -> str:
             f"-p StateDirectory=p2pfed -p UMask=0077 {exec_path}")
 
 
-def next_steps(exec_path: str, started_before: bool) -> str:
+def next_steps(exec_path: str, started_before: bool, profile: str = "server") -> str:
     """What to run after ``service install``, as root.  Before the service's first start,
     plain root commands: at that start systemd moves :data:`STATE_DIR` to
     ``/var/lib/private/p2pfed``, links it back and hands it to the dynamic user.  Once it has
@@ -242,9 +248,10 @@ def next_steps(exec_path: str, started_before: bool) -> str:
     write the home run as the service's user (:func:`as_service_user`)."""
     run = as_service_user(exec_path) if started_before else exec_path
     home = f"--home {STATE_DIR}"
+    init = f"{home} --profile {profile}" if profile != "server" else home
     return "\n".join([
         "next, as root:",
-        f"  {run} init {home} --listen /ip4/0.0.0.0/tcp/4001 --announce /dns4/HOST/tcp/4001",
+        f"  {run} init {init} --listen /ip4/0.0.0.0/tcp/4001 --announce /dns4/HOST/tcp/4001",
         f"  {run} join TOKEN {home}    (or: federation create NAME {home})",
         "  systemctl daemon-reload && systemctl enable --now p2pfed",
         f"  {exec_path} status {home}    (and: journalctl -u p2pfed)",
