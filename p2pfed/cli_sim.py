@@ -115,6 +115,15 @@ def simulate(
     fairness: Annotated[str, typer.Option(
         metavar="RULE", help="With --groups: the members' local objective, erm or group-dro "
         "(other than erm: compared with erm in the same run).")] = "erm",
+    profile: Annotated[list[str] | None, typer.Option(
+        metavar="NODES:PROFILE", help="Education: NODES (a node or a group, e.g. student) run "
+        "on PROFILE hardware (server, laptop or phone: what it trains, and its training "
+        "--train-s times 1, 2 or 5); compared with everyone a server (report hardware). "
+        "Repeatable.")] = None,
+    round_timeout: Annotated[float | None, typer.Option(
+        min=0.001, max=3600.0, help="Seconds a node waits for a neighbour's state after "
+        "publishing its own (default: 10; with --profile: the round interval minus the "
+        "training time).")] = None,
     tilt: Annotated[float, typer.Option(
         min=0.0, max=50.0, help="group-dro: how hard it leans on the worst group (0: the "
         "groups' mean).")] = 1.0,
@@ -145,6 +154,7 @@ def simulate(
         raise typer.BadParameter("needs --workload education and --groups",
                                  param_hint="--fairness" if fairness != "erm" else "--groups")
     config = dataclasses.replace(config, groups=groups, fairness=fairness, tilt=tilt)
+    config = _profile_options(config, profile or [], round_timeout)
     report = _simulate_with_progress(config, quiet)
     if json_path is not None:
         _write_json(json_path, report)
@@ -395,3 +405,30 @@ def _parse_unlearn(value: str) -> tuple[str, int]:
 
 def register(app: typer.Typer) -> None:
     app.command()(simulate)
+
+
+def _profile_options(config: SimConfig, specs: list[str],
+                     round_timeout: float | None) -> SimConfig:
+    """``--profile NODES:PROFILE`` (a node or a group of the topology) and ``--round-timeout``
+    (BadParameter for a malformed one)."""
+    from p2pfed.sim.config import SLOWDOWN
+
+    profiles: dict[str, str] = {}
+    topo = config.topology
+    for spec in specs:
+        nodes, _, name = spec.rpartition(":")
+        chosen = [n for n in topo.nodes if n == nodes or topo.groups.get(n) == nodes]
+        if not chosen or name not in SLOWDOWN:
+            raise typer.BadParameter(f"expected NODES:PROFILE with a node or group of "
+                                     f"{topo.name} and one of {', '.join(SLOWDOWN)}, got "
+                                     f"{spec!r}", param_hint="--profile")
+        profiles.update(dict.fromkeys(chosen, name))
+    if profiles and config.workload != "education":
+        raise typer.BadParameter("needs --workload education", param_hint="--profile")
+    timeout_ms = config.round_timeout_ms
+    if round_timeout is not None:
+        timeout_ms = round(round_timeout * 1000)
+    elif profiles:  # (a node waits for no neighbour beyond its own pace)
+        train_s = config.train_s or 1.0
+        timeout_ms = round(((config.round_interval_s or 2.0 * train_s) - train_s) * 1000)
+    return dataclasses.replace(config, profiles=profiles, round_timeout_ms=max(timeout_ms, 1))

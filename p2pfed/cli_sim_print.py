@@ -97,6 +97,7 @@ def _print_sim_summary(report: dict[str, Any]) -> None:
         out.print(table)
     _print_explain(report)
     _print_fairness(report)
+    _print_hardware(report)
     if mixed:
         out.print("to 1e-6: rounds until the consensus distance fell below 1e-6 (— not yet)\n"
                   "bound: ⌈ln 1e-6 / ln SLEM⌉; drift: largest change of the holders' mean")
@@ -189,3 +190,28 @@ def _print_fairness(report: dict[str, Any]) -> None:
     if rule is not None:
         out.print(", ".join(f"{t}: gap narrowed {rule['gap_narrowed'][t]:+.0%}, mean "
                             f"{rule['mean_change'][t]:+.3f}" for t in rule["tasks"]))
+
+
+def _print_hardware(report: dict[str, Any]) -> None:
+    """The hardware study's table (when the report has it): per group the pace of the
+    furthest and the slowest component and each task's accuracy, with the profiles and with
+    everyone a server."""
+    if "hardware" not in report:
+        return
+    h = report["hardware"]
+    runs = {"profiles": h["with_profiles"], "servers": h["everyone_server"]}
+    tasks = sorted(h["with_profiles"].get("accuracy", {}))
+    table = Table(title=f"hardware: rounds per simulated minute (furthest / slowest "
+                        f"component) and accuracy per group; round timeout "
+                        f"{h['round_timeout_s']:g} s")
+    for col in ("group", "run", "r/min", "r/min slowest", *tasks):
+        table.add_column(col, justify="left" if col in ("group", "run") else "right")
+    for group in runs["profiles"]["rounds_per_min"]:
+        for name, run in runs.items():
+            table.add_row(group, name, _fmt(run["rounds_per_min"].get(group), ".2f"),
+                          _fmt(run["rounds_per_min_slowest_component"].get(group), ".2f"),
+                          *(_fmt(run["accuracy"][t].get(group), ".3f") for t in tasks))
+    out.print(table)
+    share = h["with_profiles"]["profiled_states_mixed"]
+    out.print(f"profiled members' states in their neighbours' mixes: {_fmt(share, '.0%')} "
+              f"(everyone a server: {_fmt(h['everyone_server']['profiled_states_mixed'], '.0%')})")

@@ -24,6 +24,9 @@ from p2pfed.sim.education import EducationSettings
 from p2pfed.sim.topology import Topology
 
 WORKLOADS = ("consensus", "education")
+#: the simulator's compute model per hardware profile: a round's training takes this many
+#: times ``train_s`` (a phone trains five times slower than a server)
+SLOWDOWN = {"server": 1.0, "laptop": 2.0, "phone": 5.0}
 #: the consensus workload's parameter types
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -97,6 +100,9 @@ class SimConfig:
     #: "erm": compared with "erm" in the same study) and its tilt
     fairness: str = "erm"
     tilt: float = 1.0
+    #: node -> hardware profile (:mod:`p2pfed.profiles`; the others: server): what it trains,
+    #: and with ``train_s`` how long its training takes (:data:`SLOWDOWN`)
+    profiles: dict[str, str] = field(default_factory=dict)
 
 
 def check_config(config: SimConfig) -> None:
@@ -122,6 +128,13 @@ def check_config(config: SimConfig) -> None:
         raise ConfigError("explaining predictions needs the education workload (nothing "
                           "predicts in the consensus workload)")
     check_fairness(config)
+    for name, profile in sorted(config.profiles.items()):
+        if name not in nodes or profile not in SLOWDOWN:
+            raise ConfigError(f"profile {name}:{profile}: no such node, or not one of "
+                              f"{', '.join(SLOWDOWN)}")
+    if config.profiles and config.workload != "education":
+        raise ConfigError("profiles need the education workload (nothing trains in the "
+                          "consensus workload)")
     if config.dtype not in DTYPES:
         raise ConfigError(f"unknown parameter type {config.dtype!r}; "
                           f"choose from {', '.join(DTYPES)}")

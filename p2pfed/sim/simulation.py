@@ -30,9 +30,10 @@ import trio.testing
 from gossip.transport.memory import MemoryNetwork
 from p2pfed.journal import Forget, read
 from p2pfed.model.train import LocalTrainer, TrainRequest
-from p2pfed.node import Mixed
+from p2pfed.node import Mixed, RoundCompleted
+from p2pfed.profiles import PROFILES
 from p2pfed.runtime.driver import NodeDriver
-from p2pfed.sim.config import SimConfig, check_config
+from p2pfed.sim.config import SLOWDOWN, SimConfig, check_config
 from p2pfed.sim.education import FULL, QUICK, EducationWorkload
 from p2pfed.sim.nodes import (
     SimNode,
@@ -119,6 +120,12 @@ class Simulation:
         self.completed: dict[str, tuple[int, float]] = {}
         #: per node: the simulated time its first round completed
         self.first_completed: dict[str, float] = {}
+        #: per (node, component): rounds completed, and the simulated times of its first and
+        #: last completed round (the pace of each component, not only the furthest)
+        self.component_pace: dict[tuple[str, str], tuple[int, float, float]] = {}
+        #: per (node, neighbour): rounds whose mix used the neighbour's state, and rounds that
+        #: went on without it
+        self.heard: dict[tuple[str, str], list[int]] = {}
         #: education: the members' mean test accuracy per task after each of the settings'
         #: curve rounds
         self.accuracy_curve: list[dict[str, float]] = []
@@ -157,6 +164,9 @@ class Simulation:
             trainer = self.trainers[name] = self.edu.trainer(
                 name, index, continual=self.config.continual,
                 objective=(self.config.fairness, self.config.tilt))
+            allowed = PROFILES[self.config.profiles.get(name, "server")].trains
+            if allowed is not None:  # (the profile's: a phone trains heads and prompts only)
+                trainer.only = frozenset(c for c in trainer.model.held if c.startswith(allowed))
         start = node_start(self.config, index, name, trainer)
         if name not in self._absent:  # (the starting mean and spread are the present holders')
             for comp, flat in start.components.items():
@@ -177,6 +187,14 @@ class Simulation:
     def _observe(self, name: str, actions: Sequence[object]) -> None:
         """Every batch of a node's actions: record its mixed states, wake the run loop."""
         for action in actions:
+            if isinstance(action, RoundCompleted):
+                now = trio.current_time()
+                done, first, _ = self.component_pace.get((name, action.component), (0, now, now))
+                self.component_pace[name, action.component] = (max(done, action.round + 1),
+                                                               first, now)
+                for peers, k in ((action.mixed_with, 0), (action.missing, 1)):
+                    for peer in peers:
+                        self.heard.setdefault((name, self.by_peer.get(peer, peer)), [0, 0])[k] += 1
             if isinstance(action, Mixed):
                 done, _ = self.completed.get(name, (0, 0.0))
                 self.first_completed.setdefault(name, trio.current_time())
@@ -224,7 +242,8 @@ class Simulation:
         sn.driver = NodeDriver(sn.node, transport,
                                on_actions=lambda actions: self._observe(sn.name, actions),
                                trainer=run,
-                               train_inline=True, train_delay_s=self.config.train_s)
+                               train_inline=True, train_delay_s=self.config.train_s
+                               * SLOWDOWN[self.config.profiles.get(sn.name, "server")])
         with trio.CancelScope() as scope:
             sn.scope = scope
             await sn.driver.run(task_status=task_status)

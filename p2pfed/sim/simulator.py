@@ -70,6 +70,10 @@ def _study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:
         return _unlearning_study(config, on_phase)
     if config.participation:
         return _participation_study(config, on_phase)
+    if config.profiles:
+        from p2pfed.sim.hardware import profile_study
+
+        return profile_study(config, on_phase)
     if config.continual is not None:
         return _continual_study(config, on_phase)
     if config.updates is not None:
