@@ -1,9 +1,12 @@
 """An institution's own files: the :class:`Dataset` record and a loader per source kind.
 
 Input keys are modality names (``"text"``, ``"image"``, ``"activity"``), as in
-:mod:`p2pfed.model.m3t`.  Loaders raise :class:`~gossip.errors.ConfigError` with messages
-``"PATH:LINE: reason"`` (or ``"PATH: reason"`` where no line applies).  They never unpickle
-anything.
+:mod:`p2pfed.model.m3t`.  Each loader also reads an optional *group* per sample (the fairness
+attribute: :mod:`p2pfed.model.fairness`): a JSON Lines field named by the option
+``group_field``, a CSV column headed ``group``, an ``.npz`` array ``groups``.
+
+Loaders raise :class:`~gossip.errors.ConfigError` with messages ``"PATH:LINE: reason"`` (or
+``"PATH: reason"`` where no line applies).  They never unpickle anything.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import zipfile
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +34,16 @@ class Dataset:
     """Samples of one local dataset: ``inputs[modality][i]`` goes with ``labels[i]``.
 
     ``labels`` is coerced to a 1-D ``int64`` array; every input must have one entry per label.
+    ``groups`` (None: the file gives none) is each sample's group as a code into
+    ``group_names``, the groups' names sorted; codes are this dataset's own, only names mean
+    the same thing elsewhere.
     """
 
     name: str
     inputs: dict[str, InputArray]
     labels: npt.NDArray[np.int64]
+    groups: npt.NDArray[np.int64] | None = None
+    group_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels)
@@ -49,6 +57,25 @@ class Dataset:
                     f"dataset {self.name!r}: input {key!r} has {len(value)} samples, "
                     f"labels have {n}"
                 )
+        if self.groups is None:
+            if self.group_names:
+                raise LocalError(f"dataset {self.name!r}: group names without groups")
+            return
+        groups = np.asarray(self.groups)
+        if groups.ndim != 1 or not np.issubdtype(groups.dtype, np.integer) \
+                or groups.shape[0] != n:
+            raise LocalError(f"dataset {self.name!r}: groups must be {n} integer codes")
+        if list(self.group_names) != sorted(set(self.group_names)) or (
+                n and (groups.min() < 0 or groups.max() >= len(self.group_names))):
+            raise LocalError(f"dataset {self.name!r}: group codes must index sorted, "
+                             "distinct group names")
+        object.__setattr__(self, "groups", groups.astype(np.int64, copy=False))
+
+    def group_of(self) -> list[str] | None:
+        """Each sample's group name (None: no groups)."""
+        if self.groups is None:
+            return None
+        return [self.group_names[g] for g in self.groups.tolist()]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -65,9 +92,16 @@ class Dataset:
                 inputs[key] = [value[i] for i in idx.tolist()]
             else:
                 inputs[key] = value[idx]
-        return Dataset(self.name, inputs, self.labels[idx])
+        groups = None if self.groups is None else self.groups[idx]
+        return Dataset(self.name, inputs, self.labels[idx], groups, self.group_names)
 
 
+def group_codes(names: Sequence[str]) -> tuple[npt.NDArray[np.int64], tuple[str, ...]]:
+    """Each sample's group name as (codes, the distinct names sorted): ``names[i]`` is
+    ``sorted_names[codes[i]]``."""
+    distinct = tuple(sorted(set(names)))
+    index = {name: code for code, name in enumerate(distinct)}
+    return np.array([index[n] for n in names], dtype=np.int64), distinct
 
 
 def _read_text(path: Path) -> str:
@@ -80,15 +114,19 @@ def _read_text(path: Path) -> str:
 
 
 def load_jsonl_text(
-    path: Path | str, text_field: str = "text", label_field: str = "label"
+    path: Path | str, text_field: str = "text", label_field: str = "label",
+    group_field: str | None = None,
 ) -> Dataset:
-    """Text samples from JSON Lines: one object per line with a string and an integer label.
+    """Text samples from JSON Lines: one object per line with a string and an integer label,
+    and with ``group_field`` given, a group on every line (a string or an integer, read as its
+    decimal text).
 
     Blank lines are skipped.  Input key ``"text"``; dataset name is the file's stem.
     """
     path = Path(path)
     texts: list[str] = []
     labels: list[int] = []
+    groups: list[str] = []
     for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -99,23 +137,37 @@ def load_jsonl_text(
             raise ConfigError(f"{where}: invalid JSON: {exc.msg}") from exc
         if not isinstance(record, dict):
             raise ConfigError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for field in (text_field, label_field):
-            if field not in record:
+        for field in (text_field, label_field, group_field):
+            if field is not None and field not in record:
                 raise ConfigError(f"{where}: missing field {field!r}")
         text, label = record[text_field], record[label_field]
         if not isinstance(text, str):
             raise ConfigError(f"{where}: field {text_field!r} must be a string")
         if not isinstance(label, int) or isinstance(label, bool) or label < 0:
             raise ConfigError(f"{where}: field {label_field!r} must be a non-negative integer")
+        if group_field is not None:
+            groups.append(_group_name(record[group_field], where, f"field {group_field!r}"))
         texts.append(text)
         labels.append(label)
     if not labels:
         raise ConfigError(f"{path}: no samples")
-    return Dataset(path.stem, {"text": texts}, np.array(labels, dtype=np.int64))
+    codes, names = group_codes(groups) if group_field is not None else (None, ())
+    return Dataset(path.stem, {"text": texts}, np.array(labels, dtype=np.int64), codes, names)
+
+
+def _group_name(value: object, where: str, what: str) -> str:
+    """A group as read from a file: a non-empty string, or an integer as its decimal text."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: {what} (the group) must be a non-empty string or an "
+                          "integer")
+    return value.strip()
 
 
 def load_image_array(path: Path | str) -> Dataset:
-    """Images from a ``.npz`` with arrays ``images`` (N,C,H,W) or (N,H,W) and ``labels`` (N,).
+    """Images from a ``.npz`` with arrays ``images`` (N,C,H,W) or (N,H,W) and ``labels`` (N,),
+    and optionally ``groups`` (N,), integers or strings.
 
     Loaded with ``allow_pickle=False``.  Images become ``float32`` (``uint8`` is scaled by
     1/255); (N,H,W) gains a channel axis.  Input key ``"image"``.
@@ -130,6 +182,7 @@ def load_image_array(path: Path | str) -> Dataset:
                 raise ConfigError(f"{path}: missing array(s) {', '.join(missing)}")
             images = np.asarray(archive["images"])
             labels = np.asarray(archive["labels"])
+            groups = np.asarray(archive["groups"]) if "groups" in archive.files else None
     except ConfigError:
         raise
     except FileNotFoundError as exc:
@@ -156,7 +209,23 @@ def load_image_array(path: Path | str) -> Dataset:
     data = images.astype(np.float32) * scale
     if not np.all(np.isfinite(data)):
         raise ConfigError(f"{path}: images contain NaN or infinite values")
-    return Dataset(path.stem, {"image": data}, labels.astype(np.int64))
+    codes, names = (None, ()) if groups is None else _array_groups(path, groups, len(labels))
+    return Dataset(path.stem, {"image": data}, labels.astype(np.int64), codes, names)
+
+
+def _array_groups(path: Path, groups: np.ndarray, n: int,
+                  ) -> tuple[npt.NDArray[np.int64], tuple[str, ...]]:
+    """The ``groups`` array of an ``.npz`` as codes and names."""
+    if groups.ndim != 1 or not (np.issubdtype(groups.dtype, np.integer)
+                                or np.issubdtype(groups.dtype, np.str_)):
+        raise ConfigError(f"{path}: groups must be a 1-D array of integers or strings, "
+                          f"got shape {groups.shape} of {groups.dtype}")
+    if groups.shape[0] != n:
+        raise ConfigError(f"{path}: {groups.shape[0]} groups but {n} labels")
+    names = [str(g).strip() for g in groups.tolist()]
+    if "" in names:
+        raise ConfigError(f"{path}: sample {names.index('') + 1} has an empty group")
+    return group_codes(names)
 
 
 def load_csv_series(path: Path | str) -> Dataset:
@@ -166,12 +235,16 @@ def load_csv_series(path: Path | str) -> Dataset:
     Rows are grouped by ``sample_id`` (samples kept in order of first appearance) and ordered by
     the integer ``step``.  Every row has the same K, every sample the same number of steps,
     one label, and no repeated step.  Input key ``"activity"``, shape (N, T, K) ``float32``.
+    A header ``sample_id,step,feature1..featureK,group,label`` adds a group column: each
+    sample's group, the same on all its rows (without a header, no groups).
     """
     path = Path(path)
     text = _read_text(path)
     width: int | None = None
+    grouped = False
     samples: dict[str, list[tuple[int, list[float]]]] = {}
     sample_label: dict[str, int] = {}
+    sample_group: dict[str, str] = {}
     first_line: dict[str, int] = {}
     reader = csv.reader(text.splitlines())
     for row in reader:
@@ -180,6 +253,8 @@ def load_csv_series(path: Path | str) -> Dataset:
         if not row or all(not cell.strip() for cell in row):
             continue
         if width is None and not samples and row[0].strip() == "sample_id":
+            grouped = _group_header(row, where)
+            width = len(row) if grouped else None
             continue
         if len(row) < 4:
             raise ConfigError(
@@ -190,11 +265,19 @@ def load_csv_series(path: Path | str) -> Dataset:
             width = len(row)
         elif len(row) != width:
             raise ConfigError(f"{where}: expected {width} columns, got {len(row)}")
-        sample_id, step, features, label = _series_row(row, where)
+        sample_id, step, features, label = _series_row(row[:-2] + row[-1:] if grouped else row,
+                                                       where)
+        group = _group_name(row[-2], where, f"column {len(row) - 1}") if grouped else ""
         if sample_id not in samples:
             samples[sample_id] = []
             sample_label[sample_id] = label
+            sample_group[sample_id] = group
             first_line[sample_id] = lineno
+        elif sample_group[sample_id] != group:
+            raise ConfigError(
+                f"{where}: sample {sample_id!r} is in group {group!r}, "
+                f"earlier rows say {sample_group[sample_id]!r}"
+            )
         elif sample_label[sample_id] != label:
             raise ConfigError(
                 f"{where}: sample {sample_id!r} has label {label}, "
@@ -203,7 +286,22 @@ def load_csv_series(path: Path | str) -> Dataset:
         if any(s == step for s, _ in samples[sample_id]):
             raise ConfigError(f"{where}: sample {sample_id!r} repeats step {step}")
         samples[sample_id].append((step, features))
-    return _series_dataset(path, samples, sample_label, first_line)
+    dataset = _series_dataset(path, samples, sample_label, first_line)
+    if not grouped:
+        return dataset
+    codes, names = group_codes([sample_group[sid] for sid in samples])
+    return replace(dataset, groups=codes, group_names=names)
+
+
+def _group_header(header: list[str], where: str) -> bool:
+    """Does the header row name a group column?  (It must come just before the label.)"""
+    names = [cell.strip() for cell in header]
+    if "group" not in names:
+        return False
+    if len(names) < 5 or names.index("group") != len(names) - 2:
+        raise ConfigError(f"{where}: the group column comes just before the label: "
+                          "sample_id,step,feature1..featureK,group,label")
+    return True
 
 
 def _series_row(row: list[str], where: str) -> tuple[str, int, list[float], int]:
@@ -255,12 +353,12 @@ def _series_dataset(path: Path, samples: dict[str, list[tuple[int, list[float]]]
 def load_source(kind: str, path: Path | str, **options: str) -> Dataset:
     """Load a local data source of ``kind`` (one of :data:`SOURCE_KINDS`).
 
-    ``options`` are passed on: ``text-jsonl`` takes ``text_field`` and ``label_field``; the
-    other kinds take none.
+    ``options`` are passed on: ``text-jsonl`` takes ``text_field``, ``label_field`` and
+    ``group_field``; the other kinds take none.
     """
     path = Path(path)
     if kind == "text-jsonl":
-        unknown = sorted(set(options) - {"text_field", "label_field"})
+        unknown = sorted(set(options) - {"text_field", "label_field", "group_field"})
         if unknown:
             raise ConfigError(f"{path}: unknown option(s) for {kind}: {', '.join(unknown)}")
         return load_jsonl_text(path, **options)

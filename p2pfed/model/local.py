@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -86,7 +87,7 @@ def build_trainer(config: Config, holds: Sequence[str], federation_id: bytes,
             if width != model.spec.activity_features:
                 raise ConfigError(f"[data.{name}.activity]: {width} features per step; the "
                                   f"model takes {model.spec.activity_features}")
-        data[name] = TaskData(inputs, task.labels)
+        data[name] = replace(task, inputs=inputs)
     node_seed = int.from_bytes(node_key[:8], "little")
     heldout: dict[str, TaskData] = {}
     for name in sorted(data):

@@ -50,8 +50,10 @@ class TaskData:
     inputs: Mapping[str, Any]
     labels: np.ndarray
     #: each example's group (a small integer: the fairness study's attribute), or None; it
-    #: never leaves the member: only the group-aware objective reads it
+    #: never leaves the member: only the group-aware objective and the held-out measures read it
     groups: np.ndarray | None = None
+    #: each group's name (``group_names[g]`` for group ``g``; () where the groups have none)
+    group_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,7 +61,8 @@ class TaskData:
     def subset(self, index: np.ndarray) -> TaskData:
         """The examples at ``index``, in that order."""
         return TaskData({m: _take(v, index) for m, v in self.inputs.items()},
-                        self.labels[index], None if self.groups is None else self.groups[index])
+                        self.labels[index], None if self.groups is None else self.groups[index],
+                        self.group_names)
 
     def batch(self, index: np.ndarray) -> tuple[dict[str, Any], torch.Tensor]:
         part = self.subset(index)
