@@ -101,9 +101,15 @@ def build_trainer(config: Config, holds: Sequence[str], federation_id: bytes,
     res, only = resources_of(config), trained_subset(config, holds)
     # every local task trains from the start until the federation's catalogue retires it
     continual = Continual(Schedule(dict.fromkeys(sorted(data), 0)), config.continual, node_seed)
+    fairness = config.fairness
+    ungrouped = sorted(name for name, task in data.items() if task.groups is None)
+    if fairness.objective == "group-dro" and ungrouped:
+        log.warning("[fairness] objective = group-dro, but the data of task(s) %s give no group "
+                    "per example (docs/data.md): they train with erm", ", ".join(ungrouped))
     return LocalTrainer(model, data, node_seed=node_seed,
                         steps=res.steps, batch_size=res.batch_size,
-                        lr=config.model.lr, only=only, heldout=heldout, continual=continual)
+                        lr=config.model.lr, only=only, heldout=heldout, continual=continual,
+                        objective=fairness.objective, tilt=fairness.tilt)
 
 
 class CatalogueFollower:
