@@ -133,3 +133,18 @@ def test_progress_without_groups_has_no_group_keys(tmp_path: Path) -> None:
     assert errors(json.loads(json.dumps(progress)), training) == []
     assert errors({**progress, "groups": {"a": "high"}}, training)
     assert errors({**progress, "group_counts": {"a": 0}}, training)
+
+
+def test_status_prints_the_worst_group_gap() -> None:
+    from rich.console import Console
+
+    from p2pfed.cli_daemon import training_table
+
+    entry = {"round": 7, "loss": 0.4, "examples": 90, "heldout": 10, "accuracy": 0.8,
+             "accuracy_round": 7}
+    grouped = {**entry, "groups": {"a": 0.9, "b": 0.7}, "group_counts": {"a": 5, "b": 5},
+               "worst_group_gap": 0.2}
+    console = Console(width=160, record=True)
+    console.print(training_table({"topic": grouped, "digits": entry}))
+    text = console.export_text()
+    assert "0.800 (worst-group gap 0.200)" in text and text.count("worst-group gap") == 1
