@@ -31,6 +31,7 @@
     path = "/srv/school/questions.jsonl"
     text_field = "text"                 # options of the source kind
     label_field = "label"
+    group_field = "region"              # optional: each line's group (for [fairness])
 
     [rounds]
     interval_s = 5.0                    # a round starts at most this often
