@@ -287,6 +287,8 @@ def training_table(training: dict[str, Any]) -> Table:
                   title="local training")
     for task, t in sorted(training.items()):
         acc = "—" if t["accuracy"] is None else f"{t['accuracy']:.3f}"
+        if t.get("worst_group_gap") is not None:  # (held-out examples with groups; data.md)
+            acc += f" (worst-group gap {t['worst_group_gap']:.3f})"
         loss = "—" if t["loss"] is None else f"{t['loss']:.4f}"
         table.add_row(task, str(t["round"]), loss, acc,
                       f"{t['examples']} (+{t['heldout']} held out)")

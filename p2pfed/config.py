@@ -31,6 +31,7 @@
     path = "/srv/school/questions.jsonl"
     text_field = "text"                 # options of the source kind
     label_field = "label"
+    group_field = "region"              # optional: each line's group (for [fairness])
 
     [rounds]
     interval_s = 5.0                    # a round starts at most this often
@@ -76,6 +77,10 @@
     catch_up = 3                        # a task added late trains this many times the steps
                                         # per round until it made up the rounds it missed,
     catch_up_rounds = 10                # for at most this many rounds
+
+    [fairness]                          # the local objective (docs/data.md#groups)
+    objective = "group-dro"             # erm | group-dro (needs a group per example)
+    tilt = 1.0                          # group-dro: lean on the worst group, 0 to 50
 """
 
 from __future__ import annotations
@@ -91,9 +96,11 @@ from p2pfed.config_sections import (
     DEFAULT_LISTEN,
     MIXING_RULES,
     MODEL_KINDS,
+    OBJECTIVES,
     SOURCE_KINDS,
     ComponentsSection,
     DataSource,
+    FairnessSection,
     MetricsSection,
     MixingSection,
     ModelSection,
@@ -110,10 +117,10 @@ from p2pfed.profiles import PROFILE_NAMES, PROFILES, resources_of
 
 #: the sections' records are importable from here too
 __all__ = [
-    "DEFAULT_LISTEN", "MIXING_RULES", "MODEL_KINDS", "SOURCE_KINDS", "ComponentsSection",
-    "Config", "ContinualSettings", "DataSource", "MetricsSection", "MixingSection",
-    "ModelSection", "NodeSection", "NoiseLevel", "OverlaySection", "PrivacySection",
-    "RoundsSection", "StorageSection", "read_toml",
+    "DEFAULT_LISTEN", "MIXING_RULES", "MODEL_KINDS", "OBJECTIVES", "SOURCE_KINDS",
+    "ComponentsSection", "Config", "ContinualSettings", "DataSource", "FairnessSection",
+    "MetricsSection", "MixingSection", "ModelSection", "NodeSection", "NoiseLevel",
+    "OverlaySection", "PrivacySection", "RoundsSection", "StorageSection", "read_toml",
 ]
 
 @dataclass(frozen=True)
@@ -130,6 +137,7 @@ class Config:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     mixing: MixingSection = field(default_factory=MixingSection)
     continual: ContinualSettings = field(default_factory=ContinualSettings)
+    fairness: FairnessSection = field(default_factory=FairnessSection)
     #: the ``section.key`` settings the file or an override gave (a profile's defaults never
     #: replace these; :meth:`is_set`)
     explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
@@ -237,6 +245,7 @@ class Config:
             self.privacy.check()
         except ConfigError as exc:
             raise ConfigError(f"privacy: {exc}") from exc
+        self.fairness.check()
 
     def with_overrides(self, **overrides: Any) -> Config:
         """A copy with ``section__key=value`` overrides; ``None`` values are ignored."""

@@ -21,6 +21,11 @@ MODEL_KINDS = ("consensus", "m3t")
 MIXING_RULES = ("mh", "clipped", "trimmed-mean", "noise-aware")
 #: kinds of local data file (``[data.<task>.<modality>] kind``; read by :mod:`p2pfed.model.data`)
 SOURCE_KINDS = ("text-jsonl", "image-npz", "series-csv")
+#: the local objectives (``[fairness] objective``; :mod:`p2pfed.model.fairness`, whose
+#: ``OBJECTIVES`` a test keeps equal to this)
+OBJECTIVES = ("erm", "group-dro")
+#: the largest ``[fairness] tilt`` (past it the soft maximum is the worst group's loss anyway)
+MAX_TILT = 50.0
 
 
 @dataclass(frozen=True)
@@ -179,3 +184,23 @@ class MixingSection:
     def rules(self) -> dict[str, str]:
         """``NodeConfig.robust``: ``"*"`` for the default, then the overrides."""
         return {"*": self.rule, **dict(self.components)}
+
+
+@dataclass(frozen=True)
+class FairnessSection:
+    """``[fairness]``: the local objective.  ``group-dro`` needs a group per example in the
+    member's data (docs/data.md); a task without groups trains with ``erm``."""
+
+    objective: str = "erm"
+    #: group-dro: how hard the soft maximum over the groups' losses leans on the worst group
+    #: (0: the groups' mean)
+    tilt: float = 1.0
+
+    def check(self) -> None:
+        """Raise ConfigError unless the objective is known and the tilt in range."""
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"fairness.objective must be one of {', '.join(OBJECTIVES)}, "
+                              f"not {self.objective!r}")
+        if not 0 <= self.tilt <= MAX_TILT:
+            raise ConfigError(f"fairness.tilt must be in [0, {MAX_TILT:g}] (0: the groups' "
+                              f"mean loss; 1: the default), not {self.tilt}")

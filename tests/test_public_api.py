@@ -43,6 +43,9 @@ def test_config_names_what_the_code_implements() -> None:
 
     assert set(config.MIXING_RULES) == set(consensus.RULES)
     assert data.SOURCE_KINDS is config.SOURCE_KINDS
+    from p2pfed.model import fairness
+
+    assert config.OBJECTIVES == fairness.OBJECTIVES
     # the ranges p2pfed.privacy.Policy enforces are checked without it
     for bad in ({"delta": 0.0}, {"sample_rate": 1.5}, {"budget": -1.0}):
         with pytest.raises(ConfigError, match="privacy: delta must be in"):

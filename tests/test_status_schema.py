@@ -157,3 +157,17 @@ def test_a_resources_status_fits_the_schema(profile: str) -> None:
                   {"$ref": "#/$defs/resources", "$defs": schema["$defs"]}) == []
     assert errors({**status, "training": "paused"},
                   {"$ref": "#/$defs/resources", "$defs": schema["$defs"]})
+
+
+def test_a_training_entry_with_groups_fits_the_schema() -> None:
+    training = {"$ref": "#/$defs/training", "$defs": load_schema()["$defs"]}
+    entry = {"round": 3, "loss": 0.5, "examples": 90, "heldout": 10, "accuracy": 0.7,
+             "accuracy_round": 3}
+    assert errors(entry, training) == []
+    grouped = {**entry, "groups": {"north": 0.8, "south": 0.6, "tiny": 1.0},
+               "group_counts": {"north": 5, "south": 4, "tiny": 1}, "worst_group_gap": None}
+    assert errors(grouped, training) == []
+    assert errors({**grouped, "worst_group_gap": 0.2}, training) == []
+    assert errors({**grouped, "worst_group_gap": -0.2}, training)
+    assert errors({**grouped, "groups": {"north": "high"}}, training)
+    assert errors({**grouped, "group_counts": {"north": 0.5}}, training)

@@ -17,22 +17,27 @@ of group distributionally robust optimisation (group-DRO keeps exponentiated wei
 groups from step to step; this one recomputes them from each batch, so an exact unlearning's
 re-run and a restarted daemon train exactly as before).  ``t`` is ``[fairness] tilt``.
 
-**The measures** (:func:`summary`), per task over the nodes that hold its head: the mean
-accuracy (each node's accuracy per group, weighted by the groups' shares of the population),
-the worst node and the 10th-percentile node, each group's accuracy (the nodes' mean) and the
-worst-group gap (best group − worst group).
+**The measures** (:func:`summary`: the simulator's), per task over the nodes that hold its
+head: the mean accuracy (each node's accuracy per group, weighted by the groups' shares of the
+population), the worst node and the 10th-percentile node, each group's accuracy (the nodes'
+mean) and the worst-group gap (best group − worst group).  A daemon measures its own held-out
+examples by group as each round begins (:func:`heldout_groups`; ``status``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 #: the local objectives (``[fairness] objective``)
 OBJECTIVES = ("erm", "group-dro")
+#: a group with fewer held-out examples than this is shown, but left out of the worst-group gap
+#: (its accuracy is too noisy to rank it)
+MIN_GROUP_EXAMPLES = 5
 
 
 def group_batch(groups: np.ndarray, batch_size: int,
@@ -61,6 +66,25 @@ def group_loss(losses: torch.Tensor, groups: torch.Tensor, tilt: float) -> torch
 def group_accuracy(correct: np.ndarray, groups: np.ndarray) -> dict[int, float]:
     """Accuracy per group present: the share of ``correct`` among its examples."""
     return {int(g): float(correct[groups == g].mean()) for g in np.unique(groups).tolist()}
+
+
+def heldout_groups(correct: np.ndarray, groups: np.ndarray, names: Sequence[str] = (),
+                   min_count: int = MIN_GROUP_EXAMPLES) -> dict[str, Any]:
+    """A member's held-out measures per group (``status``): each group's accuracy
+    (``groups``, by name: ``names[g]``, else ``str(g)``), its number of examples
+    (``group_counts``), and the worst-group gap (best − worst accuracy) over the groups of at
+    least ``min_count`` examples (None: fewer than two such groups)."""
+    def name(g: int) -> str:
+        return names[g] if g < len(names) else str(g)
+
+    accuracy = group_accuracy(correct, groups)
+    counts = {g: int(np.count_nonzero(groups == g)) for g in accuracy}
+    counted = [a for g, a in accuracy.items() if counts[g] >= min_count]
+    return {
+        "groups": {name(g): a for g, a in accuracy.items()},
+        "group_counts": {name(g): counts[g] for g in accuracy},
+        "worst_group_gap": max(counted) - min(counted) if len(counted) >= 2 else None,
+    }
 
 
 def summary(per_node: Mapping[str, Mapping[int, float]], population: Mapping[int, float],

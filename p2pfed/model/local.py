@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -86,7 +87,7 @@ def build_trainer(config: Config, holds: Sequence[str], federation_id: bytes,
             if width != model.spec.activity_features:
                 raise ConfigError(f"[data.{name}.activity]: {width} features per step; the "
                                   f"model takes {model.spec.activity_features}")
-        data[name] = TaskData(inputs, task.labels)
+        data[name] = replace(task, inputs=inputs)
     node_seed = int.from_bytes(node_key[:8], "little")
     heldout: dict[str, TaskData] = {}
     for name in sorted(data):
@@ -100,9 +101,15 @@ def build_trainer(config: Config, holds: Sequence[str], federation_id: bytes,
     res, only = resources_of(config), trained_subset(config, holds)
     # every local task trains from the start until the federation's catalogue retires it
     continual = Continual(Schedule(dict.fromkeys(sorted(data), 0)), config.continual, node_seed)
+    fairness = config.fairness
+    ungrouped = sorted(name for name, task in data.items() if task.groups is None)
+    if fairness.objective == "group-dro" and ungrouped:
+        log.warning("[fairness] objective = group-dro, but the data of task(s) %s give no group "
+                    "per example (docs/data.md): they train with erm", ", ".join(ungrouped))
     return LocalTrainer(model, data, node_seed=node_seed,
                         steps=res.steps, batch_size=res.batch_size,
-                        lr=config.model.lr, only=only, heldout=heldout, continual=continual)
+                        lr=config.model.lr, only=only, heldout=heldout, continual=continual,
+                        objective=fairness.objective, tilt=fairness.tilt)
 
 
 class CatalogueFollower:

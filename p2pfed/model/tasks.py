@@ -14,7 +14,8 @@ A node's ``p2pfed.toml`` names, per task it trains, one file per modality::
     kind = "text-jsonl"
     path = "/srv/school/notes.jsonl"
 
-The files of a multi-modal task are aligned by sample order and must agree on every label.
+The files of a multi-modal task are aligned by sample order and must agree on every label, and
+on every sample's group where more than one of them gives groups.
 Problems are :class:`ConfigError` naming the file (and line, where the loader knows it).
 """
 
@@ -29,7 +30,7 @@ import numpy as np
 from gossip.errors import ConfigError
 from gossip.taskcat import Task, TaskCatalogue
 from p2pfed.config import DataSource
-from p2pfed.model.data import ACTIVITY_CLASSES, load_source
+from p2pfed.model.data import ACTIVITY_CLASSES, Dataset, load_source
 from p2pfed.model.m3t import TaskSpec
 from p2pfed.model.questions import TOPICS
 from p2pfed.model.train import TaskData
@@ -102,6 +103,7 @@ def load_task_data(sources: Mapping[str, Mapping[str, DataSource]],
                               f"{', '.join(task.modalities)}; got {', '.join(sorted(modalities))}")
         inputs: dict[str, Any] = {}
         labels: np.ndarray | None = None
+        grouped: tuple[Path, Dataset] | None = None  # the first file that gives groups
         first = ""
         for modality in task.modalities:
             src = modalities[modality]
@@ -124,6 +126,22 @@ def load_task_data(sources: Mapping[str, Mapping[str, DataSource]],
                 raise ConfigError(f"{path}: sample {row + 1} is labelled {data.labels[row]} "
                                   f"but {labels[row]} in {first}")
             inputs[modality] = data.inputs[modality]
+            if data.groups is not None:
+                if grouped is not None:
+                    _check_groups(path, data, *grouped)
+                else:
+                    grouped = path, data
         assert labels is not None
-        out[name] = TaskData(inputs, labels)
+        out[name] = TaskData(inputs, labels) if grouped is None else \
+            TaskData(inputs, labels, grouped[1].groups, grouped[1].group_names)
     return out
+
+
+def _check_groups(path: Path, data: Dataset, first_path: Path, first: Dataset) -> None:
+    """ConfigError unless ``data`` (read from ``path``) puts every sample in the group that
+    ``first``, an earlier file of the same task, puts it in."""
+    ours, theirs = data.group_of() or [], first.group_of() or []
+    for row, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        if a != b:
+            raise ConfigError(f"{path}: sample {row + 1} is in group {a!r} but {b!r} in "
+                              f"{first_path}")

@@ -37,7 +37,7 @@ from gossip.catalog import ComponentSpec
 from gossip.envelope import digest
 from p2pfed.components import FlatComponent
 from p2pfed.model.continual import Continual
-from p2pfed.model.fairness import group_batch, group_loss
+from p2pfed.model.fairness import group_batch, group_loss, heldout_groups
 from p2pfed.model.m3t import M3TModel
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,10 @@ class TaskData:
     inputs: Mapping[str, Any]
     labels: np.ndarray
     #: each example's group (a small integer: the fairness study's attribute), or None; it
-    #: never leaves the member: only the group-aware objective reads it
+    #: never leaves the member: only the group-aware objective and the held-out measures read it
     groups: np.ndarray | None = None
+    #: each group's name (``group_names[g]`` for group ``g``; () where the groups have none)
+    group_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,7 +61,8 @@ class TaskData:
     def subset(self, index: np.ndarray) -> TaskData:
         """The examples at ``index``, in that order."""
         return TaskData({m: _take(v, index) for m, v in self.inputs.items()},
-                        self.labels[index], None if self.groups is None else self.groups[index])
+                        self.labels[index], None if self.groups is None else self.groups[index],
+                        self.group_names)
 
     def batch(self, index: np.ndarray) -> tuple[dict[str, Any], torch.Tensor]:
         part = self.subset(index)
@@ -226,7 +229,7 @@ class LocalTrainer:
                 used = sorted({t for c in group for t in self.trained_tasks(c)})
                 self.continual.prepare(trained, round_, epoch, used, self._loss,
                                        self.model.parameters_of)
-            accuracy = self._heldout_accuracy(tasks)  # the model as the round begins
+            measured = self._heldout_measures(tasks)  # the model as the round begins
             factor = 1 if self.continual is None else self.continual.step_factor(tasks, round_)
             for _ in range(self.steps * factor):
                 opt.zero_grad(set_to_none=True)
@@ -248,13 +251,17 @@ class LocalTrainer:
             for c in frozen:
                 self.flats[c].bind(self.model.parameters_of(c))  # back to the live buffers
         for task in tasks:
+            measures = measured.get(task, {})
             self.progress[task] = {
                 "round": round_, "loss": float(np.mean(per_task[task])),
                 "examples": len(self.data[task]), "heldout": len(self.heldout.get(task, ())),
-                "accuracy": accuracy.get(task), "accuracy_round": round_ if task in accuracy
-                else None,
+                "accuracy": measures.get("accuracy"),
+                "accuracy_round": round_ if task in measured else None,
+                **{k: v for k, v in measures.items() if k != "accuracy"},
             }
-            held = f", held-out accuracy {accuracy[task]:.3f}" if task in accuracy else ""
+            held = "" if not measures else f", held-out accuracy {measures['accuracy']:.3f}"
+            if measures.get("worst_group_gap") is not None:
+                held += f" (worst-group gap {measures['worst_group_gap']:.3f})"
             log.info("round %d: trained %s on %d examples of %s: loss %.4f%s", round_,
                      ", ".join(group), len(self.data[task]), task,
                      self.progress[task]["loss"], held)
@@ -277,9 +284,20 @@ class LocalTrainer:
         losses = nn.functional.cross_entropy(logits, labels, reduction="none")
         return group_loss(losses, torch.from_numpy(groups), self.tilt)
 
-    def _heldout_accuracy(self, tasks: Sequence[str]) -> dict[str, float]:
-        return {t: self.accuracy(t, self.heldout[t]) for t in tasks
-                if t in self.heldout and len(self.heldout[t])}
+    def _heldout_measures(self, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Per task of ``tasks`` with held-out examples: the model's ``accuracy`` on them and,
+        where they have groups, the per-group measures of
+        :func:`~p2pfed.model.fairness.heldout_groups`."""
+        out: dict[str, dict[str, Any]] = {}
+        for task in tasks:
+            held = self.heldout.get(task)
+            if held is None or not len(held):
+                continue
+            correct = self.correct(task, held)
+            out[task] = {"accuracy": float(correct.sum()) / len(held)}
+            if held.groups is not None:
+                out[task] |= heldout_groups(correct, held.groups, held.group_names)
+        return out
 
     def lr_at(self, round_: int) -> float:
         """The learning rate of round ``round_``: a cosine over the run, or with a continual
