@@ -246,6 +246,13 @@ class Config:
         except ConfigError as exc:
             raise ConfigError(f"privacy: {exc}") from exc
         self.fairness.check()
+        if self.fairness.objective == "group-dro" and self.privacy.levels \
+                and self.privacy.sample_rate < 1:
+            raise ConfigError(
+                "fairness.objective = \"group-dro\" with privacy.sample_rate below 1: group-dro "
+                "draws a small group's examples more often than the others, so the accountant's "
+                "sampling rate would understate a student's exposure; set privacy.sample_rate = "
+                "1 (the institution's data as a unit) or objective = \"erm\"")
 
     def with_overrides(self, **overrides: Any) -> Config:
         """A copy with ``section__key=value`` overrides; ``None`` values are ignored."""

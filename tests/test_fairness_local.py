@@ -148,3 +148,14 @@ def test_status_prints_the_worst_group_gap() -> None:
     console.print(training_table({"topic": grouped, "digits": entry}))
     text = console.export_text()
     assert "0.800 (worst-group gap 0.200)" in text and text.count("worst-group gap") == 1
+
+
+def test_group_dro_with_subsampled_privacy_is_refused() -> None:
+    """group-dro draws a small group's examples more often than the accountant's sampling
+    rate says: with a rate below 1 the config is refused, naming both settings."""
+    private = {"sample_rate": 0.5, "shared": {"clip": 1.0, "sigma": 1.0}}
+    with pytest.raises(ConfigError, match="privacy.sample_rate"):
+        Config.from_dict({"fairness": {"objective": "group-dro"}, "privacy": private})
+    Config.from_dict({"fairness": {"objective": "erm"}, "privacy": private})
+    Config.from_dict({"fairness": {"objective": "group-dro"},
+                      "privacy": {**private, "sample_rate": 1.0}})
