@@ -154,7 +154,7 @@ def test_group_dro_with_subsampled_privacy_is_refused() -> None:
     """group-dro draws a small group's examples more often than the accountant's sampling
     rate says: with a rate below 1 the config is refused, naming both settings."""
     private = {"sample_rate": 0.5, "shared": {"clip": 1.0, "sigma": 1.0}}
-    with pytest.raises(ConfigError, match="privacy.sample_rate"):
+    with pytest.raises(ConfigError, match=r"privacy\.sample_rate"):
         Config.from_dict({"fairness": {"objective": "group-dro"}, "privacy": private})
     Config.from_dict({"fairness": {"objective": "erm"}, "privacy": private})
     Config.from_dict({"fairness": {"objective": "group-dro"},

@@ -51,3 +51,11 @@ def test_bad_profiles_are_refused() -> None:
     result = CliRunner().invoke(app, ["simulate", str(TOPOLOGIES / "hierarchical-edu.toml"),
                                       "--workload", "education", "--profile", "pupil:phone"])
     assert result.exit_code == 2 and "NODES:PROFILE" in result.output
+
+
+def test_a_slow_member_trains_only_once_its_last_training_is_a_round_behind_it() -> None:
+    from p2pfed.node import KeepPace
+
+    pace = KeepPace(lambda: 5000.0, 2000)
+    assert [pace(t) for t in (0, 3000, 6999, 7000, 8000, 13_999, 14_000)] == [
+        True, False, False, True, False, False, True]

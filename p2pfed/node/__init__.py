@@ -19,7 +19,7 @@ self.  Announcements for later rounds are buffered (a bounded window); older one
 """
 
 from p2pfed.node._node import EARLY, ROUND_WINDOW, Node, NodeConfig
-from p2pfed.node._participation import TrainHours
+from p2pfed.node._participation import KeepPace, TrainHours
 from p2pfed.node._records import (
     ANNOUNCE,
     MAX_NOISE,
@@ -56,6 +56,7 @@ __all__ = [
     "Event",
     "Fetch",
     "ForgetApplied",
+    "KeepPace",
     "Mixed",
     "Node",
     "NodeConfig",

@@ -107,3 +107,23 @@ class TrainHours:
 
     def __call__(self, now_ms: int) -> bool:
         return self.allows(time.localtime(now_ms // 1000).tm_hour)
+
+
+class KeepPace:
+    """A schedule for a member whose training takes longer than a round (a phone): after a
+    training that started at ``a``, the next starts no earlier than ``a + train + interval``,
+    so between trainings the member runs rounds that only mix, catches up with its neighbours
+    (whose states it would otherwise miss: it buffers at most a few rounds ahead) and its own
+    states reach them again on time.  ``train_ms()`` is how long a training takes (the
+    daemon: its measured mean; the simulator: the profile's).  The rounds it skips are not
+    made up (a re-run trains where the run trained: its ``local-update`` records)."""
+
+    def __init__(self, train_ms: Callable[[], float], interval_ms: int) -> None:
+        self.train_ms, self.interval_ms = train_ms, interval_ms
+        self._next_ms: float | None = None
+
+    def __call__(self, now_ms: int) -> bool:
+        if self._next_ms is not None and now_ms < self._next_ms:
+            return False
+        self._next_ms = now_ms + self.train_ms() + self.interval_ms
+        return True

@@ -76,7 +76,7 @@ def profile_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str
     train_s = config.train_s or 1.0
     config = dataclasses.replace(config, baselines=False, train_s=train_s, lockstep=False,
                                  round_interval_s=config.round_interval_s or 2.0 * train_s)
-    sim = Simulation(config, on_phase=on_phase)
+    sim = Simulation(config, on_phase=on_phase, curve=False)  # (a curve would pause everyone)
     report = sim.run()
     servers = Simulation(dataclasses.replace(config, profiles={}, progress=None, home=None,
                                              explain=0), edu=sim.edu, curve=False)

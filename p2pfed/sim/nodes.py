@@ -22,11 +22,11 @@ from p2pfed.blobs import BlobStore
 from p2pfed.components import FlatComponent
 from p2pfed.ledger import Ledger
 from p2pfed.model.train import LocalTrainer, TrainRequest
-from p2pfed.node import Node, NodeConfig
+from p2pfed.node import KeepPace, Node, NodeConfig
 from p2pfed.privacy import Policy
 from p2pfed.runtime.driver import NodeDriver
 from p2pfed.sim.attacks import ByzantineNode, forgery
-from p2pfed.sim.config import DTYPES, SimConfig
+from p2pfed.sim.config import DTYPES, SLOWDOWN, SimConfig
 from p2pfed.sim.topology import Topology
 
 
@@ -139,6 +139,16 @@ def _policy(cfg: SimConfig, noisy: bool) -> Policy:
     return cfg.dp
 
 
+def _pace(cfg: SimConfig, name: str) -> KeepPace | None:
+    """A profiled node whose training takes longer than a round keeps pace (:class:`KeepPace`):
+    it trains only when its last training is a round interval behind it."""
+    train_ms = 1000 * cfg.train_s * SLOWDOWN[cfg.profiles.get(name, "server")]
+    interval_ms = round(cfg.round_interval_s * 1000)
+    if name not in cfg.profiles or train_ms <= interval_ms:
+        return None
+    return KeepPace(lambda: train_ms, interval_ms)
+
+
 def build_node(cfg: SimConfig, name: str, federation_id: bytes, start: NodeStart, *,
                byzantine: bool, noisy: bool,
                honest: Callable[[str], list[torch.Tensor]]) -> SimNode:
@@ -154,7 +164,7 @@ def build_node(cfg: SimConfig, name: str, federation_id: bytes, start: NodeStart
         noise_seed=int.from_bytes(digest(f"{cfg.seed}/{name}".encode())[:7], "little"),
         robust={} if byzantine else {"*": cfg.robust},
         checkpoint_every=cfg.checkpoint_every, retention=cfg.retention,
-        participation=cfg.participation.get(name, 1.0),
+        participation=cfg.participation.get(name, 1.0), schedule=_pace(cfg, name),
         report_mixes=True)  # (the trace records each mixed state)
     node: Node
     if byzantine and cfg.attack and cfg.attack[0] != "label-flip":
