@@ -49,16 +49,20 @@ class Profile:
     trains: tuple[str, ...] | None
     #: a line for ``p2pfed init``'s comments and the docs
     summary: str
+    #: train a round only once the last training is a round interval behind it, when a
+    #: training takes longer than a round (:class:`p2pfed.node.KeepPace`)
+    keep_pace: bool = False
 
 
 PROFILES: dict[str, Profile] = {
     "server": Profile("server", 0, 0, None, None, None,
                       "trains everything, all cores, no memory cap"),
     "laptop": Profile("laptop", 2, 4096, 4, 16, None,
-                      "trains everything, 2 threads, 4 steps of 16, stops training past 4 GB"),
+                      "trains everything, 2 threads, 4 steps of 16, stops training past 4 GB",
+                      keep_pace=True),
     "phone": Profile("phone", 1, 1536, 2, 8, ("head.", "prompt."),
                      "trains heads and prompts only, 1 thread, 2 steps of 8, stops training "
-                     "past 1.5 GB"),
+                     "past 1.5 GB", keep_pace=True),
 }
 PROFILE_NAMES = tuple(PROFILES)
 
@@ -75,6 +79,8 @@ class Resources:
     #: prefixes of the components it may train (None: any)
     trains: tuple[str, ...] | None
     inference_only: bool
+    #: the profile's :attr:`Profile.keep_pace`
+    keep_pace: bool = False
 
 
 def resources_of(config: Config) -> Resources:
@@ -92,6 +98,7 @@ def resources_of(config: Config) -> Resources:
         else profile.batch_size,
         trains=profile.trains,
         inference_only=config.node.inference_only,
+        keep_pace=profile.keep_pace,
     )
 
 

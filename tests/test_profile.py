@@ -184,7 +184,7 @@ def test_status_says_it_in_a_line() -> None:
 
 
 def test_a_server_has_no_gate_and_an_inference_only_member_says_so() -> None:
-    assert ResourceMonitor(resources_of(Config())).gate is None
+    assert ResourceMonitor(resources_of(Config())).gate(5000) is None
     res = resources_of(Config().with_overrides(node__inference_only=True))
     assert ResourceMonitor(res, rss_mb=lambda: 1.0).status()["training"] == "inference-only"
 
@@ -193,7 +193,7 @@ def test_a_node_past_its_cap_records_untrained_rounds_and_goes_on_mixing() -> No
     memory = FakeMemory()
     res = resources_of(Config().with_overrides(node__profile="phone"))
     monitor = ResourceMonitor(res, rss_mb=memory)
-    gated = node_config(Config(), frozenset({"backbone"}), {}, gate=monitor.gate)
+    gated = node_config(Config(), frozenset({"backbone"}), {}, gate=monitor.gate(5000))
     assert gated.schedule is not None
     nodes = [_node(0, schedule=gated.schedule), _node(1)]
     _path(nodes)
@@ -284,3 +284,20 @@ def test_a_phone_daemon_trains_only_its_heads_and_keeps_to_its_threads(tmp_path:
         updates = [e.body for e in ledger.entries("local-update")]
     assert {u["component"] for u in updates} == {"encoder.text.lora", "head.topic"}
     assert {u["component"] for u in updates if u["trained"]} == {"head.topic"}
+
+
+def test_a_phone_whose_rounds_take_longer_than_the_interval_keeps_pace() -> None:
+    """The measured mean training time decides: within the interval every round trains;
+    past it, the next training waits until the last one is an interval behind it."""
+    clock = iter([0.0, 6.0, 10.0, 16.0])  # two training rounds of 6 s each
+    res = resources_of(Config().with_overrides(node__profile="phone"))
+    monitor = ResourceMonitor(res, rss_mb=lambda: 1.0, clock=lambda: next(clock))
+    gate = monitor.gate(2000)
+    assert gate is not None and gate(0) and gate(1000)  # (no round measured: every round)
+    run = monitor.wrap(lambda _request: 0.5)
+    run(None)
+    run(None)
+    assert monitor.mean_ms() == 6000.0
+    assert [gate(t) for t in (20_000, 21_000, 27_999, 28_000)] == [True, False, False, True]
+    laptop = resources_of(Config().with_overrides(node__profile="laptop"))
+    assert ResourceMonitor(laptop, rss_mb=lambda: 1.0).gate(2000) is not None

@@ -116,14 +116,18 @@ class KeepPace:
     (whose states it would otherwise miss: it buffers at most a few rounds ahead) and its own
     states reach them again on time.  ``train_ms()`` is how long a training takes (the
     daemon: its measured mean; the simulator: the profile's).  The rounds it skips are not
-    made up (a re-run trains where the run trained: its ``local-update`` records)."""
+    made up (a re-run trains where the run trained: its ``local-update`` records).  A member
+    whose training fits in a round interval trains every round."""
 
     def __init__(self, train_ms: Callable[[], float], interval_ms: int) -> None:
         self.train_ms, self.interval_ms = train_ms, interval_ms
         self._next_ms: float | None = None
 
     def __call__(self, now_ms: int) -> bool:
+        train_ms = self.train_ms()
+        if train_ms <= self.interval_ms:  # (fast enough: every round)
+            return True
         if self._next_ms is not None and now_ms < self._next_ms:
             return False
-        self._next_ms = now_ms + self.train_ms() + self.interval_ms
+        self._next_ms = now_ms + train_ms + self.interval_ms
         return True

@@ -131,11 +131,25 @@ class ResourceMonitor:
         """The node's schedule (``NodeConfig.schedule``): may a round train?"""
         return self.check()
 
-    @property
-    def gate(self) -> Callable[[int], bool] | None:
-        """:meth:`allows` with a memory cap; None without (the node's schedule stays as it
-        was: a server runs exactly as before profiles)."""
-        return self.allows if self.res.max_memory_mb else None
+    def mean_ms(self) -> float:
+        """The mean time of the training rounds so far, ms (0 before the first)."""
+        with self._lock:
+            return 1000 * self.total_s / self.rounds if self.rounds else 0.0
+
+    def gate(self, interval_ms: int) -> Callable[[int], bool] | None:
+        """The node's schedule from the profile: :meth:`allows` with a memory cap, and with
+        ``keep_pace`` (laptop, phone) a :class:`~p2pfed.node.KeepPace` on the measured mean
+        training time against the round interval ``interval_ms``; None with neither (a
+        server runs exactly as before profiles)."""
+        from p2pfed.node import KeepPace
+
+        cap = self.allows if self.res.max_memory_mb else None
+        if not self.res.keep_pace:
+            return cap
+        pace = KeepPace(self.mean_ms, interval_ms)
+        if cap is None:
+            return pace
+        return lambda now_ms: cap(now_ms) and pace(now_ms)
 
     def training(self) -> str:
         if self.res.inference_only:
