@@ -38,7 +38,7 @@
     timeout_s = 20.0                    # a neighbour's update later than this is left out
     participation = 0.3                 # share of rounds it trains in, (0, 1]; else only mixes
     train_hours = "22-6"                # local hours it trains in, 22:00-5:59 ("": any hour)
-    make_up = 5                         # scale an update by 1 + the rounds skipped before it
+    make_up = 5                         # train 1 + the rounds skipped before it times the steps
 
     [overlay]
     degree = 4                          # neighbours per member (expander-like overlay)

@@ -82,8 +82,8 @@ class RoundsSection:
     timeout_s: float = 20.0
     participation: float = 1.0  # the share of rounds it trains in; in the others it only mixes
     train_hours: str = ""  # local hours it trains in, "22-6" wrapping midnight ("": any hour)
-    #: with participation below 1: scale a round's update by 1 + the rounds skipped just
-    #: before, at most this (1: off; docs/continual.md)
+    #: with participation below 1: train 1 + the rounds skipped just before times the
+    #: steps, at most this many times (1: off; docs/continual.md)
     make_up: int = 5
 
     def check(self) -> tuple[int, int] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from gossip.errors import ConfigError
 from p2pfed.consensus import mix_into
 from p2pfed.model.export import export_component
 from p2pfed.model.m3t import AdapterMode, M3TModel, ModelSpec, TaskSpec, load_text_base
-from p2pfed.model.train import LocalTrainer, TaskData
+from p2pfed.model.train import LocalTrainer, TaskData, TrainRequest
 
 TASKS = (TaskSpec("digits", ("image",), 10, backbone=True), TaskSpec("topic", ("text",), 4),
          TaskSpec("engagement", ("activity", "text"), 3, backbone=True))
@@ -132,3 +133,26 @@ def test_cached_prefix_gives_the_same_output_as_the_full_model() -> None:
     assert torch.allclose(full, fast, atol=1e-5)
     names = [n for n, _ in encoder.peft.named_parameters() if "lora_B" in n]  # type: ignore[union-attr]
     assert names and all(".layer.1." in n for n in names)
+
+
+def test_a_request_to_make_up_trains_that_many_times_the_steps() -> None:
+    """``TrainRequest.make_up`` k: the trainer runs k times its steps (a part-time member
+    making up the rounds it skipped), each step logged as a loss."""
+    rng = np.random.default_rng(1)
+    images = rng.random((32, 1, 8, 8), dtype=np.float32)
+    data = {"digits": TaskData({"image": images}, (images.mean(axis=(1, 2, 3)) > 0.5)
+                               .astype(np.int64))}
+    held = ["encoder.image", "backbone", "head.digits"]
+    for k in (1, 3):
+        trainer = LocalTrainer(M3TModel.build(SPEC, held), data, node_seed=2, steps=2)
+        steps = []
+        trainer.model.forward = _counting(trainer.model.forward, steps)  # type: ignore[method-assign]
+        trainer.run(TrainRequest("backbone", 0, frozenset(held), 0, make_up=k))
+        assert len(steps) == 2 * k
+
+
+def _counting(forward: Any, calls: list[int]) -> Any:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return forward(*args, **kwargs)
+    return counted

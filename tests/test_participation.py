@@ -35,7 +35,7 @@ from p2pfed.node import (
     Train,
     TrainHours,
 )
-from p2pfed.node._participation import Participation, draw, drawn, make_up
+from p2pfed.node._participation import Participation, draw, drawn, make_up, make_up_steps
 from p2pfed.runtime.daemon import node_config
 from tests.test_node import FED, deliver, make_node, wire
 
@@ -85,6 +85,26 @@ def test_a_part_time_members_update_is_scaled_by_the_rounds_it_made_up() -> None
     (r0, plain), (r1, scaled) = credits[1], credits[5]
     assert r0 == r1 == 1 and plain > 0  # (round 0 skipped: a factor of 2)
     assert scaled == pytest.approx((1 + min(r0, 4)) * plain, rel=1e-12)
+
+
+def test_made_up_by_steps_the_update_is_not_scaled_and_the_trainer_is_asked() -> None:
+    """``make_up_by`` steps: the node leaves the update as trained and its driver asks the
+    trainer for the factor (``make_up_steps``) instead; a full-time member is asked for 1."""
+    credits = {}
+    for by in ("update", "steps"):
+        nodes = [_node(0, participation=0.3, make_up=1 if by == "update" else 5,
+                       make_up_by=by), _node(1, make_up_by=by)]
+        _path(nodes)
+        _rounds(nodes, 12)
+        ups = [s.record for s in nodes[0]._journal.read(LocalUpdate) if s.record.trained]
+        credits[by] = (ups[0].round, ups[0].credit)
+        if by == "steps":
+            assert make_up_steps(nodes[0].peer_id, nodes[0].config, ups[0].round) \
+                == 1 + min(ups[0].round, 4)
+            assert make_up_steps(nodes[1].peer_id, nodes[1].config, ups[0].round) == 1
+    assert credits["update"] == credits["steps"]  # (the fake trainer ignores the factor)
+    with pytest.raises(ConfigError, match="make_up_by"):
+        NodeConfig(make_up_by="both")
 
 
 def test_the_share_must_be_in_range() -> None:

@@ -97,6 +97,9 @@ class TrainRequest:
     round: int
     ready: frozenset[str] = frozenset()
     epoch: int = 0
+    #: train this many times the steps: the node makes up the rounds it skipped just before
+    #: (:meth:`~p2pfed.node.Node.make_up_steps`)
+    make_up: int = 1
 
 
 @dataclass
@@ -192,14 +195,17 @@ class LocalTrainer:
             c for c in self.trainable()
             if c != request.component and c in request.ready and self._trained.get(c) != key
         ]
-        return self.train_round(group, request.round, epoch=request.epoch)
+        return self.train_round(group, request.round, epoch=request.epoch,
+                                make_up=request.make_up)
 
     def train(self, component: str, round_: int) -> float:
         """Train ``component`` for ``round_`` with no other component ready (outside a node)."""
         return self.run(TrainRequest(component, round_))
 
-    def train_round(self, components: Sequence[str], round_: int, *, epoch: int = 0) -> float:
-        """Train ``components`` jointly for one round; returns the mean loss (nan: nothing)."""
+    def train_round(self, components: Sequence[str], round_: int, *, epoch: int = 0,
+                    make_up: int = 1) -> float:
+        """Train ``components`` jointly for one round (``make_up`` times the steps: rounds
+        skipped before it made up); returns the mean loss (nan: nothing)."""
         group = sorted(set(components))
         for c in group:
             self._trained[c] = (epoch, round_)
@@ -231,7 +237,7 @@ class LocalTrainer:
                                        self.model.parameters_of)
             measured = self._heldout_measures(tasks)  # the model as the round begins
             factor = 1 if self.continual is None else self.continual.step_factor(tasks, round_)
-            for _ in range(self.steps * factor):
+            for _ in range(self.steps * factor * max(make_up, 1)):
                 opt.zero_grad(set_to_none=True)
                 loss = torch.zeros(())
                 for task in tasks:

@@ -50,10 +50,17 @@ class NodeConfig:
     #: round), the same for all its components (:mod:`p2pfed.node._participation`); in the
     #: other rounds it publishes its current state and mixes, as for a component not trained
     participation: float = 1.0
-    #: a round this node trains after skipping some (by the share's draw) scales its update
-    #: by 1 + the rounds skipped just before, at most this (1: off): over the rounds, a
-    #: part-time member's data then weighs about as much as a full-time member's
+    #: a round this node trains after skipping some (by the share's draw) is made up: by
+    #: 1 + the rounds skipped just before, at most this (1: off), as ``make_up_by`` says;
+    #: over the rounds, a part-time member's data then weighs about as much as a full-time
+    #: member's
     make_up: int = 5
+    #: how a round is made up: ``"steps"``, the trainer trains that factor times its steps
+    #: (:attr:`~p2pfed.model.train.TrainRequest.make_up`; the daemon's and the simulator's
+    #: trainer), or ``"update"``, the round's update is scaled by it (a trainer that cannot
+    #: train more steps).  Training more steps re-reads the gradient as it goes; scaling one
+    #: round's update extrapolates it, noise included (docs/continual.md)
+    make_up_by: str = "update"
     #: may this node train at ``now_ms`` (the time its driver passes in)?  None: at any time.
     #: The daemon's ``[rounds] train_hours``; a simulation may pass its own
     schedule: Callable[[int], bool] | None = None
@@ -63,6 +70,8 @@ class NodeConfig:
             raise ConfigError(f"participation must be in (0, 1], not {self.participation!r}")
         if not 1 <= self.make_up <= 100:
             raise ConfigError(f"make_up must be in 1..100, not {self.make_up!r}")
+        if self.make_up_by not in ("steps", "update"):
+            raise ConfigError(f"make_up_by must be steps or update, not {self.make_up_by!r}")
 
     def interval(self, *, alone: bool) -> int:
         """How long after a round's start the next may start; for a component with no

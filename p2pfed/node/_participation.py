@@ -44,9 +44,10 @@ def drawn(peer_id: str, round_: int, share: float) -> bool:
 
 
 def make_up(peer_id: str, round_: int, share: float, cap: int) -> int:
-    """The factor on ``peer_id``'s update of ``round_``: 1 + the rounds just before it that the
-    share's draw skipped, at most ``cap`` (1 with ``share`` 1).  A member that trains a share
-    p of the rounds scales its update by about 1/p (for p >= 1/cap), so over the rounds its
+    """The make-up factor of ``peer_id``'s round ``round_`` (on its steps, or on its update:
+    ``NodeConfig.make_up_by``): 1 + the rounds just before it that the share's draw skipped,
+    at most ``cap`` (1 with ``share`` 1).  A member that trains a share p of the rounds makes
+    up about 1/p (for p >= 1/cap), so over the rounds its
     data weighs about as much as a full-time member's; the draw is seeded, so a re-run scales
     exactly as the round did.  A schedule's skipped hours are not made up (the re-run could
     not ask the clock of then)."""
@@ -57,21 +58,38 @@ def make_up(peer_id: str, round_: int, share: float, cap: int) -> int:
     return factor
 
 
+def make_up_steps(peer_id: str, config: NodeConfig, round_: int) -> int:
+    """The factor on the trainer's steps in ``round_`` for a node with ``config`` (1 unless
+    it makes up skipped rounds by steps): what its driver asks the trainer for."""
+    return Participation.of(peer_id, config).steps(round_)
+
+
 class Participation:
     """This node's answer, per round, to "do I train in this round?"."""
 
     def __init__(self, peer_id: str, share: float,
-                 schedule: Callable[[int], bool] | None, cap: int = 1) -> None:
+                 schedule: Callable[[int], bool] | None, cap: int = 1,
+                 by: str = "update") -> None:
         self.peer_id, self.share, self.schedule, self.cap = peer_id, share, schedule, cap
+        self.by = by  # what the make-up multiplies: "update" or "steps"
         self._asked: OrderedDict[int, bool] = OrderedDict()
 
     @classmethod
     def of(cls, peer_id: str, config: NodeConfig) -> Participation:
-        return cls(peer_id, config.participation, config.schedule, config.make_up)
+        return cls(peer_id, config.participation, config.schedule, config.make_up,
+                   config.make_up_by)
+
+    def factor(self, round_: int) -> int:
+        """The make-up factor of this node's round ``round_`` (:func:`make_up`)."""
+        return 1 if self.share >= 1.0 else make_up(self.peer_id, round_, self.share, self.cap)
 
     def scale(self, round_: int) -> int:
-        """The factor on this node's update of ``round_`` (:func:`make_up`)."""
-        return 1 if self.share >= 1.0 else make_up(self.peer_id, round_, self.share, self.cap)
+        """The factor on this node's update of ``round_`` (1 when made up by steps)."""
+        return self.factor(round_) if self.by == "update" else 1
+
+    def steps(self, round_: int) -> int:
+        """The factor on the trainer's steps in ``round_`` (1 when made up by the update)."""
+        return self.factor(round_) if self.by == "steps" else 1
 
     def trains(self, round_: int, now_ms: int, idle: Collection[int] | None = None) -> bool:
         """May this node train at ``round_`` (asked at ``now_ms``)?  ``idle``: in a re-run,

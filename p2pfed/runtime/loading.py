@@ -84,6 +84,7 @@ def node_config(cfg: Config, trains: frozenset[str],
         retention=RetentionPolicy(cfg.storage.unlearn_horizon_rounds, cfg.storage.max_bytes),
         participation=cfg.rounds.participation,
         make_up=cfg.rounds.make_up,
+        make_up_by="steps",  # (the daemon's trainer, LocalTrainer, trains more steps)
         schedule=schedule,
     )
 

@@ -98,6 +98,11 @@ def synthetic_trainer(cfg: SimConfig, sn: SimNode) -> Callable[[TrainRequest], N
     return train
 
 
+def trainer_trains_steps(cfg: SimConfig) -> bool:
+    """Do the nodes' trainers train steps (education), rather than add synthetic updates?"""
+    return cfg.workload == "education" and cfg.updates is None
+
+
 def spaced(nodes: Sequence[str], count: int) -> list[str]:
     """``count`` nodes evenly spaced in ``nodes``' order (the first among them), sorted."""
     return sorted({nodes[i * len(nodes) // count] for i in range(count)})
@@ -165,6 +170,8 @@ def build_node(cfg: SimConfig, name: str, federation_id: bytes, start: NodeStart
         robust={} if byzantine else {"*": cfg.robust},
         checkpoint_every=cfg.checkpoint_every, retention=cfg.retention,
         participation=cfg.participation.get(name, 1.0), schedule=_pace(cfg, name),
+        # (the education trainer trains more steps to make up skipped rounds)
+        make_up_by="steps" if trainer_trains_steps(cfg) else "update",
         report_mixes=True)  # (the trace records each mixed state)
     node: Node
     if byzantine and cfg.attack and cfg.attack[0] != "label-flip":
