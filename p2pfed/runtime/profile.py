@@ -99,6 +99,8 @@ class ResourceMonitor:
         def timed(request: Any) -> R:
             import torch
 
+            if self.res.threads and torch.get_num_threads() != self.res.threads:
+                torch.set_num_threads(self.res.threads)  # (a worker thread has its own count)
             self.training_threads = torch.get_num_threads()  # (in the thread that trains)
             begin = self._clock()
             result = run(request)
