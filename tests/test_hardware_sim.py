@@ -51,6 +51,25 @@ def test_bad_profiles_are_refused() -> None:
     result = CliRunner().invoke(app, ["simulate", str(TOPOLOGIES / "hierarchical-edu.toml"),
                                       "--workload", "education", "--profile", "pupil:phone"])
     assert result.exit_code == 2 and "NODES:PROFILE" in result.output
+    result = CliRunner().invoke(app, ["simulate", str(TOPOLOGIES / "hierarchical-edu.toml"),
+                                      "--workload", "education", "--profile", "student:phone",
+                                      "--participation", "1/3:0.3"])
+    assert result.exit_code == 2 and "--participation" in result.output
+
+
+def test_make_up_scales_the_update_when_the_accountant_counts_examples() -> None:
+    """More steps would draw more examples behind one release than a sampling rate below 1
+    says: the daemon's node then makes up by scaling its update."""
+    from p2pfed.config import Config
+    from p2pfed.runtime.loading import node_config
+
+    private = {"sample_rate": 0.5, "shared": {"clip": 1.0, "sigma": 1.0}}
+    assert node_config(Config(), frozenset(), {}).make_up_by == "steps"
+    assert node_config(Config.from_dict({"privacy": private}), frozenset(),
+                       {}).make_up_by == "update"
+    whole = {**private, "sample_rate": 1.0}
+    assert node_config(Config.from_dict({"privacy": whole}), frozenset(),
+                       {}).make_up_by == "steps"
 
 
 def test_a_slow_member_trains_only_once_its_last_training_is_a_round_behind_it() -> None:
