@@ -114,7 +114,8 @@ def simulate(
         "accuracy and the worst-group gap, federated and baselines).")] = False,
     fairness: Annotated[str, typer.Option(
         metavar="RULE", help="With --groups: the members' local objective, erm or group-dro "
-        "(other than erm: compared with erm in the same run).")] = "erm",
+        "(other than erm: compared with erm in the same run; with --unlearn, the unlearning "
+        "study trains with it).")] = "erm",
     profile: Annotated[list[str] | None, typer.Option(
         metavar="NODES:PROFILE", help="Education: NODES (a node or a group, e.g. student) run "
         "on PROFILE hardware (server, laptop or phone: what it trains, and its training "
@@ -155,6 +156,14 @@ def simulate(
                                  param_hint="--fairness" if fairness != "erm" else "--groups")
     config = dataclasses.replace(config, groups=groups, fairness=fairness, tilt=tilt)
     config = _profile_options(config, profile or [], round_timeout)
+    others = [name for name, on in (("--unlearn", unlearn), ("--participation", participation),
+                                    ("--continual", continual), ("--attack", attack)) if on]
+    if config.profiles and others:  # (each is a study of its own: one at a time)
+        raise typer.BadParameter(f"runs a study of its own; not with {', '.join(others)}",
+                                 param_hint="--profile")
+    if fairness != "erm" and (config.profiles or [o for o in others if o != "--unlearn"]):
+        raise typer.BadParameter("compares the rule with erm in a study of its own; not with "
+                                 f"{', '.join(others or ['--profile'])}", param_hint="--fairness")
     report = _simulate_with_progress(config, quiet)
     if json_path is not None:
         _write_json(json_path, report)

@@ -139,6 +139,8 @@ def test_bad_fairness_settings_are_refused(kw: dict[str, object], words: str) ->
     ["--fairness", "minimax", "--groups", "--workload", "education"],
     ["--fairness", "group-dro", "--workload", "education"],
     ["--groups"],
+    ["--groups", "--workload", "education", "--fairness", "group-dro", "--continual",
+     "topic@0"],
 ])
 def test_the_cli_refuses_a_bad_group_study(args: list[str]) -> None:
     result = CliRunner().invoke(app, ["simulate", str(TOPOLOGIES / "ring-16.toml"), *args])

@@ -315,7 +315,8 @@ class EducationWorkload:
             assert test.groups is not None
             per_node = {node: group_accuracy(t.correct(task.name, test), test.groups)
                         for node, t in trainers.items() if task.name in t.model.tasks()}
-            out[task.name] = summary(per_node, self.population[task.name], groups.GROUPS)
+            if per_node:  # (no member left holds the task: nothing to measure)
+                out[task.name] = summary(per_node, self.population[task.name], groups.GROUPS)
         return out
 
     def accuracy(self, trainers: dict[str, LocalTrainer]) -> dict[str, float]:
