@@ -156,18 +156,12 @@ def test_notifier_is_silent_outside_systemd() -> None:
     assert Notifier({"NOTIFY_SOCKET": "@abstract", "WATCHDOG_USEC": "5000000"}).watchdog_s == 5.0
 
 
-@pytest.mark.network
-def test_the_daemon_trains_the_model_its_config_names_and_export_loads_in_peft(
-        tmp_path: Path) -> None:
+def tiny_topic_home(home: Path, **model: object) -> Path:
+    """A founded home whose m3t model (the tiny text model) trains the topic head and the text
+    adapter on 24 local questions; ``model``: more ``[model]`` settings."""
     import json
     import tomllib
 
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    from p2pfed.model.m3t import _tiny_bert
-
-    home = tmp_path / "home"
     assert main(["init", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0",
                  "--interval", "0.1", "--timeout", "1", "--hold", "encoder.text.lora",
                  "--hold", "head.topic"]) == 0
@@ -175,12 +169,22 @@ def test_the_daemon_trains_the_model_its_config_names_and_export_loads_in_peft(
                  for i, w in enumerate(["energy", "a verb", "a cell", "a prime"] * 6)]
     (home / "questions.jsonl").write_text("\n".join(questions), encoding="utf-8")
     data = tomllib.loads((home / "p2pfed.toml").read_text(encoding="utf-8"))
-    data["model"] = {"kind": "m3t", "text_model": "tiny", "lora_layers": [1], "steps": 2,
-                     "batch_size": 4}
+    data["model"] = {"kind": "m3t", "text_model": "tiny", "lora_layers": [1], **model}
     data["data"] = {"topic": {"text": {"kind": "text-jsonl", "path": "questions.jsonl"}}}
-    config = Config.from_dict(data)
-    (home / "p2pfed.toml").write_text(config.to_toml(), encoding="utf-8")
+    (home / "p2pfed.toml").write_text(Config.from_dict(data).to_toml(), encoding="utf-8")
     assert main(["federation", "create", "school", "--home", str(home)]) == 0
+    return home
+
+
+@pytest.mark.network
+def test_the_daemon_trains_the_model_its_config_names_and_export_loads_in_peft(
+        tmp_path: Path) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from p2pfed.model.m3t import _tiny_bert
+
+    home = tiny_topic_home(tmp_path / "home", steps=2, batch_size=4)
     run_daemon_rounds(home, 6)
     from gossip.identity import load_identity
     from p2pfed.ledger import Ledger

@@ -230,8 +230,6 @@ def test_the_unit_gets_limits_only_with_a_cap() -> None:
 # ---------------------------------------------------------------- a phone's daemon
 @pytest.mark.network
 def test_a_phone_daemon_trains_only_its_heads_and_keeps_to_its_threads(tmp_path: Path) -> None:
-    import json
-
     import torch
     import trio
 
@@ -240,19 +238,9 @@ def test_a_phone_daemon_trains_only_its_heads_and_keeps_to_its_threads(tmp_path:
     from p2pfed.runtime.control import SOCKET_NAME, request
     from p2pfed.runtime.daemon import Daemon
     from p2pfed.runtime.systemd import Notifier
+    from tests.test_daemon import tiny_topic_home
 
-    home = tmp_path / "home"
-    assert main(["init", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0",
-                 "--interval", "0.1", "--timeout", "1", "--hold", "encoder.text.lora",
-                 "--hold", "head.topic"]) == 0
-    questions = [json.dumps({"text": f"what is {w} in lesson {i}", "label": i % 4})
-                 for i, w in enumerate(["energy", "a verb", "a cell", "a prime"] * 6)]
-    (home / "questions.jsonl").write_text("\n".join(questions), encoding="utf-8")
-    data = tomllib.loads((home / "p2pfed.toml").read_text(encoding="utf-8"))
-    data["model"] = {"kind": "m3t", "text_model": "tiny", "lora_layers": [1]}
-    data["data"] = {"topic": {"text": {"kind": "text-jsonl", "path": "questions.jsonl"}}}
-    (home / "p2pfed.toml").write_text(Config.from_dict(data).to_toml(), encoding="utf-8")
-    assert main(["federation", "create", "school", "--home", str(home)]) == 0
+    home = tiny_topic_home(tmp_path / "home")
     config = Config.from_toml(home / "p2pfed.toml").with_overrides(node__profile="phone")
     daemon = Daemon(home, config, Notifier({}))
     statuses: list[dict[str, Any]] = []
