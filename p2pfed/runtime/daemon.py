@@ -153,14 +153,15 @@ class Daemon:
                 await self._serve(nursery, node, transport, trainer, store, task_status)
                 nursery.cancel_scope.cancel()
 
-    def _pace_gate(self) -> Callable[[int], bool] | None:
-        return self._monitor.gate(int(self.config.rounds.interval_s * 1000))
+    def _pace_gate(self, view: MembershipView) -> Callable[[int], bool] | None:
+        return self._monitor.gate(max(int(self.config.rounds.interval_s * 1000),
+                                      view.genesis.round_period_ms))  # (node_config's interval)
 
     async def _load_node(self, identity: Identity, ledger: Ledger,
                          view: MembershipView) -> tuple[FederatedNode, LocalTrainer | None]:
         """The node over the ledger (:func:`p2pfed.runtime.loading.load_node`)."""
         return await load_node(self.home, self.config, identity, ledger, view,
-                               Sequencer(_boot_epoch(self.home)), self._pace_gate())
+                               Sequencer(_boot_epoch(self.home)), self._pace_gate(view))
 
     async def _serve(self, nursery: trio.Nursery, node: FederatedNode, transport: Any,
                      trainer: LocalTrainer | None, store: FederationStore,
@@ -177,7 +178,7 @@ class Daemon:
                                    store if not self._ready else None, task_status):
             node, trainer, self.config = await reload_node(
                 self.home, self.config, node.identity, node.ledger, node.view,
-                lambda: Sequencer(_boot_epoch(self.home)), self._pace_gate())
+                lambda: Sequencer(_boot_epoch(self.home)), self._pace_gate(node.view))
             _bind_transport(transport, node)
             log.info("rebuilt the node: it holds %s", ", ".join(sorted(node.components)))
 
