@@ -32,6 +32,7 @@ import torch
 from gossip.errors import ConfigError
 from p2pfed.model.continual import Schedule
 from p2pfed.sim.config import WORKLOADS, SimConfig
+from p2pfed.sim.hardware import paces, profile_study
 from p2pfed.sim.nodes import sim_federation_id, sim_identity
 from p2pfed.sim.provenance import reported_shares, share_study, spearman
 from p2pfed.sim.report import EPSILON, PhaseProgress, plot_report
@@ -71,8 +72,6 @@ def _study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:
     if config.participation:
         return _participation_study(config, on_phase)
     if config.profiles:
-        from p2pfed.sim.hardware import profile_study
-
         return profile_study(config, on_phase)
     if config.continual is not None:
         return _continual_study(config, on_phase)
@@ -161,9 +160,8 @@ def _participation_study(config: SimConfig, on_phase: PhaseProgress | None) -> d
         """The mean over ``names`` of each one's pace: rounds completed after its first, per
         simulated minute since the first (the steady pace; the first round's start-up and a
         last round that ends before its interval would be over are not counted)."""
-        rates = [(done - 1) / ((t - run.first_completed[n]) / 60.0) for n in names
-                 if n in run.completed for done, t in [run.completed[n]]
-                 if t > run.first_completed[n]]
+        pace = paces(run)  # (the hardware study's measure of a node's furthest component)
+        rates = [r for n in names if (r := pace[n]["furthest"]) is not None]
         return float(sum(rates) / len(rates)) if rates else float("nan")
 
     trained: dict[str, int] = {}
