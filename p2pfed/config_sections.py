@@ -57,8 +57,12 @@ class ComponentsSection:
 @dataclass(frozen=True)
 class ModelSection:
     kind: str = "consensus"
+    #: "minilm" (bundled), "tiny" (tests) or a local Hugging Face model directory
     text_model: str = "minilm"
-    lora_layers: tuple[int, ...] = (5,)
+    #: the text model's layers that get LoRA (-1: the top one; []: all of them)
+    lora_layers: tuple[int, ...] = (-1,)
+    #: the projections that get LoRA ([]: the architecture's query and value ones)
+    lora_targets: tuple[str, ...] = ()
     steps: int = 8
     batch_size: int = 16
     lr: float = 0.01

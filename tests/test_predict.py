@@ -164,7 +164,7 @@ def test_sample_data_to_prediction_to_a_peft_model_loaded_elsewhere(
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from p2pfed.model.m3t import _tiny_bert, load_text_base
+    from p2pfed.model.textbase import _tiny_bert, load_text_base
 
     home, samples = m3t_home(tmp_path, "topic", "--listen", "/ip4/127.0.0.1/tcp/0")
     run_daemon_rounds(home, 6)  # the daemon checkpoints every 5 rounds

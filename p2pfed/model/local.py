@@ -41,7 +41,8 @@ def model_spec(config: Config, federation_id: bytes,
     """The model's spec: the built-in tasks and the buildable ones of ``catalogue``."""
     layers = tuple(config.model.lora_layers) or None
     return ModelSpec(model_tasks(catalogue), lora_seed=federation_seed(federation_id),
-                     text_model=config.model.text_model, lora_layers=layers)
+                     text_model=config.model.text_model, lora_layers=layers,
+                     lora_targets=tuple(config.model.lora_targets))
 
 
 def build_model(config: Config, holds: Sequence[str], federation_id: bytes,

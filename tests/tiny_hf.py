@@ -1,0 +1,40 @@
+"""Tiny randomly initialised Hugging Face models saved to a directory, as a member would point
+``[model] text_model`` at a local model (tests only: no download, a few layers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+#: the families the tests cover: a BERT-like encoder and a LLaMA-like decoder
+FAMILIES = ("bert", "llama")
+
+
+def save_tiny(out: Path, family: str = "llama", *, layers: int = 2, hidden: int = 32,
+              seed: int = 1234) -> Path:
+    """Write a ``layers``-layer random ``family`` model and a tokenizer (the bundled MiniLM's
+    WordPiece vocabulary) to ``out``; returns ``out``.  The same seed gives the same weights."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    from p2pfed.model.textbase import _bundled_path
+
+    if family == "bert":
+        config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=2, intermediate_size=2 * hidden,
+                            max_position_embeddings=64)
+        make = BertModel
+    elif family == "llama":
+        config = LlamaConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
+                             num_attention_heads=2, num_key_value_heads=2,
+                             intermediate_size=2 * hidden, max_position_embeddings=64)
+        make = LlamaModel
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = make(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(_bundled_path()).save_pretrained(str(out))
+    return out
