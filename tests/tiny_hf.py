@@ -38,3 +38,14 @@ def save_tiny(out: Path, family: str = "llama", *, layers: int = 2, hidden: int 
     model.save_pretrained(str(out))
     AutoTokenizer.from_pretrained(_bundled_path()).save_pretrained(str(out))
     return out
+
+
+if __name__ == "__main__":  # python -m tests.tiny_hf OUT [bert|llama] [LAYERS]
+    import sys
+
+    args = sys.argv[1:]
+    if not 1 <= len(args) <= 3:
+        sys.exit("usage: python -m tests.tiny_hf OUT [bert|llama] [LAYERS]")
+    where = save_tiny(Path(args[0]), args[1] if len(args) > 1 else "llama",
+                      layers=int(args[2]) if len(args) > 2 else 2)
+    print(f"wrote a tiny random model to {where}")
