@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +20,8 @@ def save_tiny(out: Path, family: str = "llama", *, layers: int = 2, hidden: int 
 
     from p2pfed.model.textbase import _bundled_path
 
+    config: Any
+    make: Any
     if family == "bert":
         config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
                             num_attention_heads=2, intermediate_size=2 * hidden,

