@@ -176,3 +176,17 @@ def test_a_text_model_that_is_not_there_or_not_a_model_is_a_clear_error(
         _build(models["llama"], lora_layers=(2,))
     with pytest.raises(ConfigError, match="has no linear layer named query"):
         _build(models["llama"], lora_targets=("query",))
+
+
+def test_a_prediction_of_a_local_decoder_is_explained_token_by_token(
+        models: dict[str, Path]) -> None:
+    from p2pfed.model.explain import explain
+
+    model = _build(models["llama"])
+    _randomise(LocalTrainer(model, {}, node_seed=0), 5)
+    exp = explain(model, "topic", {"text": TEXTS[1]}, steps=16)
+    assert exp.tokens is not None and len(exp.inputs["text"]) == len(exp.tokens)
+    assert any(exp.inputs["text"])  # the words moved the prediction
+    # the attributions add up to what the text moved, up to the integration's error
+    moved = exp.probability - exp.baseline_probability
+    assert abs(exp.delta) < 0.05 * max(abs(moved), 1e-3) + 1e-3

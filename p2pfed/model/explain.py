@@ -41,7 +41,7 @@ import torch
 from captum.attr import IntegratedGradients  # type: ignore[import-untyped]
 from torch import nn
 
-from p2pfed.model.m3t import ACTIVITY, ENCODERS, IMAGE, TEXT, M3TModel, TaskSpec, TextEncoder
+from p2pfed.model.m3t import ACTIVITY, ENCODERS, IMAGE, TEXT, M3TModel, TaskSpec, TextEncoder, pool
 
 
 @dataclass(frozen=True)
@@ -177,9 +177,8 @@ class EmbeddedText(nn.Module):
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
         mask = self.mask.expand(embeds.shape[0], -1)
         hidden = self.encoder.peft(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)  # pooled as TextEncoder.forward pools
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-        out: torch.Tensor = self.encoder.proj(pooled)
+        # (pooled as TextEncoder.forward pools)
+        out: torch.Tensor = self.encoder.proj(pool(hidden, mask, self.encoder.family.pooling))
         return out
 
 
@@ -199,8 +198,8 @@ def _integrated_gradients(model: M3TModel, spec: TaskSpec, inputs: Mapping[str, 
             specials = set(encoder.tokenizer.all_special_ids)
             special = torch.tensor([i in specials for i in ids[0].tolist()])
             blank = torch.where(special, ids, int(encoder.tokenizer.pad_token_id))
-            bert: Any = encoder.peft.get_base_model()
-            embed = bert.embeddings.word_embeddings
+            base: Any = encoder.peft.get_base_model()
+            embed = base.get_input_embeddings()
             with torch.no_grad():
                 values.append(embed(ids).detach())
                 baselines.append(embed(blank).detach())

@@ -61,8 +61,8 @@ def masked_probabilities(model: M3TModel, task: str, example: Mapping[str, Any],
                 raise ValueError(f"positions {sorted(masked - words)} are not words of the text")
             for i in masked:
                 ids[0, i] = int(encoder.tokenizer.pad_token_id)
-            bert: Any = encoder.peft.get_base_model()
-            values[m] = bert.embeddings.word_embeddings(ids)
+            base: Any = encoder.peft.get_base_model()
+            values[m] = base.get_input_embeddings()(ids)
             modules[ENCODERS[TEXT]] = EmbeddedText(encoder, batch["attention_mask"])
         logits = M3TModel(model.spec, model.held, modules).forward(task, values)
     probabilities: list[float] = torch.softmax(logits.double(), dim=-1)[0].tolist()
