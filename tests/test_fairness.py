@@ -30,6 +30,16 @@ def test_a_group_batch_draws_evenly_from_the_groups_present() -> None:
     assert set(index[8:].tolist()) <= {97, 98, 99}  # (the 3 drawn again and again)
     index, drawn = group_batch(np.zeros(40, dtype=np.int64), 16, np.random.default_rng(0))
     assert len(set(index.tolist())) == 16 and not drawn.any()
+    # more groups than the batch holds: one row of each of 16 groups, never a bigger batch
+    many = np.repeat(np.arange(40), 3)
+    rng = np.random.default_rng(0)
+    seen: set[int] = set()
+    for _ in range(20):
+        index, drawn = group_batch(many, 16, rng)
+        assert len(index) == 16 and len(set(drawn.tolist())) == 16
+        assert (many[index] == drawn).all()
+        seen |= set(drawn.tolist())
+    assert seen == set(range(40))  # every group has its turn
 
 
 def test_the_group_loss_lies_between_the_groups_mean_and_the_worst_group() -> None:

@@ -43,8 +43,12 @@ MIN_GROUP_EXAMPLES = 5
 def group_batch(groups: np.ndarray, batch_size: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Rows for one batch, drawn evenly from each group present in ``groups`` (with
-    replacement where a group has fewer rows than its part), and the group of each row."""
+    replacement where a group has fewer rows than its part), and the group of each row.  With
+    more groups than ``batch_size``, the batch takes one row of each of ``batch_size`` groups
+    drawn at random, so it never grows past ``batch_size``."""
     present = np.unique(groups)
+    if len(present) > batch_size:
+        present = np.sort(rng.choice(present, size=batch_size, replace=False))
     part = max(1, batch_size // len(present))
     index = []
     for g in present.tolist():
