@@ -36,9 +36,11 @@ def service_install(
         "unit's sandbox lets the service read it: not under /home, /root, /run/user, /tmp or "
         "/var/tmp.")] = None,
     watchdog: Annotated[int, typer.Option(min=1, max=3600, help="WatchdogSec.")] = 60,
-    profile: Annotated[str, typer.Option(
+    profile: Annotated[str | None, typer.Option(
         help="Hardware profile (server, laptop, phone): with a memory cap, the unit gets "
-        "MemoryMax= (the cap and a quarter) and CPUQuota= (its threads).")] = "server",
+        "MemoryMax= (the cap and a quarter) and CPUQuota= (its threads). Default: the "
+        "service home's p2pfed.toml where it has one ([node] profile, threads, max_memory_mb), "
+        "else server.")] = None,
 ) -> None:
     """Render the systemd unit (Type=notify, sandboxed, DynamicUser) and say what to run next."""
     from p2pfed.cli_daemon import check_profile
@@ -47,8 +49,18 @@ def service_install(
     from p2pfed.runtime import service
     from p2pfed.runtime.profile import unit_limits
 
-    check_profile(profile)
-    limits = unit_limits(resources_of(Config().with_overrides(node__profile=profile)))
+    started = (service.FS_ROOT / "var/lib/private/p2pfed").exists()
+    home_config = service.FS_ROOT / ("var/lib/private/p2pfed" if started
+                                     else service.STATE_DIR.lstrip("/")) / "p2pfed.toml"
+    source = ""
+    if profile is None and home_config.is_file():  # (a re-install: the home says)
+        config = Config.from_toml(home_config)
+        profile, source = config.node.profile, f", from {home_config}"
+    else:
+        profile = profile or "server"
+        check_profile(profile)
+        config = Config().with_overrides(node__profile=profile)
+    limits = unit_limits(resources_of(config))
     try:
         if exec_path is None:
             exec_path = _running_executable()
@@ -58,12 +70,11 @@ def service_install(
         raise ConfigError(str(exc)) from exc
     except OSError as exc:
         raise LocalError(f"cannot write {output}: {exc.strerror} (try sudo, or --output)") from exc
-    started = (service.FS_ROOT / "var/lib/private/p2pfed").exists()
     out.print(f"wrote {path}: the service runs {exec_path} run --home {service.STATE_DIR} as a "
               "dynamic user (DynamicUser=yes; systemd makes its home, StateDirectory=p2pfed)",
               soft_wrap=True, highlight=False)
     if limits:
-        out.print(f"resource limits ({profile}): {' '.join(limits)}", highlight=False)
+        out.print(f"resource limits ({profile}{source}): {' '.join(limits)}", highlight=False)
     out.print(service.next_steps(exec_path, started, profile), soft_wrap=True, highlight=False)
 
 

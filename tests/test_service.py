@@ -220,6 +220,24 @@ def test_service_install_with_a_profile_limits_memory_and_cpu(
     assert not (tmp_path / "x").exists()
 
 
+def test_a_reinstall_takes_the_limits_from_the_service_homes_config(
+        fs_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exe = _venv(fs_root, "/opt/p2pfed")
+    home = fs_root / "var/lib/private/p2pfed"
+    home.mkdir(parents=True)
+    (home / "p2pfed.toml").write_text('[node]\nprofile = "laptop"\nmax_memory_mb = 1000\n'
+                                      'threads = 3\n')
+    out = tmp_path / "p2pfed.service"
+    assert main(["service", "install", "--output", str(out), "--exec-path", exe]) == 0
+    assert "\nMemoryMax=1250M\nCPUQuota=300%\n" in out.read_text()
+    said = " ".join(capsys.readouterr().out.split())
+    assert "resource limits (laptop, from " in said and "p2pfed.toml): MemoryMax" in said
+    # an explicit --profile still wins
+    assert main(["service", "install", "--output", str(out), "--exec-path", exe,
+                 "--profile", "phone"]) == 0
+    assert "\nMemoryMax=1920M\nCPUQuota=100%\n" in out.read_text()
+
+
 def test_once_the_service_has_run_the_steps_run_as_its_user(
         fs_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """After the first start /var/lib/p2pfed is the dynamic user's: a file root made there
