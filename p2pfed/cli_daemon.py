@@ -308,8 +308,10 @@ def resources_line(res: dict[str, Any]) -> str:
     training = res["training"]
     if training != "on":
         training = f"[yellow]{training}[/yellow]"
+    startup = (f" (start-up {res['startup_rss_mb']:,.0f} MB)"
+               if res.get("startup_rss_mb") is not None else "")
     return (f"profile {res['profile']}: training {training}; threads {configured} (torch "
-            f"{threads['torch']}); peak memory {res['peak_rss_mb']:,.0f} MB{cap}{took}")
+            f"{threads['torch']}); peak memory {res['peak_rss_mb']:,.0f} MB{cap}{startup}{took}")
 
 
 def storage_line(storage: dict[str, Any]) -> str:

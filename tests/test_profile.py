@@ -165,6 +165,34 @@ def test_past_the_cap_training_stops_once_with_one_warning(
     assert errors(status, {"$ref": "#/$defs/resources", "$defs": schema["$defs"]}) == []
 
 
+@pytest.mark.parametrize("resettable", [True, False])
+def test_the_cap_counts_from_the_end_of_start_up_where_the_peak_can_be_reset(
+        resettable: bool) -> None:
+    """Loading the model may peak past the cap once; training is stopped by its own peak only
+    (where the kernel's high-water mark can be reset; elsewhere start-up still counts)."""
+    memory = FakeMemory()
+    res = resources_of(Config().with_overrides(node__profile="laptop"))  # (cap 4096 MB)
+    monitor = ResourceMonitor(res, rss_mb=memory, clock=lambda: 0.0)
+    monitor.start()
+    memory.mb = 5000.0  # the model's loading peak
+
+    def reset() -> bool:
+        if resettable:
+            memory.mb = 900.0  # what the process holds once loaded
+        return resettable
+
+    monitor.loaded(reset)
+    status = monitor.status()
+    assert status["startup_rss_mb"] == 5000.0
+    assert monitor.allows(0) is resettable
+    assert status["peak_rss_mb"] == (900.0 if resettable else 5000.0)
+    schema = load_schema()
+    assert errors(status, {"$ref": "#/$defs/resources", "$defs": schema["$defs"]}) == []
+    if resettable:
+        memory.mb = 4500.0  # training's own peak past the cap still stops it
+        assert not monitor.allows(1)
+
+
 def test_status_says_it_in_a_line() -> None:
     from p2pfed.cli_daemon import resources_line
 

@@ -147,6 +147,7 @@ class Daemon:
             await _verify_at_start(ledger)
             view = store.view(ledger)
             node, trainer = await self._load_node(identity, ledger, view)
+            self._monitor.loaded()
             self._check_room(node, "refusing to start")
             transport = _new_transport(identity, node, self.config)
             async with trio.open_nursery() as nursery:

@@ -4,8 +4,11 @@ and memory each training round takes, and the memory cap.
 At start-up :func:`apply_threads` sets torch's intra-op threads (and, when it still can, its
 inter-op threads: torch refuses that once any parallel work has run in the process, which in
 the daemon has not).  :class:`ResourceMonitor` wraps the trainer: after each training round it
-records the seconds the round took and the process's peak resident memory (``ru_maxrss``).
-Past the memory cap it stops training, for the life of the process (the peak never falls): the
+records the seconds the round took and the process's peak resident memory (``ru_maxrss``),
+counted from the end of start-up (:meth:`ResourceMonitor.loaded`; on Linux the kernel's
+high-water mark is reset there, so the model's loading peak is reported apart and never stops
+training).  Past the memory cap it stops training, for the life of the process (the peak
+never falls): the
 node's schedule (:meth:`ResourceMonitor.allows`, called at each round's start) then says no, so
 every later round only mixes, and its ``local-update`` entry says it was not trained.  It logs a
 warning once; ``status`` reports it (``resources``, :meth:`ResourceMonitor.status`).
@@ -39,6 +42,18 @@ def peak_rss_mb() -> float:
     """The process's peak resident memory, MB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def reset_peak() -> bool:
+    """Reset the process's peak resident memory to what it holds now (Linux: writing 5 to
+    ``/proc/self/clear_refs`` resets the kernel's high-water mark, which ``ru_maxrss`` reads);
+    False where that cannot be done (the peak then still counts start-up)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def apply_threads(threads: int) -> dict[str, int]:
@@ -84,6 +99,8 @@ class ResourceMonitor:
         self.last_s: float | None = None
         self.total_s = 0.0
         self.peak_mb = 0.0
+        #: the peak memory when start-up ended (None: not yet, :meth:`loaded`)
+        self.startup_mb: float | None = None
         self.stopped = False
         self.threads: dict[str, int] = {}
         #: torch's threads as the training thread saw them (None: no round yet)
@@ -92,6 +109,19 @@ class ResourceMonitor:
     def start(self) -> None:
         """At start-up: set torch's threads (:func:`apply_threads`)."""
         self.threads = apply_threads(self.res.threads)
+        self.check()
+
+    def loaded(self, reset: Callable[[], bool] = reset_peak) -> None:
+        """Start-up is over (ledger verified, model built, data read): keep its peak apart
+        (``startup_rss_mb``) and measure the cap from here, so that loading the model, whose
+        transient peak training never reaches again, does not stop training."""
+        startup = self._rss_mb()
+        reset_ok = reset()
+        with self._lock:
+            self.startup_mb = startup
+            if reset_ok:
+                self.peak_mb = 0.0
+                self.stopped = False  # (only start-up had been measured)
         self.check()
 
     def wrap(self, run: Callable[[Any], R]) -> Callable[[Any], R]:
@@ -170,6 +200,7 @@ class ResourceMonitor:
                             "interop": torch.get_num_interop_threads(),
                             "training": self.training_threads},
                 "peak_rss_mb": round(self.peak_mb, 1),
+                "startup_rss_mb": None if self.startup_mb is None else round(self.startup_mb, 1),
                 "max_memory_mb": self.res.max_memory_mb or None,
                 "training": self.training(),
                 "round_s": {"rounds": self.rounds, "last": self.last_s,
