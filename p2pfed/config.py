@@ -25,6 +25,10 @@
     batch_size = 16                     # (default: the profile's)
     lr = 0.01
     holdout = 0.1                       # examples kept aside to measure accuracy (status)
+    device = "auto"                     # auto | cpu | cuda | cuda:N ("auto": CUDA if torch
+                                        # sees it); CPU threads: [node] threads
+    precision = "fp32"                  # fp32 | bf16 (bfloat16 autocast; parameters and
+                                        # what is mixed stay float32)
 
     [data.topic.text]                   # a task's data, one table per modality
     kind = "text-jsonl"                 # text-jsonl | image-npz | series-csv
@@ -97,6 +101,7 @@ from p2pfed.config_sections import (
     MIXING_RULES,
     MODEL_KINDS,
     OBJECTIVES,
+    PRECISIONS,
     SOURCE_KINDS,
     ComponentsSection,
     DataSource,
@@ -117,7 +122,7 @@ from p2pfed.profiles import PROFILE_NAMES, PROFILES, resources_of
 
 #: the sections' records are importable from here too
 __all__ = [
-    "DEFAULT_LISTEN", "MIXING_RULES", "MODEL_KINDS", "OBJECTIVES", "SOURCE_KINDS",
+    "DEFAULT_LISTEN", "MIXING_RULES", "MODEL_KINDS", "OBJECTIVES", "PRECISIONS", "SOURCE_KINDS",
     "ComponentsSection", "Config", "ContinualSettings", "DataSource", "FairnessSection",
     "MetricsSection", "MixingSection", "ModelSection", "NodeSection", "NoiseLevel",
     "OverlaySection", "PrivacySection", "RoundsSection", "StorageSection", "read_toml",
@@ -231,6 +236,7 @@ class Config:
                               "examples is kept aside to measure accuracy)")
         if len(set(self.model.lora_layers)) != len(self.model.lora_layers):
             raise ConfigError("model.lora_layers names a layer twice")
+        self.model.check_device()
         for where, rule in (("mixing.rule", self.mixing.rule),
                             *((f"mixing.components.{c}", r) for c, r in self.mixing.components)):
             if rule not in MIXING_RULES:

@@ -24,6 +24,8 @@ SOURCE_KINDS = ("text-jsonl", "image-npz", "series-csv")
 #: the local objectives (``[fairness] objective``; :mod:`p2pfed.model.fairness`, whose
 #: ``OBJECTIVES`` a test keeps equal to this)
 OBJECTIVES = ("erm", "group-dro")
+#: ``[model] precision``: float32 throughout, or bfloat16 autocast (parameters stay float32)
+PRECISIONS = ("fp32", "bf16")
 #: the largest ``[fairness] tilt`` (past it the soft maximum is the worst group's loss anyway)
 MAX_TILT = 50.0
 
@@ -69,6 +71,24 @@ class ModelSection:
     #: share of each task's local examples kept aside, never trained on, to measure the
     #: model's accuracy (``status``); 0: train on everything, no accuracy
     holdout: float = 0.0
+    #: where the model runs: "auto" (CUDA when torch sees it, else the CPU), "cpu", "cuda" or
+    #: "cuda:N"; whether torch sees that device is checked when the daemon builds the model
+    device: str = "auto"
+    #: "fp32", or "bf16": the forward pass under bfloat16 autocast (parameters, optimiser
+    #: state and what is mixed and sent stay float32)
+    precision: str = "fp32"
+
+    def check_device(self) -> None:
+        """ConfigError unless ``device`` and ``precision`` are values these settings take (not
+        whether this machine has the device: that is known only with torch, at start-up)."""
+        index = self.device.removeprefix("cuda:")
+        if self.device not in ("auto", "cpu", "cuda") and not (
+                self.device.startswith("cuda:") and index.isdecimal() and index.isascii()):
+            raise ConfigError(f'model.device must be "auto", "cpu", "cuda" or "cuda:N" (N: a '
+                              f"CUDA device's index, from 0), not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"model.precision must be one of {', '.join(PRECISIONS)}, "
+                              f"not {self.precision!r}")
 
 
 @dataclass(frozen=True)

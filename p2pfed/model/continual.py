@@ -162,8 +162,8 @@ class Continual:
             for p, flag in zip(flat, saved, strict=True):
                 p.requires_grad_(flag)
         out: dict[str, torch.Tensor] = {}
-        for n, parts in sums.items():
-            f = torch.cat([parts[k].reshape(-1) for k in params[n]])
+        for n, parts in sums.items():  # (kept on the CPU, as the anchor θ* is)
+            f = torch.cat([parts[k].reshape(-1) for k in params[n]]).cpu()
             mean = float(f.mean())
             out[n] = f / mean if mean > 0.0 else f
         return out
@@ -175,27 +175,30 @@ class Continual:
             return None
         total: torch.Tensor | None = None
         for name, comp in components.items():
-            terms = self._penalty_terms(name, comp)
+            params = params_of(name)
+            terms = self._penalty_terms(name, comp, next(iter(params.values())).device)
             if terms is None:
                 continue
             theta, weights = terms
-            for key, p in params_of(name).items():
+            for key, p in params.items():
                 term = (weights[key] * (p - theta[key]) ** 2).sum()
                 total = term if total is None else total + term
         return None if total is None else 0.5 * self.settings.ewc_lambda * total
 
-    def _penalty_terms(self, name: str, comp: FlatComponent
+    def _penalty_terms(self, name: str, comp: FlatComponent, device: torch.device
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
-        """θ* and the summed F of ``name``, per parameter (cached until its anchors change)."""
+        """θ* and the summed F of ``name``, per parameter, on ``device`` (the parameters'):
+        cached until its anchors change."""
         anchors = self._anchors.get(name)
         if not anchors:
             return None
         terms = self._terms.get(name)
         if terms is None:
             fisher = torch.stack([a.fisher for a in anchors]).sum(0)
-            terms = self._terms[name] = (
-                FlatComponent(comp.spec, comp.layout, anchors[-1].theta).views(),
-                FlatComponent(comp.spec, comp.layout, fisher).views())
+            theta = FlatComponent(comp.spec, comp.layout, anchors[-1].theta).views()
+            weights = FlatComponent(comp.spec, comp.layout, fisher).views()
+            terms = self._terms[name] = ({k: v.to(device) for k, v in theta.items()},
+                                         {k: v.to(device) for k, v in weights.items()})
         return terms
 
     def anchors(self) -> dict[str, list[int]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from gossip.errors import ConfigError
 from gossip.taskcat import TaskCatalogue
@@ -21,6 +22,7 @@ from p2pfed.config import Config
 from p2pfed.continual import Schedule
 from p2pfed.journal import CatalogueApplied, read
 from p2pfed.model.continual import Continual
+from p2pfed.model.device import CPU, check_precision, describe, resolve_device
 from p2pfed.model.m3t import ENCODERS, TEXT, M3TModel, ModelSpec, TextEncoder
 from p2pfed.model.tasks import load_task_data, model_tasks, unknown_tasks_message
 from p2pfed.model.train import LocalTrainer, TaskData, TrainRequest, seed_for
@@ -46,11 +48,14 @@ def model_spec(config: Config, federation_id: bytes,
 
 
 def build_model(config: Config, holds: Sequence[str], federation_id: bytes,
-                catalogue: TaskCatalogue | None = None) -> M3TModel:
+                catalogue: TaskCatalogue | None = None, *,
+                device: torch.device = CPU, precision: str = "fp32") -> M3TModel:
     """The components ``holds``; each starts from values drawn from the federation id and its
-    name (a head of a catalogue task too), the same on every member that builds it."""
+    name (a head of a catalogue task too), the same on every member that builds it, on
+    whatever ``device``."""
     spec = model_spec(config, federation_id, catalogue)
-    return M3TModel.build(spec, holds, init_seed=federation_seed(federation_id))
+    return M3TModel.build(spec, holds, init_seed=federation_seed(federation_id),
+                          device=device, precision=precision)
 
 
 def build_trainer(config: Config, holds: Sequence[str], federation_id: bytes,
@@ -61,9 +66,13 @@ def build_trainer(config: Config, holds: Sequence[str], federation_id: bytes,
     Texts pass through the frozen layers below the adapters once, here.  Raises
     :class:`ConfigError` for data of a task that is neither built in nor in ``catalogue``
     (the federation's task catalogue; None: not known here), data of a task this member
-    does not hold, or bad files.
+    does not hold, bad files, or a ``[model] device`` torch does not see here.
     """
-    model = build_model(config, holds, federation_id, catalogue)
+    device = resolve_device(config.model.device)
+    check_precision(device, config.model.precision)
+    model = build_model(config, holds, federation_id, catalogue, device=device,
+                        precision=config.model.precision)
+    log.info("the model runs on %s in %s", describe(device), config.model.precision)
     unknown = sorted(set(config.data) - {t.name for t in model.spec.tasks})
     if unknown:
         raise ConfigError(unknown_tasks_message(unknown, catalogue))
@@ -77,7 +86,8 @@ def build_trainer(config: Config, holds: Sequence[str], federation_id: bytes,
         inputs = dict(task.inputs)
         if "text" in inputs:
             assert isinstance(encoder, TextEncoder)
-            inputs["text"] = encoder.encode_prefix(list(inputs["text"]))
+            with model.autocast():
+                inputs["text"] = encoder.encode_prefix(list(inputs["text"]))
         if "image" in inputs:
             shape = inputs["image"].shape
             if shape[1] != 1 or min(shape[2:]) < 2:

@@ -24,6 +24,7 @@ import enum
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from gossip.errors import ConfigError
+from p2pfed.model.device import CPU, autocast
 from p2pfed.model.textbase import adapted_modules, family, load_text_base, resolve_layers
 
 __all__ = ["load_text_base"]  # (where the model's users have always found it)
@@ -211,15 +213,16 @@ class TextEncoder(nn.Module):
             ids = batch["input_ids"].to(self.proj.weight.device)
             attention = batch["attention_mask"].to(ids.device)
             if not self.family.bert_layers:
-                hiddens.append(base.get_input_embeddings()(ids))
+                hiddens.append(base.get_input_embeddings()(ids).float())
                 masks.append(attention)
                 continue
             hidden = base.embeddings(input_ids=ids)
             for layer in base.encoder.layer[: self.cache_from]:
                 hidden = _layer(layer, hidden, attention)
-            hiddens.append(hidden)
+            hiddens.append(hidden.float())
             masks.append(attention)
-        return CachedTexts(torch.cat(hiddens), torch.cat(masks))
+        # kept in the CPU's memory (a forward pass moves its batch to the model's device)
+        return CachedTexts(torch.cat(hiddens), torch.cat(masks)).to(CPU)
 
     def forward(self, texts: Sequence[str] | CachedTexts) -> torch.Tensor:
         if isinstance(texts, CachedTexts):
@@ -267,6 +270,12 @@ class CachedTexts:
     def select(self, index: Any) -> CachedTexts:
         idx = torch.as_tensor(index)
         return CachedTexts(self.hidden[idx], self.mask[idx])
+
+    def to(self, device: torch.device) -> CachedTexts:
+        """These texts on ``device`` (themselves when they are there already)."""
+        if self.hidden.device == device:
+            return self
+        return CachedTexts(self.hidden.to(device), self.mask.to(device))
 
 
 def pool(hidden: torch.Tensor, attention: torch.Tensor, how: str) -> torch.Tensor:
@@ -347,17 +356,26 @@ class Prompt(nn.Module):
 
 @dataclass
 class M3TModel:
-    """The parts of the model one node holds; nothing else is ever built."""
+    """The parts of the model one node holds; nothing else is ever built.
+
+    ``device``: where its modules are (:func:`p2pfed.model.device.resolve_device`);
+    ``precision``: "fp32", or "bf16" for a forward pass under bfloat16 autocast.  Either way
+    :meth:`forward` takes its inputs wherever they are and returns float32 logits on the CPU."""
 
     spec: ModelSpec
     held: tuple[str, ...]
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    device: torch.device = CPU
+    precision: str = "fp32"
 
     @classmethod
     def build(cls, spec: ModelSpec, held: Sequence[str], *, init_seed: int = 0,
-              text_base: tuple[nn.Module, Any] | None = None) -> M3TModel:
+              text_base: tuple[nn.Module, Any] | None = None,
+              device: torch.device = CPU, precision: str = "fp32") -> M3TModel:
+        """The components ``held``, initialised from ``init_seed`` (on the CPU, so the same on
+        every member whatever its device), then moved to ``device``."""
         spec.check_holdings(held)
-        model = cls(spec, tuple(sorted(held)))
+        model = cls(spec, tuple(sorted(held)), device=device, precision=precision)
         for name in model.held:
             # every member initialises a component the same way (federation-wide seed)
             torch.manual_seed(init_seed * 7919 + sum(map(ord, name)))
@@ -375,6 +393,9 @@ class M3TModel:
             elif name.startswith("head."):
                 task = spec.task(name.removeprefix("head."))
                 model.modules[name] = nn.Linear(WIDTH, task.classes)
+        if device != CPU:
+            for module in model.modules.values():
+                module.to(device)
         return model
 
     def parameters_of(self, component: str) -> dict[str, nn.Parameter]:
@@ -387,13 +408,29 @@ class M3TModel:
     def tasks(self) -> list[str]:
         return self.spec.trained_tasks(self.held)
 
+    def autocast(self) -> AbstractContextManager[None]:
+        """The context of this model's forward passes: bfloat16 autocast for "bf16"."""
+        return autocast(self.device, self.precision)
+
     def forward(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """The logits of ``task`` for a batch of ``inputs`` (tensors and cached texts wherever
+        they are, lists of texts): float32, on the CPU, whatever the model's device and
+        precision, so that losses, labels and predictions stay where they always were."""
         spec = self.spec.task(task)
-        parts = [self.modules[ENCODERS[m]](inputs[m]) for m in spec.modalities]
-        x = torch.stack(parts).mean(0)
-        if spec.backbone:
-            x = self.modules["backbone"](x)
-        if spec.prompt:
-            x = self.modules[f"prompt.{task}"](x)
-        out: torch.Tensor = self.modules[f"head.{task}"](x)
-        return out
+        with self.autocast():
+            parts = [self.modules[ENCODERS[m]](self._on_device(inputs[m]))
+                     for m in spec.modalities]
+            x = torch.stack(parts).mean(0)
+            if spec.backbone:
+                x = self.modules["backbone"](x)
+            if spec.prompt:
+                x = self.modules[f"prompt.{task}"](x)
+            out: torch.Tensor = self.modules[f"head.{task}"](x)
+        return out.float().to(CPU)  # (itself, on the CPU in float32)
+
+    def _on_device(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(self.device)
+        if isinstance(value, CachedTexts):
+            return value.to(self.device)
+        return value  # (texts: the text encoder tokenizes them onto its device)

@@ -2,7 +2,10 @@
 
 Each component's parameters are bound into its flat buffer (zero copy), so what the optimiser
 writes is what the node mixes and sends, and what mixing writes is what the next forward pass
-uses.
+uses.  A model on another device than the CPU (``[model] device``) cannot be bound: its
+parameters *shadow* the buffers (:attr:`LocalTrainer.shadow`), copied from them before each
+round and each evaluation, and back into them after the round that trained them.  The buffers
+stay float32 on the CPU either way, and the numbers are the same.
 
 A round's training runs ``steps`` optimiser steps (more while a task that started late catches
 up: :meth:`~p2pfed.model.continual.Continual.step_factor`) on the summed loss of every task whose
@@ -133,14 +136,21 @@ class LocalTrainer:
     objective: str = "erm"
     #: group-dro: how hard the soft maximum leans on the worst group (0: the groups' mean)
     tilt: float = 1.0
+    #: the parameters shadow the flat buffers (copied to and from them) instead of being bound
+    #: into them; None: exactly when the model is not on the CPU (a buffer mixed and sent is
+    #: on the CPU).  True on the CPU gives the same numbers as binding (a test's check).
+    shadow: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.shadow is None:
+            self.shadow = self.model.device.type != "cpu"
         self.flats: dict[str, FlatComponent] = {}
         for name in self.model.held:
             params = self.model.parameters_of(name)
             flat = FlatComponent.from_params(ComponentSpec.from_name(name),
                                              {k: p.detach() for k, p in params.items()})
-            flat.bind(params)
+            if not self.shadow:
+                flat.bind(params)
             self.flats[name] = flat
         self._trained: dict[str, tuple[int, int]] = {}  # component -> (epoch, round) trained
         self._priors: dict[str, torch.Tensor] = {}
@@ -214,11 +224,15 @@ class LocalTrainer:
             return float("nan")
         params = [p for c in group for p in self.model.parameters_of(c).values()]
         # The other components in these forward passes are only read, but in the daemon the
-        # event loop may mix new values into their buffers meanwhile: read private snapshots.
+        # event loop may mix new values into their buffers meanwhile: read private snapshots
+        # (shadowing parameters are such snapshots, of every component in the round)
         frozen = sorted({c for t in tasks for c in self.model.spec.task(t).pipeline()}
                         - set(group))
-        for c in frozen:
-            self.flats[c].clone().bind(self.model.parameters_of(c))
+        if self.shadow:
+            self._load_shadows([*group, *frozen])
+        else:
+            for c in frozen:
+                self.flats[c].clone().bind(self.model.parameters_of(c))
         all_params = [p for m in self.model.modules.values() for p in m.parameters()]
         flags = [p.requires_grad for p in all_params]
         for p in all_params:
@@ -247,15 +261,18 @@ class LocalTrainer:
                 if self.continual is not None:
                     penalty = self.continual.penalty(trained, self.model.parameters_of)
                     if penalty is not None:
-                        loss = loss + penalty
+                        loss = loss + penalty.to(loss.device)
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 losses.append(float(loss.detach()) / len(tasks))
         finally:
             for p, flag in zip(all_params, flags, strict=True):
                 p.requires_grad_(flag)
-            for c in frozen:
-                self.flats[c].bind(self.model.parameters_of(c))  # back to the live buffers
+            if self.shadow:
+                self._save_shadows(group)  # (what the steps taken so far made of them)
+            else:
+                for c in frozen:
+                    self.flats[c].bind(self.model.parameters_of(c))  # back to the live buffers
         for task in tasks:
             measures = measured.get(task, {})
             self.progress[task] = {
@@ -299,7 +316,7 @@ class LocalTrainer:
             held = self.heldout.get(task)
             if held is None or not len(held):
                 continue
-            correct = self.correct(task, held)
+            correct = self._correct(task, held)
             out[task] = {"accuracy": float(correct.sum()) / len(held)}
             if held.groups is not None:
                 out[task] |= heldout_groups(correct, held.groups, held.group_names)
@@ -328,9 +345,15 @@ class LocalTrainer:
     def accuracy(self, task: str, data: TaskData, batch_size: int = 256) -> float:
         return float(self.correct(task, data, batch_size).sum()) / max(len(data), 1)
 
-    @torch.no_grad()
     def correct(self, task: str, data: TaskData, batch_size: int = 256) -> np.ndarray:
         """Per example of ``data``: does the model predict its label?"""
+        if self.shadow:
+            self._load_shadows(self.model.spec.task(task).pipeline())
+        return self._correct(task, data, batch_size)
+
+    @torch.no_grad()
+    def _correct(self, task: str, data: TaskData, batch_size: int = 256) -> np.ndarray:
+        """:meth:`correct` with the parameters as they are (within a round: its snapshots)."""
         hits = []
         for start in range(0, len(data), batch_size):
             index = np.arange(start, min(start + batch_size, len(data)))
@@ -338,3 +361,19 @@ class LocalTrainer:
             pred = self.model.forward(task, batch).argmax(-1)
             hits.append((pred == labels).numpy())
         return np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
+
+    @torch.no_grad()
+    def _load_shadows(self, components: Sequence[str]) -> None:
+        """Shadow mode: the buffers of ``components`` into their parameters."""
+        for c in components:
+            views = self.flats[c].views()
+            for key, p in self.model.parameters_of(c).items():
+                p.copy_(views[key])
+
+    @torch.no_grad()
+    def _save_shadows(self, components: Sequence[str]) -> None:
+        """Shadow mode: the parameters of ``components`` into their buffers."""
+        for c in components:
+            views = self.flats[c].views()
+            for key, p in self.model.parameters_of(c).items():
+                views[key].copy_(p)
