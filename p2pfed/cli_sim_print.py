@@ -181,6 +181,9 @@ def _print_fairness(report: dict[str, Any]) -> None:
         rows = list(runs.items())
         if rule is not None:
             rows.append((rule["objective"], rule["tasks"][task]))
+            if "centralized" in rule:
+                rows.append((f"centralized, {rule['objective']}",
+                             rule["centralized"]["tasks"][task]))
         for name, m in rows:
             table.add_row(task, name, *(_fmt(m[k], ".3f") for k in (
                 "mean", "worst_node", "p10_node")),
@@ -188,8 +191,11 @@ def _print_fairness(report: dict[str, Any]) -> None:
                 _fmt(m["worst_group_gap"], ".3f"))
     out.print(table)
     if rule is not None:
-        out.print(", ".join(f"{t}: gap narrowed {rule['gap_narrowed'][t]:+.0%}, mean "
-                            f"{rule['mean_change'][t]:+.3f}" for t in rule["tasks"]))
+        for name, part in (("federated", rule), ("centralized", rule.get("centralized"))):
+            if part is not None:
+                out.print(f"{rule['objective']}, {name}: " + ", ".join(
+                    f"{t}: gap narrowed {part['gap_narrowed'][t]:+.0%}, mean "
+                    f"{part['mean_change'][t]:+.3f}" for t in part["tasks"]))
 
 
 def _print_hardware(report: dict[str, Any]) -> None:

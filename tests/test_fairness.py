@@ -117,6 +117,14 @@ def test_the_group_study_reports_every_run_and_the_rule_beside_the_default() -> 
             m["mean"] - f["tasks"][task]["federated"]["mean"])
     # the rule's members trained otherwise than the default's
     assert rule["tasks"] != {t: runs["federated"] for t, runs in f["tasks"].items()}
+    # and the central server with the rule beside the central server without it
+    pooled = rule["centralized"]
+    assert set(pooled["tasks"]) == set(f["tasks"])
+    for task, m in pooled["tasks"].items():
+        assert m["nodes"] == 1
+        assert pooled["mean_change"][task] == pytest.approx(
+            m["mean"] - f["tasks"][task]["centralized"]["mean"])
+    assert pooled["tasks"] != {t: runs["centralized"] for t, runs in f["tasks"].items()}
 
 
 def test_exact_unlearning_with_the_group_objective_equals_the_retrain() -> None:

@@ -343,11 +343,13 @@ class EducationWorkload:
         self.baseline_trainers["local_only"] = named
         return curve
 
-    def centralized(self, progress: RoundProgress | None = None) -> list[dict[str, float]]:
+    def centralized(self, progress: RoundProgress | None = None,
+                    objective: tuple[str, float] | None = None) -> list[dict[str, float]]:
         """One model with every component, trained on the pooled data for the same steps: its
-        test accuracy per task after each of the settings' curve rounds."""
+        test accuracy per task after each of the settings' curve rounds (``objective``: its
+        local objective and tilt, else the settings')."""
         held = self.spec.components()
-        trainer = self.trainer("centralized", 0, data=self.train, held=held)
+        trainer = self.trainer("centralized", 0, data=self.train, held=held, objective=objective)
         trains = trainer.trainable()
         curve, measured = [], set(self.settings.curve_rounds())
         for r in range(self.settings.rounds):
