@@ -36,5 +36,10 @@ CATALOGUE = "catalogue"
 #: entries pruned to bound storage, accounted for (see p2pfed.ledger_verify)
 COMPACTION = "compaction"
 
+#: the frozen base model a component's adapter applies to (its identity), written at a start
+#: that finds it new: the checkpoints after it were made over that base
+BASE_MODEL = "base-model"
+
 ALL = frozenset({LOCAL_UPDATE, CONTRIBUTION, MIX, CHECKPOINT, CATCH_UP, MEMBERSHIP, JOIN_REQUEST,
-                 FORGET_RECORD, FORGET, UNLEARNED, FORGET_FAILED, CATALOGUE, COMPACTION})
+                 FORGET_RECORD, FORGET, UNLEARNED, FORGET_FAILED, CATALOGUE, COMPACTION,
+                 BASE_MODEL})

@@ -18,6 +18,7 @@ from p2pfed import exitcodes, journal, kinds
 from p2pfed.cli import main
 from p2pfed.journal import (
     SCHEMA,
+    BaseModel,
     CatalogueApplied,
     CatchUp,
     Checkpoint,
@@ -65,6 +66,7 @@ SAMPLES: list[Record] = [
     CatalogueApplied(2, D, {"essay": {"phase": "active", "modalities": ["text"], "classes": 5,
                                       "components": ["head.essay"], "data_version": "v1"}},
                      ("task-retire ghost (signed at 5): no task ghost",), "backbone", 3),
+    BaseModel("encoder.text.lora", "ab" * 32, "tiny: bert encoder, 2 layers of 32"),
 ]
 
 

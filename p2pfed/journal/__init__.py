@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from p2pfed import kinds
 from p2pfed.journal._base import SCHEMA, R, Record, SchemaError, Stored
 from p2pfed.journal._other import (
+    BaseModel,
     CatalogueApplied,
     Compaction,
     Forget,
@@ -51,15 +52,15 @@ from p2pfed.ledger import Ledger, LedgerEntry
 from p2pfed.ledger_verify import OPEN
 
 __all__ = [
-    "SCHEMA", "TYPES", "CatalogueApplied", "CatchUp", "Checkpoint", "Compaction", "Contribution",
-    "Forget", "ForgetFailed", "ForgetRecord", "JoinRequest", "LocalUpdate", "Membership", "Mix",
-    "MixInputRef", "Opened", "PrivacySpent", "R", "Record", "Rerun", "SchemaError", "Stored",
-    "Unlearned", "decode", "read", "schema_problems", "stored", "write",
+    "SCHEMA", "TYPES", "BaseModel", "CatalogueApplied", "CatchUp", "Checkpoint", "Compaction",
+    "Contribution", "Forget", "ForgetFailed", "ForgetRecord", "JoinRequest", "LocalUpdate",
+    "Membership", "Mix", "MixInputRef", "Opened", "PrivacySpent", "R", "Record", "Rerun",
+    "SchemaError", "Stored", "Unlearned", "decode", "read", "schema_problems", "stored", "write",
 ]
 
 TYPES: dict[str, type[Record]] = {t.KIND: t for t in (
     LocalUpdate, Contribution, Mix, Checkpoint, CatchUp, Membership, JoinRequest, ForgetRecord,
-    Forget, Unlearned, ForgetFailed, CatalogueApplied, Opened, Compaction)}
+    Forget, Unlearned, ForgetFailed, CatalogueApplied, Opened, Compaction, BaseModel)}
 assert set(TYPES) == kinds.ALL | {OPEN}
 
 

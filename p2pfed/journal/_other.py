@@ -105,6 +105,26 @@ class CatalogueApplied(Record):
 
 
 @dataclass(frozen=True)
+class BaseModel(Record):
+    """The frozen base model ``component``'s adapter applies to: its identity's ``digest`` and
+    ``summary`` (:func:`p2pfed.model.textbase.identity`); the checkpoints of ``component``
+    after this entry, up to the next one, were made over that base."""
+
+    KIND: ClassVar[str] = kinds.BASE_MODEL
+    component: str
+    digest: str
+    summary: str
+
+    def fields(self) -> dict[str, Any]:
+        return {"component": self.component, "digest": self.digest, "summary": self.summary}
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any]) -> BaseModel:
+        return cls(_field(body, "component", str), _field(body, "digest", str),
+                   _field(body, "summary", str))
+
+
+@dataclass(frozen=True)
 class Rerun:
     """One component of a forget: the checkpoint it rolls back to and the round it re-runs
     to (``keep``: its present state, put back when it is re-run only to feed the others)."""
