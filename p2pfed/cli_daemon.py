@@ -130,12 +130,15 @@ def federation_create(
     root, config = _load(home)
     identity = load_identity(root / KEY_FILE)
     catalog = list(component) if component else list(config.components.hold)
+    policies: tuple[tuple[str, Any], ...] = ()
     if config.model.kind == "m3t":  # the catalogue and what this node holds: the model's
+        from p2pfed.model.agreement import genesis_policies
         from p2pfed.model.local import model_spec
 
         spec = model_spec(config, bytes(32))
         spec.check_holdings(config.components.hold)
         spec.check_components(catalog, "--component")
+        policies = genesis_policies(config, catalog)  # (the text model members must share)
     with locked_home(root, "federation create"), \
             Ledger.open(root / LEDGER_FILE, identity) as ledger:
         genesis = create_federation(
@@ -143,7 +146,7 @@ def federation_create(
             modules=list(config.components.hold), addresses=_addresses(config, identity.peer_id),
             round_period_ms=int(1000 * (round_period if round_period is not None
                                         else max(config.rounds.interval_s, 0.1))),
-            now_ms=_now_ms(),
+            now_ms=_now_ms(), policies=policies,
         )
     out.print(f"created federation [bold]{name}[/bold] ({genesis.federation_id.hex()[:16]}…) "
               f"with components {', '.join(s.name for s in genesis.catalog)}")
@@ -195,6 +198,12 @@ def join(
 
     root, config = _load(home)
     identity = load_identity(root / KEY_FILE)
+    if config.model.kind == "m3t":  # the federation's text model, before anything is written
+        from p2pfed.fedstore import usable_invite
+        from p2pfed.model.agreement import check_joining
+
+        check_joining(config, config.components.hold,
+                      usable_invite(token, identity, _now_ms()).genesis)
     with locked_home(root, "join"), Ledger.open(root / LEDGER_FILE, identity) as ledger:
         parsed = join_federation(root, identity, ledger, token,
                                  modules=list(config.components.hold),

@@ -37,7 +37,7 @@ from gossip.membership import (
     open_genesis,
     proof_message,
 )
-from gossip.records import MAX_USES
+from gossip.records import MAX_USES, Policy
 from p2pfed import kinds
 from p2pfed.journal import JoinRequest, Membership, read, stored, write
 from p2pfed.ledger import Ledger
@@ -139,12 +139,16 @@ class FederationStore:
 def create_federation(
     home: Path, identity: Identity, ledger: Ledger, *, name: str, catalog: list[str],
     modules: list[str], addresses: list[str], round_period_ms: int, now_ms: int,
+    policies: tuple[tuple[str, Policy], ...] = (),
 ) -> Genesis:
-    """Found a federation with this node as founder and admin, and record its own join."""
+    """Found a federation with this node as founder and admin, and record its own join.
+    ``policies``: signed into the genesis (the text model members must share, for one:
+    :func:`p2pfed.model.agreement.genesis_policies`)."""
     store = FederationStore(home)
     try:
         specs = tuple(ComponentSpec.from_name(c) for c in sorted(set(catalog)))
-        genesis = Genesis(name, (identity.public_key,), specs, round_period_ms, now_ms)
+        genesis = Genesis(name, (identity.public_key,), specs, round_period_ms, now_ms,
+                          policies=policies)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     missing = set(modules) - genesis.component_names
@@ -258,17 +262,24 @@ def pending_join(ledger: Ledger, view: MembershipView, me: bytes) -> Join | None
     return join if join.epoch > view.latest_epoch(me) else None
 
 
+def usable_invite(token: str, identity: Identity, now_ms: int) -> ParsedInvite:
+    """The invite ``token`` holds if ``identity`` may use it now (:class:`InviteError`
+    otherwise): what a newcomer can check before it writes anything."""
+    parsed = parse_invite_token(token)
+    if parsed.invite.invitee and parsed.invite.invitee != identity.public_key:
+        raise InviteError("this invite was issued to another peer id")
+    if now_ms > parsed.invite.expires_ms:
+        raise InviteError("this invite has expired; ask for a new one")
+    return parsed
+
+
 def join_federation(
     home: Path, identity: Identity, ledger: Ledger, token: str, *, modules: list[str],
     addresses: list[str], now_ms: int,
 ) -> ParsedInvite:
     """Join with an invite token: store the genesis, the bootstrap list and our join record."""
-    parsed = parse_invite_token(token)
+    parsed = usable_invite(token, identity, now_ms)
     inv = parsed.invite
-    if inv.invitee and inv.invitee != identity.public_key:
-        raise InviteError("this invite was issued to another peer id")
-    if now_ms > inv.expires_ms:
-        raise InviteError("this invite has expired; ask for a new one")
     fid = parsed.genesis.federation_id
     epoch = 0
     store = FederationStore(home)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -143,7 +144,13 @@ async def load_node(home: Path, cfg: Config, identity: Identity, ledger: Ledger,
     holds = holdings(identity, view, cfg)
     trainer = None
     if cfg.model.kind == "m3t":
+        from p2pfed.model.agreement import check_at_start, record_base
         from p2pfed.model.local import build_trainer, follow_catalogue
+
+        # the federation's text model, before anything is written (a refusal is a ConfigError)
+        text = await trio.to_thread.run_sync(check_at_start, cfg, view.genesis, holds)
+        if text is not None:
+            record_base(ledger, text, int(time.time() * 1000))
 
         # reads and pre-encodes the local data: off the event loop
         trainer = await trio.to_thread.run_sync(

@@ -1,0 +1,143 @@
+"""Members agree on the text model: its identity in the genesis, checked at join and at start.
+
+Adapters of ``encoder.text.lora`` can only be mixed between members whose frozen text models
+are the same model with the same adapter settings (:func:`p2pfed.model.textbase.identity`).
+Two models of the same shapes but different weights give adapters of the same layout, so
+nothing else would notice.  So:
+
+* ``p2pfed federation create`` signs the founder's identity into the genesis
+  (:func:`genesis_policies`: policies ``model.text``, the digest, and ``model.text.summary``)
+  when the catalog has ``encoder.text.lora`` and the founder runs the M3T model;
+* ``p2pfed join`` refuses, before anything is written, when this node would hold
+  ``encoder.text.lora`` with another identity (:func:`check_joining`);
+* the daemon refuses to start when ``[model]`` was changed since (:func:`check_at_start`).
+
+A federation whose genesis has no ``model.text`` (founded before, or by a node that runs the
+consensus workload) is not checked.  The text model is loaded only for a node that holds (or
+a catalog that has) ``encoder.text.lora``; at start it is loaded once more than before (a few
+tenths of a second for MiniLM).  The check guards honest members against a misconfiguration;
+it proves nothing to anyone else (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import Any
+
+from gossip.errors import ConfigError
+from gossip.records import Genesis, Policy
+from p2pfed.config import Config
+from p2pfed.journal import BaseModel, stored, write
+from p2pfed.ledger import Ledger
+from p2pfed.model.m3t import ENCODERS, TEXT
+
+log = logging.getLogger(__name__)
+
+#: the genesis policy holding the identity's digest, and the one with its summary (for people)
+POLICY = "model.text"
+SUMMARY_POLICY = "model.text.summary"
+#: the component whose base model must be the same everywhere
+COMPONENT = ENCODERS[TEXT]
+#: what a member changes to match
+SETTINGS = "[model] text_model, lora_layers and lora_targets in p2pfed.toml"
+_MAX_POLICY_CHARS = 1024
+
+
+class TextModelMismatchError(ConfigError):
+    """This node's text model (or its adapter settings) is not the federation's."""
+
+    code = "text-model-mismatch"
+
+
+def text_identity(config: Config) -> dict[str, Any]:
+    """The identity of the text model ``config`` names, with the adapter settings the model
+    uses (:func:`p2pfed.model.local.model_spec`); loads the model (from local files)."""
+    from p2pfed.model.local import model_spec
+    from p2pfed.model.textbase import identity, load_text_base
+
+    spec = model_spec(config, bytes(32))
+    base, _tokenizer = load_text_base(spec.text_model)
+    return identity(base, spec.text_model, targets=spec.lora_targets, layers=spec.lora_layers,
+                    rank=spec.lora_rank, alpha=spec.lora_alpha, mode=str(spec.adapter_mode))
+
+
+def genesis_policies(config: Config, catalog: Collection[str]) -> tuple[tuple[str, Policy], ...]:
+    """The policies a founder signs into the genesis: the text model's identity when the
+    catalog has ``encoder.text.lora`` and the founder runs the M3T model; () otherwise."""
+    if config.model.kind != "m3t" or COMPONENT not in catalog:
+        return ()
+    ident = text_identity(config)
+    return ((POLICY, ident["digest"]), (SUMMARY_POLICY, ident["summary"][:_MAX_POLICY_CHARS]))
+
+
+def expected(genesis: Genesis) -> tuple[str, str] | None:
+    """The federation's text model: its digest and summary (None: the genesis names none)."""
+    digest = genesis.policy(POLICY)
+    if not isinstance(digest, str):
+        return None
+    summary = genesis.policy(SUMMARY_POLICY)
+    return digest, summary if isinstance(summary, str) else f"digest {digest[:12]}"
+
+
+def _applies(config: Config, genesis: Genesis, holds: Collection[str]) -> tuple[str, str] | None:
+    if config.model.kind != "m3t" or COMPONENT not in holds:
+        return None
+    return expected(genesis)
+
+
+def _unless_same(ours: dict[str, Any], theirs: tuple[str, str], what: str, fix: str) -> None:
+    digest, summary = theirs
+    if ours["digest"] == digest:
+        return
+    hidden = (" (the summaries agree: they differ in what a summary leaves out, the model's "
+              "config.json or the adapter's alpha or mode)" if ours["summary"] == summary
+              else "")
+    raise TextModelMismatchError(
+        f"{what}: {COMPONENT} adapters are only mixed over the same text model and adapter "
+        f"settings; the federation's is {summary!r}, this node's is {ours['summary']!r}"
+        f"{hidden}. {fix}")
+
+
+def check_joining(config: Config, holds: Collection[str], genesis: Genesis) -> None:
+    """Refuse (TextModelMismatchError) to join a federation whose text model is not the one
+    this node would hold (``holds``: the components it would join with)."""
+    theirs = _applies(config, genesis, holds)
+    if theirs is not None:
+        _unless_same(text_identity(config), theirs, f"refusing to join {genesis.name!r}",
+                     f"Set {SETTINGS} to the federation's model (ask its admin which one), "
+                     "then join again; nothing was written.")
+
+
+def check_at_start(config: Config, genesis: Genesis, holds: Collection[str]
+                   ) -> dict[str, Any] | None:
+    """Refuse (TextModelMismatchError) to start a node whose ``[model]`` no longer gives the
+    federation's text model; this node's identity (None: it holds no text adapter, or runs
+    the consensus workload)."""
+    if config.model.kind != "m3t" or COMPONENT not in holds:
+        return None
+    ours = text_identity(config)
+    theirs = expected(genesis)
+    if theirs is not None:
+        _unless_same(ours, theirs, f"refusing to start in {genesis.name!r}",
+                     f"Put {SETTINGS} back as they were when this node joined; nothing was "
+                     "added to the ledger.")
+    return ours
+
+
+def record_base(ledger: Ledger, ident: dict[str, Any], now_ms: int) -> bool:
+    """Append a ``base-model`` entry for the text adapter unless the newest one already names
+    this identity (True: one was written).  A change (possible only in a federation whose
+    genesis names no text model) is logged: checkpoints from before it are over another base."""
+    last = ledger.last(BaseModel.KIND)
+    before = stored(last, BaseModel).record if last is not None else None
+    if before is not None and before.digest == ident["digest"]:
+        return False
+    if before is not None:
+        log.warning("the text model is not the one this node's earlier %s checkpoints were "
+                    "trained over (%s; now %s): they are resumed all the same, since the "
+                    "federation names no text model", COMPONENT, before.summary,
+                    ident["summary"])
+    write(ledger, BaseModel(COMPONENT, ident["digest"], ident["summary"]), now_ms,
+          durable=True)
+    return True

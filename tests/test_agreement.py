@@ -1,0 +1,123 @@
+"""Members agree on the text model: the identity, the genesis that carries it, the refusals
+at join and at start, and the ledger entry that ties checkpoints to their base."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from gossip.identity import Identity, load_identity
+from p2pfed import exitcodes
+from p2pfed.cli import main
+from p2pfed.config import Config
+from p2pfed.fedstore import FederationStore
+from p2pfed.journal import BaseModel, read
+from p2pfed.ledger import Ledger
+from p2pfed.model.agreement import POLICY, SUMMARY_POLICY, record_base, text_identity
+from tests.tiny_hf import save_tiny
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny BERTs: ``a`` and ``a-again`` the same model saved twice, ``b`` the same shapes
+    with other weights."""
+    base = tmp_path_factory.mktemp("models")
+    return {"a": save_tiny(base / "tiny-a", "bert", seed=1),
+            "a-again": save_tiny(base / "tiny-a-again", "bert", seed=1),
+            "b": save_tiny(base / "tiny-b", "bert", seed=2)}
+
+
+def m3t_config(text_model: Path | str, lora_layers: list[int] | None = None) -> Config:
+    return Config.from_dict({"model": {"kind": "m3t", "text_model": str(text_model),
+                                       "lora_layers": lora_layers or [-1]}})
+
+
+def test_same_shapes_other_weights_differ_and_the_same_model_agrees_however_it_is_named(
+        models: dict[str, Path]) -> None:
+    a, again, b = (text_identity(m3t_config(models[k])) for k in ("a", "a-again", "b"))
+    assert a["digest"] == again["digest"]  # (another directory, the same model)
+    assert a["digest"] != b["digest"]
+    assert (a["hidden"], a["layers"]) == (b["hidden"], b["layers"])  # same shapes
+    assert a["summary"].startswith("tiny-a: bert encoder, 2 layers of 32")
+    top = text_identity(m3t_config(models["a"], [1]))
+    assert top["digest"] == a["digest"]  # -1 is the top layer, 1, of this 2-layer model
+    assert text_identity(m3t_config(models["a"], [0]))["digest"] != a["digest"]
+
+
+def make_home(home: Path, text_model: Path | str, *, hold: str = "encoder.text.lora") -> Path:
+    assert main(["init", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0",
+                 "--hold", hold]) == 0
+    data = tomllib.loads((home / "p2pfed.toml").read_text(encoding="utf-8"))
+    data["model"] = {"kind": "m3t", "text_model": str(text_model), "lora_layers": [-1]}
+    (home / "p2pfed.toml").write_text(Config.from_dict(data).to_toml(), encoding="utf-8")
+    return home
+
+
+def invite(founder: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    assert main(["invite", "--home", str(founder), "--uses", "3",
+                 "--bootstrap", "/ip4/127.0.0.1/tcp/4001"]) == 0
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_the_genesis_carries_the_founders_text_model_and_a_member_with_another_is_refused(
+        tmp_path: Path, models: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    founder = make_home(tmp_path / "founder", models["a"])
+    assert main(["federation", "create", "school", "--home", str(founder)]) == 0
+    genesis = FederationStore(founder).genesis()
+    expected = text_identity(m3t_config(models["a"]))
+    assert genesis.policy(POLICY) == expected["digest"]
+    assert genesis.policy(SUMMARY_POLICY) == expected["summary"]
+    token = invite(founder, capsys)
+
+    other = make_home(tmp_path / "other", models["b"])
+    assert main(["join", token, "--home", str(other)]) == exitcodes.CONFIG
+    err = " ".join(capsys.readouterr().err.split())
+    assert "refusing to join 'school'" in err
+    assert expected["summary"] in err and "tiny-b: bert encoder" in err
+    assert "[model] text_model, lora_layers and lora_targets" in err
+    assert not (other / "federation").exists() and not (other / "ledger.sqlite3").exists()
+
+    same = make_home(tmp_path / "same", models["a-again"])
+    assert main(["join", token, "--home", str(same)]) == 0
+    assert FederationStore(same).genesis() == genesis
+
+    # a member that does not hold the text adapter is not asked about it
+    image = make_home(tmp_path / "image", models["b"], hold="encoder.image")
+    assert main(["join", token, "--home", str(image)]) == 0
+
+    # the member changes its text model after joining: its daemon refuses to start, and
+    # writes nothing
+    toml = (same / "p2pfed.toml").read_text(encoding="utf-8")
+    (same / "p2pfed.toml").write_text(toml.replace(str(models["a-again"]), str(models["b"])),
+                                      encoding="utf-8")
+    ident = load_identity(same / "identity.key")
+    with Ledger.open(same / "ledger.sqlite3", ident) as ledger:
+        before = len(ledger)
+    capsys.readouterr()
+    assert main(["run", "--home", str(same)]) == exitcodes.CONFIG
+    err = " ".join(capsys.readouterr().err.split())
+    assert "refusing to start in 'school'" in err and "put [model] text_model" in err.lower()
+    with Ledger.open(same / "ledger.sqlite3", ident) as ledger:
+        assert len(ledger) == before
+
+
+def test_a_federation_without_a_text_model_records_none(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert main(["init", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0",
+                 "--hold", "encoder.text.lora"]) == 0  # (the consensus workload: no model)
+    assert main(["federation", "create", "plain", "--home", str(home)]) == 0
+    assert FederationStore(home).genesis().policies == ()
+
+
+def test_the_base_model_entry_is_written_once_per_base(tmp_path: Path) -> None:
+    ident = {"digest": "ab" * 32, "summary": "tiny: bert encoder"}
+    with Ledger.open(tmp_path / "ledger.sqlite3", Identity.generate()) as ledger:
+        assert record_base(ledger, ident, 1)
+        assert not record_base(ledger, ident, 2)
+        assert record_base(ledger, {**ident, "digest": "cd" * 32}, 3)
+        bases = [s.record for s in read(ledger.entries(BaseModel.KIND), BaseModel)]
+        assert [b.digest[:2] for b in bases] == ["ab", "cd"]
+        assert ledger.verify().ok
