@@ -182,7 +182,7 @@ def test_the_daemon_trains_the_model_its_config_names_and_export_loads_in_peft(
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from p2pfed.model.m3t import _tiny_bert
+    from p2pfed.model.textbase import _tiny_bert
 
     home = tiny_topic_home(tmp_path / "home", steps=2, batch_size=4)
     run_daemon_rounds(home, 6)
