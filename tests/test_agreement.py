@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import trio
 
 from gossip.identity import Identity, load_identity
 from p2pfed import exitcodes
@@ -16,6 +17,10 @@ from p2pfed.fedstore import FederationStore
 from p2pfed.journal import BaseModel, read
 from p2pfed.ledger import Ledger
 from p2pfed.model.agreement import POLICY, SUMMARY_POLICY, record_base, text_identity
+from p2pfed.runtime.control import SOCKET_NAME, request
+from p2pfed.runtime.daemon import Daemon
+from p2pfed.runtime.localfed import free_ports
+from p2pfed.runtime.systemd import Notifier
 from tests.tiny_hf import save_tiny
 
 
@@ -46,19 +51,21 @@ def test_same_shapes_other_weights_differ_and_the_same_model_agrees_however_it_i
     assert text_identity(m3t_config(models["a"], [0]))["digest"] != a["digest"]
 
 
-def make_home(home: Path, text_model: Path | str, *, hold: str = "encoder.text.lora") -> Path:
-    assert main(["init", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0",
-                 "--hold", hold]) == 0
+def make_home(home: Path, text_model: Path | str, *, hold: str = "encoder.text.lora",
+              listen: str = "/ip4/127.0.0.1/tcp/0") -> Path:
+    assert main(["init", "--home", str(home), "--listen", listen, "--hold", hold,
+                 "--interval", "0.5", "--timeout", "2"]) == 0
     data = tomllib.loads((home / "p2pfed.toml").read_text(encoding="utf-8"))
     data["model"] = {"kind": "m3t", "text_model": str(text_model), "lora_layers": [-1]}
     (home / "p2pfed.toml").write_text(Config.from_dict(data).to_toml(), encoding="utf-8")
     return home
 
 
-def invite(founder: Path, capsys: pytest.CaptureFixture[str]) -> str:
+def invite(founder: Path, capsys: pytest.CaptureFixture[str], *bootstrap: str) -> str:
+    """A token for three members (the bootstrap address: its running daemon's, or one given)."""
     capsys.readouterr()
-    assert main(["invite", "--home", str(founder), "--uses", "3",
-                 "--bootstrap", "/ip4/127.0.0.1/tcp/4001"]) == 0
+    args = [a for b in bootstrap for a in ("--bootstrap", b)]
+    assert main(["invite", "--home", str(founder), "--uses", "3", *args]) == 0
     return capsys.readouterr().out.strip().splitlines()[-1]
 
 
@@ -70,7 +77,7 @@ def test_the_genesis_carries_the_founders_text_model_and_a_member_with_another_i
     expected = text_identity(m3t_config(models["a"]))
     assert genesis.policy(POLICY) == expected["digest"]
     assert genesis.policy(SUMMARY_POLICY) == expected["summary"]
-    token = invite(founder, capsys)
+    token = invite(founder, capsys, "/ip4/127.0.0.1/tcp/4001")
 
     other = make_home(tmp_path / "other", models["b"])
     assert main(["join", token, "--home", str(other)]) == exitcodes.CONFIG
@@ -121,3 +128,42 @@ def test_the_base_model_entry_is_written_once_per_base(tmp_path: Path) -> None:
         bases = [s.record for s in read(ledger.entries(BaseModel.KIND), BaseModel)]
         assert [b.digest[:2] for b in bases] == ["ab", "cd"]
         assert ledger.verify().ok
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_real_daemons_admit_the_member_with_the_same_model_and_the_other_is_refused(
+        tmp_path: Path, models: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    ports = free_ports(3)
+    homes = [make_home(tmp_path / f"node-{i}", model, listen=f"/ip4/127.0.0.1/tcp/{ports[i]}")
+             for i, model in enumerate((models["a"], models["b"], models["a-again"]))]
+    assert main(["federation", "create", "school", "--home", str(homes[0])]) == 0
+    founder = load_identity(homes[0] / "identity.key").peer_id
+    token = invite(homes[0], capsys, f"/ip4/127.0.0.1/tcp/{ports[0]}/p2p/{founder}")
+    assert main(["join", token, "--home", str(homes[1])]) == exitcodes.CONFIG
+    err = " ".join(capsys.readouterr().err.split())
+    assert "refusing to join 'school'" in err and "tiny-a:" in err and "tiny-b:" in err
+    assert main(["join", token, "--home", str(homes[2])]) == 0
+    admitted: list[dict[str, object]] = []
+
+    async def federation() -> None:  # (both daemons in this process: no second start-up)
+        async with trio.open_nursery() as nursery:
+            for home in (homes[0], homes[2]):
+                daemon = Daemon(home, Config.from_toml(home / "p2pfed.toml"), Notifier({}))
+                await nursery.start(daemon.run)
+            with trio.fail_after(30):
+                while not admitted:
+                    st = await trio.to_thread.run_sync(request, homes[2] / SOCKET_NAME,
+                                                       "status")
+                    if st["member"] and st["members"] == 2 and st["rounds_completed"] >= 1:
+                        admitted.append(st)
+                    await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+
+    trio.run(federation)
+    for home in (homes[0], homes[2]):
+        with Ledger.open(home / "ledger.sqlite3", load_identity(home / "identity.key"),
+                         create=False) as ledger:
+            bases = [s.record.summary for s in read(ledger.entries(BaseModel.KIND), BaseModel)]
+            assert ledger.verify().ok
+        assert len(bases) == 1 and "bert encoder, 2 layers of 32" in bases[0]
