@@ -40,7 +40,8 @@ def export(
         if not force:
             prepare_out(out_dir)  # before the model is built: a refusal is quick
         current = load_current(root, config, parts)
-        written = export_parts(current.model, parts, out_dir, current.round, force=force)
+        written = export_parts(current.model, parts, out_dir, current.round, force=force,
+                               base=current.base)
         round_ = current.round
     else:
         written, round_ = _export_flat(root, component, out_dir, force)

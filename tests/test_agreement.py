@@ -167,3 +167,17 @@ def test_real_daemons_admit_the_member_with_the_same_model_and_the_other_is_refu
             bases = [s.record.summary for s in read(ledger.entries(BaseModel.KIND), BaseModel)]
             assert ledger.verify().ok
         assert len(bases) == 1 and "bert encoder, 2 layers of 32" in bases[0]
+    # the text adapter's checkpoint is exported with its base named, and never loaded onto
+    # another one
+    member = homes[2]
+    assert main(["export", "encoder.text.lora", str(tmp_path / "out"), "--home", str(member)]) == 0
+    readme = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert f"identity `{text_identity(m3t_config(models['a']))['digest']}`" in readme
+    toml = (member / "p2pfed.toml").read_text(encoding="utf-8")
+    (member / "p2pfed.toml").write_text(toml.replace(str(models["a-again"]), str(models["b"])),
+                                        encoding="utf-8")
+    capsys.readouterr()
+    assert main(["export", "encoder.text.lora", str(tmp_path / "out2"),
+                 "--home", str(member)]) == exitcodes.CONFIG
+    err = " ".join(capsys.readouterr().err.split())
+    assert "checkpoint was trained over 'tiny-a-again:" in err and "now gives 'tiny-b:" in err

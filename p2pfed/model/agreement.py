@@ -22,13 +22,13 @@ it proves nothing to anyone else (docs/security.md).
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from gossip.errors import ConfigError
 from gossip.records import Genesis, Policy
 from p2pfed.config import Config
-from p2pfed.journal import BaseModel, stored, write
+from p2pfed.journal import BaseModel, Stored, stored, write
 from p2pfed.ledger import Ledger
 from p2pfed.model.m3t import ENCODERS, TEXT
 
@@ -141,3 +141,26 @@ def record_base(ledger: Ledger, ident: dict[str, Any], now_ms: int) -> bool:
     write(ledger, BaseModel(COMPONENT, ident["digest"], ident["summary"]), now_ms,
           durable=True)
     return True
+
+
+def base_before(bases: Iterable[Stored[BaseModel]], index: int) -> BaseModel | None:
+    """The ``base-model`` entry in force at ledger entry ``index`` (a checkpoint): the newest
+    one before it (None: the checkpoint is older than any, so its base is not recorded)."""
+    found = None
+    for entry in bases:
+        if entry.index < index and entry.record.component == COMPONENT:
+            found = entry.record
+    return found
+
+
+def check_checkpoint(config: Config, base: BaseModel | None, what: str) -> None:
+    """Refuse (TextModelMismatchError) to load a text adapter checkpointed over ``base`` onto
+    the text model ``config`` names when that is another one (``what``: the command)."""
+    if base is None:
+        return
+    ours = text_identity(config)
+    if ours["digest"] != base.digest:
+        raise TextModelMismatchError(
+            f"{what}: the {COMPONENT} checkpoint was trained over {base.summary!r}, and "
+            f"[model] now gives {ours['summary']!r}; the adapter means nothing on another "
+            f"base. Put {SETTINGS} back as they were when it was trained.")

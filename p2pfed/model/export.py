@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from gossip.errors import LocalError
+from p2pfed.journal import BaseModel
 from p2pfed.model.m3t import ENCODERS, TEXT, M3TModel, TextEncoder
 
 PROJECTION_FILE = "projection.safetensors"
@@ -67,9 +68,10 @@ def prepare_out(out: Path, *, force: bool = False) -> None:
 
 
 def export_parts(model: M3TModel, components: Sequence[str], out: Path, round_: int, *,
-                 force: bool = False) -> list[Path]:
+                 force: bool = False, base: BaseModel | None = None) -> list[Path]:
     """Write ``components`` of ``model`` (all from checkpoints of ``round_``) under ``out``,
-    with a portable adapter config and a ``README.md``; returns the files written."""
+    with a portable adapter config and a ``README.md``; returns the files written.
+    ``base``: the text model the text adapter was trained over (the README names it)."""
     prepare_out(out, force=force)
     written: list[Path] = []
     for component in components:
@@ -82,7 +84,12 @@ def export_parts(model: M3TModel, components: Sequence[str], out: Path, round_: 
         config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n",
                           encoding="utf-8")
     readme = out / README
-    readme.write_text(usage_note(model, components, round_), encoding="utf-8")
+    note = usage_note(model, components, round_)
+    if base is not None and ENCODERS[TEXT] in components:
+        note += (f"\nThe text adapter was trained over `{base.summary}` (identity "
+                 f"`{base.digest}`, see `p2pfed.model.textbase.identity`): load it onto that "
+                 "model only.\n")
+    readme.write_text(note, encoding="utf-8")
     return sorted({*written, readme})
 
 

@@ -9,7 +9,8 @@ every component of it has a clean checkpoint (:func:`common_round`).
 
 Reading needs no daemon and writes nothing: the ledger is opened as ``export`` always opened
 it (the daemon may be appending at the same time, SQLite's WAL lets both), and the states come
-from the blob store.
+from the blob store.  A text adapter is loaded only onto the text model it was trained over:
+the ledger's ``base-model`` entry before its checkpoint names it (:mod:`p2pfed.model.agreement`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import torch
 
 from gossip.errors import ConfigError, LocalError
 from p2pfed.config import Config
-from p2pfed.journal import Checkpoint, Stored
+from p2pfed.journal import BaseModel, Checkpoint, Stored
+from p2pfed.model.agreement import base_before, check_checkpoint
 from p2pfed.model.data import MODALITY_FILES, load_source
-from p2pfed.model.m3t import M3TModel
+from p2pfed.model.m3t import ENCODERS, TEXT, M3TModel
 from p2pfed.model.tasks import LABELS, task_by_name
 from p2pfed.unlearning import is_clean
 
@@ -61,6 +63,9 @@ class HomeModel:
     model: M3TModel
     round: int
     components: tuple[str, ...]
+    #: the text model the text adapter's checkpoint was trained over (None: no text adapter,
+    #: or a checkpoint from before the ledger named it)
+    base: BaseModel | None = None
 
 
 def load_current(root: Path, config: Config, components: Sequence[str]) -> HomeModel:
@@ -89,12 +94,17 @@ def load_current(root: Path, config: Config, components: Sequence[str]) -> HomeM
             raise LocalError(f"{root}: {exc} (checkpointed: {', '.join(held) or 'nothing yet'}; "
                              "the daemon checkpoints every few rounds)") from None
         federation_id = FederationStore(root).view(ledger).federation_id
+        base = None
+        if ENCODERS[TEXT] in found:  # (over the base model it was trained over, only)
+            at = next(s.index for s in checkpoints if s.record is found[ENCODERS[TEXT]])
+            base = base_before(read(ledger.entries(BaseModel.KIND), BaseModel), at)
+    check_checkpoint(config, base, f"refusing to load the model of {root}")
     blobs = BlobStore(root / BLOBS_DIR)
     model = build_model(config, list(components), federation_id)
     flats = LocalTrainer(model, {}, node_seed=0).flats
     for name, ck in found.items():
         flats[name].load_(read_state(blobs, ck.digest).clone())
-    return HomeModel(model, round_, tuple(components))
+    return HomeModel(model, round_, tuple(components), base)
 
 
 def parts_of(component: str) -> list[str]:
