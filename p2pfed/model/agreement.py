@@ -10,7 +10,10 @@ nothing else would notice.  So:
   when the catalog has ``encoder.text.lora`` and the founder runs the M3T model;
 * ``p2pfed join`` refuses, before anything is written, when this node would hold
   ``encoder.text.lora`` with another identity (:func:`check_joining`);
-* the daemon refuses to start when ``[model]`` was changed since (:func:`check_at_start`).
+* the daemon refuses to start when ``[model]`` was changed since (:func:`check_at_start`),
+  and records the identity in its ledger (a ``base-model`` entry, :func:`record_base`) when
+  it is new there: the text adapter's checkpoints after it were made over that model, and
+  ``export``, ``predict`` and ``explain`` load them onto no other (:func:`check_checkpoint`).
 
 A federation whose genesis has no ``model.text`` (founded before, or by a node that runs the
 consensus workload) is not checked.  The text model is loaded only for a node that holds (or
@@ -80,10 +83,9 @@ def expected(genesis: Genesis) -> tuple[str, str] | None:
     return digest, summary if isinstance(summary, str) else f"digest {digest[:12]}"
 
 
-def _applies(config: Config, genesis: Genesis, holds: Collection[str]) -> tuple[str, str] | None:
-    if config.model.kind != "m3t" or COMPONENT not in holds:
-        return None
-    return expected(genesis)
+def _has_text(config: Config, holds: Collection[str]) -> bool:
+    """Whether this node runs a text model: the M3T model, holding the text adapter."""
+    return config.model.kind == "m3t" and COMPONENT in holds
 
 
 def _unless_same(ours: dict[str, Any], theirs: tuple[str, str], what: str, fix: str) -> None:
@@ -102,8 +104,8 @@ def _unless_same(ours: dict[str, Any], theirs: tuple[str, str], what: str, fix: 
 def check_joining(config: Config, holds: Collection[str], genesis: Genesis) -> None:
     """Refuse (TextModelMismatchError) to join a federation whose text model is not the one
     this node would hold (``holds``: the components it would join with)."""
-    theirs = _applies(config, genesis, holds)
-    if theirs is not None:
+    theirs = expected(genesis)
+    if theirs is not None and _has_text(config, holds):
         _unless_same(text_identity(config), theirs, f"refusing to join {genesis.name!r}",
                      f"Set {SETTINGS} to the federation's model (ask its admin which one), "
                      "then join again; nothing was written.")
@@ -114,7 +116,7 @@ def check_at_start(config: Config, genesis: Genesis, holds: Collection[str]
     """Refuse (TextModelMismatchError) to start a node whose ``[model]`` no longer gives the
     federation's text model; this node's identity (None: it holds no text adapter, or runs
     the consensus workload)."""
-    if config.model.kind != "m3t" or COMPONENT not in holds:
+    if not _has_text(config, holds):
         return None
     ours = text_identity(config)
     theirs = expected(genesis)
