@@ -167,6 +167,7 @@ def test_real_daemons_admit_the_member_with_the_same_model_and_the_other_is_refu
             bases = [s.record.summary for s in read(ledger.entries(BaseModel.KIND), BaseModel)]
             assert ledger.verify().ok
         assert len(bases) == 1 and "bert encoder, 2 layers of 32" in bases[0]
+        assert main(["ledger", "verify", "--home", str(home)]) == 0  # (its schema too)
     # the text adapter's checkpoint is exported with its base named, and never loaded onto
     # another one
     member = homes[2]
