@@ -1,4 +1,5 @@
-"""The records of membership, the task catalogue, unlearning and the ledger itself."""
+"""The records of membership, the task catalogue, unlearning, the base model of an adapter
+and the ledger itself."""
 
 from __future__ import annotations
 
