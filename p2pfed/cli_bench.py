@@ -42,12 +42,13 @@ def bench(
         help="With --model: cpu, cuda[:N] or auto (CUDA where torch sees one).")] = "cpu",
     neighbours: Annotated[int, typer.Option(
         min=1, max=1000, help="With --model: neighbours that fetch the adapter each round "
-        "([overlay] degree).")] = 4,
+        "(the config's overlay degree).")] = 4,
     rate_mb_s: Annotated[float | None, typer.Option(
         min=0.001, help="With --model: the member's uplink in MB/s (default: measured over the "
         "bulk channel on 127.0.0.1: the transport's own cost, no real link's).")] = None,
     round_steps: Annotated[int, typer.Option(
-        min=1, max=10_000, help="With --model: optimiser steps per round ([model] steps).")] = 8,
+        min=1, max=10_000, help="With --model: optimiser steps per round (the config's "
+        "model steps).")] = 8,
     adapter_mode: Annotated[str, typer.Option(
         help="With --model: frozen-a (B is trained and sent) or ab (A too).")] = "frozen-a",
 ) -> None:
