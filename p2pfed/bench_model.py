@@ -14,7 +14,8 @@ defaults to) and the topic head are built as a member builds them, and measured:
   buffer: LoRA ``B`` (and ``A`` with ``--adapter-mode ab``) and the projection.
 * the round's estimate: ``round_compute_s`` = ``train_step_s`` × ``round_steps`` (``[model]
   steps``); ``round_network_s`` = ``adapter_bytes`` × ``neighbours`` ÷ ``rate_mb_s`` (every
-  neighbour fetches the adapter); ``bound`` is the larger.  The rate is given
+  neighbour fetches the adapter); ``bound`` is the larger, and ``network_bound_below_mb_s``
+  the rate under which the network would be.  The rate is given
   (``--rate-mb-s``: the member's real uplink) or measured here as
   :mod:`p2pfed.bench_net`'s ``payload_stream_mbps``, a payload of the adapter's size fetched
   over the bulk channel on 127.0.0.1 (the transport's own cost, with no real link's
@@ -175,4 +176,6 @@ def run_model_bench(model: str = "minilm", *, device: str = "cpu", steps: int = 
         "round_steps": round_steps, "round_compute_s": compute_s,
         "round_network_s": network_s,
         "bound": "network" if network_s > compute_s else "compute",
+        #: the rate under which this round would wait on the network
+        "network_bound_below_mb_s": adapter_bytes * neighbours / compute_s / 1e6,
     }

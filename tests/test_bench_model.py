@@ -38,6 +38,8 @@ def test_a_round_on_a_tiny_llama_is_measured_and_bounded(llama: Path) -> None:
     assert got["bound"] == ("network" if got["round_network_s"] > got["round_compute_s"]
                             else "compute")
     assert got["device"] == "cpu" and got["rate_source"] == "given"
+    assert got["network_bound_below_mb_s"] == pytest.approx(
+        4 * ADAPTER * 4 / got["round_compute_s"] / 1e6)
 
 
 def test_the_ab_mode_sends_a_too_and_a_slow_link_makes_a_round_network_bound(
