@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gossip.errors import LocalError
+from gossip.errors import ConfigError, LocalError
 
 out = Console()
 
@@ -35,6 +35,22 @@ def bench(
     federation: Annotated[
         bool, typer.Option("--federation", help="Only rounds between real daemons (see below).")
     ] = False,
+    model: Annotated[str | None, typer.Option(
+        metavar="MODEL", help="Only a round on this text model (minilm, or a local Hugging Face "
+        "model directory; see below).")] = None,
+    device: Annotated[str, typer.Option(
+        help="With --model: cpu, cuda[:N] or auto (CUDA where torch sees one).")] = "cpu",
+    neighbours: Annotated[int, typer.Option(
+        min=1, max=1000, help="With --model: neighbours that fetch the adapter each round "
+        "(the config's overlay degree).")] = 4,
+    rate_mb_s: Annotated[float | None, typer.Option(
+        min=0.001, help="With --model: the member's uplink in MB/s (default: measured over the "
+        "bulk channel on 127.0.0.1: the transport's own cost, no real link's).")] = None,
+    round_steps: Annotated[int, typer.Option(
+        min=1, max=10_000, help="With --model: optimiser steps per round (the config's "
+        "model steps).")] = 8,
+    adapter_mode: Annotated[str, typer.Option(
+        help="With --model: frozen-a (B is trained and sent) or ab (A too).")] = "frozen-a",
 ) -> None:
     """Measure memory bandwidth, mixing, payload codec, digests, signatures, the network and
     the daemon at a long ledger.
@@ -55,12 +71,37 @@ def bench(
     ledger part builds a ledger of 100,000 entries (2,000 with --quick) and starts the daemon
     on it: start-up to READY, CPU of one status, and a full verification for comparison.
     ``cli_start_s`` is the CPU of ``python -m p2pfed --help`` (median of 5 runs; 3 with --quick).
+
+    With --model, only the text model a member would train (LoRA on its top layer and the topic
+    head, on --device): ``train_step_s`` (median of 5 optimiser steps on 16 texts of 32 tokens,
+    ``batch_shape``), ``adapter_bytes`` (the float32 adapter a round mixes and sends) and the
+    round's ``round_compute_s`` (the step × --round-steps) against ``round_network_s`` (the
+    adapter × --neighbours ÷ the rate); ``bound`` says which is longer.
     """
     from p2pfed.bench import cli_start_seconds, run_bench, run_ledger_bench, run_sim_bench
     from p2pfed.bench_fed import run_federation_bench
     from p2pfed.bench_net import run_net_bench
 
-    if sim:
+    chosen = [name for name, on in (("--sim", sim), ("--federation", federation),
+                                    ("--model", model is not None)) if on]
+    if len(chosen) > 1:
+        raise typer.BadParameter(f"one at a time, not {' and '.join(chosen)}",
+                                 param_hint=chosen[-1])
+    if model is not None:
+        from p2pfed.bench_model import resolve_device, run_model_bench
+        from p2pfed.model.textbase import check_text_model
+
+        for hint, check in (("--model", lambda: check_text_model(model)),
+                            ("--device", lambda: resolve_device(device))):
+            try:
+                check()
+            except ConfigError as exc:  # (before anything loads: a usage error)
+                raise typer.BadParameter(str(exc), param_hint=hint) from exc
+        report = run_model_bench(model, device=device, neighbours=neighbours,
+                                 round_steps=round_steps, rate_mb_s=rate_mb_s,
+                                 adapter_mode=adapter_mode)
+        _print_model(report)
+    elif sim:
         report = run_sim_bench(quick=quick)
         _print_sim(report)
     elif federation:
@@ -84,6 +125,17 @@ def _print_sim(report: dict[str, Any]) -> None:
     for row in report["sim_sizes"]:
         table.add_row(f"{row['nodes']:,}", str(row["rounds"]), f"{row['params']:,}",
                       f"{row['sim_node_round_ms']:.2f}", f"{row['sim_peak_rss_mb']:,.0f}")
+    out.print(table)
+
+
+def _print_model(report: dict[str, Any]) -> None:
+    table = Table(title=f"p2pfed bench --model {report['model']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else (
+            f"{value:,}" if isinstance(value, int) else str(value))
+        table.add_row(key, shown)
     out.print(table)
 
 

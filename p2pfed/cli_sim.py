@@ -20,6 +20,7 @@ from p2pfed.cli_sim_print import _print_sim_summary
 if TYPE_CHECKING:
     from p2pfed.node import RetentionPolicy
     from p2pfed.sim.config import SimConfig
+    from p2pfed.sim.education import EducationSettings
 
 out = Console()
 err = Console(stderr=True)
@@ -37,6 +38,9 @@ def simulate(
     ] = None,
     quick: Annotated[bool, typer.Option(help="Education workload: the few-minute run.")]
     = False,
+    text_model: Annotated[str | None, typer.Option(
+        metavar="MODEL", help="Education: the frozen text model, minilm (default) or a local "
+        "Hugging Face model directory (nothing is downloaded), LoRA on its top layer.")] = None,
     seed: Annotated[int, typer.Option(min=0, help="Same seed, same numbers.")] = 0,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Write the report here (default: not written; a missing folder is "
@@ -143,6 +147,8 @@ def simulate(
                          dp_budget=dp_budget,
                          dp_noisy=dp_noisy, attack=attack, robust=robust, storage=storage,
                          update_scale=update_scale, explain=explain)
+    if text_model is not None:
+        config.education = _education_text_model(text_model, workload, quick)
     config = _continual_options(config, continual=continual, method=method, catch_up=catch_up,
                                 participation=participation, train_s=train_s,
                                 round_interval=round_interval)
@@ -254,6 +260,23 @@ def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: boo
                      quick=quick, unlearn=target, unlearn_mode=mode, dp=dp, dp_noisy=noisy,
                      attack=attackers, robust=robust, retention=retention,
                      checkpoint_every=5 if retention is not None else 0, updates=updates)
+
+
+def _education_text_model(text_model: str, workload: str, quick: bool) -> EducationSettings:
+    """The education settings (quick or full) with ``text_model`` as the frozen text model;
+    BadParameter for another workload or a path that is not a model directory."""
+    from gossip.errors import ConfigError
+    from p2pfed.model.textbase import check_text_model
+    from p2pfed.sim.education import FULL, QUICK
+
+    if workload != "education":
+        raise typer.BadParameter("needs --workload education (no text model in the consensus "
+                                 "workload)", param_hint="--text-model")
+    try:
+        check_text_model(text_model)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--text-model") from exc
+    return dataclasses.replace(QUICK if quick else FULL, text_model=text_model)
 
 
 def _simulate_with_progress(config: SimConfig, quiet: bool) -> dict[str, Any]:

