@@ -34,7 +34,8 @@ from torch import nn
 
 from gossip.errors import ConfigError
 from p2pfed.components import FlatLayout
-from p2pfed.config_sections import ModelSection, OverlaySection
+from p2pfed.config_sections import PRECISIONS, ModelSection, OverlaySection
+from p2pfed.model import device as placement
 from p2pfed.model.m3t import (
     ENCODERS,
     TEXT,
@@ -51,27 +52,14 @@ from p2pfed.model.textbase import BUILT_IN, check_text_model, resolve_layers
 BATCH = ModelSection().batch_size
 #: the adapted layers, as ``[model] lora_layers`` defaults to: the top one
 LAYERS = ModelSection().lora_layers
-DEVICES = ("cpu", "auto", "cuda")
-
-
 def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (CUDA where torch sees one, else the CPU);
-    ConfigError for CUDA where torch sees none, or a name that is none of these."""
-    kind = name.split(":", 1)[0]
-    if kind not in DEVICES or (":" in name and (kind != "cuda" or
-                                                not name.split(":", 1)[1].isdecimal())):
+    """``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (CUDA where torch sees one, else the CPU),
+    as ``[model] device`` takes them (:func:`p2pfed.model.device.resolve_device`);
+    ConfigError for another word, or a CUDA device torch does not see."""
+    if name not in {"auto", "cpu", "cuda"} and not (name.startswith("cuda:")
+                                                   and name[5:].isdecimal()):
         raise ConfigError(f"device {name!r}: choose cpu, auto, cuda or cuda:N")
-    if kind == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r}: torch sees no CUDA device here (torch "
-                              f"{torch.__version__}); use --device cpu")
-        index = int(name.split(":", 1)[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r}: torch sees {torch.cuda.device_count()} "
-                              "CUDA device(s)")
-    return torch.device(name)
+    return placement.resolve_device(name)
 
 
 def bench_texts(n: int = BATCH, seed: int = 0) -> list[str]:
@@ -86,28 +74,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_steps(model: M3TModel, device: torch.device, steps: int,
+def device_autocast(model: M3TModel) -> Any:
+    """The model's precision for the frozen layers run once per text, as a member's
+    start-up runs them."""
+    return placement.autocast(model.device, model.precision)
+
+
+def measure_steps(model: M3TModel, steps: int,
                   seed: int = 0) -> tuple[list[float], list[int]]:
     """Seconds of each of ``steps`` optimiser steps of the topic task (after one of warm-up)
     on a batch of BATCH texts, and the batch's shape (texts, tokens)."""
     encoder = model.modules[ENCODERS[TEXT]]
     assert isinstance(encoder, TextEncoder)
-    for module in model.modules.values():
-        module.to(device)
-    cached = encoder.encode_prefix(bench_texts(BATCH, seed))
+    with device_autocast(model):
+        cached = encoder.encode_prefix(bench_texts(BATCH, seed))
     width = int(cached.mask.sum(1).max())
-    labels = torch.arange(BATCH, device=device) % model.spec.task("topic").classes
+    # (the model gives float32 logits on the CPU, whatever its device and precision)
+    labels = torch.arange(BATCH) % model.spec.task("topic").classes
     params = [p for c in model.held for p in model.parameters_of(c).values()]
     opt = torch.optim.Adam(params, lr=1e-3)
     seconds = []
     for i in range(steps + 1):
-        _sync(device)
+        _sync(model.device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model.forward("topic", {TEXT: cached}), labels)
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
-        _sync(device)
+        _sync(model.device)
         if i:  # (the first step allocates the optimiser's state: warm-up)
             seconds.append(time.perf_counter() - start)
     return seconds, [len(cached), width]
@@ -128,7 +122,8 @@ def measured_rate(adapter_bytes: int) -> float:
     return float(run_net_bench(size_mb=size_mb, repeats=3)["payload_stream_mbps"])
 
 
-def run_model_bench(model: str = "minilm", *, device: str = "cpu", steps: int = 5,
+def run_model_bench(model: str = "minilm", *, device: str = "cpu", precision: str = "fp32",
+                    steps: int = 5,
                     neighbours: int = OverlaySection().degree,
                     round_steps: int = ModelSection().steps, rate_mb_s: float | None = None,
                     adapter_mode: str = AdapterMode.FROZEN_A.value) -> dict[str, Any]:
@@ -139,7 +134,10 @@ def run_model_bench(model: str = "minilm", *, device: str = "cpu", steps: int = 
     if rate_mb_s is not None and not (math.isfinite(rate_mb_s) and rate_mb_s > 0):
         raise ValueError("the rate must be a positive number of MB/s")
     check_text_model(model)
-    where = resolve_device(device)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r}: choose {' or '.join(PRECISIONS)}")
+    on = resolve_device(device)
+    placement.check_precision(on, precision)
     try:
         mode = AdapterMode(adapter_mode)
     except ValueError:
@@ -150,12 +148,13 @@ def run_model_bench(model: str = "minilm", *, device: str = "cpu", steps: int = 
     import transformers  # noqa: F401
 
     start = time.perf_counter()
-    built = M3TModel.build(spec, [ENCODERS[TEXT], "head.topic"])
+    built = M3TModel.build(spec, [ENCODERS[TEXT], "head.topic"], device=on,
+                           precision=precision)
     load_s = time.perf_counter() - start
     encoder = built.modules[ENCODERS[TEXT]]
     assert isinstance(encoder, TextEncoder)
     fam = encoder.family
-    seconds, shape = measure_steps(built, where, steps)
+    seconds, shape = measure_steps(built, steps)
     adapter_bytes = adapter_layout(built).nbytes
     rate = rate_mb_s if rate_mb_s is not None else measured_rate(adapter_bytes)
     step_s = statistics.median(seconds)
@@ -166,7 +165,7 @@ def run_model_bench(model: str = "minilm", *, device: str = "cpu", steps: int = 
         "model_type": fam.model_type, "family": fam.kind, "layers": fam.depth,
         "hidden": fam.hidden, "lora_layers": resolve_layers(LAYERS, fam.depth),
         "lora_targets": list(fam.targets), "lora_rank": spec.lora_rank,
-        "adapter_mode": mode.value, "device": str(where),
+        "adapter_mode": mode.value, "device": str(on), "precision": precision,
         "torch_threads": torch.get_num_threads(), "load_s": load_s,
         "batch_shape": shape, "steps_timed": steps, "train_step_s": step_s,
         "train_step_min_s": min(seconds), "train_step_max_s": max(seconds),

@@ -40,6 +40,9 @@ def bench(
         "model directory; see below).")] = None,
     device: Annotated[str, typer.Option(
         help="With --model: cpu, cuda[:N] or auto (CUDA where torch sees one).")] = "cpu",
+    precision: Annotated[str, typer.Option(
+        help="With --model: fp32, or bf16 (the forward pass under bfloat16 autocast; the "
+        "adapter stays float32).")] = "fp32",
     neighbours: Annotated[int, typer.Option(
         min=1, max=1000, help="With --model: neighbours that fetch the adapter each round "
         "(the config's overlay degree).")] = 4,
@@ -89,6 +92,7 @@ def bench(
                                  param_hint=chosen[-1])
     if model is not None:
         from p2pfed.bench_model import resolve_device, run_model_bench
+        from p2pfed.config_sections import PRECISIONS
         from p2pfed.model.textbase import check_text_model
 
         for hint, check in (("--model", lambda: check_text_model(model)),
@@ -97,7 +101,11 @@ def bench(
                 check()
             except ConfigError as exc:  # (before anything loads: a usage error)
                 raise typer.BadParameter(str(exc), param_hint=hint) from exc
-        report = run_model_bench(model, device=device, neighbours=neighbours,
+        if precision not in PRECISIONS:
+            raise typer.BadParameter(f"choose {' or '.join(PRECISIONS)}, not {precision!r}",
+                                     param_hint="--precision")
+        report = run_model_bench(model, device=device, precision=precision,
+                                 neighbours=neighbours,
                                  round_steps=round_steps, rate_mb_s=rate_mb_s,
                                  adapter_mode=adapter_mode)
         _print_model(report)

@@ -42,6 +42,14 @@ def test_a_round_on_a_tiny_llama_is_measured_and_bounded(llama: Path) -> None:
         4 * ADAPTER * 4 / got["round_compute_s"] / 1e6)
 
 
+def test_bf16_measures_the_same_adapter(llama: Path) -> None:
+    got = run_model_bench(str(llama), steps=1, rate_mb_s=1.0, precision="bf16")
+    assert got["precision"] == "bf16" and got["adapter_bytes"] == 4 * ADAPTER  # (float32)
+    assert got["train_step_s"] > 0
+    with pytest.raises(ConfigError, match="precision 'fp8'"):
+        run_model_bench(str(llama), steps=1, rate_mb_s=1.0, precision="fp8")
+
+
 def test_the_ab_mode_sends_a_too_and_a_slow_link_makes_a_round_network_bound(
         llama: Path) -> None:
     got = run_model_bench(str(llama), steps=1, rate_mb_s=1e-6, adapter_mode="ab")
@@ -80,6 +88,7 @@ def test_bad_models_and_devices_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv", [["--model", "/nonexistent/model"],
                                   ["--model", "tiny", "--device", "tpu"],
+                                  ["--model", "tiny", "--precision", "fp16"],
                                   ["--model", "tiny", "--sim"]])
 def test_the_cli_refuses_before_loading(argv: list[str], capsys: pytest.CaptureFixture[str],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
