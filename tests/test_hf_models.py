@@ -124,7 +124,7 @@ def test_an_exported_adapter_loads_with_peft_and_gives_the_same_predictions(
     _randomise(LocalTrainer(model, {}, node_seed=0), 11)
     export_parts(model, [TEXT, "head.topic"], tmp_path / "out", 4)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text(encoding="utf-8"))
-    assert config["base_model_name_or_path"] == str(models[name])
+    assert config["base_model_name_or_path"] == name  # (the model's name, not where it is)
     assert "BASE_DIR" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     text = PeftModel.from_pretrained(AutoModel.from_pretrained(str(models[name])),
                                      str(tmp_path / "out")).eval()
@@ -190,3 +190,56 @@ def test_a_prediction_of_a_local_decoder_is_explained_token_by_token(
     # the attributions add up to what the text moved, up to the integration's error
     moved = exp.probability - exp.baseline_probability
     assert abs(exp.delta) < 0.05 * max(abs(moved), 1e-3) + 1e-3
+
+
+def test_a_model_saved_in_bf16_trains_in_fp32_and_keeps_its_identity(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    """Hub LLMs are mostly saved in bfloat16: the frozen base is made float32 on loading, so a
+    member with the default precision trains on it, and the same weights saved in bf16 or in
+    float32 are the same model."""
+    half = save_tiny(tmp_path / "half", "llama", dtype=torch.bfloat16)
+    full = save_tiny(tmp_path / "full", "llama", dtype=torch.bfloat16)
+    base, _tok = load_text_base(str(full))  # (bf16 weights, upcast) saved again in float32
+    base.save_pretrained(str(full))
+    model = _build(half)
+    data = TaskData({"text": _encoder(model).encode_prefix(TEXTS)}, np.arange(4))
+    trainer = LocalTrainer(model, {"topic": data}, node_seed=1, steps=2, batch_size=4)
+    assert np.isfinite(trainer.train_round([TEXT, "head.topic"], 0))
+
+    def of(path: Path) -> str:
+        loaded, _ = load_text_base(str(path))
+        return str(identity(loaded, str(path), targets=(), layers=(-1,), rank=8, alpha=16,
+                            mode="frozen-a")["digest"])
+
+    assert of(half) == of(full)
+
+
+def test_the_identity_is_the_models_not_the_class_it_was_saved_from(tmp_path: Path) -> None:
+    """A LLaMA from the Hub (saved with its language-model head) and the same weights saved
+    as a bare model differ only in their config's ``architectures``: the same model."""
+    lm = save_tiny(tmp_path / "lm", "llama", causal_lm=True)
+    bare = tmp_path / "bare"
+    base, tokenizer = load_text_base(str(lm))
+    base.save_pretrained(str(bare))
+    tokenizer.save_pretrained(str(bare))
+    digests = []  # (the targets named in another order are the same adapter)
+    for path, targets in ((lm, ("v_proj", "q_proj")), (bare, ())):
+        loaded, _ = load_text_base(str(path))
+        digests.append(identity(loaded, str(path), targets=targets, layers=(-1,),
+                                rank=8, alpha=16, mode="frozen-a")["digest"])
+    assert digests[0] == digests[1]
+
+
+def test_models_it_cannot_adapt_are_refused_clearly(tmp_path: Path) -> None:
+    from transformers import BartConfig, BartModel
+
+    with pytest.raises(ConfigError, match="absolute path"):
+        load_text_base("models/llama")
+    bart = tmp_path / "bart"
+    BartModel(BartConfig(vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1,
+                         encoder_attention_heads=2, decoder_attention_heads=2,
+                         encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+              ).save_pretrained(str(bart))
+    base = BartModel.from_pretrained(str(bart))
+    with pytest.raises(ConfigError, match="encoder-decoder model"):
+        family(base)

@@ -13,10 +13,20 @@ FAMILIES = ("bert", "llama")
 
 
 def save_tiny(out: Path, family: str = "llama", *, layers: int = 2, hidden: int = 32,
-              seed: int = 1234) -> Path:
+              seed: int = 1234, dtype: torch.dtype = torch.float32, causal_lm: bool = False
+              ) -> Path:
     """Write a ``layers``-layer random ``family`` model and a tokenizer (the bundled MiniLM's
-    WordPiece vocabulary) to ``out``; returns ``out``.  The same seed gives the same weights."""
-    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel
+    WordPiece vocabulary) to ``out``; returns ``out``.  The same seed gives the same weights.
+    ``dtype``: the type the weights are saved in (Hub LLMs are mostly bfloat16);
+    ``causal_lm``: a LLaMA saved with its language-model head, as the Hub has them."""
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaModel,
+    )
 
     from p2pfed.model.textbase import _bundled_path
 
@@ -31,12 +41,12 @@ def save_tiny(out: Path, family: str = "llama", *, layers: int = 2, hidden: int 
         config = LlamaConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers,
                              num_attention_heads=2, num_key_value_heads=2,
                              intermediate_size=2 * hidden, max_position_embeddings=64)
-        make = LlamaModel
+        make = LlamaForCausalLM if causal_lm else LlamaModel
     else:
         raise ValueError(f"unknown family {family!r}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = make(config)
+        model = make(config).to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     AutoTokenizer.from_pretrained(_bundled_path()).save_pretrained(str(out))

@@ -52,8 +52,11 @@ def resolve_device(setting: str) -> torch.device:
 def check_precision(device: torch.device, precision: str) -> None:
     """Log a warning when ``bf16`` is asked of a GPU that emulates bfloat16 (slower, not
     faster, than float32 there)."""
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(
-            including_emulation=False):
+    if precision != "bf16" or device.type != "cuda":
+        return
+    with torch.cuda.device(device):  # (the configured device, not the current one)
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    if not native:
         log.warning('[model] precision = "bf16" on %s, which has no native bfloat16: the '
                     'forward pass is emulated (set precision = "fp32")',
                     torch.cuda.get_device_name(device))

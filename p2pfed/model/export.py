@@ -29,6 +29,12 @@ BASE_MODELS = {
 }
 
 
+def base_name(text_model: str) -> str:
+    """The base model an export names: MiniLM's hub name, or a local model directory's own
+    name (not where this member keeps it)."""
+    return BASE_MODELS.get(text_model) or Path(text_model).name
+
+
 def export_component(model: M3TModel, component: str, out: Path) -> list[Path]:
     """Write ``component`` under ``out``; returns the files written.
 
@@ -79,8 +85,7 @@ def export_parts(model: M3TModel, components: Sequence[str], out: Path, round_: 
     config = out / ADAPTER_CONFIG
     if ENCODERS[TEXT] in components and config.exists():
         settings = json.loads(config.read_text(encoding="utf-8"))
-        settings["base_model_name_or_path"] = BASE_MODELS.get(model.spec.text_model,
-                                                              model.spec.text_model)
+        settings["base_model_name_or_path"] = base_name(model.spec.text_model)
         config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n",
                           encoding="utf-8")
     readme = out / README
@@ -123,7 +128,7 @@ def usage_note(model: M3TModel, components: Sequence[str], round_: int) -> str:
 def _text_note(model: M3TModel) -> list[str]:
     """How to load the text adapter onto its base model and pool a text, in Python."""
     kind = model.spec.text_model
-    base = BASE_MODELS.get(kind, kind)
+    base = base_name(kind)
     encoder = model.modules.get(ENCODERS[TEXT])
     pooling = encoder.family.pooling if isinstance(encoder, TextEncoder) else "mean"
     if kind == "minilm":

@@ -202,27 +202,28 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_prefix(self, texts: Sequence[str], batch_size: int = 128) -> CachedTexts:
-        """Run the frozen layers below the first adapted one, once (padded to TEXT_MAX_TOKENS);
-        a model that is not BERT-shaped caches its input embeddings only."""
+        """Run the frozen layers below the first adapted one, once (padded to TEXT_MAX_TOKENS),
+        each batch back to the CPU's memory as it is done; a model that is not BERT-shaped
+        keeps its token ids only (its whole model runs at each step anyway, and ids take a
+        thousandth of the memory of its embeddings)."""
         base: Any = self.peft.get_base_model()
         hiddens, masks = [], []
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(list(texts[start : start + batch_size]), padding="max_length",
                                    truncation=True, max_length=TEXT_MAX_TOKENS,
                                    return_tensors="pt")
+            masks.append(batch["attention_mask"])
+            if not self.family.bert_layers:
+                hiddens.append(batch["input_ids"])
+                continue
             ids = batch["input_ids"].to(self.proj.weight.device)
             attention = batch["attention_mask"].to(ids.device)
-            if not self.family.bert_layers:
-                hiddens.append(base.get_input_embeddings()(ids).float())
-                masks.append(attention)
-                continue
             hidden = base.embeddings(input_ids=ids)
             for layer in base.encoder.layer[: self.cache_from]:
                 hidden = _layer(layer, hidden, attention)
-            hiddens.append(hidden.float())
-            masks.append(attention)
+            hiddens.append(hidden.float().to(CPU))
         # kept in the CPU's memory (a forward pass moves its batch to the model's device)
-        return CachedTexts(torch.cat(hiddens), torch.cat(masks)).to(CPU)
+        return CachedTexts(torch.cat(hiddens), torch.cat(masks))
 
     def forward(self, texts: Sequence[str] | CachedTexts) -> torch.Tensor:
         if isinstance(texts, CachedTexts):
@@ -233,9 +234,8 @@ class TextEncoder(nn.Module):
                 bert: Any = self.peft.get_base_model()
                 for layer in bert.encoder.layer[self.cache_from :]:
                     hidden = _layer(layer, hidden, attention)
-            else:
-                hidden = self.peft(inputs_embeds=hidden, attention_mask=attention
-                                   ).last_hidden_state
+            else:  # (token ids)
+                hidden = self.peft(input_ids=hidden, attention_mask=attention).last_hidden_state
         else:
             batch = self.tokenize(texts)
             device = self.proj.weight.device
@@ -259,9 +259,10 @@ class TextEncoder(nn.Module):
 
 @dataclass(frozen=True)
 class CachedTexts:
-    """Hidden states of texts below the adapted layers, and their attention masks."""
+    """Hidden states of texts below the adapted layers (N, T, H), or for a model that is not
+    BERT-shaped their token ids (N, T); and their attention masks."""
 
-    hidden: torch.Tensor  # (N, T, H)
+    hidden: torch.Tensor  # (N, T, H) or (N, T)
     mask: torch.Tensor  # (N, T)
 
     def __len__(self) -> int:

@@ -39,11 +39,21 @@ DECODER_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma
                            "phi3", "gpt2", "gpt_neox", "gptj", "opt", "falcon", "olmo",
                            "smollm3", "granite"})
 #: (query, value) projection names by architecture, tried in order
-_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("c_attn",),
-            ("query_key_value",), ("Wqkv",))
-#: configuration keys that say nothing about the model (left out of its digest)
-_VOLATILE = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype",
-                       "_attn_implementation_autoset", "_commit_hash", "use_cache"})
+_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"),
+            ("query_proj", "value_proj"), ("c_attn",), ("query_key_value",), ("Wqkv",),
+            ("q", "v"))
+#: model types whose layers the cached path (``TextEncoder.encode_prefix``) runs itself: BERT's
+#: own layer with absolute positions; any other model runs through its own forward pass
+_BERT_LAYERS = frozenset({"bert", "roberta", "xlm-roberta", "camembert"})
+#: the configuration's architectural settings (what changes the computation beyond the weights'
+#: shapes and values); everything else in a config.json varies with the transformers version
+#: or the class the model was saved from and stays out of the identity
+_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+                 "hidden_act", "hidden_activation", "activation_function", "layer_norm_eps",
+                 "rms_norm_eps", "layer_norm_epsilon", "max_position_embeddings",
+                 "type_vocab_size", "position_embedding_type", "embedding_size",
+                 "sliding_window", "attention_bias", "mlp_bias", "tie_word_embeddings")
 
 
 @dataclass(frozen=True)
@@ -95,11 +105,17 @@ def family(base: nn.Module, targets: Sequence[str] = ()) -> Family:
         if not chosen:
             raise ConfigError(f"no default LoRA targets for a {model_type or 'unknown'} model: "
                               "name its attention projections in [model] lora_targets")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"text model of type {model_type}: an encoder-decoder model (T5, "
+                          "BART ...) is not supported; use an encoder (BERT-like) or a decoder "
+                          "(LLaMA-like)")
     decoder = (model_type in DECODER_TYPES or bool(getattr(config, "is_decoder", False))
                or any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None)
                       or ()))
-    bert_layers = hasattr(base, "embeddings") and hasattr(getattr(base, "encoder", None),
-                                                           "layer")
+    bert_layers = (model_type in _BERT_LAYERS and hasattr(base, "embeddings")
+                   and hasattr(getattr(base, "encoder", None), "layer")
+                   and getattr(config, "position_embedding_type", "absolute") in (None, "absolute")
+                   and getattr(config, "embedding_size", hidden) == hidden)
     return Family("decoder" if decoder else "encoder", chosen, int(depth), int(hidden),
                   model_type, bert_layers and not decoder)
 
@@ -166,6 +182,9 @@ def check_text_model(kind: str) -> Path | None:
     if kind in BUILT_IN:
         return None
     path = Path(kind).expanduser()
+    if not path.is_absolute():
+        raise ConfigError(f"model.text_model {kind!r}: give the model directory's absolute path "
+                          "(a service does not run where your shell does)")
     if not path.exists():
         raise ConfigError(f"model.text_model {kind!r}: no such directory (a local Hugging Face "
                           f"model directory, or one of {', '.join(BUILT_IN)}; nothing is "
@@ -189,9 +208,13 @@ def load_text_base(kind: str) -> tuple[nn.Module, Any]:
     try:
         base = AutoModel.from_pretrained(str(path), local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, ImportError, TypeError, RuntimeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"model.text_model {kind!r}: cannot load it as a Hugging Face model "
-                          f"and tokenizer: {str(exc).splitlines()[0]}") from exc
+                          f"and tokenizer: {first}") from exc
+    # a checkpoint saved in bf16 or fp16 loads in that type: the frozen base is float32 here
+    # (autocast gives bf16 arithmetic where asked), so the same weights give the same identity
+    base = base.float()
     if tokenizer.pad_token is None:  # decoders often have none: pad with end-of-text
         fill = tokenizer.eos_token or tokenizer.unk_token
         if fill is None:
@@ -204,8 +227,27 @@ def load_text_base(kind: str) -> tuple[nn.Module, Any]:
 
 
 # ---------------------------------------------------------------------------- identity
+def _rope(config: Any) -> dict[str, Any]:
+    """The rotary embedding's settings, wherever this transformers version keeps them."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None)
+    if isinstance(scaling, dict):
+        params = {**scaling, **params}
+    theta = params.pop("rope_theta", None) or getattr(config, "rope_theta", None)
+    kind = params.pop("rope_type", None) or params.pop("type", None)
+    out: dict[str, Any] = {} if theta is None else {"theta": float(theta)}
+    if kind not in (None, "default"):
+        out |= {"type": kind, **{k: v for k, v in sorted(params.items())}}
+    return out
+
+
 def _config_digest(base: nn.Module) -> str:
-    settings = {k: v for k, v in _config(base).to_dict().items() if k not in _VOLATILE}
+    """A digest of the configuration's architectural settings (:data:`_ARCHITECTURE` and the
+    rotary embedding's), the same whichever transformers version or class wrote it."""
+    config = _config(base)
+    settings = {k: getattr(config, k) for k in _ARCHITECTURE
+                if getattr(config, k, None) is not None}
+    settings["rope"] = _rope(config)
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 
@@ -215,9 +257,10 @@ def _weights_digest(base: nn.Module) -> str:
     for name, tensor in sorted(base.state_dict().items()):
         if ".lora_" in name:
             continue  # (the adapter, if one is already on it, is not the base)
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)  # (a scalar too)
+        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # (no copy)
     return h.hexdigest()
 
 
@@ -231,7 +274,7 @@ def identity(base: nn.Module, kind: str, *, targets: Sequence[str], layers: Sequ
     out: dict[str, Any] = {
         "model_type": fam.model_type, "family": fam.kind, "hidden": fam.hidden,
         "layers": fam.depth, "config_digest": _config_digest(base),
-        "weights_digest": _weights_digest(base), "lora_targets": list(fam.targets),
+        "weights_digest": _weights_digest(base), "lora_targets": sorted(fam.targets),
         "lora_layers": resolved, "lora_rank": rank, "lora_alpha": alpha, "adapter_mode": mode,
     }
     out["digest"] = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()

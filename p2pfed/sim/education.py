@@ -129,7 +129,8 @@ def _with_groups(plain: TaskData, shifted: dict[str, Any], drawn: np.ndarray) ->
         alt = shifted[m]
         if isinstance(value, CachedTexts):
             rows = torch.from_numpy(minority)
-            inputs[m] = CachedTexts(torch.where(rows[:, None, None], alt.hidden, value.hidden),
+            lead = rows.reshape((-1,) + (1,) * (value.hidden.dim() - 1))  # (ids or states)
+            inputs[m] = CachedTexts(torch.where(lead, alt.hidden, value.hidden),
                                     torch.where(rows[:, None], alt.mask, value.mask))
         else:
             inputs[m] = np.where(minority.reshape((-1,) + (1,) * (value.ndim - 1)), alt, value)
