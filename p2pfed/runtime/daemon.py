@@ -167,9 +167,8 @@ class Daemon:
     async def _serve(self, nursery: trio.Nursery, node: FederatedNode, transport: Any,
                      trainer: LocalTrainer | None, store: FederationStore,
                      task_status: TaskStatus[None]) -> None:
-        """Start the host, control socket and helpers, then run the node: READY=1 once it
-        runs; until a signal, rebuilding it whenever the task catalogue gives it new
-        components (the host and the control socket stay)."""
+        """Start the host, control socket and helpers, then run the node (READY=1 once it runs)
+        until a signal, rebuilt whenever the task catalogue gives it new components."""
         await nursery.start(transport.run)
         handlers: dict[str, Any] = {}  # (filled for each node the daemon runs)
         nursery.start_soon(self._signalled)
@@ -177,10 +176,12 @@ class Daemon:
         nursery.start_soon(self._verify_loop, node.ledger)
         while await self._run_node(node, transport, trainer, handlers, nursery,
                                    store if not self._ready else None, task_status):
+            trainer = None  # (the old model goes before the new one loads: one in memory)
             node, trainer, self.config = await reload_node(
                 self.home, self.config, node.identity, node.ledger, node.view,
                 lambda: Sequencer(_boot_epoch(self.home)), self._pace_gate(node.view))
             _bind_transport(transport, node)
+            self._monitor.loaded()  # (loading is not training: the cap counts from here)
             log.info("rebuilt the node: it holds %s", ", ".join(sorted(node.components)))
 
     async def _run_node(self, node: FederatedNode, transport: Any,
