@@ -109,7 +109,7 @@ def family(base: nn.Module, targets: Sequence[str] = ()) -> Family:
         raise ConfigError(f"text model of type {model_type}: an encoder-decoder model (T5, "
                           "BART ...) is not supported; use an encoder (BERT-like) or a decoder "
                           "(LLaMA-like)")
-    decoder = (model_type in DECODER_TYPES or bool(getattr(config, "is_decoder", False))
+    decoder = (model_type in _decoder_types() or bool(getattr(config, "is_decoder", False))
                or any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None)
                       or ()))
     bert_layers = (model_type in _BERT_LAYERS and hasattr(base, "embeddings")
@@ -118,6 +118,18 @@ def family(base: nn.Module, targets: Sequence[str] = ()) -> Family:
                    and getattr(config, "embedding_size", hidden) == hidden)
     return Family("decoder" if decoder else "encoder", chosen, int(depth), int(hidden),
                   model_type, bert_layers and not decoder)
+
+
+def _decoder_types() -> frozenset[str]:
+    """Model types that are decoders: those transformers knows as causal language models and
+    not as masked ones (BERT-likes are both), and :data:`DECODER_TYPES` where it cannot say."""
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:  # (the mapping's place is transformers' own business)
+        return DECODER_TYPES
+    causal = getattr(auto, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", {})
+    masked = getattr(auto, "MODEL_FOR_MASKED_LM_MAPPING_NAMES", {})
+    return DECODER_TYPES | (frozenset(causal) - frozenset(masked))
 
 
 def resolve_layers(layers: Sequence[int] | None, depth: int) -> list[int] | None:
