@@ -179,7 +179,7 @@ class TextEncoder(nn.Module):
                 elif "lora_B" in name:
                     p.zero_()
                     p.requires_grad_(True)
-        hidden = int(getattr(base, "config").hidden_size)  # noqa: B009 (untyped HF config)
+        hidden = self.family.output
         self.proj = nn.Linear(hidden, WIDTH)
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
 

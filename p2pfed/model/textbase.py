@@ -73,6 +73,9 @@ class Family:
     #: first adapted one can be run once per text and cached
     bert_layers: bool
 
+    #: the width of the model's last hidden states (OPT projects them apart from ``hidden``)
+    output: int = 0
+
     @property
     def pooling(self) -> str:
         return "last" if self.kind == "decoder" else "mean"
@@ -116,8 +119,9 @@ def family(base: nn.Module, targets: Sequence[str] = ()) -> Family:
                    and hasattr(getattr(base, "encoder", None), "layer")
                    and getattr(config, "position_embedding_type", "absolute") in (None, "absolute")
                    and getattr(config, "embedding_size", hidden) == hidden)
+    output = getattr(config, "word_embed_proj_dim", None) or hidden
     return Family("decoder" if decoder else "encoder", chosen, int(depth), int(hidden),
-                  model_type, bert_layers and not decoder)
+                  model_type, bert_layers and not decoder, int(output))
 
 
 def _decoder_types() -> frozenset[str]:
