@@ -16,7 +16,7 @@ from rich.table import Table
 from gossip.errors import KeyFileError, LocalError
 from gossip.identity import create_identity, load_identity
 from p2pfed.config import Config
-from p2pfed.home import CONFIG_FILE, KEY_FILE, LEDGER_FILE, locked_home, resolve_home
+from p2pfed.home import CACHE_DIR, CONFIG_FILE, KEY_FILE, LEDGER_FILE, locked_home, resolve_home
 
 out = Console()
 err = Console(stderr=True)
@@ -138,7 +138,8 @@ def federation_create(
         spec = model_spec(config, bytes(32))
         spec.check_holdings(config.components.hold)
         spec.check_components(catalog, "--component")
-        policies = genesis_policies(config, catalog)  # (the text model members must share)
+        policies = genesis_policies(config, catalog,  # (the text model members must share)
+                                    root / CACHE_DIR)
     with locked_home(root, "federation create"), \
             Ledger.open(root / LEDGER_FILE, identity) as ledger:
         genesis = create_federation(
@@ -203,7 +204,7 @@ def join(
         from p2pfed.model.agreement import check_joining
 
         check_joining(config, config.components.hold,
-                      usable_invite(token, identity, _now_ms()).genesis)
+                      usable_invite(token, identity, _now_ms()).genesis, root / CACHE_DIR)
     with locked_home(root, "join"), Ledger.open(root / LEDGER_FILE, identity) as ledger:
         parsed = join_federation(root, identity, ledger, token,
                                  modules=list(config.components.hold),

@@ -23,6 +23,8 @@ KEY_FILE = "identity.key"
 LEDGER_FILE = "ledger.sqlite3"
 CONFIG_FILE = "p2pfed.toml"
 BLOBS_DIR = "blobs"
+#: what may be recomputed at any time (the text model's identity); deleting it costs time only
+CACHE_DIR = "cache"
 #: held (``flock``) by whatever writes the home: the daemon for its life, ``join`` for a moment
 LOCK_FILE = "daemon.lock"
 PRIVATE_FILE = 0o600

@@ -51,6 +51,33 @@ def test_same_shapes_other_weights_differ_and_the_same_model_agrees_however_it_i
     assert text_identity(m3t_config(models["a"], [0]))["digest"] != a["digest"]
 
 
+def test_the_identity_is_hashed_once_per_model_files_and_settings(
+        models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import shutil
+
+    from p2pfed.model import textbase
+
+    model = shutil.copytree(models["a"], tmp_path / "model")
+    cache = tmp_path / "home" / "cache"
+    first = text_identity(m3t_config(model), cache)
+
+    def no_load(kind: str) -> None:
+        raise AssertionError("loaded the model again")
+
+    monkeypatch.setattr(textbase, "load_text_base", no_load)
+    assert text_identity(m3t_config(model), cache) == first  # (from the cache: not loaded)
+    monkeypatch.undo()
+    assert text_identity(m3t_config(model, [0]), cache)["digest"] != first["digest"]
+    # new weights in the same place (another time stamp): hashed again, not taken on trust
+    weights = model / "model.safetensors"
+    shutil.copyfile(models["b"] / "model.safetensors", weights)
+    os.utime(weights, ns=(1, 1))
+    assert text_identity(m3t_config(model), cache)["digest"] != first["digest"]
+    (cache / "text-identity.json").write_text("{not json")  # a damaged cache: only slower
+    assert text_identity(m3t_config(models["a"]), cache)["digest"] == first["digest"]
+
+
 def make_home(home: Path, text_model: Path | str, *, hold: str = "encoder.text.lora",
               listen: str = "/ip4/127.0.0.1/tcp/0") -> Path:
     assert main(["init", "--home", str(home), "--listen", listen, "--hold", hold,

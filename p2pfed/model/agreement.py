@@ -24,8 +24,11 @@ it proves nothing to anyone else (docs/security.md).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Collection, Iterable
+from pathlib import Path
 from typing import Any
 
 from gossip.errors import ConfigError
@@ -45,6 +48,8 @@ COMPONENT = ENCODERS[TEXT]
 #: what a member changes to match
 SETTINGS = "[model] text_model, lora_layers and lora_targets in p2pfed.toml"
 _MAX_POLICY_CHARS = 1024
+#: the identity's definition: a cached identity of another definition is not used
+IDENTITY_FORMAT = 2
 
 
 class TextModelMismatchError(ConfigError):
@@ -53,24 +58,89 @@ class TextModelMismatchError(ConfigError):
     code = "text-model-mismatch"
 
 
-def text_identity(config: Config) -> dict[str, Any]:
+def text_identity(config: Config, cache: Path | None = None) -> dict[str, Any]:
     """The identity of the text model ``config`` names, with the adapter settings the model
-    uses (:func:`p2pfed.model.local.model_spec`); loads the model (from local files)."""
+    uses (:func:`p2pfed.model.local.model_spec`).  It loads the model (from local files) and
+    hashes its weights, unless ``cache`` (a directory, usually the home's ``cache/``) holds the
+    identity of the same settings over the same files (their names, sizes and modification
+    times): a model of several GB is then hashed once, not at every start."""
     from p2pfed.model.local import model_spec
-    from p2pfed.model.textbase import identity, load_text_base
+    from p2pfed.model.textbase import BUILT_IN, _bundled_path, identity, load_text_base
 
     spec = model_spec(config, bytes(32))
+    settings = {"targets": sorted(spec.lora_targets), "rank": spec.lora_rank,
+                "alpha": spec.lora_alpha, "mode": str(spec.adapter_mode),
+                "layers": None if spec.lora_layers is None else sorted(spec.lora_layers)}
+    where = (_bundled_path() if spec.text_model == "minilm" else None
+             if spec.text_model in BUILT_IN else spec.text_model)
+    key = _cache_key(Path(where), spec.text_model, settings) if where else None
+    known = _cached(cache, key)
+    if known is not None:
+        return known
     base, _tokenizer = load_text_base(spec.text_model)
-    return identity(base, spec.text_model, targets=spec.lora_targets, layers=spec.lora_layers,
-                    rank=spec.lora_rank, alpha=spec.lora_alpha, mode=str(spec.adapter_mode))
+    ident = identity(base, spec.text_model, targets=spec.lora_targets, layers=spec.lora_layers,
+                     rank=spec.lora_rank, alpha=spec.lora_alpha, mode=str(spec.adapter_mode))
+    _remember(cache, key, ident)
+    return ident
 
 
-def genesis_policies(config: Config, catalog: Collection[str]) -> tuple[tuple[str, Policy], ...]:
+_CACHE_FILE = "text-identity.json"
+_CACHE_ENTRIES = 8
+
+
+def _cache_key(directory: Path, kind: str, settings: dict[str, Any]) -> str | None:
+    """A digest of ``directory``'s files (names, sizes, modification times) and the adapter
+    settings; None when the directory cannot be read."""
+    try:
+        files = sorted((str(f.relative_to(directory)), f.stat().st_size, f.stat().st_mtime_ns)
+                       for f in directory.rglob("*") if f.is_file())
+    except OSError:
+        return None
+    blob = json.dumps([IDENTITY_FORMAT, kind, str(directory.resolve()), files, settings],
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _cached(cache: Path | None, key: str | None) -> dict[str, Any] | None:
+    if cache is None or key is None:
+        return None
+    try:
+        entries = json.loads((cache / _CACHE_FILE).read_text(encoding="utf-8"))
+        found = entries.get(key) if isinstance(entries, dict) else None
+    except (OSError, ValueError):
+        return None  # (a missing or damaged cache is only a slower start)
+    ok = isinstance(found, dict) and isinstance(found.get("digest"), str) and isinstance(
+        found.get("summary"), str)
+    return found if ok else None
+
+
+def _remember(cache: Path | None, key: str | None, ident: dict[str, Any]) -> None:
+    if cache is None or key is None:
+        return
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / _CACHE_FILE
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            entries = {}
+        entries = dict(list(entries.items())[-(_CACHE_ENTRIES - 1):]) if isinstance(
+            entries, dict) else {}
+        entries[key] = ident
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries, sort_keys=True), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        log.debug("the text model's identity is not cached: %s", exc)
+
+
+def genesis_policies(config: Config, catalog: Collection[str], cache: Path | None = None
+                     ) -> tuple[tuple[str, Policy], ...]:
     """The policies a founder signs into the genesis: the text model's identity when the
     catalog has ``encoder.text.lora`` and the founder runs the M3T model; () otherwise."""
     if config.model.kind != "m3t" or COMPONENT not in catalog:
         return ()
-    ident = text_identity(config)
+    ident = text_identity(config, cache)
     return ((POLICY, ident["digest"]), (SUMMARY_POLICY, ident["summary"][:_MAX_POLICY_CHARS]))
 
 
@@ -101,24 +171,25 @@ def _unless_same(ours: dict[str, Any], theirs: tuple[str, str], what: str, fix: 
         f"{hidden}. {fix}")
 
 
-def check_joining(config: Config, holds: Collection[str], genesis: Genesis) -> None:
+def check_joining(config: Config, holds: Collection[str], genesis: Genesis,
+                  cache: Path | None = None) -> None:
     """Refuse (TextModelMismatchError) to join a federation whose text model is not the one
     this node would hold (``holds``: the components it would join with)."""
     theirs = expected(genesis)
     if theirs is not None and _has_text(config, holds):
-        _unless_same(text_identity(config), theirs, f"refusing to join {genesis.name!r}",
+        _unless_same(text_identity(config, cache), theirs, f"refusing to join {genesis.name!r}",
                      f"Set {SETTINGS} to the federation's model (ask its admin which one), "
                      "then join again; nothing was written.")
 
 
-def check_at_start(config: Config, genesis: Genesis, holds: Collection[str]
-                   ) -> dict[str, Any] | None:
+def check_at_start(config: Config, genesis: Genesis, holds: Collection[str],
+                   cache: Path | None = None) -> dict[str, Any] | None:
     """Refuse (TextModelMismatchError) to start a node whose ``[model]`` no longer gives the
     federation's text model; this node's identity (None: it holds no text adapter, or runs
     the consensus workload)."""
     if not _has_text(config, holds):
         return None
-    ours = text_identity(config)
+    ours = text_identity(config, cache)
     theirs = expected(genesis)
     if theirs is not None:
         _unless_same(ours, theirs, f"refusing to start in {genesis.name!r}",
@@ -155,12 +226,13 @@ def base_before(bases: Iterable[Stored[BaseModel]], index: int) -> BaseModel | N
     return found
 
 
-def check_checkpoint(config: Config, base: BaseModel | None, what: str) -> None:
+def check_checkpoint(config: Config, base: BaseModel | None, what: str,
+                     cache: Path | None = None) -> None:
     """Refuse (TextModelMismatchError) to load a text adapter checkpointed over ``base`` onto
     the text model ``config`` names when that is another one (``what``: the command)."""
     if base is None:
         return
-    ours = text_identity(config)
+    ours = text_identity(config, cache)
     if ours["digest"] != base.digest:
         raise TextModelMismatchError(
             f"{what}: the {COMPONENT} checkpoint was trained over {base.summary!r}, and "

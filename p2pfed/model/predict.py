@@ -74,7 +74,7 @@ def load_current(root: Path, config: Config, components: Sequence[str]) -> HomeM
     from gossip.identity import load_identity
     from p2pfed.blobs import BlobStore, read_state
     from p2pfed.fedstore import FederationStore
-    from p2pfed.home import BLOBS_DIR, KEY_FILE, LEDGER_FILE
+    from p2pfed.home import BLOBS_DIR, CACHE_DIR, KEY_FILE, LEDGER_FILE
     from p2pfed.journal import Forget, read
     from p2pfed.ledger import Ledger
     from p2pfed.model.local import build_model
@@ -98,7 +98,7 @@ def load_current(root: Path, config: Config, components: Sequence[str]) -> HomeM
         if ENCODERS[TEXT] in found:  # (over the base model it was trained over, only)
             at = next(s.index for s in checkpoints if s.record is found[ENCODERS[TEXT]])
             base = base_before(read(ledger.entries(BaseModel.KIND), BaseModel), at)
-    check_checkpoint(config, base, f"refusing to load the model of {root}")
+    check_checkpoint(config, base, f"refusing to load the model of {root}", root / CACHE_DIR)
     blobs = BlobStore(root / BLOBS_DIR)
     model = build_model(config, list(components), federation_id)
     flats = LocalTrainer(model, {}, node_seed=0).flats

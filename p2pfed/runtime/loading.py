@@ -28,7 +28,7 @@ from p2pfed.blobs import BlobStore
 from p2pfed.components import FlatComponent
 from p2pfed.config import Config
 from p2pfed.federated import FederatedNode
-from p2pfed.home import BLOBS_DIR, CONFIG_FILE
+from p2pfed.home import BLOBS_DIR, CACHE_DIR, CONFIG_FILE
 from p2pfed.ledger import Ledger
 from p2pfed.node import NodeConfig
 from p2pfed.node._retention import RetentionPolicy
@@ -148,7 +148,8 @@ async def load_node(home: Path, cfg: Config, identity: Identity, ledger: Ledger,
         from p2pfed.model.local import build_trainer, follow_catalogue
 
         # the federation's text model, before anything is written (a refusal is a ConfigError)
-        text = await trio.to_thread.run_sync(check_at_start, cfg, view.genesis, holds)
+        text = await trio.to_thread.run_sync(check_at_start, cfg, view.genesis, holds,
+                                             home / CACHE_DIR)
         if text is not None:
             record_base(ledger, text, int(time.time() * 1000))
 
