@@ -270,6 +270,11 @@ def status(
         table.add_row(name, str(c["round"]), c["phase"], str(len(c["neighbours"])),
                       f"{hist[-1]:.2e}" if hist else "—")
     out.print(table)
+    if st.get("model"):
+        m = st["model"]
+        out.print(f"model on {m['device']} in {m['precision']}"
+                  + (f", text model {m['text_model']}" if m["text_model"] else ""),
+                  soft_wrap=True, highlight=False)
     if st.get("training"):
         out.print(training_table(st["training"]))
     if "storage" in st:

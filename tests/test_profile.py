@@ -295,6 +295,11 @@ def test_a_phone_daemon_trains_only_its_heads_and_keeps_to_its_threads(tmp_path:
     assert res["threads"]["configured"] == 1 and res["threads"]["torch"] <= 1
     assert res["threads"]["training"] == 1  # (as the training thread saw them)
     assert res["max_memory_mb"] == 1536 and res["round_s"]["rounds"] >= 1
+    assert res["startup_rss_mb"] > 0
+    model = status["model"]  # (where the model runs, and over which text model)
+    assert (model["device"], model["precision"]) == ("cpu", "fp32")
+    assert model["text_model"].startswith("tiny: bert encoder, 2 layers of 32")
+    assert len(model["text_digest"]) == 64
     ident = load_identity(home / "identity.key")
     with Ledger.open(home / "ledger.sqlite3", ident) as ledger:
         updates = [e.body for e in ledger.entries("local-update")]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -77,3 +78,12 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
+
+
+def about(device: torch.device, precision: str, text: dict[str, Any] | None) -> dict[str, Any]:
+    """``status``'s ``model``: where the model runs, in what precision, and over which text
+    model (``text``: its identity, :func:`p2pfed.model.agreement.text_identity`; None: the
+    node holds no text adapter)."""
+    return {"device": describe(device), "precision": precision,
+            "text_model": None if text is None else text["summary"],
+            "text_digest": None if text is None else text["digest"]}

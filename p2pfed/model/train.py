@@ -130,6 +130,8 @@ class LocalTrainer:
     continual: Continual | None = None
     #: called with each request before it is carried out (the daemon: follow the catalogue)
     before_run: Callable[[TrainRequest], None] | None = None
+    #: what ``status`` says of the model (``model``: :func:`p2pfed.model.device.about`)
+    about: dict[str, Any] = field(default_factory=dict)
     #: the local objective: "erm" (the mean loss) or "group-dro" (with the examples' groups:
     #: each batch drawn evenly from the groups present, and the groups' losses combined by a
     #: soft maximum; :func:`p2pfed.model.fairness.group_loss`)

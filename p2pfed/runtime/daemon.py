@@ -368,7 +368,7 @@ class Daemon:
                 uptime_s=(wall_clock_ms() - self.started_ms) / 1000,
             )
             if trainer is not None:
-                st["training"] = dict(trainer.progress)
+                st.update(training=dict(trainer.progress), model=dict(trainer.about))
             st["resources"] = self._monitor.status()
             return st
 

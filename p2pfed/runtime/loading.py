@@ -145,6 +145,7 @@ async def load_node(home: Path, cfg: Config, identity: Identity, ledger: Ledger,
     trainer = None
     if cfg.model.kind == "m3t":
         from p2pfed.model.agreement import check_at_start, record_base
+        from p2pfed.model.device import about
         from p2pfed.model.local import build_trainer, follow_catalogue
 
         # the federation's text model, before anything is written (a refusal is a ConfigError)
@@ -157,6 +158,7 @@ async def load_node(home: Path, cfg: Config, identity: Identity, ledger: Ledger,
         trainer = await trio.to_thread.run_sync(
             build_trainer, cfg, holds, view.federation_id, identity.public_key, home,
             view.task_catalogue())
+        trainer.about = about(trainer.model.device, trainer.model.precision, text)
         components = trainer.components()
         trains = frozenset(trainer.trainable())
         deps = trainer.model.spec.forward_deps(holds)
