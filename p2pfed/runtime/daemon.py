@@ -176,12 +176,10 @@ class Daemon:
         nursery.start_soon(self._verify_loop, node.ledger)
         while await self._run_node(node, transport, trainer, handlers, nursery,
                                    store if not self._ready else None, task_status):
-            trainer = None  # (the old model goes before the new one loads: one in memory)
             node, trainer, self.config = await reload_node(
                 self.home, self.config, node.identity, node.ledger, node.view,
                 lambda: Sequencer(_boot_epoch(self.home)), self._pace_gate(node.view))
             _bind_transport(transport, node)
-            self._monitor.loaded()  # (loading is not training: the cap counts from here)
             log.info("rebuilt the node: it holds %s", ", ".join(sorted(node.components)))
 
     async def _run_node(self, node: FederatedNode, transport: Any,
