@@ -27,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
@@ -65,15 +67,21 @@ def text_identity(config: Config, cache: Path | None = None) -> dict[str, Any]:
     identity of the same settings over the same files (their names, sizes and modification
     times): a model of several GB is then hashed once, not at every start."""
     from p2pfed.model.local import model_spec
-    from p2pfed.model.textbase import BUILT_IN, _bundled_path, identity, load_text_base
+    from p2pfed.model.textbase import (
+        BUILT_IN,
+        _bundled_path,
+        check_text_model,
+        identity,
+        load_text_base,
+    )
 
     spec = model_spec(config, bytes(32))
     settings = {"targets": sorted(spec.lora_targets), "rank": spec.lora_rank,
                 "alpha": spec.lora_alpha, "mode": str(spec.adapter_mode),
                 "layers": None if spec.lora_layers is None else sorted(spec.lora_layers)}
-    where = (_bundled_path() if spec.text_model == "minilm" else None
-             if spec.text_model in BUILT_IN else spec.text_model)
-    key = _cache_key(Path(where), spec.text_model, settings) if where else None
+    where = (Path(_bundled_path()) if spec.text_model == "minilm" else None
+             if spec.text_model in BUILT_IN else check_text_model(spec.text_model))
+    key = _cache_key(where, spec.text_model, settings) if where is not None else None
     known = _cached(cache, key)
     if known is not None:
         return known
@@ -89,15 +97,26 @@ _CACHE_ENTRIES = 8
 
 
 def _cache_key(directory: Path, kind: str, settings: dict[str, Any]) -> str | None:
-    """A digest of ``directory``'s files (names, sizes, modification times) and the adapter
-    settings; None when the directory cannot be read."""
-    try:
-        files = sorted((str(f.relative_to(directory)), f.stat().st_size, f.stat().st_mtime_ns)
-                       for f in directory.rglob("*") if f.is_file())
-    except OSError:
+    """A digest of ``directory``'s files (names, sizes, modification and change times, inodes:
+    a copy that keeps the times, or a file replaced in place, changes it), the libraries that
+    compute the identity and the adapter settings; None when the directory has no model."""
+    import torch
+    import transformers
+
+    files = []
+    for root, _dirs, names in os.walk(directory, followlinks=True):
+        for name in names:
+            path = Path(root) / name
+            try:
+                st = path.stat()
+            except OSError:
+                return None
+            files.append((str(path.relative_to(directory)), st.st_size, st.st_mtime_ns,
+                          st.st_ctime_ns, st.st_ino, st.st_dev))
+    if not any(f[0] == "config.json" for f in files):
         return None
-    blob = json.dumps([IDENTITY_FORMAT, kind, str(directory.resolve()), files, settings],
-                      sort_keys=True)
+    blob = json.dumps([IDENTITY_FORMAT, transformers.__version__, torch.__version__, kind,
+                       str(directory.resolve()), sorted(files), settings], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -125,13 +144,16 @@ def _remember(cache: Path | None, key: str | None, ident: dict[str, Any]) -> Non
         except (OSError, ValueError):
             entries = {}
         entries = dict(list(entries.items())[-(_CACHE_ENTRIES - 1):]) if isinstance(
-            entries, dict) else {}
+            entries, dict) else {}  # (in the order written: the oldest go)
+        entries.pop(key, None)
         entries[key] = ident
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entries, sort_keys=True), encoding="utf-8")
-        tmp.replace(path)
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".text-identity.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(entries))
+        os.replace(tmp, path)
     except OSError as exc:
-        log.debug("the text model's identity is not cached: %s", exc)
+        log.info("the text model's identity is not cached in %s (%s): it is hashed again at "
+                 "each start", cache, exc)
 
 
 def genesis_policies(config: Config, catalog: Collection[str], cache: Path | None = None

@@ -42,6 +42,8 @@ DECODER_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma
 _TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"),
             ("query_proj", "value_proj"), ("c_attn",), ("query_key_value",), ("Wqkv",),
             ("q", "v"))
+#: model types with a causal-LM class whose base model is bidirectional all the same
+_BIDIRECTIONAL = frozenset({"bert-generation"})
 #: model types whose layers the cached path (``TextEncoder.encode_prefix``) runs itself: BERT's
 #: own layer with absolute positions; any other model runs through its own forward pass
 _BERT_LAYERS = frozenset({"bert", "roberta", "xlm-roberta", "camembert"})
@@ -133,7 +135,7 @@ def _decoder_types() -> frozenset[str]:
         return DECODER_TYPES
     causal = getattr(auto, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", {})
     masked = getattr(auto, "MODEL_FOR_MASKED_LM_MAPPING_NAMES", {})
-    return DECODER_TYPES | (frozenset(causal) - frozenset(masked))
+    return DECODER_TYPES | (frozenset(causal) - frozenset(masked) - _BIDIRECTIONAL)
 
 
 def resolve_layers(layers: Sequence[int] | None, depth: int) -> list[int] | None:

@@ -364,5 +364,7 @@ class EducationWorkload:
                 curve.append(self.accuracy({"centralized": trainer}))
             if progress is not None:
                 progress(r + 1, self.settings.rounds)
-        self.baseline_trainers["centralized"] = {"centralized": trainer}
+        # (the plain loss's model stays the baseline; another objective's is kept apart)
+        name = "centralized" if objective is None else f"centralized, {objective[0]}"
+        self.baseline_trainers[name] = {"centralized": trainer}
         return curve

@@ -211,7 +211,8 @@ def _fairness_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[s
         # the same objective on one model over everyone's pooled data: what a central server
         # would get from it, beside what the central server gets with the plain loss
         sim.edu.centralized(objective=(config.fairness, config.tilt))
-        pooled = sim.edu.fairness(sim.edu.baseline_trainers["centralized"])
+        pooled = sim.edu.fairness(
+            sim.edu.baseline_trainers[f"centralized, {config.fairness}"])
         report["fairness"]["rule"]["centralized"] = {"tasks": pooled,
                                                      **_narrowed(pooled, central)}
     return report
