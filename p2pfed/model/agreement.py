@@ -88,7 +88,8 @@ def text_identity(config: Config, cache: Path | None = None) -> dict[str, Any]:
     base, _tokenizer = load_text_base(spec.text_model)
     ident = identity(base, spec.text_model, targets=spec.lora_targets, layers=spec.lora_layers,
                      rank=spec.lora_rank, alpha=spec.lora_alpha, mode=str(spec.adapter_mode))
-    _remember(cache, key, ident)
+    if where is not None and _cache_key(where, spec.text_model, settings) == key:
+        _remember(cache, key, ident)  # (unless the files changed while they were hashed)
     return ident
 
 
