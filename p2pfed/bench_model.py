@@ -34,7 +34,7 @@ from torch import nn
 
 from gossip.errors import ConfigError
 from p2pfed.components import FlatLayout
-from p2pfed.config_sections import PRECISIONS, ModelSection, OverlaySection
+from p2pfed.config_sections import ModelSection, OverlaySection
 from p2pfed.model import device as placement
 from p2pfed.model.m3t import (
     ENCODERS,
@@ -52,13 +52,13 @@ from p2pfed.model.textbase import BUILT_IN, check_text_model, resolve_layers
 BATCH = ModelSection().batch_size
 #: the adapted layers, as ``[model] lora_layers`` defaults to: the top one
 LAYERS = ModelSection().lora_layers
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, precision: str = "fp32") -> torch.device:
     """``cpu``, ``cuda`` (or ``cuda:N``) or ``auto`` (CUDA where torch sees one, else the CPU),
-    as ``[model] device`` takes them (:func:`p2pfed.model.device.resolve_device`);
-    ConfigError for another word, or a CUDA device torch does not see."""
-    if name not in {"auto", "cpu", "cuda"} and not (name.startswith("cuda:")
-                                                   and name[5:].isdecimal()):
-        raise ConfigError(f"device {name!r}: choose cpu, auto, cuda or cuda:N")
+    and ``precision``, as ``[model] device`` and ``precision`` take them
+    (:meth:`~p2pfed.config_sections.ModelSection.check_device`,
+    :func:`p2pfed.model.device.resolve_device`); ConfigError for another word, or a CUDA device
+    torch does not see."""
+    ModelSection(device=name, precision=precision).check_device()
     return placement.resolve_device(name)
 
 
@@ -134,9 +134,7 @@ def run_model_bench(model: str = "minilm", *, device: str = "cpu", precision: st
     if rate_mb_s is not None and not (math.isfinite(rate_mb_s) and rate_mb_s > 0):
         raise ValueError("the rate must be a positive number of MB/s")
     check_text_model(model)
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r}: choose {' or '.join(PRECISIONS)}")
-    on = resolve_device(device)
+    on = resolve_device(device, precision)
     placement.check_precision(on, precision)
     try:
         mode = AdapterMode(adapter_mode)

@@ -92,18 +92,15 @@ def bench(
                                  param_hint=chosen[-1])
     if model is not None:
         from p2pfed.bench_model import resolve_device, run_model_bench
-        from p2pfed.config_sections import PRECISIONS
         from p2pfed.model.textbase import check_text_model
 
         for hint, check in (("--model", lambda: check_text_model(model)),
-                            ("--device", lambda: resolve_device(device))):
+                            ("--device", lambda: resolve_device(device)),
+                            ("--precision", lambda: resolve_device("cpu", precision))):
             try:
                 check()
             except ConfigError as exc:  # (before anything loads: a usage error)
                 raise typer.BadParameter(str(exc), param_hint=hint) from exc
-        if precision not in PRECISIONS:
-            raise typer.BadParameter(f"choose {' or '.join(PRECISIONS)}, not {precision!r}",
-                                     param_hint="--precision")
         report = run_model_bench(model, device=device, precision=precision,
                                  neighbours=neighbours,
                                  round_steps=round_steps, rate_mb_s=rate_mb_s,
