@@ -24,6 +24,7 @@ model's input embeddings only.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable
@@ -161,6 +162,9 @@ class EducationWorkload:
         self._shifted: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         #: the baselines' trainers once trained (the group study measures them too)
         self.baseline_trainers: dict[str, dict[str, LocalTrainer]] = {}
+        #: each test example's correctness by (trainer, task, digest of its pipeline's state):
+        #: the accuracy and the group study's measures of one state are computed once
+        self._hits: dict[tuple[int, str, bytes], np.ndarray] = {}
         self._load(prefix)
         self.node_data: dict[str, dict[str, TaskData]] = {n: {} for n in topo.nodes}
         backdoor_rows: dict[str, np.ndarray] = {}
@@ -306,9 +310,22 @@ class EducationWorkload:
                             objective=objective[0] if objective else s.objective,
                             tilt=objective[1] if objective else s.tilt)
 
+    def correct(self, trainer: LocalTrainer, task: str) -> np.ndarray:
+        """Per test example of ``task``: does ``trainer``'s model predict its label?  Computed
+        once per state of the task's pipeline."""
+        pipeline = trainer.model.spec.task(task).pipeline()
+        state = hashlib.sha256(b"".join(
+            trainer.flats[c].flat.numpy().tobytes() for c in pipeline)).digest()
+        key = (id(trainer), task, state)
+        hits = self._hits.get(key)
+        if hits is None:
+            hits = self._hits[key] = trainer.correct(task, self.test[task])
+        return hits
+
     def per_node_accuracy(self, trainers: dict[str, LocalTrainer]) -> dict[str, dict[str, float]]:
         """Test accuracy per task and per node (in ``trainers``) holding the task's head."""
-        return {task.name: {node: t.accuracy(task.name, self.test[task.name])
+        return {task.name: {node: float(self.correct(t, task.name).sum())
+                            / max(len(self.test[task.name]), 1)
                             for node, t in trainers.items() if task.name in t.model.tasks()}
                 for task in TASKS}
 
@@ -319,7 +336,7 @@ class EducationWorkload:
         for task in TASKS:
             test = self.test[task.name]
             assert test.groups is not None
-            per_node = {node: group_accuracy(t.correct(task.name, test), test.groups)
+            per_node = {node: group_accuracy(self.correct(t, task.name), test.groups)
                         for node, t in trainers.items() if task.name in t.model.tasks()}
             if per_node:  # (no member left holds the task: nothing to measure)
                 out[task.name] = summary(per_node, self.population[task.name], groups.GROUPS)
