@@ -80,7 +80,8 @@
     fisher_batches = 4                  # seeded batches per Fisher estimate (ewc)
     catch_up = 3                        # a task added late trains this many times the steps
                                         # per round until it made up the rounds it missed,
-    catch_up_rounds = 10                # for at most this many rounds
+    catch_up_rounds = 10                # for at most this many rounds,
+    catch_up_lr = 0.5                   # at this fraction of the round's learning rate
 
     [fairness]                          # the local objective (docs/data.md#groups)
     objective = "group-dro"             # erm | group-dro (needs a group per example)

@@ -131,8 +131,11 @@ class ContinualSettings:
     #: a task that starts late trains this many times the steps per round until it has made
     #: up the rounds it missed (:meth:`Schedule.catching_up`; 1: off) ...
     catch_up: int = 3
-    #: ... for at most this many rounds
+    #: ... for at most this many rounds ...
     catch_up_rounds: int = 10
+    #: ... at this fraction of the round's learning rate (more local steps between two mixes
+    #: at the full rate let the holders drift apart: docs/continual.md#catching-up)
+    catch_up_lr: float = 0.5
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -151,6 +154,8 @@ class ContinualSettings:
             raise ConfigError("continual.catch_up must be in 1..10")
         if not 1 <= self.catch_up_rounds <= 1000:
             raise ConfigError("continual.catch_up_rounds must be in 1..1000")
+        if not (0.0 < self.catch_up_lr <= 1.0):
+            raise ConfigError("continual.catch_up_lr must be in (0, 1]")
 
     @property
     def rehearsal(self) -> bool:

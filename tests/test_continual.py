@@ -43,7 +43,8 @@ def test_a_bad_schedule_is_refused_naming_the_item(text: str, words: str) -> Non
 def test_bad_settings_are_refused() -> None:
     for bad in ({"method": "magic"}, {"sampling": "first"}, {"buffer": 0},
                 {"ewc_lambda": float("nan")}, {"fisher_batches": 0}, {"catch_up": 0},
-                {"catch_up": 11}, {"catch_up_rounds": 0}):
+                {"catch_up": 11}, {"catch_up_rounds": 0}, {"catch_up_lr": 0.0},
+                {"catch_up_lr": 1.5}, {"catch_up_lr": float("nan")}):
         with pytest.raises(ConfigError):
             ContinualSettings(**bad)  # type: ignore[arg-type]
 
@@ -122,14 +123,15 @@ def test_an_unlearning_rerun_recaptures_the_anchors_it_passes_again() -> None:
     assert not torch.equal(c._anchors["head.topic"][0].theta, before)
 
 
-def _study(method: str, catch_up: int = 1, **extra: Any) -> SimConfig:
+def _study(method: str, catch_up: int = 1, catch_up_lr: float = 0.5, **extra: Any) -> SimConfig:
     """The SCHEDULE study on the tiny school (``catch_up`` 1: off, as these tests were first
     written; the catch-up tests turn it on)."""
     settings = dataclasses.replace(TINY, rounds=6)
     schedule = Schedule.parse(SCHEDULE, TASKS)
     return SimConfig(school_topology(), workload="education", rounds=6, seed=2,
                      education=settings,
-                     continual=(schedule, ContinualSettings(method=method, catch_up=catch_up)),
+                     continual=(schedule, ContinualSettings(method=method, catch_up=catch_up,
+                                                            catch_up_lr=catch_up_lr)),
                      **extra)
 
 
@@ -169,6 +171,35 @@ def test_the_trainer_runs_more_steps_while_a_task_catches_up() -> None:
         assert [counts.get((3, r, task)) for r in (4, 5, 6)] == [3 * steps] * 2 + [steps]
     assert counts[1, 3, "engagement"] == counts[3, 3, "engagement"] == steps
     assert (3, 3, "digits") not in counts  # (not yet active)
+
+
+def test_a_round_that_catches_up_takes_its_steps_at_a_fraction_of_the_rate(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The extra steps of a catching-up round are smaller (``catch_up_lr``): digits catches up
+    in rounds 4 and 5 of SCHEDULE, so the optimiser of those rounds (not round 3's) runs at
+    ``catch_up_lr`` times the round's rate; with catch-up off no round does."""
+    from p2pfed.model import train
+
+    seen: dict[tuple[float, int], float] = {}
+    for factor, fraction in ((3, 0.5), (3, 0.25), (1, 0.5)):
+        trainer = Simulation(_study("rehearsal", catch_up=factor, catch_up_lr=fraction)
+                             ).trainers["big-a"]
+        for round_ in (3, 4, 5):
+            made: list[float] = []
+            real = torch.optim.Adam
+
+            def spy(params: Any, lr: float, made: list[float] = made, real: Any = real) -> Any:
+                made.append(lr)
+                return real(params, lr=lr)
+
+            monkeypatch.setattr(train.torch.optim, "Adam", spy)
+            trainer.train_round(["backbone", "encoder.image", "head.digits"], round_)
+            monkeypatch.setattr(train.torch.optim, "Adam", real)
+            seen[fraction if factor > 1 else 1.0, round_] = made[0] / trainer.lr_at(round_)
+    assert [seen[0.5, r] for r in (3, 4, 5)] == pytest.approx([1.0, 0.5, 0.5])
+    assert [seen[0.25, r] for r in (3, 4, 5)] == pytest.approx([1.0, 0.25, 0.25])
+    assert [seen[1.0, r] for r in (3, 4, 5)] == pytest.approx([1.0] * 3)  # (catch-up off)
+    assert ContinualSettings().catch_up_lr == 0.5  # (the default, by measurement)
 
 
 @pytest.fixture(scope="module")

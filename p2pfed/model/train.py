@@ -7,8 +7,9 @@ parameters *shadow* the buffers (:attr:`LocalTrainer.shadow`), copied from them 
 round and each evaluation, and back into them after the round that trained them.  The buffers
 stay float32 on the CPU either way, and the numbers are the same.
 
-A round's training runs ``steps`` optimiser steps (more while a task that started late catches
-up: :meth:`~p2pfed.model.continual.Continual.step_factor`) on the summed loss of every task whose
+A round's training runs ``steps`` optimiser steps (more, each at a smaller learning rate, while
+a task that started late catches up: :meth:`~p2pfed.model.continual.Continual.step_factor`,
+:meth:`LocalTrainer.lr_of`) on the summed loss of every task whose
 pipeline contains a component being trained, with every other component frozen (no gradient
 flows through, say, the frozen text model when only a head is trained).  The node's request
 (:class:`TrainRequest`, filled in by the driver) names component ``c``, round ``r``, the other
@@ -242,7 +243,8 @@ class LocalTrainer:
         for p in params:
             p.requires_grad_(True)
         rngs = {t: np.random.default_rng(seed_for(self.node_seed, t, round_)) for t in tasks}
-        opt = torch.optim.Adam(params, lr=self.lr_at(round_))
+        factor = 1 if self.continual is None else self.continual.step_factor(tasks, round_)
+        opt = torch.optim.Adam(params, lr=self.lr_of(tasks, round_))
         losses = []
         per_task: dict[str, list[float]] = {t: [] for t in tasks}
         trained = {c: self.flats[c] for c in group}
@@ -252,7 +254,6 @@ class LocalTrainer:
                 self.continual.prepare(trained, round_, epoch, used, self._loss,
                                        self.model.parameters_of)
             measured = self._heldout_measures(tasks)  # the model as the round begins
-            factor = 1 if self.continual is None else self.continual.step_factor(tasks, round_)
             for _ in range(self.steps * factor * max(make_up, 1)):
                 opt.zero_grad(set_to_none=True)
                 loss = torch.zeros(())
@@ -323,6 +324,15 @@ class LocalTrainer:
             if held.groups is not None:
                 out[task] |= heldout_groups(correct, held.groups, held.group_names)
         return out
+
+    def lr_of(self, tasks: Sequence[str], round_: int) -> float:
+        """The learning rate of a round training ``tasks``: :meth:`lr_at`, times
+        ``[continual] catch_up_lr`` while one of them catches up (its steps are more, each
+        smaller: fewer steps at the full rate between two mixes keep the holders together)."""
+        lr = self.lr_at(round_)
+        if self.continual is not None and self.continual.step_factor(tasks, round_) > 1:
+            lr *= self.continual.settings.catch_up_lr
+        return lr
 
     def lr_at(self, round_: int) -> float:
         """The learning rate of round ``round_``: a cosine over the run, or with a continual
