@@ -6,6 +6,7 @@ buffers in action order (as the simulator trains).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 
@@ -35,7 +36,7 @@ from p2pfed.node import (
     Train,
     TrainHours,
 )
-from p2pfed.node._participation import Participation, draw, drawn, make_up, make_up_steps
+from p2pfed.node._participation import Participation, draw, drawn, make_up
 from p2pfed.runtime.daemon import node_config
 from tests.test_node import FED, deliver, make_node, wire
 
@@ -66,7 +67,7 @@ def test_make_up_counts_the_rounds_skipped_just_before() -> None:
             skipped += 1
         assert make_up(PEER, r, share, 5) == min(1 + skipped, 5)
         assert make_up(PEER, r, share, 1) == 1
-    assert Participation(PEER, 1.0, None, 5).scale(7) == 1  # (a full-time member)
+    assert Participation(PEER, 1.0, None, 5).factor(7) == 1  # (a full-time member)
     mean = sum(make_up(PEER, r, share, 100) for r in range(2000) if drawn(PEER, r, share))
     assert mean / sum(drawn(PEER, r, share) for r in range(2000)) == pytest.approx(1 / share,
                                                                                rel=0.1)
@@ -88,20 +89,27 @@ def test_a_part_time_members_update_is_scaled_by_the_rounds_it_made_up() -> None
 
 
 def test_made_up_by_steps_the_update_is_not_scaled_and_the_trainer_is_asked() -> None:
-    """``make_up_by`` steps: the node leaves the update as trained and its driver asks the
-    trainer for the factor (``make_up_steps``) instead; a full-time member is asked for 1."""
+    """``make_up_by`` steps: the node leaves the update as trained and asks the trainer for
+    the factor instead (``Train.steps``); a full-time member is asked for 1.  The part-time
+    member's ``local-update`` records the factor of each round it trained."""
     credits = {}
     for by in ("update", "steps"):
         nodes = [_node(0, participation=0.3, make_up=1 if by == "update" else 5,
                        make_up_by=by), _node(1, make_up_by=by)]
         _path(nodes)
-        _rounds(nodes, 12)
+        asked: dict[tuple[str, int], int] = {}
+        _rounds(nodes, 12, steps=asked)
         ups = [s.record for s in nodes[0]._journal.read(LocalUpdate) if s.record.trained]
         credits[by] = (ups[0].round, ups[0].credit)
         if by == "steps":
-            assert make_up_steps(nodes[0].peer_id, nodes[0].config, ups[0].round) \
-                == 1 + min(ups[0].round, 4)
-            assert make_up_steps(nodes[1].peer_id, nodes[1].config, ups[0].round) == 1
+            for u in ups:
+                assert asked[nodes[0].peer_id, u.round] == u.make_up == make_up(
+                    nodes[0].peer_id, u.round, 0.3, 5)
+            assert asked[nodes[0].peer_id, ups[0].round] == 1 + min(ups[0].round, 4)
+            assert set(asked.values()) != {1}  # (some round made up)
+            full = [v for (p, _), v in asked.items() if p == nodes[1].peer_id]
+            assert full and set(full) == {1}
+            assert all(s.record.make_up is None for s in nodes[1]._journal.read(LocalUpdate))
     assert credits["update"] == credits["steps"]  # (the fake trainer ignores the factor)
     with pytest.raises(ConfigError, match="make_up_by"):
         NodeConfig(make_up_by="both")
@@ -119,9 +127,11 @@ def _step(i: int, r: int) -> float:
 
 
 def _drive(nodes: list[Node], actions: list[tuple[str, object]], now: int = 0,
-           trained: list[tuple[str, str, int]] | None = None) -> None:
+           trained: list[tuple[str, str, int]] | None = None,
+           steps: dict[tuple[str, int], int] | None = None) -> None:
     """Carry out actions until quiet; ``Train`` runs a fake trainer inline (deterministic:
-    each node shrinks its state and adds a step of its own for the round)."""
+    each node shrinks its state and adds a step of its own for the round; it keeps the step
+    factor it was asked for in ``steps``, and ignores it)."""
     by_id = {n.peer_id: n for n in nodes}
     index = {n.peer_id: i for i, n in enumerate(nodes)}
     queue = list(actions)
@@ -135,6 +145,8 @@ def _drive(nodes: list[Node], actions: list[tuple[str, object]], now: int = 0,
             flat.mul_(0.9).add_(_step(index[src], action.round))
             if trained is not None:
                 trained.append((src, action.component, action.round))
+            if steps is not None:
+                steps[src, action.round] = action.steps
             queue += [(src, a) for a in node.local_update_done(action.component,
                                                                action.round, now)]
         elif isinstance(action, Announce):
@@ -169,7 +181,7 @@ def _path(nodes: list[Node]) -> None:
 
 
 def _rounds(nodes: list[Node], until: int, trained: list[tuple[str, str, int]] | None = None,
-            start: int = 0) -> None:
+            start: int = 0, steps: dict[tuple[str, int], int] | None = None) -> None:
     """Run rounds ``start .. until-1`` one at a time, round ``r`` at ``now = r`` seconds."""
     for r in range(start, until):
         actions: list[tuple[str, object]] = []
@@ -177,7 +189,7 @@ def _rounds(nodes: list[Node], until: int, trained: list[tuple[str, str, int]] |
             actions += [(n.peer_id, a) for a in n.set_round_limit(r + 1, r * 1000)]
             if r == 0:
                 actions += [(n.peer_id, a) for a in n.start(0)]
-        _drive(nodes, actions, r * 1000, trained)
+        _drive(nodes, actions, r * 1000, trained, steps)
 
 
 # ---------------------------------------------------------------- a member that trains a share
@@ -452,6 +464,51 @@ def test_a_neighbour_that_forces_a_catch_up_does_not_take_the_state_over() -> No
     assert attacker == pytest.approx(2 / 6) and self_weight == pytest.approx(4 / 6)
     self_weight, weights = stale_weights(0.5, 3, [(0.25, 0), (0.25, 0)])  # (under the cap)
     assert weights == [pytest.approx(0.4375)] * 2 and self_weight == pytest.approx(0.125)
+
+
+def test_an_exact_rerun_makes_up_as_the_live_rounds_did_whatever_the_settings_are_now() -> None:
+    """Part-time members that make up skipped rounds (scaling the update); before the
+    unlearning their settings change (no making up, another share).  The re-run reads each
+    trained round's factor from its ``local-update`` and ends bit-identical to the federation
+    that never had the member, run with the first settings."""
+    rounds, settings = 16, {"participation": 0.4, "make_up": 5}
+    nodes = [_node(i, **settings) for i in range(4)]  # type: ignore[arg-type]
+    _path(nodes)
+    _rounds(nodes, rounds)
+    target, rest = nodes[-1], nodes[:-1]
+    assert any((s.record.make_up or 1) > 1 for n in rest
+               for s in n._journal.read(LocalUpdate))  # (some round made up: it matters)
+    later = 10**9
+    actions: list[tuple[str, object]] = []
+    for n in rest:
+        n._participation = Participation.of(n.peer_id, dataclasses.replace(
+            n.config, participation=0.9, make_up=1))  # (what the settings would say now)
+        actions += [(n.peer_id, a) for a in n.forget(target.peer_id, "exact", later)]
+    _path(rest)
+    for n in rest:
+        actions += [(n.peer_id, a) for a in n.set_round_limit(rounds, later)]
+    _drive(rest, actions, later)
+    assert all(n.unlearning() == {} and n.round_of("backbone") == rounds for n in rest)
+    never = [_node(i, **settings) for i in range(3)]  # type: ignore[arg-type]
+    _path(never)
+    _rounds(never, rounds)
+    for ours, theirs in zip(rest, never, strict=True):
+        assert torch.equal(ours.components["backbone"].flat, theirs.components["backbone"].flat)
+
+
+def test_a_bad_make_up_in_a_local_update_is_a_schema_error() -> None:
+    from p2pfed.journal import SchemaError
+
+    body = LocalUpdate("head.topic", 3, b"\x00" * 32, True, b"", Lineage.of(["me"]), 0,
+                       make_up=4).fields()
+    assert LocalUpdate.from_fields(body).make_up == 4
+    assert "make_up" not in LocalUpdate("head.topic", 3, b"\x00" * 32, True, b"",
+                                        Lineage.of(["me"]), 0).fields()  # (as older bodies)
+    for bad in (0, 101, -1):
+        with pytest.raises(SchemaError, match="make_up"):
+            LocalUpdate.from_fields(body | {"make_up": bad})
+    with pytest.raises(SchemaError, match="make_up"):
+        LocalUpdate.from_fields(body | {"make_up": "4"})
 
 
 def test_a_rerun_trains_where_the_live_round_trained() -> None:

@@ -13,7 +13,9 @@ fields and read the same way (``tests/fixtures/ledger_v0`` holds two such ledger
 a higher version than this code knows is refused with a clear error, never half-read.  Schema 3
 added optional provenance fields (``credit``; ``mass``, ``prov_flags``, ``share_weights``),
 written only when set: without them a body holds what schema 2 wrote.  It is a new version
-because schema 2 code would read them into a mix's audit or a checkpoint's memory.
+because schema 2 code would read them into a mix's audit or a checkpoint's memory.  A
+``local-update``'s optional ``make_up`` (a part-time member's make-up factor) came later in
+schema 3: code that does not know it reads the rest of the body as before.
 
 Free of torch: the CLI reads ledgers through it.  The records are in ``_rounds`` (a node's
 rounds) and ``_other`` (membership, the task catalogue, unlearning, the ledger's own); ``_base``
@@ -40,6 +42,7 @@ from p2pfed.journal._other import (
     Unlearned,
 )
 from p2pfed.journal._rounds import (
+    MAX_MAKE_UP,
     CatchUp,
     Checkpoint,
     Contribution,
@@ -52,9 +55,10 @@ from p2pfed.ledger import Ledger, LedgerEntry
 from p2pfed.ledger_verify import OPEN
 
 __all__ = [
-    "SCHEMA", "TYPES", "BaseModel", "CatalogueApplied", "CatchUp", "Checkpoint", "Compaction",
-    "Contribution", "Forget", "ForgetFailed", "ForgetRecord", "JoinRequest", "LocalUpdate",
-    "Membership", "Mix", "MixInputRef", "Opened", "PrivacySpent", "R", "Record", "Rerun",
+    "MAX_MAKE_UP", "SCHEMA", "TYPES", "BaseModel", "CatalogueApplied", "CatchUp", "Checkpoint",
+    "Compaction", "Contribution", "Forget", "ForgetFailed", "ForgetRecord", "JoinRequest",
+    "LocalUpdate", "Membership", "Mix", "MixInputRef", "Opened", "PrivacySpent", "R", "Record",
+    "Rerun",
     "SchemaError", "Stored", "Unlearned", "decode", "read", "schema_problems", "stored", "write",
 ]
 

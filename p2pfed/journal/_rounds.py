@@ -25,6 +25,9 @@ from p2pfed.journal._base import (
 )
 from p2pfed.lineage import Lineage
 
+#: the largest make-up factor a ledger entry may hold (``[rounds] make_up`` is at most this)
+MAX_MAKE_UP = 100
+
 
 @dataclass(frozen=True)
 class PrivacySpent:
@@ -64,17 +67,24 @@ class LocalUpdate(Record):
     #: the mass (the 2-norm of the change) this node's own training put into the state this
     #: round (None: not recorded)
     credit: float | None = None
+    #: the make-up factor the round trained with (a part-time member making up the rounds it
+    #: skipped: ``[rounds] make_up``), so that a re-run trains as it did whatever the settings
+    #: are then (None: not recorded, a full-time member or an older ledger)
+    make_up: int | None = None
 
     def __post_init__(self) -> None:
         if self.credit is not None:
             _check_finite("credit", self.credit)
+        if self.make_up is not None and not 1 <= self.make_up <= MAX_MAKE_UP:
+            raise SchemaError(f"field 'make_up' is {self.make_up!r}, not in 1..{MAX_MAKE_UP}")
 
     def fields(self) -> dict[str, Any]:
         out = {"component": self.component, "round": self.round, "digest": self.digest,
                "trained": self.trained, "start": self.start, "lineage": self.lineage.packed,
                "epoch": self.epoch}
         return out | ({"dp": self.dp.to_body()} if self.dp is not None else {}) | (
-            {"credit": self.credit} if self.credit is not None else {})
+            {"credit": self.credit} if self.credit is not None else {}) | (
+            {"make_up": self.make_up} if self.make_up is not None else {})
 
     @classmethod
     def from_fields(cls, body: Mapping[str, Any]) -> LocalUpdate:
@@ -84,7 +94,7 @@ class LocalUpdate(Record):
                    _field(body, "start", bytes, b""), _lineage(body, "lineage"),
                    _field(body, "epoch", int, 0),
                    PrivacySpent.from_body(dp) if dp is not None else None,
-                   _field(body, "credit", float, None))
+                   _field(body, "credit", float, None), _field(body, "make_up", int, None))
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ class TrainRequest:
     ready: frozenset[str] = frozenset()
     epoch: int = 0
     #: train this many times the steps: the node makes up the rounds it skipped just before
-    #: (:meth:`~p2pfed.node.Node.make_up_steps`)
+    #: (:attr:`p2pfed.node.Train.steps`)
     make_up: int = 1
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from gossip.errors import ConfigError
+from p2pfed.journal import MAX_MAKE_UP
 from p2pfed.node._retention import RetentionPolicy
 from p2pfed.privacy import Policy
 from p2pfed.unlearning import FAST_STRIDE
@@ -68,10 +69,16 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.participation <= 1.0:
             raise ConfigError(f"participation must be in (0, 1], not {self.participation!r}")
-        if not 1 <= self.make_up <= 100:
-            raise ConfigError(f"make_up must be in 1..100, not {self.make_up!r}")
+        if not 1 <= self.make_up <= MAX_MAKE_UP:
+            raise ConfigError(f"make_up must be in 1..{MAX_MAKE_UP}, not {self.make_up!r}")
         if self.make_up_by not in ("steps", "update"):
             raise ConfigError(f"make_up_by must be steps or update, not {self.make_up_by!r}")
+
+    @property
+    def part_time(self) -> bool:
+        """Does this node train only some rounds (a share, a schedule)?  Its re-runs then read
+        which rounds trained, and with what make-up, from its ``local-update`` records."""
+        return self.schedule is not None or self.participation < 1.0
 
     def interval(self, *, alone: bool) -> int:
         """How long after a round's start the next may start; for a component with no

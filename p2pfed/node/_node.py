@@ -96,8 +96,7 @@ class Node:
                          if n in self._states}
         self._participation = Participation.of(self.peer_id, cfg)
         self._forgetting = Forgetting(self.peer_id, self._journal, self._states, cfg.trains,
-                                      cfg.forward_deps, cfg.fast_stride,
-                                      cfg.schedule is not None or cfg.participation < 1.0)
+                                      cfg.forward_deps, cfg.fast_stride, cfg.part_time)
         self._retention = Retention(cfg.retention, self._journal, self._states, self.peer_id[-8:])
         self._graph: nx.Graph = nx.Graph()
         self._holders: dict[str, frozenset[str]] = {}
@@ -305,7 +304,7 @@ class Node:
         if st.phase is not Phase.TRAINING or st.round != round_:
             raise AssertionError(f"unexpected training result for {component} round {round_}")
         origin, st.origin = st.origin, None
-        if origin is not None and (k := self._participation.scale(round_)) > 1:
+        if origin is not None and (k := self._participation.scale(st.make_up)) > 1:
             st.comp.flat.sub_(origin).mul_(float(k)).add_(origin)  # (making up skipped rounds)
         if origin is not None and st.replay is not None and st.replay.mode == "fast":
             # fast unlearning: the calibration update takes the size of the stored update
@@ -376,12 +375,13 @@ class Node:
         if trains and account is not None:
             trains = account.may_release(self.peer_id[-8:])
         st.trained, st.start_digest, st.credit = trains, b"", 0.0
+        st.make_up = self._participation.made_up(st.round, replay) if trains else 1
         if trains:
             st.origin = st.comp.flat.clone()  # (privacy, fast mode, provenance, making up)
             if self.config.keep_payloads:  # fast unlearning sizes its steps by these
                 st.start_digest, _ = self._journal.put_state(name, st.round, st.comp.flat,
                                                              st.comp.layout)
-            return [Train(name, st.round)]
+            return [Train(name, st.round, self._participation.steps(st.make_up))]
         stored = self._forgetting.stored_update(name, st)
         if stored is not None:  # fast mode between calibrations: re-apply the stored update
             st.comp.flat.add_(stored)
@@ -399,7 +399,8 @@ class Node:
         # The ledger entry (with the privacy spent so far) precedes the send and is durable.
         self._journal.write(LocalUpdate(name, st.round, st.own_digest, st.trained,
                                         st.start_digest, st.lineage, self.epoch, spent,
-                                        credit=st.credit if self.config.provenance else None),
+                                        credit=st.credit if self.config.provenance else None,
+                                        make_up=self._participation.recorded(st)),
                             now_ms, durable=True)
         ann = Announcement(name, st.round, st.own_digest, size, len(st.neighbours), st.lineage,
                            st.noise, self.epoch, st.age,

@@ -14,6 +14,10 @@ it still publishes its current state and mixes, so its neighbours never wait for
   starting ``r`` get the same answer.  A re-run of round ``r`` cannot ask the clock of then:
   it trains where the round trained before (its ``local-update`` record, kept in
   :attr:`~p2pfed.node._replay.Replay.idle`).
+* A part-time member's trained round records its make-up factor in its ``local-update``
+  (:meth:`Participation.recorded`), and a re-run makes up by it
+  (:attr:`~p2pfed.node._replay.Replay.made_up`), whatever ``participation`` and ``make_up``
+  are then.
 """
 
 from __future__ import annotations
@@ -22,9 +26,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from gossip.envelope import digest
 from p2pfed.node._config import NodeConfig
+
+if TYPE_CHECKING:
+    from p2pfed.node._replay import Replay
+    from p2pfed.node._state import ComponentRound
 
 #: rounds whose schedule answer is remembered (components a few rounds apart share them)
 _REMEMBERED = 16
@@ -58,12 +67,6 @@ def make_up(peer_id: str, round_: int, share: float, cap: int) -> int:
     return factor
 
 
-def make_up_steps(peer_id: str, config: NodeConfig, round_: int) -> int:
-    """The factor on the trainer's steps in ``round_`` for a node with ``config`` (1 unless
-    it makes up skipped rounds by steps): what its driver asks the trainer for."""
-    return Participation.of(peer_id, config).steps(round_)
-
-
 class Participation:
     """This node's answer, per round, to "do I train in this round?"."""
 
@@ -83,13 +86,26 @@ class Participation:
         """The make-up factor of this node's round ``round_`` (:func:`make_up`)."""
         return 1 if self.share >= 1.0 else make_up(self.peer_id, round_, self.share, self.cap)
 
-    def scale(self, round_: int) -> int:
-        """The factor on this node's update of ``round_`` (1 when made up by steps)."""
-        return self.factor(round_) if self.by == "update" else 1
+    def made_up(self, round_: int, replay: Replay | None) -> int:
+        """The make-up factor of a round that trains: in a re-run, the one the round recorded
+        (the settings may have changed since), else :meth:`factor`."""
+        if replay is not None and round_ in replay.made_up:
+            return replay.made_up[round_]
+        return self.factor(round_)
 
-    def steps(self, round_: int) -> int:
-        """The factor on the trainer's steps in ``round_`` (1 when made up by the update)."""
-        return self.factor(round_) if self.by == "steps" else 1
+    def recorded(self, st: ComponentRound) -> int | None:
+        """What the round's ``local-update`` record keeps of its make-up factor: the factor
+        of a part-time member's trained round (None otherwise: nothing to make up)."""
+        return st.make_up if st.trained and self.share < 1.0 else None
+
+    def scale(self, factor: int) -> int:
+        """The factor on a round's update, of make-up ``factor`` (1 when made up by steps)."""
+        return factor if self.by == "update" else 1
+
+    def steps(self, factor: int) -> int:
+        """The factor on the trainer's steps, of make-up ``factor`` (1 when made up by the
+        update)."""
+        return factor if self.by == "steps" else 1
 
     def trains(self, round_: int, now_ms: int, idle: Collection[int] | None = None) -> bool:
         """May this node train at ``round_`` (asked at ``now_ms``)?  ``idle``: in a re-run,

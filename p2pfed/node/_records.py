@@ -108,10 +108,13 @@ class Fetch:
 
 @dataclass(frozen=True)
 class Train:
-    """Run local training of ``component`` for ``round``, then call ``local_update_done``."""
+    """Run local training of ``component`` for ``round``, then call ``local_update_done``;
+    ``steps``: train this many times the usual steps (a part-time member making up the rounds
+    it skipped, :class:`~p2pfed.node._participation.Participation`)."""
 
     component: str
     round: int
+    steps: int = 1
 
 
 @dataclass(frozen=True)

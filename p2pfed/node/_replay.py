@@ -39,6 +39,9 @@ class Replay:
     #: before the request (their ``local-update`` records), where the re-run does not train
     #: either, whatever the clock says now
     idle: set[int] = field(default_factory=set)
+    #: the same records' make-up factors, per round trained with one recorded: the re-run
+    #: makes up by them (a round without one: the factor the settings give now)
+    made_up: dict[int, int] = field(default_factory=dict)
 
     def trains_at(self, round_: int) -> bool:
         return self.mode == "exact" or (round_ - self.start) % self.stride == 0

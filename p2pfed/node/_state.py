@@ -91,6 +91,7 @@ class ComponentRound:
     #: (:mod:`p2pfed.node._provenance`)
     prov: Provenance = field(default_factory=Provenance.empty)
     credit: float = 0.0  # the mass this round's training credited to this node
+    make_up: int = 1  # the make-up factor of this round's training (on steps or the update)
 
     @property
     def radius(self) -> float:

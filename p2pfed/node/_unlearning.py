@@ -105,6 +105,17 @@ def idle_rounds(
     return {r for r, t in trained.items() if not t}
 
 
+def made_up_rounds(
+    entries: Iterable[Stored[LocalUpdate]], component: str, start: int, until: int, before: int,
+) -> dict[int, int]:
+    """Rounds ``start .. until-1`` whose first update before ``before`` trained with a
+    recorded make-up factor: that factor (a re-run makes up as the round did)."""
+    first: dict[int, LocalUpdate] = {}
+    for u in _updates_in(entries, component, start, until, before):
+        first.setdefault(u.round, u)
+    return {r: u.make_up for r, u in first.items() if u.trained and u.make_up is not None}
+
+
 # ---------------------------------------------------------------- a forget request
 @dataclass(frozen=True)
 class ForgetPlan:
@@ -199,6 +210,7 @@ def plan_replay(contributions_: Iterable[Stored[Contribution]],
         replay.updates = own_updates(updates, name, start, until, forget_index)
     if schedule is not None:
         replay.idle = idle_rounds(schedule, name, start, until, forget_index)
+        replay.made_up = made_up_rounds(schedule, name, start, until, forget_index)
     return replay
 
 

@@ -32,7 +32,6 @@ from p2pfed.node import (
     RoundCompleted,
     Train,
 )
-from p2pfed.node._participation import make_up_steps
 
 if TYPE_CHECKING:  # trio-typing's stubs (pulled in by libp2p) shadow trio's own types
     from trio_typing import TaskStatus
@@ -234,8 +233,7 @@ class NodeDriver:
         node = self.node
         ready = frozenset(c for c in node.config.trains
                           if c != train.component and node.awaiting_update(c, train.round))
-        return TrainRequest(train.component, train.round, ready, node.epoch,
-                            make_up_steps(node.peer_id, node.config, train.round))
+        return TrainRequest(train.component, train.round, ready, node.epoch, train.steps)
 
     def _train_now(self, train: Train) -> None:
         self._trainer(train)(self._request(train))
