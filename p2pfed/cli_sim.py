@@ -93,6 +93,9 @@ def simulate(
         min=1, max=10, help="Continual: a task that starts late trains this many times the "
                             "steps per round until it made up the rounds it missed (at most "
                             "10 rounds; 1: off; default 3, as [continual] catch_up).")] = None,
+    catch_up_lr: Annotated[float | None, typer.Option(
+        help="Continual: those rounds' steps run at this fraction of the learning rate, in "
+             "(0, 1] (default 0.5, as [continual] catch_up_lr).")] = None,
     participation: Annotated[str | None, typer.Option(
         metavar="NODES:P[,NODES:P]", help="These nodes train only a fraction P of the rounds "
         "(NODES: a node, a group of a hierarchical topology, or a share such as 1/3 of the "
@@ -150,8 +153,8 @@ def simulate(
     if text_model is not None:
         config.education = _education_text_model(text_model, workload, quick)
     config = _continual_options(config, continual=continual, method=method, catch_up=catch_up,
-                                participation=participation, train_s=train_s,
-                                round_interval=round_interval)
+                                catch_up_lr=catch_up_lr, participation=participation,
+                                train_s=train_s, round_interval=round_interval)
     from p2pfed.model.fairness import OBJECTIVES
 
     if fairness not in OBJECTIVES:
@@ -349,7 +352,7 @@ def _parse_attack(value: str) -> tuple[str, int]:
 
 def _continual_options(config: SimConfig, *, continual: str | None, method: str,
                        participation: str | None, train_s: float,
-                       catch_up: int | None = None,
+                       catch_up: int | None = None, catch_up_lr: float | None = None,
                        round_interval: float = 0.0) -> SimConfig:
     """``config`` with the continual schedule, the participation and the compute model."""
 
@@ -362,8 +365,11 @@ def _continual_options(config: SimConfig, *, continual: str | None, method: str,
                                  param_hint="--method")
     if continual is None and method != "rehearsal":
         raise typer.BadParameter("needs --continual SCHEDULE", param_hint="--method")
-    if continual is None and catch_up is not None:
-        raise typer.BadParameter("needs --continual SCHEDULE", param_hint="--catch-up")
+    for value, hint in ((catch_up, "--catch-up"), (catch_up_lr, "--catch-up-lr")):
+        if continual is None and value is not None:
+            raise typer.BadParameter("needs --continual SCHEDULE", param_hint=hint)
+    if catch_up_lr is not None and not 0.0 < catch_up_lr <= 1.0:
+        raise typer.BadParameter("must be in (0, 1]", param_hint="--catch-up-lr")
     if participation is None and round_interval:
         raise typer.BadParameter("needs --participation", param_hint="--round-interval")
     if participation is not None and (continual is not None or config.attack is not None):
@@ -381,11 +387,12 @@ def _continual_options(config: SimConfig, *, continual: str | None, method: str,
         except ConfigError as exc:
             raise typer.BadParameter(str(exc), param_hint="--continual") from exc
     shares = _parse_participation(participation, config) if participation is not None else {}
+    given = {k: v for k, v in (("catch_up", catch_up), ("catch_up_lr", catch_up_lr))
+             if v is not None}
     return dataclasses.replace(
         config, participation=shares, train_s=train_s, round_interval_s=round_interval,
         continual=None if schedule is None else (
-            schedule, ContinualSettings(method=method) if catch_up is None
-            else ContinualSettings(method=method, catch_up=catch_up)))
+            schedule, ContinualSettings(method=method, **given)))  # type: ignore[arg-type]
 
 
 def _parse_participation(value: str, config: SimConfig) -> dict[str, float]:

@@ -333,6 +333,11 @@ def test_the_summary_prints_the_continual_table(study: dict[str, Any],
     (["--catch-up", "2"], "needs --continual"),
     (["--workload", "education", "--continual", "topic@0", "--catch-up", "11"],
      "less than or equal to 10"),
+    (["--catch-up-lr", "0.5"], "needs --continual"),
+    (["--workload", "education", "--continual", "topic@0", "--catch-up-lr", "0"],
+     "must be in (0, 1]"),
+    (["--workload", "education", "--continual", "topic@0", "--catch-up-lr", "1.5"],
+     "must be in (0, 1]"),
     (["--round-interval", "3"], "needs --participation"),
     (["--workload", "education", "--participation", "ring-3:0.5", "--attack", "sign-flip:1"],
      "a study of its own"),
@@ -346,3 +351,16 @@ def test_bad_continual_options_are_refused(args: list[str], words: str) -> None:
                                       *args])
     assert result.exit_code == 2, result.output
     assert words in " ".join(result.output.split())
+
+
+def test_simulate_passes_the_catch_up_settings_on() -> None:
+    from p2pfed.cli_sim import _continual_options
+
+    config = SimConfig(school_topology(), workload="education", rounds=6, seed=2,
+                       education=TINY)
+    for given, expected in (({}, (3, 0.5)), ({"catch_up": 2, "catch_up_lr": 1.0}, (2, 1.0))):
+        out = _continual_options(config, continual="topic@0,digits@3", method="rehearsal",
+                                 participation=None, train_s=1.0, **given)  # type: ignore[arg-type]
+        assert out.continual is not None
+        settings = out.continual[1]
+        assert (settings.catch_up, settings.catch_up_lr) == expected

@@ -91,7 +91,8 @@ def test_a_part_time_members_update_is_scaled_by_the_rounds_it_made_up() -> None
 def test_made_up_by_steps_the_update_is_not_scaled_and_the_trainer_is_asked() -> None:
     """``make_up_by`` steps: the node leaves the update as trained and asks the trainer for
     the factor instead (``Train.steps``); a full-time member is asked for 1.  The part-time
-    member's ``local-update`` records the factor of each round it trained."""
+    member's ``local-update`` records the factor of each round it trained (the full-time
+    member's, 1)."""
     credits = {}
     for by in ("update", "steps"):
         nodes = [_node(0, participation=0.3, make_up=1 if by == "update" else 5,
@@ -109,7 +110,8 @@ def test_made_up_by_steps_the_update_is_not_scaled_and_the_trainer_is_asked() ->
             assert set(asked.values()) != {1}  # (some round made up)
             full = [v for (p, _), v in asked.items() if p == nodes[1].peer_id]
             assert full and set(full) == {1}
-            assert all(s.record.make_up is None for s in nodes[1]._journal.read(LocalUpdate))
+            assert {s.record.make_up for s in nodes[1]._journal.read(LocalUpdate)
+                    if s.record.trained} == {1}
     assert credits["update"] == credits["steps"]  # (the fake trainer ignores the factor)
     with pytest.raises(ConfigError, match="make_up_by"):
         NodeConfig(make_up_by="both")
@@ -466,23 +468,30 @@ def test_a_neighbour_that_forces_a_catch_up_does_not_take_the_state_over() -> No
     assert weights == [pytest.approx(0.4375)] * 2 and self_weight == pytest.approx(0.125)
 
 
-def test_an_exact_rerun_makes_up_as_the_live_rounds_did_whatever_the_settings_are_now() -> None:
-    """Part-time members that make up skipped rounds (scaling the update); before the
-    unlearning their settings change (no making up, another share).  The re-run reads each
-    trained round's factor from its ``local-update`` and ends bit-identical to the federation
-    that never had the member, run with the first settings."""
-    rounds, settings = 16, {"participation": 0.4, "make_up": 5}
+@pytest.mark.parametrize(("settings", "now"), [
+    ({"participation": 0.4, "make_up": 5}, {"participation": 0.9, "make_up": 1}),
+    ({"participation": 0.4, "make_up": 5}, {"participation": 1.0, "make_up": 5}),
+    ({"participation": 1.0, "make_up": 5}, {"participation": 0.4, "make_up": 5}),
+], ids=["less", "full-time-now", "part-time-now"])
+def test_an_exact_rerun_makes_up_as_the_live_rounds_did_whatever_the_settings_are_now(
+        settings: dict[str, float], now: dict[str, float]) -> None:
+    """Members whose share and make-up (scaling the update) change before the unlearning:
+    the re-run reads each round's training and factor from its ``local-update`` and ends
+    bit-identical to the federation that never had the member, run with the first settings."""
+    rounds = 16
     nodes = [_node(i, **settings) for i in range(4)]  # type: ignore[arg-type]
     _path(nodes)
     _rounds(nodes, rounds)
     target, rest = nodes[-1], nodes[:-1]
-    assert any((s.record.make_up or 1) > 1 for n in rest
-               for s in n._journal.read(LocalUpdate))  # (some round made up: it matters)
+    ups = [s.record for n in rest for s in n._journal.read(LocalUpdate) if s.record.trained]
+    assert all(u.make_up is not None for u in ups)  # (every trained round records it)
+    if settings["participation"] < 1:
+        assert any((u.make_up or 1) > 1 for u in ups)  # (some round made up: it matters)
     later = 10**9
     actions: list[tuple[str, object]] = []
     for n in rest:
         n._participation = Participation.of(n.peer_id, dataclasses.replace(
-            n.config, participation=0.9, make_up=1))  # (what the settings would say now)
+            n.config, **now))  # type: ignore[arg-type]  # (what the settings say now)
         actions += [(n.peer_id, a) for a in n.forget(target.peer_id, "exact", later)]
     _path(rest)
     for n in rest:

@@ -74,12 +74,6 @@ class NodeConfig:
         if self.make_up_by not in ("steps", "update"):
             raise ConfigError(f"make_up_by must be steps or update, not {self.make_up_by!r}")
 
-    @property
-    def part_time(self) -> bool:
-        """Does this node train only some rounds (a share, a schedule)?  Its re-runs then read
-        which rounds trained, and with what make-up, from its ``local-update`` records."""
-        return self.schedule is not None or self.participation < 1.0
-
     def interval(self, *, alone: bool) -> int:
         """How long after a round's start the next may start; for a component with no
         neighbour at least :attr:`lone_interval_ms` (by default the round timeout)."""

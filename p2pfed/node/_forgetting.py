@@ -51,10 +51,8 @@ class Forgetting:
 
     def __init__(self, self_id: str, journal: Journal, states: Mapping[str, ComponentRound],
                  trains: Collection[str], forward_deps: Mapping[str, Iterable[str]],
-                 stride: int, scheduled: bool = False) -> None:
+                 stride: int) -> None:
         self.self_id = self_id
-        #: this node trains on a schedule: re-runs read which rounds it trained
-        self._scheduled = scheduled
         self._journal = journal
         self._states = states  # the node's components (this room moves them only as told)
         self._trains = frozenset(trains)
@@ -154,13 +152,13 @@ class Forgetting:
     def _begin_replay(self, st: ComponentRound, name: str, forget: Forget, until: int,
                       index: int, keep: Checkpoint | None) -> None:
         fast = forget.mode == "fast" and name in self._trains
-        scheduled = self._scheduled and name in self._trains
-        ups = list(self._journal.read(LocalUpdate)) if fast or scheduled else None
+        # a component it trains re-runs as its live rounds trained (whether, and the make-up),
+        # whatever the settings say now (a share, hours, a profile may have changed)
+        ups = list(self._journal.read(LocalUpdate)) if name in self._trains else None
         st.replay = plan_replay(
             self._journal.read(Contribution), ups if fast else None,
             name, forget.target, forget.mode, forget.start, until, index,
-            forgotten=self.forgotten, stride=self._stride, keep=keep,
-            schedule=ups if scheduled else None)
+            forgotten=self.forgotten, stride=self._stride, keep=keep, trained=ups)
 
     def stored_update(self, name: str, st: ComponentRound) -> torch.Tensor | None:
         """This node's own training update of the round ``st`` re-runs, as it was made before

@@ -96,7 +96,7 @@ class Node:
                          if n in self._states}
         self._participation = Participation.of(self.peer_id, cfg)
         self._forgetting = Forgetting(self.peer_id, self._journal, self._states, cfg.trains,
-                                      cfg.forward_deps, cfg.fast_stride, cfg.part_time)
+                                      cfg.forward_deps, cfg.fast_stride)
         self._retention = Retention(cfg.retention, self._journal, self._states, self.peer_id[-8:])
         self._graph: nx.Graph = nx.Graph()
         self._holders: dict[str, frozenset[str]] = {}

@@ -14,10 +14,10 @@ it still publishes its current state and mixes, so its neighbours never wait for
   starting ``r`` get the same answer.  A re-run of round ``r`` cannot ask the clock of then:
   it trains where the round trained before (its ``local-update`` record, kept in
   :attr:`~p2pfed.node._replay.Replay.idle`).
-* A part-time member's trained round records its make-up factor in its ``local-update``
+* Every trained round records its make-up factor in its ``local-update``
   (:meth:`Participation.recorded`), and a re-run makes up by it
   (:attr:`~p2pfed.node._replay.Replay.made_up`), whatever ``participation`` and ``make_up``
-  are then.
+  are then (a ledger written before the factor was recorded: the settings' factor).
 """
 
 from __future__ import annotations
@@ -95,8 +95,9 @@ class Participation:
 
     def recorded(self, st: ComponentRound) -> int | None:
         """What the round's ``local-update`` record keeps of its make-up factor: the factor
-        of a part-time member's trained round (None otherwise: nothing to make up)."""
-        return st.make_up if st.trained and self.share < 1.0 else None
+        of a trained round, 1 included (None for a round that did not train), so that a
+        re-run makes up as the round did even if the member turned part-time since."""
+        return st.make_up if st.trained else None
 
     def scale(self, factor: int) -> int:
         """The factor on a round's update, of make-up ``factor`` (1 when made up by steps)."""

@@ -35,9 +35,9 @@ class Replay:
     #: a component the member never influenced, re-run only because an influenced one is
     #: trained through it: its checkpoint from before the request, put back when done
     keep: Checkpoint | None = None
-    #: with a training schedule (``NodeConfig.schedule``): the rounds this node did not train
-    #: before the request (their ``local-update`` records), where the re-run does not train
-    #: either, whatever the clock says now
+    #: a component this node trains: the rounds it did not train before the request (their
+    #: ``local-update`` records: a share's draw, a schedule's hours, a spent budget), where the
+    #: re-run does not train either, whatever the settings and the clock say now
     idle: set[int] = field(default_factory=set)
     #: the same records' make-up factors, per round trained with one recorded: the re-run
     #: makes up by them (a round without one: the factor the settings give now)

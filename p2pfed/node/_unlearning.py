@@ -198,19 +198,20 @@ def plan_replay(contributions_: Iterable[Stored[Contribution]],
                 name: str, target: str, mode: str, start: int, until: int, forget_index: int,
                 *, forgotten: Iterable[str], stride: int = FAST_STRIDE,
                 keep: Checkpoint | None = None,
-                schedule: Iterable[Stored[LocalUpdate]] | None = None) -> Replay:
+                trained: Iterable[Stored[LocalUpdate]] | None = None) -> Replay:
     """The re-run of ``name``'s rounds ``start .. until-1``: the clean neighbour updates from
     the ledger's ``contribution`` records and, when ``updates`` (``local-update`` records) are
     given (fast mode, a trained component), this node's own updates before the request;
-    with ``schedule`` (the same records, for a node that trains on a schedule), the rounds it
-    did not train."""
+    with ``trained`` (the same records, for a component this node trains), the rounds it did
+    not train and the make-up factors of those it did: the re-run trains as they did, whatever
+    the settings say now."""
     replay = Replay(target, mode, start, until, forget_index, keep=keep, stride=stride)
     replay.history = contributions(contributions_, name, start, until, forgotten)
     if updates is not None:
         replay.updates = own_updates(updates, name, start, until, forget_index)
-    if schedule is not None:
-        replay.idle = idle_rounds(schedule, name, start, until, forget_index)
-        replay.made_up = made_up_rounds(schedule, name, start, until, forget_index)
+    if trained is not None:
+        replay.idle = idle_rounds(trained, name, start, until, forget_index)
+        replay.made_up = made_up_rounds(trained, name, start, until, forget_index)
     return replay
 
 
