@@ -73,6 +73,43 @@ def test_make_up_counts_the_rounds_skipped_just_before() -> None:
                                                                                rel=0.1)
 
 
+def test_only_the_draws_since_a_member_began_running_rounds_are_made_up() -> None:
+    """A part-time member that joins a federation at round 10 (fast-forwarded, as a member
+    that joins or rejoins a running federation is) makes up only the draws it skipped from
+    round 10 on: not the rounds before it was there.  A jump ahead counts the same way."""
+    share, cap = 0.3, 5
+    nodes = [_node(0, participation=share, make_up=cap), _node(1)]
+    _path(nodes)
+    for n in nodes:
+        n.fast_forward(10)
+    _rounds(nodes, 30, start=10)
+    ups = [s.record for s in nodes[0]._journal.read(LocalUpdate) if s.record.trained]
+    first = ups[0]
+    assert first.round >= 10 and first.make_up == min(1 + first.round - 10, cap)
+    assert make_up(nodes[0].peer_id, first.round, share, cap) > first.make_up  # (it mattered)
+    for u in ups:
+        assert u.make_up == make_up(nodes[0].peer_id, u.round, share, cap, since=10)
+    assert make_up(PEER, 12, 0.3, 5, since=12) == 1
+    from p2pfed.node._state import ComponentRound, jump
+
+    st = ComponentRound(nodes[1].components["backbone"])
+    jump(st, 40)
+    assert st.since == 40 and st.round == 40
+
+
+def test_a_restarted_member_counts_its_draws_from_the_checkpoint_it_restored() -> None:
+    nodes = [_node(0, participation=0.3, make_up=5), _node(1)]
+    _path(nodes)
+    _rounds(nodes, 9)
+    old = nodes[0]
+    again = Node(old.identity, FED, {"backbone": FlatComponent.from_params(
+        ComponentSpec.from_name("backbone"), {"w": torch.zeros(4, dtype=torch.float64)})},
+        old.ledger, old.blobs, old.config, Sequencer(0))
+    restored = again.restore()
+    assert restored["backbone"] == 8  # (checkpoints every 2 rounds)
+    assert again._states["backbone"].since == 8
+
+
 def test_a_part_time_members_update_is_scaled_by_the_rounds_it_made_up() -> None:
     """The same two-node run with make_up 1 and 5: at the part-time member's first training
     round r0 (every round before skipped) its update is (1 + min(r0, 4)) times as large."""
@@ -189,8 +226,8 @@ def _rounds(nodes: list[Node], until: int, trained: list[tuple[str, str, int]] |
         actions: list[tuple[str, object]] = []
         for n in nodes:
             actions += [(n.peer_id, a) for a in n.set_round_limit(r + 1, r * 1000)]
-            if r == 0:
-                actions += [(n.peer_id, a) for a in n.start(0)]
+            if r == start:
+                actions += [(n.peer_id, a) for a in n.start(r * 1000)]
         _drive(nodes, actions, r * 1000, trained, steps)
 
 

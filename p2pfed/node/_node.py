@@ -375,7 +375,7 @@ class Node:
         if trains and account is not None:
             trains = account.may_release(self.peer_id[-8:])
         st.trained, st.start_digest, st.credit = trains, b"", 0.0
-        st.make_up = self._participation.made_up(st.round, replay) if trains else 1
+        st.make_up = self._participation.made_up(st.round, replay, st.since) if trains else 1
         if trains:
             st.origin = st.comp.flat.clone()  # (privacy, fast mode, provenance, making up)
             if self.config.keep_payloads:  # fast unlearning sizes its steps by these

@@ -52,17 +52,18 @@ def drawn(peer_id: str, round_: int, share: float) -> bool:
     return share >= 1.0 or draw(peer_id, round_) < share
 
 
-def make_up(peer_id: str, round_: int, share: float, cap: int) -> int:
+def make_up(peer_id: str, round_: int, share: float, cap: int, since: int = 0) -> int:
     """The make-up factor of ``peer_id``'s round ``round_`` (on its steps, or on its update:
     ``NodeConfig.make_up_by``): 1 + the rounds just before it that the share's draw skipped,
-    at most ``cap`` (1 with ``share`` 1).  A member that trains a share p of the rounds makes
-    up about 1/p (for p >= 1/cap), so over the rounds its
-    data weighs about as much as a full-time member's; the draw is seeded, so a re-run scales
-    exactly as the round did.  A schedule's skipped hours are not made up (the re-run could
-    not ask the clock of then)."""
+    counting from round ``since`` (the node ran those: the rounds before it joined, restarted
+    or jumped ahead were not the draw's to skip), at most ``cap`` (1 with ``share`` 1).  A
+    member that trains a share p of the rounds makes up about 1/p (for p >= 1/cap), so over
+    the rounds its data weighs about as much as a full-time member's; the draw is seeded and
+    the factor recorded, so a re-run scales exactly as the round did.  A schedule's skipped
+    hours are not made up (the re-run could not ask the clock of then)."""
     factor = 1
-    while factor < cap and round_ - factor >= 0 and not drawn(peer_id, round_ - factor,
-                                                                share):
+    while factor < cap and round_ - factor >= since and not drawn(peer_id, round_ - factor,
+                                                                    share):
         factor += 1
     return factor
 
@@ -82,16 +83,18 @@ class Participation:
         return cls(peer_id, config.participation, config.schedule, config.make_up,
                    config.make_up_by)
 
-    def factor(self, round_: int) -> int:
-        """The make-up factor of this node's round ``round_`` (:func:`make_up`)."""
-        return 1 if self.share >= 1.0 else make_up(self.peer_id, round_, self.share, self.cap)
+    def factor(self, round_: int, since: int = 0) -> int:
+        """The make-up factor of this node's round ``round_``, counting the draws from round
+        ``since`` on (:func:`make_up`)."""
+        return 1 if self.share >= 1.0 else make_up(self.peer_id, round_, self.share, self.cap,
+                                                   since)
 
-    def made_up(self, round_: int, replay: Replay | None) -> int:
+    def made_up(self, round_: int, replay: Replay | None, since: int = 0) -> int:
         """The make-up factor of a round that trains: in a re-run, the one the round recorded
         (the settings may have changed since), else :meth:`factor`."""
         if replay is not None and round_ in replay.made_up:
             return replay.made_up[round_]
-        return self.factor(round_)
+        return self.factor(round_, since)
 
     def recorded(self, st: ComponentRound) -> int | None:
         """What the round's ``local-update`` record keeps of its make-up factor: the factor

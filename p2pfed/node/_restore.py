@@ -84,6 +84,7 @@ def load_newest(states: Mapping[str, ComponentRound], journal: Journal,
             damaged.add(name)
             continue
         latest[name] = ck
+        states[name].since = ck.record.round  # (the rounds before the restart are not made up)
         if len(latest) == len(states):
             break
     if damaged - latest.keys():

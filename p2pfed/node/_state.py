@@ -92,6 +92,9 @@ class ComponentRound:
     prov: Provenance = field(default_factory=Provenance.empty)
     credit: float = 0.0  # the mass this round's training credited to this node
     make_up: int = 1  # the make-up factor of this round's training (on steps or the update)
+    #: the first round whose share draw a make-up counts: the round this node has run rounds
+    #: from, since it started (a restored checkpoint's) or since it last jumped ahead
+    since: int = 0
 
     @property
     def radius(self) -> float:
@@ -143,6 +146,7 @@ def jump(state: ComponentRound, round_: int) -> None:
     state.inbox = {k: v for k, v in state.inbox.items() if k[0] >= round_}
     state.age += max(0, round_ - state.round)
     state.round, state.deadline_ms, state.start_at_ms = round_, None, None
+    state.since = max(state.since, round_)  # (the rounds jumped over are not made up)
     if state.phase is Phase.COLLECTING:
         transition(state, Event.ABANDON)
 
@@ -163,7 +167,7 @@ def fast_forward(state: ComponentRound, round_: int) -> None:
     if state.phase not in (Phase.PAUSED, Phase.IDLE):
         raise AssertionError("fast_forward needs every component paused")
     if round_ > state.round:
-        state.round = round_
+        state.round = state.since = round_
         state.inbox.clear()
 
 
