@@ -90,24 +90,51 @@ def test_only_the_draws_since_a_member_began_running_rounds_are_made_up() -> Non
     for u in ups:
         assert u.make_up == make_up(nodes[0].peer_id, u.round, share, cap, since=10)
     assert make_up(PEER, 12, 0.3, 5, since=12) == 1
+
+
+def test_a_restart_makes_up_the_rounds_it_runs_again_as_the_first_time() -> None:
+    """Both members restart from a checkpoint at the start of a round the part-time member
+    trains after skipping the one before (the ledger then holds that round and the next
+    twice): every round trained twice records the same make-up factor, counted from the round
+    the member last jumped ahead to (the ledger's newest ``catch-up``; none here: 0)."""
+    share, cap = 0.3, 5
+    nodes = [_node(0, participation=share, make_up=cap), _node(1)]
+    peer = nodes[0].peer_id
+    c = next(r for r in range(2, 400, 2)  # (checkpoints every 2 rounds)
+             if drawn(peer, r, share) and not drawn(peer, r - 1, share))
+    _path(nodes)
+    _rounds(nodes, c + 1)
+    again = []
+    for n in nodes:
+        fresh = Node(n.identity, FED, {"backbone": FlatComponent.from_params(
+            ComponentSpec.from_name("backbone"), {"w": torch.zeros(4, dtype=torch.float64)})},
+            n.ledger, n.blobs, n.config, Sequencer(10**6))
+        assert fresh.restore() == {"backbone": c}
+        again.append(fresh)
+    _path(again)
+    _rounds(again, c + 8, start=c)
+    factors: dict[int, list[int | None]] = {}
+    for s in again[0]._journal.read(LocalUpdate):
+        if s.record.trained:
+            factors.setdefault(s.record.round, []).append(s.record.make_up)
+    assert factors[c] == [make_up(peer, c, share, cap)] * 2 and factors[c][0] > 1  # (twice)
+    assert {r: set(f) for r, f in factors.items()} == {
+        r: {make_up(peer, r, share, cap)} for r in factors}
+
+
+def test_a_restart_keeps_the_round_the_member_last_jumped_to() -> None:
+    from p2pfed.journal import CatchUp
+    from p2pfed.node._restore import restore_since
     from p2pfed.node._state import ComponentRound, jump
 
-    st = ComponentRound(nodes[1].components["backbone"])
-    jump(st, 40)
-    assert st.since == 40 and st.round == 40
-
-
-def test_a_restarted_member_counts_its_draws_from_the_checkpoint_it_restored() -> None:
-    nodes = [_node(0, participation=0.3, make_up=5), _node(1)]
-    _path(nodes)
-    _rounds(nodes, 9)
-    old = nodes[0]
-    again = Node(old.identity, FED, {"backbone": FlatComponent.from_params(
-        ComponentSpec.from_name("backbone"), {"w": torch.zeros(4, dtype=torch.float64)})},
-        old.ledger, old.blobs, old.config, Sequencer(0))
-    restored = again.restore()
-    assert restored["backbone"] == 8  # (checkpoints every 2 rounds)
-    assert again._states["backbone"].since == 8
+    node = _node(0, participation=0.3)
+    node._journal.write(CatchUp("backbone", 0, 7), 0)
+    node._journal.write(CatchUp("backbone", 9, 15), 0)
+    states = {"backbone": ComponentRound(node.components["backbone"])}
+    restore_since(node._journal.read(CatchUp, reverse=True), states)
+    assert states["backbone"].since == 15
+    jump(states["backbone"], 40)
+    assert states["backbone"].since == 40 and states["backbone"].round == 40
 
 
 def test_a_part_time_members_update_is_scaled_by_the_rounds_it_made_up() -> None:

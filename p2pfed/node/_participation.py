@@ -55,8 +55,8 @@ def drawn(peer_id: str, round_: int, share: float) -> bool:
 def make_up(peer_id: str, round_: int, share: float, cap: int, since: int = 0) -> int:
     """The make-up factor of ``peer_id``'s round ``round_`` (on its steps, or on its update:
     ``NodeConfig.make_up_by``): 1 + the rounds just before it that the share's draw skipped,
-    counting from round ``since`` (the node ran those: the rounds before it joined, restarted
-    or jumped ahead were not the draw's to skip), at most ``cap`` (1 with ``share`` 1).  A
+    counting from round ``since`` (the node ran those: the rounds before it joined or jumped
+    ahead were not the draw's to skip), at most ``cap`` (1 with ``share`` 1).  A
     member that trains a share p of the rounds makes up about 1/p (for p >= 1/cap), so over
     the rounds its data weighs about as much as a full-time member's; the draw is seeded and
     the factor recorded, so a re-run scales exactly as the round did.  A schedule's skipped
@@ -90,10 +90,12 @@ class Participation:
                                                    since)
 
     def made_up(self, round_: int, replay: Replay | None, since: int = 0) -> int:
-        """The make-up factor of a round that trains: in a re-run, the one the round recorded
-        (the settings may have changed since), else :meth:`factor`."""
-        if replay is not None and round_ in replay.made_up:
-            return replay.made_up[round_]
+        """The make-up factor of a round that trains, counting the draws from ``since`` on: in
+        a re-run, the one the round recorded (the settings may have changed since), else
+        :meth:`factor`."""
+        if replay is not None:  # (a round not recorded: a ledger from before the factor was
+            # recorded, whose rounds counted every draw)
+            return replay.made_up.get(round_) or self.factor(round_)
         return self.factor(round_, since)
 
     def recorded(self, st: ComponentRound) -> int | None:

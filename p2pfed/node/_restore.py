@@ -19,7 +19,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from gossip.errors import StorageError
-from p2pfed.journal import Checkpoint, Forget, LocalUpdate, Stored, Unlearned
+from p2pfed.journal import CatchUp, Checkpoint, Forget, LocalUpdate, Stored, Unlearned
 from p2pfed.lineage import Lineage
 from p2pfed.mixing import Memory
 from p2pfed.node._journal import Journal
@@ -84,7 +84,6 @@ def load_newest(states: Mapping[str, ComponentRound], journal: Journal,
             damaged.add(name)
             continue
         latest[name] = ck
-        states[name].since = ck.record.round  # (the rounds before the restart are not made up)
         if len(latest) == len(states):
             break
     if damaged - latest.keys():
@@ -150,4 +149,20 @@ def restore_states(journal: Journal, states: Mapping[str, ComponentRound],
         for name, releases in releases_spent(journal.read(LocalUpdate, reverse=True),
                                              privacy).items():
             privacy[name].restored(releases)
+    restore_since(journal.read(CatchUp, reverse=True), states)
     return latest
+
+
+def restore_since(newest_first: Iterable[Stored[CatchUp]],
+                  states: Mapping[str, ComponentRound]) -> None:
+    """Each component's :attr:`~ComponentRound.since` as it was before the restart: the round
+    its newest catch-up jumped to (0 when it never jumped), so the rounds a restart runs again
+    make up as they did the first time."""
+    left = set(states)
+    for c in newest_first:
+        name = c.record.component
+        if name in left:
+            states[name].since = c.record.to_round
+            left.discard(name)
+            if not left:
+                break
