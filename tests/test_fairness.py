@@ -163,3 +163,25 @@ def test_bad_fairness_settings_are_refused(kw: dict[str, object], words: str) ->
 def test_the_cli_refuses_a_bad_group_study(args: list[str]) -> None:
     result = CliRunner().invoke(app, ["simulate", str(TOPOLOGIES / "ring-16.toml"), *args])
     assert result.exit_code == 2, result.output
+
+
+def test_a_round_trains_with_the_objective_the_node_asks_for() -> None:
+    """The node asks each training for the objective its round records (a re-run: the one
+    recorded then): a trainer set to the plain loss, asked for group-dro, trains exactly as a
+    group-dro trainer does; an unknown objective is refused."""
+    from p2pfed.sim.simulation import Simulation
+
+    plain = Simulation(_config()).trainers["big-a"]
+    fair = Simulation(_config(fairness="group-dro", tilt=2.0)).trainers["big-a"]
+    comps = sorted(plain.trainable())
+    assert comps == sorted(fair.trainable())
+    plain.train_round(comps, 0, objective=("group-dro", 2.0))
+    fair.train_round(comps, 0)
+    for c in comps:
+        assert torch.equal(plain.flats[c].flat, fair.flats[c].flat)
+    fair.train_round(comps, 1, objective=("erm", 1.0))
+    plain.train_round(comps, 1, objective=("group-dro", 2.0))
+    assert any(not torch.equal(plain.flats[c].flat, fair.flats[c].flat)
+               for c in comps)  # (it matters)
+    with pytest.raises(ValueError, match="unknown local objective"):
+        plain.train_round(comps, 2, objective=("minimax", 1.0))

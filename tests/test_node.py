@@ -149,7 +149,7 @@ def test_training_precedes_the_announcement() -> None:
     n = make_node(1.0, trains=frozenset({"backbone"}))
     wire([n, make_node(0.0)], [(0, 1)])
     n.set_round_limit(2, 0)
-    assert n.start(0) == [Train("backbone", 0)]
+    assert n.start(0) == [Train("backbone", 0, 1, ("erm", 1.0))]  # (the objective recorded)
     assert n.phase_of("backbone") is Phase.TRAINING
     value(n).add_(1.0)  # what a trainer would do
     actions = n.local_update_done("backbone", 0, 5)

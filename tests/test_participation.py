@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import networkx as nx
 import pytest
@@ -209,6 +210,8 @@ def _drive(nodes: list[Node], actions: list[tuple[str, object]], now: int = 0,
                 continue  # (rolled back meanwhile)
             flat = node.components[action.component].flat
             flat.mul_(0.9).add_(_step(index[src], action.round))
+            if action.objective is not None and action.objective[0] == "group-dro":
+                flat.add_(0.5 * action.objective[1])  # (another objective, another step)
             if trained is not None:
                 trained.append((src, action.component, action.round))
             if steps is not None:
@@ -536,12 +539,15 @@ def test_a_neighbour_that_forces_a_catch_up_does_not_take_the_state_over() -> No
     ({"participation": 0.4, "make_up": 5}, {"participation": 0.9, "make_up": 1}),
     ({"participation": 0.4, "make_up": 5}, {"participation": 1.0, "make_up": 5}),
     ({"participation": 1.0, "make_up": 5}, {"participation": 0.4, "make_up": 5}),
-], ids=["less", "full-time-now", "part-time-now"])
+    ({"participation": 0.4, "objective": ("group-dro", 2.0)},
+     {"participation": 0.4, "objective": ("erm", 1.0)}),
+], ids=["less", "full-time-now", "part-time-now", "objective"])
 def test_an_exact_rerun_makes_up_as_the_live_rounds_did_whatever_the_settings_are_now(
-        settings: dict[str, float], now: dict[str, float]) -> None:
-    """Members whose share and make-up (scaling the update) change before the unlearning:
-    the re-run reads each round's training and factor from its ``local-update`` and ends
-    bit-identical to the federation that never had the member, run with the first settings."""
+        settings: dict[str, Any], now: dict[str, Any]) -> None:
+    """Members whose share, make-up (scaling the update) or local objective change before the
+    unlearning: the re-run reads each round's training, factor and objective from its
+    ``local-update`` and ends bit-identical to the federation that never had the member, run
+    with the first settings."""
     rounds = 16
     nodes = [_node(i, **settings) for i in range(4)]  # type: ignore[arg-type]
     _path(nodes)
@@ -549,6 +555,7 @@ def test_an_exact_rerun_makes_up_as_the_live_rounds_did_whatever_the_settings_ar
     target, rest = nodes[-1], nodes[:-1]
     ups = [s.record for n in rest for s in n._journal.read(LocalUpdate) if s.record.trained]
     assert all(u.make_up is not None for u in ups)  # (every trained round records it)
+    assert {u.objective for u in ups} == {settings.get("objective", ("erm", 1.0))}
     if settings["participation"] < 1:
         assert any((u.make_up or 1) > 1 for u in ups)  # (some round made up: it matters)
     later = 10**9
@@ -567,6 +574,24 @@ def test_an_exact_rerun_makes_up_as_the_live_rounds_did_whatever_the_settings_ar
     _rounds(never, rounds)
     for ours, theirs in zip(rest, never, strict=True):
         assert torch.equal(ours.components["backbone"].flat, theirs.components["backbone"].flat)
+
+
+def test_the_objective_in_a_local_update_round_trips_and_a_bad_one_is_refused() -> None:
+    from p2pfed.journal import SchemaError
+
+    update = LocalUpdate("head.topic", 3, b"\x00" * 32, True, b"", Lineage.of(["me"]), 0,
+                         make_up=1, objective=("group-dro", 2.5))
+    body = update.fields()
+    assert (body["objective"], body["tilt"]) == ("group-dro", 2.5)
+    assert LocalUpdate.from_fields(body) == update
+    for bad in ({"objective": ""}, {"objective": "x" * 33}, {"tilt": -1.0},
+                {"tilt": float("nan")}, {"objective": 7}):
+        with pytest.raises(SchemaError):
+            LocalUpdate.from_fields(body | bad)
+    no_tilt = dict(body)
+    del no_tilt["tilt"]
+    with pytest.raises(SchemaError, match="tilt"):
+        LocalUpdate.from_fields(no_tilt)
 
 
 def test_a_bad_make_up_in_a_local_update_is_a_schema_error() -> None:

@@ -27,6 +27,8 @@ from p2pfed.lineage import Lineage
 
 #: the largest make-up factor a ledger entry may hold (``[rounds] make_up`` is at most this)
 MAX_MAKE_UP = 100
+#: the longest objective name a ledger entry may hold
+MAX_OBJECTIVE = 32
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,20 @@ class LocalUpdate(Record):
     #: skipped: ``[rounds] make_up``), so that a re-run trains as it did whatever the settings
     #: are then (None: not recorded, a full-time member or an older ledger)
     make_up: int | None = None
+    #: the local objective and its tilt the round trained with (``[fairness]``), so that a
+    #: re-run trains with them whatever the settings are then (None: not recorded)
+    objective: tuple[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.credit is not None:
             _check_finite("credit", self.credit)
         if self.make_up is not None and not 1 <= self.make_up <= MAX_MAKE_UP:
             raise SchemaError(f"field 'make_up' is {self.make_up!r}, not in 1..{MAX_MAKE_UP}")
+        if self.objective is not None:
+            name, tilt = self.objective
+            if not 0 < len(name) <= MAX_OBJECTIVE or not name.isascii():
+                raise SchemaError(f"field 'objective' is {name!r}, not a short name")
+            _check_finite("tilt", tilt)
 
     def fields(self) -> dict[str, Any]:
         out = {"component": self.component, "round": self.round, "digest": self.digest,
@@ -84,17 +94,22 @@ class LocalUpdate(Record):
                "epoch": self.epoch}
         return out | ({"dp": self.dp.to_body()} if self.dp is not None else {}) | (
             {"credit": self.credit} if self.credit is not None else {}) | (
-            {"make_up": self.make_up} if self.make_up is not None else {})
+            {"make_up": self.make_up} if self.make_up is not None else {}) | (
+            {"objective": self.objective[0], "tilt": self.objective[1]}
+            if self.objective is not None else {})
 
     @classmethod
     def from_fields(cls, body: Mapping[str, Any]) -> LocalUpdate:
         dp = _field(body, "dp", dict, None)
+        name = _field(body, "objective", str, None)
+        objective = None if name is None else (name, _field(body, "tilt", float))
         return cls(_field(body, "component", str), _field(body, "round", int),
                    _field(body, "digest", bytes), _field(body, "trained", bool, False),
                    _field(body, "start", bytes, b""), _lineage(body, "lineage"),
                    _field(body, "epoch", int, 0),
                    PrivacySpent.from_body(dp) if dp is not None else None,
-                   _field(body, "credit", float, None), _field(body, "make_up", int, None))
+                   _field(body, "credit", float, None), _field(body, "make_up", int, None),
+                   objective)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from gossip.catalog import ComponentSpec
 from gossip.envelope import digest
 from p2pfed.components import FlatComponent
 from p2pfed.model.continual import Continual
-from p2pfed.model.fairness import group_batch, group_loss, heldout_groups
+from p2pfed.model.fairness import OBJECTIVES, group_batch, group_loss, heldout_groups
 from p2pfed.model.m3t import M3TModel
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,9 @@ class TrainRequest:
     #: train this many times the steps: the node makes up the rounds it skipped just before
     #: (:attr:`p2pfed.node.Train.steps`)
     make_up: int = 1
+    #: the local objective and tilt to train with, as the node records the round (None: the
+    #: trainer's own ``objective`` and ``tilt``)
+    objective: tuple[str, float] | None = None
 
 
 @dataclass
@@ -156,6 +159,8 @@ class LocalTrainer:
                 flat.bind(params)
             self.flats[name] = flat
         self._trained: dict[str, tuple[int, int]] = {}  # component -> (epoch, round) trained
+        #: the objective of the round being trained (None: ``objective`` and ``tilt``)
+        self._round_objective: tuple[str, float] | None = None
         self._priors: dict[str, torch.Tensor] = {}
         self._kept: dict[str, TaskData] = {}  # task -> its rehearsal buffer (continual)
         #: task -> what its last training round found (``status``); replaced whole, so the
@@ -209,16 +214,20 @@ class LocalTrainer:
             if c != request.component and c in request.ready and self._trained.get(c) != key
         ]
         return self.train_round(group, request.round, epoch=request.epoch,
-                                make_up=request.make_up)
+                                make_up=request.make_up, objective=request.objective)
 
     def train(self, component: str, round_: int) -> float:
         """Train ``component`` for ``round_`` with no other component ready (outside a node)."""
         return self.run(TrainRequest(component, round_))
 
     def train_round(self, components: Sequence[str], round_: int, *, epoch: int = 0,
-                    make_up: int = 1) -> float:
+                    make_up: int = 1, objective: tuple[str, float] | None = None) -> float:
         """Train ``components`` jointly for one round (``make_up`` times the steps: rounds
-        skipped before it made up); returns the mean loss (nan: nothing)."""
+        skipped before it made up; ``objective``: the local objective and tilt, else the
+        trainer's own); returns the mean loss (nan: nothing)."""
+        if objective is not None and objective[0] not in OBJECTIVES:
+            raise ValueError(f"unknown local objective {objective[0]!r}")
+        self._round_objective = objective
         group = sorted(set(components))
         for c in group:
             self._trained[c] = (epoch, round_)
@@ -296,7 +305,8 @@ class LocalTrainer:
     def _loss(self, task: str, round_: int, rng: np.random.Generator) -> torch.Tensor:
         """The loss of one batch drawn by ``rng`` from what ``task`` trains on in ``round_``."""
         data = self.round_data(task, round_)
-        if self.objective == "group-dro" and data.groups is not None:
+        name, tilt = self._round_objective or (self.objective, self.tilt)
+        if name == "group-dro" and data.groups is not None:
             index, groups = group_batch(data.groups, self.batch_size, rng)
         else:
             index, groups = rng.choice(len(data), size=min(self.batch_size, len(data)),
@@ -308,7 +318,7 @@ class LocalTrainer:
         if groups is None:
             return nn.functional.cross_entropy(logits, labels)
         losses = nn.functional.cross_entropy(logits, labels, reduction="none")
-        return group_loss(losses, torch.from_numpy(groups), self.tilt)
+        return group_loss(losses, torch.from_numpy(groups), tilt)
 
     def _heldout_measures(self, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Per task of ``tasks`` with held-out examples: the model's ``accuracy`` on them and,

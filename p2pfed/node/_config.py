@@ -62,6 +62,10 @@ class NodeConfig:
     #: train more steps).  Training more steps re-reads the gradient as it goes; scaling one
     #: round's update extrapolates it, noise included (docs/continual.md)
     make_up_by: str = "update"
+    #: the local objective and its tilt its trainer trains with (``[fairness]``): asked of the
+    #: trainer in each training and recorded in its ``local-update``, so a re-run trains with
+    #: what the live round did
+    objective: tuple[str, float] = ("erm", 1.0)
     #: may this node train at ``now_ms`` (the time its driver passes in)?  None: at any time.
     #: The daemon's ``[rounds] train_hours``; a simulation may pass its own
     schedule: Callable[[int], bool] | None = None

@@ -375,13 +375,13 @@ class Node:
         if trains and account is not None:
             trains = account.may_release(self.peer_id[-8:])
         st.trained, st.start_digest, st.credit = trains, b"", 0.0
-        st.make_up = self._participation.made_up(st.round, replay, st.since) if trains else 1
+        st.make_up, st.objective = self._participation.how(st, replay) if trains else (1, None)
         if trains:
             st.origin = st.comp.flat.clone()  # (privacy, fast mode, provenance, making up)
             if self.config.keep_payloads:  # fast unlearning sizes its steps by these
                 st.start_digest, _ = self._journal.put_state(name, st.round, st.comp.flat,
                                                              st.comp.layout)
-            return [Train(name, st.round, self._participation.steps(st.make_up))]
+            return [Train(name, st.round, self._participation.steps(st.make_up), st.objective)]
         stored = self._forgetting.stored_update(name, st)
         if stored is not None:  # fast mode between calibrations: re-apply the stored update
             st.comp.flat.add_(stored)
@@ -400,7 +400,7 @@ class Node:
         self._journal.write(LocalUpdate(name, st.round, st.own_digest, st.trained,
                                         st.start_digest, st.lineage, self.epoch, spent,
                                         credit=st.credit if self.config.provenance else None,
-                                        make_up=self._participation.recorded(st)),
+                                        **self._participation.recorded(st)),
                             now_ms, durable=True)
         ann = Announcement(name, st.round, st.own_digest, size, len(st.neighbours), st.lineage,
                            st.noise, self.epoch, st.age,

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gossip.envelope import digest
 from p2pfed.node._config import NodeConfig
@@ -76,12 +76,16 @@ class Participation:
                  by: str = "update") -> None:
         self.peer_id, self.share, self.schedule, self.cap = peer_id, share, schedule, cap
         self.by = by  # what the make-up multiplies: "update" or "steps"
+        #: the node's local objective and tilt (``NodeConfig.objective``)
+        self.objective: tuple[str, float] = ("erm", 1.0)
         self._asked: OrderedDict[int, bool] = OrderedDict()
 
     @classmethod
     def of(cls, peer_id: str, config: NodeConfig) -> Participation:
-        return cls(peer_id, config.participation, config.schedule, config.make_up,
+        made = cls(peer_id, config.participation, config.schedule, config.make_up,
                    config.make_up_by)
+        made.objective = config.objective
+        return made
 
     def factor(self, round_: int, since: int = 0) -> int:
         """The make-up factor of this node's round ``round_``, counting the draws from round
@@ -89,20 +93,21 @@ class Participation:
         return 1 if self.share >= 1.0 else make_up(self.peer_id, round_, self.share, self.cap,
                                                    since)
 
-    def made_up(self, round_: int, replay: Replay | None, since: int = 0) -> int:
-        """The make-up factor of a round that trains, counting the draws from ``since`` on: in
-        a re-run, the one the round recorded (the settings may have changed since), else
-        :meth:`factor`."""
-        if replay is not None:  # (a round not recorded: a ledger from before the factor was
+    def how(self, st: ComponentRound, replay: Replay | None) -> tuple[int, tuple[str, float]]:
+        """How the round ``st`` starts, which trains, trains: its make-up factor (counting the
+        draws from ``st.since`` on, :meth:`factor`) and its local objective (the node's); in a
+        re-run, the ones the round recorded (the settings may have changed since)."""
+        if replay is not None:  # (a round not recorded: a ledger from before they were
             # recorded, whose rounds counted every draw)
-            return replay.made_up.get(round_) or self.factor(round_)
-        return self.factor(round_, since)
+            return (replay.made_up.get(st.round) or self.factor(st.round),
+                    replay.objectives.get(st.round, self.objective))
+        return self.factor(st.round, st.since), self.objective
 
-    def recorded(self, st: ComponentRound) -> int | None:
-        """What the round's ``local-update`` record keeps of its make-up factor: the factor
-        of a trained round, 1 included (None for a round that did not train), so that a
-        re-run makes up as the round did even if the member turned part-time since."""
-        return st.make_up if st.trained else None
+    def recorded(self, st: ComponentRound) -> dict[str, Any]:
+        """What the round's ``local-update`` record keeps of how it trained: the make-up
+        factor (1 included) and the objective of a trained round (nothing for a round that did
+        not train), so that a re-run trains as the round did whatever the settings are then."""
+        return {"make_up": st.make_up, "objective": st.objective} if st.trained else {}
 
     def scale(self, factor: int) -> int:
         """The factor on a round's update, of make-up ``factor`` (1 when made up by steps)."""

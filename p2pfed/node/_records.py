@@ -110,11 +110,14 @@ class Fetch:
 class Train:
     """Run local training of ``component`` for ``round``, then call ``local_update_done``;
     ``steps``: train this many times the usual steps (a part-time member making up the rounds
-    it skipped, :class:`~p2pfed.node._participation.Participation`)."""
+    it skipped, :class:`~p2pfed.node._participation.Participation`); ``objective``: the local
+    objective, as the round records it."""
 
     component: str
     round: int
     steps: int = 1
+    #: the local objective and tilt to train with (None: the trainer's own)
+    objective: tuple[str, float] | None = None
 
 
 @dataclass(frozen=True)

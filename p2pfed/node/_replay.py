@@ -42,6 +42,8 @@ class Replay:
     #: the same records' make-up factors, per round trained with one recorded: the re-run
     #: makes up by them (a round without one: the factor the settings give now)
     made_up: dict[int, int] = field(default_factory=dict)
+    #: ... and their local objectives (a round without one: the settings' objective now)
+    objectives: dict[int, tuple[str, float]] = field(default_factory=dict)
 
     def trains_at(self, round_: int) -> bool:
         return self.mode == "exact" or (round_ - self.start) % self.stride == 0

@@ -92,6 +92,7 @@ class ComponentRound:
     prov: Provenance = field(default_factory=Provenance.empty)
     credit: float = 0.0  # the mass this round's training credited to this node
     make_up: int = 1  # the make-up factor of this round's training (on steps or the update)
+    objective: tuple[str, float] | None = None  # the local objective this round trains with
     #: the first round whose share draw a make-up counts: the round this node last jumped ahead
     #: to (a catch-up, kept in the ledger) or was fast-forwarded to (a member joining a running
     #: federation), else 0

@@ -105,15 +105,15 @@ def idle_rounds(
     return {r for r, t in trained.items() if not t}
 
 
-def made_up_rounds(
+def trained_rounds(
     entries: Iterable[Stored[LocalUpdate]], component: str, start: int, until: int, before: int,
-) -> dict[int, int]:
-    """Rounds ``start .. until-1`` whose first update before ``before`` trained with a
-    recorded make-up factor: that factor (a re-run makes up as the round did)."""
+) -> dict[int, LocalUpdate]:
+    """Rounds ``start .. until-1`` whose first update before ``before`` trained: that update
+    (its make-up factor and objective: a re-run trains as the round did)."""
     first: dict[int, LocalUpdate] = {}
     for u in _updates_in(entries, component, start, until, before):
         first.setdefault(u.round, u)
-    return {r: u.make_up for r, u in first.items() if u.trained and u.make_up is not None}
+    return {r: u for r, u in first.items() if u.trained}
 
 
 # ---------------------------------------------------------------- a forget request
@@ -211,7 +211,9 @@ def plan_replay(contributions_: Iterable[Stored[Contribution]],
         replay.updates = own_updates(updates, name, start, until, forget_index)
     if trained is not None:
         replay.idle = idle_rounds(trained, name, start, until, forget_index)
-        replay.made_up = made_up_rounds(trained, name, start, until, forget_index)
+        ups = trained_rounds(trained, name, start, until, forget_index)
+        replay.made_up = {r: u.make_up for r, u in ups.items() if u.make_up is not None}
+        replay.objectives = {r: u.objective for r, u in ups.items() if u.objective is not None}
     return replay
 
 

@@ -233,7 +233,8 @@ class NodeDriver:
         node = self.node
         ready = frozenset(c for c in node.config.trains
                           if c != train.component and node.awaiting_update(c, train.round))
-        return TrainRequest(train.component, train.round, ready, node.epoch, train.steps)
+        return TrainRequest(train.component, train.round, ready, node.epoch, train.steps,
+                            train.objective)
 
     def _train_now(self, train: Train) -> None:
         self._trainer(train)(self._request(train))

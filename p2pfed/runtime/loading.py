@@ -85,6 +85,7 @@ def node_config(cfg: Config, trains: frozenset[str],
         retention=RetentionPolicy(cfg.storage.unlearn_horizon_rounds, cfg.storage.max_bytes),
         participation=cfg.rounds.participation,
         make_up=cfg.rounds.make_up,
+        objective=(cfg.fairness.objective, cfg.fairness.tilt),
         # (the daemon's trainer trains more steps; with a sampling rate below 1 the accountant
         # counts the examples behind a release, so the update is scaled instead)
         make_up_by="update" if cfg.privacy.levels and cfg.privacy.sample_rate < 1 else "steps",

@@ -170,6 +170,7 @@ def build_node(cfg: SimConfig, name: str, federation_id: bytes, start: NodeStart
         robust={} if byzantine else {"*": cfg.robust},
         checkpoint_every=cfg.checkpoint_every, retention=cfg.retention,
         participation=cfg.participation.get(name, 1.0), schedule=_pace(cfg, name),
+        objective=(cfg.fairness, cfg.tilt),
         # (the education trainer trains more steps to make up skipped rounds)
         make_up_by="steps" if trainer_trains_steps(cfg) else "update",
         report_mixes=True)  # (the trace records each mixed state)
