@@ -171,8 +171,10 @@ def test_a_round_trains_with_the_objective_the_node_asks_for() -> None:
     group-dro trainer does; an unknown objective is refused."""
     from p2pfed.sim.simulation import Simulation
 
-    plain = Simulation(_config()).trainers["big-a"]
-    fair = Simulation(_config(fairness="group-dro", tilt=2.0)).trainers["big-a"]
+    plain_sim, fair_sim = Simulation(_config()), Simulation(_config(fairness="group-dro", tilt=2.0))
+    assert fair_sim.nodes["big-a"].node.config.objective == ("group-dro", 2.0)  # (the node asks)
+    assert plain_sim.nodes["big-a"].node.config.objective[0] == "erm"
+    plain, fair = plain_sim.trainers["big-a"], fair_sim.trainers["big-a"]
     comps = sorted(plain.trainable())
     assert comps == sorted(fair.trainable())
     plain.train_round(comps, 0, objective=("group-dro", 2.0))

@@ -472,7 +472,31 @@ def test_a_bad_age_is_rejected_per_peer() -> None:
     assert isinstance(out[0].error, MalformedMessageError)
 
 
+def test_a_recorded_objective_that_cannot_run_now_gives_way_to_the_nodes_own(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A re-run keeps the recorded objective unless this version does not know it, or it is
+    group-dro where differential privacy now samples the data (the accountant would understate
+    a small group's exposure): then the node's own, with a warning."""
+    from p2pfed.privacy import Policy
+
+    sampled = {"backbone": Policy(clip=1.0, sigma=1.0, sample_rate=0.5)}
+    plain = Participation.of(PEER, NodeConfig())
+    private = Participation.of(PEER, NodeConfig(privacy=sampled))
+    assert plain._usable(("group-dro", 2.0)) == ("group-dro", 2.0)
+    assert private._usable(("erm", 3.0)) == ("erm", 3.0)
+    with caplog.at_level("WARNING"):
+        assert private._usable(("group-dro", 2.0)) == ("erm", 1.0)
+        assert plain._usable(("minimax", 1.0)) == ("erm", 1.0)
+    assert "privacy now samples" in caplog.text and "unknown here" in caplog.text
+
+
 # ---------------------------------------------------------------- the daemon's settings
+def test_the_fairness_settings_reach_the_node() -> None:
+    cfg = Config.from_dict({"fairness": {"objective": "group-dro", "tilt": 2.5}})
+    assert node_config(cfg, frozenset({"backbone"}), {}).objective == ("group-dro", 2.5)
+    assert node_config(Config(), frozenset(), {}).objective == ("erm", 1.0)
+
+
 def test_rounds_settings_are_checked() -> None:
     cfg = Config.from_dict({"rounds": {"participation": 0.3, "train_hours": "22-6"}})
     assert cfg.rounds.check() == (22, 6)

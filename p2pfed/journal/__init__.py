@@ -14,8 +14,9 @@ a higher version than this code knows is refused with a clear error, never half-
 added optional provenance fields (``credit``; ``mass``, ``prov_flags``, ``share_weights``),
 written only when set: without them a body holds what schema 2 wrote.  It is a new version
 because schema 2 code would read them into a mix's audit or a checkpoint's memory.  A
-``local-update``'s optional ``make_up`` (a part-time member's make-up factor) came later in
-schema 3: code that does not know it reads the rest of the body as before.
+``local-update``'s optional ``make_up`` (the make-up factor), ``objective`` and ``tilt`` (the
+local objective) came later in schema 3: code that does not know them reads the rest of the
+body as before.
 
 Free of torch: the CLI reads ledgers through it.  The records are in ``_rounds`` (a node's
 rounds) and ``_other`` (membership, the task catalogue, unlearning, the ledger's own); ``_base``

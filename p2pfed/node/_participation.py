@@ -22,6 +22,7 @@ it still publishes its current state and mixes, so its neighbours never wait for
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gossip.envelope import digest
+from p2pfed.config_sections import OBJECTIVES
 from p2pfed.node._config import NodeConfig
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 
 #: rounds whose schedule answer is remembered (components a few rounds apart share them)
 _REMEMBERED = 16
+
+log = logging.getLogger(__name__)
 
 
 def draw(peer_id: str, round_: int) -> float:
@@ -78,6 +82,8 @@ class Participation:
         self.by = by  # what the make-up multiplies: "update" or "steps"
         #: the node's local objective and tilt (``NodeConfig.objective``)
         self.objective: tuple[str, float] = ("erm", 1.0)
+        #: differential privacy samples its data (``sample_rate`` below 1) on a component
+        self.subsampled = False
         self._asked: OrderedDict[int, bool] = OrderedDict()
 
     @classmethod
@@ -85,6 +91,7 @@ class Participation:
         made = cls(peer_id, config.participation, config.schedule, config.make_up,
                    config.make_up_by)
         made.objective = config.objective
+        made.subsampled = any(p.sample_rate < 1 for p in config.privacy.values())
         return made
 
     def factor(self, round_: int, since: int = 0) -> int:
@@ -100,8 +107,21 @@ class Participation:
         if replay is not None:  # (a round not recorded: a ledger from before they were
             # recorded, whose rounds counted every draw)
             return (replay.made_up.get(st.round) or self.factor(st.round),
-                    replay.objectives.get(st.round, self.objective))
+                    self._usable(replay.objectives.get(st.round, self.objective)))
         return self.factor(st.round, st.since), self.objective
+
+    def _usable(self, objective: tuple[str, float]) -> tuple[str, float]:
+        """A recorded objective, unless it cannot run now: one this version does not know (a
+        newer p2pfed wrote it), or group-dro where differential privacy now samples the data
+        (it would draw a small group's examples more often than the accountant counts).  Then
+        the node's own, with a warning: that re-run is not exact."""
+        name = objective[0]
+        if name in OBJECTIVES and not (name == "group-dro" and self.subsampled):
+            return objective
+        log.warning("a re-run trains with %s, not the recorded %s (%s)", self.objective[0],
+                    name, "unknown here" if name not in OBJECTIVES
+                    else "privacy now samples the data")
+        return self.objective
 
     def recorded(self, st: ComponentRound) -> dict[str, Any]:
         """What the round's ``local-update`` record keeps of how it trained: the make-up
