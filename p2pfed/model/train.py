@@ -253,7 +253,7 @@ class LocalTrainer:
             p.requires_grad_(True)
         rngs = {t: np.random.default_rng(seed_for(self.node_seed, t, round_)) for t in tasks}
         factor = 1 if self.continual is None else self.continual.step_factor(tasks, round_)
-        opt = torch.optim.Adam(params, lr=self.lr_of(tasks, round_))
+        opt = torch.optim.Adam(params, lr=self.lr_of(round_, factor))
         losses = []
         per_task: dict[str, list[float]] = {t: [] for t in tasks}
         trained = {c: self.flats[c] for c in group}
@@ -335,12 +335,13 @@ class LocalTrainer:
                 out[task] |= heldout_groups(correct, held.groups, held.group_names)
         return out
 
-    def lr_of(self, tasks: Sequence[str], round_: int) -> float:
-        """The learning rate of a round training ``tasks``: :meth:`lr_at`, times
-        ``[continual] catch_up_lr`` while one of them catches up (its steps are more, each
-        smaller: fewer steps at the full rate between two mixes keep the holders together)."""
+    def lr_of(self, round_: int, factor: int) -> float:
+        """The learning rate of round ``round_``, which trains ``factor`` times the steps
+        (:meth:`~p2pfed.model.continual.Continual.step_factor`): :meth:`lr_at`, times
+        ``[continual] catch_up_lr`` while a task catches up (its steps are more, each smaller:
+        fewer steps at the full rate between two mixes keep the holders together)."""
         lr = self.lr_at(round_)
-        if self.continual is not None and self.continual.step_factor(tasks, round_) > 1:
+        if self.continual is not None and factor > 1:
             lr *= self.continual.settings.catch_up_lr
         return lr
 

@@ -77,22 +77,21 @@ class Participation:
 
     def __init__(self, peer_id: str, share: float,
                  schedule: Callable[[int], bool] | None, cap: int = 1,
-                 by: str = "update") -> None:
+                 by: str = "update", objective: tuple[str, float] = ("erm", 1.0),
+                 subsampled: bool = False) -> None:
         self.peer_id, self.share, self.schedule, self.cap = peer_id, share, schedule, cap
         self.by = by  # what the make-up multiplies: "update" or "steps"
         #: the node's local objective and tilt (``NodeConfig.objective``)
-        self.objective: tuple[str, float] = ("erm", 1.0)
+        self.objective = objective
         #: differential privacy samples its data (``sample_rate`` below 1) on a component
-        self.subsampled = False
+        self.subsampled = subsampled
         self._asked: OrderedDict[int, bool] = OrderedDict()
 
     @classmethod
     def of(cls, peer_id: str, config: NodeConfig) -> Participation:
-        made = cls(peer_id, config.participation, config.schedule, config.make_up,
-                   config.make_up_by)
-        made.objective = config.objective
-        made.subsampled = any(p.sample_rate < 1 for p in config.privacy.values())
-        return made
+        return cls(peer_id, config.participation, config.schedule, config.make_up,
+                   config.make_up_by, config.objective,
+                   any(p.sample_rate < 1 for p in config.privacy.values()))
 
     def factor(self, round_: int, since: int = 0) -> int:
         """The make-up factor of this node's round ``round_``, counting the draws from round

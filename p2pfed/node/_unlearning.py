@@ -94,26 +94,24 @@ def own_updates(
             for u in _updates_in(entries, component, start, until, before) if u.start}
 
 
-def idle_rounds(
-    entries: Iterable[Stored[LocalUpdate]], component: str, start: int, until: int, before: int,
-) -> set[int]:
-    """Rounds ``start .. until-1`` whose first update (the live round's, not a later re-run's:
-    a fast re-run records most rounds as untrained) before ``before`` was not trained."""
-    trained: dict[int, bool] = {}
-    for u in _updates_in(entries, component, start, until, before):
-        trained.setdefault(u.round, u.trained)
-    return {r for r, t in trained.items() if not t}
-
-
-def trained_rounds(
+def live_updates(
     entries: Iterable[Stored[LocalUpdate]], component: str, start: int, until: int, before: int,
 ) -> dict[int, LocalUpdate]:
-    """Rounds ``start .. until-1`` whose first update before ``before`` trained: that update
-    (its make-up factor and objective: a re-run trains as the round did)."""
+    """Per round ``start .. until-1``, its first update before ``before``: the live round's,
+    not a later re-run's (a fast re-run records most rounds as untrained).  Whether it
+    trained, its make-up factor and its objective are what a re-run does."""
     first: dict[int, LocalUpdate] = {}
     for u in _updates_in(entries, component, start, until, before):
         first.setdefault(u.round, u)
-    return {r: u for r, u in first.items() if u.trained}
+    return first
+
+
+def idle_rounds(
+    entries: Iterable[Stored[LocalUpdate]], component: str, start: int, until: int, before: int,
+) -> set[int]:
+    """Rounds ``start .. until-1`` whose live update (:func:`live_updates`) was not trained."""
+    live = live_updates(entries, component, start, until, before)
+    return {r for r, u in live.items() if not u.trained}
 
 
 # ---------------------------------------------------------------- a forget request
@@ -210,10 +208,12 @@ def plan_replay(contributions_: Iterable[Stored[Contribution]],
     if updates is not None:
         replay.updates = own_updates(updates, name, start, until, forget_index)
     if trained is not None:
-        replay.idle = idle_rounds(trained, name, start, until, forget_index)
-        ups = trained_rounds(trained, name, start, until, forget_index)
-        replay.made_up = {r: u.make_up for r, u in ups.items() if u.make_up is not None}
-        replay.objectives = {r: u.objective for r, u in ups.items() if u.objective is not None}
+        live = live_updates(trained, name, start, until, forget_index)
+        replay.idle = {r for r, u in live.items() if not u.trained}
+        replay.made_up = {r: u.make_up for r, u in live.items()
+                          if u.trained and u.make_up is not None}
+        replay.objectives = {r: u.objective for r, u in live.items()
+                             if u.trained and u.objective is not None}
     return replay
 
 
