@@ -74,19 +74,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def device_autocast(model: M3TModel) -> Any:
-    """The model's precision for the frozen layers run once per text, as a member's
-    start-up runs them."""
-    return placement.autocast(model.device, model.precision)
-
-
 def measure_steps(model: M3TModel, steps: int,
                   seed: int = 0) -> tuple[list[float], list[int]]:
     """Seconds of each of ``steps`` optimiser steps of the topic task (after one of warm-up)
     on a batch of BATCH texts, and the batch's shape (texts, tokens)."""
     encoder = model.modules[ENCODERS[TEXT]]
     assert isinstance(encoder, TextEncoder)
-    with device_autocast(model):
+    with model.autocast():  # (the frozen layers run once per text, as at a member's start-up)
         cached = encoder.encode_prefix(bench_texts(BATCH, seed))
     width = int(cached.mask.sum(1).max())
     # (the model gives float32 logits on the CPU, whatever its device and precision)
