@@ -120,9 +120,10 @@ def simulate(
         "region; report fairness: per task mean, worst node, 10th percentile, each group's "
         "accuracy and the worst-group gap, federated and baselines).")] = False,
     fairness: Annotated[str, typer.Option(
-        metavar="RULE", help="With --groups: the members' local objective, erm or group-dro "
-        "(other than erm: compared with erm in the same run; with --unlearn, the unlearning "
-        "study trains with it).")] = "erm",
+        metavar="RULE", help="With --groups: the members' local objective, erm or group-dro, "
+        "or loss-mixing (each member keeps more of its own state the worse its model fits its "
+        "data; --lean); other than erm: compared with erm and plain mixing in the same run; "
+        "with --unlearn, the unlearning study runs with it.")] = "erm",
     profile: Annotated[list[str] | None, typer.Option(
         metavar="NODES:PROFILE", help="Education: NODES (a node or a group, e.g. student) run "
         "on PROFILE hardware (server, laptop or phone: what it trains, and its training "
@@ -135,6 +136,9 @@ def simulate(
     tilt: Annotated[float, typer.Option(
         min=0.0, max=50.0, help="group-dro: how hard it leans on the worst group (0: the "
         "groups' mean).")] = 1.0,
+    lean: Annotated[float, typer.Option(
+        min=0.0, max=10.0, help="loss-mixing: a member that fits its data no better than a "
+        "guess counts up to 1 + LEAN times as much as one that fits it perfectly.")] = 1.0,
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import plot_report
@@ -157,13 +161,15 @@ def simulate(
                                 train_s=train_s, round_interval=round_interval)
     from p2pfed.model.fairness import OBJECTIVES
 
-    if fairness not in OBJECTIVES:
-        raise typer.BadParameter(f"unknown objective {fairness!r}; choose from "
-                                 f"{', '.join(OBJECTIVES)}", param_hint="--fairness")
+    if fairness not in (*OBJECTIVES, "loss-mixing"):
+        raise typer.BadParameter(f"unknown rule {fairness!r}; choose from "
+                                 f"{', '.join(OBJECTIVES)}, loss-mixing", param_hint="--fairness")
     if (groups or fairness != "erm") and (workload != "education" or not groups):
         raise typer.BadParameter("needs --workload education and --groups",
                                  param_hint="--fairness" if fairness != "erm" else "--groups")
-    config = dataclasses.replace(config, groups=groups, fairness=fairness, tilt=tilt)
+    mixing = fairness == "loss-mixing"
+    config = dataclasses.replace(config, groups=groups, fairness="erm" if mixing else fairness,
+                                 tilt=tilt, lean=lean if mixing else 0.0)
     config = _profile_options(config, profile or [], round_timeout)
     others = [name for name, on in (("--unlearn", unlearn), ("--participation", participation),
                                     ("--continual", continual), ("--attack", attack)) if on]

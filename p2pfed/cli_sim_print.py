@@ -180,7 +180,8 @@ def _print_fairness(report: dict[str, Any]) -> None:
     for task, runs in f["tasks"].items():
         rows = list(runs.items())
         if rule is not None:
-            rows.append((rule["objective"], rule["tasks"][task]))
+            label = "loss-mixing" if rule.get("mixing") == "loss" else rule["objective"]
+            rows.append((label, rule["tasks"][task]))
             if "centralized" in rule:
                 rows.append((f"centralized, {rule['objective']}",
                              rule["centralized"]["tasks"][task]))

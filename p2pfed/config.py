@@ -83,9 +83,11 @@
     catch_up_rounds = 10                # for at most this many rounds,
     catch_up_lr = 0.5                   # at this fraction of the round's learning rate
 
-    [fairness]                          # the local objective (docs/data.md#groups)
+    [fairness]                          # the local objective and mixing (docs/fairness.md)
     objective = "group-dro"             # erm | group-dro (needs a group per example)
     tilt = 1.0                          # group-dro: lean on the worst group, 0 to 50
+    mixing = "loss"                     # plain | loss: keep more of the own state the worse
+    lean = 1.0                          # the model fits the local data (up to 1 + lean times)
 """
 
 from __future__ import annotations

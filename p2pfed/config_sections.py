@@ -28,6 +28,11 @@ OBJECTIVES = ("erm", "group-dro")
 PRECISIONS = ("fp32", "bf16")
 #: the largest ``[fairness] tilt`` (past it the soft maximum is the worst group's loss anyway)
 MAX_TILT = 50.0
+#: ``[fairness] mixing``: the plain weights, or leaning on the member's own loss
+FAIRNESS_MIXING = ("plain", "loss")
+#: the largest ``[fairness] lean``: a member that fits its data no better than a guess weighs
+#: at most this plus one times as much as one that fits it perfectly
+MAX_LEAN = 10.0
 
 
 @dataclass(frozen=True)
@@ -212,13 +217,24 @@ class MixingSection:
 
 @dataclass(frozen=True)
 class FairnessSection:
-    """``[fairness]``: the local objective.  ``group-dro`` needs a group per example in the
-    member's data (docs/data.md); a task without groups trains with ``erm``."""
+    """``[fairness]``: the local objective and the mixing.  ``group-dro`` needs a group per
+    example in the member's data (docs/data.md); a task without groups trains with ``erm``.
+    ``mixing = "loss"``: in a round it trains, the member keeps more of its own state the
+    worse its model fits its data, so its data weighs more in the consensus
+    (:func:`p2pfed.mixing.leaned_weights`)."""
 
     objective: str = "erm"
     #: group-dro: how hard the soft maximum over the groups' losses leans on the worst group
     #: (0: the groups' mean)
     tilt: float = 1.0
+    mixing: str = "plain"
+    #: mixing = "loss": a member that fits its data no better than a guess counts this plus
+    #: one times as much as one that fits it perfectly
+    lean: float = 1.0
+
+    def lean_of(self) -> float:
+        """``NodeConfig.lean``: :attr:`lean` with ``mixing = "loss"``, else 0 (off)."""
+        return self.lean if self.mixing == "loss" else 0.0
 
     def check(self) -> None:
         """Raise ConfigError unless the objective is known and the tilt in range."""
@@ -228,3 +244,9 @@ class FairnessSection:
         if not 0 <= self.tilt <= MAX_TILT:
             raise ConfigError(f"fairness.tilt must be in [0, {MAX_TILT:g}] (0: the groups' "
                               f"mean loss; 1: the default), not {self.tilt}")
+        if self.mixing not in FAIRNESS_MIXING:
+            raise ConfigError(f"fairness.mixing must be one of {', '.join(FAIRNESS_MIXING)}, "
+                              f"not {self.mixing!r}")
+        if not 0 <= self.lean <= MAX_LEAN:
+            raise ConfigError(f"fairness.lean must be in [0, {MAX_LEAN:g}] (1: the default), "
+                              f"not {self.lean}")

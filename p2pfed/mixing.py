@@ -23,6 +23,7 @@ Adding a rule is one class and one registration::
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -185,6 +186,39 @@ def stale_weights(self_weight: float, own_age: int,
         self_weight -= sum(capped) - total
         weights = capped
     return self_weight, weights
+
+
+def leaned_weights(self_weight: float, weights: Sequence[float], loss: float,
+                   lean: float) -> tuple[float, list[float]]:
+    """This round's weights when the member leans on its own loss (``[fairness] mixing =
+    "loss"``), before any rule runs.
+
+    ``loss`` is how badly the member's model fitted its own data this round, relative to a
+    uniform guess, in [0, 1] (:meth:`~p2pfed.model.train.LocalTrainer.loss_of`).  Each
+    neighbour's weight is multiplied by ``f = 1 / (1 + lean · loss)`` and the rest goes to
+    self: the member keeps more of its own state the worse the consensus fits it.
+
+    *Why this changes what the federation learns.*  With a doubly-stochastic matrix the
+    members' mean moves by the mean of their updates whatever the weights are: the federation
+    minimises the plain sum of the members' losses.  A member that moves only ``f_i`` of the
+    way its row says makes the matrix row-stochastic, and the consensus it converges to is the
+    π-weighted mean of the members' states with ``π_i ∝ 1 / f_i = 1 + lean · loss_i``
+    (``π^T W = π^T`` for ``W = F W₀ + I − F`` and ``W₀`` doubly stochastic gives ``F π ∝ 1``).
+    So a member's update counts ``1 + lean · loss_i`` times: what q-FFL does on a server
+    (weighting each member's update by a power of its loss), here without a server and
+    without any member telling another its loss.
+
+    *What holds.*  Only the member's own row changes, every weight stays in [0, 1] and the row
+    sums to 1: the mix is a convex combination, no state leaves the hull of the inputs, and
+    the neighbours weigh this member as before.  A member can lean all the way (never move)
+    already by sending whatever state it likes; the robust rules judge its state as any other.
+    ``loss = 0`` or ``lean = 0`` gives the weights back untouched, bit for bit.
+    """
+    factor = 1.0 / (1.0 + lean * min(max(loss, 0.0), 1.0))
+    if factor == 1.0:
+        return self_weight, list(weights)
+    kept = [w * factor for w in weights]
+    return self_weight + math.fsum(weights) - math.fsum(kept), kept
 
 
 class MixingRule:

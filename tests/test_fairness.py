@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 from gossip.errors import ConfigError
+from p2pfed import kinds
 from p2pfed.cli import app
+from p2pfed.ledger_entry import read_entries
 from p2pfed.model.fairness import group_accuracy, group_batch, group_loss, summary
 from p2pfed.privacy import Policy
 from p2pfed.sim import groups
@@ -145,6 +148,8 @@ def test_privacy_is_spent_and_accounted_as_without_the_group_objective() -> None
     ({"fairness": "group-dro", "groups": False}, "needs the group study"),
     ({"fairness": "minimax"}, "unknown fairness objective"),
     ({"tilt": -1.0}, "tilt"),
+    ({"lean": 11.0}, "lean must be in"),
+    ({"lean": 1.0, "groups": False}, "loss mixing is compared"),
 ])
 def test_bad_fairness_settings_are_refused(kw: dict[str, object], words: str) -> None:
     with pytest.raises(ConfigError, match=words):
@@ -159,6 +164,8 @@ def test_bad_fairness_settings_are_refused(kw: dict[str, object], words: str) ->
     ["--groups"],
     ["--groups", "--workload", "education", "--fairness", "group-dro", "--continual",
      "topic@0"],
+    ["--fairness", "loss-mixing", "--workload", "education"],
+    ["--groups", "--workload", "education", "--fairness", "loss-mixing", "--lean", "11"],
 ])
 def test_the_cli_refuses_a_bad_group_study(args: list[str]) -> None:
     result = CliRunner().invoke(app, ["simulate", str(TOPOLOGIES / "ring-16.toml"), *args])
@@ -187,3 +194,82 @@ def test_a_round_trains_with_the_objective_the_node_asks_for() -> None:
                for c in comps)  # (it matters)
     with pytest.raises(ValueError, match="unknown local objective"):
         plain.train_round(comps, 2, objective=("minimax", 1.0))
+
+
+def test_a_member_that_leans_on_its_loss_weighs_one_plus_lean_times_loss_in_the_consensus(
+) -> None:
+    """Leaning keeps each row convex and makes the consensus the mean weighted by
+    ``1 + lean · loss``: loss mixing changes what the federation converges to, plain
+    doubly-stochastic weights do not."""
+    import networkx as nx
+
+    from p2pfed.consensus import metropolis_hastings_weights
+    from p2pfed.mixing import leaned_weights
+
+    assert leaned_weights(0.5, [0.25, 0.25], 0.7, 0.0) == (0.5, [0.25, 0.25])  # (bit for bit)
+    assert leaned_weights(0.5, [0.25, 0.25], 0.0, 3.0) == (0.5, [0.25, 0.25])
+    own, kept = leaned_weights(0.5, [0.25, 0.25], 1.7, 3.0)  # (a loss is at most 1)
+    assert kept == [0.0625, 0.0625] and own == pytest.approx(0.875)
+    graph = nx.cycle_graph(5)
+    mh = metropolis_hastings_weights(graph, graph.nodes)
+    loss = [0.9, 0.1, 0.5, 0.0, 0.3]
+    lean = 2.0
+    w = np.zeros((5, 5))
+    for i, row in mh.items():
+        nbrs = [j for j in row if j != i]
+        own, kept = leaned_weights(row[i], [row[j] for j in nbrs], loss[i], lean)
+        w[i, i] = own
+        w[i, nbrs] = kept
+    assert np.allclose(w.sum(1), 1.0) and (w >= 0).all()
+    x = np.arange(5.0) * 10
+    for _ in range(2000):
+        x = w @ x
+    pi = 1 + lean * np.array(loss)
+    assert x == pytest.approx(np.full(5, (pi * np.arange(5.0) * 10).sum() / pi.sum()))
+    assert x[0] != pytest.approx(20.0)  # (the plain mean: what MH alone converges to)
+
+
+def _mixes(home: Path, node: str = "*") -> list[dict[str, Any]]:
+    return [e.body for path in sorted(home.glob(f"{node}/ledger.sqlite3"))
+            for e in read_entries(path) if e.kind == kinds.MIX]
+
+
+def test_loss_mixing_leans_where_the_member_trained_and_never_under_privacy(
+        tmp_path: Path) -> None:
+    """Members lean in the rounds they trained, by the loss their trainer measured: the mix
+    record says so, and its neighbours' weights are the plain ones over ``1 + lean · loss``
+    (the rest stays with self).  With differential privacy on, no member leans and the
+    federation trains bit for bit as with plain mixing."""
+    from p2pfed.sim.simulation import Simulation
+
+    runs = {name: Simulation(_config(baselines=False, lean=lean, home=tmp_path / name))
+            for name, lean in (("plain", 0.0), ("lean", 2.0))}
+    reports = {name: sim.run() for name, sim in runs.items()}
+    assert reports["lean"]["tasks"] != reports["plain"]["tasks"]  # (it changes the training)
+    checked = 0
+    for node in runs["lean"].nodes:
+        plain = {m["component"]: m for m in _mixes(tmp_path / "plain", node) if m["round"] == 0}
+        for m in _mixes(tmp_path / "lean", node):
+            if m["round"] != 0:  # (the same states met in round 0 of both)
+                continue
+            assert m["lean"] == 2.0 and 0.0 < m["loss"] <= 1.0  # (every member trained)
+            before = {peer: w for peer, w, *_ in plain[m["component"]]["inputs"]}
+            assert {peer: w for peer, w, *_ in m["inputs"]} == pytest.approx(
+                {peer: w / (1 + 2.0 * m["loss"]) for peer, w in before.items()})
+            assert m["self_weight"] == pytest.approx(
+                1 - sum(before.values()) / (1 + 2.0 * m["loss"]))
+            checked += 1
+    assert checked
+    assert runs["lean"].trainers["big-a"].loss_of("head.topic", 0, 10_000) is None
+    # the group study with loss mixing under differential privacy: plain mixing and loss
+    # mixing train bit for bit alike (no member leans on a loss it does not release)
+    study = simulate(_config(dp=Policy(clip=1.0, sigma=1.5), baselines=False, lean=2.0))
+    rule, base = study["fairness"]["rule"], study["fairness"]["tasks"]
+    assert (rule["mixing"], rule["lean"], rule["objective"]) == ("loss", 2.0, "erm")
+    assert "centralized" not in rule  # (mixing has no central counterpart)
+    assert rule["tasks"] == {t: r["federated"] for t, r in base.items()}
+
+
+def test_exact_unlearning_with_loss_mixing_equals_the_retrain() -> None:
+    report = simulate(_config(lean=2.0, baselines=False, unlearn=("small-c", 2)))
+    assert report["unlearning"]["max_abs_diff_vs_retrain"] == 0.0

@@ -59,6 +59,9 @@ def test_heldout_groups_by_hand() -> None:
     ({"tilt": 51}, r"fairness.tilt must be in \[0, 50\]"),
     ({"tilt": "high"}, "fairness.tilt must be a number"),
     ({"weights": 1.0}, r"\[fairness\] has unknown key\(s\): weights"),
+    ({"mixing": "loss-weighted"}, "fairness.mixing must be one of plain, loss, not"),
+    ({"lean": 10.5}, r"fairness.lean must be in \[0, 10\]"),
+    ({"lean": -1}, r"fairness.lean must be in \[0, 10\]"),
 ])
 def test_bad_fairness_settings_are_refused(fairness: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -66,9 +69,10 @@ def test_bad_fairness_settings_are_refused(fairness: dict[str, object], message:
 
 
 def test_fairness_settings_round_trip_through_toml(tmp_path: Path) -> None:
-    assert Config().fairness == FairnessSection("erm", 1.0)
-    cfg = Config.from_dict({"fairness": {"objective": "group-dro", "tilt": 0}})
-    assert cfg.fairness == FairnessSection("group-dro", 0.0)
+    assert Config().fairness == FairnessSection("erm", 1.0, "plain", 1.0)
+    cfg = Config.from_dict({"fairness": {"objective": "group-dro", "tilt": 0, "mixing": "loss",
+                                         "lean": 3}})
+    assert cfg.fairness == FairnessSection("group-dro", 0.0, "loss", 3.0)
     (tmp_path / "p2pfed.toml").write_text(cfg.to_toml(), encoding="utf-8")
     assert Config.from_toml(tmp_path / "p2pfed.toml") == cfg
 

@@ -495,6 +495,14 @@ def test_the_fairness_settings_reach_the_node() -> None:
     cfg = Config.from_dict({"fairness": {"objective": "group-dro", "tilt": 2.5}})
     assert node_config(cfg, frozenset({"backbone"}), {}).objective == ("group-dro", 2.5)
     assert node_config(Config(), frozenset(), {}).objective == ("erm", 1.0)
+    # loss mixing: the lean and the trainer's loss reach the node; plain mixing leans not
+    def loss_of(component: str, epoch: int, round_: int) -> float | None:
+        return 0.5
+
+    leaning = Config.from_dict({"fairness": {"mixing": "loss", "lean": 2.0}})
+    made = node_config(leaning, frozenset({"backbone"}), {}, loss_of=loss_of)
+    assert (made.lean, made.loss_of) == (2.0, loss_of)
+    assert node_config(cfg, frozenset(), {}, loss_of=loss_of).lean == 0.0
 
 
 def test_rounds_settings_are_checked() -> None:

@@ -159,6 +159,8 @@ class LocalTrainer:
                 flat.bind(params)
             self.flats[name] = flat
         self._trained: dict[str, tuple[int, int]] = {}  # component -> (epoch, round) trained
+        #: component -> (epoch, round, its relative loss that round): :meth:`loss_of`
+        self._losses: dict[str, tuple[int, int, float]] = {}
         #: the objective of the round being trained (None: ``objective`` and ``tilt``)
         self._round_objective: tuple[str, float] | None = None
         self._priors: dict[str, torch.Tensor] = {}
@@ -285,6 +287,11 @@ class LocalTrainer:
             else:
                 for c in frozen:
                     self.flats[c].bind(self.model.parameters_of(c))  # back to the live buffers
+        relative = {t: min(1.0, float(np.mean(per_task[t]))
+                           / math.log(max(self.model.spec.task(t).classes, 2))) for t in tasks}
+        for c in group:
+            own = [relative[t] for t in self.trained_tasks(c, round_) if t in relative]
+            self._losses[c] = (epoch, round_, float(np.mean(own)) if own else 0.0)
         for task in tasks:
             measures = measured.get(task, {})
             self.progress[task] = {
@@ -301,6 +308,15 @@ class LocalTrainer:
                      ", ".join(group), len(self.data[task]), task,
                      self.progress[task]["loss"], held)
         return float(np.mean(losses))
+
+    def loss_of(self, component: str, epoch: int, round_: int) -> float | None:
+        """How badly the model fitted this member's data when ``component`` trained in round
+        ``round_`` (epoch ``epoch``): the mean loss of the round's batches over the loss of a
+        uniform guess (log of the classes), averaged over the tasks it trained, at most 1; None
+        when it did not train then.  ``[fairness] mixing = "loss"`` leans on it
+        (:func:`p2pfed.mixing.leaned_weights`)."""
+        got = self._losses.get(component)
+        return got[2] if got is not None and got[:2] == (epoch, round_) else None
 
     def _loss(self, task: str, round_: int, rng: np.random.Generator) -> torch.Tensor:
         """The loss of one batch drawn by ``rng`` from what ``task`` trains on in ``round_``."""

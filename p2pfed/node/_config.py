@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from gossip.errors import ConfigError
+from p2pfed.config_sections import MAX_LEAN
 from p2pfed.journal import MAX_MAKE_UP
 from p2pfed.node._retention import RetentionPolicy
 from p2pfed.privacy import Policy
@@ -66,6 +67,13 @@ class NodeConfig:
     #: trainer in each training and recorded in its ``local-update``, so a re-run trains with
     #: what the live round did
     objective: tuple[str, float] = ("erm", 1.0)
+    #: ``[fairness] mixing = "loss"``: in a round it trained, this node keeps more of its own
+    #: state the worse its model fitted its data (:func:`p2pfed.mixing.leaned_weights`; 0:
+    #: off).  Never for a component under differential privacy (the loss is not released)
+    lean: float = 0.0
+    #: (component, epoch, round) -> how badly the model fitted the local data when it trained
+    #: then, in [0, 1] (:meth:`p2pfed.model.train.LocalTrainer.loss_of`); None: unknown
+    loss_of: Callable[[str, int, int], float | None] | None = None
     #: may this node train at ``now_ms`` (the time its driver passes in)?  None: at any time.
     #: The daemon's ``[rounds] train_hours``; a simulation may pass its own
     schedule: Callable[[int], bool] | None = None
@@ -75,6 +83,8 @@ class NodeConfig:
             raise ConfigError(f"participation must be in (0, 1], not {self.participation!r}")
         if not 1 <= self.make_up <= MAX_MAKE_UP:
             raise ConfigError(f"make_up must be in 1..{MAX_MAKE_UP}, not {self.make_up!r}")
+        if not 0.0 <= self.lean <= MAX_LEAN:
+            raise ConfigError(f"lean must be in [0, {MAX_LEAN:g}], not {self.lean!r}")
         if self.make_up_by not in ("steps", "update"):
             raise ConfigError(f"make_up_by must be steps or update, not {self.make_up_by!r}")
 

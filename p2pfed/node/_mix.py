@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -23,7 +24,15 @@ import torch
 from p2pfed.consensus import effective_weights, metropolis_hastings_row
 from p2pfed.journal import Mix, MixInputRef
 from p2pfed.lineage import Lineage
-from p2pfed.mixing import MixingRule, MixInput, MixResult, Neighbour, stale_weights
+from p2pfed.mixing import (
+    MixingRule,
+    MixInput,
+    MixResult,
+    Neighbour,
+    leaned_weights,
+    stale_weights,
+)
+from p2pfed.node._config import NodeConfig
 from p2pfed.node._provenance import fields, received
 from p2pfed.node._state import ComponentRound, Received
 from p2pfed.provenance import PARTIAL, Provenance
@@ -96,10 +105,22 @@ def _scratch_like(flat: torch.Tensor) -> torch.Tensor:
     return buf
 
 
+def lean_of(config: NodeConfig, name: str, st: ComponentRound, epoch: int,
+            private: bool) -> tuple[float, float] | None:
+    """``(lean, loss)`` when this round's mix leans on the node's loss
+    (:func:`~p2pfed.mixing.leaned_weights`): only in a round the node trained, with the loss
+    its trainer measured then, and never for a component under differential privacy
+    (``private``): its loss is not released, and the state it mixes into is."""
+    if not config.lean or config.loss_of is None or not st.trained or private:
+        return None
+    loss = config.loss_of(name, epoch, st.round)
+    return None if loss is None or not math.isfinite(loss) else (config.lean, loss)
+
+
 def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,
-              epoch: int) -> MixOutcome:
+              epoch: int, lean: tuple[float, float] | None = None) -> MixOutcome:
     """Mix the updates of round ``st.round`` that arrived into ``st`` (state, memory,
-    lineage, disagreement history)."""
+    lineage, disagreement history); ``lean``: :func:`lean_of`."""
     present = {p: rec for (r, p), rec in st.inbox.items()
                if r == st.round and rec.flat is not None and p in st.neighbours}
     self_w, terms = effective_weights(self_id, st.weights, present.keys())
@@ -107,6 +128,11 @@ def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,
         self_w, stale = stale_weights(self_w, st.age, [(w, present[p].announcement.age)
                                                        for p, w in terms])
         terms = [(p, w) for (p, _), w in zip(terms, stale, strict=True)]
+    audit: dict[str, float] = {}
+    if lean is not None and terms:
+        self_w, kept = leaned_weights(self_w, [w for _, w in terms], lean[1], lean[0])
+        terms = [(p, w) for (p, _), w in zip(terms, kept, strict=True)]
+        audit = {"lean": lean[0], "loss": lean[1]}
     scratch = _scratch_like(st.comp.flat)
     if present:
         st.disagreement.append(disagreement(st.comp.flat, [r.flat for r in present.values()],
@@ -125,7 +151,7 @@ def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,
     inputs = tuple(MixInputRef(n.peer, w, present[n.peer].announcement.digest)
                    for n, w in zip(neighbours, mixed.weights, strict=True))
     record = Mix(name, st.round, mixed.self_weight, inputs, missing, st.lineage,
-                 epoch, rule.name, mixed.audit, **fields(st.prov, st.lineage),
+                 epoch, rule.name, {**mixed.audit, **audit}, **fields(st.prov, st.lineage),
                  share_weights=mixed.share_weights)
     return MixOutcome(record, tuple(sorted(present)), missing)
 

@@ -34,7 +34,7 @@ from p2pfed.node._config import NodeConfig
 from p2pfed.node._forgetting import EARLY, Forgetting
 from p2pfed.node._inbound import announcement_of, check_size, fetch_of, payload_state
 from p2pfed.node._journal import Journal
-from p2pfed.node._mix import mix_round, place_all
+from p2pfed.node._mix import lean_of, mix_round, place_all
 from p2pfed.node._participation import Participation
 from p2pfed.node._privacy import Noise, PrivacyAccount
 from p2pfed.node._records import (
@@ -174,8 +174,7 @@ class Node:
         deadlines = [st.deadline_ms if st.phase is Phase.COLLECTING else st.start_at_ms
                      for st in self._states.values()
                      if st.phase in (Phase.COLLECTING, Phase.IDLE)]
-        present = [d for d in deadlines if d is not None]
-        return min(present) if present else None
+        return min((d for d in deadlines if d is not None), default=None)
 
     def idle(self) -> bool:
         """True when every component waits at the round limit."""
@@ -483,7 +482,8 @@ class Node:
 
     def _complete_round(self, name: str, now_ms: int) -> list[Action]:
         st = self._states[name]
-        mixed = mix_round(name, st, self._rules[name], self.peer_id, self.epoch)
+        mixed = mix_round(name, st, self._rules[name], self.peer_id, self.epoch,
+                          lean_of(self.config, name, st, self.epoch, name in self._privacy))
         self._journal.write(mixed.record, now_ms)
         actions: list[Action] = []
         if self.config.report_mixes:

@@ -57,12 +57,14 @@ def initial_components(identity: Identity, holds: list[str], dim: int) -> dict[s
 
 def node_config(cfg: Config, trains: frozenset[str],
                 deps: dict[str, frozenset[str]], period_ms: int = 0,
-                gate: Callable[[int], bool] | None = None) -> NodeConfig:
+                gate: Callable[[int], bool] | None = None,
+                loss_of: Callable[[str, int, int], float | None] | None = None) -> NodeConfig:
     """The node's settings from ``p2pfed.toml``: rounds, privacy per trained component, the
     mixing rule per component; DP noise seeded from the OS at each start.  ``period_ms``, the
     federation's round period (signed in its genesis), is a floor: a member may run rounds less
     often than the federation, never more often.  ``gate``: asked at each round's start too
-    (with ``rounds.train_hours``) whether it may train (the memory cap: runtime/profile.py)."""
+    (with ``rounds.train_hours``) whether it may train (the memory cap: runtime/profile.py).
+    ``loss_of``: the trainer's loss of each trained round (``[fairness] mixing = "loss"``)."""
     from p2pfed.node import TrainHours  # (rounds.train_hours: the daemon's schedule)
     hours = cfg.rounds.check()
     schedule: Callable[[int], bool] | None = TrainHours(*hours) if hours is not None else None
@@ -72,13 +74,18 @@ def node_config(cfg: Config, trains: frozenset[str],
     if interval_ms < period_ms:
         log.info("rounds.interval_s is %.3f s; the federation's round period is %.3f s: using it",
                  interval_ms / 1000, period_ms / 1000)
+    privacy = cfg.privacy.policies(trains)
+    if cfg.fairness.lean_of() and privacy:
+        log.warning("fairness.mixing = \"loss\": %s train under differential privacy and mix "
+                    "with the plain weights (their loss is not released)",
+                    ", ".join(sorted(privacy)))
     return NodeConfig(
         round_timeout_ms=int(cfg.rounds.timeout_s * 1000),
         round_interval_ms=max(interval_ms, period_ms),
         checkpoint_every=CHECKPOINT_EVERY,
         trains=trains,
         forward_deps=deps,
-        privacy=cfg.privacy.policies(trains),
+        privacy=privacy,
         robust=cfg.mixing.rules(),
         provenance=cfg.mixing.provenance,
         noise_seed=secrets.randbits(63),
@@ -86,6 +93,7 @@ def node_config(cfg: Config, trains: frozenset[str],
         participation=cfg.rounds.participation,
         make_up=cfg.rounds.make_up,
         objective=(cfg.fairness.objective, cfg.fairness.tilt),
+        lean=cfg.fairness.lean_of(), loss_of=loss_of,
         # (the daemon's trainer trains more steps; with a sampling rate below 1 the accountant
         # counts the examples behind a release, so the update is scaled instead)
         make_up_by="update" if cfg.privacy.levels and cfg.privacy.sample_rate < 1 else "steps",
@@ -168,7 +176,8 @@ async def load_node(home: Path, cfg: Config, identity: Identity, ledger: Ledger,
         trains, deps = frozenset(), {}
     node = FederatedNode(
         identity, view.federation_id, components, ledger, BlobStore(home / BLOBS_DIR),
-        node_config(cfg, trains, deps, view.genesis.round_period_ms, gate), sequencer,
+        node_config(cfg, trains, deps, view.genesis.round_period_ms, gate,
+                    trainer.loss_of if trainer is not None else None), sequencer,
         view=view, degree=cfg.overlay.degree,
     )
     restored = node.restore()

@@ -15,6 +15,7 @@ import torch
 
 from gossip.errors import ConfigError
 from p2pfed import mixing
+from p2pfed.config_sections import MAX_LEAN
 from p2pfed.continual import ContinualSettings, Schedule
 from p2pfed.model.fairness import OBJECTIVES
 from p2pfed.node import RetentionPolicy
@@ -100,6 +101,9 @@ class SimConfig:
     #: "erm": compared with "erm" in the same study) and its tilt
     fairness: str = "erm"
     tilt: float = 1.0
+    #: ``[fairness] mixing = "loss"`` with this lean (0: plain mixing; other than 0: compared
+    #: with plain mixing in the same study, like an objective)
+    lean: float = 0.0
     #: node -> hardware profile (:mod:`p2pfed.profiles`; the others: server): what it trains,
     #: and with ``train_s`` how long its training takes (:data:`SLOWDOWN`)
     profiles: dict[str, str] = field(default_factory=dict)
@@ -188,7 +192,8 @@ def check_updates(config: SimConfig) -> None:
 
 def check_fairness(config: SimConfig) -> None:
     """The group study needs the education workload; an objective other than the default
-    needs the group study (without groups it would change nothing); a tilt in 0..50."""
+    needs the group study (without groups it would change nothing); a tilt in 0..50; loss
+    mixing (a lean in 0..10) the group study."""
     if config.groups and config.workload != "education":
         raise ConfigError("the group study needs the education workload")
     if config.fairness not in OBJECTIVES:
@@ -199,3 +204,8 @@ def check_fairness(config: SimConfig) -> None:
                           "without groups it trains as erm")
     if not (math.isfinite(config.tilt) and 0.0 <= config.tilt <= 50.0):
         raise ConfigError(f"tilt must be in 0..50, not {config.tilt}")
+    if not (math.isfinite(config.lean) and 0.0 <= config.lean <= MAX_LEAN):
+        raise ConfigError(f"lean must be in 0..{MAX_LEAN:g}, not {config.lean}")
+    if config.lean and not config.groups:
+        raise ConfigError("loss mixing is compared with plain mixing in the group study "
+                          "(--groups)")

@@ -156,9 +156,11 @@ def _pace(cfg: SimConfig, name: str) -> KeepPace | None:
 
 def build_node(cfg: SimConfig, name: str, federation_id: bytes, start: NodeStart, *,
                byzantine: bool, noisy: bool,
-               honest: Callable[[str], list[torch.Tensor]]) -> SimNode:
+               honest: Callable[[str], list[torch.Tensor]],
+               loss_of: Callable[[str, int, int], float | None] | None = None) -> SimNode:
     """Node ``name`` with its storage; a Byzantine one forges its updates (``honest(component)``
-    gives its honest neighbours' states), except a label flipper, which only has bad data."""
+    gives its honest neighbours' states), except a label flipper, which only has bad data.
+    ``loss_of``: its trainer's (loss mixing)."""
     identity = sim_identity(cfg.seed, name)
     ledger, blobs = _storage(cfg, name, identity)
     config = NodeConfig(
@@ -170,7 +172,7 @@ def build_node(cfg: SimConfig, name: str, federation_id: bytes, start: NodeStart
         robust={} if byzantine else {"*": cfg.robust},
         checkpoint_every=cfg.checkpoint_every, retention=cfg.retention,
         participation=cfg.participation.get(name, 1.0), schedule=_pace(cfg, name),
-        objective=(cfg.fairness, cfg.tilt),
+        objective=(cfg.fairness, cfg.tilt), lean=cfg.lean, loss_of=loss_of,
         # (the education trainer trains more steps to make up skipped rounds)
         make_up_by="steps" if trainer_trains_steps(cfg) else "update",
         report_mixes=True)  # (the trace records each mixed state)

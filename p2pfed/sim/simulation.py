@@ -173,6 +173,7 @@ class Simulation:
                 self.trace.record_initial(comp, flat.flat)
         sn = build_node(self.config, name, self.federation_id, start,
                         byzantine=name in self.byzantine, noisy=name in self.noisy,
+                        loss_of=trainer.loss_of if trainer is not None else None,
                         honest=lambda component: self._honest_states(name, component))
         self.by_peer[sn.identity.peer_id] = name
         return sn

@@ -77,7 +77,7 @@ def _study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:
         return _continual_study(config, on_phase)
     if config.updates is not None:
         return _provenance_study(config, on_phase)
-    if config.fairness != "erm":
+    if config.fairness != "erm" or config.lean:
         return _fairness_study(config, on_phase)
     if config.attack is not None:
         return _attack_study(config, on_phase)
@@ -190,10 +190,10 @@ def _participation_study(config: SimConfig, on_phase: PhaseProgress | None) -> d
 
 
 def _fairness_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[str, Any]:
-    """The group study with the members' default objective (and the baselines), then the
-    same federation with the fairness objective: per task its measures beside the default's,
-    how much of the worst-group gap it closed and what it cost the mean."""
-    sim = Simulation(dataclasses.replace(config, fairness="erm"), on_phase=on_phase)
+    """The group study with the members' default objective and mixing (and the baselines),
+    then the same federation with the fairness objective or loss mixing: per task its measures
+    beside the default's, how much of the worst-group gap it closed and what it cost the mean."""
+    sim = Simulation(dataclasses.replace(config, fairness="erm", lean=0.0), on_phase=on_phase)
     report = sim.run()
     rule = Simulation(dataclasses.replace(config, baselines=False, progress=None, home=None,
                                           explain=0), edu=sim.edu, curve=False)
@@ -202,12 +202,13 @@ def _fairness_study(config: SimConfig, on_phase: PhaseProgress | None) -> dict[s
     ours = rule.edu.fairness(rule.final_trainers())
     base = {t: runs["federated"] for t, runs in report["fairness"]["tasks"].items()}
     report["fairness"]["rule"] = {
-        "objective": config.fairness, "tilt": config.tilt, "tasks": ours,
+        "objective": config.fairness, "tilt": config.tilt,
+        "mixing": "loss" if config.lean else "plain", "lean": config.lean, "tasks": ours,
         **_narrowed(ours, base),
     }
     central = {t: runs["centralized"] for t, runs in report["fairness"]["tasks"].items()
                if "centralized" in runs}
-    if central and sim.edu is not None:
+    if central and sim.edu is not None and config.fairness != "erm":  # (mixing: no server)
         # the same objective on one model over everyone's pooled data: what a central server
         # would get from it, beside what the central server gets with the plain loss
         sim.edu.centralized(objective=(config.fairness, config.tilt))
