@@ -136,9 +136,10 @@ def simulate(
     tilt: Annotated[float, typer.Option(
         min=0.0, max=50.0, help="group-dro: how hard it leans on the worst group (0: the "
         "groups' mean).")] = 1.0,
-    lean: Annotated[float, typer.Option(
-        min=0.0, max=10.0, help="loss-mixing: a member that fits its data no better than a "
-        "guess counts up to 1 + LEAN times as much as one that fits it perfectly.")] = 1.0,
+    lean: Annotated[float | None, typer.Option(
+        min=0.001, max=10.0, help="loss-mixing: a member that fits its data no better than a "
+        "guess counts up to 1 + LEAN times as much as one that fits it perfectly (default "
+        "1).")] = None,
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import plot_report
@@ -168,8 +169,10 @@ def simulate(
         raise typer.BadParameter("needs --workload education and --groups",
                                  param_hint="--fairness" if fairness != "erm" else "--groups")
     mixing = fairness == "loss-mixing"
+    if lean is not None and not mixing:
+        raise typer.BadParameter("only with --fairness loss-mixing", param_hint="--lean")
     config = dataclasses.replace(config, groups=groups, fairness="erm" if mixing else fairness,
-                                 tilt=tilt, lean=lean if mixing else 0.0)
+                                 tilt=tilt, lean=(lean or 1.0) if mixing else 0.0)
     config = _profile_options(config, profile or [], round_timeout)
     others = [name for name, on in (("--unlearn", unlearn), ("--participation", participation),
                                     ("--continual", continual), ("--attack", attack)) if on]

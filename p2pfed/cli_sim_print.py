@@ -177,10 +177,11 @@ def _print_fairness(report: dict[str, Any]) -> None:
     for col in ("task", "run", "mean", "worst node", "p10 node", "majority", "minority", "gap"):
         table.add_column(col, justify="left" if col in ("task", "run") else "right")
     rule = f.get("rule")
+    label = "" if rule is None else (
+        "loss-mixing" if rule.get("mixing") == "loss" else rule["objective"])
     for task, runs in f["tasks"].items():
         rows = list(runs.items())
         if rule is not None:
-            label = "loss-mixing" if rule.get("mixing") == "loss" else rule["objective"]
             rows.append((label, rule["tasks"][task]))
             if "centralized" in rule:
                 rows.append((f"centralized, {rule['objective']}",
@@ -194,7 +195,7 @@ def _print_fairness(report: dict[str, Any]) -> None:
     if rule is not None:
         for name, part in (("federated", rule), ("centralized", rule.get("centralized"))):
             if part is not None:
-                out.print(f"{rule['objective']}, {name}: " + ", ".join(
+                out.print(f"{label}, {name}: " + ", ".join(
                     f"{t}: gap narrowed {part['gap_narrowed'][t]:+.0%}, mean "
                     f"{part['mean_change'][t]:+.3f}" for t in part["tasks"]))
 

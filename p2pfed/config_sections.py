@@ -247,6 +247,6 @@ class FairnessSection:
         if self.mixing not in FAIRNESS_MIXING:
             raise ConfigError(f"fairness.mixing must be one of {', '.join(FAIRNESS_MIXING)}, "
                               f"not {self.mixing!r}")
-        if not 0 <= self.lean <= MAX_LEAN:
-            raise ConfigError(f"fairness.lean must be in [0, {MAX_LEAN:g}] (1: the default), "
+        if not 0 < self.lean <= MAX_LEAN:
+            raise ConfigError(f"fairness.lean must be in (0, {MAX_LEAN:g}] (1: the default), "
                               f"not {self.lean}")

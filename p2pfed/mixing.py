@@ -225,6 +225,9 @@ class MixingRule:
     """One way of mixing.  Subclasses set :attr:`name` and implement :meth:`mix`."""
 
     name: ClassVar[str] = ""
+    #: the state depends on the weights the rule is handed (a trimmed mean's does not: loss
+    #: mixing, which works through the weights, then does not lean)
+    uses_weights: ClassVar[bool] = True
 
     def mix(self, inp: MixInput) -> MixResult:
         raise NotImplementedError
@@ -305,6 +308,7 @@ class TrimmedMean(MixingRule):
     (:func:`~p2pfed.consensus.trimmed_mean_weights`), in general not exact."""
 
     name = "trimmed-mean"
+    uses_weights = False
 
     def mix(self, inp: MixInput) -> MixResult:
         if not inp.neighbours:

@@ -200,6 +200,8 @@ def test_an_admins_task_add_gives_every_holder_the_head_which_trains_and_mixes(
 
     loaded = trio.run(load_all)
     nodes, trainers = [n for n, _ in loaded], [t for _, t in loaded]
+    # each node measures its loss through its own trainer (loss mixing, when on)
+    assert all(n.config.loss_of == getattr(t, "loss_of", None) for n, t in loaded)
     assert all("head.essay" not in n.components for n in nodes)
     trio.run(drive, nodes, trainers, 12.0, task(ESSAY, 4_000),
              clock=trio.testing.MockClock(autojump_threshold=0))

@@ -166,6 +166,8 @@ def test_bad_fairness_settings_are_refused(kw: dict[str, object], words: str) ->
      "topic@0"],
     ["--fairness", "loss-mixing", "--workload", "education"],
     ["--groups", "--workload", "education", "--fairness", "loss-mixing", "--lean", "11"],
+    ["--groups", "--workload", "education", "--fairness", "loss-mixing", "--lean", "0"],
+    ["--groups", "--workload", "education", "--lean", "2"],
 ])
 def test_the_cli_refuses_a_bad_group_study(args: list[str]) -> None:
     result = CliRunner().invoke(app, ["simulate", str(TOPOLOGIES / "ring-16.toml"), *args])
@@ -270,6 +272,45 @@ def test_loss_mixing_leans_where_the_member_trained_and_never_under_privacy(
     assert rule["tasks"] == {t: r["federated"] for t, r in base.items()}
 
 
-def test_exact_unlearning_with_loss_mixing_equals_the_retrain() -> None:
-    report = simulate(_config(lean=2.0, baselines=False, unlearn=("small-c", 2)))
+def test_exact_unlearning_with_loss_mixing_equals_the_retrain(tmp_path: Path) -> None:
+    report = simulate(_config(lean=2.0, baselines=False, unlearn=("small-c", 2),
+                              home=tmp_path))
     assert report["unlearning"]["max_abs_diff_vs_retrain"] == 0.0
+    leaned = [m for m in _mixes(tmp_path) if "lean" in m]
+    assert leaned and {m["epoch"] for m in leaned} == {0, 1}  # (live and re-run rounds lean)
+
+
+def test_a_round_leans_only_where_it_may() -> None:
+    """A trained round leans by the loss its trainer measured, clamped to [0, 1]; not under
+    differential privacy, in a catch-up, with a rule that ignores weights, without a finite
+    loss, or without a lean; a re-run leans by the lean its live round recorded."""
+    from gossip.catalog import ComponentSpec
+    from p2pfed.components import FlatComponent
+    from p2pfed.mixing import rule
+    from p2pfed.node import NodeConfig
+    from p2pfed.node._mix import lean_of
+    from p2pfed.node._replay import Replay
+    from p2pfed.node._state import ComponentRound
+
+    losses = {3: 0.4, 4: float("nan"), 5: 1.7}
+    config = NodeConfig(lean=2.0, loss_of=lambda c, e, r: losses.get(r))
+    mh = rule("mh")
+    comp = FlatComponent.from_params(ComponentSpec.from_name("backbone"),
+                                     {"w": torch.zeros(2)})
+    st = ComponentRound(comp, round=3, trained=True)
+    assert lean_of(config, "backbone", st, 0, False, mh) == (2.0, 0.4)
+    assert lean_of(config, "backbone", st, 0, True, mh) is None  # (privacy)
+    assert lean_of(config, "backbone", st, 0, False, rule("trimmed-mean")) is None
+    assert lean_of(dataclasses.replace(config, lean=0.0), "backbone", st, 0, False, mh) is None
+    assert lean_of(dataclasses.replace(config, loss_of=None), "backbone", st, 0, False,
+                   mh) is None
+    for changed in ({"trained": False}, {"age": 2}, {"round": 4}, {"round": 6}):
+        assert lean_of(config, "backbone", dataclasses.replace(st, **changed), 0, False,
+                       mh) is None, changed  # type: ignore[arg-type]
+    assert lean_of(config, "backbone", dataclasses.replace(st, round=5), 0, False,
+                   mh) == (2.0, 1.0)
+    replay = Replay("x", "exact", 0, 9, 0, leans={3: 0.5})
+    assert lean_of(config, "backbone", dataclasses.replace(st, replay=replay), 1, False,
+                   mh) == (0.5, 0.4)  # (what the live round recorded, not the settings')
+    assert lean_of(config, "backbone", dataclasses.replace(st, replay=replay, round=5), 1,
+                   False, mh) is None  # (the live round did not lean)

@@ -60,8 +60,8 @@ def test_heldout_groups_by_hand() -> None:
     ({"tilt": "high"}, "fairness.tilt must be a number"),
     ({"weights": 1.0}, r"\[fairness\] has unknown key\(s\): weights"),
     ({"mixing": "loss-weighted"}, "fairness.mixing must be one of plain, loss, not"),
-    ({"lean": 10.5}, r"fairness.lean must be in \[0, 10\]"),
-    ({"lean": -1}, r"fairness.lean must be in \[0, 10\]"),
+    ({"lean": 10.5}, r"fairness.lean must be in \(0, 10\]"),
+    ({"lean": 0}, r"fairness.lean must be in \(0, 10\]"),
 ])
 def test_bad_fairness_settings_are_refused(fairness: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -229,6 +229,11 @@ def _drive(nodes: list[Node], actions: list[tuple[str, object]], now: int = 0,
                 action.peer, action.component, action.round, action.digest, data, now)]
 
 
+def _some_loss(component: str, epoch: int, round_: int) -> float:
+    """A trainer's loss that changes from round to round (loss mixing)."""
+    return 0.1 + 0.2 * (round_ * 7 % 5)
+
+
 def _node(i: int, comps: tuple[str, ...] = ("backbone",), **config: object) -> Node:
     ident = Identity.from_seed(bytes([90 + i]) * 32)
     components = {
@@ -573,13 +578,14 @@ def test_a_neighbour_that_forces_a_catch_up_does_not_take_the_state_over() -> No
     ({"participation": 1.0, "make_up": 5}, {"participation": 0.4, "make_up": 5}),
     ({"participation": 0.4, "objective": ("group-dro", 2.0)},
      {"participation": 0.4, "objective": ("erm", 1.0)}),
-], ids=["less", "full-time-now", "part-time-now", "objective"])
+    ({"participation": 0.4, "lean": 3.0, "loss_of": _some_loss}, {"lean": 0.5}),
+], ids=["less", "full-time-now", "part-time-now", "objective", "lean"])
 def test_an_exact_rerun_makes_up_as_the_live_rounds_did_whatever_the_settings_are_now(
         settings: dict[str, Any], now: dict[str, Any]) -> None:
-    """Members whose share, make-up (scaling the update) or local objective change before the
-    unlearning: the re-run reads each round's training, factor and objective from its
-    ``local-update`` and ends bit-identical to the federation that never had the member, run
-    with the first settings."""
+    """Members whose share, make-up (scaling the update), local objective or loss mixing's
+    lean change before the unlearning: the re-run reads each round's training, factor,
+    objective and lean from its ``local-update`` and ends bit-identical to the federation that
+    never had the member, run with the first settings."""
     rounds = 16
     nodes = [_node(i, **settings) for i in range(4)]  # type: ignore[arg-type]
     _path(nodes)
@@ -590,11 +596,14 @@ def test_an_exact_rerun_makes_up_as_the_live_rounds_did_whatever_the_settings_ar
     assert {u.objective for u in ups} == {settings.get("objective", ("erm", 1.0))}
     if settings["participation"] < 1:
         assert any((u.make_up or 1) > 1 for u in ups)  # (some round made up: it matters)
+    assert {u.lean for u in ups} == {settings.get("lean")}
     later = 10**9
     actions: list[tuple[str, object]] = []
     for n in rest:
         n._participation = Participation.of(n.peer_id, dataclasses.replace(
             n.config, **now))  # type: ignore[arg-type]  # (what the settings say now)
+        if "lean" in now:
+            n.config = dataclasses.replace(n.config, **now)  # type: ignore[arg-type]
         actions += [(n.peer_id, a) for a in n.forget(target.peer_id, "exact", later)]
     _path(rest)
     for n in rest:
@@ -624,6 +633,19 @@ def test_the_objective_in_a_local_update_round_trips_and_a_bad_one_is_refused() 
     del no_tilt["tilt"]
     with pytest.raises(SchemaError, match="tilt"):
         LocalUpdate.from_fields(no_tilt)
+
+
+def test_the_lean_in_a_local_update_round_trips_and_a_bad_one_is_refused() -> None:
+    from p2pfed.journal import SchemaError
+
+    update = LocalUpdate("backbone", 3, b"\x00" * 32, True, b"", Lineage.of(["me"]), 0,
+                         make_up=1, lean=2.5)
+    body = update.fields()
+    assert body["lean"] == 2.5 and LocalUpdate.from_fields(body) == update
+    assert "lean" not in dataclasses.replace(update, lean=None).fields()  # (as older bodies)
+    for bad in (0.0, 10.5, -1.0, float("nan"), "far"):
+        with pytest.raises(SchemaError, match="lean"):
+            LocalUpdate.from_fields(body | {"lean": bad})
 
 
 def test_a_bad_make_up_in_a_local_update_is_a_schema_error() -> None:

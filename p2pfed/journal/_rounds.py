@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from p2pfed import kinds
+from p2pfed.config_sections import MAX_LEAN
 from p2pfed.journal._base import (
     _VERSION,
     PROV_FIELDS,
@@ -76,10 +77,17 @@ class LocalUpdate(Record):
     #: the local objective and its tilt the round trained with (``[fairness]``), so that a
     #: re-run trains with them whatever the settings are then (None: not recorded)
     objective: tuple[str, float] | None = None
+    #: the lean the round's mix leaned on its loss with (``[fairness] mixing = "loss"``), so
+    #: that a re-run leans as it did whatever the settings are then (None: it did not lean)
+    lean: float | None = None
 
     def __post_init__(self) -> None:
         if self.credit is not None:
             _check_finite("credit", self.credit)
+        if self.lean is not None:
+            _check_finite("lean", self.lean)
+            if not 0 < self.lean <= MAX_LEAN:
+                raise SchemaError(f"field 'lean' is {self.lean!r}, not in (0, {MAX_LEAN:g}]")
         if self.make_up is not None and not 1 <= self.make_up <= MAX_MAKE_UP:
             raise SchemaError(f"field 'make_up' is {self.make_up!r}, not in 1..{MAX_MAKE_UP}")
         if self.objective is not None:
@@ -96,7 +104,8 @@ class LocalUpdate(Record):
             {"credit": self.credit} if self.credit is not None else {}) | (
             {"make_up": self.make_up} if self.make_up is not None else {}) | (
             {"objective": self.objective[0], "tilt": self.objective[1]}
-            if self.objective is not None else {})
+            if self.objective is not None else {}) | (
+            {"lean": self.lean} if self.lean is not None else {})
 
     @classmethod
     def from_fields(cls, body: Mapping[str, Any]) -> LocalUpdate:
@@ -109,7 +118,7 @@ class LocalUpdate(Record):
                    _field(body, "epoch", int, 0),
                    PrivacySpent.from_body(dp) if dp is not None else None,
                    _field(body, "credit", float, None), _field(body, "make_up", int, None),
-                   objective)
+                   objective, _field(body, "lean", float, None))
 
 
 @dataclass(frozen=True)

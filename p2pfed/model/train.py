@@ -288,10 +288,12 @@ class LocalTrainer:
                 for c in frozen:
                     self.flats[c].bind(self.model.parameters_of(c))  # back to the live buffers
         relative = {t: min(1.0, float(np.mean(per_task[t]))
-                           / math.log(max(self.model.spec.task(t).classes, 2))) for t in tasks}
+                           / math.log(max(self.model.spec.task(t).classes, 2))) for t in tasks
+                    if math.isfinite(float(np.mean(per_task[t])))}
         for c in group:
             own = [relative[t] for t in self.trained_tasks(c, round_) if t in relative]
-            self._losses[c] = (epoch, round_, float(np.mean(own)) if own else 0.0)
+            if own:  # (else none: a diverged round, or a component no task trained this round)
+                self._losses[c] = (epoch, round_, float(np.mean(own)))
         for task in tasks:
             measures = measured.get(task, {})
             self.progress[task] = {

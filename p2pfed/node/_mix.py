@@ -106,15 +106,19 @@ def _scratch_like(flat: torch.Tensor) -> torch.Tensor:
 
 
 def lean_of(config: NodeConfig, name: str, st: ComponentRound, epoch: int,
-            private: bool) -> tuple[float, float] | None:
+            private: bool, rule: MixingRule) -> tuple[float, float] | None:
     """``(lean, loss)`` when this round's mix leans on the node's loss
-    (:func:`~p2pfed.mixing.leaned_weights`): only in a round the node trained, with the loss
-    its trainer measured then, and never for a component under differential privacy
-    (``private``): its loss is not released, and the state it mixes into is."""
-    if not config.lean or config.loss_of is None or not st.trained or private:
+    (:func:`~p2pfed.mixing.leaned_weights`), asked once its training is done: only in a round
+    the node trained, with the loss its trainer measured then, by ``[fairness] lean`` (in an
+    unlearning re-run: the lean its live round recorded, whatever the settings are now).
+    Never for a component under differential privacy (``private``: its loss is not released,
+    and the state it mixes into is), in a catch-up (a stale state moves to its neighbours,
+    :func:`~p2pfed.mixing.stale_weights`), or with a rule whose state ignores the weights."""
+    if config.loss_of is None or not st.trained or private or st.age or not rule.uses_weights:
         return None
-    loss = config.loss_of(name, epoch, st.round)
-    return None if loss is None or not math.isfinite(loss) else (config.lean, loss)
+    lean = config.lean if st.replay is None else st.replay.leans.get(st.round, 0.0)
+    loss = config.loss_of(name, epoch, st.round) if lean else None
+    return None if loss is None or not math.isfinite(loss) else (lean, min(max(loss, 0.0), 1.0))
 
 
 def mix_round(name: str, st: ComponentRound, rule: MixingRule, self_id: str,

@@ -315,9 +315,10 @@ class Node:
             account.release(origin, st.comp.flat)
         fast = st.replay is not None and st.replay.mode == "fast"
         st.credit = _prov.credit(st, tag(self.peer_id), origin, approx=fast)
-        for dep in sorted(self.config.forward_deps.get(component, ())):
-            if dep in self._states:
-                st.lineage = st.lineage | self._states[dep].lineage
+        st.lean = lean_of(self.config, component, st, self.epoch, component in self._privacy,
+                          self._rules[component])
+        st.lineage = st.lineage.union(*(self._states[d].lineage for d in sorted(
+            self.config.forward_deps.get(component, ())) if d in self._states))
         transition(st, Event.TRAINED)
         return self._publish(component, now_ms)
 
@@ -373,7 +374,7 @@ class Node:
                                                 replay.idle if replay is not None else None)
         if trains and account is not None:
             trains = account.may_release(self.peer_id[-8:])
-        st.trained, st.start_digest, st.credit = trains, b"", 0.0
+        st.trained, st.start_digest, st.credit, st.lean = trains, b"", 0.0, None
         st.make_up, st.objective = self._participation.how(st, replay) if trains else (1, None)
         if trains:
             st.origin = st.comp.flat.clone()  # (privacy, fast mode, provenance, making up)
@@ -482,8 +483,7 @@ class Node:
 
     def _complete_round(self, name: str, now_ms: int) -> list[Action]:
         st = self._states[name]
-        mixed = mix_round(name, st, self._rules[name], self.peer_id, self.epoch,
-                          lean_of(self.config, name, st, self.epoch, name in self._privacy))
+        mixed = mix_round(name, st, self._rules[name], self.peer_id, self.epoch, st.lean)
         self._journal.write(mixed.record, now_ms)
         actions: list[Action] = []
         if self.config.report_mixes:

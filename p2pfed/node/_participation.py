@@ -124,9 +124,13 @@ class Participation:
 
     def recorded(self, st: ComponentRound) -> dict[str, Any]:
         """What the round's ``local-update`` record keeps of how it trained: the make-up
-        factor (1 included) and the objective of a trained round (nothing for a round that did
-        not train), so that a re-run trains as the round did whatever the settings are then."""
-        return {"make_up": st.make_up, "objective": st.objective} if st.trained else {}
+        factor (1 included), the objective and the lean of its mix of a trained round (nothing
+        for a round that did not train), so that a re-run trains and mixes as the round did
+        whatever the settings are then."""
+        if not st.trained:
+            return {}
+        return {"make_up": st.make_up, "objective": st.objective,
+                "lean": st.lean[0] if st.lean is not None else None}
 
     def scale(self, factor: int) -> int:
         """The factor on a round's update, of make-up ``factor`` (1 when made up by steps)."""

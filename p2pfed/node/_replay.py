@@ -44,6 +44,8 @@ class Replay:
     made_up: dict[int, int] = field(default_factory=dict)
     #: ... and their local objectives (a round without one: the settings' objective now)
     objectives: dict[int, tuple[str, float]] = field(default_factory=dict)
+    #: ... and the leans their mixes leaned on their loss with (a round without one: none)
+    leans: dict[int, float] = field(default_factory=dict)
 
     def trains_at(self, round_: int) -> bool:
         return self.mode == "exact" or (round_ - self.start) % self.stride == 0

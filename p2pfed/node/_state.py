@@ -93,6 +93,8 @@ class ComponentRound:
     credit: float = 0.0  # the mass this round's training credited to this node
     make_up: int = 1  # the make-up factor of this round's training (on steps or the update)
     objective: tuple[str, float] | None = None  # the local objective this round trains with
+    #: (lean, loss) this round's mix leans with (:func:`p2pfed.node._mix.lean_of`; None: not)
+    lean: tuple[float, float] | None = None
     #: the first round whose share draw a make-up counts: the round this node last jumped ahead
     #: to (a catch-up, kept in the ledger) or was fast-forwarded to (a member joining a running
     #: federation), else 0

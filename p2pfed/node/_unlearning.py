@@ -214,6 +214,7 @@ def plan_replay(contributions_: Iterable[Stored[Contribution]],
                           if u.trained and u.make_up is not None}
         replay.objectives = {r: u.objective for r, u in live.items()
                              if u.trained and u.objective is not None}
+        replay.leans = {r: u.lean for r, u in live.items() if u.trained and u.lean is not None}
     return replay
 
 

@@ -75,10 +75,13 @@ def node_config(cfg: Config, trains: frozenset[str],
         log.info("rounds.interval_s is %.3f s; the federation's round period is %.3f s: using it",
                  interval_ms / 1000, period_ms / 1000)
     privacy = cfg.privacy.policies(trains)
-    if cfg.fairness.lean_of() and privacy:
-        log.warning("fairness.mixing = \"loss\": %s train under differential privacy and mix "
-                    "with the plain weights (their loss is not released)",
-                    ", ".join(sorted(privacy)))
+    rules = cfg.mixing.rules()
+    plain = sorted(set(privacy) | {c for c in trains
+                                   if rules.get(c, rules["*"]) == "trimmed-mean"})
+    if cfg.fairness.lean_of() and plain:
+        log.warning("fairness.mixing = \"loss\": %s mix with the plain weights (under "
+                    "differential privacy the loss is not released; a trimmed mean does not "
+                    "use weights)", ", ".join(plain))
     return NodeConfig(
         round_timeout_ms=int(cfg.rounds.timeout_s * 1000),
         round_interval_ms=max(interval_ms, period_ms),
