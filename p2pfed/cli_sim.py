@@ -121,9 +121,10 @@ def simulate(
         "accuracy and the worst-group gap, federated and baselines).")] = False,
     fairness: Annotated[str, typer.Option(
         metavar="RULE", help="With --groups: the members' local objective, erm or group-dro, "
-        "or loss-mixing (each member keeps more of its own state the worse its model fits its "
-        "data; --lean); other than erm: compared with erm and plain mixing in the same run; "
-        "with --unlearn, the unlearning study runs with it.")] = "erm",
+        "and/or loss-mixing (each member keeps more of its own state the worse its model fits "
+        "its data; --lean), e.g. group-dro+loss-mixing; other than erm: compared with erm and "
+        "plain mixing in the same run; with --unlearn, the unlearning study runs with it.")
+    ] = "erm",
     profile: Annotated[list[str] | None, typer.Option(
         metavar="NODES:PROFILE", help="Education: NODES (a node or a group, e.g. student) run "
         "on PROFILE hardware (server, laptop or phone: what it trains, and its training "
@@ -162,16 +163,20 @@ def simulate(
                                 train_s=train_s, round_interval=round_interval)
     from p2pfed.model.fairness import OBJECTIVES
 
-    if fairness not in (*OBJECTIVES, "loss-mixing"):
+    parts = fairness.split("+")
+    objectives = [p for p in parts if p != "loss-mixing"]
+    if len(set(parts)) != len(parts) or len(objectives) > 1 or not set(objectives) <= set(
+            OBJECTIVES):
         raise typer.BadParameter(f"unknown rule {fairness!r}; choose from "
-                                 f"{', '.join(OBJECTIVES)}, loss-mixing", param_hint="--fairness")
+                                 f"{', '.join(OBJECTIVES)}, loss-mixing, or an objective"
+                                 "+loss-mixing", param_hint="--fairness")
     if (groups or fairness != "erm") and (workload != "education" or not groups):
         raise typer.BadParameter("needs --workload education and --groups",
                                  param_hint="--fairness" if fairness != "erm" else "--groups")
-    mixing = fairness == "loss-mixing"
+    mixing = "loss-mixing" in parts
     if lean is not None and not mixing:
         raise typer.BadParameter("only with --fairness loss-mixing", param_hint="--lean")
-    config = dataclasses.replace(config, groups=groups, fairness="erm" if mixing else fairness,
+    config = dataclasses.replace(config, groups=groups, fairness=(objectives or ["erm"])[0],
                                  tilt=tilt, lean=(lean or 1.0) if mixing else 0.0)
     config = _profile_options(config, profile or [], round_timeout)
     others = [name for name, on in (("--unlearn", unlearn), ("--participation", participation),

@@ -177,8 +177,9 @@ def _print_fairness(report: dict[str, Any]) -> None:
     for col in ("task", "run", "mean", "worst node", "p10 node", "majority", "minority", "gap"):
         table.add_column(col, justify="left" if col in ("task", "run") else "right")
     rule = f.get("rule")
-    label = "" if rule is None else (
-        "loss-mixing" if rule.get("mixing") == "loss" else rule["objective"])
+    label = "" if rule is None else "+".join(
+        [rule["objective"]] * (rule["objective"] != "erm")
+        + ["loss-mixing"] * (rule.get("mixing") == "loss"))
     for task, runs in f["tasks"].items():
         rows = list(runs.items())
         if rule is not None:
@@ -195,7 +196,7 @@ def _print_fairness(report: dict[str, Any]) -> None:
     if rule is not None:
         for name, part in (("federated", rule), ("centralized", rule.get("centralized"))):
             if part is not None:
-                out.print(f"{label}, {name}: " + ", ".join(
+                out.print(f"{label if part is rule else rule['objective']}, {name}: " + ", ".join(
                     f"{t}: gap narrowed {part['gap_narrowed'][t]:+.0%}, mean "
                     f"{part['mean_change'][t]:+.3f}" for t in part["tasks"]))
 

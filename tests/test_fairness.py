@@ -168,6 +168,9 @@ def test_bad_fairness_settings_are_refused(kw: dict[str, object], words: str) ->
     ["--groups", "--workload", "education", "--fairness", "loss-mixing", "--lean", "11"],
     ["--groups", "--workload", "education", "--fairness", "loss-mixing", "--lean", "0"],
     ["--groups", "--workload", "education", "--lean", "2"],
+    ["--groups", "--workload", "education", "--fairness", "loss-mixing+loss-mixing"],
+    ["--groups", "--workload", "education", "--fairness", "group-dro+erm"],
+    ["--groups", "--workload", "education", "--fairness", "group-dro+minimax"],
 ])
 def test_the_cli_refuses_a_bad_group_study(args: list[str]) -> None:
     result = CliRunner().invoke(app, ["simulate", str(TOPOLOGIES / "ring-16.toml"), *args])
