@@ -140,7 +140,7 @@ def simulate(
     lean: Annotated[float | None, typer.Option(
         min=0.001, max=10.0, help="loss-mixing: a member that fits its data no better than a "
         "guess counts up to 1 + LEAN times as much as one that fits it perfectly (default "
-        "1).")] = None,
+        "3).")] = None,
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import plot_report
@@ -161,6 +161,7 @@ def simulate(
     config = _continual_options(config, continual=continual, method=method, catch_up=catch_up,
                                 catch_up_lr=catch_up_lr, participation=participation,
                                 train_s=train_s, round_interval=round_interval)
+    from p2pfed.config_sections import DEFAULT_LEAN
     from p2pfed.model.fairness import OBJECTIVES
 
     parts = fairness.split("+")
@@ -177,7 +178,7 @@ def simulate(
     if lean is not None and not mixing:
         raise typer.BadParameter("only with --fairness loss-mixing", param_hint="--lean")
     config = dataclasses.replace(config, groups=groups, fairness=(objectives or ["erm"])[0],
-                                 tilt=tilt, lean=(lean or 1.0) if mixing else 0.0)
+                                 tilt=tilt, lean=(lean or DEFAULT_LEAN) if mixing else 0.0)
     config = _profile_options(config, profile or [], round_timeout)
     others = [name for name, on in (("--unlearn", unlearn), ("--participation", participation),
                                     ("--continual", continual), ("--attack", attack)) if on]

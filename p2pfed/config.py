@@ -87,7 +87,7 @@
     objective = "group-dro"             # erm | group-dro (needs a group per example)
     tilt = 1.0                          # group-dro: lean on the worst group, 0 to 50
     mixing = "loss"                     # plain | loss: keep more of the own state the worse
-    lean = 1.0                          # the model fits the local data (up to 1 + lean times)
+    lean = 3.0                          # the model fits the local data (up to 1 + lean times)
 """
 
 from __future__ import annotations

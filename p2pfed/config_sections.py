@@ -33,6 +33,8 @@ FAIRNESS_MIXING = ("plain", "loss")
 #: the largest ``[fairness] lean``: a member that fits its data no better than a guess weighs
 #: at most this plus one times as much as one that fits it perfectly
 MAX_LEAN = 10.0
+#: ... and its default: of 1 and 3, the one that met docs/fairness.md's line more often
+DEFAULT_LEAN = 3.0
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,7 @@ class FairnessSection:
     mixing: str = "plain"
     #: mixing = "loss": a member that fits its data no better than a guess counts this plus
     #: one times as much as one that fits it perfectly
-    lean: float = 1.0
+    lean: float = DEFAULT_LEAN
 
     def lean_of(self) -> float:
         """``NodeConfig.lean``: :attr:`lean` with ``mixing = "loss"``, else 0 (off)."""
@@ -248,5 +250,5 @@ class FairnessSection:
             raise ConfigError(f"fairness.mixing must be one of {', '.join(FAIRNESS_MIXING)}, "
                               f"not {self.mixing!r}")
         if not 0 < self.lean <= MAX_LEAN:
-            raise ConfigError(f"fairness.lean must be in (0, {MAX_LEAN:g}] (1: the default), "
-                              f"not {self.lean}")
+            raise ConfigError(f"fairness.lean must be in (0, {MAX_LEAN:g}] ({DEFAULT_LEAN:g}: the "
+                              f"default), not {self.lean}")

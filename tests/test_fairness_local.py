@@ -69,7 +69,7 @@ def test_bad_fairness_settings_are_refused(fairness: dict[str, object], message:
 
 
 def test_fairness_settings_round_trip_through_toml(tmp_path: Path) -> None:
-    assert Config().fairness == FairnessSection("erm", 1.0, "plain", 1.0)
+    assert Config().fairness == FairnessSection("erm", 1.0, "plain", 3.0)
     cfg = Config.from_dict({"fairness": {"objective": "group-dro", "tilt": 0, "mixing": "loss",
                                          "lean": 3}})
     assert cfg.fairness == FairnessSection("group-dro", 0.0, "loss", 3.0)
