@@ -162,23 +162,16 @@ def simulate(
                                 catch_up_lr=catch_up_lr, participation=participation,
                                 train_s=train_s, round_interval=round_interval)
     from p2pfed.config_sections import DEFAULT_LEAN
-    from p2pfed.model.fairness import OBJECTIVES
 
-    parts = fairness.split("+")
-    objectives = [p for p in parts if p != "loss-mixing"]
-    if len(set(parts)) != len(parts) or len(objectives) > 1 or not set(objectives) <= set(
-            OBJECTIVES):
-        raise typer.BadParameter(f"unknown rule {fairness!r}; choose from "
-                                 f"{', '.join(OBJECTIVES)}, loss-mixing, or an objective"
-                                 "+loss-mixing", param_hint="--fairness")
+    objective, mixing = fairness_rule(fairness)
     if (groups or fairness != "erm") and (workload != "education" or not groups):
         raise typer.BadParameter("needs --workload education and --groups",
                                  param_hint="--fairness" if fairness != "erm" else "--groups")
-    mixing = "loss-mixing" in parts
     if lean is not None and not mixing:
-        raise typer.BadParameter("only with --fairness loss-mixing", param_hint="--lean")
-    config = dataclasses.replace(config, groups=groups, fairness=(objectives or ["erm"])[0],
-                                 tilt=tilt, lean=(lean or DEFAULT_LEAN) if mixing else 0.0)
+        raise typer.BadParameter("only with --fairness loss-mixing (or OBJECTIVE+loss-mixing)",
+                                 param_hint="--lean")
+    config = dataclasses.replace(config, groups=groups, fairness=objective, tilt=tilt,
+                                 lean=(DEFAULT_LEAN if lean is None else lean) if mixing else 0.0)
     config = _profile_options(config, profile or [], round_timeout)
     others = [name for name, on in (("--unlearn", unlearn), ("--participation", participation),
                                     ("--continual", continual), ("--attack", attack)) if on]
@@ -213,6 +206,20 @@ def _check_output(path: Path, option: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists()
                                                      and not os.access(path, os.W_OK)):
         raise typer.BadParameter(f"cannot write {path}: permission denied", param_hint=option)
+
+
+def fairness_rule(rule: str) -> tuple[str, bool]:
+    """``--fairness RULE``: its local objective, and whether it mixes by the loss
+    (``group-dro``, ``loss-mixing``, ``group-dro+loss-mixing`` ...; BadParameter otherwise)."""
+    from p2pfed.model.fairness import OBJECTIVES
+
+    parts = rule.split("+")
+    objectives = [p for p in parts if p != "loss-mixing"]
+    if len(set(parts)) != len(parts) or len(objectives) > 1 or not set(objectives) <= set(
+            OBJECTIVES):
+        raise typer.BadParameter(f"unknown rule {rule!r}; choose from {', '.join(OBJECTIVES)}, "
+                                 "loss-mixing, or OBJECTIVE+loss-mixing", param_hint="--fairness")
+    return (objectives or ["erm"])[0], "loss-mixing" in parts
 
 
 def _sim_config(topology: Path, *, workload: str, rounds: int | None, quick: bool, seed: int,

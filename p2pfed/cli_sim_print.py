@@ -166,6 +166,14 @@ def _print_explain(report: dict[str, Any]) -> None:
               "are not causes")
 
 
+def _rule_label(rule: dict[str, Any]) -> str:
+    """The fairness rule as ``--fairness`` names it (``group-dro+loss-mixing`` ...)."""
+    parts = [rule["objective"]] if rule["objective"] != "erm" else []
+    if rule.get("mixing") == "loss":
+        parts.append("loss-mixing")
+    return "+".join(parts) or "erm"
+
+
 def _print_fairness(report: dict[str, Any]) -> None:
     """The group study's table (when the report has it): per task and run the mean, the worst
     and 10th-percentile node, each group and the worst-group gap."""
@@ -177,9 +185,7 @@ def _print_fairness(report: dict[str, Any]) -> None:
     for col in ("task", "run", "mean", "worst node", "p10 node", "majority", "minority", "gap"):
         table.add_column(col, justify="left" if col in ("task", "run") else "right")
     rule = f.get("rule")
-    label = "" if rule is None else "+".join(
-        [rule["objective"]] * (rule["objective"] != "erm")
-        + ["loss-mixing"] * (rule.get("mixing") == "loss"))
+    label = "" if rule is None else _rule_label(rule)
     for task, runs in f["tasks"].items():
         rows = list(runs.items())
         if rule is not None:

@@ -33,7 +33,8 @@ FAIRNESS_MIXING = ("plain", "loss")
 #: the largest ``[fairness] lean``: a member that fits its data no better than a guess weighs
 #: at most this plus one times as much as one that fits it perfectly
 MAX_LEAN = 10.0
-#: ... and its default: of 1 and 3, the one that met docs/fairness.md's line more often
+#: ... and its default: of 1 and 3, the one that met docs/fairness.md's line more often (with
+#: group-dro)
 DEFAULT_LEAN = 3.0
 
 

@@ -317,3 +317,36 @@ def test_a_round_leans_only_where_it_may() -> None:
                    mh) == (0.5, 0.4)  # (what the live round recorded, not the settings')
     assert lean_of(config, "backbone", dataclasses.replace(st, replay=replay, round=5), 1,
                    False, mh) is None  # (the live round did not lean)
+
+
+def test_a_round_records_its_loss_unless_it_diverged() -> None:
+    from p2pfed.sim.simulation import Simulation
+
+    trainer = Simulation(_config()).trainers["big-a"]
+    comps = sorted(trainer.trainable())
+    trainer.train_round(comps, 0)
+    for c in comps:
+        loss = trainer.loss_of(c, 0, 0)
+        assert loss is not None and 0.0 < loss <= 1.0
+    assert trainer.loss_of(comps[0], 1, 0) is None  # (another epoch)
+
+    def diverged(*args: object) -> torch.Tensor:
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    trainer._loss = diverged  # type: ignore[method-assign]
+    trainer.train_round(comps, 1)
+    assert all(trainer.loss_of(c, 0, 1) is None for c in comps)  # (no lean on a NaN)
+
+
+def test_the_fairness_rule_names_an_objective_and_loss_mixing() -> None:
+    from p2pfed.cli_sim import fairness_rule
+    from p2pfed.cli_sim_print import _rule_label
+
+    assert fairness_rule("erm") == ("erm", False)
+    assert fairness_rule("group-dro") == ("group-dro", False)
+    assert fairness_rule("loss-mixing") == ("erm", True)
+    assert fairness_rule("group-dro+loss-mixing") == fairness_rule("loss-mixing+group-dro") == (
+        "group-dro", True)
+    assert _rule_label({"objective": "group-dro", "mixing": "loss"}) == "group-dro+loss-mixing"
+    assert _rule_label({"objective": "erm", "mixing": "loss"}) == "loss-mixing"
+    assert _rule_label({"objective": "group-dro", "mixing": "plain"}) == "group-dro"

@@ -664,17 +664,24 @@ def test_a_bad_make_up_in_a_local_update_is_a_schema_error() -> None:
 
 
 def test_a_rerun_trains_where_the_live_round_trained() -> None:
-    """The live round's ``local-update`` decides, not a later re-run's (a fast re-run records
-    most rounds untrained), and it decides whatever the settings are now."""
+    """The ``local-update`` the state went on from decides, not a fast re-run's (which records
+    most rounds untrained): of a round written twice otherwise (a restart ran it again, with
+    other settings perhaps), the later; and it decides whatever the settings are now."""
     from p2pfed.journal import LocalUpdate, Stored
     from p2pfed.node._participation import Participation
     from p2pfed.node._unlearning import idle_rounds
 
-    def update(index: int, round_: int, trained: bool) -> Stored[LocalUpdate]:
+    def update(index: int, round_: int, trained: bool, epoch: int = 0) -> Stored[LocalUpdate]:
         return Stored(index, 0, LocalUpdate("head.topic", round_, b"\x00" * 32, trained, b"",
-                                            Lineage.of(["me"]), 0))
+                                            Lineage.of(["me"]), epoch))
 
-    entries = [update(0, 3, True), update(1, 4, False), update(2, 3, False), update(3, 5, False)]
-    assert idle_rounds(entries, "head.topic", 0, 9, before=3) == {4}
+    # round 3 trained live, then a fast unlearning (epoch 1, re-running up to round 6)
+    # recorded it untrained; round 4 did not train; round 5 did not train, and after a restart
+    # ran again and trained
+    entries = [update(0, 3, True), update(1, 4, False), update(2, 5, False), update(3, 5, True),
+               update(4, 3, False, epoch=1), update(5, 7, False, epoch=1)]
+    assert idle_rounds(entries, "head.topic", 0, 9, before=6, fast_reruns={1: 6}) == {4, 7}
+    assert idle_rounds(entries, "head.topic", 0, 9, before=3) == {4, 5}  # (before the restart)
+    assert idle_rounds(entries, "head.topic", 0, 9, before=6) == {3, 4, 7}  # (fast not known)
     p = Participation("peer", 0.01, None)  # (now it would almost never train)
     assert p.trains(3, 0, idle={4}) and not p.trains(4, 0, idle={4})

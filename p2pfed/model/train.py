@@ -287,13 +287,14 @@ class LocalTrainer:
             else:
                 for c in frozen:
                     self.flats[c].bind(self.model.parameters_of(c))  # back to the live buffers
-        relative = {t: min(1.0, float(np.mean(per_task[t]))
-                           / math.log(max(self.model.spec.task(t).classes, 2))) for t in tasks
-                    if math.isfinite(float(np.mean(per_task[t])))}
+        # each task's mean loss over a uniform guess's (log of its classes), for loss mixing;
+        # none for a component no task trained this round or one a diverged loss trained
+        means = {t: float(np.mean(per_task[t])) for t in tasks}
         for c in group:
-            own = [relative[t] for t in self.trained_tasks(c, round_) if t in relative]
-            if own:  # (else none: a diverged round, or a component no task trained this round)
-                self._losses[c] = (epoch, round_, float(np.mean(own)))
+            own = [means[t] / math.log(max(self.model.spec.task(t).classes, 2))
+                   for t in self.trained_tasks(c, round_) if t in means]
+            if own and all(map(math.isfinite, own)):
+                self._losses[c] = (epoch, round_, float(np.mean([min(1.0, x) for x in own])))
         for task in tasks:
             measures = measured.get(task, {})
             self.progress[task] = {

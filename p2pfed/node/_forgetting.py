@@ -152,13 +152,18 @@ class Forgetting:
     def _begin_replay(self, st: ComponentRound, name: str, forget: Forget, until: int,
                       index: int, keep: Checkpoint | None) -> None:
         fast = forget.mode == "fast" and name in self._trains
-        # a component it trains re-runs as its live rounds trained (whether, and the make-up),
-        # whatever the settings say now (a share, hours, a profile may have changed)
+        # a component it trains re-runs as its live rounds trained and mixed (whether, the
+        # make-up, the objective, the lean), whatever the settings say now (a share, hours, a
+        # profile may have changed); a fast re-run's records are not the history
         ups = list(self._journal.read(LocalUpdate)) if name in self._trains else None
+        fast_reruns = {f.record.epoch: f.record.components[name].until
+                       for f in self._journal.read(Forget) if f.index < index
+                       and f.record.mode == "fast" and name in f.record.components}
         st.replay = plan_replay(
             self._journal.read(Contribution), ups if fast else None,
             name, forget.target, forget.mode, forget.start, until, index,
-            forgotten=self.forgotten, stride=self._stride, keep=keep, trained=ups)
+            forgotten=self.forgotten, stride=self._stride, keep=keep, trained=ups,
+            fast_reruns=fast_reruns)
 
     def stored_update(self, name: str, st: ComponentRound) -> torch.Tensor | None:
         """This node's own training update of the round ``st`` re-runs, as it was made before

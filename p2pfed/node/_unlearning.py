@@ -96,21 +96,29 @@ def own_updates(
 
 def live_updates(
     entries: Iterable[Stored[LocalUpdate]], component: str, start: int, until: int, before: int,
+    fast_reruns: Mapping[int, int] | None = None,
 ) -> dict[int, LocalUpdate]:
-    """Per round ``start .. until-1``, its first update before ``before``: the live round's,
-    not a later re-run's (a fast re-run records most rounds as untrained).  Whether it
-    trained, its make-up factor and its objective are what a re-run does."""
-    first: dict[int, LocalUpdate] = {}
+    """Per round ``start .. until-1``, the update before ``before`` that the state went on
+    from: the last one written, skipping those of fast re-runs (``fast_reruns``: the epoch of
+    each fast unlearning before, to the round its re-run went to), which record most rounds
+    as untrained.  A round written twice otherwise was run again: after a restart (from a
+    checkpoint before it, perhaps with other settings) or after a forget abandoned it, or by
+    an exact re-run, which records what its live round did.  Whether it trained, its make-up
+    factor, its objective and its mix's lean are what a re-run does."""
+    fast = fast_reruns or {}
+    last: dict[int, LocalUpdate] = {}
     for u in _updates_in(entries, component, start, until, before):
-        first.setdefault(u.round, u)
-    return first
+        if u.round >= fast.get(u.epoch, -1):
+            last[u.round] = u
+    return last
 
 
 def idle_rounds(
     entries: Iterable[Stored[LocalUpdate]], component: str, start: int, until: int, before: int,
+    fast_reruns: Mapping[int, int] | None = None,
 ) -> set[int]:
-    """Rounds ``start .. until-1`` whose live update (:func:`live_updates`) was not trained."""
-    live = live_updates(entries, component, start, until, before)
+    """Rounds ``start .. until-1`` whose update (:func:`live_updates`) was not trained."""
+    live = live_updates(entries, component, start, until, before, fast_reruns)
     return {r for r, u in live.items() if not u.trained}
 
 
@@ -196,19 +204,21 @@ def plan_replay(contributions_: Iterable[Stored[Contribution]],
                 name: str, target: str, mode: str, start: int, until: int, forget_index: int,
                 *, forgotten: Iterable[str], stride: int = FAST_STRIDE,
                 keep: Checkpoint | None = None,
-                trained: Iterable[Stored[LocalUpdate]] | None = None) -> Replay:
+                trained: Iterable[Stored[LocalUpdate]] | None = None,
+                fast_reruns: Mapping[int, int] | None = None) -> Replay:
     """The re-run of ``name``'s rounds ``start .. until-1``: the clean neighbour updates from
     the ledger's ``contribution`` records and, when ``updates`` (``local-update`` records) are
     given (fast mode, a trained component), this node's own updates before the request;
-    with ``trained`` (the same records, for a component this node trains), the rounds it did
-    not train and the make-up factors of those it did: the re-run trains as they did, whatever
-    the settings say now."""
+    with ``trained`` (the same records, for a component this node trains; ``fast_reruns``:
+    :func:`live_updates`), the rounds it did not train and the make-up factors, objectives and
+    leans of those it did: the re-run trains and mixes as they did, whatever the settings say
+    now."""
     replay = Replay(target, mode, start, until, forget_index, keep=keep, stride=stride)
     replay.history = contributions(contributions_, name, start, until, forgotten)
     if updates is not None:
         replay.updates = own_updates(updates, name, start, until, forget_index)
     if trained is not None:
-        live = live_updates(trained, name, start, until, forget_index)
+        live = live_updates(trained, name, start, until, forget_index, fast_reruns)
         replay.idle = {r for r, u in live.items() if not u.trained}
         replay.made_up = {r: u.make_up for r, u in live.items()
                           if u.trained and u.make_up is not None}

@@ -30,6 +30,7 @@ from p2pfed.config import Config
 from p2pfed.federated import FederatedNode
 from p2pfed.home import BLOBS_DIR, CACHE_DIR, CONFIG_FILE
 from p2pfed.ledger import Ledger
+from p2pfed.mixing import rule as mixing_rule
 from p2pfed.node import NodeConfig
 from p2pfed.node._retention import RetentionPolicy
 
@@ -77,7 +78,7 @@ def node_config(cfg: Config, trains: frozenset[str],
     privacy = cfg.privacy.policies(trains)
     rules = cfg.mixing.rules()
     plain = sorted(set(privacy) | {c for c in trains
-                                   if rules.get(c, rules["*"]) == "trimmed-mean"})
+                                   if not mixing_rule(rules.get(c, rules["*"])).uses_weights})
     if cfg.fairness.lean_of() and plain:
         log.warning("fairness.mixing = \"loss\": %s mix with the plain weights (under "
                     "differential privacy the loss is not released; a trimmed mean does not "
