@@ -16,6 +16,7 @@ from rich.console import Console
 
 from p2pfed.cli_bench import write_json as _write_json
 from p2pfed.cli_sim_print import _print_sim_summary
+from p2pfed.config_sections import DEFAULT_LEAN, MAX_LEAN, MAX_TILT
 
 if TYPE_CHECKING:
     from p2pfed.node import RetentionPolicy
@@ -135,12 +136,12 @@ def simulate(
         "publishing its own (default: 10; with --profile: the round interval minus the "
         "training time).")] = None,
     tilt: Annotated[float, typer.Option(
-        min=0.0, max=50.0, help="group-dro: how hard it leans on the worst group (0: the "
+        min=0.0, max=MAX_TILT, help="group-dro: how hard it leans on the worst group (0: the "
         "groups' mean).")] = 1.0,
     lean: Annotated[float | None, typer.Option(
-        min=0.001, max=10.0, help="loss-mixing: a member that fits its data no better than a "
+        min=0.001, max=MAX_LEAN, help="loss-mixing: a member that fits its data no better than a "
         "guess counts up to 1 + LEAN times as much as one that fits it perfectly (default "
-        "3).")] = None,
+        f"{DEFAULT_LEAN:g}).")] = None,
 ) -> None:
     """Run every node of TOPOLOGY in this process over the in-memory transport."""
     from p2pfed.sim.simulator import plot_report
@@ -161,7 +162,6 @@ def simulate(
     config = _continual_options(config, continual=continual, method=method, catch_up=catch_up,
                                 catch_up_lr=catch_up_lr, participation=participation,
                                 train_s=train_s, round_interval=round_interval)
-    from p2pfed.config_sections import DEFAULT_LEAN
 
     objective, mixing = fairness_rule(fairness)
     if (groups or fairness != "erm") and (workload != "education" or not groups):
